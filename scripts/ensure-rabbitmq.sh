@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Starts the local RabbitMQ node if it is installed but not answering, and
+# waits until it accepts AMQP connections on 127.0.0.1:5672.
+set -euo pipefail
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "RabbitMQ is not installed: apt-get install rabbitmq-server (or set SITESYNC_TEST_AMQP_URL to a broker you run)" >&2
+  exit 1
+fi
+amqp_open() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_open; then
+  echo "starting RabbitMQ (rabbitmq-server -detached)"
+  rabbitmq-server -detached
+  for _ in $(seq 1 120); do
+    amqp_open && break
+    sleep 0.5
+  done
+fi
+amqp_open || { echo "RabbitMQ did not start listening on 127.0.0.1:5672" >&2; exit 1; }
+rabbitmqctl await_startup >/dev/null 2>&1 || true

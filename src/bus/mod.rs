@@ -1,0 +1,48 @@
+//! RabbitMQ: connections with failover, the topology, the publisher.
+
+pub mod publisher;
+pub mod topology;
+
+use crate::config::redact_url;
+use lapin::{Connection, ConnectionProperties};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("no broker reachable: {}", .attempts.join("; "))]
+    Unreachable { attempts: Vec<String> },
+    #[error("{context}: {source}")]
+    Amqp {
+        context: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl BusError {
+    pub fn amqp(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
+        let context = context.into();
+        move |source| BusError::Amqp { context, source }
+    }
+}
+
+/// Connects to the first broker of `urls` that answers, in order.
+pub async fn connect(
+    urls: &[String],
+    timeout: Duration,
+    name: &str,
+) -> Result<Connection, BusError> {
+    let mut attempts = Vec::new();
+    for url in urls {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => {
+                tracing::debug!(broker = %redact_url(url), "connected to RabbitMQ");
+                return Ok(conn);
+            }
+            Ok(Err(e)) => attempts.push(format!("{}: {e}", redact_url(url))),
+            Err(_) => attempts.push(format!("{}: no answer within {timeout:?}", redact_url(url))),
+        }
+    }
+    Err(BusError::Unreachable { attempts })
+}

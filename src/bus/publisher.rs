@@ -1,0 +1,188 @@
+//! Publishing with confirms.
+//!
+//! `basic_publish(..).await` only means *sent*: the returned
+//! [`PublisherConfirm`] resolves when the broker has taken responsibility.
+//! Every message is persistent and `mandatory`; a confirm counts as delivered
+//! only as `Ack` *without* a returned message. `Ack` carrying a returned
+//! message (unroutable: no queue bound), `Nack`, and a lost channel are all
+//! failures, and the runner republishes from the checkpoint.
+
+use crate::config::TopologyConfig;
+use crate::event::{Event, OutboxRow, RowError};
+use crate::position::Position;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
+
+/// Header with the source position of the event (text form of [`Position`]).
+pub const HEADER_POSITION: &str = "x-sitesync-position";
+pub const HEADER_EPOCH: &str = "x-sitesync-epoch";
+pub const HEADER_SEQ: &str = "x-sitesync-seq";
+/// Dead letters: why, where and at which stage.
+pub const HEADER_REASON: &str = "x-sitesync-reason";
+pub const HEADER_SITE: &str = "x-sitesync-site";
+pub const HEADER_STAGE: &str = "x-sitesync-stage";
+
+/// Why a publish did not count as delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishFailure {
+    #[error(
+        "the broker returned {what} as unroutable ({code} {text}): no queue is bound to exchange {exchange}"
+    )]
+    Returned {
+        what: String,
+        exchange: String,
+        code: u16,
+        text: String,
+    },
+    #[error("the broker refused {what} (nack)")]
+    Nacked { what: String },
+    #[error("no confirm for {what}: {error}")]
+    Lost { what: String, error: String },
+}
+
+/// A confirm channel bound to one connector's exchanges.
+pub struct Publisher {
+    channel: Channel,
+    exchange: ShortString,
+    dead_letter_exchange: ShortString,
+    site: ShortString,
+}
+
+impl Publisher {
+    pub async fn new(
+        conn: &Connection,
+        topology: &TopologyConfig,
+        site: &str,
+    ) -> Result<Publisher, lapin::Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher {
+            channel,
+            exchange: topology.exchange.as_str().into(),
+            dead_letter_exchange: topology.dead_letter_exchange.as_str().into(),
+            site: site.into(),
+        })
+    }
+
+    fn options() -> BasicPublishOptions {
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        }
+    }
+
+    /// Sends one event; the returned future resolves with the broker's confirm.
+    pub async fn publish(
+        &self,
+        event: &Event,
+        position: &Position,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_POSITION.into(),
+            AMQPValue::LongString(position.to_string().into()),
+        );
+        headers.insert(
+            HEADER_EPOCH.into(),
+            AMQPValue::LongLongInt(event.epoch as i64),
+        );
+        headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(event.seq as i64));
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(event.id.to_string().into())
+            .with_app_id(event.origin.as_str().into())
+            .with_type(event.kind.as_str().into())
+            .with_timestamp(event.timestamp.timestamp().max(0) as u64)
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                self.exchange.clone(),
+                "".into(),
+                Self::options(),
+                &event.to_body(),
+                props,
+            )
+            .await
+    }
+
+    /// Sends a row that cannot become an event to the dead-letter exchange,
+    /// with the reason in a header and the row itself as the body.
+    pub async fn dead_letter(
+        &self,
+        row: Option<&OutboxRow>,
+        reason: &RowError,
+        position: &Position,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            HEADER_REASON.into(),
+            AMQPValue::LongString(reason.to_string().into()),
+        );
+        headers.insert(
+            HEADER_SITE.into(),
+            AMQPValue::LongString(self.site.as_str().into()),
+        );
+        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString("source".into()));
+        headers.insert(
+            HEADER_POSITION.into(),
+            AMQPValue::LongString(position.to_string().into()),
+        );
+        let body = match row {
+            Some(row) => row.to_json(),
+            None => b"{}".to_vec(),
+        };
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_app_id(self.site.clone())
+            .with_type("sitesync.dead_letter".into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_headers(headers);
+        if let Some(id) = row.and_then(|r| r.id.as_deref()) {
+            props = props.with_message_id(id.into());
+        }
+        self.channel
+            .basic_publish(
+                self.dead_letter_exchange.clone(),
+                "".into(),
+                Self::options(),
+                &body,
+                props,
+            )
+            .await
+    }
+
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+    }
+}
+
+/// Turns a confirm into delivered-or-failure. `what` names the message in errors.
+pub fn settle(
+    result: Result<Confirmation, lapin::Error>,
+    what: impl FnOnce() -> String,
+) -> Result<(), PublishFailure> {
+    match result {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => Err(PublishFailure::Returned {
+            what: what(),
+            exchange: returned.delivery.exchange.to_string(),
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+        }),
+        Ok(Confirmation::Nack(_)) => Err(PublishFailure::Nacked { what: what() }),
+        Ok(Confirmation::NotRequested) => Err(PublishFailure::Lost {
+            what: what(),
+            error: "confirms were not enabled on the channel".into(),
+        }),
+        Err(e) => Err(PublishFailure::Lost {
+            what: what(),
+            error: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,326 @@
+//! The broker topology: declared idempotently by `sitesync topology
+//! declare`, verified by `run` before every checkpoint write.
+//!
+//! - `sitesync.events`: durable fanout exchange; every event goes there.
+//! - `SITE_<NAME>`: one durable quorum queue per site, single active
+//!   consumer (a standby sidecar takes over, and order holds), dead-lettering
+//!   to the dead-letter exchange.
+//! - the archive queue (`SITE_PARIS_HISTO`), bound to the same exchange.
+//! - `sitesync.dlx` (fanout) and its quorum queue `sitesync.dlq`.
+//!
+//! Why verify: `mandatory` makes the broker return a message that reaches no
+//! queue at all, but a fanout whose LONDON queue was deleted still "delivers"
+//! to the others, and LONDON would silently starve. So the runner checks that
+//! every bound queue exists before it moves the checkpoint past anything:
+//! when one is missing, publishing stops, the log says which, and once it is
+//! back the runner republishes from the checkpoint, so the returning queue
+//! gets every event confirmed since the last good check.
+
+use super::BusError;
+use crate::checks::Check;
+use crate::config::TopologyConfig;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "{kind} `{name}` already exists with different settings: {detail}. Either delete it (its messages are lost: rabbitmqctl delete_{kind} {name}) and run `sitesync topology declare`, or change {file} to match"
+    )]
+    Inequivalent {
+        kind: &'static str,
+        name: String,
+        detail: String,
+        file: String,
+    },
+    #[error("missing from the broker: {}; publishing is stopped until they are back (run `sitesync topology declare` to recreate them)", .0.join(", "))]
+    Missing(Vec<String>),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Arguments of a site or archive queue.
+fn bound_queue_args(topology: &TopologyConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topology.dead_letter_exchange.as_str().into()),
+    );
+    args
+}
+
+fn dlq_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// Turns a 406 PRECONDITION_FAILED into a message that names the argument.
+fn declare_error(
+    kind: &'static str,
+    name: &str,
+    topology: &TopologyConfig,
+    e: lapin::Error,
+) -> TopologyError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+        let text = amqp.get_message().to_string();
+        if text.contains("PRECONDITION_FAILED") {
+            let detail = text
+                .split_once(" - ")
+                .map(|(_, d)| d.to_string())
+                .unwrap_or(text.clone());
+            return TopologyError::Inequivalent {
+                kind,
+                name: name.to_string(),
+                detail,
+                file: topology.file.display().to_string(),
+            };
+        }
+    }
+    TopologyError::Bus(BusError::Amqp {
+        context: format!("declaring {kind} {name}"),
+        source: e,
+    })
+}
+
+async fn channel(conn: &Connection) -> Result<Channel, BusError> {
+    conn.create_channel()
+        .await
+        .map_err(BusError::amqp("opening a channel"))
+}
+
+/// Declares everything; returns one line per object. Idempotent.
+pub async fn declare(
+    conn: &Connection,
+    topology: &TopologyConfig,
+) -> Result<Vec<String>, TopologyError> {
+    declare_objects(conn, topology, true).await
+}
+
+/// Declares the exchanges and queues, and with `bind` their bindings.
+async fn declare_objects(
+    conn: &Connection,
+    topology: &TopologyConfig,
+    bind: bool,
+) -> Result<Vec<String>, TopologyError> {
+    let mut done = Vec::new();
+    // A failed declare closes its channel: one channel per declaration.
+    for (exchange, what) in [
+        (&topology.exchange, "event exchange"),
+        (&topology.dead_letter_exchange, "dead-letter exchange"),
+    ] {
+        channel(conn)
+            .await?
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| declare_error("exchange", exchange, topology, e))?;
+        done.push(format!("exchange {exchange} (fanout, durable): {what}"));
+    }
+    let mut queues: Vec<(String, &str, FieldTable, &String)> = topology
+        .bound_queues()
+        .into_iter()
+        .map(|q| {
+            (
+                q,
+                "quorum, single active consumer",
+                bound_queue_args(topology),
+                &topology.exchange,
+            )
+        })
+        .collect();
+    queues.push((
+        topology.dead_letter_queue.clone(),
+        "quorum",
+        dlq_args(),
+        &topology.dead_letter_exchange,
+    ));
+    for (queue, what, args, exchange) in queues {
+        let ch = channel(conn).await?;
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| declare_error("queue", &queue, topology, e))?;
+        if !bind {
+            done.push(format!("queue {queue} ({what})"));
+            continue;
+        }
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BusError::amqp(format!("binding {queue} to {exchange}")))?;
+        done.push(format!("queue {queue} ({what}), bound to {exchange}"));
+    }
+    Ok(done)
+}
+
+/// Which of the exchanges and queues the publisher needs are missing.
+/// Passive declarations: nothing is created.
+pub async fn missing(
+    conn: &Connection,
+    topology: &TopologyConfig,
+) -> Result<Vec<String>, BusError> {
+    let mut missing = Vec::new();
+    let mut ch = channel(conn).await?;
+    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
+        let r = ch
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if let Err(e) = r {
+            if is_not_found(&e) {
+                missing.push(format!("exchange {exchange}"));
+                ch = channel(conn).await?;
+            } else {
+                return Err(BusError::Amqp {
+                    context: format!("checking exchange {exchange}"),
+                    source: e,
+                });
+            }
+        }
+    }
+    let mut queues = topology.bound_queues();
+    queues.push(topology.dead_letter_queue.clone());
+    for queue in queues {
+        let r = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if let Err(e) = r {
+            if is_not_found(&e) {
+                missing.push(format!("queue {queue}"));
+                ch = channel(conn).await?;
+            } else {
+                return Err(BusError::Amqp {
+                    context: format!("checking queue {queue}"),
+                    source: e,
+                });
+            }
+        }
+    }
+    let _ = ch.close(200, "done".into()).await;
+    Ok(missing)
+}
+
+/// `Ok` when everything the publisher needs exists.
+pub async fn verify(conn: &Connection, topology: &TopologyConfig) -> Result<(), TopologyError> {
+    let missing = missing(conn, topology).await?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(TopologyError::Missing(missing))
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
+/// For `sitesync check`: existence, then equivalence (re-declaring an
+/// existing object with our arguments fails with 406 if they differ).
+/// Nothing is created or bound. Bindings cannot be listed over AMQP 0-9-1:
+/// `sitesync topology declare` restores any that were removed.
+pub async fn check(conn: &Connection, topology: &TopologyConfig) -> Vec<Check> {
+    let missing = match missing(conn, topology).await {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![Check::fail(
+                "topology",
+                e.to_string(),
+                "check the broker connection",
+            )];
+        }
+    };
+    if !missing.is_empty() {
+        return vec![Check::fail(
+            "topology",
+            format!("missing: {}", missing.join(", ")),
+            "run `sitesync topology declare`",
+        )];
+    }
+    match declare_objects(conn, topology, false).await {
+        Ok(_) => vec![Check::pass(
+            "topology",
+            format!(
+                "exchange {} with {} bound queue(s), dead letters {} -> {}",
+                topology.exchange,
+                topology.bound_queues().len(),
+                topology.dead_letter_exchange,
+                topology.dead_letter_queue
+            ),
+        )],
+        Err(e) => vec![Check::fail("topology", e.to_string(), "see the message")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_queues_are_quorum_with_single_active_consumer_and_dead_lettering() {
+        let t = TopologyConfig {
+            file: "t.toml".into(),
+            exchange: "e".into(),
+            sites: vec!["PARIS".into()],
+            site_queue_prefix: "SITE_".into(),
+            archive_queue: "SITE_PARIS_HISTO".into(),
+            dead_letter_exchange: "dlx".into(),
+            dead_letter_queue: "dlq".into(),
+        };
+        let args = bound_queue_args(&t);
+        let inner = args.inner();
+        assert_eq!(
+            inner.get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            inner.get("x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+        assert_eq!(
+            inner.get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("dlx".into()))
+        );
+    }
+}

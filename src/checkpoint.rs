@@ -1,0 +1,474 @@
+//! The checkpoint store: where a connector resumes, kept in sled.
+//!
+//! One record under one key: the resume [`Position`], the origin's `epoch`
+//! and the `seq` the next event will carry. The record is written only with
+//! a position the broker has confirmed everything before, and it is flushed
+//! (fsync) before the position is reported to the database (for PostgreSQL,
+//! before the slot's `confirmed_flush_lsn` may move).
+//!
+//! Each record carries a crc32 of its bytes. sled has open reports of
+//! corruption after abrupt stops; a record that fails its crc, or a store
+//! sled cannot open, stops the sidecar with a message naming the store and
+//! the reset command — never a silent restart from zero.
+//!
+//! The store refuses to move backward except through [`CheckpointStore::reset`],
+//! and a process lock (`sitesync.lock`, holding the pid) keeps a second
+//! sidecar out with a clear message.
+
+use crate::position::Position;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+const RECORD_KEY: &[u8] = b"checkpoint";
+const FORMAT: u32 = 1;
+const LOCK_FILE: &str = "sitesync.lock";
+const LIVE_FILE: &str = "live.json";
+
+/// Where a connector resumes, and how its next event is numbered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Record layout version.
+    pub format: u32,
+    /// Everything before this position is confirmed; `None` before the first
+    /// event: start where the database's log position for us is (the slot).
+    pub resume: Option<Position>,
+    /// Starts anew with each reset (milliseconds since 1970 when the epoch
+    /// began, so a recreated store still moves forward).
+    pub epoch: u64,
+    /// The `seq` the next event gets.
+    pub next_seq: u64,
+    pub written_at: DateTime<Utc>,
+}
+
+impl Checkpoint {
+    /// A new epoch at `resume`, numbering from 1.
+    pub fn new_epoch(resume: Option<Position>, previous_epoch: Option<u64>) -> Checkpoint {
+        let now = Utc::now();
+        let millis = now.timestamp_millis().max(0) as u64;
+        Checkpoint {
+            format: FORMAT,
+            resume,
+            epoch: millis.max(previous_epoch.map_or(0, |e| e + 1)),
+            next_seq: 1,
+            written_at: now,
+        }
+    }
+
+    /// The same epoch, moved to `resume` with `next_seq`.
+    pub fn advanced(&self, resume: Position, next_seq: u64) -> Checkpoint {
+        Checkpoint {
+            format: FORMAT,
+            resume: Some(resume),
+            epoch: self.epoch,
+            next_seq,
+            written_at: Utc::now(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a checkpoint always serialises");
+        let mut out = Vec::with_capacity(json.len() + 4);
+        out.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+        out.extend_from_slice(&json);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+        if bytes.len() < 4 {
+            return Err(format!(
+                "record is {} bytes, too short to hold its crc32",
+                bytes.len()
+            ));
+        }
+        let (crc, json) = bytes.split_at(4);
+        let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+        let actual = crc32fast::hash(json);
+        if stored != actual {
+            return Err(format!(
+                "crc32 mismatch: the record says {stored:08x}, its bytes give {actual:08x}"
+            ));
+        }
+        let ck: Checkpoint = serde_json::from_slice(json)
+            .map_err(|e| format!("record passes its crc32 but does not parse: {e}"))?;
+        if ck.format != FORMAT {
+            return Err(format!(
+                "record format {} is not the {FORMAT} this sitesync reads",
+                ck.format
+            ));
+        }
+        Ok(ck)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint store {} is in use by another sitesync (pid {pid}); stop it first, or point this connector at another checkpoint.dir", dir.display())]
+    InUse { dir: PathBuf, pid: String },
+    #[error("checkpoint store {} is corrupt ({detail}). sitesync will not silently restart from zero. Inspect it, then reset it explicitly: {reset_hint}", dir.display())]
+    Corrupt {
+        dir: PathBuf,
+        detail: String,
+        reset_hint: String,
+    },
+    #[error("refusing to move checkpoint {} backward from {current} to {proposed} (only `sitesync checkpoint reset` may do that)", dir.display())]
+    Regression {
+        dir: PathBuf,
+        current: String,
+        proposed: String,
+    },
+    #[error("checkpoint store {}: {action}: {source}", dir.display())]
+    Io {
+        dir: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The reset command to suggest for a connector file.
+pub fn reset_hint(connector_file: &Path) -> String {
+    format!(
+        "`sitesync checkpoint reset --connector {} --to-start` (or --to-position P / --to-latest)",
+        connector_file.display()
+    )
+}
+
+/// An open, locked checkpoint store.
+pub struct CheckpointStore {
+    dir: PathBuf,
+    db: sled::Db,
+    reset_hint: String,
+    /// Held for the life of the store: the OS releases it if we die.
+    _lock: File,
+}
+
+impl std::fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointStore")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn io(dir: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> CheckpointError + use<> {
+    let dir = dir.to_path_buf();
+    move |source| CheckpointError::Io {
+        dir,
+        action,
+        source,
+    }
+}
+
+/// Takes the store's process lock, or says who holds it.
+fn lock(dir: &Path) -> Result<File, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io(dir, "creating the directory"))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE))
+        .map_err(io(dir, "opening the lock file"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(CheckpointError::InUse {
+                dir: dir.to_path_buf(),
+                pid: if pid.is_empty() {
+                    "unknown".into()
+                } else {
+                    pid.to_string()
+                },
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(io(dir, "locking the store")(e)),
+    }
+    file.set_len(0).map_err(io(dir, "writing the lock file"))?;
+    file.rewind().map_err(io(dir, "writing the lock file"))?;
+    write!(file, "{}", std::process::id()).map_err(io(dir, "writing the lock file"))?;
+    file.sync_all().map_err(io(dir, "writing the lock file"))?;
+    Ok(file)
+}
+
+impl CheckpointStore {
+    /// Opens (creating if needed) the store in `dir`. `reset_hint` is the
+    /// command an operator should run if the store turns out corrupt.
+    pub fn open(dir: &Path, reset_hint: String) -> Result<CheckpointStore, CheckpointError> {
+        let lock = lock(dir)?;
+        let path = dir.join("sled");
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(&path).open());
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(e))) => return Err(io(dir, "opening sled")(e)),
+            Ok(Err(e)) => {
+                return Err(CheckpointError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    detail: format!("sled cannot open it: {e}"),
+                    reset_hint,
+                });
+            }
+            Err(_) => {
+                return Err(CheckpointError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    detail: "sled panicked while opening it".into(),
+                    reset_hint,
+                });
+            }
+        };
+        Ok(CheckpointStore {
+            dir: dir.to_path_buf(),
+            db,
+            reset_hint,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The stored checkpoint, verified; `None` if none was ever written.
+    pub fn load(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        let raw = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))?;
+        match raw {
+            None => Ok(None),
+            Some(bytes) => {
+                Checkpoint::decode(&bytes)
+                    .map(Some)
+                    .map_err(|detail| CheckpointError::Corrupt {
+                        dir: self.dir.clone(),
+                        detail,
+                        reset_hint: self.reset_hint.clone(),
+                    })
+            }
+        }
+    }
+
+    fn sled_error(&self, e: sled::Error) -> CheckpointError {
+        match e {
+            sled::Error::Io(source) => CheckpointError::Io {
+                dir: self.dir.clone(),
+                action: "reading or writing sled",
+                source,
+            },
+            other => CheckpointError::Corrupt {
+                dir: self.dir.clone(),
+                detail: other.to_string(),
+                reset_hint: self.reset_hint.clone(),
+            },
+        }
+    }
+
+    /// Stores `next` durably. Refuses a position behind the stored one, a
+    /// change of epoch, or a position of another engine.
+    pub async fn commit(&self, next: &Checkpoint) -> Result<(), CheckpointError> {
+        if let Some(current) = self.load()? {
+            let backward = match (&current.resume, &next.resume) {
+                (Some(_), None) => true,
+                (Some(c), Some(n)) => !matches!(
+                    n.partial_cmp(c),
+                    Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+                ),
+                (None, _) => false,
+            };
+            if backward || next.epoch != current.epoch || next.next_seq < current.next_seq {
+                return Err(CheckpointError::Regression {
+                    dir: self.dir.clone(),
+                    current: describe(&current),
+                    proposed: describe(next),
+                });
+            }
+        }
+        self.write(next).await
+    }
+
+    /// Replaces the checkpoint, whatever it was (the explicit reset).
+    pub async fn reset(&self, next: &Checkpoint) -> Result<(), CheckpointError> {
+        self.write(next).await
+    }
+
+    async fn write(&self, ck: &Checkpoint) -> Result<(), CheckpointError> {
+        self.db
+            .insert(RECORD_KEY, ck.encode())
+            .map_err(|e| self.sled_error(e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    /// Writes `live.json` beside the store: what `checkpoint show` prints
+    /// while a sidecar holds the lock. Not authoritative, not fsynced.
+    pub fn write_live(&self, ck: &Checkpoint) {
+        let live = serde_json::json!({ "pid": std::process::id(), "checkpoint": ck });
+        let tmp = self.dir.join(format!("{LIVE_FILE}.tmp"));
+        if std::fs::write(&tmp, live.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, self.dir.join(LIVE_FILE));
+        }
+    }
+
+    /// Flips one byte of the stored record without fixing its crc, as a torn
+    /// write would. For tests and drills only.
+    #[doc(hidden)]
+    pub fn corrupt_for_tests(&self) -> Result<(), CheckpointError> {
+        if let Some(bytes) = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))? {
+            let mut bytes = bytes.to_vec();
+            let last = bytes.len() - 2;
+            bytes[last] ^= 0x20;
+            self.db
+                .insert(RECORD_KEY, bytes)
+                .map_err(|e| self.sled_error(e))?;
+            self.db.flush().map_err(|e| self.sled_error(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a running sidecar last wrote to `live.json`: `(pid, checkpoint)`.
+pub fn read_live(dir: &Path) -> Option<(u64, Checkpoint)> {
+    let text = std::fs::read_to_string(dir.join(LIVE_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let pid = v.get("pid")?.as_u64()?;
+    let ck = serde_json::from_value(v.get("checkpoint")?.clone()).ok()?;
+    Some((pid, ck))
+}
+
+/// Moves a store that sled cannot open out of the way, so a reset can start
+/// a fresh one; returns where it went. Nothing is deleted.
+pub fn set_aside(dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let aside = dir.join(format!(
+        "sled.corrupt-{}",
+        Utc::now().format("%Y%m%dT%H%M%S")
+    ));
+    std::fs::rename(dir.join("sled"), &aside).map_err(io(dir, "moving the corrupt store aside"))?;
+    Ok(aside)
+}
+
+/// One line: position, epoch, next seq.
+pub fn describe(ck: &Checkpoint) -> String {
+    format!(
+        "{} (epoch {}, next seq {})",
+        ck.resume
+            .as_ref()
+            .map_or_else(|| "the start of the slot".to_string(), |p| p.to_string()),
+        ck.epoch,
+        ck.next_seq
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "sitesync-ck-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn pg(lsn: u64, index: u32) -> Position {
+        Position::Postgres { lsn, index }
+    }
+
+    #[tokio::test]
+    async fn commit_and_reload() {
+        let d = dir("reload");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        let ck = Checkpoint::new_epoch(None, None);
+        store.reset(&ck).await.unwrap();
+        let next = ck.advanced(pg(100, 2), 5);
+        store.commit(&next).await.unwrap();
+        drop(store);
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(next));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn refuses_to_go_backward_except_by_reset() {
+        let d = dir("back");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        let ck = Checkpoint::new_epoch(Some(pg(100, 0)), None);
+        store.reset(&ck).await.unwrap();
+        let err = store.commit(&ck.advanced(pg(99, 9), 2)).await.unwrap_err();
+        assert!(matches!(err, CheckpointError::Regression { .. }), "{err}");
+        assert!(err.to_string().contains("backward"), "{err}");
+        let other_engine = ck.advanced(
+            Position::Oracle {
+                scn: 1000,
+                index: 0,
+            },
+            2,
+        );
+        assert!(store.commit(&other_engine).await.is_err());
+        let mut new_epoch = ck.advanced(pg(200, 0), 2);
+        new_epoch.epoch += 1;
+        assert!(store.commit(&new_epoch).await.is_err());
+        // Same position again is fine (an idle re-commit).
+        store.commit(&ck.advanced(pg(100, 0), 1)).await.unwrap();
+        let reset = Checkpoint::new_epoch(Some(pg(1, 0)), Some(ck.epoch));
+        assert!(reset.epoch > ck.epoch);
+        store.reset(&reset).await.unwrap();
+        assert_eq!(store.load().unwrap(), Some(reset));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_names_the_store_and_the_reset_command() {
+        let d = dir("corrupt");
+        let store =
+            CheckpointStore::open(&d, reset_hint(Path::new("connectors/paris.toml"))).unwrap();
+        store
+            .reset(&Checkpoint::new_epoch(Some(pg(5, 0)), None))
+            .await
+            .unwrap();
+        store.corrupt_for_tests().unwrap();
+        drop(store);
+        let store =
+            CheckpointStore::open(&d, reset_hint(Path::new("connectors/paris.toml"))).unwrap();
+        let err = store.load().unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&d.display().to_string()), "{text}");
+        assert!(text.contains("crc32 mismatch"), "{text}");
+        assert!(
+            text.contains("sitesync checkpoint reset --connector connectors/paris.toml"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_second_opener_is_told_who_holds_the_store() {
+        let d = dir("lock");
+        let _first = CheckpointStore::open(&d, "hint".into()).unwrap();
+        let err = CheckpointStore::open(&d, "hint".into()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("in use by another sitesync"), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(_first);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn decode_rejects_short_and_garbled_records() {
+        assert!(Checkpoint::decode(b"ab").unwrap_err().contains("too short"));
+        let mut bytes = Checkpoint::new_epoch(None, None).encode();
+        bytes[6] ^= 1;
+        assert!(Checkpoint::decode(&bytes).unwrap_err().contains("crc32"));
+    }
+}

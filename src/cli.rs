@@ -1,0 +1,590 @@
+//! The `sitesync` command line.
+//!
+//! Exit codes: 0 success; 1 a runtime failure (or a failed check); 2 a
+//! configuration or usage error.
+
+use crate::bus::{self, topology};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
+use crate::checks::{Check, Status};
+use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig, redact_url};
+use crate::position::Position;
+use crate::runner::{self, Shutdown};
+use crate::source::postgres::PostgresSource;
+use crate::source::{LogBounds, Source};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sitesync",
+    version,
+    about = "Keeps the databases of several sites in sync through RabbitMQ (outbox → change log → broker).",
+    after_help = "Quick start:\n  sitesync init --connector connectors/paris.toml\n  sitesync topology declare --connector connectors/paris.toml\n  sitesync run --connector connectors/paris.toml"
+)]
+pub struct Cli {
+    /// Log format on stderr (RUST_LOG sets the filter; default `info,lapin=off,tokio_postgres=warn`).
+    #[arg(
+        long,
+        value_enum,
+        global = true,
+        default_value = "human",
+        env = "SITESYNC_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConnectorArg {
+    /// The connector file (one per database), e.g. connectors/paris.toml.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    connector: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream the outbox to RabbitMQ until SIGTERM/SIGINT (then drain and exit 0).
+    #[command(after_help = "Example:\n  sitesync run --connector connectors/paris.toml")]
+    Run(ConnectorArg),
+    /// Validate the connector file, then check the database, the broker, the topology and the checkpoint.
+    #[command(after_help = "Example:\n  sitesync check --connector connectors/paris.toml")]
+    Check(ConnectorArg),
+    /// Create the outbox table, the publication and the replication slot (idempotent).
+    #[command(after_help = "Example:\n  sitesync init --connector connectors/paris.toml")]
+    Init(ConnectorArg),
+    /// Broker topology commands.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Checkpoint commands.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TopologyCommand {
+    /// Declare the exchanges, site queues, archive queue and dead-letter queue (idempotent).
+    #[command(
+        after_help = "Examples:\n  sitesync topology declare --connector connectors/paris.toml\n  sitesync topology declare --topology config/topology.toml --broker amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    Declare {
+        /// Take the broker URLs and topology file from this connector.
+        #[arg(long, short = 'c', value_name = "FILE", conflicts_with_all = ["topology", "broker"])]
+        connector: Option<PathBuf>,
+        /// The topology file.
+        #[arg(long, value_name = "FILE", requires = "broker")]
+        topology: Option<PathBuf>,
+        /// Broker URL (with --topology).
+        #[arg(long, value_name = "URL", env = "SITESYNC_BROKER_URL")]
+        broker: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointCommand {
+    /// Print the checkpoint and, beside it, the database's own record of our position.
+    #[command(
+        after_help = "Example:\n  sitesync checkpoint show --connector connectors/paris.toml"
+    )]
+    Show(ConnectorArg),
+    /// Move the checkpoint (starts a new epoch). Refused while a sidecar holds the store.
+    #[command(
+        after_help = "Examples:\n  sitesync checkpoint reset --connector connectors/paris.toml --to-start\n  sitesync checkpoint reset --connector connectors/paris.toml --to-position postgres:0/16B3748\n  sitesync checkpoint reset --connector connectors/paris.toml --to-latest --yes"
+    )]
+    Reset {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        #[command(flatten)]
+        target: ResetTarget,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct ResetTarget {
+    /// Resume from the oldest position the database still holds for us
+    /// (PostgreSQL: the slot's confirmed_flush_lsn; a slot cannot rewind).
+    #[arg(long)]
+    to_start: bool,
+    /// Resume at this position, e.g. postgres:0/16B3748 or postgres:0/16B3748#5.
+    #[arg(long, value_name = "POSITION")]
+    to_position: Option<String>,
+    /// Skip everything not yet published: move to the end of the log (advances the slot).
+    #[arg(long)]
+    to_latest: bool,
+}
+
+/// A command failure: what to print and the exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<ConfigErrors> for Failure {
+    fn from(e: ConfigErrors) -> Self {
+        Failure {
+            message: e.to_string(),
+            code: 2,
+        }
+    }
+}
+
+impl From<CheckpointError> for Failure {
+    fn from(e: CheckpointError) -> Self {
+        Failure {
+            message: e.to_string(),
+            code: 1,
+        }
+    }
+}
+
+impl From<crate::source::SourceError> for Failure {
+    fn from(e: crate::source::SourceError) -> Self {
+        Failure {
+            message: e.message,
+            code: 1,
+        }
+    }
+}
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: 1,
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {}", f.message.trim_end());
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,lapin=off,tokio_postgres=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+macro_rules! with_source {
+    ($cfg:expr, $source:ident => $body:expr) => {
+        match $cfg.database.kind {
+            DatabaseKind::Postgres => {
+                let $source = PostgresSource::new(&$cfg)?;
+                $body
+            }
+        }
+    };
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
+    match command {
+        Command::Run(c) => {
+            let cfg = ConnectorConfig::load(&c.connector)?;
+            with_source!(cfg, source => run(&cfg, source).await)
+        }
+        Command::Check(c) => check(&c.connector).await,
+        Command::Init(c) => {
+            let cfg = ConnectorConfig::load(&c.connector)?;
+            with_source!(cfg, source => init(&cfg, source).await)
+        }
+        Command::Topology(TopologyCommand::Declare {
+            connector,
+            topology,
+            broker,
+        }) => declare(connector, topology, broker).await,
+        Command::Checkpoint(CheckpointCommand::Show(c)) => {
+            let cfg = ConnectorConfig::load(&c.connector)?;
+            with_source!(cfg, source => show(&cfg, source).await)
+        }
+        Command::Checkpoint(CheckpointCommand::Reset {
+            connector,
+            target,
+            yes,
+        }) => {
+            let cfg = ConnectorConfig::load(&connector.connector)?;
+            with_source!(cfg, source => reset(&cfg, source, target, yes).await)
+        }
+    }
+}
+
+async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+        }
+        let _ = trigger.send(true);
+        // Keep the sender alive: a dropped sender is not a stop request.
+        std::future::pending::<()>().await;
+    });
+    tracing::info!(
+        connector = %cfg.name,
+        site = %cfg.site,
+        file = %cfg.file.display(),
+        checkpoint = %cfg.checkpoint.dir.display(),
+        "sitesync {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    runner::run(cfg, source, shutdown)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn init<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
+    println!("init {} ({}):", cfg.name, cfg.file.display());
+    for line in source.init().await? {
+        println!("  {line}");
+    }
+    println!(
+        "next: `sitesync topology declare --connector {}` (once per broker), then `sitesync run --connector {}`",
+        cfg.file.display(),
+        cfg.file.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn declare(
+    connector: Option<PathBuf>,
+    topology_file: Option<PathBuf>,
+    broker: Option<String>,
+) -> Result<ExitCode, Failure> {
+    let (urls, topology, timeout) = match (connector, topology_file, broker) {
+        (Some(c), _, _) => {
+            let cfg = ConnectorConfig::load(&c)?;
+            (cfg.broker.urls, cfg.topology, cfg.broker.connect_timeout)
+        }
+        (None, Some(t), Some(b)) => (
+            vec![b],
+            TopologyConfig::load(&t)?,
+            std::time::Duration::from_secs(10),
+        ),
+        _ => {
+            return Err(Failure {
+                message: "give --connector FILE, or --topology FILE with --broker URL".into(),
+                code: 2,
+            });
+        }
+    };
+    let conn = bus::connect(&urls, timeout, "sitesync-topology")
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let done = topology::declare(&conn, &topology)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    println!("declared from {}:", topology.file.display());
+    for line in done {
+        println!("  {line}");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check(file: &Path) -> Result<ExitCode, Failure> {
+    let cfg = match ConnectorConfig::load(file) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            println!("[FAIL] config: {}", e.to_string().trim_end());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut checks = vec![Check::pass(
+        "config",
+        format!(
+            "{} (site {}, topology {})",
+            cfg.file.display(),
+            cfg.site,
+            cfg.topology.file.display()
+        ),
+    )];
+    checks.extend(with_source!(cfg, source => source.preflight().await));
+    let mut connection = None;
+    for url in &cfg.broker.urls {
+        match bus::connect(
+            std::slice::from_ref(url),
+            cfg.broker.connect_timeout,
+            "sitesync-check",
+        )
+        .await
+        {
+            Ok(conn) => {
+                checks.push(Check::pass(
+                    "broker",
+                    format!("{} reachable", redact_url(url)),
+                ));
+                connection.get_or_insert(conn);
+            }
+            Err(e) => checks.push(Check::fail(
+                "broker",
+                e.to_string(),
+                "check broker.urls, that RabbitMQ runs and that the credentials are right",
+            )),
+        }
+    }
+    if let Some(conn) = &connection {
+        checks.extend(topology::check(conn, &cfg.topology).await);
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    checks.push(check_store(&cfg));
+    let mut worst = Status::Pass;
+    for c in &checks {
+        println!("{c}");
+        if c.status == Status::Fail {
+            worst = Status::Fail;
+        }
+    }
+    Ok(if worst == Status::Fail {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn check_store(cfg: &ConnectorConfig) -> Check {
+    let dir = &cfg.checkpoint.dir;
+    if !dir.join("sled").exists() {
+        return Check::pass(
+            "checkpoint",
+            format!("{}: none yet (created by the first run)", dir.display()),
+        );
+    }
+    match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
+        Ok(store) => match store.load() {
+            Ok(Some(ck)) => Check::pass(
+                "checkpoint",
+                format!("{}: {}", dir.display(), describe(&ck)),
+            ),
+            Ok(None) => Check::pass("checkpoint", format!("{}: empty", dir.display())),
+            Err(e) => Check::fail("checkpoint", e.to_string(), reset_hint(&cfg.file)),
+        },
+        Err(e @ CheckpointError::InUse { .. }) => Check::pass("checkpoint", e.to_string()),
+        Err(e) => Check::fail("checkpoint", e.to_string(), reset_hint(&cfg.file)),
+    }
+}
+
+async fn show<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
+    let dir = &cfg.checkpoint.dir;
+    println!(
+        "connector   {} ({}), site {}",
+        cfg.name,
+        cfg.file.display(),
+        cfg.site
+    );
+    println!("store       {}", dir.display());
+    let (ck, live) = if !dir.join("sled").exists() {
+        println!("checkpoint  none yet: the first `run` starts at the slot's position");
+        (None, None)
+    } else {
+        match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
+            Ok(store) => (store.load()?, None),
+            Err(CheckpointError::InUse { pid, .. }) => match checkpoint::read_live(dir) {
+                Some((live_pid, ck)) => (Some(ck), Some(live_pid.to_string())),
+                None => (None, Some(pid)),
+            },
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(pid) = &live {
+        println!(
+            "held by     a running sitesync (pid {pid}); figures from its live.json, at most a moment old"
+        );
+    }
+    if let Some(ck) = &ck {
+        println!(
+            "position    {}",
+            ck.resume.as_ref().map_or_else(
+                || "none yet (starts at the slot's confirmed_flush_lsn)".to_string(),
+                |p| p.to_string()
+            )
+        );
+        let started = chrono::DateTime::from_timestamp_millis(ck.epoch as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        println!("epoch       {} (began {started})", ck.epoch);
+        println!(
+            "next seq    {} ({} event(s) published in this epoch)",
+            ck.next_seq,
+            ck.next_seq.saturating_sub(1)
+        );
+        println!(
+            "written at  {}",
+            ck.written_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+    }
+    match source.bounds().await {
+        Ok(LogBounds { detail, .. }) => println!("database    {detail}"),
+        Err(e) => println!("database    unavailable: {}", e.message),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reset<S: Source>(
+    cfg: &ConnectorConfig,
+    source: S,
+    target: ResetTarget,
+    yes: bool,
+) -> Result<ExitCode, Failure> {
+    let dir = &cfg.checkpoint.dir;
+    let store = match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
+        Ok(store) => store,
+        Err(e @ CheckpointError::InUse { .. }) => {
+            return Err(fail(format!("refusing to reset: {e}")));
+        }
+        Err(CheckpointError::Corrupt { detail, .. }) => {
+            confirm(
+                yes,
+                &format!(
+                    "sled cannot open {} ({detail}); move it aside and start a fresh store?",
+                    dir.display()
+                ),
+            )?;
+            let aside = checkpoint::set_aside(dir)?;
+            println!("moved the unreadable store to {}", aside.display());
+            CheckpointStore::open(dir, reset_hint(&cfg.file))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let current = store.load();
+    let bounds = source.bounds().await?;
+    let current_epoch = match &current {
+        Ok(Some(ck)) => {
+            println!("current     {}", describe(ck));
+            Some(ck.epoch)
+        }
+        Ok(None) => {
+            println!("current     none");
+            None
+        }
+        Err(e) => {
+            println!("current     unreadable: {e}");
+            None
+        }
+    };
+    println!("database    {}", bounds.detail);
+    let oldest = bounds.oldest.clone();
+    let (resume, plan) = if target.to_start {
+        let from = oldest
+            .as_ref()
+            .map_or_else(|| "the slot's position".to_string(), |p| p.to_string());
+        (
+            None,
+            format!(
+                "resume from {from}, the oldest position the slot can stream: everything the slot still holds is published again. \
+                 PostgreSQL cannot rewind a slot, so events confirmed before it can only come back from the archive queue"
+            ),
+        )
+    } else if let Some(text) = &target.to_position {
+        let p: Position = text.parse().map_err(|e: String| Failure {
+            message: e,
+            code: 2,
+        })?;
+        if p.engine() != bounds.latest.engine() {
+            return Err(fail(format!(
+                "{p} is a {} position; this connector reads {}",
+                p.engine(),
+                bounds.latest.engine()
+            )));
+        }
+        if let Some(o) = &oldest
+            && p < *o
+        {
+            return Err(fail(format!(
+                "{p} is before {o}, the oldest position the slot can stream (its confirmed_flush_lsn); the slot cannot go back further"
+            )));
+        }
+        if p > bounds.latest {
+            return Err(fail(format!(
+                "{p} is past the end of the log ({})",
+                bounds.latest
+            )));
+        }
+        (Some(p.clone()), format!("resume at {p}"))
+    } else {
+        (
+            Some(bounds.latest.clone()),
+            format!(
+                "skip everything not yet published: advance the slot to the end of the log ({}) and resume there",
+                bounds.latest
+            ),
+        )
+    };
+    println!("plan        {plan}; a new epoch starts and seq restarts at 1");
+    confirm(yes, "reset the checkpoint?")?;
+    let resume = if target.to_latest {
+        Some(source.advance_to_latest().await?)
+    } else {
+        resume
+    };
+    let next = Checkpoint::new_epoch(resume, current_epoch);
+    store.reset(&next).await?;
+    println!("reset       {}", describe(&next));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks on the terminal unless `yes`; refuses without a terminal.
+fn confirm(yes: bool, question: &str) -> Result<(), Failure> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure {
+            message: format!("{question} — not confirmed: pass --yes to run without a terminal"),
+            code: 2,
+        });
+    }
+    print!("{question} type `yes` to continue: ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(fail("not confirmed; nothing changed"))
+    }
+}

@@ -1,0 +1,887 @@
+//! Connector and topology configuration.
+//!
+//! One TOML file per database under `connectors/`, and one shared topology
+//! file under `config/`. Loading is pure (no network): the file is parsed,
+//! `${VAR}` / `${VAR:-default}` are expanded inside string values, every key
+//! is checked, and *every* problem is reported at once, each naming the
+//! file, the key and what was expected. `sitesync check` adds the live
+//! checks (database preflight, broker, topology).
+//!
+//! Relative paths (`broker.topology`, `checkpoint.dir`) are resolved against
+//! the sidecar's working directory: run it from the project's top directory,
+//! or write absolute paths.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::{Table, Value};
+
+/// Everything wrong with one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One configuration problem: where it is and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `broker.urls[1]`; empty for file-level problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {n} configuration error{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.key.is_empty() {
+                writeln!(f, "  - {}", p.message)?;
+            } else {
+                writeln!(
+                    f,
+                    "  - {}: key `{}`: {}",
+                    self.file.display(),
+                    p.key,
+                    p.message
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The kind of database a connector reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    Postgres,
+}
+
+impl DatabaseKind {
+    const NAMES: &'static str = "postgres";
+}
+
+/// A connector: one database server at one site.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// The file it came from (for messages and the CLI's reset hints).
+    pub file: PathBuf,
+    /// Short name: the checkpoint directory, slot and publication defaults,
+    /// and log lines use it. Defaults to the file stem (`paris`).
+    pub name: String,
+    /// The site this database belongs to (`PARIS`): the `origin` of its
+    /// events and the queue its sink will consume.
+    pub site: String,
+    pub database: DatabaseConfig,
+    pub broker: BrokerConfig,
+    pub checkpoint: CheckpointConfig,
+    pub retry: RetryConfig,
+    pub shutdown: ShutdownConfig,
+    /// The shared topology, loaded from `broker.topology`.
+    pub topology: TopologyConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub kind: DatabaseKind,
+    /// Connection URL (`postgres://user:pass@host:port/db`), after `${VAR}` expansion.
+    pub url: String,
+    /// Outbox table, optionally schema-qualified (`public.outbox`).
+    pub outbox_table: String,
+    /// PostgreSQL: the logical replication slot this connector owns.
+    pub slot: String,
+    /// PostgreSQL: the publication on the outbox table.
+    pub publication: String,
+    /// PostgreSQL: how long a replication session may wait for the server
+    /// before the sidecar reconnects (it also bounds how late a keepalive reply is).
+    pub status_interval: Duration,
+}
+
+impl DatabaseConfig {
+    /// `(schema, table)` of the outbox, schema defaulting to `public`.
+    pub fn outbox_parts(&self) -> (&str, &str) {
+        match self.outbox_table.split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("public", self.outbox_table.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// AMQP URLs tried in order (failover).
+    pub urls: Vec<String>,
+    /// Path of the shared topology file.
+    pub topology_file: PathBuf,
+    /// Messages published and not yet confirmed, at most.
+    pub publisher_window: usize,
+    /// How often `run` re-verifies the topology while idle (it also does so
+    /// before every checkpoint write).
+    pub topology_check_interval: Duration,
+    /// Per-address connection timeout.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, how long to wait for outstanding confirms.
+    pub drain_timeout: Duration,
+}
+
+/// The broker topology shared by every site.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyConfig {
+    pub file: PathBuf,
+    /// Durable fanout exchange every event is published to.
+    pub exchange: String,
+    /// Site names (`PARIS`, `LONDON`, …): one quorum queue each.
+    pub sites: Vec<String>,
+    /// Site queue name = prefix + site name (`SITE_PARIS`).
+    pub site_queue_prefix: String,
+    /// Archive queue bound to the same exchange.
+    pub archive_queue: String,
+    /// Dead-letter exchange and its queue.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+impl TopologyConfig {
+    pub fn site_queue(&self, site: &str) -> String {
+        format!("{}{}", self.site_queue_prefix, site)
+    }
+
+    /// Every queue bound to the event exchange: each site's, then the archive.
+    pub fn bound_queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = self.sites.iter().map(|s| self.site_queue(s)).collect();
+        queues.push(self.archive_queue.clone());
+        queues
+    }
+}
+
+pub const DEFAULT_PUBLISHER_WINDOW: usize = 512;
+
+/// Reads a table key by key, collecting every problem instead of stopping at
+/// the first, and reporting the keys nobody asked for as unknown.
+struct Reader<'a> {
+    table: &'a Table,
+    prefix: String,
+    seen: BTreeSet<String>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(table: &'a Table, prefix: &str, problems: &'a mut Vec<Problem>) -> Self {
+        Reader {
+            table,
+            prefix: prefix.to_string(),
+            seen: BTreeSet::new(),
+            problems,
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let key = self.key(key);
+        self.problems.push(Problem {
+            key,
+            message: message.into(),
+        });
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'a Value> {
+        self.seen.insert(key.to_string());
+        self.table.get(key)
+    }
+
+    fn string(&mut self, key: &str, required: bool, what: &str) -> Option<String> {
+        match self.get(key) {
+            None if required => {
+                self.problem(key, format!("missing; expected {what}"));
+                None
+            }
+            None => None,
+            Some(Value::String(s)) => match expand_env(s) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.problem(key, e);
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem(key, format!("expected {what}, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        what: &str,
+    ) -> Option<i64> {
+        match self.get(key)? {
+            Value::Integer(n) if range.contains(n) => Some(*n),
+            Value::Integer(n) => {
+                self.problem(
+                    key,
+                    format!(
+                        "{n} is out of range; expected {what} between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                None
+            }
+            other => {
+                self.problem(key, format!("expected {what}, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn millis(&mut self, key: &str, default: u64, max: u64) -> Duration {
+        Duration::from_millis(
+            self.integer(key, 1..=max as i64, "a number of milliseconds")
+                .map(|n| n as u64)
+                .unwrap_or(default),
+        )
+    }
+
+    fn strings(&mut self, key: &str, what: &str) -> Option<Vec<String>> {
+        match self.get(key)? {
+            Value::String(s) => match expand_env(s) {
+                Ok(s) => Some(vec![s]),
+                Err(e) => {
+                    self.problem(key, e);
+                    None
+                }
+            },
+            Value::Array(items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => match expand_env(s) {
+                            Ok(s) => out.push(s),
+                            Err(e) => self.problem(&format!("{key}[{i}]"), e),
+                        },
+                        other => self.problem(
+                            &format!("{key}[{i}]"),
+                            format!("expected {what}, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                self.problem(
+                    key,
+                    format!("expected a list of {what}, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A sub-table, read by `f`; an absent table reads as empty.
+    fn section<T>(&mut self, key: &str, f: impl FnOnce(&mut Reader<'_>) -> T) -> T {
+        static EMPTY: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+        let empty = EMPTY.get_or_init(Table::new);
+        let prefix = self.key(key);
+        let table = match self.get(key) {
+            Some(Value::Table(t)) => t,
+            None => empty,
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected a table [{prefix}], found {}", other.type_str()),
+                );
+                empty
+            }
+        };
+        let mut sub = Reader::new(table, &prefix, self.problems);
+        let out = f(&mut sub);
+        sub.finish();
+        out
+    }
+
+    fn finish(self) {
+        let expected: Vec<&str> = self.seen.iter().map(String::as_str).collect();
+        for key in self.table.keys() {
+            if !self.seen.contains(key) {
+                let full = if self.prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.prefix)
+                };
+                self.problems.push(Problem {
+                    key: full,
+                    message: format!("unknown key; expected one of: {}", expected.join(", ")),
+                });
+            }
+        }
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    expand_with(text, |name| std::env::var(name).ok())
+}
+
+fn expand_with(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in `{text}`"))?;
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "`${{{inner}}}` is not a variable reference (expected ${{NAME}} or ${{NAME:-default}})"
+                ));
+            }
+            match (lookup(name), default) {
+                (Some(v), None) => out.push_str(&v),
+                (Some(v), Some(_)) if !v.is_empty() => out.push_str(&v),
+                (_, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (write ${{{name}:-default}} to give a default)"
+                    ));
+                }
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn parse_file(path: &Path) -> Result<Table, ConfigErrors> {
+    let fail = |message: String| ConfigErrors {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            key: String::new(),
+            message,
+        }],
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    text.parse::<Table>()
+        .map_err(|e| fail(format!("not valid TOML: {}", e.to_string().trim_end())))
+}
+
+fn check_identifier(r: &mut Reader<'_>, key: &str, value: &str, what: &str) {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !value.starts_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        r.problem(
+            key,
+            format!("`{value}` is not a valid {what}: use lowercase letters, digits and _, at most 63 characters"),
+        );
+    }
+}
+
+fn check_site_name(r: &mut Reader<'_>, key: &str, value: &str) {
+    let ok = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        r.problem(
+            key,
+            format!(
+                "`{value}` is not a site name: use uppercase letters, digits and _ (e.g. PARIS)"
+            ),
+        );
+    }
+}
+
+impl ConnectorConfig {
+    /// Loads and validates a connector file and the topology file it names.
+    pub fn load(path: &Path) -> Result<ConnectorConfig, ConfigErrors> {
+        let table = parse_file(path)?;
+        let mut problems = Vec::new();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| "connector".into());
+        let mut r = Reader::new(&table, "", &mut problems);
+
+        let name = r
+            .string("name", false, "a short connector name")
+            .unwrap_or(stem);
+        check_identifier(&mut r, "name", &name, "connector name");
+        let site = r
+            .string("site", true, "the site name, e.g. \"PARIS\"")
+            .unwrap_or_default();
+        if !site.is_empty() {
+            check_site_name(&mut r, "site", &site);
+        }
+
+        let default_slot = format!("sitesync_{name}");
+        let database = r.section("database", |d| {
+            let kind = match d.string("kind", true, DatabaseKind::NAMES).as_deref() {
+                Some("postgres") | Some("postgresql") => Some(DatabaseKind::Postgres),
+                Some(other) => {
+                    d.problem("kind", format!("`{other}` is not a supported database kind; expected one of: {}", DatabaseKind::NAMES));
+                    None
+                }
+                None => None,
+            };
+            let url = d
+                .string("url", true, "a database URL, e.g. \"postgres://user@host:5432/db\"")
+                .unwrap_or_default();
+            if kind == Some(DatabaseKind::Postgres) && !url.is_empty()
+                && let Err(e) = validate_postgres_url(&url) {
+                    d.problem("url", e);
+                }
+            let outbox_table = d
+                .string("outbox_table", false, "a table name, e.g. \"public.outbox\"")
+                .unwrap_or_else(|| "public.outbox".into());
+            for part in outbox_table.split('.') {
+                if part.is_empty() || !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    d.problem("outbox_table", format!("`{outbox_table}` is not a table name: expected [schema.]table with letters, digits and _"));
+                    break;
+                }
+            }
+            let slot = d.string("slot", false, "a replication slot name").unwrap_or_else(|| default_slot.clone());
+            check_identifier(d, "slot", &slot, "replication slot name");
+            let publication = d
+                .string("publication", false, "a publication name")
+                .unwrap_or_else(|| default_slot.clone());
+            check_identifier(d, "publication", &publication, "publication name");
+            let status_interval = d.millis("status_interval_ms", 1_000, 3_600_000);
+            kind.map(|kind| DatabaseConfig {
+                kind,
+                url,
+                outbox_table,
+                slot,
+                publication,
+                status_interval,
+            })
+        });
+
+        let (broker, topology_path) = r.section("broker", |b| {
+            let urls = b.strings("urls", "AMQP URLs").unwrap_or_default();
+            if urls.is_empty() {
+                b.problem("urls", "missing; expected one or more AMQP URLs, e.g. [\"amqp://guest:guest@127.0.0.1:5672/%2f\"]");
+            }
+            for (i, url) in urls.iter().enumerate() {
+                if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                    b.problem(&format!("urls[{i}]"), format!("`{}` is not an AMQP URL: {e}", redact_url(url)));
+                }
+            }
+            let topology = b
+                .string("topology", false, "the path of the topology file")
+                .unwrap_or_else(|| "config/topology.toml".into());
+            let window = b
+                .integer("publisher_window", 1..=65_535, "the number of unconfirmed messages")
+                .map(|n| n as usize)
+                .unwrap_or(DEFAULT_PUBLISHER_WINDOW);
+            let check = b.millis("topology_check_interval_ms", 5_000, 3_600_000);
+            let connect_timeout = b.millis("connect_timeout_ms", 10_000, 600_000);
+            (
+                BrokerConfig {
+                    urls,
+                    topology_file: PathBuf::from(&topology),
+                    publisher_window: window,
+                    topology_check_interval: check,
+                    connect_timeout,
+                },
+                PathBuf::from(topology),
+            )
+        });
+
+        let checkpoint = r.section("checkpoint", |c| CheckpointConfig {
+            dir: PathBuf::from(
+                c.string("dir", false, "a directory path")
+                    .unwrap_or_else(|| format!("checkpoints/{name}")),
+            ),
+        });
+        let retry = r.section("retry", |c| RetryConfig {
+            initial_backoff: c.millis("initial_backoff_ms", 200, 600_000),
+            max_backoff: c.millis("max_backoff_ms", 30_000, 3_600_000),
+        });
+        if retry.initial_backoff > retry.max_backoff {
+            r.problem(
+                "retry.initial_backoff_ms",
+                "must not exceed retry.max_backoff_ms",
+            );
+        }
+        let shutdown = r.section("shutdown", |c| ShutdownConfig {
+            drain_timeout: c.millis("drain_timeout_ms", 10_000, 600_000),
+        });
+        r.finish();
+
+        let topology = match TopologyConfig::load(&topology_path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(Problem {
+                    key: "broker.topology".into(),
+                    message: format!(
+                        "the topology file is not usable:\n    {}",
+                        e.to_string().trim_end().replace('\n', "\n    ")
+                    ),
+                });
+                None
+            }
+        };
+        if let Some(t) = &topology
+            && !site.is_empty()
+            && !t.sites.contains(&site)
+        {
+            problems.push(Problem {
+                key: "site".into(),
+                message: format!(
+                    "site `{site}` is not one of the sites in {} ({})",
+                    t.file.display(),
+                    t.sites.join(", ")
+                ),
+            });
+        }
+
+        match (problems.is_empty(), database, topology) {
+            (true, Some(database), Some(topology)) => Ok(ConnectorConfig {
+                file: path.to_path_buf(),
+                name,
+                site,
+                database,
+                broker,
+                checkpoint,
+                retry,
+                shutdown,
+                topology,
+            }),
+            _ => Err(ConfigErrors {
+                file: path.to_path_buf(),
+                problems,
+            }),
+        }
+    }
+}
+
+impl TopologyConfig {
+    pub fn load(path: &Path) -> Result<TopologyConfig, ConfigErrors> {
+        let table = parse_file(path)?;
+        let mut problems = Vec::new();
+        let mut r = Reader::new(&table, "", &mut problems);
+        let exchange = r
+            .string("exchange", false, "an exchange name")
+            .unwrap_or_else(|| "sitesync.events".into());
+        let sites = r.strings("sites", "site names").unwrap_or_default();
+        if sites.is_empty() {
+            r.problem("sites", "missing; expected the list of site names, e.g. [\"PARIS\", \"LONDON\", \"MADRID\"]");
+        }
+        for (i, s) in sites.iter().enumerate() {
+            check_site_name(&mut r, &format!("sites[{i}]"), s);
+        }
+        let mut unique = BTreeSet::new();
+        for s in &sites {
+            if !unique.insert(s) {
+                r.problem("sites", format!("site `{s}` is listed twice"));
+            }
+        }
+        let site_queue_prefix = r
+            .string("site_queue_prefix", false, "a queue name prefix")
+            .unwrap_or_else(|| "SITE_".into());
+        let archive_queue = r
+            .string("archive_queue", false, "a queue name")
+            .unwrap_or_else(|| "SITE_PARIS_HISTO".into());
+        let dead_letter_exchange = r
+            .string("dead_letter_exchange", false, "an exchange name")
+            .unwrap_or_else(|| "sitesync.dlx".into());
+        let dead_letter_queue = r
+            .string("dead_letter_queue", false, "a queue name")
+            .unwrap_or_else(|| "sitesync.dlq".into());
+        for (key, value) in [
+            ("exchange", &exchange),
+            ("archive_queue", &archive_queue),
+            ("dead_letter_exchange", &dead_letter_exchange),
+            ("dead_letter_queue", &dead_letter_queue),
+        ] {
+            if value.is_empty() || value.len() > 255 || value.starts_with("amq.") {
+                r.problem(key, format!("`{value}` is not usable: names are 1 to 255 bytes and must not start with `amq.`"));
+            }
+        }
+        r.finish();
+        let topology = TopologyConfig {
+            file: path.to_path_buf(),
+            exchange,
+            sites,
+            site_queue_prefix,
+            archive_queue,
+            dead_letter_exchange,
+            dead_letter_queue,
+        };
+        if topology
+            .bound_queues()
+            .contains(&topology.dead_letter_queue)
+        {
+            problems.push(Problem {
+                key: "dead_letter_queue".into(),
+                message: "must differ from every site queue and the archive queue".into(),
+            });
+        }
+        if problems.is_empty() {
+            Ok(topology)
+        } else {
+            Err(ConfigErrors {
+                file: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+}
+
+fn validate_postgres_url(url: &str) -> Result<(), String> {
+    let cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| format!("`{}` is not a PostgreSQL URL: {e}", redact_url(url)))?;
+    if cfg.get_hosts().is_empty() {
+        return Err(format!("`{}` names no host", redact_url(url)));
+    }
+    if cfg.get_dbname().is_none() {
+        return Err(format!(
+            "`{}` names no database (postgres://user@host:5432/DATABASE)",
+            redact_url(url)
+        ));
+    }
+    if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require is not supported yet: connect over a trusted network or a local socket, or use sslmode=disable".into());
+    }
+    Ok(())
+}
+
+/// A URL with its password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let after = &url[scheme_end + 3..];
+    let authority_end = after.find(['/', '?']).unwrap_or(after.len());
+    let authority = &after[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _)) => format!(
+                "{}{user}:***{}",
+                &url[..scheme_end + 3],
+                &url[scheme_end + 3 + at..]
+            ),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(name: &str) -> Option<String> {
+        match name {
+            "USER" => Some("alice".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn env_expansion() {
+        assert_eq!(expand_with("a ${USER} b", lookup).unwrap(), "a alice b");
+        assert_eq!(expand_with("${NOPE:-dflt}", lookup).unwrap(), "dflt");
+        assert_eq!(expand_with("${EMPTY:-dflt}", lookup).unwrap(), "dflt");
+        assert_eq!(expand_with("${EMPTY}", lookup).unwrap(), "");
+        assert_eq!(
+            expand_with("cost $$5 and $x", lookup).unwrap(),
+            "cost $5 and $x"
+        );
+        assert_eq!(expand_with("${NOPE:-}", lookup).unwrap(), "");
+        let e = expand_with("x${NOPE}", lookup).unwrap_err();
+        assert!(e.contains("`NOPE` is not set"), "{e}");
+        assert!(
+            expand_with("${USER", lookup)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            expand_with("${a b}", lookup)
+                .unwrap_err()
+                .contains("not a variable")
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u:p@h/db?x=@"),
+            "postgres://u:***@h/db?x=@"
+        );
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sitesync-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_complete_connector_loads_with_defaults() {
+        let dir = scratch("ok");
+        let topo = write(&dir, "topology.toml", "sites = [\"PARIS\", \"LONDON\"]\n");
+        let path = write(
+            &dir,
+            "paris.toml",
+            &format!(
+                "site = \"PARIS\"\n[database]\nkind = \"postgres\"\nurl = \"postgres://postgres@127.0.0.1:5432/paris\"\n[broker]\nurls = \"amqp://127.0.0.1:5672/%2f\"\ntopology = \"{}\"\n",
+                topo.display()
+            ),
+        );
+        let c = ConnectorConfig::load(&path).unwrap();
+        assert_eq!(c.name, "paris");
+        assert_eq!(c.database.slot, "sitesync_paris");
+        assert_eq!(c.database.publication, "sitesync_paris");
+        assert_eq!(c.database.outbox_parts(), ("public", "outbox"));
+        assert_eq!(c.broker.publisher_window, DEFAULT_PUBLISHER_WINDOW);
+        assert_eq!(c.checkpoint.dir, PathBuf::from("checkpoints/paris"));
+        assert_eq!(c.topology.exchange, "sitesync.events");
+        assert_eq!(
+            c.topology.bound_queues(),
+            vec!["SITE_PARIS", "SITE_LONDON", "SITE_PARIS_HISTO"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_file_and_key() {
+        let dir = scratch("bad");
+        let topo = write(&dir, "topology.toml", "sites = [\"PARIS\"]\n");
+        let path = write(
+            &dir,
+            "bad.toml",
+            &format!(
+                "site = \"PARIS\"\ncolour = \"blue\"\n[database]\nkind = \"postgres\"\nurl = \"${{SITESYNC_TEST_SURELY_UNSET_VAR}}\"\nslot = \"Bad-Slot\"\n[broker]\nurls = [\"http://x\", 5]\npublisher_window = 0\ntopology = \"{}\"\n",
+                topo.display()
+            ),
+        );
+        let err = ConnectorConfig::load(&path).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "colour",
+            "database.url",
+            "database.slot",
+            "broker.urls[0]",
+            "broker.urls[1]",
+            "broker.publisher_window",
+        ] {
+            assert!(keys.contains(&key), "missing {key} in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("bad.toml"), "{text}");
+        assert!(text.contains("key `colour`: unknown key"), "{text}");
+        assert!(text.contains("SITESYNC_TEST_SURELY_UNSET_VAR"), "{text}");
+    }
+
+    #[test]
+    fn the_site_must_be_in_the_topology() {
+        let dir = scratch("site");
+        let topo = write(&dir, "topology.toml", "sites = [\"LONDON\"]\n");
+        let path = write(
+            &dir,
+            "p.toml",
+            &format!(
+                "site = \"PARIS\"\n[database]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n[broker]\nurls = \"amqp://h\"\ntopology = \"{}\"\n",
+                topo.display()
+            ),
+        );
+        let err = ConnectorConfig::load(&path).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].key, "site");
+    }
+
+    #[test]
+    fn topology_problems() {
+        let dir = scratch("topo");
+        let topo = write(
+            &dir,
+            "t.toml",
+            "sites = [\"PARIS\", \"paris\", \"PARIS\"]\nexchange = \"amq.fanout\"\nextra = 1\n",
+        );
+        let err = TopologyConfig::load(&topo).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"sites[1]"), "{keys:?}");
+        assert!(keys.contains(&"sites"), "{keys:?}");
+        assert!(keys.contains(&"exchange"), "{keys:?}");
+        assert!(keys.contains(&"extra"), "{keys:?}");
+    }
+
+    #[test]
+    fn unreadable_and_invalid_files() {
+        let err = ConnectorConfig::load(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(err.to_string().contains("cannot read the file"));
+        let dir = scratch("syntax");
+        let p = write(&dir, "s.toml", "site = \n");
+        assert!(
+            ConnectorConfig::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("not valid TOML")
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! The event: what an outbox row becomes on the bus.
+//!
+//! Every source decodes its change log into an [`OutboxRow`] (the outbox
+//! columns as text, whatever the engine), and [`OutboxRow::to_event`] turns
+//! it into an [`Event`] or says, in a [`RowError`], why it cannot: such a row
+//! goes to the dead-letter queue with that reason and never stalls the stream.
+//!
+//! The JSON body is written once, here, and the `data` column is validated
+//! without being parsed into a tree ([`RawValue`]): an event's payload is
+//! carried through as the application wrote it.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// One change of one entity, as it travels between sites.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Globally unique; the AMQP `message_id` and the inbox key at every site.
+    pub id: Uuid,
+    /// When the origin wrote it (UTC): the first half of last-writer-wins.
+    pub timestamp: DateTime<Utc>,
+    /// The site that wrote it: the second half of last-writer-wins, and how a
+    /// site recognises its own events coming back round.
+    pub origin: String,
+    /// What happened, e.g. `customer.upsert`: the sink routes on it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The entity the event is about, when the application says so.
+    pub entity_key: Option<String>,
+    /// The application's payload: a JSON object, kept byte for byte.
+    pub data: Box<RawValue>,
+    /// The origin's epoch: starts anew when its checkpoint is reset, so that
+    /// `seq` may restart without looking like a gap or a replay.
+    pub epoch: u64,
+    /// Gap-free per-origin number within `epoch`, in commit order. The same
+    /// event republished after a crash carries the same number.
+    pub seq: u64,
+}
+
+impl Event {
+    /// The message body.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an Event always serialises")
+    }
+}
+
+/// The outbox columns of one inserted row, as text, before validation.
+///
+/// Sources fill it from their log; `None` is SQL NULL.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OutboxRow {
+    pub id: Option<String>,
+    pub created_at: Option<String>,
+    pub origin: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub entity_key: Option<String>,
+    pub data: Option<String>,
+    /// When the transaction committed, from the log: stands in for a NULL
+    /// `created_at`, so the timestamp stays deterministic across republishes.
+    #[serde(skip)]
+    pub commit_time: Option<DateTime<Utc>>,
+}
+
+/// Why an outbox row cannot become an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    #[error("column `{0}` is NULL")]
+    Null(&'static str),
+    #[error("column `id` is `{0}`, not a UUID")]
+    BadId(String),
+    #[error("column `created_at` is `{0}`, not a timestamp")]
+    BadTimestamp(String),
+    #[error("column `data` is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("column `data` is JSON but not an object (events carry a JSON object)")]
+    NotAnObject,
+    #[error("column `type` is empty")]
+    EmptyType,
+    #[error("column `origin` is `{row}` but this connector publishes for site `{site}`")]
+    ForeignOrigin { row: String, site: String },
+    #[error("the row could not be decoded from the log: {0}")]
+    Undecodable(String),
+}
+
+impl OutboxRow {
+    /// Validates the row and builds the event. `epoch` and `seq` are given by
+    /// the caller, which numbers only rows that do become events. The row is
+    /// borrowed so that, when it is refused, it can still go whole to the
+    /// dead-letter queue.
+    pub fn to_event(&self, site: &str, epoch: u64, seq: u64) -> Result<Event, RowError> {
+        let id_text = self.id.as_deref().ok_or(RowError::Null("id"))?;
+        let id =
+            Uuid::parse_str(id_text.trim()).map_err(|_| RowError::BadId(id_text.to_string()))?;
+        let kind = self.kind.as_deref().ok_or(RowError::Null("type"))?;
+        if kind.trim().is_empty() {
+            return Err(RowError::EmptyType);
+        }
+        let origin = match self.origin.as_deref() {
+            None => site,
+            Some(o) if o == site => o,
+            Some(o) => {
+                return Err(RowError::ForeignOrigin {
+                    row: o.to_string(),
+                    site: site.to_string(),
+                });
+            }
+        };
+        let timestamp = match (self.created_at.as_deref(), self.commit_time) {
+            (Some(text), _) => {
+                parse_timestamp(text).ok_or_else(|| RowError::BadTimestamp(text.to_string()))?
+            }
+            (None, Some(commit)) => commit,
+            (None, None) => return Err(RowError::Null("created_at")),
+        };
+        let data_text = self.data.as_deref().ok_or(RowError::Null("data"))?;
+        let data: Box<RawValue> =
+            serde_json::from_str(data_text).map_err(|e| RowError::BadJson(e.to_string()))?;
+        if !data.get().trim_start().starts_with('{') {
+            return Err(RowError::NotAnObject);
+        }
+        Ok(Event {
+            id,
+            timestamp,
+            origin: origin.to_string(),
+            kind: kind.to_string(),
+            entity_key: self.entity_key.clone(),
+            data,
+            epoch,
+            seq,
+        })
+    }
+
+    /// The row as JSON, for the dead-letter body: nothing the application
+    /// wrote is lost, even when it is not valid.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an OutboxRow always serialises")
+    }
+}
+
+/// Accepts RFC 3339 and the ISO form PostgreSQL, MySQL, SQL Server and
+/// Oracle print (`2026-11-23 16:11:28.123456+00`, `…+05:30`, or without a
+/// zone, which is read as UTC).
+pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(text, format) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: Some("7f1d8a5e-3c2b-4a8e-9f00-0123456789ab".into()),
+            created_at: Some("2026-11-23 16:11:28.123456+00".into()),
+            origin: Some("PARIS".into()),
+            kind: Some("customer.upsert".into()),
+            entity_key: Some("42".into()),
+            data: Some(r#"{"name": "Zoé", "n": 1}"#.into()),
+            commit_time: None,
+        }
+    }
+
+    #[test]
+    fn a_good_row_becomes_an_event_with_its_payload_untouched() {
+        let e = row().to_event("PARIS", 7, 3).unwrap();
+        assert_eq!(e.id.to_string(), "7f1d8a5e-3c2b-4a8e-9f00-0123456789ab");
+        assert_eq!(e.timestamp.to_rfc3339(), "2026-11-23T16:11:28.123456+00:00");
+        assert_eq!(e.data.get(), r#"{"name": "Zoé", "n": 1}"#);
+        let body: serde_json::Value = serde_json::from_slice(&e.to_body()).unwrap();
+        assert_eq!(body["type"], "customer.upsert");
+        assert_eq!(body["epoch"], 7);
+        assert_eq!(body["seq"], 3);
+        assert_eq!(body["data"]["name"], "Zoé");
+        assert_eq!(body["entity_key"], "42");
+    }
+
+    #[test]
+    fn bad_rows_say_what_is_wrong() {
+        let cases: Vec<(OutboxRow, RowError)> = vec![
+            (OutboxRow { id: None, ..row() }, RowError::Null("id")),
+            (
+                OutboxRow {
+                    id: Some("nope".into()),
+                    ..row()
+                },
+                RowError::BadId("nope".into()),
+            ),
+            (
+                OutboxRow {
+                    kind: None,
+                    ..row()
+                },
+                RowError::Null("type"),
+            ),
+            (
+                OutboxRow {
+                    kind: Some(" ".into()),
+                    ..row()
+                },
+                RowError::EmptyType,
+            ),
+            (
+                OutboxRow {
+                    data: None,
+                    ..row()
+                },
+                RowError::Null("data"),
+            ),
+            (
+                OutboxRow {
+                    data: Some("[1,2]".into()),
+                    ..row()
+                },
+                RowError::NotAnObject,
+            ),
+            (
+                OutboxRow {
+                    created_at: Some("yesterday".into()),
+                    ..row()
+                },
+                RowError::BadTimestamp("yesterday".into()),
+            ),
+            (
+                OutboxRow {
+                    origin: Some("LONDON".into()),
+                    ..row()
+                },
+                RowError::ForeignOrigin {
+                    row: "LONDON".into(),
+                    site: "PARIS".into(),
+                },
+            ),
+        ];
+        for (row, expected) in cases {
+            assert_eq!(row.to_event("PARIS", 1, 1).unwrap_err(), expected);
+        }
+        let err = OutboxRow {
+            data: Some("{not json".into()),
+            ..row()
+        }
+        .to_event("PARIS", 1, 1)
+        .unwrap_err();
+        assert!(matches!(err, RowError::BadJson(_)), "{err}");
+        assert!(err.to_string().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn null_origin_is_this_site_and_null_created_at_is_the_commit_time() {
+        let commit = parse_timestamp("2026-01-02T03:04:05Z").unwrap();
+        let e = OutboxRow {
+            origin: None,
+            created_at: None,
+            commit_time: Some(commit),
+            ..row()
+        }
+        .to_event("PARIS", 1, 1)
+        .unwrap();
+        assert_eq!(e.origin, "PARIS");
+        assert_eq!(e.timestamp, commit);
+    }
+
+    #[test]
+    fn timestamps_in_the_forms_databases_print() {
+        let utc = parse_timestamp("2026-11-23T16:11:28Z").unwrap();
+        assert_eq!(parse_timestamp("2026-11-23 16:11:28+00"), Some(utc));
+        assert_eq!(parse_timestamp("2026-11-23 17:11:28+01:00"), Some(utc));
+        assert_eq!(parse_timestamp("2026-11-23 16:11:28"), Some(utc));
+        assert_eq!(
+            parse_timestamp("2026-11-23 16:11:28.5+00")
+                .unwrap()
+                .timestamp_millis()
+                % 1000,
+            500
+        );
+        assert_eq!(parse_timestamp("23/11/2026"), None);
+    }
+}

@@ -1,0 +1,481 @@
+//! `sitesync run`: change log → broker → checkpoint, until told to stop.
+//!
+//! A *session* reads the source from the checkpoint, publishes each change
+//! with a window of unconfirmed messages in flight, and hands the highest
+//! *contiguous* confirmed position to the checkpointer. Confirms are consumed
+//! in publish order (a [`FuturesOrdered`]), so a confirm that arrives early
+//! never moves the checkpoint past an older message still unconfirmed.
+//!
+//! The checkpointer, a task of its own, verifies that every queue of the
+//! topology still exists, then writes and fsyncs the checkpoint, then lets
+//! the source tell the database (the slot's flush LSN). Verification comes
+//! first so that an event routed while a site queue was missing is never
+//! checkpointed: it is republished once the queue is back.
+//!
+//! Any publish failure (nack, returned message, lost channel), a source
+//! error or a missing queue ends the session; the runner then starts a new
+//! one from the checkpoint after a capped, jittered backoff, so whatever was
+//! not confirmed is published again (with the same `seq`). Errors that need
+//! a person (slot missing, checkpoint corrupt) end the run instead.
+//!
+//! SIGTERM/SIGINT: stop reading, wait (bounded) for outstanding confirms,
+//! checkpoint, report the flush position to the database, exit 0.
+
+use crate::bus::publisher::{PublishFailure, Publisher, settle};
+use crate::bus::topology::{self, TopologyError};
+use crate::bus::{self, BusError};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
+use crate::config::{ConnectorConfig, TopologyConfig};
+use crate::position::Position;
+use crate::retry::Backoff;
+use crate::source::{Change, ChangeStream, ErrorKind, Source, SourceError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use lapin::Connection;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Why a run ended with an error (all need a person).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Source(String),
+}
+
+/// A stop request shared by the runner and its tasks.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// A shutdown that fires when `trigger` sends `true` (or is dropped).
+    pub fn new() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    pub fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// How a session ended without error.
+enum SessionEnd {
+    Shutdown,
+}
+
+/// How a session failed.
+#[derive(Debug)]
+struct SessionError {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl SessionError {
+    fn transient(message: impl Into<String>) -> Self {
+        SessionError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SourceError> for SessionError {
+    fn from(e: SourceError) -> Self {
+        SessionError {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+impl From<BusError> for SessionError {
+    fn from(e: BusError) -> Self {
+        SessionError::transient(format!("broker: {e}"))
+    }
+}
+
+impl From<TopologyError> for SessionError {
+    fn from(e: TopologyError) -> Self {
+        match e {
+            TopologyError::Inequivalent { .. } => SessionError {
+                kind: ErrorKind::Operator,
+                message: e.to_string(),
+            },
+            other => SessionError::transient(other.to_string()),
+        }
+    }
+}
+
+impl From<CheckpointError> for SessionError {
+    fn from(e: CheckpointError) -> Self {
+        SessionError {
+            kind: ErrorKind::Operator,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<PublishFailure> for SessionError {
+    fn from(e: PublishFailure) -> Self {
+        SessionError::transient(format!(
+            "publish failed, republishing from the checkpoint: {e}"
+        ))
+    }
+}
+
+/// A published (or position-only) item waiting for its confirm.
+struct Settled {
+    result: Result<(), PublishFailure>,
+    /// Resume point once this item is done.
+    resume: Position,
+    /// `seq` of the next event once this item is done.
+    next_seq: u64,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Settled> + Send>>;
+
+/// Runs the connector until `shutdown` fires or an error needs a person.
+pub async fn run<S: Source>(
+    cfg: &ConnectorConfig,
+    source: S,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
+    let store = Arc::new(CheckpointStore::open(
+        &cfg.checkpoint.dir,
+        reset_hint(&cfg.file),
+    )?);
+    if store.load()?.is_none() {
+        let first = Checkpoint::new_epoch(None, None);
+        store.reset(&first).await?;
+        tracing::info!(store = %store.dir().display(), epoch = first.epoch, "new checkpoint store");
+    }
+    let mut backoff = Backoff::new(&cfg.retry);
+    let mut shutdown_wait = shutdown.clone();
+    loop {
+        let before = store.load()?;
+        let outcome = session(cfg, &source, &store, shutdown.clone()).await;
+        match outcome {
+            Ok(SessionEnd::Shutdown) => {
+                tracing::info!("stopped cleanly");
+                return Ok(());
+            }
+            Err(e) if e.kind == ErrorKind::Operator => {
+                tracing::error!(error = %e.message, "stopping: this needs a person");
+                return Err(RunError::Source(e.message));
+            }
+            Err(e) => {
+                if store.load()? != before {
+                    backoff.reset();
+                }
+                if shutdown.requested() {
+                    return Ok(());
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e.message, retry_in = ?delay, attempt = backoff.attempt(), "session ended; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown_wait.wait() => {
+                        tracing::info!("stopped while waiting to retry");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn session<S: Source>(
+    cfg: &ConnectorConfig,
+    source: &S,
+    store: &Arc<CheckpointStore>,
+    mut shutdown: Shutdown,
+) -> Result<SessionEnd, SessionError> {
+    let base = store.load()?.expect("written before the first session");
+    let conn = Arc::new(
+        bus::connect(
+            &cfg.broker.urls,
+            cfg.broker.connect_timeout,
+            &format!("sitesync-{}", cfg.name),
+        )
+        .await?,
+    );
+    topology::verify(&conn, &cfg.topology).await?;
+    let publisher = Publisher::new(&conn, &cfg.topology, &cfg.site)
+        .await
+        .map_err(BusError::amqp("opening the publisher channel"))?;
+    let mut stream = source.open(base.resume.as_ref()).await?;
+    tracing::info!(
+        connector = %cfg.name,
+        resume = %describe(&base),
+        window = cfg.broker.publisher_window,
+        "streaming"
+    );
+
+    let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(Position, u64)>>(None);
+    let (durable_tx, mut durable_rx) = watch::channel::<Option<Position>>(None);
+    let mut checkpointer = tokio::spawn(checkpointer(
+        store.clone(),
+        base.clone(),
+        conn.clone(),
+        cfg.topology.clone(),
+        cfg.broker.topology_check_interval,
+        confirmed_rx,
+        durable_tx,
+    ));
+
+    let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut next_seq = base.next_seq;
+    let window = cfg.broker.publisher_window;
+    let mut counters = Counters::default();
+    let mut report =
+        tokio::time::interval_at(tokio::time::Instant::now() + REPORT_EVERY, REPORT_EVERY);
+    let mut checkpointer_done: Option<
+        Result<Result<Checkpoint, SessionError>, tokio::task::JoinError>,
+    > = None;
+
+    // `drain`: whether the confirms already in flight are worth waiting for
+    // (they are after a source error or a shutdown, not after a broker failure).
+    let (end, drain): (Result<SessionEnd, SessionError>, bool) = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait() => break (Ok(SessionEnd::Shutdown), true),
+            done = &mut checkpointer => {
+                checkpointer_done = Some(done);
+                break (Err(SessionError::transient("the checkpointer stopped")), false);
+            }
+            Some(settled) = inflight.next(), if !inflight.is_empty() => {
+                match settled.result {
+                    Ok(()) => { confirmed_tx.send_replace(Some((settled.resume, settled.next_seq))); }
+                    Err(failure) => break (Err(failure.into()), false),
+                }
+            }
+            Ok(()) = durable_rx.changed() => {
+                if let Some(p) = durable_rx.borrow_and_update().clone() {
+                    stream.durable(&p);
+                }
+            }
+            change = stream.next(), if inflight.len() < window => {
+                let change = match change {
+                    Ok(c) => c,
+                    Err(e) => break (Err(e.into()), true),
+                };
+                match dispatch(change, &publisher, base.epoch, &mut next_seq, &cfg.site, &mut counters).await {
+                    Ok(pending) => inflight.push_back(pending),
+                    Err(e) => break (Err(e), false),
+                }
+            }
+            _ = report.tick() => counters.report(&cfg.name, next_seq),
+        }
+    };
+
+    if drain && checkpointer_done.is_none() {
+        let deadline = tokio::time::sleep(cfg.shutdown.drain_timeout);
+        tokio::pin!(deadline);
+        let waiting = inflight.len();
+        loop {
+            tokio::select! {
+                settled = inflight.next() => match settled {
+                    None => break,
+                    Some(Settled { result: Ok(()), resume, next_seq }) => {
+                        confirmed_tx.send_replace(Some((resume, next_seq)));
+                    }
+                    Some(Settled { result: Err(e), .. }) => {
+                        tracing::warn!(error = %e, "while draining; the rest is republished on the next start");
+                        break;
+                    }
+                },
+                _ = &mut deadline => {
+                    tracing::warn!(unconfirmed = inflight.len(), of = waiting, "drain timeout: the unconfirmed rest is republished on the next start");
+                    break;
+                }
+            }
+        }
+    }
+    drop(inflight);
+    // Closing the channel asks the checkpointer for its last cycle.
+    drop(confirmed_tx);
+    let final_ck = match checkpointer_done {
+        Some(done) => done,
+        None => checkpointer.await,
+    };
+    let end = match final_ck {
+        Ok(Ok(ck)) => {
+            if let Some(p) = &ck.resume {
+                stream.durable(p);
+            }
+            tracing::debug!(checkpoint = %describe(&ck), "session checkpoint");
+            end
+        }
+        // The checkpointer's own failure (a missing queue, a store that
+        // refuses) explains the session's end best.
+        Ok(Err(e)) => Err(e),
+        Err(join) => Err(SessionError::transient(format!(
+            "the checkpointer panicked: {join}"
+        ))),
+    };
+    stream.close().await;
+    publisher.close().await;
+    let _ = conn.close(200, "bye".into()).await;
+    end
+}
+
+/// Publishes one change (or queues its position) and returns its pending confirm.
+async fn dispatch(
+    change: Change,
+    publisher: &Publisher,
+    epoch: u64,
+    next_seq: &mut u64,
+    site: &str,
+    counters: &mut Counters,
+) -> Result<Pending, SessionError> {
+    let resume = change.resume_after();
+    match change {
+        Change::Row { position, row } => {
+            let event = match &row {
+                Ok(r) => r.to_event(site, epoch, *next_seq),
+                Err(e) => Err(e.clone()),
+            };
+            match event {
+                Ok(event) => {
+                    let confirm = publisher
+                        .publish(&event, &position)
+                        .await
+                        .map_err(|e| SessionError::transient(format!("publishing: {e}")))?;
+                    *next_seq += 1;
+                    counters.events += 1;
+                    let seq_after = *next_seq;
+                    let id = event.id;
+                    Ok(Box::pin(async move {
+                        Settled {
+                            result: settle(confirm.await, || format!("event {id} at {position}")),
+                            resume,
+                            next_seq: seq_after,
+                        }
+                    }))
+                }
+                Err(reason) => {
+                    tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
+                    let confirm = publisher
+                        .dead_letter(row.as_ref().ok(), &reason, &position)
+                        .await
+                        .map_err(|e| {
+                            SessionError::transient(format!("publishing a dead letter: {e}"))
+                        })?;
+                    counters.dead_letters += 1;
+                    let seq_after = *next_seq;
+                    Ok(Box::pin(async move {
+                        Settled {
+                            result: settle(confirm.await, || format!("dead letter at {position}")),
+                            resume,
+                            next_seq: seq_after,
+                        }
+                    }))
+                }
+            }
+        }
+        Change::Commit { .. } | Change::Heartbeat { .. } => {
+            let seq_after = *next_seq;
+            Ok(Box::pin(async move {
+                Settled {
+                    result: Ok(()),
+                    resume,
+                    next_seq: seq_after,
+                }
+            }))
+        }
+    }
+}
+
+const REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// What a session did, for the periodic progress line.
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    dead_letters: u64,
+}
+
+impl Counters {
+    fn report(&mut self, connector: &str, next_seq: u64) {
+        if self.events > 0 || self.dead_letters > 0 {
+            tracing::info!(
+                connector,
+                events = self.events,
+                dead_letters = self.dead_letters,
+                next_seq,
+                "published in the last {}s",
+                REPORT_EVERY.as_secs()
+            );
+        }
+        *self = Counters::default();
+    }
+}
+
+/// How often `live.json` is rewritten at most.
+const LIVE_EVERY: Duration = Duration::from_millis(250);
+
+/// Verifies the topology, then writes the checkpoint durably, then
+/// publishes the durable position; repeats whenever the confirmed position
+/// moves, and verifies on its own every `check_every` while idle. Returns
+/// the last checkpoint written once `confirmed` is closed.
+async fn checkpointer(
+    store: Arc<CheckpointStore>,
+    base: Checkpoint,
+    conn: Arc<Connection>,
+    topology: TopologyConfig,
+    check_every: Duration,
+    mut confirmed: watch::Receiver<Option<(Position, u64)>>,
+    durable: watch::Sender<Option<Position>>,
+) -> Result<Checkpoint, SessionError> {
+    let mut written = base;
+    let mut live_at = Instant::now();
+    let mut live_dirty = false;
+    loop {
+        let live_due = tokio::time::Instant::from_std(live_at + LIVE_EVERY);
+        let closed = tokio::select! {
+            changed = confirmed.changed() => changed.is_err(),
+            _ = tokio::time::sleep_until(live_due), if live_dirty => {
+                store.write_live(&written);
+                (live_at, live_dirty) = (Instant::now(), false);
+                continue;
+            }
+            _ = tokio::time::sleep(check_every) => {
+                topology::verify(&conn, &topology).await?;
+                continue;
+            }
+        };
+        let target = confirmed.borrow_and_update().clone();
+        if let Some((resume, next_seq)) = target
+            && written.resume.as_ref() != Some(&resume)
+        {
+            // A broker that is gone cannot be verified: on the final
+            // cycle, keep the checkpoint where it is rather than fail.
+            match topology::verify(&conn, &topology).await {
+                Ok(()) => {
+                    let next = written.advanced(resume.clone(), next_seq);
+                    store.commit(&next).await?;
+                    written = next;
+                    durable.send_replace(Some(resume));
+                    live_dirty = true;
+                }
+                Err(e) if closed => {
+                    tracing::debug!(error = %e, "final checkpoint skipped: the topology could not be verified");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if closed {
+            store.write_live(&written);
+            return Ok(written);
+        }
+    }
+}

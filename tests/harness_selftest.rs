@@ -1,0 +1,364 @@
+//! Tests of the integration-test harness itself (`tests/support/`), against
+//! real servers: if these fail, failures of the connector's integration tests
+//! say nothing about the connector.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use support::pg::PgCluster;
+use support::rabbit::{self, PrivateRabbit};
+use support::{TestDir, wait_for, wait_for_value};
+
+#[tokio::test]
+async fn pg_cluster_starts_with_logical_replication_settings() {
+    let pg = PgCluster::start().await;
+    let client = pg.client("postgres").await;
+
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    for (setting, expected) in [
+        ("wal_level", "logical"),
+        ("fsync", "on"),
+        ("max_replication_slots", "20"),
+        ("max_wal_senders", "20"),
+        ("wal_sender_timeout", "1min"),
+        ("listen_addresses", "127.0.0.1"),
+        ("port", &pg.port().to_string()),
+        ("server_encoding", "UTF8"),
+    ] {
+        let row = client
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), expected, "SHOW {setting}");
+    }
+    assert!(
+        pg.url("postgres")
+            .ends_with(&format!("127.0.0.1:{}/postgres", pg.port()))
+    );
+    assert!(pg.log_path().exists(), "server log file exists");
+
+    pg.create_database("app").await;
+    let app = pg.client("app").await;
+    let db: String = app
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(db, "app");
+
+    // Logical replication is usable: a slot with the built-in output plugin.
+    app.batch_execute("SELECT pg_create_logical_replication_slot('selftest', 'pgoutput')")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn pg_committed_row_survives_immediate_stop() {
+    let pg = PgCluster::start().await;
+    pg.create_database("app").await;
+    let port = pg.port();
+    {
+        let client = pg.client("app").await;
+        client
+            .batch_execute(
+                "CREATE TABLE t (id int PRIMARY KEY, v text);
+                 INSERT INTO t VALUES (1, 'committed');",
+            )
+            .await
+            .unwrap();
+    }
+
+    let began = Instant::now();
+    pg.stop_immediate().await;
+    assert!(!pg.is_running());
+    assert!(
+        pg.try_client("app").await.is_err(),
+        "server must be down after stop_immediate"
+    );
+    pg.start_again().await;
+    eprintln!("crash + restart took {:?}", began.elapsed());
+    assert_eq!(pg.port(), port, "same port after start_again");
+
+    let client = pg.client("app").await;
+    let v: String = client
+        .query_one("SELECT v FROM t WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "committed");
+
+    // And a clean restart works too.
+    client
+        .batch_execute("INSERT INTO t VALUES (2, 'second')")
+        .await
+        .unwrap();
+    pg.restart().await;
+    let client = pg.client("app").await;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn two_pg_clusters_run_side_by_side() {
+    let (a, b) = tokio::join!(PgCluster::start(), PgCluster::start());
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.data_dir(), b.data_dir());
+
+    let ca = a.client("postgres").await;
+    let cb = b.client("postgres").await;
+    ca.batch_execute("CREATE TABLE only_in_a (x int)")
+        .await
+        .unwrap();
+    let in_b: bool = cb
+        .query_one("SELECT to_regclass('only_in_a') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_b, "clusters must not share data");
+
+    // Each cluster has its own identity (initdb per cluster, no template copy).
+    let sysid = async |c: &tokio_postgres::Client| -> i64 {
+        c.query_one("SELECT system_identifier FROM pg_control_system()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_ne!(sysid(&ca).await, sysid(&cb).await);
+
+    // Crashing one leaves the other alone.
+    a.stop_immediate().await;
+    let one: i32 = cb.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// Declares a durable quorum queue and publishes one persistent message with
+/// publisher confirms.
+async fn publish_to_quorum_queue(url: &str, queue: &str, body: &[u8]) {
+    let conn = rabbit::connect(url).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "publish confirmed");
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn private_rabbit_keeps_quorum_queue_messages_across_restarts() {
+    let began = Instant::now();
+    let node = PrivateRabbit::start().await;
+    eprintln!("private node boot took {:?}", began.elapsed());
+    let url = node.amqp_url();
+    assert_ne!(node.amqp_port(), 5672);
+    assert!(node.is_running());
+
+    let queue = rabbit::unique_names("q");
+    assert_eq!(rabbit::queue_len(&url, &queue).await, None);
+    publish_to_quorum_queue(&url, &queue, b"first").await;
+    assert_eq!(rabbit::queue_len(&url, &queue).await, Some(1));
+
+    // The CLI reaches the node (same cookie) and sees a quorum queue.  (Its
+    // message counts lag: quorum queue metrics are emitted periodically.)
+    let out = node.rabbitmqctl(&["list_queues", "name", "type"]).await;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "rabbitmqctl list_queues: {out:?}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == [queue.as_str(), "quorum"]),
+        "{listing}"
+    );
+
+    // Graceful stop and start.
+    let began = Instant::now();
+    node.stop().await;
+    eprintln!("private node stop took {:?}", began.elapsed());
+    assert!(!node.is_running());
+    assert!(
+        rabbit::try_connect(&url).await.is_err(),
+        "node must be down after stop"
+    );
+    assert!(
+        rabbit::try_queue_len(&url, &queue).await.is_err(),
+        "try_queue_len reports an unreachable broker as an error, not as a missing queue"
+    );
+    let began = Instant::now();
+    node.start_again().await;
+    eprintln!("private node restart took {:?}", began.elapsed());
+    assert_eq!(node.amqp_url(), url, "same URL after start_again");
+    // Quorum queues recover asynchronously after boot.
+    let url_ref = url.as_str();
+    let queue_ref = queue.as_str();
+    wait_for(
+        async || rabbit::queue_len(url_ref, queue_ref).await == Some(1),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("message still in the quorum queue after stop/start_again");
+
+    // Crash (SIGKILL) and start: the confirmed message survives too.
+    publish_to_quorum_queue(&url, &queue, b"second").await;
+    node.kill().await;
+    assert!(!node.is_running());
+    node.start_again().await;
+
+    let got = rabbit::drain(&url, &queue, 2, Duration::from_secs(30)).await;
+    let bodies: Vec<&[u8]> = got.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(bodies, vec![&b"first"[..], &b"second"[..]]);
+    assert_eq!(*got[0].properties.delivery_mode(), Some(2));
+    assert_eq!(rabbit::queue_len(&url, &queue).await, Some(0));
+}
+
+#[tokio::test]
+async fn shared_broker_helpers() {
+    let url = rabbit::shared_amqp_url();
+    let queue = rabbit::unique_names("t");
+    assert_eq!(queue.len(), 9);
+    assert_ne!(queue, rabbit::unique_names("t"));
+
+    assert_eq!(
+        rabbit::queue_len(&url, &queue).await,
+        None,
+        "missing queue reports None"
+    );
+
+    // A classic, non-durable queue: the shared broker keeps nothing behind.
+    let conn = rabbit::connect(&url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..3u8 {
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &[i],
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let (u, q) = (url.as_str(), queue.as_str());
+    wait_for(
+        async || rabbit::queue_len(u, q).await == Some(3),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("three messages queued");
+
+    // drain stops at `expected` and leaves the rest in the queue.
+    let first = rabbit::drain(&url, &queue, 2, Duration::from_secs(10)).await;
+    assert_eq!(
+        first.iter().map(|d| d.data.clone()).collect::<Vec<_>>(),
+        vec![vec![0], vec![1]]
+    );
+    // drain returns what arrived when the timeout passes first.
+    let rest = rabbit::drain(&url, &queue, 5, Duration::from_millis(500)).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].data, vec![2]);
+
+    rabbit::delete_queues(&url, &[&queue]).await;
+    assert_eq!(rabbit::queue_len(&url, &queue).await, None);
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_for_polls_until_true_or_times_out() {
+    let began = Instant::now();
+    let mut calls = 0;
+    wait_for(
+        async || {
+            calls += 1;
+            calls == 4
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(calls, 4);
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "backoff starts small"
+    );
+
+    let err = wait_for(async || false, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.contains("not met"), "{err}");
+
+    // A condition that hangs is cut off at the deadline.
+    let began = Instant::now();
+    let err = wait_for(
+        async || {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            true
+        },
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap_err();
+    assert!(began.elapsed() < Duration::from_secs(5), "{err}");
+
+    // Plain closures returning futures work too (`move` to own captures).
+    let target = String::from("x");
+    wait_for(
+        move || {
+            let target = target.clone();
+            async move { target == "x" }
+        },
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+
+    let v = wait_for_value(async || Some(42), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(v, 42);
+}
+
+#[test]
+fn test_dir_is_removed_on_drop() {
+    let dir = TestDir::new("sstest-").unwrap();
+    let path = dir.path().to_path_buf();
+    assert!(path.starts_with("/tmp"));
+    std::fs::write(path.join("file"), b"x").unwrap();
+    let kept = dir.kept();
+    drop(dir);
+    assert_eq!(path.exists(), kept);
+}
