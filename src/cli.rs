@@ -321,7 +321,6 @@ async fn declare(
     for line in done {
         println!("  {line}");
     }
-    let _ = conn.close(200, "bye".into()).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -368,7 +367,6 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
     }
     if let Some(conn) = &connection {
         checks.extend(topology::check(conn, &cfg.topology).await);
-        let _ = conn.close(200, "bye".into()).await;
     }
     checks.push(check_store(&cfg));
     let mut worst = Status::Pass;

@@ -22,16 +22,15 @@
 //! checkpoint, report the flush position to the database, exit 0.
 
 use crate::bus::publisher::{PublishFailure, Publisher, settle};
-use crate::bus::topology::{self, TopologyError};
-use crate::bus::{self, BusError};
+use crate::bus::topology::{TopologyError, Verifier};
+use crate::bus::{self, BusError, Link};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
-use crate::config::{ConnectorConfig, TopologyConfig};
+use crate::config::ConnectorConfig;
 use crate::position::Position;
 use crate::retry::Backoff;
 use crate::source::{Change, ChangeStream, ErrorKind, Source, SourceError};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use lapin::Connection;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -208,7 +207,15 @@ async fn session<S: Source>(
         )
         .await?,
     );
-    topology::verify(&conn, &cfg.topology).await?;
+    // Verification gets a connection of its own (see `Verifier`).
+    let verify_conn = bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{}-verify", cfg.name),
+    )
+    .await?;
+    let mut verifier = Verifier::new(&cfg.topology);
+    verifier.verify(&verify_conn).await?;
     let publisher = Publisher::new(&conn, &cfg.topology, &cfg.site)
         .await
         .map_err(BusError::amqp("opening the publisher channel"))?;
@@ -225,8 +232,8 @@ async fn session<S: Source>(
     let mut checkpointer = tokio::spawn(checkpointer(
         store.clone(),
         base.clone(),
-        conn.clone(),
-        cfg.topology.clone(),
+        verify_conn,
+        verifier,
         cfg.broker.topology_check_interval,
         confirmed_rx,
         durable_tx,
@@ -324,7 +331,7 @@ async fn session<S: Source>(
     };
     stream.close().await;
     publisher.close().await;
-    let _ = conn.close(200, "bye".into()).await;
+    drop(conn);
     end
 }
 
@@ -430,8 +437,8 @@ const LIVE_EVERY: Duration = Duration::from_millis(250);
 async fn checkpointer(
     store: Arc<CheckpointStore>,
     base: Checkpoint,
-    conn: Arc<Connection>,
-    topology: TopologyConfig,
+    conn: Link,
+    mut verifier: Verifier,
     check_every: Duration,
     mut confirmed: watch::Receiver<Option<(Position, u64)>>,
     durable: watch::Sender<Option<Position>>,
@@ -449,7 +456,7 @@ async fn checkpointer(
                 continue;
             }
             _ = tokio::time::sleep(check_every) => {
-                topology::verify(&conn, &topology).await?;
+                verifier.verify(&conn).await?;
                 continue;
             }
         };
@@ -459,10 +466,13 @@ async fn checkpointer(
         {
             // A broker that is gone cannot be verified: on the final
             // cycle, keep the checkpoint where it is rather than fail.
-            match topology::verify(&conn, &topology).await {
+            let began = Instant::now();
+            match verifier.verify(&conn).await {
                 Ok(()) => {
+                    let verified = began.elapsed();
                     let next = written.advanced(resume.clone(), next_seq);
                     store.commit(&next).await?;
+                    tracing::trace!(?verified, committed = ?(began.elapsed() - verified), %resume, "checkpoint cycle");
                     written = next;
                     durable.send_replace(Some(resume));
                     live_dirty = true;

@@ -26,19 +26,40 @@ impl BusError {
     }
 }
 
+/// A broker connection that is closed when dropped: lapin keeps a
+/// connection open until it is closed explicitly, and a session that ends
+/// early (a missing queue, a failed publish) must not leave one behind.
+pub struct Link(Option<Connection>);
+
+impl std::ops::Deref for Link {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("open until dropped")
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        }
+    }
+}
+
 /// Connects to the first broker of `urls` that answers, in order.
-pub async fn connect(
-    urls: &[String],
-    timeout: Duration,
-    name: &str,
-) -> Result<Connection, BusError> {
+pub async fn connect(urls: &[String], timeout: Duration, name: &str) -> Result<Link, BusError> {
     let mut attempts = Vec::new();
     for url in urls {
         let props = ConnectionProperties::default().with_connection_name(name.into());
         match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
             Ok(Ok(conn)) => {
                 tracing::debug!(broker = %redact_url(url), "connected to RabbitMQ");
-                return Ok(conn);
+                return Ok(Link(Some(conn)));
             }
             Ok(Err(e)) => attempts.push(format!("{}: {e}", redact_url(url))),
             Err(_) => attempts.push(format!("{}: no answer within {timeout:?}", redact_url(url))),

@@ -181,74 +181,101 @@ async fn declare_objects(
     Ok(done)
 }
 
-/// Which of the exchanges and queues the publisher needs are missing.
-/// Passive declarations: nothing is created.
-pub async fn missing(
-    conn: &Connection,
-    topology: &TopologyConfig,
-) -> Result<Vec<String>, BusError> {
-    let mut missing = Vec::new();
-    let mut ch = channel(conn).await?;
-    for exchange in [&topology.exchange, &topology.dead_letter_exchange] {
-        let r = ch
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if let Err(e) = r {
-            if is_not_found(&e) {
-                missing.push(format!("exchange {exchange}"));
-                ch = channel(conn).await?;
-            } else {
-                return Err(BusError::Amqp {
-                    context: format!("checking exchange {exchange}"),
-                    source: e,
-                });
-            }
-        }
-    }
-    let mut queues = topology.bound_queues();
-    queues.push(topology.dead_letter_queue.clone());
-    for queue in queues {
-        let r = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if let Err(e) = r {
-            if is_not_found(&e) {
-                missing.push(format!("queue {queue}"));
-                ch = channel(conn).await?;
-            } else {
-                return Err(BusError::Amqp {
-                    context: format!("checking queue {queue}"),
-                    source: e,
-                });
-            }
-        }
-    }
-    let _ = ch.close(200, "done".into()).await;
-    Ok(missing)
+/// Checks with passive declarations that the exchanges and queues the
+/// publisher needs exist; nothing is created.
+///
+/// Every object is asked about at once, each on a channel of its own (a 404
+/// closes the channel it happens on), and the channels are kept between
+/// checks: the runner verifies before every checkpoint write, so this sits
+/// on the path between a confirm and its checkpoint. Give it a connection
+/// that does not publish: on a publishing connection the declarations wait
+/// behind the message backlog and the broker's flow control.
+pub struct Verifier {
+    objects: Vec<(&'static str, String)>,
+    channels: Vec<Option<Channel>>,
 }
 
-/// `Ok` when everything the publisher needs exists.
-pub async fn verify(conn: &Connection, topology: &TopologyConfig) -> Result<(), TopologyError> {
-    let missing = missing(conn, topology).await?;
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(TopologyError::Missing(missing))
+impl Verifier {
+    pub fn new(topology: &TopologyConfig) -> Verifier {
+        let mut objects = vec![
+            ("exchange", topology.exchange.clone()),
+            ("exchange", topology.dead_letter_exchange.clone()),
+        ];
+        objects.extend(topology.bound_queues().into_iter().map(|q| ("queue", q)));
+        objects.push(("queue", topology.dead_letter_queue.clone()));
+        let channels = objects.iter().map(|_| None).collect();
+        Verifier { objects, channels }
+    }
+
+    /// The objects that are missing, as `queue NAME` / `exchange NAME`.
+    pub async fn missing(&mut self, conn: &Connection) -> Result<Vec<String>, BusError> {
+        for ch in &mut self.channels {
+            if !ch.as_ref().is_some_and(|c| c.status().connected()) {
+                *ch = Some(channel(conn).await?);
+            }
+        }
+        let asks = self
+            .objects
+            .iter()
+            .zip(&self.channels)
+            .map(|((kind, name), ch)| {
+                let ch = ch.as_ref().expect("opened above");
+                async move {
+                    if *kind == "exchange" {
+                        ch.exchange_declare(
+                            name.as_str().into(),
+                            ExchangeKind::Fanout,
+                            ExchangeDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                    } else {
+                        ch.queue_declare(
+                            name.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map(|_| ())
+                    }
+                }
+            });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut missing = Vec::new();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let (kind, name) = &self.objects[i];
+            match answer {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {
+                    missing.push(format!("{kind} {name}"));
+                    self.channels[i] = None;
+                }
+                Err(e) => {
+                    self.channels[i] = None;
+                    return Err(BusError::Amqp {
+                        context: format!("checking {kind} {name}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// `Ok` when everything the publisher needs exists.
+    pub async fn verify(&mut self, conn: &Connection) -> Result<(), TopologyError> {
+        let missing = self.missing(conn).await?;
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(TopologyError::Missing(missing))
+        }
     }
 }
 
@@ -261,7 +288,7 @@ fn is_not_found(e: &lapin::Error) -> bool {
 /// Nothing is created or bound. Bindings cannot be listed over AMQP 0-9-1:
 /// `sitesync topology declare` restores any that were removed.
 pub async fn check(conn: &Connection, topology: &TopologyConfig) -> Vec<Check> {
-    let missing = match missing(conn, topology).await {
+    let missing = match Verifier::new(topology).missing(conn).await {
         Ok(m) => m,
         Err(e) => {
             return vec![Check::fail(

@@ -418,6 +418,9 @@ pub struct PostgresStream {
     client: ReplicationClient,
     decoder: Decoder,
     slot: String,
+    /// The last LSN reported through `durable`, for the final status update.
+    acked: Option<Lsn>,
+    status_interval: std::time::Duration,
 }
 
 impl ChangeStream for PostgresStream {
@@ -436,11 +439,29 @@ impl ChangeStream for PostgresStream {
 
     fn durable(&mut self, resume: &Position) {
         if let Position::Postgres { lsn, .. } = resume {
-            self.client.update_applied_lsn(Lsn::from_u64(*lsn));
+            let lsn = Lsn::from_u64(*lsn);
+            self.client.update_applied_lsn(lsn);
+            self.acked = Some(lsn);
         }
     }
 
     async fn close(mut self) {
+        // Stopping sends CopyDone without a last status update: wait (at
+        // most one status interval and a bit) until the server has been told
+        // the final durable position, so the slot does not lag behind the
+        // checkpoint after a clean stop.
+        if let Some(acked) = self.acked {
+            let metrics = self.client.metrics();
+            let deadline = tokio::time::Instant::now()
+                + self.status_interval
+                + std::time::Duration::from_secs(1);
+            while metrics.last_applied_lsn() < acked
+                && self.client.is_running()
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
         if let Err(e) = self.client.shutdown().await {
             tracing::debug!(error = %e, "replication connection closed with an error");
         }
@@ -632,6 +653,8 @@ impl Source for PostgresSource {
             client,
             decoder: Decoder::new((schema.to_string(), table.to_string()), resume),
             slot: self.cfg.slot.clone(),
+            acked: None,
+            status_interval: self.cfg.status_interval,
         })
     }
 

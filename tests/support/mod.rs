@@ -27,6 +27,7 @@
 
 pub mod pg;
 pub mod rabbit;
+pub mod sidecar;
 
 use std::collections::HashSet;
 use std::ffi::CString;

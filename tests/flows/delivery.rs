@@ -1,0 +1,149 @@
+//! Every committed outbox row reaches every queue, in commit order, and the
+//! checkpoint and the slot follow.
+
+use crate::support::sidecar::{Options, Site, insert_tx};
+use crate::support::wait_for;
+use sitesync::position::Position;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// 200 transaction sizes between 1 and 99 rows, summing to exactly 10,000.
+fn mixed_sizes() -> Vec<usize> {
+    let mut sizes: Vec<usize> = (0..200).map(|i| 1 + (i * 37 + 11) % 99).collect();
+    let sum: usize = sizes.iter().sum();
+    // Spread the difference over the transactions, keeping each in 1..=99.
+    let mut diff = 10_000i64 - sum as i64;
+    let mut i = 0;
+    while diff != 0 {
+        let s = &mut sizes[i % 200];
+        if diff > 0 && *s < 99 {
+            *s += 1;
+            diff -= 1;
+        } else if diff < 0 && *s > 1 {
+            *s -= 1;
+            diff += 1;
+        }
+        i += 1;
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn ten_thousand_rows_from_four_writers_arrive_everywhere_in_commit_order() {
+    let site = Site::start(Options::default()).await;
+    let client = site.client().await;
+    site.start_oracle(&client).await;
+    let mut sidecar = site.spawn();
+
+    let sizes = mixed_sizes();
+    assert_eq!(sizes.iter().sum::<usize>(), 10_000);
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = site.client().await;
+        let mine: Vec<usize> = sizes.iter().skip(w).step_by(4).copied().collect();
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for (t, n) in mine.into_iter().enumerate() {
+                ids.extend(insert_tx(&client, n, &format!("w{w}t{t}")).await);
+            }
+            ids
+        }));
+    }
+    let mut written = HashSet::new();
+    for w in writers {
+        written.extend(w.await.unwrap());
+    }
+    assert_eq!(written.len(), 10_000);
+
+    let (commit_order, last_commit_end) = site.oracle_order(&client).await;
+    assert_eq!(
+        commit_order.len(),
+        10_000,
+        "the oracle slot saw every insert"
+    );
+
+    for queue in site.names.bound() {
+        site.wait_queue(&queue, 10_000, Duration::from_secs(120))
+            .await;
+        let got = site.drain(&queue, 10_000, Duration::from_secs(60)).await;
+        let ids: Vec<String> = got.iter().map(|r| r.event().id.to_string()).collect();
+        assert_eq!(ids.len(), 10_000, "{queue}");
+        assert!(
+            ids == commit_order,
+            "{queue}: events are not in the server's commit order"
+        );
+        // seq numbers the events 1..=10000 in that order, in one epoch.
+        let epoch = got[0].event().epoch;
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.event().seq, i as u64 + 1, "{queue}: seq of message {i}");
+            assert_eq!(r.event().epoch, epoch);
+            assert_eq!(r.event().origin, "PARIS");
+        }
+        // The position header grows strictly with the queue order.
+        let positions: Vec<Position> = got
+            .iter()
+            .map(|r| r.position.clone().expect("position header"))
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{queue}: positions not increasing"
+        );
+        assert_eq!(
+            site.queue_len(&queue).await,
+            0,
+            "{queue}: nothing beyond the 10,000"
+        );
+    }
+    assert_eq!(site.queue_len(&site.names.dlq).await, 0);
+
+    // The checkpoint reaches the last commit, and the slot follows it.
+    wait_for(
+        async || {
+            site.live().and_then(|ck| ck.resume).is_some_and(
+                |p| matches!(p, Position::Postgres { lsn, .. } if lsn >= last_commit_end),
+            )
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("checkpoint reaches the end of the last transaction");
+    wait_for(
+        async || site.confirmed_flush(&client).await >= last_commit_end,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the slot's confirmed_flush_lsn catches up");
+
+    // SIGTERM drains and exits 0; the durable checkpoint is where live.json said.
+    let status = sidecar.terminate().await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        sidecar.log_tail()
+    );
+    let stored = site.stored().unwrap();
+    assert_eq!(stored.next_seq, 10_001);
+    let Some(Position::Postgres { lsn, .. }) = stored.resume else {
+        panic!("{stored:?}")
+    };
+    assert!(lsn >= last_commit_end);
+    assert!(
+        site.confirmed_flush(&client).await <= lsn,
+        "the slot never runs ahead of the checkpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_second_sidecar_on_the_same_store_is_told_who_holds_it() {
+    let site = Site::start(Options::default()).await;
+    let first = site.spawn();
+    first.wait_log("streaming", Duration::from_secs(30)).await;
+    let mut second = site.spawn();
+    let status = second.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!("in use by another sitesync (pid {})", first.pid())),
+        "{log}"
+    );
+}

@@ -1,0 +1,255 @@
+//! Operating a sidecar: bad outbox rows, a corrupt checkpoint, `checkpoint
+//! show` and `checkpoint reset`.
+
+use crate::support::sidecar::{Options, Site, insert_tx};
+use crate::support::wait_for;
+use sitesync::checkpoint::CheckpointStore;
+use sitesync::position::Position;
+use std::collections::HashSet;
+use std::time::Duration;
+
+#[tokio::test]
+async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_flows() {
+    let site = Site::start(Options {
+        database_extra: "outbox_table = \"public.loose_outbox\"".into(),
+        skip_init: true,
+        ..Options::default()
+    })
+    .await;
+    let client = site.client().await;
+    // An outbox with loose types, so that rows can be wrong.
+    client
+        .batch_execute(
+            "CREATE TABLE loose_outbox (id text, created_at timestamptz DEFAULT now(), origin text, \
+             type text, entity_key text, data text)",
+        )
+        .await
+        .unwrap();
+    site.ok(&["init"]).await;
+    let sidecar = site.spawn();
+    let good = |n: u32| format!("('{}', 'ok', '{{\"n\": {n}}}')", uuid::Uuid::new_v4());
+    client
+        .batch_execute(&format!(
+            "INSERT INTO loose_outbox (id, type, data) VALUES {};
+             INSERT INTO loose_outbox (id, type, data) VALUES (NULL, 'ok', '{{}}');
+             INSERT INTO loose_outbox (id, type, data) VALUES ('{}', 'ok', '{{not json');
+             INSERT INTO loose_outbox (id, type, data) VALUES {};
+             INSERT INTO loose_outbox (id, type, data) VALUES ('not-a-uuid', 'ok', '{{}}');
+             INSERT INTO loose_outbox (id, type, data) VALUES ('{}', NULL, '{{}}');
+             INSERT INTO loose_outbox (id, origin, type, data) VALUES ('{}', 'LONDON', 'ok', '{{}}');
+             INSERT INTO loose_outbox (id, type, data) VALUES {};",
+            good(1),
+            uuid::Uuid::new_v4(),
+            good(2),
+            uuid::Uuid::new_v4(),
+            uuid::Uuid::new_v4(),
+            good(3),
+        ))
+        .await
+        .unwrap();
+
+    let london = site.names.site("LONDON");
+    site.wait_queue(&london, 3, Duration::from_secs(60)).await;
+    site.wait_queue(&site.names.dlq, 5, Duration::from_secs(60))
+        .await;
+    let events = site.drain(&london, 3, Duration::from_secs(30)).await;
+    let data: Vec<String> = events
+        .iter()
+        .map(|r| r.event().data.get().to_string())
+        .collect();
+    assert_eq!(data, vec![r#"{"n": 1}"#, r#"{"n": 2}"#, r#"{"n": 3}"#]);
+    let seqs: Vec<u64> = events.iter().map(|r| r.event().seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3], "dead letters take no seq");
+
+    let dead = site
+        .drain(&site.names.dlq, 5, Duration::from_secs(30))
+        .await;
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| r.reason.clone().expect("a reason header"))
+        .collect();
+    for (reason, expected) in reasons.iter().zip([
+        "column `id` is NULL",
+        "column `data` is not valid JSON",
+        "column `id` is `not-a-uuid`, not a UUID",
+        "column `type` is NULL",
+        "column `origin` is `LONDON` but this connector publishes for site `PARIS`",
+    ]) {
+        assert!(
+            reason.contains(expected),
+            "{reason:?} should say {expected:?}"
+        );
+    }
+    // The body keeps the row as written.
+    let body: serde_json::Value = serde_json::from_slice(&dead[1].body).unwrap();
+    assert_eq!(body["data"], "{not json");
+    assert!(dead.iter().all(|r| r.position.is_some()));
+    assert!(sidecar.log_text().contains("dead-letter queue"));
+}
+
+#[tokio::test]
+async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_what_the_slot_holds()
+{
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let client = site.client().await;
+    let mut sidecar = site.spawn();
+    let first: HashSet<String> = insert_tx(&client, 100, "first").await.into_iter().collect();
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 101),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("first 100 confirmed");
+    assert!(sidecar.terminate().await.success());
+    let old_epoch = site.stored().unwrap().epoch;
+    let while_down: HashSet<String> = insert_tx(&client, 50, "down").await.into_iter().collect();
+
+    CheckpointStore::open(&site.store_dir(), "test".into())
+        .unwrap()
+        .corrupt_for_tests()
+        .unwrap();
+    let mut refused = site.spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "started on a corrupt checkpoint");
+    let log = refused.log_text();
+    assert!(
+        log.contains(&site.store_dir().display().to_string()),
+        "{log}"
+    );
+    assert!(log.contains("crc32"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "sitesync checkpoint reset --connector {}",
+            site.connector.display()
+        )),
+        "{log}"
+    );
+    let check = site.sitesync(&["check"]).await;
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains("[FAIL] checkpoint"));
+
+    let out = site
+        .ok(&["checkpoint", "reset", "--to-start", "--yes"])
+        .await;
+    assert!(out.contains("cannot rewind a slot"), "{out}");
+    let mut sidecar = site.spawn();
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 51),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the 50 rows the slot still held are published");
+    assert!(sidecar.terminate().await.success());
+    let after = site.stored().unwrap();
+    assert!(after.epoch > old_epoch, "a reset starts a new epoch");
+
+    let total = site.queue_len(&london).await as usize;
+    let got = site.drain(&london, total, Duration::from_secs(30)).await;
+    let ids: HashSet<String> = got.iter().map(|r| r.event().id.to_string()).collect();
+    assert!(while_down.is_subset(&ids));
+    assert_eq!(
+        ids.len(),
+        150,
+        "the slot cannot rewind: the first 100 are not sent again"
+    );
+    let new_epoch: Vec<u64> = got
+        .iter()
+        .filter(|r| while_down.contains(&r.event().id.to_string()))
+        .map(|r| r.event().seq)
+        .collect();
+    assert_eq!(
+        new_epoch,
+        (1..=50).collect::<Vec<u64>>(),
+        "seq restarts with the epoch"
+    );
+    assert!(
+        got.iter()
+            .all(|r| first.contains(&r.event().id.to_string()) || r.event().epoch == after.epoch)
+    );
+}
+
+#[tokio::test]
+async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let client = site.client().await;
+    let mut sidecar = site.spawn();
+    insert_tx(&client, 10, "a").await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 11),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("confirmed");
+
+    // While running: show reads the live file; reset is refused.
+    let shown = site.ok(&["checkpoint", "show"]).await;
+    assert!(shown.contains("held by     a running sitesync"), "{shown}");
+    assert!(shown.contains("next seq    11"), "{shown}");
+    assert!(shown.contains("confirmed_flush_lsn"), "{shown}");
+    let refused = site
+        .sitesync(&["checkpoint", "reset", "--to-latest", "--yes"])
+        .await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use by another sitesync"));
+    assert!(sidecar.terminate().await.success());
+
+    // Stopped: rows written now are skipped by --to-latest.
+    insert_tx(&client, 5, "skipped").await;
+    let shown = site.ok(&["checkpoint", "show"]).await;
+    assert!(shown.contains("position    postgres:"), "{shown}");
+    let before = site.stored().unwrap();
+    let Some(Position::Postgres {
+        lsn: before_lsn, ..
+    }) = before.resume.clone()
+    else {
+        panic!()
+    };
+
+    // Behind the slot: refused with how far back it can go.
+    let back = format!(
+        "postgres:{}",
+        sitesync::position::format_lsn(before_lsn - 1)
+    );
+    let out = site
+        .sitesync(&["checkpoint", "reset", "--to-position", &back, "--yes"])
+        .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot go back further"));
+    // Without --yes and without a terminal: refused, nothing changed.
+    let out = site.sitesync(&["checkpoint", "reset", "--to-latest"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert_eq!(site.stored().unwrap(), before);
+
+    site.ok(&["checkpoint", "reset", "--to-latest", "--yes"])
+        .await;
+    let after = site.stored().unwrap();
+    assert!(after.resume > before.resume);
+    assert_eq!(after.next_seq, 1);
+    let slot = site.confirmed_flush(&client).await;
+    let Some(Position::Postgres { lsn, .. }) = after.resume else {
+        panic!()
+    };
+    assert_eq!(
+        slot, lsn,
+        "--to-latest advanced the slot to the new position"
+    );
+
+    let mut sidecar = site.spawn();
+    let later: Vec<String> = insert_tx(&client, 3, "later").await;
+    site.wait_queue(&london, 13, Duration::from_secs(60)).await;
+    assert!(sidecar.terminate().await.success());
+    let got = site.drain(&london, 13, Duration::from_secs(30)).await;
+    let tags: Vec<String> = got.iter().map(|r| r.event().kind.clone()).collect();
+    assert!(!tags.iter().any(|t| t == "test.skipped"), "{tags:?}");
+    assert_eq!(
+        got[10..]
+            .iter()
+            .map(|r| r.event().id.to_string())
+            .collect::<Vec<_>>(),
+        later
+    );
+    assert_eq!(site.queue_len(&london).await, 0);
+}

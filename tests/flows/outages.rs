@@ -1,0 +1,215 @@
+//! The broker or the database goes away mid-stream; queues are unbound or
+//! deleted. Nothing is lost, and a failure is never counted as delivered.
+
+use crate::support::rabbit::{self, PrivateRabbit};
+use crate::support::sidecar::{Options, Site, insert_tx};
+use crate::support::wait_for;
+use lapin::options::{QueueBindOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// Waits until `queue` holds every id of `written` (duplicates allowed);
+/// returns how many messages it held.
+async fn assert_all_there(site: &Site, queue: &str, written: &HashSet<String>) -> usize {
+    site.wait_queue(queue, written.len() as u32, Duration::from_secs(120))
+        .await;
+    let total = site.queue_len(queue).await as usize;
+    let got = site.drain(queue, total, Duration::from_secs(60)).await;
+    let seen: HashSet<String> = got
+        .iter()
+        .filter_map(|r| r.event.as_ref().map(|e| e.id.to_string()))
+        .collect();
+    let missing = written.difference(&seen).count();
+    assert_eq!(
+        missing,
+        0,
+        "{queue}: {missing} of {} events missing",
+        written.len()
+    );
+    total
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    let rabbit = PrivateRabbit::start().await;
+    let site = Site::start(Options {
+        amqp_url: Some(rabbit.amqp_url()),
+        ..Options::default()
+    })
+    .await;
+    let london = site.names.site("LONDON");
+    let sidecar = site.spawn();
+    let client = site.client().await;
+    let writer = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for t in 0..100 {
+            ids.extend(insert_tx(&client, 50, &format!("t{t}")).await);
+        }
+        ids
+    });
+    site.wait_queue(&london, 1_000, Duration::from_secs(60))
+        .await;
+    rabbit.stop().await;
+    sidecar
+        .wait_log("session ended; retrying", Duration::from_secs(60))
+        .await;
+    rabbit.start_again().await;
+    let written: HashSet<String> = writer.await.unwrap().into_iter().collect();
+    let total = assert_all_there(&site, &london, &written).await;
+    eprintln!(
+        "broker restart: {total} messages for {} events",
+        written.len()
+    );
+    assert!(
+        sidecar.log_text().contains("streaming"),
+        "the sidecar resumed streaming"
+    );
+}
+
+#[tokio::test]
+async fn a_database_restart_mid_stream_loses_nothing() {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let sidecar = site.spawn();
+    let mut written = HashSet::new();
+    let client = site.client().await;
+    for t in 0..40 {
+        written.extend(insert_tx(&client, 50, &format!("a{t}")).await);
+    }
+    site.wait_queue(&london, 500, Duration::from_secs(60)).await;
+    site.pg.stop_immediate().await;
+    sidecar
+        .wait_log("session ended; retrying", Duration::from_secs(60))
+        .await;
+    site.pg.start_again().await;
+    let client = site.client().await;
+    for t in 0..40 {
+        written.extend(insert_tx(&client, 50, &format!("b{t}")).await);
+    }
+    let total = assert_all_there(&site, &london, &written).await;
+    eprintln!(
+        "database crash and restart: {total} messages for {} events",
+        written.len()
+    );
+}
+
+async fn set_binding(site: &Site, queues: &[String], bound: bool) {
+    let conn = rabbit::connect(&site.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in queues {
+        if bound {
+            ch.queue_bind(
+                q.as_str().into(),
+                site.names.exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        } else {
+            ch.queue_unbind(
+                q.as_str().into(),
+                site.names.exchange.as_str().into(),
+                "".into(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn an_unroutable_publish_is_a_failure_not_a_delivery() {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let sidecar = site.spawn();
+    sidecar.wait_log("streaming", Duration::from_secs(30)).await;
+    let bound = site.names.bound();
+    set_binding(&site, &bound, false).await;
+
+    let client = site.client().await;
+    let ids: HashSet<String> = insert_tx(&client, 3, "lost?").await.into_iter().collect();
+    sidecar
+        .wait_log("unroutable", Duration::from_secs(30))
+        .await;
+    // Not counted as delivered: the checkpoint has not numbered them.
+    assert!(
+        site.live().is_none_or(|ck| ck.next_seq == 1),
+        "the checkpoint moved past an unroutable message: {:?}",
+        site.live()
+    );
+    assert_eq!(site.queue_len(&london).await, 0);
+
+    set_binding(&site, &bound, true).await;
+    assert_all_there(&site, &london, &ids).await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 4),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("checkpointed once routable");
+}
+
+#[tokio::test]
+async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let paris = site.names.site("PARIS");
+    let sidecar = site.spawn();
+    let client = site.client().await;
+
+    let mut before = HashSet::new();
+    for t in 0..10 {
+        before.extend(insert_tx(&client, 50, &format!("a{t}")).await);
+    }
+    site.wait_queue(&london, 500, Duration::from_secs(60)).await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 501),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("first batch checkpointed");
+
+    let conn = rabbit::connect(&site.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(london.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    let mut after = HashSet::new();
+    for t in 0..10 {
+        after.extend(insert_tx(&client, 50, &format!("b{t}")).await);
+    }
+    sidecar
+        .wait_log(&format!("queue {london}"), Duration::from_secs(30))
+        .await;
+    assert!(sidecar.log_text().contains("publishing is stopped"));
+
+    // While the queue is missing nothing is checkpointed past the deletion,
+    // and publishing stays stopped: PARIS's queue does not grow. (Watching
+    // for an absence needs a window of time; two topology checks fit in it.)
+    let stalled_at = site.queue_len(&paris).await;
+    let checkpoint = site.live().map(|ck| ck.next_seq);
+    let mut stopped = HashSet::new();
+    stopped.extend(insert_tx(&client, 20, "c").await);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        site.queue_len(&paris).await,
+        stalled_at,
+        "published while a queue was missing"
+    );
+    assert_eq!(site.live().map(|ck| ck.next_seq), checkpoint);
+
+    // Back: LONDON receives every event since the deletion.
+    site.ok(&["topology", "declare"]).await;
+    let expected: HashSet<String> = after.union(&stopped).cloned().collect();
+    assert_all_there(&site, &london, &expected).await;
+    let all: HashSet<String> = before.union(&expected).cloned().collect();
+    assert_all_there(&site, &paris, &all).await;
+    assert!(sidecar.log_text().contains("streaming"));
+}

@@ -1,0 +1,451 @@
+//! One PARIS site for a test: a private PostgreSQL cluster, per-test broker
+//! names, a connector file, and the `sitesync` binary driven as a process
+//! (crash tests kill it with SIGKILL, drain tests send SIGTERM).
+
+use super::pg::PgCluster;
+use super::rabbit::{self, unique_names};
+use super::{TestDir, tail_file, wait_for};
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use sitesync::checkpoint::{Checkpoint, CheckpointStore};
+use sitesync::event::Event;
+use sitesync::position::Position;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+pub const SITES: [&str; 3] = ["PARIS", "LONDON", "MADRID"];
+
+/// The built binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_sitesync")
+}
+
+/// Broker object names of one test.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub exchange: String,
+    pub prefix: String,
+    pub archive: String,
+    pub dlx: String,
+    pub dlq: String,
+}
+
+impl Names {
+    fn new() -> Names {
+        let token = unique_names("t");
+        Names {
+            exchange: format!("{token}.events"),
+            prefix: format!("{token}_SITE_"),
+            archive: format!("{token}_SITE_PARIS_HISTO"),
+            dlx: format!("{token}.dlx"),
+            dlq: format!("{token}.dlq"),
+        }
+    }
+
+    pub fn site(&self, site: &str) -> String {
+        format!("{}{site}", self.prefix)
+    }
+
+    /// Every queue bound to the event exchange.
+    pub fn bound(&self) -> Vec<String> {
+        let mut v: Vec<String> = SITES.iter().map(|s| self.site(s)).collect();
+        v.push(self.archive.clone());
+        v
+    }
+}
+
+/// Settings a test may change.
+pub struct Options {
+    pub window: usize,
+    /// Broker URL (default: the machine's shared broker).
+    pub amqp_url: Option<String>,
+    /// Extra lines for the `[database]` table.
+    pub database_extra: String,
+    /// Skip `sitesync init` (the test makes its own outbox).
+    pub skip_init: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            window: 256,
+            amqp_url: None,
+            database_extra: String::new(),
+            skip_init: false,
+        }
+    }
+}
+
+pub struct Site {
+    pub dir: TestDir,
+    pub pg: PgCluster,
+    pub amqp_url: String,
+    pub names: Names,
+    pub connector: PathBuf,
+    pub checkpoints: PathBuf,
+    pub window: usize,
+}
+
+impl Site {
+    pub async fn start(opts: Options) -> Site {
+        let pg = PgCluster::start().await;
+        pg.create_database("paris").await;
+        let dir = TestDir::new("sssite").expect("test dir");
+        let amqp_url = opts.amqp_url.unwrap_or_else(rabbit::shared_amqp_url);
+        let names = Names::new();
+        let topology = dir.path().join("topology.toml");
+        std::fs::write(
+            &topology,
+            format!(
+                "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
+                names.exchange, names.prefix, names.archive, names.dlx, names.dlq
+            ),
+        )
+        .unwrap();
+        let checkpoints = dir.path().join("checkpoints");
+        let connector = dir.path().join("paris.toml");
+        std::fs::write(
+            &connector,
+            format!(
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\nurls = [\"{amqp_url}\"]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+                pg.url("paris"),
+                opts.database_extra,
+                topology.display(),
+                opts.window,
+                checkpoints.join("paris").display()
+            ),
+        )
+        .unwrap();
+        let site = Site {
+            dir,
+            pg,
+            amqp_url,
+            names,
+            connector,
+            checkpoints,
+            window: opts.window,
+        };
+        if !opts.skip_init {
+            site.ok(&["init"]).await;
+        }
+        site.ok(&["topology", "declare"]).await;
+        site
+    }
+
+    /// Runs `sitesync <args> --connector <file>` to completion.
+    pub async fn sitesync(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(binary());
+        cmd.args(args).arg("--connector").arg(&self.connector);
+        cmd.env("RUST_LOG", "info,lapin=off");
+        tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync"))
+            .await
+            .unwrap()
+    }
+
+    /// Like [`Site::sitesync`], asserting success; returns stdout.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let out = self.sitesync(args).await;
+        assert!(
+            out.status.success(),
+            "sitesync {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `sitesync run` in the background.
+    pub fn spawn(&self) -> Sidecar {
+        Sidecar::spawn(&self.connector, self.dir.path())
+    }
+
+    pub async fn client(&self) -> Client {
+        self.pg.client("paris").await
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.checkpoints.join("paris")
+    }
+
+    /// The checkpoint a running sidecar last wrote (its `live.json`).
+    pub fn live(&self) -> Option<Checkpoint> {
+        sitesync::checkpoint::read_live(&self.store_dir()).map(|(_, ck)| ck)
+    }
+
+    /// The durable checkpoint (the sidecar must be stopped).
+    pub fn stored(&self) -> Option<Checkpoint> {
+        CheckpointStore::open(&self.store_dir(), "test".into())
+            .expect("open the checkpoint store")
+            .load()
+            .expect("load the checkpoint")
+    }
+
+    /// Creates an independent test_decoding slot: after the writes, its
+    /// changes give the server's own commit order of the outbox inserts.
+    pub async fn start_oracle(&self, client: &Client) {
+        client
+            .batch_execute("SELECT pg_create_logical_replication_slot('oracle', 'test_decoding')")
+            .await
+            .unwrap();
+    }
+
+    /// Outbox ids in commit order, and the end LSN of the last commit, from
+    /// the oracle slot.
+    pub async fn oracle_order(&self, client: &Client) -> (Vec<String>, u64) {
+        let rows = client
+            .query(
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes('oracle', NULL, NULL)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        let mut last_commit = 0;
+        for row in rows {
+            let lsn: String = row.get(0);
+            let data: String = row.get(1);
+            if data.starts_with("table public.outbox: INSERT:") {
+                let at = data.find("id[uuid]:'").expect("id column") + "id[uuid]:'".len();
+                ids.push(data[at..at + 36].to_string());
+            } else if data.starts_with("COMMIT") {
+                last_commit = sitesync::position::parse_lsn(&lsn).unwrap();
+            }
+        }
+        (ids, last_commit)
+    }
+
+    /// The slot's confirmed_flush_lsn.
+    pub async fn confirmed_flush(&self, client: &Client) -> u64 {
+        let text: String = client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'sitesync_paris'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        sitesync::position::parse_lsn(&text).unwrap()
+    }
+
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        rabbit::queue_len(&self.amqp_url, queue).await.unwrap_or(0)
+    }
+
+    /// Waits until `queue` holds at least `n` messages.
+    pub async fn wait_queue(&self, queue: &str, n: u32, timeout: Duration) {
+        let url = self.amqp_url.clone();
+        let q = queue.to_string();
+        let mut last = 0;
+        let r = wait_for(
+            async || {
+                last = rabbit::try_queue_len(&url, &q)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                last >= n
+            },
+            timeout,
+        )
+        .await;
+        if let Err(e) = r {
+            panic!("queue {queue} holds {last} messages, expected {n}: {e}");
+        }
+    }
+
+    /// Every message of `queue` (expects exactly `n`, waits up to `timeout`).
+    pub async fn drain(&self, queue: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        rabbit::drain(&self.amqp_url, queue, n, timeout)
+            .await
+            .iter()
+            .map(Received::from)
+            .collect()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        // The shared broker keeps queues: remove this test's, from a thread
+        // with its own runtime (Drop cannot await).
+        let url = self.amqp_url.clone();
+        let mut queues = self.names.bound();
+        queues.push(self.names.dlq.clone());
+        let exchanges = vec![self.names.exchange.clone(), self.names.dlx.clone()];
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cleanup = async {
+                    rabbit::delete_queues(&url, &queues).await;
+                    rabbit::delete_exchanges(&url, &exchanges).await;
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), cleanup).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A message as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub event: Option<Event>,
+    pub body: Vec<u8>,
+    pub position: Option<Position>,
+    pub message_id: Option<String>,
+    pub reason: Option<String>,
+}
+
+fn header(d: &Delivery, name: &str) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+impl From<&Delivery> for Received {
+    fn from(d: &Delivery) -> Self {
+        Received {
+            event: serde_json::from_slice(&d.data).ok(),
+            body: d.data.clone(),
+            position: header(d, "x-sitesync-position").and_then(|p| p.parse().ok()),
+            message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
+            reason: header(d, "x-sitesync-reason"),
+        }
+    }
+}
+
+impl Received {
+    pub fn event(&self) -> &Event {
+        self.event
+            .as_ref()
+            .unwrap_or_else(|| panic!("not an event: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A running `sitesync run`.
+pub struct Sidecar {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Sidecar {
+    pub fn spawn(connector: &Path, dir: &Path) -> Sidecar {
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let log = dir.join(format!("sidecar-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary())
+            .args(["run", "--connector"])
+            .arg(connector)
+            .env("RUST_LOG", "info,sitesync=debug,lapin=off")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn sitesync run");
+        Sidecar {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail_file(&self.log, 40)
+    }
+
+    /// SIGKILL: no drain, no final checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+            .await
+            .unwrap()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let r = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || child.wait().expect("wait")),
+        )
+        .await;
+        match r {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "sidecar still running after {timeout:?}:\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let log = self.log.clone();
+        let r = wait_for(
+            async || std::fs::read_to_string(&log).is_ok_and(|t| t.contains(needle)),
+            timeout,
+        )
+        .await;
+        if let Err(e) = r {
+            panic!(
+                "sidecar log never showed {needle:?}: {e}\n{}",
+                self.log_tail()
+            );
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!(
+                "--- sidecar log ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+        self.kill9();
+    }
+}
+
+/// Inserts `rows` outbox rows in one transaction; returns their ids.
+pub async fn insert_tx(client: &Client, rows: usize, tag: &str) -> Vec<String> {
+    let sql = format!(
+        "INSERT INTO outbox (type, entity_key, data) \
+         SELECT 'test.{tag}', g::text, jsonb_build_object('n', g, 'tag', '{tag}') FROM generate_series(1, {rows}) g \
+         RETURNING id::text"
+    );
+    client
+        .query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
