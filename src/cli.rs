@@ -182,7 +182,10 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(f) => {
-            eprintln!("error: {}", f.message.trim_end());
+            match cli.log_format {
+                LogFormat::Human => eprintln!("error: {}", f.message.trim_end()),
+                LogFormat::Json => tracing::error!(exit_code = f.code, "{}", f.message.trim_end()),
+            }
             ExitCode::from(f.code)
         }
     }

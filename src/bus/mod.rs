@@ -58,7 +58,11 @@ pub async fn connect(urls: &[String], timeout: Duration, name: &str) -> Result<L
         let props = ConnectionProperties::default().with_connection_name(name.into());
         match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
             Ok(Ok(conn)) => {
-                tracing::debug!(broker = %redact_url(url), "connected to RabbitMQ");
+                if attempts.is_empty() {
+                    tracing::debug!(broker = %redact_url(url), "connected to RabbitMQ");
+                } else {
+                    tracing::warn!(broker = %redact_url(url), unreachable = %attempts.join("; "), "connected to RabbitMQ after failing over");
+                }
                 return Ok(Link(Some(conn)));
             }
             Ok(Err(e)) => attempts.push(format!("{}: {e}", redact_url(url))),

@@ -78,6 +78,24 @@ fn a_bad_database_url_and_a_missing_file_are_named() {
     let out = sitesync(&["run", "--connector", "nowhere.toml"], dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere.toml"));
+
+    // With --log-format json, the failure is a JSON log line too.
+    let out = sitesync(
+        &["--log-format", "json", "run", "--connector", "nowhere.toml"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert_eq!(line["level"], "ERROR");
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere.toml"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -147,3 +147,104 @@ async fn a_second_sidecar_on_the_same_store_is_told_who_holds_it() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn an_idle_sidecar_answers_keepalives_and_keeps_its_slot_moving() {
+    let site = Site::start(Options::default()).await;
+    let client = site.client().await;
+    // A short sender timeout: without replies the server would cut us off.
+    for sql in [
+        "ALTER SYSTEM SET wal_sender_timeout = '2s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let sidecar = site.spawn();
+    sidecar.wait_log("streaming", Duration::from_secs(30)).await;
+    let walsender = async || -> Option<(i32, String)> {
+        let row = client
+            .query_opt(
+                "SELECT pid, reply_time::text FROM pg_stat_replication WHERE application_name = 'sitesync-paris'",
+                &[],
+            )
+            .await
+            .unwrap()?;
+        Some((
+            row.get(0),
+            row.get::<_, Option<String>>(1).unwrap_or_default(),
+        ))
+    };
+    let (pid, _) = crate::support::wait_for_value(walsender, Duration::from_secs(10))
+        .await
+        .expect("the sidecar's walsender");
+
+    // Unrelated writes move the WAL with nothing for the outbox: the slot
+    // must follow (heartbeat positions), not pin the WAL.
+    client
+        .batch_execute(
+            "CREATE TABLE other (x int); INSERT INTO other SELECT generate_series(1, 20000);",
+        )
+        .await
+        .unwrap();
+    let wal: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let wal = sitesync::position::parse_lsn(&wal).unwrap();
+    wait_for(
+        async || site.confirmed_flush(&client).await >= wal,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the slot advances while the outbox is idle");
+    wait_for(
+        async || {
+            site.live()
+                .and_then(|ck| ck.resume)
+                .is_some_and(|p| p >= Position::Postgres { lsn: wal, index: 0 })
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the checkpoint follows the heartbeats");
+    assert_eq!(
+        site.live().unwrap().next_seq,
+        1,
+        "heartbeats are not events"
+    );
+
+    // Replies keep coming for three sender timeouts, on the same connection.
+    let first_reply: String = client
+        .query_one("SELECT now()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        async || {
+            let now: String = client
+                .query_one(
+                    "SELECT (now() - $1::text::timestamptz > interval '6 seconds')::text",
+                    &[&first_reply],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            now == "true"
+                && walsender()
+                    .await
+                    .is_some_and(|(p, reply)| p == pid && reply > first_reply)
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the walsender outlives three timeouts and keeps getting replies");
+    assert!(
+        !sidecar.log_text().contains("retrying"),
+        "{}",
+        sidecar.log_tail()
+    );
+    insert_tx(&client, 1, "after-idle").await;
+    site.wait_queue(&site.names.site("LONDON"), 1, Duration::from_secs(30))
+        .await;
+}

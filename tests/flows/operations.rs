@@ -253,3 +253,86 @@ async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
     );
     assert_eq!(site.queue_len(&london).await, 0);
 }
+
+#[tokio::test]
+async fn init_and_declare_are_idempotent_and_check_says_what_to_fix() {
+    let site = Site::start(Options::default()).await;
+    let again = site.ok(&["init"]).await;
+    assert_eq!(again.matches("already there").count(), 3, "{again}");
+    let check = site.ok(&["check"]).await;
+    assert!(!check.contains("[FAIL]"), "{check}");
+    for name in [
+        "wal_level",
+        "REPLICATION privilege",
+        "free replication slots",
+        "publication",
+        "replication slot",
+        "topology",
+        "broker",
+    ] {
+        assert!(
+            check.contains(&format!("[ok  ] {name}")),
+            "{name} not checked:\n{check}"
+        );
+    }
+
+    let client = site.client().await;
+    client
+        .batch_execute("DROP PUBLICATION sitesync_paris")
+        .await
+        .unwrap();
+    let out = site.sitesync(&["check"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[FAIL] publication: sitesync_paris does not exist"),
+        "{text}"
+    );
+    assert!(text.contains("fix: run `sitesync init`"), "{text}");
+    assert!(
+        site.ok(&["init"])
+            .await
+            .contains("publication sitesync_paris: created")
+    );
+
+    // A site queue that exists with other arguments: the error names it and the argument.
+    let london = site.names.site("LONDON");
+    let conn = crate::support::rabbit::connect(&site.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        london.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        london.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    for command in [&["topology", "declare"][..], &["check"][..]] {
+        let out = site.sitesync(command).await;
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!(
+                "queue `{london}` already exists with different settings"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("inequivalent arg 'x-"),
+            "the argument is named: {text}"
+        );
+    }
+}

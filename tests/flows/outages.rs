@@ -213,3 +213,24 @@ async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
     assert_all_there(&site, &paris, &all).await;
     assert!(sidecar.log_text().contains("streaming"));
 }
+
+#[tokio::test]
+async fn an_unreachable_first_broker_address_fails_over_to_the_next() {
+    let site = Site::start(Options {
+        dead_broker_first: true,
+        ..Options::default()
+    })
+    .await;
+    let sidecar = site.spawn();
+    let client = site.client().await;
+    let ids: HashSet<String> = insert_tx(&client, 10, "failover")
+        .await
+        .into_iter()
+        .collect();
+    assert_all_there(&site, &site.names.site("MADRID"), &ids).await;
+    assert!(
+        sidecar.log_text().contains("after failing over"),
+        "{}",
+        sidecar.log_tail()
+    );
+}

@@ -65,6 +65,8 @@ pub struct Options {
     pub database_extra: String,
     /// Skip `sitesync init` (the test makes its own outbox).
     pub skip_init: bool,
+    /// List an address where no broker listens before the real one.
+    pub dead_broker_first: bool,
 }
 
 impl Default for Options {
@@ -74,6 +76,7 @@ impl Default for Options {
             amqp_url: None,
             database_extra: String::new(),
             skip_init: false,
+            dead_broker_first: false,
         }
     }
 }
@@ -106,10 +109,18 @@ impl Site {
         .unwrap();
         let checkpoints = dir.path().join("checkpoints");
         let connector = dir.path().join("paris.toml");
+        let urls = if opts.dead_broker_first {
+            format!(
+                "\"amqp://guest:guest@127.0.0.1:{}/%2f\", \"{amqp_url}\"",
+                super::free_port()
+            )
+        } else {
+            format!("\"{amqp_url}\"")
+        };
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\nurls = [\"{amqp_url}\"]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\nurls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),
