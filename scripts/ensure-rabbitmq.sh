@@ -17,3 +17,16 @@ if ! amqp_open; then
 fi
 amqp_open || { echo "RabbitMQ did not start listening on 127.0.0.1:5672" >&2; exit 1; }
 rabbitmqctl await_startup >/dev/null 2>&1 || true
+
+# The management plugin: sitesync verifies bindings through its HTTP API
+# (broker.management_url), and the tests exercise that.
+mgmt_open() { (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null; }
+if ! mgmt_open; then
+  echo "enabling the RabbitMQ management plugin"
+  rabbitmq-plugins enable rabbitmq_management >/dev/null
+  for _ in $(seq 1 120); do
+    mgmt_open && break
+    sleep 0.5
+  done
+fi
+mgmt_open || { echo "the RabbitMQ management API did not start listening on 127.0.0.1:15672" >&2; exit 1; }

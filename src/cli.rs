@@ -369,7 +369,7 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
         }
     }
     if let Some(conn) = &connection {
-        checks.extend(topology::check(conn, &cfg.topology).await);
+        checks.extend(topology::check(conn, &cfg.topology, cfg.broker.management()).await);
     }
     checks.push(check_store(&cfg));
     let mut worst = Status::Pass;

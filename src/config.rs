@@ -129,6 +129,17 @@ pub struct BrokerConfig {
     pub topology_check_interval: Duration,
     /// Per-address connection timeout.
     pub connect_timeout: Duration,
+    /// RabbitMQ management API, to verify bindings (AMQP cannot list them).
+    pub management_url: Option<String>,
+}
+
+impl BrokerConfig {
+    /// The management API client, when `management_url` is set (the URL
+    /// was validated on load).
+    pub fn management(&self) -> Option<crate::bus::management::Management> {
+        let url = self.management_url.as_ref()?;
+        crate::bus::management::Management::new(url, self.urls.first()?).ok()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -526,6 +537,12 @@ impl ConnectorConfig {
                 .unwrap_or(DEFAULT_PUBLISHER_WINDOW);
             let check = b.millis("topology_check_interval_ms", 5_000, 3_600_000);
             let connect_timeout = b.millis("connect_timeout_ms", 10_000, 600_000);
+            let management_url = b.string("management_url", false, "the management API URL, e.g. \"http://127.0.0.1:15672\"");
+            if let (Some(m), Some(first)) = (&management_url, urls.first())
+                && let Err(e) = crate::bus::management::Management::new(m, first)
+            {
+                b.problem("management_url", e);
+            }
             (
                 BrokerConfig {
                     urls,
@@ -533,6 +550,7 @@ impl ConnectorConfig {
                     publisher_window: window,
                     topology_check_interval: check,
                     connect_timeout,
+                    management_url,
                 },
                 PathBuf::from(topology),
             )

@@ -214,7 +214,10 @@ async fn session<S: Source>(
         &format!("sitesync-{}-verify", cfg.name),
     )
     .await?;
-    let mut verifier = Verifier::new(&cfg.topology);
+    let mut verifier = Verifier::new(&cfg.topology, cfg.broker.management());
+    if !verifier.checks_bindings() {
+        tracing::debug!("broker.management_url is not set: queues are verified, bindings are not");
+    }
     verifier.verify(&verify_conn).await?;
     let publisher = Publisher::new(&conn, &cfg.topology, &cfg.site)
         .await

@@ -17,11 +17,13 @@
 //! gets every event confirmed since the last good check.
 
 use super::BusError;
+use super::management::Management;
 use crate::checks::Check;
 use crate::config::TopologyConfig;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -193,10 +195,16 @@ async fn declare_objects(
 pub struct Verifier {
     objects: Vec<(&'static str, String)>,
     channels: Vec<Option<Channel>>,
+    /// Bindings are checked only through the management API (when configured).
+    management: Option<Management>,
+    /// (exchange, queues that must be bound to it).
+    bindings: Vec<(String, Vec<String>)>,
+    /// When a failed binding check was last reported (they are rate-limited).
+    warned_at: Option<std::time::Instant>,
 }
 
 impl Verifier {
-    pub fn new(topology: &TopologyConfig) -> Verifier {
+    pub fn new(topology: &TopologyConfig, management: Option<Management>) -> Verifier {
         let mut objects = vec![
             ("exchange", topology.exchange.clone()),
             ("exchange", topology.dead_letter_exchange.clone()),
@@ -204,7 +212,25 @@ impl Verifier {
         objects.extend(topology.bound_queues().into_iter().map(|q| ("queue", q)));
         objects.push(("queue", topology.dead_letter_queue.clone()));
         let channels = objects.iter().map(|_| None).collect();
-        Verifier { objects, channels }
+        let bindings = vec![
+            (topology.exchange.clone(), topology.bound_queues()),
+            (
+                topology.dead_letter_exchange.clone(),
+                vec![topology.dead_letter_queue.clone()],
+            ),
+        ];
+        Verifier {
+            objects,
+            channels,
+            management,
+            bindings,
+            warned_at: None,
+        }
+    }
+
+    /// Whether bindings are verified too.
+    pub fn checks_bindings(&self) -> bool {
+        self.management.is_some()
     }
 
     /// The objects that are missing, as `queue NAME` / `exchange NAME`.
@@ -246,6 +272,18 @@ impl Verifier {
                     }
                 }
             });
+        let binding_check = self.management.clone().map(|m| {
+            let bindings = self.bindings.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut unbound = Vec::new();
+                for (exchange, queues) in &bindings {
+                    for q in m.unbound(exchange, queues)? {
+                        unbound.push((exchange.clone(), q));
+                    }
+                }
+                Ok::<_, String>(unbound)
+            })
+        });
         let answers = futures_util::future::join_all(asks).await;
         let mut missing = Vec::new();
         for (i, answer) in answers.into_iter().enumerate() {
@@ -262,6 +300,30 @@ impl Verifier {
                         context: format!("checking {kind} {name}"),
                         source: e,
                     });
+                }
+            }
+        }
+        if let Some(check) = binding_check {
+            match check.await.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(unbound) => {
+                    for (exchange, queue) in unbound {
+                        // A deleted queue has no bindings either: say it once.
+                        if !missing.contains(&format!("queue {queue}")) {
+                            missing
+                                .push(format!("binding of queue {queue} to exchange {exchange}"));
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The management API being down must not stop the sync:
+                    // queues are still verified, bindings are not, and we say so.
+                    if self
+                        .warned_at
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                    {
+                        tracing::warn!(error = %e, "bindings could not be verified through the management API (queues still are)");
+                        self.warned_at = Some(std::time::Instant::now());
+                    }
                 }
             }
         }
@@ -283,12 +345,17 @@ fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
-/// For `sitesync check`: existence, then equivalence (re-declaring an
-/// existing object with our arguments fails with 406 if they differ).
-/// Nothing is created or bound. Bindings cannot be listed over AMQP 0-9-1:
-/// `sitesync topology declare` restores any that were removed.
-pub async fn check(conn: &Connection, topology: &TopologyConfig) -> Vec<Check> {
-    let missing = match Verifier::new(topology).missing(conn).await {
+/// For `sitesync check`: existence, bindings (through the management API
+/// when configured: AMQP 0-9-1 cannot list them), then equivalence
+/// (re-declaring an existing object with our arguments fails with 406 if
+/// they differ). Nothing is created or bound.
+pub async fn check(
+    conn: &Connection,
+    topology: &TopologyConfig,
+    management: Option<Management>,
+) -> Vec<Check> {
+    let mut verifier = Verifier::new(topology, management);
+    let missing = match verifier.missing(conn).await {
         Ok(m) => m,
         Err(e) => {
             return vec![Check::fail(
@@ -298,15 +365,35 @@ pub async fn check(conn: &Connection, topology: &TopologyConfig) -> Vec<Check> {
             )];
         }
     };
-    if !missing.is_empty() {
+    let (unbound, absent): (Vec<String>, Vec<String>) =
+        missing.into_iter().partition(|m| m.starts_with("binding "));
+    if !absent.is_empty() {
         return vec![Check::fail(
             "topology",
-            format!("missing: {}", missing.join(", ")),
+            format!("missing: {}", absent.join(", ")),
             "run `sitesync topology declare`",
         )];
     }
-    match declare_objects(conn, topology, false).await {
-        Ok(_) => vec![Check::pass(
+    let bindings = if !verifier.checks_bindings() {
+        Check::warn(
+            "bindings",
+            "not verified: AMQP cannot list bindings, so a queue unbound from the exchange would go unnoticed",
+            "set broker.management_url (RabbitMQ management plugin) so that run and check verify bindings",
+        )
+    } else if unbound.is_empty() {
+        Check::pass(
+            "bindings",
+            "every queue is bound (checked through the management API)",
+        )
+    } else {
+        Check::fail(
+            "bindings",
+            format!("missing: {}", unbound.join(", ")),
+            "run `sitesync topology declare`",
+        )
+    };
+    let objects = match declare_objects(conn, topology, false).await {
+        Ok(_) => Check::pass(
             "topology",
             format!(
                 "exchange {} with {} bound queue(s), dead letters {} -> {}",
@@ -315,9 +402,10 @@ pub async fn check(conn: &Connection, topology: &TopologyConfig) -> Vec<Check> {
                 topology.dead_letter_exchange,
                 topology.dead_letter_queue
             ),
-        )],
-        Err(e) => vec![Check::fail("topology", e.to_string(), "see the message")],
-    }
+        ),
+        Err(e) => Check::fail("topology", e.to_string(), "see the message"),
+    };
+    vec![objects, bindings]
 }
 
 #[cfg(test)]

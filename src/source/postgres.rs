@@ -193,6 +193,39 @@ impl PostgresSource {
         Ok(cfg)
     }
 
+    /// Says clearly what is wrong with the slot before streaming from it:
+    /// missing, lost, or ahead of the checkpoint (the server would then
+    /// start at its own position, past rows the checkpoint has not seen).
+    async fn check_slot_before_streaming(&self, start: Lsn) -> Result<(), SourceError> {
+        let client = self.client().await?;
+        let Some(row) = self.slot_row(&client).await? else {
+            return Err(SourceError::operator(format!(
+                "replication slot `{}` is missing: run `sitesync init` to create it (outbox rows committed before it exists are not in the stream)",
+                self.cfg.slot
+            )));
+        };
+        let wal_status: Option<String> = row.get(5);
+        if wal_status.as_deref() == Some("lost") {
+            return Err(SourceError::operator(format!(
+                "replication slot `{}` lost the WAL it needed (wal_status = lost): outbox rows were lost at the source. Drop and recreate the slot (`sitesync init`), reset the checkpoint (`sitesync checkpoint reset --to-start`), and resynchronise the other sites from the archive",
+                self.cfg.slot
+            )));
+        }
+        let confirmed: Option<String> = row.get(2);
+        if let Some(confirmed) = confirmed.as_deref().and_then(|t| parse_lsn(t).ok())
+            && start != Lsn::ZERO
+            && confirmed > start.as_u64()
+        {
+            tracing::warn!(
+                slot = %self.cfg.slot,
+                checkpoint = %format_lsn(start.as_u64()),
+                confirmed_flush_lsn = %format_lsn(confirmed),
+                "the slot is ahead of the checkpoint (was the checkpoint store restored or replaced?): PostgreSQL streams from the slot's position, so rows in between are not published again"
+            );
+        }
+        Ok(())
+    }
+
     async fn slot_row(
         &self,
         client: &tokio_postgres::Client,
@@ -643,6 +676,7 @@ impl Source for PostgresSource {
             Some(Position::Postgres { lsn, .. }) => Lsn::from_u64(*lsn),
             _ => Lsn::ZERO,
         };
+        self.check_slot_before_streaming(start).await?;
         let ack = resume.as_ref().map(|_| start);
         let cfg = self.replication_config(start, ack)?;
         let client = ReplicationClient::connect(cfg)

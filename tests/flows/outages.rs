@@ -234,3 +234,50 @@ async fn an_unreachable_first_broker_address_fails_over_to_the_next() {
         sidecar.log_tail()
     );
 }
+
+#[tokio::test]
+async fn an_unbound_site_queue_stops_publishing_and_gets_everything_once_rebound() {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let sidecar = site.spawn();
+    let client = site.client().await;
+    let before: HashSet<String> = insert_tx(&client, 200, "before")
+        .await
+        .into_iter()
+        .collect();
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 201),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("first batch checkpointed");
+
+    // Unbound, LONDON's queue still exists: every publish is still confirmed
+    // (the other queues take it), so only the binding check can see it.
+    set_binding(&site, std::slice::from_ref(&london), false).await;
+    let after: HashSet<String> = insert_tx(&client, 200, "after").await.into_iter().collect();
+    sidecar
+        .wait_log(
+            &format!(
+                "binding of queue {london} to exchange {}",
+                site.names.exchange
+            ),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        site.live().is_some_and(|ck| ck.next_seq <= 201),
+        "checkpointed past events LONDON never got: {:?}",
+        site.live()
+    );
+
+    site.ok(&["topology", "declare"]).await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 401),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("checkpointed once bound again");
+    let all: HashSet<String> = before.union(&after).cloned().collect();
+    assert_all_there(&site, &london, &all).await;
+}

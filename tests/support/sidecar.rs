@@ -96,7 +96,10 @@ impl Site {
         let pg = PgCluster::start().await;
         pg.create_database("paris").await;
         let dir = TestDir::new("sssite").expect("test dir");
-        let amqp_url = opts.amqp_url.unwrap_or_else(rabbit::shared_amqp_url);
+        let amqp_url = opts
+            .amqp_url
+            .clone()
+            .unwrap_or_else(rabbit::shared_amqp_url);
         let names = Names::new();
         let topology = dir.path().join("topology.toml");
         std::fs::write(
@@ -109,6 +112,13 @@ impl Site {
         .unwrap();
         let checkpoints = dir.path().join("checkpoints");
         let connector = dir.path().join("paris.toml");
+        // The shared broker has the management plugin (scripts/ensure-rabbitmq.sh);
+        // private nodes do not.
+        let management = if opts.amqp_url.is_none() {
+            "management_url = \"http://127.0.0.1:15672\"\n"
+        } else {
+            ""
+        };
         let urls = if opts.dead_broker_first {
             format!(
                 "\"amqp://guest:guest@127.0.0.1:{}/%2f\", \"{amqp_url}\"",
@@ -120,7 +130,7 @@ impl Site {
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\nurls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),
