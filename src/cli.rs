@@ -249,16 +249,21 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
 async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
-        let mut term =
+        let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
+                Ok(mut term) => {
+                    term.recv().await;
                 }
-            };
+                Err(e) => {
+                    // Without SIGTERM handling only SIGINT drains; the
+                    // trigger must stay alive either way.
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = term => tracing::info!("SIGTERM: draining"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
         }
         let _ = trigger.send(true);
@@ -472,39 +477,38 @@ async fn reset<S: Source>(
     yes: bool,
 ) -> Result<ExitCode, Failure> {
     let dir = &cfg.checkpoint.dir;
-    let store = match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
-        Ok(store) => store,
+    // A store sled cannot open is moved aside, but only once the reset is
+    // confirmed: until then nothing changes.
+    let (store, unopenable) = match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
+        Ok(store) => (Some(store), None),
         Err(e @ CheckpointError::InUse { .. }) => {
             return Err(fail(format!("refusing to reset: {e}")));
         }
-        Err(CheckpointError::Corrupt { detail, .. }) => {
-            confirm(
-                yes,
-                &format!(
-                    "sled cannot open {} ({detail}); move it aside and start a fresh store?",
-                    dir.display()
-                ),
-            )?;
-            let aside = checkpoint::set_aside(dir)?;
-            println!("moved the unreadable store to {}", aside.display());
-            CheckpointStore::open(dir, reset_hint(&cfg.file))?
-        }
+        Err(CheckpointError::Corrupt { detail, .. }) => (None, Some(detail)),
         Err(e) => return Err(e.into()),
     };
-    let current = store.load();
+    let current = match (&store, &unopenable) {
+        (Some(store), _) => store.load(),
+        (None, Some(detail)) => Err(CheckpointError::Corrupt {
+            dir: dir.clone(),
+            detail: detail.clone(),
+            reset_hint: String::new(),
+        }),
+        (None, None) => unreachable!("a store or the reason it cannot be opened"),
+    };
     let bounds = source.bounds().await?;
-    let current_epoch = match &current {
+    let (current_epoch, current_resume) = match &current {
         Ok(Some(ck)) => {
             println!("current     {}", describe(ck));
-            Some(ck.epoch)
+            (Some(ck.epoch), ck.resume.clone())
         }
         Ok(None) => {
             println!("current     none");
-            None
+            (None, None)
         }
         Err(e) => {
             println!("current     unreadable: {e}");
-            None
+            (None, None)
         }
     };
     println!("database    {}", bounds.detail);
@@ -545,7 +549,13 @@ async fn reset<S: Source>(
                 bounds.latest
             )));
         }
-        (Some(p.clone()), format!("resume at {p}"))
+        let skipping = match &current_resume {
+            Some(c) if p > *c => format!(
+                ", SKIPPING every outbox row committed between {c} and {p}: they will never be published"
+            ),
+            _ => String::new(),
+        };
+        (Some(p.clone()), format!("resume at {p}{skipping}"))
     } else {
         (
             Some(bounds.latest.clone()),
@@ -557,6 +567,14 @@ async fn reset<S: Source>(
     };
     println!("plan        {plan}; a new epoch starts and seq restarts at 1");
     confirm(yes, "reset the checkpoint?")?;
+    let store = match store {
+        Some(store) => store,
+        None => {
+            let aside = checkpoint::set_aside(dir)?;
+            println!("moved the store sled cannot open to {}", aside.display());
+            CheckpointStore::open(dir, reset_hint(&cfg.file))?
+        }
+    };
     let resume = if target.to_latest {
         Some(source.advance_to_latest().await?)
     } else {

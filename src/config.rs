@@ -131,6 +131,9 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// RabbitMQ management API, to verify bindings (AMQP cannot list them).
     pub management_url: Option<String>,
+    /// Larger events go to the dead-letter queue instead of being refused
+    /// by the broker (which would close the channel, again and again).
+    pub max_message_bytes: usize,
 }
 
 impl BrokerConfig {
@@ -537,6 +540,10 @@ impl ConnectorConfig {
                 .unwrap_or(DEFAULT_PUBLISHER_WINDOW);
             let check = b.millis("topology_check_interval_ms", 5_000, 3_600_000);
             let connect_timeout = b.millis("connect_timeout_ms", 10_000, 600_000);
+            let max_message_bytes = b
+                .integer("max_message_bytes", 1024..=536_870_912, "a size in bytes")
+                .map(|n| n as usize)
+                .unwrap_or(16 * 1024 * 1024);
             let management_url = b.string("management_url", false, "the management API URL, e.g. \"http://127.0.0.1:15672\"");
             if let (Some(m), Some(first)) = (&management_url, urls.first())
                 && let Err(e) = crate::bus::management::Management::new(m, first)
@@ -551,6 +558,7 @@ impl ConnectorConfig {
                     topology_check_interval: check,
                     connect_timeout,
                     management_url,
+                    max_message_bytes,
                 },
                 PathBuf::from(topology),
             )

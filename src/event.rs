@@ -83,6 +83,10 @@ pub enum RowError {
     ForeignOrigin { row: String, site: String },
     #[error("the row could not be decoded from the log: {0}")]
     Undecodable(String),
+    #[error(
+        "the event is {bytes} bytes, over broker.max_message_bytes ({limit}); the row itself stays in the outbox table"
+    )]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 impl OutboxRow {

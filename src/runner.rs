@@ -26,6 +26,7 @@ use crate::bus::topology::{TopologyError, Verifier};
 use crate::bus::{self, BusError, Link};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::config::ConnectorConfig;
+use crate::event::RowError;
 use crate::position::Position;
 use crate::retry::Backoff;
 use crate::source::{Change, ChangeStream, ErrorKind, Source, SourceError};
@@ -98,7 +99,13 @@ impl From<SourceError> for SessionError {
 
 impl From<BusError> for SessionError {
     fn from(e: BusError) -> Self {
-        SessionError::transient(format!("broker: {e}"))
+        match e {
+            BusError::Refused { .. } => SessionError {
+                kind: ErrorKind::Operator,
+                message: format!("broker: {e}"),
+            },
+            other => SessionError::transient(format!("broker: {other}")),
+        }
     }
 }
 
@@ -148,10 +155,7 @@ pub async fn run<S: Source>(
     source: S,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
-    let store = Arc::new(CheckpointStore::open(
-        &cfg.checkpoint.dir,
-        reset_hint(&cfg.file),
-    )?);
+    let store = Arc::new(open_store(cfg).await?);
     if store.load()?.is_none() {
         let first = Checkpoint::new_epoch(None, None);
         store.reset(&first).await?;
@@ -192,6 +196,20 @@ pub async fn run<S: Source>(
     }
 }
 
+/// Opens the checkpoint store, waiting a few seconds if it is locked: a
+/// `sitesync check` or `checkpoint show` holds the lock for a moment.
+async fn open_store(cfg: &ConnectorConfig) -> Result<CheckpointStore, CheckpointError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match CheckpointStore::open(&cfg.checkpoint.dir, reset_hint(&cfg.file)) {
+            Err(CheckpointError::InUse { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn session<S: Source>(
     cfg: &ConnectorConfig,
     source: &S,
@@ -199,14 +217,12 @@ async fn session<S: Source>(
     mut shutdown: Shutdown,
 ) -> Result<SessionEnd, SessionError> {
     let base = store.load()?.expect("written before the first session");
-    let conn = Arc::new(
-        bus::connect(
-            &cfg.broker.urls,
-            cfg.broker.connect_timeout,
-            &format!("sitesync-{}", cfg.name),
-        )
-        .await?,
-    );
+    let conn = bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{}", cfg.name),
+    )
+    .await?;
     // Verification gets a connection of its own (see `Verifier`).
     let verify_conn = bus::connect(
         &cfg.broker.urls,
@@ -242,6 +258,15 @@ async fn session<S: Source>(
         durable_tx,
     ));
 
+    let numbering = Numbering {
+        site: &cfg.site,
+        epoch: base.epoch,
+        max_bytes: cfg.broker.max_message_bytes,
+    };
+    let mut liveness =
+        tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS_EVERY, LIVENESS_EVERY);
+    let mut last_change = Instant::now();
+    let blocked_log = tokio::spawn(log_flow_control(conn.events_listener(), cfg.name.clone()));
     let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
     let mut next_seq = base.next_seq;
     let window = cfg.broker.publisher_window;
@@ -262,10 +287,21 @@ async fn session<S: Source>(
                 checkpointer_done = Some(done);
                 break (Err(SessionError::transient("the checkpointer stopped")), false);
             }
+            _ = report.tick() => counters.report(&cfg.name, next_seq),
             Some(settled) = inflight.next(), if !inflight.is_empty() => {
                 match settled.result {
                     Ok(()) => { confirmed_tx.send_replace(Some((settled.resume, settled.next_seq))); }
-                    Err(failure) => break (Err(failure.into()), false),
+                    Err(failure) => {
+                        if matches!(failure, PublishFailure::Returned { .. }) {
+                            // lapin hands a returned message to whichever
+                            // confirm of a multiple-ack resolves first, so the
+                            // confirms settled just before may include the
+                            // message that was really returned: do not let the
+                            // checkpointer commit them.
+                            confirmed_tx.send_replace(None);
+                        }
+                        break (Err(failure.into()), false);
+                    }
                 }
             }
             Ok(()) = durable_rx.changed() => {
@@ -273,17 +309,34 @@ async fn session<S: Source>(
                     stream.durable(&p);
                 }
             }
+            _ = liveness.tick() => {
+                if last_change.elapsed() >= LIVENESS_EVERY {
+                    match tokio::time::timeout(PROBE_TIMEOUT, source.probe()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break (Err(e.into()), true),
+                        Err(_) => break (Err(SessionError::transient(format!(
+                            "the database did not answer a liveness probe within {PROBE_TIMEOUT:?}"
+                        ))), true),
+                    }
+                }
+            }
             change = stream.next(), if inflight.len() < window => {
                 let change = match change {
                     Ok(c) => c,
                     Err(e) => break (Err(e.into()), true),
                 };
-                match dispatch(change, &publisher, base.epoch, &mut next_seq, &cfg.site, &mut counters).await {
+                last_change = Instant::now();
+                // A publish waits while the broker blocks the connection
+                // (a memory or disk alarm): stay responsive to SIGTERM.
+                let published = tokio::select! {
+                    published = dispatch(change, &publisher, &numbering, &mut next_seq, &mut counters) => published,
+                    _ = shutdown.wait() => break (Ok(SessionEnd::Shutdown), true),
+                };
+                match published {
                     Ok(pending) => inflight.push_back(pending),
                     Err(e) => break (Err(e), false),
                 }
             }
-            _ = report.tick() => counters.report(&cfg.name, next_seq),
         }
     };
 
@@ -332,80 +385,105 @@ async fn session<S: Source>(
             "the checkpointer panicked: {join}"
         ))),
     };
+    blocked_log.abort();
     stream.close().await;
     publisher.close().await;
     drop(conn);
     end
 }
 
-/// Publishes one change (or queues its position) and returns its pending confirm.
-async fn dispatch(
-    change: Change,
-    publisher: &Publisher,
-    epoch: u64,
-    next_seq: &mut u64,
-    site: &str,
-    counters: &mut Counters,
-) -> Result<Pending, SessionError> {
-    let resume = change.resume_after();
-    match change {
-        Change::Row { position, row } => {
-            let event = match &row {
-                Ok(r) => r.to_event(site, epoch, *next_seq),
-                Err(e) => Err(e.clone()),
-            };
-            match event {
-                Ok(event) => {
-                    let confirm = publisher
-                        .publish(&event, &position)
-                        .await
-                        .map_err(|e| SessionError::transient(format!("publishing: {e}")))?;
-                    *next_seq += 1;
-                    counters.events += 1;
-                    let seq_after = *next_seq;
-                    let id = event.id;
-                    Ok(Box::pin(async move {
-                        Settled {
-                            result: settle(confirm.await, || format!("event {id} at {position}")),
-                            resume,
-                            next_seq: seq_after,
-                        }
-                    }))
-                }
-                Err(reason) => {
-                    tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
-                    let confirm = publisher
-                        .dead_letter(row.as_ref().ok(), &reason, &position)
-                        .await
-                        .map_err(|e| {
-                            SessionError::transient(format!("publishing a dead letter: {e}"))
-                        })?;
-                    counters.dead_letters += 1;
-                    let seq_after = *next_seq;
-                    Ok(Box::pin(async move {
-                        Settled {
-                            result: settle(confirm.await, || format!("dead letter at {position}")),
-                            resume,
-                            next_seq: seq_after,
-                        }
-                    }))
-                }
-            }
-        }
-        Change::Commit { .. } | Change::Heartbeat { .. } => {
-            let seq_after = *next_seq;
-            Ok(Box::pin(async move {
-                Settled {
-                    result: Ok(()),
-                    resume,
-                    next_seq: seq_after,
-                }
-            }))
+/// What a pending confirm is for, in error messages.
+enum Published {
+    Event(uuid::Uuid, Position),
+    DeadLetter(Position),
+}
+
+impl std::fmt::Display for Published {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Published::Event(id, at) => write!(f, "event {id} at {at}"),
+            Published::DeadLetter(at) => write!(f, "dead letter at {at}"),
         }
     }
 }
 
+/// Publishes one change (or queues its position) and returns its pending confirm.
+async fn dispatch(
+    change: Change,
+    publisher: &Publisher,
+    ctx: &Numbering<'_>,
+    next_seq: &mut u64,
+    counters: &mut Counters,
+) -> Result<Pending, SessionError> {
+    let resume = change.resume_after();
+    let Change::Row { position, row } = change else {
+        let seq_after = *next_seq;
+        return Ok(Box::pin(async move {
+            Settled {
+                result: Ok(()),
+                resume,
+                next_seq: seq_after,
+            }
+        }));
+    };
+    let event = match &row {
+        Ok(r) => r.to_event(ctx.site, ctx.epoch, *next_seq),
+        Err(e) => Err(e.clone()),
+    }
+    .and_then(|event| {
+        let body = event.to_body();
+        if body.len() > ctx.max_bytes {
+            Err(RowError::TooLarge {
+                bytes: body.len(),
+                limit: ctx.max_bytes,
+            })
+        } else {
+            Ok((event, body))
+        }
+    });
+    let (confirm, what) = match event {
+        Ok((event, body)) => {
+            let confirm = publisher
+                .publish(&event, &body, &position)
+                .await
+                .map_err(|e| SessionError::transient(format!("publishing: {e}")))?;
+            *next_seq += 1;
+            counters.events += 1;
+            (confirm, Published::Event(event.id, position))
+        }
+        Err(reason) => {
+            tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
+            let confirm = publisher
+                .dead_letter(row.as_ref().ok(), &reason, &position, ctx.max_bytes)
+                .await
+                .map_err(|e| SessionError::transient(format!("publishing a dead letter: {e}")))?;
+            counters.dead_letters += 1;
+            (confirm, Published::DeadLetter(position))
+        }
+    };
+    let seq_after = *next_seq;
+    Ok(Box::pin(async move {
+        Settled {
+            result: settle(confirm.await, || what.to_string()),
+            resume,
+            next_seq: seq_after,
+        }
+    }))
+}
+
+/// What numbering and sizing an event needs from the session.
+struct Numbering<'a> {
+    site: &'a str,
+    epoch: u64,
+    max_bytes: usize,
+}
+
 const REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// A stream silent this long gets its database asked whether it still
+/// streams to us (heartbeats count as activity).
+const LIVENESS_EVERY: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a session did, for the periodic progress line.
 #[derive(Default)]
@@ -489,6 +567,26 @@ async fn checkpointer(
         if closed {
             store.write_live(&written);
             return Ok(written);
+        }
+    }
+}
+
+/// Logs when the broker blocks or unblocks publishing on this connection
+/// (RabbitMQ's memory and disk alarms): publishing waits meanwhile.
+async fn log_flow_control(
+    events: impl futures_util::Stream<Item = lapin::Event> + Send,
+    connector: String,
+) {
+    futures_util::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%connector, %reason, "the broker blocks publishing (resource alarm); waiting")
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!(%connector, "the broker accepts publishing again")
+            }
+            _ => {}
         }
     }
 }

@@ -12,6 +12,10 @@ use std::time::Duration;
 pub enum BusError {
     #[error("no broker reachable: {}", .attempts.join("; "))]
     Unreachable { attempts: Vec<String> },
+    /// Every broker answered and refused us (credentials, permissions,
+    /// virtual host): retrying will not help.
+    #[error("every broker refused the connection: {}; check the user, password and virtual host in broker.urls", .attempts.join("; "))]
+    Refused { attempts: Vec<String> },
     #[error("{context}: {source}")]
     Amqp {
         context: String,
@@ -55,6 +59,7 @@ impl Drop for Link {
 /// Connects to the first broker of `urls` that answers, in order.
 pub async fn connect(urls: &[String], timeout: Duration, name: &str) -> Result<Link, BusError> {
     let mut attempts = Vec::new();
+    let mut refusals = 0;
     for url in urls {
         let props = ConnectionProperties::default().with_connection_name(name.into());
         match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
@@ -66,9 +71,24 @@ pub async fn connect(urls: &[String], timeout: Duration, name: &str) -> Result<L
                 }
                 return Ok(Link(Some(conn)));
             }
-            Ok(Err(e)) => attempts.push(format!("{}: {e}", redact_url(url))),
+            Ok(Err(e)) => {
+                if is_refusal(&e) {
+                    refusals += 1;
+                }
+                attempts.push(format!("{}: {e}", redact_url(url)));
+            }
             Err(_) => attempts.push(format!("{}: no answer within {timeout:?}", redact_url(url))),
         }
     }
-    Err(BusError::Unreachable { attempts })
+    if refusals == urls.len() {
+        Err(BusError::Refused { attempts })
+    } else {
+        Err(BusError::Unreachable { attempts })
+    }
+}
+
+/// ACCESS_REFUSED (bad credentials, no permission) or NOT_ALLOWED (no such
+/// virtual host).
+fn is_refusal(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530))
 }

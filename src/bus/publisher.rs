@@ -23,6 +23,8 @@ pub const HEADER_SEQ: &str = "x-sitesync-seq";
 pub const HEADER_REASON: &str = "x-sitesync-reason";
 pub const HEADER_SITE: &str = "x-sitesync-site";
 pub const HEADER_STAGE: &str = "x-sitesync-stage";
+/// Dead letters too large for the broker go without `data`: its size.
+pub const HEADER_DATA_OMITTED: &str = "x-sitesync-data-omitted-bytes";
 
 /// Why a publish did not count as delivered.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,10 +77,12 @@ impl Publisher {
         }
     }
 
-    /// Sends one event; the returned future resolves with the broker's confirm.
+    /// Sends one event whose `body` is `event.to_body()`; the returned future
+    /// resolves with the broker's confirm.
     pub async fn publish(
         &self,
         event: &Event,
+        body: &[u8],
         position: &Position,
     ) -> Result<PublisherConfirm, lapin::Error> {
         let mut headers = FieldTable::default();
@@ -104,7 +108,7 @@ impl Publisher {
                 self.exchange.clone(),
                 "".into(),
                 Self::options(),
-                &event.to_body(),
+                body,
                 props,
             )
             .await
@@ -112,11 +116,15 @@ impl Publisher {
 
     /// Sends a row that cannot become an event to the dead-letter exchange,
     /// with the reason in a header and the row itself as the body.
+    /// A row whose JSON exceeds `max_bytes` goes without its `data` (the
+    /// header `x-sitesync-data-omitted-bytes` says how much was left out; the
+    /// row itself stays in the outbox table).
     pub async fn dead_letter(
         &self,
         row: Option<&OutboxRow>,
         reason: &RowError,
         position: &Position,
+        max_bytes: usize,
     ) -> Result<PublisherConfirm, lapin::Error> {
         let mut headers = FieldTable::default();
         headers.insert(
@@ -132,10 +140,24 @@ impl Publisher {
             HEADER_POSITION.into(),
             AMQPValue::LongString(position.to_string().into()),
         );
-        let body = match row {
+        let mut body = match row {
             Some(row) => row.to_json(),
             None => b"{}".to_vec(),
         };
+        if body.len() > max_bytes
+            && let Some(row) = row
+        {
+            let omitted = row.data.as_ref().map_or(0, String::len);
+            headers.insert(
+                HEADER_DATA_OMITTED.into(),
+                AMQPValue::LongLongInt(omitted as i64),
+            );
+            body = OutboxRow {
+                data: None,
+                ..row.clone()
+            }
+            .to_json();
+        }
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())

@@ -122,6 +122,11 @@ pub trait Source: Send + Sync {
     /// The log's bounds, for `checkpoint show` and `checkpoint reset`.
     fn bounds(&self) -> impl Future<Output = Result<LogBounds, SourceError>> + Send;
 
+    /// Whether the database still streams to us, asked on an ordinary
+    /// connection: a replication connection lost to a silent network
+    /// partition can wait for minutes before TCP notices.
+    fn probe(&self) -> impl Future<Output = Result<(), SourceError>> + Send;
+
     /// Moves the database's own record of our progress to the end of the log
     /// (`checkpoint reset --to-latest`) and returns that position.
     fn advance_to_latest(&self) -> impl Future<Output = Result<Position, SourceError>> + Send;

@@ -96,7 +96,11 @@ fn replication_error(e: PgWireError, slot: &str) -> SourceError {
                 || code.starts_with("53")
                 || code == "55006"
                 || code == "55000" && msg.contains("is active");
-            if code == "42704" {
+            if code == "42704" && msg.contains("publication") {
+                SourceError::operator(format!(
+                    "the publication is missing: {msg}. Run `sitesync init` to create it"
+                ))
+            } else if code == "42704" {
                 SourceError::operator(format!(
                     "replication slot `{slot}` is missing: {msg}. Run `sitesync init` to create it (events written before it exists are not in the stream)"
                 ))
@@ -193,9 +197,10 @@ impl PostgresSource {
         Ok(cfg)
     }
 
-    /// Says clearly what is wrong with the slot before streaming from it:
-    /// missing, lost, or ahead of the checkpoint (the server would then
-    /// start at its own position, past rows the checkpoint has not seen).
+    /// Says clearly what is wrong before streaming: the slot is missing,
+    /// lost, or ahead of the checkpoint (the server would then start at its
+    /// own position, past rows the checkpoint has not seen), or the server's
+    /// WAL is behind the checkpoint (a restore or a failover).
     async fn check_slot_before_streaming(&self, start: Lsn) -> Result<(), SourceError> {
         let client = self.client().await?;
         let Some(row) = self.slot_row(&client).await? else {
@@ -216,12 +221,29 @@ impl PostgresSource {
             && start != Lsn::ZERO
             && confirmed > start.as_u64()
         {
-            tracing::warn!(
-                slot = %self.cfg.slot,
-                checkpoint = %format_lsn(start.as_u64()),
-                confirmed_flush_lsn = %format_lsn(confirmed),
-                "the slot is ahead of the checkpoint (was the checkpoint store restored or replaced?): PostgreSQL streams from the slot's position, so rows in between are not published again"
-            );
+            // The slot only moves after our checkpoint is durable, so this
+            // means the slot was recreated or advanced by someone else, or
+            // the checkpoint store was restored from an older copy. The
+            // server would silently start at the slot's position.
+            return Err(SourceError::operator(format!(
+                "replication slot `{}` is at {} but the checkpoint is at {}: PostgreSQL would start at the slot and skip what lies between                  (was the slot recreated, advanced by another tool, or the checkpoint store restored from an older copy?).                  If skipping is acceptable, run `sitesync checkpoint reset --to-start`; otherwise resynchronise the sites from the archive first",
+                self.cfg.slot,
+                format_lsn(confirmed),
+                format_lsn(start.as_u64())
+            )));
+        }
+        let current: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| query_error("reading pg_current_wal_lsn()", e))?
+            .get(0);
+        let current = parse_lsn(&current).map_err(SourceError::operator)?;
+        if current < start.as_u64() {
+            return Err(SourceError::operator(format!(
+                "the server's WAL ends at {} but the checkpoint is at {}: this is not the server the checkpoint was written against                  (restored to an earlier point, or failed over to a replica that lags). New commits below the checkpoint would be skipped.                  Reset the checkpoint (`sitesync checkpoint reset --to-start`) once you know which events the other sites have",
+                format_lsn(current),
+                format_lsn(start.as_u64())
+            )));
         }
         Ok(())
     }
@@ -739,6 +761,27 @@ impl Source for PostgresSource {
                 }
             ),
         })
+    }
+
+    async fn probe(&self) -> Result<(), SourceError> {
+        let client = self.client().await?;
+        let streaming: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = $1 AND r.application_name = $2)",
+                &[&self.cfg.slot, &self.application_name],
+            )
+            .await
+            .map_err(|e| query_error("probing the replication connection", e))?
+            .get(0);
+        if streaming {
+            Ok(())
+        } else {
+            Err(SourceError::transient(format!(
+                "the server no longer streams slot {} to us: reconnecting",
+                self.cfg.slot
+            )))
+        }
     }
 
     async fn advance_to_latest(&self) -> Result<Position, SourceError> {

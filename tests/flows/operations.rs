@@ -12,6 +12,7 @@ use std::time::Duration;
 async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_rest_flows() {
     let site = Site::start(Options {
         database_extra: "outbox_table = \"public.loose_outbox\"".into(),
+        broker_extra: "max_message_bytes = 4096".into(),
         skip_init: true,
         ..Options::default()
     })
@@ -37,10 +38,12 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
              INSERT INTO loose_outbox (id, type, data) VALUES ('not-a-uuid', 'ok', '{{}}');
              INSERT INTO loose_outbox (id, type, data) VALUES ('{}', NULL, '{{}}');
              INSERT INTO loose_outbox (id, origin, type, data) VALUES ('{}', 'LONDON', 'ok', '{{}}');
+             INSERT INTO loose_outbox (id, type, data) VALUES ('{}', 'big', '{{\"blob\": \"' || repeat('x', 5000) || '\"}}');
              INSERT INTO loose_outbox (id, type, data) VALUES {};",
             good(1),
             uuid::Uuid::new_v4(),
             good(2),
+            uuid::Uuid::new_v4(),
             uuid::Uuid::new_v4(),
             uuid::Uuid::new_v4(),
             good(3),
@@ -50,7 +53,7 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
 
     let london = site.names.site("LONDON");
     site.wait_queue(&london, 3, Duration::from_secs(60)).await;
-    site.wait_queue(&site.names.dlq, 5, Duration::from_secs(60))
+    site.wait_queue(&site.names.dlq, 6, Duration::from_secs(60))
         .await;
     let events = site.drain(&london, 3, Duration::from_secs(30)).await;
     let data: Vec<String> = events
@@ -62,7 +65,7 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
     assert_eq!(seqs, vec![1, 2, 3], "dead letters take no seq");
 
     let dead = site
-        .drain(&site.names.dlq, 5, Duration::from_secs(30))
+        .drain(&site.names.dlq, 6, Duration::from_secs(30))
         .await;
     let reasons: Vec<String> = dead
         .iter()
@@ -74,6 +77,7 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
         "column `id` is `not-a-uuid`, not a UUID",
         "column `type` is NULL",
         "column `origin` is `LONDON` but this connector publishes for site `PARIS`",
+        "over broker.max_message_bytes (4096)",
     ]) {
         assert!(
             reason.contains(expected),
@@ -84,6 +88,11 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
     let body: serde_json::Value = serde_json::from_slice(&dead[1].body).unwrap();
     assert_eq!(body["data"], "{not json");
     assert!(dead.iter().all(|r| r.position.is_some()));
+    // Too large for the broker: the dead letter goes without its data.
+    let big: serde_json::Value = serde_json::from_slice(&dead[5].body).unwrap();
+    assert_eq!(big["type"], "big");
+    assert!(big["data"].is_null());
+    assert!(dead[5].body.len() < 4096);
     assert!(sidecar.log_text().contains("dead-letter queue"));
 }
 
@@ -335,4 +344,51 @@ async fn init_and_declare_are_idempotent_and_check_says_what_to_fix() {
             "the argument is named: {text}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_slot_moved_behind_the_sidecars_back_stops_it_until_an_explicit_reset() {
+    let site = Site::start(Options::default()).await;
+    let client = site.client().await;
+    let mut sidecar = site.spawn();
+    insert_tx(&client, 5, "a").await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 6),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("confirmed");
+    assert!(sidecar.terminate().await.success());
+
+    // Someone advances the slot while the sidecar is down: the rows in
+    // between would be skipped by the server without a word.
+    insert_tx(&client, 5, "skipped").await;
+    client
+        .batch_execute("SELECT pg_replication_slot_advance('sitesync_paris', pg_current_wal_lsn())")
+        .await
+        .unwrap();
+    let mut refused = site.spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains("replication slot `sitesync_paris` is at"),
+        "{log}"
+    );
+    assert!(
+        log.contains("sitesync checkpoint reset --to-start"),
+        "{log}"
+    );
+
+    site.ok(&["checkpoint", "reset", "--to-start", "--yes"])
+        .await;
+    let mut sidecar = site.spawn();
+    insert_tx(&client, 2, "after").await;
+    wait_for(
+        async || site.live().is_some_and(|ck| ck.next_seq == 3),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("streams again after the reset");
+    assert!(sidecar.terminate().await.success());
 }

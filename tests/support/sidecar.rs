@@ -67,6 +67,8 @@ pub struct Options {
     pub skip_init: bool,
     /// List an address where no broker listens before the real one.
     pub dead_broker_first: bool,
+    /// Extra lines for the `[broker]` table.
+    pub broker_extra: String,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
             database_extra: String::new(),
             skip_init: false,
             dead_broker_first: false,
+            broker_extra: String::new(),
         }
     }
 }
@@ -130,11 +133,12 @@ impl Site {
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),
                 opts.window,
+                opts.broker_extra,
                 checkpoints.join("paris").display()
             ),
         )
