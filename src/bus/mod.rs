@@ -16,6 +16,8 @@ pub enum BusError {
     /// virtual host): retrying will not help.
     #[error("every broker refused the connection: {}; check the user, password and virtual host in broker.urls", .attempts.join("; "))]
     Refused { attempts: Vec<String> },
+    #[error("{0}: no answer from the broker within {1:?}")]
+    Timeout(String, Duration),
     #[error("{context}: {source}")]
     Amqp {
         context: String,

@@ -183,6 +183,9 @@ async fn declare_objects(
     Ok(done)
 }
 
+/// How long a topology check may wait for the broker.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Checks with passive declarations that the exchanges and queues the
 /// publisher needs exist; nothing is created.
 ///
@@ -284,7 +287,19 @@ impl Verifier {
                 Ok::<_, String>(unbound)
             })
         });
-        let answers = futures_util::future::join_all(asks).await;
+        let answers = tokio::time::timeout(CHECK_TIMEOUT, futures_util::future::join_all(asks))
+            .await
+            .map_err(|_| {
+                // The channels may be stuck mid-declaration: start over next time.
+                BusError::Timeout("checking the topology".into(), CHECK_TIMEOUT)
+            });
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(e) => {
+                self.channels.iter_mut().for_each(|c| *c = None);
+                return Err(e);
+            }
+        };
         let mut missing = Vec::new();
         for (i, answer) in answers.into_iter().enumerate() {
             let (kind, name) = &self.objects[i];

@@ -1,8 +1,7 @@
 //! kill -9 of the sidecar: nothing lost, duplicates bounded by what was
 //! unconfirmed, and every event keeps its `seq` when it is republished.
 
-use crate::support::sidecar::{Options, Received, Site, insert_tx};
-use crate::support::wait_for;
+use crate::support::sidecar::{Options, Received, Site, insert_tx, spawn_writer};
 use sitesync::position::Position;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -47,14 +46,7 @@ async fn kill_9_mid_stream_loses_nothing_and_republished_events_keep_their_seq()
     let site = Site::start(Options::default()).await;
     let london = site.names.site("LONDON");
     let mut sidecar = site.spawn();
-    let writer_client = site.client().await;
-    let writer = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        for t in 0..120 {
-            ids.extend(insert_tx(&writer_client, 50, &format!("t{t}")).await);
-        }
-        ids
-    });
+    let writer = spawn_writer(site.client().await, 120, 50);
 
     // Crash twice while rows keep coming, restarting each time.
     for threshold in [1_500, 3_500] {
@@ -65,12 +57,8 @@ async fn kill_9_mid_stream_loses_nothing_and_republished_events_keep_their_seq()
     }
     let written: HashSet<String> = writer.await.unwrap().into_iter().collect();
     assert_eq!(written.len(), 6_000);
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 6_001),
-        Duration::from_secs(120),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("all 6,000 events confirmed: {e}\n{}", sidecar.log_tail()));
+    site.wait_checkpointed(6_000, Duration::from_secs(120))
+        .await;
     assert!(sidecar.terminate().await.success());
 
     let total = site.queue_len(&london).await as usize;
@@ -114,12 +102,8 @@ async fn a_huge_transaction_interrupted_halfway_resumes_after_its_confirmed_half
     );
 
     let mut sidecar = site.spawn();
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 100_001),
-        Duration::from_secs(300),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("all 100,000 events confirmed: {e}\n{}", sidecar.log_tail()));
+    site.wait_checkpointed(100_000, Duration::from_secs(300))
+        .await;
     assert!(sidecar.terminate().await.success());
     sidecar
         .wait_log(&format!("#{index} "), Duration::from_secs(1))

@@ -2,7 +2,6 @@
 //! show` and `checkpoint reset`.
 
 use crate::support::sidecar::{Options, Site, insert_tx};
-use crate::support::wait_for;
 use sitesync::checkpoint::CheckpointStore;
 use sitesync::position::Position;
 use std::collections::HashSet;
@@ -104,12 +103,7 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
     let client = site.client().await;
     let mut sidecar = site.spawn();
     let first: HashSet<String> = insert_tx(&client, 100, "first").await.into_iter().collect();
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 101),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("first 100 confirmed");
+    site.wait_checkpointed(100, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
     let old_epoch = site.stored().unwrap().epoch;
     let while_down: HashSet<String> = insert_tx(&client, 50, "down").await.into_iter().collect();
@@ -143,12 +137,7 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
         .await;
     assert!(out.contains("cannot rewind a slot"), "{out}");
     let mut sidecar = site.spawn();
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 51),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("the 50 rows the slot still held are published");
+    site.wait_checkpointed(50, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
     let after = site.stored().unwrap();
     assert!(after.epoch > old_epoch, "a reset starts a new epoch");
@@ -185,12 +174,7 @@ async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
     let client = site.client().await;
     let mut sidecar = site.spawn();
     insert_tx(&client, 10, "a").await;
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 11),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("confirmed");
+    site.wait_checkpointed(10, Duration::from_secs(60)).await;
 
     // While running: show reads the live file; reset is refused.
     let shown = site.ok(&["checkpoint", "show"]).await;
@@ -352,12 +336,7 @@ async fn a_slot_moved_behind_the_sidecars_back_stops_it_until_an_explicit_reset(
     let client = site.client().await;
     let mut sidecar = site.spawn();
     insert_tx(&client, 5, "a").await;
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 6),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("confirmed");
+    site.wait_checkpointed(5, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
 
     // Someone advances the slot while the sidecar is down: the rows in
@@ -384,11 +363,6 @@ async fn a_slot_moved_behind_the_sidecars_back_stops_it_until_an_explicit_reset(
         .await;
     let mut sidecar = site.spawn();
     insert_tx(&client, 2, "after").await;
-    wait_for(
-        async || site.live().is_some_and(|ck| ck.next_seq == 3),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("streams again after the reset");
+    site.wait_checkpointed(2, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
 }

@@ -69,6 +69,8 @@ pub struct Options {
     pub dead_broker_first: bool,
     /// Extra lines for the `[broker]` table.
     pub broker_extra: String,
+    /// Verify bindings through the management API (shared broker only).
+    pub management: bool,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
             skip_init: false,
             dead_broker_first: false,
             broker_extra: String::new(),
+            management: true,
         }
     }
 }
@@ -117,7 +120,7 @@ impl Site {
         let connector = dir.path().join("paris.toml");
         // The shared broker has the management plugin (scripts/ensure-rabbitmq.sh);
         // private nodes do not.
-        let management = if opts.amqp_url.is_none() {
+        let management = if opts.amqp_url.is_none() && opts.management {
             "management_url = \"http://127.0.0.1:15672\"\n"
         } else {
             ""
@@ -198,6 +201,22 @@ impl Site {
     /// The checkpoint a running sidecar last wrote (its `live.json`).
     pub fn live(&self) -> Option<Checkpoint> {
         sitesync::checkpoint::read_live(&self.store_dir()).map(|(_, ck)| ck)
+    }
+
+    /// Waits until the running sidecar has checkpointed `events` events of
+    /// the current epoch (its `next_seq` is `events + 1`).
+    pub async fn wait_checkpointed(&self, events: u64, timeout: Duration) {
+        let r = wait_for(
+            async || self.live().is_some_and(|ck| ck.next_seq == events + 1),
+            timeout,
+        )
+        .await;
+        if let Err(e) = r {
+            panic!(
+                "{events} events checkpointed: {e}; last checkpoint: {:?}",
+                self.live()
+            );
+        }
     }
 
     /// The durable checkpoint (the sidecar must be stopped).
@@ -473,4 +492,20 @@ pub async fn insert_tx(client: &Client, rows: usize, tag: &str) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// A writer task committing `txs` transactions of `rows` outbox rows each;
+/// yields every id written.
+pub fn spawn_writer(
+    client: Client,
+    txs: usize,
+    rows: usize,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut ids = Vec::with_capacity(txs * rows);
+        for t in 0..txs {
+            ids.extend(insert_tx(&client, rows, &format!("t{t}")).await);
+        }
+        ids
+    })
 }
