@@ -43,8 +43,10 @@ use tokio::sync::watch;
 pub enum RunError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A session failure that retrying cannot fix (slot missing, broker
+    /// refusing us, a topology object with other arguments…).
     #[error("{0}")]
-    Source(String),
+    NeedsOperator(String),
 }
 
 /// A stop request shared by the runner and its tasks.
@@ -52,7 +54,8 @@ pub enum RunError {
 pub struct Shutdown(watch::Receiver<bool>);
 
 impl Shutdown {
-    /// A shutdown that fires when `trigger` sends `true` (or is dropped).
+    /// A shutdown that fires when the returned sender sends `true` (or is
+    /// dropped: keep it alive).
     pub fn new() -> (watch::Sender<bool>, Shutdown) {
         let (tx, rx) = watch::channel(false);
         (tx, Shutdown(rx))
@@ -65,11 +68,6 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
-}
-
-/// How a session ended without error.
-enum SessionEnd {
-    Shutdown,
 }
 
 /// How a session failed.
@@ -167,13 +165,13 @@ pub async fn run<S: Source>(
         let before = store.load()?;
         let outcome = session(cfg, &source, &store, shutdown.clone()).await;
         match outcome {
-            Ok(SessionEnd::Shutdown) => {
+            Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(());
             }
             Err(e) if e.kind == ErrorKind::Operator => {
                 tracing::error!(error = %e.message, "stopping: this needs a person");
-                return Err(RunError::Source(e.message));
+                return Err(RunError::NeedsOperator(e.message));
             }
             Err(e) => {
                 if store.load()? != before {
@@ -215,7 +213,7 @@ async fn session<S: Source>(
     source: &S,
     store: &Arc<CheckpointStore>,
     mut shutdown: Shutdown,
-) -> Result<SessionEnd, SessionError> {
+) -> Result<(), SessionError> {
     let base = store.load()?.expect("written before the first session");
     let conn = bus::connect(
         &cfg.broker.urls,
@@ -279,10 +277,11 @@ async fn session<S: Source>(
 
     // `drain`: whether the confirms already in flight are worth waiting for
     // (they are after a source error or a shutdown, not after a broker failure).
-    let (end, drain): (Result<SessionEnd, SessionError>, bool) = loop {
+    // `end`: Ok means a shutdown was requested.
+    let (end, drain): (Result<(), SessionError>, bool) = loop {
         tokio::select! {
             biased;
-            _ = shutdown.wait() => break (Ok(SessionEnd::Shutdown), true),
+            _ = shutdown.wait() => break (Ok(()), true),
             done = &mut checkpointer => {
                 checkpointer_done = Some(done);
                 break (Err(SessionError::transient("the checkpointer stopped")), false);
@@ -330,7 +329,7 @@ async fn session<S: Source>(
                 // (a memory or disk alarm): stay responsive to SIGTERM.
                 let published = tokio::select! {
                     published = dispatch(change, &publisher, &numbering, &mut next_seq, &mut counters) => published,
-                    _ = shutdown.wait() => break (Ok(SessionEnd::Shutdown), true),
+                    _ = shutdown.wait() => break (Ok(()), true),
                 };
                 match published {
                     Ok(pending) => inflight.push_back(pending),
