@@ -19,7 +19,8 @@
 //! - [`source`]: the [`source::Source`] trait and one file per engine
 //!   ([`source::postgres`], with the pgoutput decoder in [`source::pgoutput`]).
 //! - [`bus`]: RabbitMQ connections with failover, [`bus::topology`]
-//!   (declare, verify) and [`bus::publisher`] (confirms, dead letters).
+//!   (declare, verify), [`bus::management`] (bindings, through the
+//!   management API) and [`bus::publisher`] (confirms, dead letters).
 //! - [`runner`]: the run loop: source → publisher → checkpointer, sessions
 //!   restarted from the checkpoint after any failure, clean drain on SIGTERM.
 //! - [`retry`]: capped exponential backoff with jitter.
