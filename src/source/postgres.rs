@@ -58,6 +58,18 @@ fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
+/// Runs one statement (or a batch) for `init`.
+async fn exec(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    context: &str,
+) -> Result<(), SourceError> {
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| query_error(context, e))
+}
+
 /// Classifies a tokio-postgres error.
 fn query_error(context: &str, e: tokio_postgres::Error) -> SourceError {
     let transient = match e.code() {
@@ -594,12 +606,14 @@ impl Source for PostgresSource {
         let pub_q = ident(&self.cfg.publication);
         match publication {
             None => {
-                client
-                    .batch_execute(&format!(
+                exec(
+                    &client,
+                    &format!(
                         "CREATE PUBLICATION {pub_q} FOR TABLE {outbox} WITH (publish = 'insert')"
-                    ))
-                    .await
-                    .map_err(|e| query_error("creating the publication", e))?;
+                    ),
+                    "creating the publication",
+                )
+                .await?;
                 done.push(format!(
                     "publication {}: created (inserts on {schema}.{table} only)",
                     self.cfg.publication
@@ -622,10 +636,12 @@ impl Source for PostgresSource {
                     .map_err(|e| query_error("reading pg_publication_tables", e))?
                     .get(0);
                 if !covers {
-                    client
-                        .batch_execute(&format!("ALTER PUBLICATION {pub_q} ADD TABLE {outbox}"))
-                        .await
-                        .map_err(|e| query_error("adding the outbox to the publication", e))?;
+                    exec(
+                        &client,
+                        &format!("ALTER PUBLICATION {pub_q} ADD TABLE {outbox}"),
+                        "adding the outbox to the publication",
+                    )
+                    .await?;
                     done.push(format!(
                         "publication {}: outbox table added",
                         self.cfg.publication
@@ -634,12 +650,12 @@ impl Source for PostgresSource {
                 let (ins, upd, del, tru): (bool, bool, bool, bool) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
                 if !ins || upd || del || tru {
-                    client
-                        .batch_execute(&format!(
-                            "ALTER PUBLICATION {pub_q} SET (publish = 'insert')"
-                        ))
-                        .await
-                        .map_err(|e| query_error("setting the publication to inserts only", e))?;
+                    exec(
+                        &client,
+                        &format!("ALTER PUBLICATION {pub_q} SET (publish = 'insert')"),
+                        "setting the publication to inserts only",
+                    )
+                    .await?;
                     done.push(format!(
                         "publication {}: set to publish inserts only",
                         self.cfg.publication
