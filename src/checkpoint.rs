@@ -15,6 +15,7 @@
 //! and a process lock (`sitesync.lock`, holding the pid) keeps a second
 //! sidecar out with a clear message.
 
+use crate::event::Clock;
 use crate::position::Position;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,9 @@ pub struct Checkpoint {
     pub epoch: u64,
     /// The `seq` the next event gets.
     pub next_seq: u64,
+    /// The timestamp the last event got (timestamps only grow).
+    #[serde(default)]
+    pub last_ts: Option<DateTime<Utc>>,
     pub written_at: DateTime<Utc>,
 }
 
@@ -53,18 +57,28 @@ impl Checkpoint {
             resume,
             epoch: millis.max(previous_epoch.map_or(0, |e| e + 1)),
             next_seq: 1,
+            last_ts: None,
             written_at: now,
         }
     }
 
-    /// The same epoch, moved to `resume` with `next_seq`.
-    pub fn advanced(&self, resume: Position, next_seq: u64) -> Checkpoint {
+    /// The same epoch, moved to `resume` with `clock`.
+    pub fn advanced(&self, resume: Position, clock: Clock) -> Checkpoint {
         Checkpoint {
             format: FORMAT,
             resume: Some(resume),
             epoch: self.epoch,
-            next_seq,
+            next_seq: clock.next_seq,
+            last_ts: clock.last_ts,
             written_at: Utc::now(),
+        }
+    }
+
+    /// How the next event is numbered and timed.
+    pub fn clock(&self) -> Clock {
+        Clock {
+            next_seq: self.next_seq,
+            last_ts: self.last_ts,
         }
     }
 
@@ -277,7 +291,11 @@ impl CheckpointStore {
                 ),
                 (None, _) => false,
             };
-            if backward || next.epoch != current.epoch || next.next_seq < current.next_seq {
+            if backward
+                || next.epoch != current.epoch
+                || next.next_seq < current.next_seq
+                || next.last_ts < current.last_ts
+            {
                 return Err(CheckpointError::Regression {
                     dir: self.dir.clone(),
                     current: describe(&current),
@@ -381,6 +399,13 @@ mod tests {
         Position::Postgres { lsn, index }
     }
 
+    fn clk(next_seq: u64) -> Clock {
+        Clock {
+            next_seq,
+            last_ts: None,
+        }
+    }
+
     #[tokio::test]
     async fn commit_and_reload() {
         let d = dir("reload");
@@ -388,7 +413,7 @@ mod tests {
         assert_eq!(store.load().unwrap(), None);
         let ck = Checkpoint::new_epoch(None, None);
         store.reset(&ck).await.unwrap();
-        let next = ck.advanced(pg(100, 2), 5);
+        let next = ck.advanced(pg(100, 2), clk(5));
         store.commit(&next).await.unwrap();
         drop(store);
         let store = CheckpointStore::open(&d, "hint".into()).unwrap();
@@ -402,7 +427,10 @@ mod tests {
         let store = CheckpointStore::open(&d, "hint".into()).unwrap();
         let ck = Checkpoint::new_epoch(Some(pg(100, 0)), None);
         store.reset(&ck).await.unwrap();
-        let err = store.commit(&ck.advanced(pg(99, 9), 2)).await.unwrap_err();
+        let err = store
+            .commit(&ck.advanced(pg(99, 9), clk(2)))
+            .await
+            .unwrap_err();
         assert!(matches!(err, CheckpointError::Regression { .. }), "{err}");
         assert!(err.to_string().contains("backward"), "{err}");
         let other_engine = ck.advanced(
@@ -410,14 +438,17 @@ mod tests {
                 scn: 1000,
                 index: 0,
             },
-            2,
+            clk(2),
         );
         assert!(store.commit(&other_engine).await.is_err());
-        let mut new_epoch = ck.advanced(pg(200, 0), 2);
+        let mut new_epoch = ck.advanced(pg(200, 0), clk(2));
         new_epoch.epoch += 1;
         assert!(store.commit(&new_epoch).await.is_err());
         // Same position again is fine (an idle re-commit).
-        store.commit(&ck.advanced(pg(100, 0), 1)).await.unwrap();
+        store
+            .commit(&ck.advanced(pg(100, 0), clk(1)))
+            .await
+            .unwrap();
         let reset = Checkpoint::new_epoch(Some(pg(1, 0)), Some(ck.epoch));
         assert!(reset.epoch > ck.epoch);
         store.reset(&reset).await.unwrap();

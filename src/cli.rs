@@ -8,7 +8,9 @@ use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, desc
 use crate::checks::{Check, Status};
 use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig, redact_url};
 use crate::position::Position;
-use crate::runner::{self, Shutdown};
+use crate::runner::Shutdown;
+use crate::sidecar;
+use crate::sink::postgres::PostgresTarget;
 use crate::source::postgres::PostgresSource;
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -195,8 +197,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,lapin=off,tokio_postgres=warn")
     });
+    // Colours only on a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -278,15 +282,23 @@ async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Fa
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    runner::run(cfg, source, shutdown)
+    let target = match cfg.sink.enabled {
+        true => Some(PostgresTarget::new(cfg).map_err(fail)?),
+        false => None,
+    };
+    sidecar::run(cfg, source, target, shutdown)
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(fail)?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn init<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
+        println!("  {line}");
+    }
+    let target = PostgresTarget::new(cfg).map_err(fail)?;
+    for line in target.init().await.map_err(|e| fail(e.message))? {
         println!("  {line}");
     }
     println!(

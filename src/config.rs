@@ -11,7 +11,7 @@
 //! the sidecar's working directory: run it from the project's top directory,
 //! or write absolute paths.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,6 +86,7 @@ pub struct ConnectorConfig {
     pub checkpoint: CheckpointConfig,
     pub retry: RetryConfig,
     pub shutdown: ShutdownConfig,
+    pub sink: SinkConfig,
     /// The shared topology, loaded from `broker.topology`.
     pub topology: TopologyConfig,
 }
@@ -142,6 +143,189 @@ impl BrokerConfig {
     pub fn management(&self) -> Option<crate::bus::management::Management> {
         let url = self.management_url.as_ref()?;
         crate::bus::management::Management::new(url, self.urls.first()?).ok()
+    }
+}
+
+/// The sink: this site's queue applied to this database.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Whether `run` consumes this site's queue (default true).
+    pub enabled: bool,
+    /// Unacknowledged messages the broker may send ahead.
+    pub prefetch: u16,
+    /// A batch closes at this many messages…
+    pub batch_size: usize,
+    /// …or this long after its first message.
+    pub batch_timeout: Duration,
+    /// Attempts at a message that fails on its own (a constraint, a type)
+    /// before it goes to the dead-letter queue.
+    pub max_attempts: u32,
+    /// What to do with an event type no route names.
+    pub unrouted: Unrouted,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrouted {
+    DeadLetter,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Upsert,
+    Delete,
+}
+
+/// How events of one type become rows of one table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// The event `type` this route applies.
+    pub kind: String,
+    /// Target table, optionally schema-qualified.
+    pub table: String,
+    /// The table's key columns (after renaming).
+    pub key: Vec<String>,
+    pub operation: Operation,
+    /// Event field → column, for fields whose column has another name.
+    pub rename: BTreeMap<String, String>,
+    /// Event fields not written.
+    pub drop: Vec<String>,
+    /// Columns set to a constant on every write.
+    pub constants: BTreeMap<String, serde_json::Value>,
+}
+
+impl Route {
+    /// The column an event field goes to, or `None` if it is dropped.
+    pub fn column_of<'a>(&'a self, field: &'a str) -> Option<&'a str> {
+        if self.drop.iter().any(|d| d == field) {
+            None
+        } else {
+            Some(self.rename.get(field).map(String::as_str).unwrap_or(field))
+        }
+    }
+
+    /// The event field a column is read from (the reverse of `rename`).
+    pub fn field_of<'a>(&'a self, column: &'a str) -> &'a str {
+        self.rename
+            .iter()
+            .find(|(_, c)| c.as_str() == column)
+            .map(|(f, _)| f.as_str())
+            .unwrap_or(column)
+    }
+
+    /// `(schema, table)`, schema defaulting to `public`.
+    pub fn table_parts(&self) -> (&str, &str) {
+        match self.table.split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("public", self.table.as_str()),
+        }
+    }
+}
+
+impl SinkConfig {
+    pub fn route(&self, kind: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.kind == kind)
+    }
+}
+
+fn is_sql_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !text.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
+    let enabled = r.boolean("enabled").unwrap_or(true);
+    let prefetch = r
+        .integer("prefetch", 1..=65_535, "a number of messages")
+        .unwrap_or(1000) as u16;
+    let batch_size = r
+        .integer("batch_size", 1..=100_000, "a number of messages")
+        .unwrap_or(500) as usize;
+    let batch_timeout = r.millis("batch_timeout_ms", 20, 60_000);
+    let max_attempts = r
+        .integer("max_attempts", 1..=1000, "a number of attempts")
+        .unwrap_or(3) as u32;
+    let unrouted = match r
+        .string("unrouted", false, "\"dead-letter\" or \"skip\"")
+        .as_deref()
+    {
+        None | Some("dead-letter") => Unrouted::DeadLetter,
+        Some("skip") => Unrouted::Skip,
+        Some(other) => {
+            r.problem(
+                "unrouted",
+                format!("`{other}` is not a policy; expected \"dead-letter\" or \"skip\""),
+            );
+            Unrouted::DeadLetter
+        }
+    };
+    let routes = r.table_array("routes", |t| {
+        let kind = t.string("type", true, "the event type, e.g. \"customer.upsert\"").unwrap_or_default();
+        let table = t.string("table", true, "the target table, e.g. \"public.customer\"").unwrap_or_default();
+        if !table.is_empty() && !table.split('.').all(is_sql_name) {
+            t.problem("table", format!("`{table}` is not a table name: expected [schema.]table with letters, digits and _"));
+        }
+        let key = t.strings("key", "key column names").unwrap_or_default();
+        if key.is_empty() {
+            t.problem("key", "missing; expected the key columns, e.g. [\"id\"]");
+        }
+        let operation = match t.string("operation", false, "\"upsert\" or \"delete\"").as_deref() {
+            None | Some("upsert") => Operation::Upsert,
+            Some("delete") => Operation::Delete,
+            Some(other) => {
+                t.problem("operation", format!("`{other}` is not an operation; expected \"upsert\" or \"delete\""));
+                Operation::Upsert
+            }
+        };
+        let rename = t.string_map("rename", "a column name");
+        let drop = t.strings("drop", "field names").unwrap_or_default();
+        let constants = t.value_map("constants");
+        for name in key
+            .iter()
+            .chain(rename.keys())
+            .chain(rename.values())
+            .chain(drop.iter())
+            .chain(constants.keys())
+        {
+            if !is_sql_name(name) {
+                t.problem("", format!("`{name}` is not a usable field or column name (letters, digits and _)"));
+            }
+        }
+        for k in &key {
+            if constants.contains_key(k) {
+                t.problem("constants", format!("key column `{k}` cannot be a constant"));
+            }
+        }
+        Route {
+            kind,
+            table,
+            key,
+            operation,
+            rename,
+            drop,
+            constants,
+        }
+    });
+    let mut seen = BTreeSet::new();
+    for (i, route) in routes.iter().enumerate() {
+        if !route.kind.is_empty() && !seen.insert(route.kind.clone()) {
+            r.problem(
+                &format!("routes[{i}].type"),
+                format!("type `{}` has two routes", route.kind),
+            );
+        }
+    }
+    SinkConfig {
+        enabled,
+        prefetch,
+        batch_size,
+        batch_timeout,
+        max_attempts,
+        unrouted,
+        routes,
     }
 }
 
@@ -322,6 +506,108 @@ impl<'a> Reader<'a> {
                 None
             }
         }
+    }
+
+    fn boolean(&mut self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            Value::Boolean(b) => Some(*b),
+            other => {
+                self.problem(
+                    key,
+                    format!("expected true or false, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// A table of strings (`{ username = "user_name" }`).
+    fn string_map(&mut self, key: &str, what: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        match self.get(key) {
+            None => {}
+            Some(Value::Table(t)) => {
+                for (k, v) in t {
+                    match v {
+                        Value::String(s) => {
+                            out.insert(k.clone(), s.clone());
+                        }
+                        other => self.problem(
+                            &format!("{key}.{k}"),
+                            format!("expected {what}, found {}", other.type_str()),
+                        ),
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                key,
+                format!(
+                    "expected a table such as {{ field = \"column\" }}, found {}",
+                    other.type_str()
+                ),
+            ),
+        }
+        out
+    }
+
+    /// A table of values, as JSON (`{ source = "sitesync", version = 2 }`).
+    fn value_map(&mut self, key: &str) -> BTreeMap<String, serde_json::Value> {
+        let mut out = BTreeMap::new();
+        match self.get(key) {
+            None => {}
+            Some(Value::Table(t)) => {
+                for (k, v) in t {
+                    match serde_json::to_value(v) {
+                        Ok(json) => {
+                            out.insert(k.clone(), json);
+                        }
+                        Err(e) => self.problem(
+                            &format!("{key}.{k}"),
+                            format!("not representable as JSON: {e}"),
+                        ),
+                    }
+                }
+            }
+            Some(other) => self.problem(
+                key,
+                format!(
+                    "expected a table such as {{ column = value }}, found {}",
+                    other.type_str()
+                ),
+            ),
+        }
+        out
+    }
+
+    /// An array of tables (`[[sink.routes]]`), each read by `f`.
+    fn table_array<T>(&mut self, key: &str, mut f: impl FnMut(&mut Reader<'_>) -> T) -> Vec<T> {
+        let prefix = self.key(key);
+        let items = match self.get(key) {
+            None => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("expected [[{prefix}]] tables, found {}", other.type_str()),
+                );
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item {
+                Value::Table(t) => {
+                    let mut sub = Reader::new(t, &format!("{prefix}[{i}]"), self.problems);
+                    out.push(f(&mut sub));
+                    sub.finish();
+                }
+                other => self.problem(
+                    &format!("{key}[{i}]"),
+                    format!("expected a table, found {}", other.type_str()),
+                ),
+            }
+        }
+        out
     }
 
     /// A sub-table, read by `f`; an absent table reads as empty.
@@ -583,6 +869,7 @@ impl ConnectorConfig {
         let shutdown = r.section("shutdown", |c| ShutdownConfig {
             drain_timeout: c.millis("drain_timeout_ms", 10_000, 600_000),
         });
+        let sink = r.section("sink", read_sink);
         r.finish();
 
         let topology = match TopologyConfig::load(&topology_path) {
@@ -622,6 +909,7 @@ impl ConnectorConfig {
                 checkpoint,
                 retry,
                 shutdown,
+                sink,
                 topology,
             }),
             _ => Err(ConfigErrors {

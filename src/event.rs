@@ -46,6 +46,39 @@ impl Event {
     }
 }
 
+/// How an origin numbers and times its events, in commit order: the `seq`
+/// the next event gets, and the timestamp the last one got. Kept with the
+/// checkpoint, so an event republished after a crash gets the same numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    pub next_seq: u64,
+    pub last_ts: Option<DateTime<Utc>>,
+}
+
+impl Clock {
+    /// An event's timestamp: when it was written, but at least a
+    /// microsecond after the origin's previous event, so that timestamps
+    /// follow commit order strictly and last-writer-wins on `(timestamp,
+    /// origin)` agrees with each origin's own order. (Commit times are
+    /// taken before the commit record is ordered in the log: two
+    /// transactions committing together can come out a microsecond apart
+    /// in the wrong order.)
+    pub fn timestamp_for(&self, written: DateTime<Utc>) -> DateTime<Utc> {
+        match self.last_ts {
+            Some(last) if written <= last => last + chrono::Duration::microseconds(1),
+            _ => written,
+        }
+    }
+
+    /// The clock once `event` is published.
+    pub fn after(&self, event: &Event) -> Clock {
+        Clock {
+            next_seq: event.seq + 1,
+            last_ts: Some(event.timestamp),
+        }
+    }
+}
+
 /// The outbox columns of one inserted row, as text, before validation.
 ///
 /// Sources fill it from their log; `None` is SQL NULL.
@@ -58,8 +91,9 @@ pub struct OutboxRow {
     pub kind: Option<String>,
     pub entity_key: Option<String>,
     pub data: Option<String>,
-    /// When the transaction committed, from the log: stands in for a NULL
-    /// `created_at`, so the timestamp stays deterministic across republishes.
+    /// When the transaction committed, from the log: the event's timestamp
+    /// (before the clock's adjustment). `created_at` stands in where a log
+    /// does not give it.
     #[serde(skip)]
     pub commit_time: Option<DateTime<Utc>>,
 }
@@ -94,7 +128,7 @@ impl OutboxRow {
     /// the caller, which numbers only rows that do become events. The row is
     /// borrowed so that, when it is refused, it can still go whole to the
     /// dead-letter queue.
-    pub fn to_event(&self, site: &str, epoch: u64, seq: u64) -> Result<Event, RowError> {
+    pub fn to_event(&self, site: &str, epoch: u64, clock: &Clock) -> Result<Event, RowError> {
         let id_text = self.id.as_deref().ok_or(RowError::Null("id"))?;
         let id =
             Uuid::parse_str(id_text.trim()).map_err(|_| RowError::BadId(id_text.to_string()))?;
@@ -112,13 +146,16 @@ impl OutboxRow {
                 });
             }
         };
-        let timestamp = match (self.created_at.as_deref(), self.commit_time) {
-            (Some(text), _) => {
+        // The commit time where the log gives it (the last *committed*
+        // writer wins), else what the application wrote.
+        let written = match (self.commit_time, self.created_at.as_deref()) {
+            (Some(commit), _) => commit,
+            (None, Some(text)) => {
                 parse_timestamp(text).ok_or_else(|| RowError::BadTimestamp(text.to_string()))?
             }
-            (None, Some(commit)) => commit,
             (None, None) => return Err(RowError::Null("created_at")),
         };
+        let timestamp = clock.timestamp_for(written);
         let data_text = self.data.as_deref().ok_or(RowError::Null("data"))?;
         let data: Box<RawValue> =
             serde_json::from_str(data_text).map_err(|e| RowError::BadJson(e.to_string()))?;
@@ -133,7 +170,7 @@ impl OutboxRow {
             entity_key: self.entity_key.clone(),
             data,
             epoch,
-            seq,
+            seq: clock.next_seq,
         })
     }
 
@@ -169,6 +206,13 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 mod tests {
     use super::*;
 
+    fn clock(next_seq: u64) -> Clock {
+        Clock {
+            next_seq,
+            last_ts: None,
+        }
+    }
+
     fn row() -> OutboxRow {
         OutboxRow {
             id: Some("7f1d8a5e-3c2b-4a8e-9f00-0123456789ab".into()),
@@ -183,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_good_row_becomes_an_event_with_its_payload_untouched() {
-        let e = row().to_event("PARIS", 7, 3).unwrap();
+        let e = row().to_event("PARIS", 7, &clock(3)).unwrap();
         assert_eq!(e.id.to_string(), "7f1d8a5e-3c2b-4a8e-9f00-0123456789ab");
         assert_eq!(e.timestamp.to_rfc3339(), "2026-11-23T16:11:28.123456+00:00");
         assert_eq!(e.data.get(), r#"{"name": "Zoé", "n": 1}"#);
@@ -253,31 +297,58 @@ mod tests {
             ),
         ];
         for (row, expected) in cases {
-            assert_eq!(row.to_event("PARIS", 1, 1).unwrap_err(), expected);
+            assert_eq!(row.to_event("PARIS", 1, &clock(1)).unwrap_err(), expected);
         }
         let err = OutboxRow {
             data: Some("{not json".into()),
             ..row()
         }
-        .to_event("PARIS", 1, 1)
+        .to_event("PARIS", 1, &clock(1))
         .unwrap_err();
         assert!(matches!(err, RowError::BadJson(_)), "{err}");
         assert!(err.to_string().contains("not valid JSON"));
     }
 
     #[test]
-    fn null_origin_is_this_site_and_null_created_at_is_the_commit_time() {
+    fn null_origin_is_this_site_and_the_commit_time_wins_over_created_at() {
         let commit = parse_timestamp("2026-01-02T03:04:05Z").unwrap();
         let e = OutboxRow {
             origin: None,
-            created_at: None,
             commit_time: Some(commit),
             ..row()
         }
-        .to_event("PARIS", 1, 1)
+        .to_event("PARIS", 1, &clock(1))
         .unwrap();
         assert_eq!(e.origin, "PARIS");
         assert_eq!(e.timestamp, commit);
+        // Without a commit time (a log that lacks it), created_at it is.
+        let e = row().to_event("PARIS", 1, &clock(1)).unwrap();
+        assert_eq!(e.timestamp.to_rfc3339(), "2026-11-23T16:11:28.123456+00:00");
+    }
+
+    #[test]
+    fn timestamps_follow_the_origins_commit_order_strictly() {
+        let t = |s: &str| parse_timestamp(s).unwrap();
+        let mut c = clock(1);
+        // A transaction that committed later with an earlier clock reading
+        // is moved just past its predecessor.
+        for (written, expected) in [
+            ("2026-01-01T00:00:10Z", "2026-01-01T00:00:10Z"),
+            ("2026-01-01T00:00:05Z", "2026-01-01T00:00:10.000001Z"),
+            ("2026-01-01T00:00:10.000001Z", "2026-01-01T00:00:10.000002Z"),
+            ("2026-01-01T00:00:11Z", "2026-01-01T00:00:11Z"),
+        ] {
+            let e = OutboxRow {
+                commit_time: Some(t(written)),
+                ..row()
+            }
+            .to_event("PARIS", 1, &c)
+            .unwrap();
+            assert_eq!(e.timestamp, t(expected), "written at {written}");
+            assert_eq!(e.seq, c.next_seq);
+            c = c.after(&e);
+        }
+        assert_eq!(c.next_seq, 5);
     }
 
     #[test]

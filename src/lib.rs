@@ -23,6 +23,10 @@
 //!   management API) and [`bus::publisher`] (confirms, dead letters).
 //! - [`runner`]: the run loop: source → publisher → checkpointer, sessions
 //!   restarted from the checkpoint after any failure, clean drain on SIGTERM.
+//! - [`sidecar`]: the source and the sink of one site, run side by side.
+//! - [`sink`]: this site's queue applied to its database (batches, inbox,
+//!   last-writer-wins, gaps, dead letters), [`sink::postgres`] for PostgreSQL
+//!   and [`sink::mapping`] for routes.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
 
@@ -35,4 +39,6 @@ pub mod event;
 pub mod position;
 pub mod retry;
 pub mod runner;
+pub mod sidecar;
+pub mod sink;
 pub mod source;

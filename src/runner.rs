@@ -26,7 +26,7 @@ use crate::bus::topology::{TopologyError, Verifier};
 use crate::bus::{self, BusError, Link};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::config::ConnectorConfig;
-use crate::event::RowError;
+use crate::event::{Clock, RowError};
 use crate::position::Position;
 use crate::retry::Backoff;
 use crate::source::{Change, ChangeStream, ErrorKind, Source, SourceError};
@@ -141,8 +141,8 @@ struct Settled {
     result: Result<(), PublishFailure>,
     /// Resume point once this item is done.
     resume: Position,
-    /// `seq` of the next event once this item is done.
-    next_seq: u64,
+    /// The origin's clock once this item is done.
+    clock: Clock,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Settled> + Send>>;
@@ -153,7 +153,11 @@ pub async fn run<S: Source>(
     source: S,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
-    let store = Arc::new(open_store(cfg).await?);
+    let mut standby = shutdown.clone();
+    let Some(store) = open_store(cfg, &mut standby).await? else {
+        return Ok(());
+    };
+    let store = Arc::new(store);
     if store.load()?.is_none() {
         let first = Checkpoint::new_epoch(None, None);
         store.reset(&first).await?;
@@ -194,19 +198,39 @@ pub async fn run<S: Source>(
     }
 }
 
-/// Opens the checkpoint store, waiting a few seconds if it is locked: a
-/// `sitesync check` or `checkpoint show` holds the lock for a moment.
-async fn open_store(cfg: &ConnectorConfig) -> Result<CheckpointStore, CheckpointError> {
-    let deadline = Instant::now() + Duration::from_secs(5);
+/// Opens the checkpoint store. While another sidecar holds it, this one is
+/// the standby: it waits, and takes over as soon as the lock is free (the
+/// OS releases it when the holder dies). `None` if told to stop meanwhile.
+async fn open_store(
+    cfg: &ConnectorConfig,
+    shutdown: &mut Shutdown,
+) -> Result<Option<CheckpointStore>, CheckpointError> {
+    let mut announced = false;
     loop {
         match CheckpointStore::open(&cfg.checkpoint.dir, reset_hint(&cfg.file)) {
-            Err(CheckpointError::InUse { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(CheckpointError::InUse { pid, .. }) => {
+                if !announced {
+                    tracing::info!(connector = %cfg.name, active = %pid, store = %cfg.checkpoint.dir.display(), "standby: another sitesync holds the checkpoint store; taking over when it stops");
+                    announced = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(STANDBY_POLL) => {}
+                    _ = shutdown.wait() => return Ok(None),
+                }
             }
-            other => return other,
+            Ok(store) => {
+                if announced {
+                    tracing::info!(connector = %cfg.name, "taking over: the checkpoint store is ours");
+                }
+                return Ok(Some(store));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
+
+/// How often a standby tries the checkpoint store's lock.
+const STANDBY_POLL: Duration = Duration::from_millis(250);
 
 async fn session<S: Source>(
     cfg: &ConnectorConfig,
@@ -244,7 +268,7 @@ async fn session<S: Source>(
         "streaming"
     );
 
-    let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(Position, u64)>>(None);
+    let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(Position, Clock)>>(None);
     let (durable_tx, mut durable_rx) = watch::channel::<Option<Position>>(None);
     let mut checkpointer = tokio::spawn(checkpointer(
         store.clone(),
@@ -266,7 +290,7 @@ async fn session<S: Source>(
     let mut last_change = Instant::now();
     let blocked_log = tokio::spawn(log_flow_control(conn.events_listener(), cfg.name.clone()));
     let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
-    let mut next_seq = base.next_seq;
+    let mut clock = base.clock();
     let window = cfg.broker.publisher_window;
     let mut counters = Counters::default();
     let mut report =
@@ -286,10 +310,10 @@ async fn session<S: Source>(
                 checkpointer_done = Some(done);
                 break (Err(SessionError::transient("the checkpointer stopped")), false);
             }
-            _ = report.tick() => counters.report(&cfg.name, next_seq),
+            _ = report.tick() => counters.report(&cfg.name, clock.next_seq),
             Some(settled) = inflight.next(), if !inflight.is_empty() => {
                 match settled.result {
-                    Ok(()) => { confirmed_tx.send_replace(Some((settled.resume, settled.next_seq))); }
+                    Ok(()) => { confirmed_tx.send_replace(Some((settled.resume, settled.clock))); }
                     Err(failure) => {
                         if matches!(failure, PublishFailure::Returned { .. }) {
                             // lapin hands a returned message to whichever
@@ -328,7 +352,7 @@ async fn session<S: Source>(
                 // A publish waits while the broker blocks the connection
                 // (a memory or disk alarm): stay responsive to SIGTERM.
                 let published = tokio::select! {
-                    published = dispatch(change, &publisher, &numbering, &mut next_seq, &mut counters) => published,
+                    published = dispatch(change, &publisher, &numbering, &mut clock, &mut counters) => published,
                     _ = shutdown.wait() => break (Ok(()), true),
                 };
                 match published {
@@ -347,8 +371,8 @@ async fn session<S: Source>(
             tokio::select! {
                 settled = inflight.next() => match settled {
                     None => break,
-                    Some(Settled { result: Ok(()), resume, next_seq }) => {
-                        confirmed_tx.send_replace(Some((resume, next_seq)));
+                    Some(Settled { result: Ok(()), resume, clock }) => {
+                        confirmed_tx.send_replace(Some((resume, clock)));
                     }
                     Some(Settled { result: Err(e), .. }) => {
                         tracing::warn!(error = %e, "while draining; the rest is republished on the next start");
@@ -411,22 +435,22 @@ async fn dispatch(
     change: Change,
     publisher: &Publisher,
     ctx: &Numbering<'_>,
-    next_seq: &mut u64,
+    clock: &mut Clock,
     counters: &mut Counters,
 ) -> Result<Pending, SessionError> {
     let resume = change.resume_after();
     let Change::Row { position, row } = change else {
-        let seq_after = *next_seq;
+        let after = *clock;
         return Ok(Box::pin(async move {
             Settled {
                 result: Ok(()),
                 resume,
-                next_seq: seq_after,
+                clock: after,
             }
         }));
     };
     let event = match &row {
-        Ok(r) => r.to_event(ctx.site, ctx.epoch, *next_seq),
+        Ok(r) => r.to_event(ctx.site, ctx.epoch, clock),
         Err(e) => Err(e.clone()),
     }
     .and_then(|event| {
@@ -446,7 +470,7 @@ async fn dispatch(
                 .publish(&event, &body, &position)
                 .await
                 .map_err(|e| SessionError::transient(format!("publishing: {e}")))?;
-            *next_seq += 1;
+            *clock = clock.after(&event);
             counters.events += 1;
             (confirm, Published::Event(event.id, position))
         }
@@ -460,12 +484,12 @@ async fn dispatch(
             (confirm, Published::DeadLetter(position))
         }
     };
-    let seq_after = *next_seq;
+    let after = *clock;
     Ok(Box::pin(async move {
         Settled {
             result: settle(confirm.await, || what.to_string()),
             resume,
-            next_seq: seq_after,
+            clock: after,
         }
     }))
 }
@@ -520,7 +544,7 @@ async fn checkpointer(
     conn: Link,
     mut verifier: Verifier,
     check_every: Duration,
-    mut confirmed: watch::Receiver<Option<(Position, u64)>>,
+    mut confirmed: watch::Receiver<Option<(Position, Clock)>>,
     durable: watch::Sender<Option<Position>>,
 ) -> Result<Checkpoint, SessionError> {
     let mut written = base;
@@ -541,7 +565,7 @@ async fn checkpointer(
             }
         };
         let target = confirmed.borrow_and_update().clone();
-        if let Some((resume, next_seq)) = target
+        if let Some((resume, clock)) = target
             && written.resume.as_ref() != Some(&resume)
         {
             // A broker that is gone cannot be verified: on the final
@@ -550,7 +574,7 @@ async fn checkpointer(
             match verifier.verify(&conn).await {
                 Ok(()) => {
                     let verified = began.elapsed();
-                    let next = written.advanced(resume.clone(), next_seq);
+                    let next = written.advanced(resume.clone(), clock);
                     store.commit(&next).await?;
                     tracing::trace!(?verified, committed = ?(began.elapsed() - verified), %resume, "checkpoint cycle");
                     written = next;

@@ -23,6 +23,11 @@ pub const HEADER_SEQ: &str = "x-sitesync-seq";
 pub const HEADER_REASON: &str = "x-sitesync-reason";
 pub const HEADER_SITE: &str = "x-sitesync-site";
 pub const HEADER_STAGE: &str = "x-sitesync-stage";
+/// Sink dead letters: how many attempts failed, and when the last did.
+pub const HEADER_ATTEMPTS: &str = "x-sitesync-attempts";
+pub const HEADER_FAILED_AT: &str = "x-sitesync-failed-at";
+/// Set on a message `sitesync dlq requeue` sent back.
+pub const HEADER_REQUEUED: &str = "x-sitesync-requeued";
 /// Dead letters too large for the broker go without `data`: its size.
 pub const HEADER_DATA_OMITTED: &str = "x-sitesync-data-omitted-bytes";
 
@@ -174,6 +179,46 @@ impl Publisher {
                 "".into(),
                 Self::options(),
                 &body,
+                props,
+            )
+            .await
+    }
+
+    /// Sends a message the sink could not apply to the dead-letter
+    /// exchange: the original body and properties, plus headers with the
+    /// reason, the attempt count, this site and when.
+    pub async fn dead_letter_message(
+        &self,
+        original: &lapin::message::Delivery,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        let mut headers = original.properties.headers().clone().unwrap_or_default();
+        headers.insert(HEADER_REASON.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            HEADER_SITE.into(),
+            AMQPValue::LongString(self.site.as_str().into()),
+        );
+        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString("sink".into()));
+        headers.insert(
+            HEADER_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(attempts as i64),
+        );
+        headers.insert(
+            HEADER_FAILED_AT.into(),
+            AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
+        );
+        let props = original
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        self.channel
+            .basic_publish(
+                self.dead_letter_exchange.clone(),
+                "".into(),
+                Self::options(),
+                &original.data,
                 props,
             )
             .await

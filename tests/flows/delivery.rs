@@ -134,17 +134,49 @@ async fn ten_thousand_rows_from_four_writers_arrive_everywhere_in_commit_order()
 }
 
 #[tokio::test]
-async fn a_second_sidecar_on_the_same_store_is_told_who_holds_it() {
+async fn a_second_sidecar_waits_as_standby_and_takes_over_when_the_first_dies() {
     let site = Site::start(Options::default()).await;
-    let first = site.spawn();
+    let london = site.names.site("LONDON");
+    let client = site.client().await;
+    let mut first = site.spawn();
     first.wait_log("streaming", Duration::from_secs(30)).await;
-    let mut second = site.spawn();
-    let status = second.wait_exit(Duration::from_secs(30)).await;
-    assert!(!status.success());
-    let log = second.log_text();
+    let standby = site.spawn();
+    standby
+        .wait_log(
+            "standby: another sitesync holds the checkpoint store",
+            Duration::from_secs(30),
+        )
+        .await;
     assert!(
-        log.contains(&format!("in use by another sitesync (pid {})", first.pid())),
-        "{log}"
+        standby
+            .log_text()
+            .contains(&format!("active={}", first.pid())),
+        "{}",
+        standby.log_tail()
+    );
+    let mut written: HashSet<String> = insert_tx(&client, 100, "before")
+        .await
+        .into_iter()
+        .collect();
+    site.wait_checkpointed(100, Duration::from_secs(30)).await;
+
+    first.kill9();
+    standby
+        .wait_log("taking over", Duration::from_secs(10))
+        .await;
+    written.extend(insert_tx(&client, 100, "after").await);
+    site.wait_checkpointed(200, Duration::from_secs(30)).await;
+    let total = site.queue_len(&london).await as usize;
+    let got = site.drain(&london, total, Duration::from_secs(30)).await;
+    let ids: HashSet<String> = got.iter().map(|r| r.event().id.to_string()).collect();
+    assert_eq!(ids, written, "nothing lost across the takeover");
+    let mut seqs: Vec<u64> = got.iter().map(|r| r.event().seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<u64>>(),
+        "seq stays gap-free across the takeover"
     );
 }
 

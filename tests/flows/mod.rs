@@ -5,3 +5,4 @@ mod crash;
 mod delivery;
 mod operations;
 mod outages;
+mod sync;

@@ -25,6 +25,7 @@
 
 #![allow(dead_code)]
 
+pub mod mesh;
 pub mod pg;
 pub mod rabbit;
 pub mod sidecar;

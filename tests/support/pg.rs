@@ -281,6 +281,8 @@ impl PgCluster {
              max_wal_senders = 20\n\
              wal_sender_timeout = '60s'\n\
              log_min_messages = warning\n\
+             # Last-writer-wins compares local writes by their commit time.\n\
+             track_commit_timestamp = on\n\
              # fsync stays on: crash tests rely on committed data being durable.\n\
              fsync = on\n",
             port = self.port,

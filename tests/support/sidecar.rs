@@ -33,7 +33,7 @@ pub struct Names {
 }
 
 impl Names {
-    fn new() -> Names {
+    pub fn new() -> Names {
         let token = unique_names("t");
         Names {
             exchange: format!("{token}.events"),
@@ -136,7 +136,7 @@ impl Site {
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n# These tests look at every queue, PARIS's too: no sink.\n[sink]\nenabled = false\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),

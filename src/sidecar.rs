@@ -1,0 +1,54 @@
+//! One sidecar: the source half (change log → broker) and the sink half
+//! (this site's queue → database) side by side, stopping together.
+//!
+//! A standby sidecar starts its sink as a second consumer of the site's
+//! single-active-consumer queue (the broker hands it the queue when the
+//! active consumer goes) and waits on the checkpoint store's lock before
+//! its source reads the slot.
+
+use crate::config::ConnectorConfig;
+use crate::runner::{self, Shutdown};
+use crate::sink::{self, Target};
+use crate::source::Source;
+use std::sync::Arc;
+
+/// Runs the source and, if given, the sink until `shutdown` fires or one
+/// of them meets an error that needs a person (then both stop).
+pub async fn run<S: Source, T: Target>(
+    cfg: &ConnectorConfig,
+    source: S,
+    target: Option<T>,
+    mut shutdown: Shutdown,
+) -> Result<(), String> {
+    let (stop_tx, stop) = Shutdown::new();
+    let stop_tx = Arc::new(stop_tx);
+    let relay = {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            let _ = stop_tx.send(true);
+            std::future::pending::<()>().await;
+        })
+    };
+    let source_half = async {
+        let r = runner::run(cfg, source, stop.clone())
+            .await
+            .map_err(|e| e.to_string());
+        if r.is_err() {
+            let _ = stop_tx.send(true);
+        }
+        r
+    };
+    let sink_half = async {
+        let Some(target) = &target else { return Ok(()) };
+        let r = sink::run(cfg, target, stop.clone()).await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "sink stopping: this needs a person");
+            let _ = stop_tx.send(true);
+        }
+        r
+    };
+    let (source_result, sink_result) = tokio::join!(source_half, sink_half);
+    relay.abort();
+    source_result.and(sink_result)
+}

@@ -1,0 +1,136 @@
+//! From an event to a row: the route's renames, dropped fields and
+//! constants, and the entity the row is (table + key values).
+
+use crate::config::Route;
+use crate::event::Event;
+use serde_json::{Map, Value};
+
+/// Which row an event is about: its table and its key values as text
+/// (composite keys joined with `,`). Versions and conflicts are kept per
+/// entity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Entity {
+    pub table: String,
+    pub key: String,
+}
+
+/// An event mapped through its route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappedRow {
+    pub entity: Entity,
+    /// Column → value, as a JSON object (what `jsonb_populate_recordset` reads).
+    pub columns: Map<String, Value>,
+}
+
+/// A key value as text, the way it is compared: strings as they are,
+/// numbers and booleans in their JSON form.
+fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Maps an event's data through `route`. The error says what is missing.
+pub fn map_row(route: &Route, data: &Map<String, Value>) -> Result<MappedRow, String> {
+    let mut columns = Map::with_capacity(data.len() + route.constants.len());
+    for (field, value) in data {
+        if let Some(column) = route.column_of(field) {
+            columns.insert(column.to_string(), value.clone());
+        }
+    }
+    for (column, value) in &route.constants {
+        columns.insert(column.clone(), value.clone());
+    }
+    let mut parts = Vec::with_capacity(route.key.len());
+    for column in &route.key {
+        match columns.get(column).and_then(key_text) {
+            Some(text) => parts.push(text),
+            None => {
+                let field = route.field_of(column);
+                return Err(if field == column {
+                    format!("key column `{column}` is missing from the event's data")
+                } else {
+                    format!(
+                        "key column `{column}` (field `{field}`) is missing from the event's data"
+                    )
+                });
+            }
+        }
+    }
+    Ok(MappedRow {
+        entity: Entity {
+            table: route.table.clone(),
+            key: parts.join(","),
+        },
+        columns,
+    })
+}
+
+/// Parses an event's data as an object (events carry one).
+pub fn data_object(event: &Event) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(event.data.get()) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("the event's data is not a JSON object".into()),
+        Err(e) => Err(format!("the event's data is not JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Operation;
+    use std::collections::BTreeMap;
+
+    fn route() -> Route {
+        Route {
+            kind: "user.upsert".into(),
+            table: "public.users".into(),
+            key: vec!["id".into()],
+            operation: Operation::Upsert,
+            rename: BTreeMap::from([("username".to_string(), "user_name".to_string())]),
+            drop: vec!["password".into()],
+            constants: BTreeMap::from([("source".to_string(), Value::from("sitesync"))]),
+        }
+    }
+
+    fn data(json: &str) -> Map<String, Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn renames_drops_and_constants() {
+        let row = map_row(
+            &route(),
+            &data(r#"{"id": 7, "username": "zoe", "password": "x", "email": "z@e"}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            row.entity,
+            Entity {
+                table: "public.users".into(),
+                key: "7".into()
+            }
+        );
+        assert_eq!(
+            Value::Object(row.columns),
+            serde_json::json!({"id": 7, "user_name": "zoe", "email": "z@e", "source": "sitesync"})
+        );
+    }
+
+    #[test]
+    fn composite_and_renamed_keys() {
+        let mut r = route();
+        r.key = vec!["tenant".into(), "user_name".into()];
+        let row = map_row(&r, &data(r#"{"tenant": "t1", "username": "zoe"}"#)).unwrap();
+        assert_eq!(row.entity.key, "t1,zoe");
+        let err = map_row(&r, &data(r#"{"tenant": "t1"}"#)).unwrap_err();
+        assert_eq!(
+            err,
+            "key column `user_name` (field `username`) is missing from the event's data"
+        );
+        let err = map_row(&r, &data(r#"{"tenant": null, "username": "z"}"#)).unwrap_err();
+        assert!(err.contains("`tenant`"), "{err}");
+    }
+}

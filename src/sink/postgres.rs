@@ -1,0 +1,1201 @@
+//! Applying events to PostgreSQL.
+//!
+//! One transaction per batch, marked with `SET LOCAL sitesync.applying =
+//! 'on'` so that an application trigger that fills the outbox can skip the
+//! sink's changes (`current_setting('sitesync.applying', true) = 'on'`).
+//! Inside it, set-based statements: the inbox rows (`unnest` arrays), the
+//! per-origin progress and gaps, the deletion of this site's outbox rows
+//! whose events came back round, the changes themselves (one multi-row
+//! `INSERT … ON CONFLICT` or `DELETE` per table and column set, built with
+//! `jsonb_populate_recordset`), the entities' versions and the conflicts.
+//!
+//! When a statement fails because of one message's data (a constraint, a
+//! type), the transaction is rolled back and the batch is applied again one
+//! message at a time, each under a savepoint: the failing message is rolled
+//! back alone, later messages of its entity are held behind it, and the
+//! rest commits.
+//!
+//! Last-writer-wins: an entity's version is `(timestamp, origin)` of the
+//! event that wrote it (`sitesync_versions`), or of this site's own write
+//! still in the outbox (its commit time, with `track_commit_timestamp`;
+//! else its `created_at`). An event applies only if its version is higher;
+//! otherwise, or when it displaces a local write that has not gone round
+//! yet, the losing write is recorded in `sitesync_conflicts`.
+
+use super::mapping::{self, Entity, MappedRow};
+use super::{Item, Outcome, Plan, Seen, Target, TargetError};
+use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
+use crate::event::Event;
+use crate::source::ErrorKind;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, GenericClient, Transaction};
+use uuid::Uuid;
+
+/// Quotes `[schema.]name` as SQL.
+fn quote_table(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL that creates the sink's tables (idempotent).
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS sitesync_inbox (
+    event_id uuid PRIMARY KEY,
+    origin text COLLATE "C" NOT NULL,
+    type text NOT NULL,
+    epoch bigint NOT NULL,
+    seq bigint NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    outcome text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sitesync_origins (
+    origin text COLLATE "C" PRIMARY KEY,
+    epoch bigint NOT NULL,
+    seq bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS sitesync_gaps (
+    id bigserial PRIMARY KEY,
+    origin text COLLATE "C" NOT NULL,
+    epoch bigint NOT NULL,
+    from_seq bigint NOT NULL,
+    to_seq bigint NOT NULL,
+    detected_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS sitesync_versions (
+    entity text NOT NULL,
+    key text NOT NULL,
+    ts timestamptz NOT NULL,
+    origin text COLLATE "C" NOT NULL,
+    event_id uuid NOT NULL,
+    PRIMARY KEY (entity, key)
+);
+CREATE TABLE IF NOT EXISTS sitesync_conflicts (
+    id bigserial PRIMARY KEY,
+    loser_event_id uuid NOT NULL UNIQUE,
+    entity text NOT NULL,
+    key text NOT NULL,
+    loser_origin text COLLATE "C" NOT NULL,
+    loser_ts timestamptz NOT NULL,
+    loser_payload jsonb,
+    winner_event_id uuid NOT NULL,
+    winner_origin text COLLATE "C" NOT NULL,
+    winner_ts timestamptz NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+"#;
+
+/// An entity's version: the last-writer-wins key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub ts: DateTime<Utc>,
+    pub origin: String,
+}
+
+/// Who holds an entity's current version.
+#[derive(Debug, Clone)]
+enum Holder {
+    /// An event applied earlier (or in this batch).
+    Event(Uuid),
+    /// A write of this site still in its outbox: its event has not come back.
+    Local { id: Uuid },
+}
+
+/// A losing write, for `sitesync_conflicts`.
+#[derive(Debug, Clone)]
+struct Conflict {
+    loser: Uuid,
+    entity: Entity,
+    loser_version: Version,
+    loser_payload: Value,
+    winner: Uuid,
+    winner_version: Version,
+}
+
+/// Per-batch decisions of last-writer-wins, kept apart from SQL so they can
+/// be tested alone.
+#[derive(Debug, Default)]
+struct Decisions {
+    applied: Vec<bool>,
+    conflicts: Vec<Conflict>,
+    /// The version each entity ends on, when an event of the batch wrote it.
+    versions: BTreeMap<Entity, (Version, Uuid)>,
+}
+
+/// Decides, in order, which events apply. `stored` holds the entities'
+/// versions from `sitesync_versions`; `local` this site's writes still in
+/// the outbox, per entity.
+fn decide(
+    events: &[(&Event, &Entity)],
+    stored: &HashMap<Entity, (Version, Uuid)>,
+    local: &HashMap<Entity, Vec<(Version, Uuid, Value)>>,
+) -> Decisions {
+    let mut d = Decisions::default();
+    let mut current: HashMap<&Entity, (Version, Holder)> = HashMap::new();
+    let mut recorded: HashSet<Uuid> = HashSet::new();
+    for (event, entity) in events {
+        let cur = current.entry(entity).or_insert_with(|| {
+            let mut best: Option<(Version, Holder)> = stored
+                .get(*entity)
+                .map(|(v, id)| (v.clone(), Holder::Event(*id)));
+            for (v, id, _) in local.get(*entity).into_iter().flatten() {
+                if best.as_ref().is_none_or(|(b, _)| v > b) {
+                    best = Some((v.clone(), Holder::Local { id: *id }));
+                }
+            }
+            best.unwrap_or((
+                Version {
+                    ts: DateTime::<Utc>::MIN_UTC,
+                    origin: String::new(),
+                },
+                Holder::Event(Uuid::nil()),
+            ))
+        });
+        let version = Version {
+            ts: event.timestamp,
+            origin: event.origin.clone(),
+        };
+        if version > cur.0 {
+            // Local writes not yet propagated that this event overrides lose.
+            for (v, id, payload) in local.get(*entity).into_iter().flatten() {
+                if *v < version && recorded.insert(*id) {
+                    d.conflicts.push(Conflict {
+                        loser: *id,
+                        entity: (*entity).clone(),
+                        loser_version: v.clone(),
+                        loser_payload: payload.clone(),
+                        winner: event.id,
+                        winner_version: version.clone(),
+                    });
+                }
+            }
+            *cur = (version.clone(), Holder::Event(event.id));
+            d.versions.insert((*entity).clone(), (version, event.id));
+            d.applied.push(true);
+        } else {
+            let winner = match &cur.1 {
+                Holder::Event(id) | Holder::Local { id, .. } => *id,
+            };
+            if recorded.insert(event.id) {
+                d.conflicts.push(Conflict {
+                    loser: event.id,
+                    entity: (*entity).clone(),
+                    loser_version: version,
+                    loser_payload: serde_json::from_str(event.data.get()).unwrap_or(Value::Null),
+                    winner,
+                    winner_version: cur.0.clone(),
+                });
+            }
+            d.applied.push(false);
+        }
+    }
+    d
+}
+
+/// Whether a database error belongs to one message (its data) or to the
+/// batch as a whole (the connection, a deadlock, the server).
+fn per_message(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => false,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("22") || c.starts_with("23") || c.starts_with("42") || c.starts_with("2F")
+        }
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => e.to_string(),
+    }
+}
+
+fn transient(context: &str, e: tokio_postgres::Error) -> TargetError {
+    TargetError {
+        kind: ErrorKind::Transient,
+        message: format!("{context}: {}", describe(&e)),
+    }
+}
+
+/// What the sink knows about the outbox, for local writes not yet round.
+#[derive(Debug, Clone)]
+struct OutboxShape {
+    table: String,
+    /// `id` is `uuid` (else compared as text).
+    uuid_id: bool,
+    /// SQL for a pending row's version timestamp.
+    version_ts: Option<String>,
+    has_entity_key: bool,
+}
+
+pub struct PostgresTarget {
+    site: String,
+    url: String,
+    pg: tokio_postgres::Config,
+    sink: SinkConfig,
+    outbox: String,
+    conn: Mutex<Option<(Client, OutboxShape)>>,
+}
+
+impl PostgresTarget {
+    pub fn new(cfg: &ConnectorConfig) -> Result<PostgresTarget, String> {
+        let pg = cfg
+            .database
+            .url
+            .parse()
+            .map_err(|e| format!("database.url `{}`: {e}", redact_url(&cfg.database.url)))?;
+        let (schema, table) = cfg.database.outbox_parts();
+        Ok(PostgresTarget {
+            site: cfg.site.clone(),
+            url: cfg.database.url.clone(),
+            pg,
+            sink: cfg.sink.clone(),
+            outbox: format!("{schema}.{table}"),
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<(Client, OutboxShape), TargetError> {
+        let (client, connection) = self
+            .pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| transient(&format!("connecting to {}", redact_url(&self.url)), e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "sink database connection ended");
+            }
+        });
+        let (schema, table) = self.outbox.split_once('.').expect("schema-qualified");
+        let columns: HashMap<String, String> = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| transient("reading the outbox's columns", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let commit_ts: String = client
+            .query_one("SHOW track_commit_timestamp", &[])
+            .await
+            .map_err(|e| transient("reading track_commit_timestamp", e))?
+            .get(0);
+        let created = columns.contains_key("created_at");
+        let version_ts = match (commit_ts == "on", created) {
+            (true, true) => {
+                Some("COALESCE(pg_xact_commit_timestamp(xmin), created_at)".to_string())
+            }
+            (true, false) => Some("pg_xact_commit_timestamp(xmin)".to_string()),
+            (false, true) => Some("created_at".to_string()),
+            (false, false) => None,
+        };
+        if commit_ts != "on" {
+            tracing::warn!(
+                "track_commit_timestamp is off: a local write not yet propagated is compared by its created_at, not its commit time (see `sitesync check`)"
+            );
+        }
+        let shape = OutboxShape {
+            table: quote_table(&self.outbox),
+            uuid_id: columns.get("id").is_some_and(|t| t == "uuid"),
+            version_ts: version_ts
+                .filter(|_| columns.contains_key("type") && columns.contains_key("data")),
+            has_entity_key: columns.contains_key("entity_key"),
+        };
+        Ok((client, shape))
+    }
+
+    /// Creates the sink's tables; returns one line per table.
+    pub async fn init(&self) -> Result<Vec<String>, TargetError> {
+        let (client, _) = self.connect().await?;
+        client
+            .batch_execute(SCHEMA)
+            .await
+            .map_err(|e| transient("creating the sink tables", e))?;
+        let outbox = quote_table(&self.outbox);
+        // Local writes not yet round are looked up by type and entity key.
+        let _ = client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS sitesync_outbox_entity ON {outbox} (type, entity_key)"
+            ))
+            .await;
+        Ok(vec![
+            "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".into(),
+        ])
+    }
+
+    async fn apply_batch(
+        &self,
+        client: &mut Client,
+        shape: &OutboxShape,
+        items: &[Item<'_>],
+    ) -> Result<Vec<Outcome>, TargetError> {
+        match self.attempt(client, shape, items, false).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(Failed::Transient(e)) => Err(e),
+            // One message's data broke a set-based statement: find it.
+            Err(Failed::Data(e)) => {
+                tracing::debug!(error = %e, "a batch statement failed on a message's data; applying one message at a time");
+                match self.attempt(client, shape, items, true).await {
+                    Ok(outcomes) => Ok(outcomes),
+                    Err(Failed::Transient(e)) => Err(e),
+                    Err(Failed::Data(e)) => Err(TargetError {
+                        kind: ErrorKind::Transient,
+                        message: format!("a statement outside any one message failed: {e}"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// One try at the batch in one transaction; `isolate`: each message
+    /// under its own savepoint.
+    async fn attempt(
+        &self,
+        client: &mut Client,
+        shape: &OutboxShape,
+        items: &[Item<'_>],
+        isolate: bool,
+    ) -> Result<Vec<Outcome>, Failed> {
+        let mut tx = client
+            .transaction()
+            .await
+            .map_err(|e| Failed::from_pg("starting the batch", e))?;
+        tx.batch_execute("SET LOCAL sitesync.applying = 'on'")
+            .await
+            .map_err(|e| Failed::from_pg("marking the transaction", e))?;
+        progress(&tx, items).await?;
+
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
+        let mut first_seen: HashSet<Uuid> = HashSet::new();
+        // Inbox rows for what is not applied through a route.
+        let mut others: Vec<(usize, &Event, &'static str)> = Vec::new();
+        let mut to_apply: Vec<usize> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let outcome = match (&item.plan, item.event) {
+                (Plan::Hold, _) => Outcome::Held,
+                (Plan::DeadLetter(reason), None) => Outcome::DeadLettered(reason.clone()),
+                (_, Some(ev)) if !first_seen.insert(ev.id) => Outcome::Duplicate,
+                (Plan::DeadLetter(reason), Some(ev)) => {
+                    others.push((i, ev, "dead_letter"));
+                    Outcome::DeadLettered(reason.clone())
+                }
+                (Plan::Own(_), Some(ev)) => {
+                    others.push((i, ev, "own"));
+                    Outcome::Own
+                }
+                (Plan::Skip, Some(ev)) => {
+                    others.push((i, ev, "skipped"));
+                    Outcome::Skipped
+                }
+                (Plan::Apply(..), Some(_)) => {
+                    to_apply.push(i);
+                    Outcome::Applied
+                }
+                (_, None) => unreachable!("only dead letters lack an event"),
+            };
+            outcomes.push(outcome);
+        }
+
+        // Inbox for own, skipped and dead-lettered events.
+        let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();
+        let new = insert_inbox(&tx, &refs).await?;
+        let mut own_rows: Vec<(&Event, &MappedRow)> = Vec::new();
+        let mut own_ids: Vec<Uuid> = Vec::new();
+        for (i, ev, _) in &others {
+            if !new.contains(&ev.id) {
+                outcomes[*i] = Outcome::Duplicate;
+            } else if let Plan::Own(row) = &items[*i].plan {
+                own_ids.push(ev.id);
+                if let Some(row) = row {
+                    own_rows.push((ev, row));
+                }
+            }
+        }
+        delete_own(&tx, shape, &own_ids).await?;
+        // An event of ours back round: its write is now the entity's version.
+        if !own_rows.is_empty() {
+            let versions: Vec<(Entity, Version, Uuid)> = own_rows
+                .iter()
+                .map(|(ev, row)| {
+                    (
+                        row.entity.clone(),
+                        Version {
+                            ts: ev.timestamp,
+                            origin: ev.origin.clone(),
+                        },
+                        ev.id,
+                    )
+                })
+                .collect();
+            upsert_versions(&tx, &dedupe_last(versions)).await?;
+        }
+
+        if isolate {
+            let mut blocked: HashSet<Entity> = HashSet::new();
+            for i in to_apply {
+                let Plan::Apply(route, row) = &items[i].plan else {
+                    unreachable!()
+                };
+                if blocked.contains(&row.entity) {
+                    outcomes[i] = Outcome::Held;
+                    continue;
+                }
+                let sp = tx
+                    .savepoint("item")
+                    .await
+                    .map_err(|e| Failed::from_pg("savepoint", e))?;
+                let one = [(
+                    i,
+                    items[i].event.expect("applied events exist"),
+                    *route,
+                    row,
+                )];
+                match self.apply_events(&sp, shape, &one).await {
+                    Ok(o) => {
+                        sp.commit()
+                            .await
+                            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
+                        outcomes[i] = o.into_iter().next().expect("one outcome");
+                    }
+                    Err(Failed::Data(reason)) => {
+                        sp.rollback()
+                            .await
+                            .map_err(|e| Failed::from_pg("rolling back a savepoint", e))?;
+                        blocked.insert(row.entity.clone());
+                        outcomes[i] = Outcome::Failed(reason);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            let batch: Vec<(usize, &Event, &Route, &MappedRow)> = to_apply
+                .iter()
+                .map(|&i| {
+                    let Plan::Apply(route, row) = &items[i].plan else {
+                        unreachable!()
+                    };
+                    (
+                        i,
+                        items[i].event.expect("applied events exist"),
+                        *route,
+                        row,
+                    )
+                })
+                .collect();
+            let decided = self.apply_events(&tx, shape, &batch).await?;
+            for ((i, ..), o) in batch.iter().zip(decided) {
+                outcomes[*i] = o;
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(|e| Failed::from_pg("committing the batch", e))?;
+        Ok(outcomes)
+    }
+
+    /// Inbox rows, last-writer-wins, the writes, versions and conflicts for
+    /// events to apply. Returns Applied / Lost / Duplicate per event.
+    async fn apply_events<C: GenericClient + Sync>(
+        &self,
+        tx: &C,
+        shape: &OutboxShape,
+        batch: &[(usize, &Event, &Route, &MappedRow)],
+    ) -> Result<Vec<Outcome>, Failed> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<(&Event, &str)> = batch.iter().map(|(_, e, ..)| (*e, "applied")).collect();
+        let new = insert_inbox(tx, &refs).await?;
+        let fresh: Vec<&(usize, &Event, &Route, &MappedRow)> = batch
+            .iter()
+            .filter(|(_, e, ..)| new.contains(&e.id))
+            .collect();
+
+        let entities: Vec<&Entity> = {
+            let mut seen = HashSet::new();
+            fresh
+                .iter()
+                .map(|(.., row)| &row.entity)
+                .filter(|e| seen.insert(*e))
+                .collect()
+        };
+        let stored = load_versions(tx, &entities).await?;
+        let local = self.local_writes(tx, shape, &entities).await?;
+        let pairs: Vec<(&Event, &Entity)> = fresh
+            .iter()
+            .map(|(_, e, _, row)| (*e, &row.entity))
+            .collect();
+        let decided = decide(&pairs, &stored, &local);
+
+        // The writes, in order; an entity at most once per statement.
+        let mut wave: Vec<(&Route, &MappedRow)> = Vec::new();
+        let mut in_wave: HashSet<&Entity> = HashSet::new();
+        for ((.., route, row), applied) in fresh.iter().zip(&decided.applied) {
+            if !applied {
+                continue;
+            }
+            if !in_wave.insert(&row.entity) {
+                write_wave(tx, &wave).await?;
+                wave.clear();
+                in_wave.clear();
+                in_wave.insert(&row.entity);
+            }
+            wave.push((route, row));
+        }
+        write_wave(tx, &wave).await?;
+        let versions: Vec<(Entity, Version, Uuid)> = decided
+            .versions
+            .iter()
+            .map(|(e, (v, id))| (e.clone(), v.clone(), *id))
+            .collect();
+        upsert_versions(tx, &versions).await?;
+        insert_conflicts(tx, &decided.conflicts).await?;
+        let lost: Vec<Uuid> = fresh
+            .iter()
+            .zip(&decided.applied)
+            .filter(|(_, a)| !**a)
+            .map(|((_, e, ..), _)| e.id)
+            .collect();
+        if !lost.is_empty() {
+            tx.execute(
+                "UPDATE sitesync_inbox SET outcome = 'lost' WHERE event_id = ANY($1)",
+                &[&lost],
+            )
+            .await
+            .map_err(|e| Failed::from_pg("recording lost events", e))?;
+        }
+
+        let mut applied = decided.applied.iter();
+        Ok(batch
+            .iter()
+            .map(|(_, e, ..)| {
+                if !new.contains(&e.id) {
+                    Outcome::Duplicate
+                } else if *applied.next().expect("one decision per fresh event") {
+                    Outcome::Applied
+                } else {
+                    Outcome::Lost
+                }
+            })
+            .collect())
+    }
+
+    /// This site's writes still in the outbox, for the entities of the batch.
+    async fn local_writes<C: GenericClient + Sync>(
+        &self,
+        tx: &C,
+        shape: &OutboxShape,
+        entities: &[&Entity],
+    ) -> Result<HashMap<Entity, Vec<(Version, Uuid, Value)>>, Failed> {
+        let mut out: HashMap<Entity, Vec<(Version, Uuid, Value)>> = HashMap::new();
+        let Some(ts) = &shape.version_ts else {
+            return Ok(out);
+        };
+        let tables: HashSet<&str> = entities.iter().map(|e| e.table.as_str()).collect();
+        let types: Vec<&str> = self
+            .sink
+            .routes
+            .iter()
+            .filter(|r| tables.contains(r.table.as_str()))
+            .map(|r| r.kind.as_str())
+            .collect();
+        if types.is_empty() {
+            return Ok(out);
+        }
+        let keys: Vec<&str> = entities.iter().map(|e| e.key.as_str()).collect();
+        let filter = if shape.has_entity_key {
+            " AND (entity_key IS NULL OR entity_key = ANY($2))"
+        } else {
+            " AND $2::text[] IS NOT NULL"
+        };
+        let sql = format!(
+            "SELECT id::text, type, data::text, {ts} FROM {} WHERE type = ANY($1){filter}",
+            shape.table
+        );
+        let rows = tx
+            .query(&sql, &[&types, &keys])
+            .await
+            .map_err(|e| Failed::from_pg("looking for local writes not yet propagated", e))?;
+        let wanted: HashSet<&Entity> = entities.iter().copied().collect();
+        for row in rows {
+            let (id, kind, data, ts): (String, String, Option<String>, Option<DateTime<Utc>>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (Ok(id), Some(route), Some(data), Some(ts)) =
+                (Uuid::parse_str(&id), self.sink.route(&kind), data, ts)
+            else {
+                continue;
+            };
+            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            if let Ok(mapped) = mapping::map_row(route, &map)
+                && wanted.contains(&mapped.entity)
+            {
+                out.entry(mapped.entity).or_default().push((
+                    Version {
+                        ts,
+                        origin: self.site.clone(),
+                    },
+                    id,
+                    Value::Object(map),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Keeps, per entity, the last version given (in order).
+fn dedupe_last(versions: Vec<(Entity, Version, Uuid)>) -> Vec<(Entity, Version, Uuid)> {
+    let mut by_entity: BTreeMap<Entity, (Version, Uuid)> = BTreeMap::new();
+    for (e, v, id) in versions {
+        match by_entity.get(&e) {
+            Some((old, _)) if *old >= v => {}
+            _ => {
+                by_entity.insert(e, (v, id));
+            }
+        }
+    }
+    by_entity
+        .into_iter()
+        .map(|(e, (v, id))| (e, v, id))
+        .collect()
+}
+
+/// Why an attempt at a batch failed.
+enum Failed {
+    /// A message's data: the statement can be retried message by message.
+    Data(String),
+    Transient(TargetError),
+}
+
+impl Failed {
+    fn from_pg(context: &str, e: tokio_postgres::Error) -> Failed {
+        if per_message(&e) {
+            Failed::Data(describe(&e))
+        } else {
+            Failed::Transient(transient(context, e))
+        }
+    }
+}
+
+/// Inserts inbox rows; returns the events that are new (or come back from
+/// the dead-letter queue).
+async fn insert_inbox<C: GenericClient + Sync>(
+    tx: &C,
+    events: &[(&Event, &str)],
+) -> Result<HashSet<Uuid>, Failed> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|(e, _)| e.id).collect();
+    let origins: Vec<&str> = events.iter().map(|(e, _)| e.origin.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.kind.as_str()).collect();
+    let epochs: Vec<i64> = events.iter().map(|(e, _)| e.epoch as i64).collect();
+    let seqs: Vec<i64> = events.iter().map(|(e, _)| e.seq as i64).collect();
+    let outcomes: Vec<&str> = events.iter().map(|(_, o)| *o).collect();
+    let rows = tx
+        .query(
+            "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[]) \
+             ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, received_at = now(), applied_at = now() \
+             WHERE sitesync_inbox.outcome = 'dead_letter' \
+             RETURNING event_id",
+            &[&ids, &origins, &kinds, &epochs, &seqs, &outcomes],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("writing the inbox", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Highest `seq` per origin, and the gaps above it.
+async fn progress(tx: &Transaction<'_>, items: &[Item<'_>]) -> Result<(), Failed> {
+    let seen: Vec<&Seen> = items.iter().filter_map(|i| i.seen.as_ref()).collect();
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let origins: Vec<&str> = {
+        let mut set: Vec<&str> = seen.iter().map(|s| s.origin.as_str()).collect();
+        set.sort_unstable();
+        set.dedup();
+        set
+    };
+    let rows = tx
+        .query(
+            "SELECT origin, epoch, seq FROM sitesync_origins WHERE origin = ANY($1) FOR UPDATE",
+            &[&origins],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("reading origin progress", e))?;
+    let mut state: BTreeMap<String, (u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            let (o, e, s): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            (o, (e as u64, s as u64))
+        })
+        .collect();
+    let (changed, gaps) = track(&mut state, &seen);
+    if !changed.is_empty() {
+        let o: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let e: Vec<i64> = changed.iter().map(|k| state[k].0 as i64).collect();
+        let s: Vec<i64> = changed.iter().map(|k| state[k].1 as i64).collect();
+        tx.execute(
+            "INSERT INTO sitesync_origins (origin, epoch, seq) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
+             ON CONFLICT (origin) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq, updated_at = now()",
+            &[&o, &e, &s],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("writing origin progress", e))?;
+    }
+    for gap in &gaps {
+        tracing::warn!(origin = %gap.origin, epoch = gap.epoch, from = gap.from, to = gap.to, "gap: events of this origin never arrived");
+    }
+    if !gaps.is_empty() {
+        let o: Vec<&str> = gaps.iter().map(|g| g.origin.as_str()).collect();
+        let e: Vec<i64> = gaps.iter().map(|g| g.epoch as i64).collect();
+        let f: Vec<i64> = gaps.iter().map(|g| g.from as i64).collect();
+        let t: Vec<i64> = gaps.iter().map(|g| g.to as i64).collect();
+        tx.execute(
+            "INSERT INTO sitesync_gaps (origin, epoch, from_seq, to_seq) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[])",
+            &[&o, &e, &f, &t],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("recording gaps", e))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gap {
+    origin: String,
+    epoch: u64,
+    from: u64,
+    to: u64,
+}
+
+/// Moves each origin's `(epoch, highest seq)` over the messages seen, in
+/// order; returns the origins that changed and the gaps found. A new epoch
+/// starts at seq 1; a seq at or below the highest (a duplicate, or a
+/// message requeued from the dead-letter queue) changes nothing.
+fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<String>, Vec<Gap>) {
+    let mut changed = Vec::new();
+    let mut gaps = Vec::new();
+    for s in seen {
+        let (from, moved) = match state.get(&s.origin) {
+            None => (1, true),
+            Some(&(epoch, _)) if s.epoch > epoch => (1, true),
+            Some(&(epoch, _)) if s.epoch < epoch => (0, false),
+            Some(&(_, seq)) => (seq + 1, s.seq > seq),
+        };
+        if !moved {
+            continue;
+        }
+        if s.seq > from {
+            gaps.push(Gap {
+                origin: s.origin.clone(),
+                epoch: s.epoch,
+                from,
+                to: s.seq - 1,
+            });
+        }
+        state.insert(s.origin.clone(), (s.epoch, s.seq));
+        if !changed.contains(&s.origin) {
+            changed.push(s.origin.clone());
+        }
+    }
+    (changed, gaps)
+}
+
+async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> Result<(), Failed> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let result = if shape.uuid_id {
+        tx.execute(
+            &format!("DELETE FROM {} WHERE id = ANY($1)", shape.table),
+            &[&ids],
+        )
+        .await
+    } else {
+        let text: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        tx.execute(
+            &format!("DELETE FROM {} WHERE id::text = ANY($1)", shape.table),
+            &[&text],
+        )
+        .await
+    };
+    // A row already gone (deleted by hand, or an earlier round) is fine.
+    result
+        .map(|_| ())
+        .map_err(|e| Failed::from_pg("deleting outbox rows that came back", e))
+}
+
+async fn load_versions<C: GenericClient + Sync>(
+    tx: &C,
+    entities: &[&Entity],
+) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
+    if entities.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let tables: Vec<&str> = entities.iter().map(|e| e.table.as_str()).collect();
+    let keys: Vec<&str> = entities.iter().map(|e| e.key.as_str()).collect();
+    let rows = tx
+        .query(
+            "SELECT v.entity, v.key, v.ts, v.origin, v.event_id FROM sitesync_versions v \
+             JOIN unnest($1::text[], $2::text[]) AS w(entity, key) ON v.entity = w.entity AND v.key = w.key",
+            &[&tables, &keys],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("reading entity versions", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                Entity {
+                    table: r.get(0),
+                    key: r.get(1),
+                },
+                (
+                    Version {
+                        ts: r.get(2),
+                        origin: r.get(3),
+                    },
+                    r.get(4),
+                ),
+            )
+        })
+        .collect())
+}
+
+async fn upsert_versions<C: GenericClient + Sync>(
+    tx: &C,
+    versions: &[(Entity, Version, Uuid)],
+) -> Result<(), Failed> {
+    if versions.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<&str> = versions.iter().map(|(e, ..)| e.table.as_str()).collect();
+    let keys: Vec<&str> = versions.iter().map(|(e, ..)| e.key.as_str()).collect();
+    let ts: Vec<DateTime<Utc>> = versions.iter().map(|(_, v, _)| v.ts).collect();
+    let origins: Vec<&str> = versions.iter().map(|(_, v, _)| v.origin.as_str()).collect();
+    let ids: Vec<Uuid> = versions.iter().map(|(.., id)| *id).collect();
+    tx.execute(
+        "INSERT INTO sitesync_versions (entity, key, ts, origin, event_id) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[]) \
+         ON CONFLICT (entity, key) DO UPDATE SET ts = EXCLUDED.ts, origin = EXCLUDED.origin, event_id = EXCLUDED.event_id \
+         WHERE (EXCLUDED.ts, EXCLUDED.origin) > (sitesync_versions.ts, sitesync_versions.origin)",
+        &[&tables, &keys, &ts, &origins, &ids],
+    )
+    .await
+    .map_err(|e| Failed::from_pg("writing entity versions", e))?;
+    Ok(())
+}
+
+async fn insert_conflicts<C: GenericClient + Sync>(
+    tx: &C,
+    conflicts: &[Conflict],
+) -> Result<(), Failed> {
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let losers: Vec<Uuid> = conflicts.iter().map(|c| c.loser).collect();
+    let entities: Vec<&str> = conflicts.iter().map(|c| c.entity.table.as_str()).collect();
+    let keys: Vec<&str> = conflicts.iter().map(|c| c.entity.key.as_str()).collect();
+    let loser_origins: Vec<&str> = conflicts
+        .iter()
+        .map(|c| c.loser_version.origin.as_str())
+        .collect();
+    let loser_ts: Vec<DateTime<Utc>> = conflicts.iter().map(|c| c.loser_version.ts).collect();
+    let payloads: Vec<&Value> = conflicts.iter().map(|c| &c.loser_payload).collect();
+    let winners: Vec<Uuid> = conflicts.iter().map(|c| c.winner).collect();
+    let winner_origins: Vec<&str> = conflicts
+        .iter()
+        .map(|c| c.winner_version.origin.as_str())
+        .collect();
+    let winner_ts: Vec<DateTime<Utc>> = conflicts.iter().map(|c| c.winner_version.ts).collect();
+    tx.execute(
+        "INSERT INTO sitesync_conflicts (loser_event_id, entity, key, loser_origin, loser_ts, loser_payload, winner_event_id, winner_origin, winner_ts) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[], $7::uuid[], $8::text[], $9::timestamptz[]) \
+         ON CONFLICT (loser_event_id) DO NOTHING",
+        &[&losers, &entities, &keys, &loser_origins, &loser_ts, &payloads, &winners, &winner_origins, &winner_ts],
+    )
+    .await
+    .map_err(|e| Failed::from_pg("recording conflicts", e))?;
+    for c in conflicts {
+        tracing::info!(entity = %c.entity.table, key = %c.entity.key, loser = %c.loser, loser_origin = %c.loser_version.origin, winner = %c.winner, winner_origin = %c.winner_version.origin, "conflict resolved by last-writer-wins");
+    }
+    Ok(())
+}
+
+/// One statement's shape: table, upsert (or delete), columns.
+type StatementShape<'a> = (&'a str, bool, Vec<&'a str>);
+
+/// The rows of one statement, with their route.
+type StatementRows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Value>>);
+
+/// Executes one wave of writes (each entity at most once): one statement
+/// per table, operation and column set.
+async fn write_wave<C: GenericClient + Sync>(
+    tx: &C,
+    wave: &[(&Route, &MappedRow)],
+) -> Result<(), Failed> {
+    let mut groups: BTreeMap<StatementShape<'_>, StatementRows<'_>> = BTreeMap::new();
+    for (route, row) in wave {
+        let upsert = route.operation == Operation::Upsert;
+        let cols: Vec<&str> = if upsert {
+            row.columns.keys().map(String::as_str).collect()
+        } else {
+            route.key.iter().map(String::as_str).collect()
+        };
+        groups
+            .entry((route.table.as_str(), upsert, cols))
+            .or_insert_with(|| (*route, Vec::new()))
+            .1
+            .push(&row.columns);
+    }
+    for ((table, upsert, cols), (route, rows)) in groups {
+        let table_q = quote_table(table);
+        let json = Value::Array(rows.into_iter().map(|r| Value::Object(r.clone())).collect());
+        let col_list = cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+        let keys = route
+            .key
+            .iter()
+            .map(|k| quote(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = if upsert {
+            let updates: Vec<String> = cols
+                .iter()
+                .filter(|c| !route.key.iter().any(|k| k == *c))
+                .map(|c| format!("{q} = EXCLUDED.{q}", q = quote(c)))
+                .collect();
+            let on_conflict = if updates.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            format!(
+                "INSERT INTO {table_q} ({col_list}) SELECT {col_list} FROM jsonb_populate_recordset(NULL::{table_q}, $1::jsonb) \
+                 ON CONFLICT ({keys}) {on_conflict}"
+            )
+        } else {
+            let matches = route
+                .key
+                .iter()
+                .map(|k| format!("t.{q} = x.{q}", q = quote(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            format!(
+                "DELETE FROM {table_q} t USING jsonb_populate_recordset(NULL::{table_q}, $1::jsonb) x WHERE {matches}"
+            )
+        };
+        tx.execute(&sql, &[&json])
+            .await
+            .map_err(|e| Failed::from_pg(&format!("writing {table}"), e))?;
+    }
+    Ok(())
+}
+
+impl Target for PostgresTarget {
+    async fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> Result<Vec<Outcome>, TargetError> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            *guard = Some(self.connect().await?);
+        }
+        let (client, shape) = guard.as_mut().expect("connected above");
+        let shape = shape.clone();
+        let result = self.apply_batch(client, &shape, items).await;
+        if result.is_err() && client.is_closed() {
+            *guard = None;
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+    use serde_json::value::RawValue;
+
+    fn ev(id: u128, origin: &str, ts: i64) -> Event {
+        Event {
+            id: Uuid::from_u128(id),
+            timestamp: DateTime::from_timestamp(ts, 0).unwrap(),
+            origin: origin.into(),
+            kind: "t".into(),
+            entity_key: None,
+            data: RawValue::from_string(format!("{{\"v\": {id}}}")).unwrap(),
+            epoch: 1,
+            seq: id as u64,
+        }
+    }
+
+    fn entity(key: &str) -> Entity {
+        Entity {
+            table: "t".into(),
+            key: key.into(),
+        }
+    }
+
+    fn version(origin: &str, ts: i64) -> Version {
+        Version {
+            ts: DateTime::from_timestamp(ts, 0).unwrap(),
+            origin: origin.into(),
+        }
+    }
+
+    #[test]
+    fn the_higher_timestamp_wins_and_the_loser_is_recorded() {
+        let k = entity("1");
+        let (a, b, c) = (ev(1, "PARIS", 10), ev(2, "LONDON", 5), ev(3, "MADRID", 20));
+        let d = decide(
+            &[(&a, &k), (&b, &k), (&c, &k)],
+            &HashMap::new(),
+            &HashMap::new(),
+        );
+        assert_eq!(d.applied, vec![true, false, true]);
+        assert_eq!(d.conflicts.len(), 1);
+        assert_eq!(d.conflicts[0].loser, b.id);
+        assert_eq!(d.conflicts[0].winner, a.id);
+        assert_eq!(d.versions[&k], (version("MADRID", 20), c.id));
+    }
+
+    #[test]
+    fn equal_timestamps_are_ordered_by_origin() {
+        let k = entity("1");
+        let (a, b) = (ev(1, "LONDON", 10), ev(2, "PARIS", 10));
+        let d = decide(&[(&b, &k), (&a, &k)], &HashMap::new(), &HashMap::new());
+        assert_eq!(
+            d.applied,
+            vec![true, false],
+            "PARIS > LONDON at the same instant"
+        );
+    }
+
+    #[test]
+    fn every_arrival_order_ends_on_the_same_winner() {
+        let k = entity("1");
+        let events = [
+            ev(1, "PARIS", 10),
+            ev(2, "LONDON", 12),
+            ev(3, "MADRID", 11),
+            ev(4, "PARIS", 12),
+        ];
+        let orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]];
+        for order in orders {
+            let list: Vec<(&Event, &Entity)> = order.iter().map(|&i| (&events[i], &k)).collect();
+            let d = decide(&list, &HashMap::new(), &HashMap::new());
+            assert_eq!(d.versions[&k].1, events[3].id, "order {order:?}");
+        }
+    }
+
+    #[test]
+    fn a_stored_version_and_a_local_write_count() {
+        let k = entity("1");
+        let stored = HashMap::from([(k.clone(), (version("PARIS", 10), Uuid::from_u128(9)))]);
+        let older = ev(1, "LONDON", 9);
+        let d = decide(&[(&older, &k)], &stored, &HashMap::new());
+        assert_eq!(d.applied, vec![false]);
+        assert_eq!(d.conflicts[0].winner, Uuid::from_u128(9));
+
+        // A local write not yet propagated, newer than the incoming event.
+        let local = HashMap::from([(
+            k.clone(),
+            vec![(version("MADRID", 15), Uuid::from_u128(7), Value::Null)],
+        )]);
+        let mid = ev(2, "PARIS", 12);
+        let d = decide(&[(&mid, &k)], &stored, &local);
+        assert_eq!(d.applied, vec![false]);
+        assert_eq!(d.conflicts[0].loser, mid.id);
+        assert_eq!(d.conflicts[0].winner, Uuid::from_u128(7));
+
+        // Older than the incoming event: the local write loses, recorded once.
+        let newer = ev(3, "PARIS", 20);
+        let newest = ev(4, "PARIS", 21);
+        let d = decide(&[(&newer, &k), (&newest, &k)], &stored, &local);
+        assert_eq!(d.applied, vec![true, true]);
+        assert_eq!(d.conflicts.len(), 1);
+        assert_eq!(d.conflicts[0].loser, Uuid::from_u128(7));
+        assert_eq!(d.conflicts[0].winner, newer.id);
+    }
+
+    fn seen(origin: &str, epoch: u64, seq: u64) -> Seen {
+        Seen {
+            origin: origin.into(),
+            epoch,
+            seq,
+        }
+    }
+
+    #[test]
+    fn gaps_duplicates_requeues_and_epochs() {
+        let mut state = BTreeMap::new();
+        let msgs = [
+            seen("P", 1, 1),
+            seen("P", 1, 2),
+            seen("P", 1, 5),
+            seen("P", 1, 3),
+            seen("P", 1, 5),
+            seen("P", 1, 6),
+        ];
+        let refs: Vec<&Seen> = msgs.iter().collect();
+        let (changed, gaps) = track(&mut state, &refs);
+        assert_eq!(changed, vec!["P".to_string()]);
+        assert_eq!(
+            gaps,
+            vec![Gap {
+                origin: "P".into(),
+                epoch: 1,
+                from: 3,
+                to: 4
+            }]
+        );
+        assert_eq!(state["P"], (1, 6));
+        // A new epoch restarts at 1; an old epoch changes nothing.
+        let msgs = [
+            seen("P", 0, 99),
+            seen("P", 2, 1),
+            seen("P", 2, 2),
+            seen("L", 7, 3),
+        ];
+        let refs: Vec<&Seen> = msgs.iter().collect();
+        let (_, gaps) = track(&mut state, &refs);
+        assert_eq!(state["P"], (2, 2));
+        assert_eq!(
+            gaps,
+            vec![Gap {
+                origin: "L".into(),
+                epoch: 7,
+                from: 1,
+                to: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn table_names_are_quoted() {
+        assert_eq!(quote_table("public.customer"), "\"public\".\"customer\"");
+        assert_eq!(quote_table("t"), "\"t\"");
+    }
+}
