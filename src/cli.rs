@@ -69,6 +69,40 @@ enum Command {
     /// Checkpoint commands.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag.
+    #[command(after_help = "Example:\n  sitesync status --connector connectors/london.toml")]
+    Status(ConnectorArg),
+    /// Dead-letter queue commands.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List the dead letters: id, type, origin, failing site, reason, when. Nothing is removed.
+    #[command(after_help = "Example:\n  sitesync dlq list --connector connectors/paris.toml")]
+    List(ConnectorArg),
+    /// Send dead letters back to the queue of the site where they failed (never through the fanout).
+    #[command(
+        after_help = "Examples:\n  sitesync dlq requeue --connector connectors/paris.toml --id 7f1d8a5e-3c2b-4a8e-9f00-0123456789ab\n  sitesync dlq requeue --connector connectors/paris.toml --all"
+    )]
+    Requeue {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        #[command(flatten)]
+        which: RequeueWhich,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct RequeueWhich {
+    /// The message id (the event id) to send back; may be repeated.
+    #[arg(long = "id", value_name = "ID")]
+    ids: Vec<String>,
+    /// Every dead letter that failed in a sink.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,6 +273,18 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let cfg = ConnectorConfig::load(&c.connector)?;
             with_source!(cfg, source => show(&cfg, source).await)
         }
+        Command::Status(c) => {
+            let cfg = ConnectorConfig::load(&c.connector)?;
+            with_source!(cfg, source => status(&cfg, source).await)
+        }
+        Command::Dlq(DlqCommand::List(c)) => {
+            let cfg = ConnectorConfig::load(&c.connector)?;
+            dlq_list(&cfg).await
+        }
+        Command::Dlq(DlqCommand::Requeue { connector, which }) => {
+            let cfg = ConnectorConfig::load(&connector.connector)?;
+            dlq_requeue(&cfg, which).await
+        }
         Command::Checkpoint(CheckpointCommand::Reset {
             connector,
             target,
@@ -342,6 +388,100 @@ async fn declare(
         println!("  {line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn broker(cfg: &ConnectorConfig, what: &str) -> Result<bus::Link, Failure> {
+    bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{what}"),
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))
+}
+
+async fn status(cfg: &ConnectorConfig, source: PostgresSource) -> Result<ExitCode, Failure> {
+    println!(
+        "connector   {} ({}), site {}",
+        cfg.name,
+        cfg.file.display(),
+        cfg.site
+    );
+    let client = source.client().await?;
+    let site = crate::status::postgres(cfg, &client).await?;
+    let queued = match broker(cfg, "status").await {
+        Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    print!("{}", site.render(queued));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_list(cfg: &ConnectorConfig) -> Result<ExitCode, Failure> {
+    let conn = broker(cfg, "dlq").await?;
+    let letters = bus::dlq::list(&conn, &cfg.topology)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    println!(
+        "{} dead letter(s) in {}",
+        letters.len(),
+        cfg.topology.dead_letter_queue
+    );
+    for d in letters {
+        let attempts = d
+            .attempts
+            .map_or_else(String::new, |n| format!(", {n} attempt(s)"));
+        println!(
+            "{}  type {}  origin {}  failed at {} ({}{attempts})  {}\n    reason: {}",
+            if d.id.is_empty() { "(no id)" } else { &d.id },
+            d.kind,
+            d.origin,
+            d.site,
+            d.stage,
+            d.when,
+            d.reason
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_requeue(cfg: &ConnectorConfig, which: RequeueWhich) -> Result<ExitCode, Failure> {
+    let conn = broker(cfg, "dlq").await?;
+    let done = bus::dlq::requeue(&conn, &cfg.topology, |d| {
+        which.all || which.ids.iter().any(|id| *id == d.id)
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))?;
+    let mut left = 0;
+    for (d, what) in &done {
+        match what {
+            bus::dlq::Requeued::To(queue) => println!("{}: sent back to {queue}", d.id),
+            bus::dlq::Requeued::Left(why) => {
+                left += 1;
+                println!("{}: left in the dead-letter queue: {why}", d.id);
+            }
+        }
+    }
+    let missing: Vec<&String> = which
+        .ids
+        .iter()
+        .filter(|id| !done.iter().any(|(d, _)| &d.id == *id))
+        .collect();
+    for id in &missing {
+        println!("{id}: not in the dead-letter queue");
+    }
+    println!(
+        "{} sent back, {} left",
+        done.len() - left,
+        left + missing.len()
+    );
+    Ok(if left + missing.len() > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn check(file: &Path) -> Result<ExitCode, Failure> {

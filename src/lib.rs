@@ -27,6 +27,8 @@
 //! - [`sink`]: this site's queue applied to its database (batches, inbox,
 //!   last-writer-wins, gaps, dead letters), [`sink::postgres`] for PostgreSQL
 //!   and [`sink::mapping`] for routes.
+//! - [`status`]: what `sitesync status` reports.
+//! - [`bus::dlq`]: `sitesync dlq list|requeue`.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
 
@@ -42,3 +44,4 @@ pub mod runner;
 pub mod sidecar;
 pub mod sink;
 pub mod source;
+pub mod status;

@@ -356,6 +356,24 @@ impl Verifier {
     }
 }
 
+/// The number of ready messages in `queue` (a passive declaration).
+pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<u32, BusError> {
+    let ch = channel(conn).await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BusError::amqp(format!("looking at queue {queue}")))?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(q.message_count())
+}
+
 fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
