@@ -450,7 +450,7 @@ async fn dlq_list(cfg: &ConnectorConfig) -> Result<ExitCode, Failure> {
 async fn dlq_requeue(cfg: &ConnectorConfig, which: RequeueWhich) -> Result<ExitCode, Failure> {
     let conn = broker(cfg, "dlq").await?;
     let done = bus::dlq::requeue(&conn, &cfg.topology, |d| {
-        which.all || which.ids.iter().any(|id| *id == d.id)
+        which.all || which.ids.contains(&d.id)
     })
     .await
     .map_err(|e| fail(e.to_string()))?;
