@@ -31,12 +31,14 @@
 //! - [`bus::dlq`]: `sitesync dlq list|requeue`.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
+//! - [`demo`]: `sitesync demo`, three sites on private clusters, end to end.
 
 pub mod bus;
 pub mod checkpoint;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod position;
 pub mod retry;

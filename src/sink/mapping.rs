@@ -5,9 +5,10 @@ use crate::config::Route;
 use crate::event::Event;
 use serde_json::{Map, Value};
 
-/// Which row an event is about: its table and its key values as text
-/// (composite keys joined with `,`). Versions and conflicts are kept per
-/// entity.
+/// Which row an event is about: its schema-qualified table and its key
+/// values as text (composite keys joined with `,`). Versions and conflicts
+/// are kept per entity, and the entity lock (see `sink::postgres`) is taken
+/// on `table:key`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entity {
     pub table: String,
@@ -61,7 +62,10 @@ pub fn map_row(route: &Route, data: &Map<String, Value>) -> Result<MappedRow, St
     }
     Ok(MappedRow {
         entity: Entity {
-            table: route.table.clone(),
+            table: {
+                let (schema, table) = route.table_parts();
+                format!("{schema}.{table}")
+            },
             key: parts.join(","),
         },
         columns,

@@ -15,6 +15,17 @@
 //! back alone, later messages of its entity are held behind it, and the
 //! rest commits.
 //!
+//! Local writes: before it looks for this site's writes still in the
+//! outbox, the sink locks the rows of the batch that exist (`FOR UPDATE`,
+//! with a short `lock_timeout` so that it yields to applications rather
+//! than make them wait or deadlock). An application writing one of those
+//! rows meanwhile either committed already (the sink sees its outbox row)
+//! or waits for the sink and commits later, with a later commit time. A
+//! write on a row that does not exist yet cannot be locked: if it races the
+//! sink, its event coming back round finds the row not as it wrote it while
+//! its write is the entity's newest, and writes it again — the sites
+//! converge, at the price of that extra write.
+//!
 //! Last-writer-wins: an entity's version is `(timestamp, origin)` of the
 //! event that wrote it (`sitesync_versions`), or of this site's own write
 //! still in the outbox (its commit time, with `track_commit_timestamp`;
@@ -111,6 +122,16 @@ enum Holder {
     Local { id: Uuid },
 }
 
+/// A write of this site still in its outbox (its event has not come back).
+#[derive(Debug, Clone)]
+struct LocalWrite {
+    /// Its commit time (or created_at) and this site.
+    version: Version,
+    /// The outbox row's id: the event id it will travel under.
+    id: Uuid,
+    payload: Value,
+}
+
 /// A losing write, for `sitesync_conflicts`.
 #[derive(Debug, Clone)]
 struct Conflict {
@@ -138,7 +159,7 @@ struct Decisions {
 fn decide(
     events: &[(&Event, &Entity)],
     stored: &HashMap<Entity, (Version, Uuid)>,
-    local: &HashMap<Entity, Vec<(Version, Uuid, Value)>>,
+    local: &HashMap<Entity, Vec<LocalWrite>>,
 ) -> Decisions {
     let mut d = Decisions::default();
     let mut current: HashMap<&Entity, (Version, Holder)> = HashMap::new();
@@ -148,9 +169,9 @@ fn decide(
             let mut best: Option<(Version, Holder)> = stored
                 .get(*entity)
                 .map(|(v, id)| (v.clone(), Holder::Event(*id)));
-            for (v, id, _) in local.get(*entity).into_iter().flatten() {
-                if best.as_ref().is_none_or(|(b, _)| v > b) {
-                    best = Some((v.clone(), Holder::Local { id: *id }));
+            for w in local.get(*entity).into_iter().flatten() {
+                if best.as_ref().is_none_or(|(b, _)| w.version > *b) {
+                    best = Some((w.version.clone(), Holder::Local { id: w.id }));
                 }
             }
             best.unwrap_or((
@@ -167,13 +188,13 @@ fn decide(
         };
         if version > cur.0 {
             // Local writes not yet propagated that this event overrides lose.
-            for (v, id, payload) in local.get(*entity).into_iter().flatten() {
-                if *v < version && recorded.insert(*id) {
+            for w in local.get(*entity).into_iter().flatten() {
+                if w.version < version && recorded.insert(w.id) {
                     d.conflicts.push(Conflict {
-                        loser: *id,
+                        loser: w.id,
                         entity: (*entity).clone(),
-                        loser_version: v.clone(),
-                        loser_payload: payload.clone(),
+                        loser_version: w.version.clone(),
+                        loser_payload: w.payload.clone(),
                         winner: event.id,
                         winner_version: version.clone(),
                     });
@@ -273,7 +294,7 @@ impl PostgresTarget {
         })
     }
 
-    async fn connect(&self) -> Result<(Client, OutboxShape), TargetError> {
+    async fn open(&self) -> Result<Client, TargetError> {
         let (client, connection) = self
             .pg
             .connect(tokio_postgres::NoTls)
@@ -284,6 +305,13 @@ impl PostgresTarget {
                 tracing::debug!(error = %e, "sink database connection ended");
             }
         });
+        Ok(client)
+    }
+
+    /// A connection for applying, with what the sink needs to know about
+    /// the outbox; refuses a database `sitesync init` has not prepared.
+    async fn connect(&self) -> Result<(Client, OutboxShape), TargetError> {
+        let client = self.open().await?;
         let (schema, table) = self.outbox.split_once('.').expect("schema-qualified");
         let columns: HashMap<String, String> = client
             .query(
@@ -295,6 +323,23 @@ impl PostgresTarget {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        let ready: bool = client
+            .query_one(
+                "SELECT to_regclass('sitesync_inbox') IS NOT NULL AND to_regclass('sitesync_conflicts') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(|e| transient("looking for the sink tables", e))?
+            .get(0);
+        if !ready {
+            return Err(TargetError {
+                kind: ErrorKind::Operator,
+                message: format!(
+                    "the sink tables are missing in {}: run `sitesync init`",
+                    redact_url(&self.url)
+                ),
+            });
+        }
         let commit_ts: String = client
             .query_one("SHOW track_commit_timestamp", &[])
             .await
@@ -326,7 +371,7 @@ impl PostgresTarget {
 
     /// Creates the sink's tables; returns one line per table.
     pub async fn init(&self) -> Result<Vec<String>, TargetError> {
-        let (client, _) = self.connect().await?;
+        let client = self.open().await?;
         client
             .batch_execute(SCHEMA)
             .await
@@ -339,7 +384,7 @@ impl PostgresTarget {
             ))
             .await;
         Ok(vec![
-            "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".into(),
+            "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".to_string(),
         ])
     }
 
@@ -349,19 +394,37 @@ impl PostgresTarget {
         shape: &OutboxShape,
         items: &[Item<'_>],
     ) -> Result<Vec<Outcome>, TargetError> {
-        match self.attempt(client, shape, items, false).await {
-            Ok(outcomes) => Ok(outcomes),
-            Err(Failed::Transient(e)) => Err(e),
-            // One message's data broke a set-based statement: find it.
-            Err(Failed::Data(e)) => {
-                tracing::debug!(error = %e, "a batch statement failed on a message's data; applying one message at a time");
-                match self.attempt(client, shape, items, true).await {
-                    Ok(outcomes) => Ok(outcomes),
-                    Err(Failed::Transient(e)) => Err(e),
-                    Err(Failed::Data(e)) => Err(TargetError {
+        let mut isolate = false;
+        let mut busy = 0u32;
+        loop {
+            match self.attempt(client, shape, items, isolate).await {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(Failed::Transient(e)) => return Err(e),
+                // Applications are writing the batch's rows: let them
+                // finish, then try again (a few times before the backoff).
+                Err(Failed::Busy) if busy < BUSY_RETRIES => {
+                    busy += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy)))
+                        .await;
+                }
+                Err(Failed::Busy) => {
+                    return Err(TargetError {
+                        kind: ErrorKind::Transient,
+                        message: format!(
+                            "the batch's rows stayed locked by applications through {BUSY_RETRIES} tries"
+                        ),
+                    });
+                }
+                // One message's data broke a set-based statement: find it.
+                Err(Failed::Data(e)) if !isolate => {
+                    tracing::debug!(error = %e, "a batch statement failed on a message's data; applying one message at a time");
+                    isolate = true;
+                }
+                Err(Failed::Data(e)) => {
+                    return Err(TargetError {
                         kind: ErrorKind::Transient,
                         message: format!("a statement outside any one message failed: {e}"),
-                    }),
+                    });
                 }
             }
         }
@@ -383,6 +446,7 @@ impl PostgresTarget {
         tx.batch_execute("SET LOCAL sitesync.applying = 'on'")
             .await
             .map_err(|e| Failed::from_pg("marking the transaction", e))?;
+        lock_rows(&tx, &self.sink, items).await?;
         progress(&tx, items).await?;
 
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
@@ -434,20 +498,7 @@ impl PostgresTarget {
         delete_own(&tx, shape, &own_ids).await?;
         // An event of ours back round: its write is now the entity's version.
         if !own_rows.is_empty() {
-            let versions: Vec<(Entity, Version, Uuid)> = own_rows
-                .iter()
-                .map(|(ev, row)| {
-                    (
-                        row.entity.clone(),
-                        Version {
-                            ts: ev.timestamp,
-                            origin: ev.origin.clone(),
-                        },
-                        ev.id,
-                    )
-                })
-                .collect();
-            upsert_versions(&tx, &dedupe_last(versions)).await?;
+            self.own_back_round(&tx, shape, &own_rows).await?;
         }
 
         if isolate {
@@ -539,6 +590,9 @@ impl PostgresTarget {
                 .filter(|e| seen.insert(*e))
                 .collect()
         };
+        // Lock the rows first: a local write in flight on one of them
+        // commits before we look for local writes, or waits until we are done.
+
         let stored = load_versions(tx, &entities).await?;
         let local = self.local_writes(tx, shape, &entities).await?;
         let pairs: Vec<(&Event, &Entity)> = fresh
@@ -600,14 +654,80 @@ impl PostgresTarget {
             .collect())
     }
 
+    /// Events of this site back round: each becomes its entity's version if
+    /// it is the newest. One that supersedes a version written by another
+    /// site's event must also be what the row holds: a local write that
+    /// raced the sink (a DELETE that found no row while the sink inserted
+    /// one) can have lost on this site's table while winning everywhere
+    /// else. Such a row is written again from the event.
+    async fn own_back_round(
+        &self,
+        tx: &Transaction<'_>,
+        shape: &OutboxShape,
+        own: &[(&Event, &MappedRow)],
+    ) -> Result<(), Failed> {
+        let entities: Vec<&Entity> = own.iter().map(|(_, row)| &row.entity).collect();
+        let before = load_versions(tx, &entities).await?;
+        // Later writes of ours still in the outbox: the row holds them, not
+        // this event's write.
+        let pending = self.local_writes(tx, shape, &entities).await?;
+        let mut newest: BTreeMap<&Entity, (&Event, &MappedRow)> = BTreeMap::new();
+        for (ev, row) in own {
+            let v = (ev.timestamp, ev.origin.as_str());
+            match newest.get(&row.entity) {
+                Some((old, _)) if (old.timestamp, old.origin.as_str()) >= v => {}
+                _ => {
+                    newest.insert(&row.entity, (ev, row));
+                }
+            }
+        }
+        let mut suspects: Vec<(&Route, &MappedRow)> = Vec::new();
+        for (entity, (ev, row)) in &newest {
+            let version = Version {
+                ts: ev.timestamp,
+                origin: ev.origin.clone(),
+            };
+            let superseded_locally = pending
+                .get(*entity)
+                .is_some_and(|writes| writes.iter().any(|w| w.version > version));
+            if let Some((prev, _)) = before.get(*entity)
+                && *prev < version
+                && prev.origin != self.site
+                && !superseded_locally
+                && let Some(route) = self.sink.route(&ev.kind)
+            {
+                suspects.push((route, row));
+            }
+        }
+        let versions: Vec<(Entity, Version, Uuid)> = newest
+            .values()
+            .map(|(ev, row)| {
+                (
+                    row.entity.clone(),
+                    Version {
+                        ts: ev.timestamp,
+                        origin: ev.origin.clone(),
+                    },
+                    ev.id,
+                )
+            })
+            .collect();
+        upsert_versions(tx, &versions).await?;
+        let astray = rows_not_as_written(tx, &suspects).await?;
+        for (_, row) in &astray {
+            tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
+        }
+        write_wave(tx, &astray).await
+    }
+
     /// This site's writes still in the outbox, for the entities of the batch.
     async fn local_writes<C: GenericClient + Sync>(
         &self,
         tx: &C,
         shape: &OutboxShape,
         entities: &[&Entity],
-    ) -> Result<HashMap<Entity, Vec<(Version, Uuid, Value)>>, Failed> {
-        let mut out: HashMap<Entity, Vec<(Version, Uuid, Value)>> = HashMap::new();
+    ) -> Result<HashMap<Entity, Vec<LocalWrite>>, Failed> {
+        let mut out: HashMap<Entity, Vec<LocalWrite>> = HashMap::new();
         let Some(ts) = &shape.version_ts else {
             return Ok(out);
         };
@@ -651,47 +771,146 @@ impl PostgresTarget {
             if let Ok(mapped) = mapping::map_row(route, &map)
                 && wanted.contains(&mapped.entity)
             {
-                out.entry(mapped.entity).or_default().push((
-                    Version {
+                out.entry(mapped.entity).or_default().push(LocalWrite {
+                    version: Version {
                         ts,
                         origin: self.site.clone(),
                     },
                     id,
-                    Value::Object(map),
-                ));
+                    payload: Value::Object(map),
+                });
             }
         }
         Ok(out)
     }
 }
 
-/// Keeps, per entity, the last version given (in order).
-fn dedupe_last(versions: Vec<(Entity, Version, Uuid)>) -> Vec<(Entity, Version, Uuid)> {
-    let mut by_entity: BTreeMap<Entity, (Version, Uuid)> = BTreeMap::new();
-    for (e, v, id) in versions {
-        match by_entity.get(&e) {
-            Some((old, _)) if *old >= v => {}
-            _ => {
-                by_entity.insert(e, (v, id));
-            }
+/// The writes whose row does not hold what they wrote: a deleted row that
+/// exists, an upserted row that is missing or differs in a written column.
+async fn rows_not_as_written<'a, C: GenericClient + Sync>(
+    tx: &C,
+    writes: &[(&'a Route, &'a MappedRow)],
+) -> Result<Vec<(&'a Route, &'a MappedRow)>, Failed> {
+    let mut astray = Vec::new();
+    for (route, row) in writes {
+        let t = quote_table(&route.table);
+        let matches = route
+            .key
+            .iter()
+            .map(|k| format!("t.{q} = x.{q}", q = quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let sql = if route.operation == Operation::Delete {
+            format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches})"
+            )
+        } else {
+            let cols = row.columns.keys().map(|c| quote(c)).collect::<Vec<_>>();
+            let (tc, xc): (Vec<String>, Vec<String>) = cols
+                .iter()
+                .map(|c| (format!("t.{c}"), format!("x.{c}")))
+                .unzip();
+            format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches} \
+                 WHERE ({}) IS NOT DISTINCT FROM ({}))",
+                tc.join(", "),
+                xc.join(", ")
+            )
+        };
+        let json = Value::Array(vec![Value::Object(row.columns.clone())]);
+        let differs: bool = tx
+            .query_one(&sql, &[&json])
+            .await
+            .map_err(|e| Failed::from_pg(&format!("checking {}", route.table), e))?
+            .get(0);
+        if differs {
+            astray.push((*route, *row));
         }
     }
-    by_entity
-        .into_iter()
-        .map(|(e, (v, id))| (e, v, id))
-        .collect()
+    Ok(astray)
+}
+
+/// How many times a batch meets rows held by applications before it counts
+/// as a failure (and backs off).
+const BUSY_RETRIES: u32 = 40;
+
+/// How long the sink waits for an application holding a row before it backs
+/// off (well under the server's `deadlock_timeout`, so that it is the sink
+/// that yields).
+const LOCK_WAIT: &str = "250ms";
+
+/// Locks the rows of the batch that exist (`FOR UPDATE`), waiting at most
+/// `LOCK_WAIT` for an application holding one: then the sink yields (the
+/// batch is tried again a moment later) rather than make the application
+/// wait on it in turn, or deadlock with it.
+async fn lock_rows(
+    tx: &Transaction<'_>,
+    sink: &SinkConfig,
+    items: &[Item<'_>],
+) -> Result<(), Failed> {
+    let rows: Vec<(&Route, &MappedRow)> = items
+        .iter()
+        .filter_map(|i| match (&i.plan, i.event) {
+            (Plan::Apply(route, row), _) => Some((*route, row)),
+            (Plan::Own(Some(row)), Some(ev)) => sink.route(&ev.kind).map(|route| (route, row)),
+            _ => None,
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // For the whole transaction: a later write can also wait on an
+    // application (its insert of the same new key), and must yield too.
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+        .await
+        .map_err(|e| Failed::from_pg("setting lock_timeout", e))?;
+    let mut by_table: BTreeMap<&str, (&Route, Vec<Value>)> = BTreeMap::new();
+    for (route, row) in &rows {
+        let keys: serde_json::Map<String, Value> = route
+            .key
+            .iter()
+            .filter_map(|k| row.columns.get(k).map(|v| (k.clone(), v.clone())))
+            .collect();
+        by_table
+            .entry(route.table.as_str())
+            .or_insert_with(|| (*route, Vec::new()))
+            .1
+            .push(Value::Object(keys));
+    }
+    for (table, (route, keys)) in by_table {
+        let t = quote_table(table);
+        let matches = route
+            .key
+            .iter()
+            .map(|k| format!("t.{q} = x.{q}", q = quote(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        tx.query(
+            &format!("SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches} FOR UPDATE OF t"),
+            &[&Value::Array(keys)],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("locking the batch's rows", e))?;
+    }
+    Ok(())
 }
 
 /// Why an attempt at a batch failed.
 enum Failed {
     /// A message's data: the statement can be retried message by message.
     Data(String),
+    /// An application holds one of the batch's rows: try again in a moment.
+    Busy,
     Transient(TargetError),
 }
 
 impl Failed {
     fn from_pg(context: &str, e: tokio_postgres::Error) -> Failed {
-        if per_message(&e) {
+        use tokio_postgres::error::SqlState;
+        if matches!(e.code(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+        {
+            Failed::Busy
+        } else if per_message(&e) {
             Failed::Data(describe(&e))
         } else {
             Failed::Transient(transient(context, e))
@@ -1122,7 +1341,11 @@ mod tests {
         // A local write not yet propagated, newer than the incoming event.
         let local = HashMap::from([(
             k.clone(),
-            vec![(version("MADRID", 15), Uuid::from_u128(7), Value::Null)],
+            vec![LocalWrite {
+                version: version("MADRID", 15),
+                id: Uuid::from_u128(7),
+                payload: Value::Null,
+            }],
         )]);
         let mid = ev(2, "PARIS", 12);
         let d = decide(&[(&mid, &k)], &stored, &local);

@@ -112,8 +112,11 @@ async fn a_huge_transaction_interrupted_halfway_resumes_after_its_confirmed_half
     let total = site.queue_len(&london).await as usize;
     let republished = total - 100_000;
     eprintln!("100,000-row transaction killed at row {index}: {republished} rows republished");
+    // What was in flight, plus what was confirmed during the checkpoint
+    // cycle cut short: a few windows at most on a loaded machine, against
+    // the ~50,000 rows already confirmed.
     assert!(
-        republished <= 2 * site.window,
+        republished <= 8 * site.window,
         "{republished} rows republished: the confirmed half was sent again"
     );
     let got = site.drain(&london, total, Duration::from_secs(120)).await;

@@ -58,6 +58,9 @@ pub struct MeshOptions {
     /// Routes (default: [`ROUTES`]).
     pub routes: String,
     pub sites: Vec<&'static str>,
+    /// The broker URL written in the connectors, when it differs from the
+    /// one the test inspects (a proxy in between).
+    pub connector_amqp_url: Option<String>,
 }
 
 impl Default for MeshOptions {
@@ -67,6 +70,7 @@ impl Default for MeshOptions {
             sink_extra: String::new(),
             routes: ROUTES.into(),
             sites: SITES.to_vec(),
+            connector_amqp_url: None,
         }
     }
 }
@@ -91,6 +95,10 @@ impl Mesh {
             .amqp_url
             .clone()
             .unwrap_or_else(rabbit::shared_amqp_url);
+        let connector_url = opts
+            .connector_amqp_url
+            .clone()
+            .unwrap_or_else(|| amqp_url.clone());
         let management = if opts.amqp_url.is_none() {
             "management_url = \"http://127.0.0.1:15672\"\n"
         } else {
@@ -115,7 +123,7 @@ impl Mesh {
             std::fs::write(
                 &file,
                 format!(
-                    "site = \"{site}\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n\n[broker]\n{management}urls = [\"{amqp_url}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n{}\n{}",
+                    "site = \"{site}\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n\n[broker]\n{management}urls = [\"{connector_url}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n{}\n{}",
                     pg.url(&db),
                     topology.display(),
                     dir.path().join("checkpoints").join(&db).display(),
@@ -188,32 +196,29 @@ impl Mesh {
     /// Waits until every outbox is empty (every event went round) and every
     /// inbox holds `events` rows of other origins.
     pub async fn wait_settled(&self, expected_foreign: &BTreeMap<&str, i64>, timeout: Duration) {
+        let mut clients = Vec::new();
+        for site in self.sites() {
+            clients.push((site, self.client(site).await));
+        }
         let mut last = String::new();
         let r = wait_for(
             async || {
                 let mut all = true;
-                last.clear();
-                for site in self.sites() {
-                    let c = self.client(site).await;
-                    let outbox: i64 = c
-                        .query_one("SELECT count(*) FROM outbox", &[])
-                        .await
-                        .unwrap()
-                        .get(0);
-                    let inbox: i64 = c
+                let mut now = String::new();
+                for (site, c) in &clients {
+                    let row = c
                         .query_one(
-                            "SELECT count(*) FROM sitesync_inbox WHERE origin <> $1",
-                            &[&site],
+                            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM sitesync_inbox WHERE origin <> $1)",
+                            &[site],
                         )
                         .await
-                        .unwrap()
-                        .get(0);
+                        .unwrap();
+                    let (outbox, inbox): (i64, i64) = (row.get(0), row.get(1));
                     let want = expected_foreign.get(site).copied().unwrap_or(0);
-                    last.push_str(&format!(
-                        "{site}: outbox {outbox}, foreign inbox {inbox}/{want}; "
-                    ));
+                    now.push_str(&format!("{site}: outbox {outbox}, foreign inbox {inbox}/{want}; "));
                     all &= outbox == 0 && inbox == want;
                 }
+                last = now;
                 all
             },
             timeout,
@@ -305,4 +310,213 @@ pub async fn delete(client: &Client, id: i32) -> Uuid {
         .await
         .unwrap()
         .get(0)
+}
+
+/// One application write, as the test recorded it.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub site: &'static str,
+    pub event: Uuid,
+    /// The row's `rev` for an upsert (what the log trigger records).
+    pub rev: Option<Uuid>,
+}
+
+/// A writer committing random upserts (4 in 5) and deletes on keys
+/// `0..keys` at `site` until `until`, pausing `pace` between writes.
+pub fn spawn_random_writer(
+    client: Client,
+    site: &'static str,
+    seed: u64,
+    keys: i32,
+    until: std::time::Instant,
+    pace: Duration,
+) -> tokio::task::JoinHandle<Vec<Write>> {
+    tokio::spawn(async move {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut writes = Vec::new();
+        while std::time::Instant::now() < until {
+            let key = (next() % keys as u64) as i32;
+            if next() % 5 == 0 {
+                let event = delete(&client, key).await;
+                writes.push(Write {
+                    site,
+                    event,
+                    rev: None,
+                });
+            } else {
+                let (event, rev) = upsert(&client, site, key, (next() % 1000) as i32).await;
+                writes.push(Write {
+                    site,
+                    event,
+                    rev: Some(rev),
+                });
+            }
+            tokio::time::sleep(pace).await;
+        }
+        writes
+    })
+}
+
+/// What [`Mesh::assert_exactly_once`] counted.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub applied: usize,
+    pub lost: usize,
+    /// Lost events whose write was overwritten back by a newer local write
+    /// in the same transaction (the race on new keys): written once.
+    pub lost_after_write: usize,
+}
+
+impl Mesh {
+    /// Events of other origins each site's inbox must end with.
+    pub fn foreign_counts(&self, writes: &[Write]) -> BTreeMap<&'static str, i64> {
+        self.sites()
+            .into_iter()
+            .map(|s| (s, writes.iter().filter(|w| w.site != s).count() as i64))
+            .collect()
+    }
+
+    /// Every site holds the same `item` rows.
+    pub async fn assert_converged(&self) -> Vec<(i32, i32, Uuid)> {
+        let sites = self.sites();
+        let first = self.items(sites[0]).await;
+        for site in &sites[1..] {
+            let rows = self.items(site).await;
+            if rows != first {
+                panic!(
+                    "{site} differs from {}:\n{}",
+                    sites[0],
+                    self.explain_divergence().await
+                );
+            }
+        }
+        first
+    }
+
+    /// For each key whose row differs between sites: every site's row,
+    /// version and log of writes.
+    async fn explain_divergence(&self) -> String {
+        let mut per_site = BTreeMap::new();
+        for site in self.sites() {
+            let rows: BTreeMap<i32, (i32, Uuid)> = self
+                .items(site)
+                .await
+                .into_iter()
+                .map(|(id, n, rev)| (id, (n, rev)))
+                .collect();
+            per_site.insert(site, rows);
+        }
+        let keys: std::collections::BTreeSet<i32> =
+            per_site.values().flat_map(|m| m.keys().copied()).collect();
+        let mut out = String::new();
+        for key in keys {
+            let values: Vec<Option<&(i32, Uuid)>> =
+                per_site.values().map(|m| m.get(&key)).collect();
+            if values.windows(2).all(|w| w[0] == w[1]) {
+                continue;
+            }
+            out.push_str(&format!("key {key}:\n"));
+            for site in self.sites() {
+                let c = self.client(site).await;
+                let version = c
+                    .query_opt(
+                        "SELECT ts::text, origin, event_id FROM sitesync_versions WHERE key = $1",
+                        &[&key.to_string()],
+                    )
+                    .await
+                    .unwrap()
+                    .map(|r| {
+                        format!(
+                            "{} {} {}",
+                            r.get::<_, String>(0),
+                            r.get::<_, String>(1),
+                            r.get::<_, Uuid>(2)
+                        )
+                    });
+                let log: Vec<String> = c
+                    .query("SELECT op, n, rev, by_sink FROM item_log WHERE id = $1 ORDER BY seq DESC LIMIT 4", &[&key])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{}:{:?}:{:?}:{}", r.get::<_, String>(0), r.get::<_, Option<i32>>(1), r.get::<_, Option<Uuid>>(2), r.get::<_, bool>(3)))
+                    .collect();
+                out.push_str(&format!(
+                    "  {site}: row {:?}; version {:?}; last writes (newest first) {:?}\n",
+                    per_site[site].get(&key),
+                    version,
+                    log
+                ));
+            }
+            if out.len() > 6000 {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Each event of another origin is in each inbox exactly once, as
+    /// applied or lost; an applied upsert was written exactly once by the
+    /// sink (the log trigger counts), a lost one at most once; no site's
+    /// sink rewrote its own events.
+    pub async fn assert_exactly_once(&self, writes: &[Write]) -> Tally {
+        let mut tally = Tally::default();
+        for site in self.sites() {
+            let c = self.client(site).await;
+            let outcomes: BTreeMap<Uuid, String> = c
+                .query(
+                    "SELECT event_id, outcome FROM sitesync_inbox WHERE origin <> $1",
+                    &[&site],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let sink_writes: BTreeMap<Uuid, i64> = c
+                .query("SELECT rev, count(*) FROM item_log WHERE by_sink AND op <> 'DELETE' GROUP BY rev", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            for w in writes {
+                let written = w.rev.map(|r| sink_writes.get(&r).copied().unwrap_or(0));
+                if w.site == site {
+                    assert!(
+                        written.unwrap_or(0) <= 1,
+                        "{site}'s sink rewrote its own event {} {:?} times",
+                        w.event,
+                        written
+                    );
+                    continue;
+                }
+                let outcome = outcomes.get(&w.event).unwrap_or_else(|| {
+                    panic!("{site} never received event {} from {}", w.event, w.site)
+                });
+                match (outcome.as_str(), written) {
+                    ("applied", Some(n)) => {
+                        assert_eq!(n, 1, "{site} wrote event {} {n} times", w.event)
+                    }
+                    ("applied", None) => {}
+                    ("lost", Some(n)) => {
+                        assert!(n <= 1, "{site} wrote lost event {} {n} times", w.event);
+                        tally.lost_after_write += n as usize;
+                    }
+                    ("lost", None) => {}
+                    (other, _) => panic!("{site}: event {} ended as {other}", w.event),
+                }
+                match outcome.as_str() {
+                    "applied" => tally.applied += 1,
+                    _ => tally.lost += 1,
+                }
+            }
+        }
+        tally
+    }
 }

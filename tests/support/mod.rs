@@ -27,6 +27,7 @@
 
 pub mod mesh;
 pub mod pg;
+pub mod proxy;
 pub mod rabbit;
 pub mod sidecar;
 

@@ -1,0 +1,2213 @@
+//! `sitesync demo`: three sites kept in sync, end to end, in one command.
+//!
+//! The demo starts a private PostgreSQL cluster per site (PARIS, LONDON,
+//! MADRID) from the installed server binaries, on random ports, in a
+//! directory under `/tmp` (or uses the databases given with `--paris-url`
+//! and friends). It writes a topology file with names of its own
+//! (`demo-<hex>.events`, `demo-<hex>_SITE_PARIS`, …, so the real `SITE_*`
+//! queues are never touched) and one connector file per site, loads them
+//! through [`ConnectorConfig::load`] like `sitesync run` does, creates a
+//! small business schema (`customer`, `orders`), runs `init` and `topology
+//! declare` in-process, and starts the three sidecars as tasks.
+//!
+//! Then every site writes business rows together with their outbox rows,
+//! one transaction each: its own customers and orders, some updates, a
+//! delete, and a conflict (the same customer updated at the three sites at
+//! the same moment). Once every event has gone round (every outbox is
+//! empty, every inbox holds the other sites' events) it prints a table per
+//! site with checksums of the business tables, says which write won the
+//! conflict, and whether the sites converged.
+//!
+//! Everything is removed at the end, also after an error or Ctrl-C: the
+//! sidecars are stopped, the demo's queues and exchanges deleted, the
+//! clusters stopped and their directory removed (for databases given by
+//! URL: the slot, the publication and the demo's tables are dropped).
+//!
+//! The sidecars log at `warn` unless `RUST_LOG` says otherwise: the demo
+//! runs on a runtime of its own whose threads use a quieter subscriber.
+
+use crate::bus::{self, BusError, management::Management, topology};
+use crate::cli::DemoArgs;
+use crate::config::{ConnectorConfig, redact_url};
+use crate::runner::Shutdown;
+use crate::sidecar;
+use crate::sink::postgres::PostgresTarget;
+use crate::source::{Source, postgres::PostgresSource};
+use chrono::{DateTime, Utc};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Barrier, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+/// The three sites, in display order.
+pub const SITES: [&str; 3] = ["PARIS", "LONDON", "MADRID"];
+
+/// Prefix of the demo's directories under `/tmp` (kept short: each
+/// cluster's Unix socket lives in it, and socket paths are limited to 107
+/// bytes).
+const DIR_PREFIX: &str = "ssdemo-";
+
+/// Records the demo's pid in its directory, so that a later demo can tell
+/// a directory left behind by a killed one.
+const OWNER_FILE: &str = "owner.pid";
+
+/// PostgreSQL refuses to run as root: as root, the clusters run as this user.
+const PG_USER: &str = "postgres";
+
+const MISSING_BINARIES: &str = "PostgreSQL server binaries not found under /usr/lib/postgresql/<version>/bin: install them with `apt-get install postgresql` (or give --paris-url, --london-url and --madrid-url)";
+
+/// The customer the three sites update at the same moment.
+const SHARED_CUSTOMER: i32 = 1;
+
+/// The tables the demo creates at each site (business, outbox, sink).
+const DEMO_TABLES: [&str; 8] = [
+    "customer",
+    "orders",
+    "outbox",
+    "sitesync_inbox",
+    "sitesync_origins",
+    "sitesync_gaps",
+    "sitesync_versions",
+    "sitesync_conflicts",
+];
+
+/// The business schema of every site.
+const BUSINESS: &str = "
+CREATE TABLE customer (id int PRIMARY KEY, name text NOT NULL, city text, updated_at timestamptz NOT NULL);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, amount numeric(10,2) NOT NULL, status text NOT NULL);
+";
+
+/// How the events become rows: the same at every site. `order.upsert`
+/// carries the amount as `total`; the route renames it.
+const ROUTES: &str = r#"
+[[sink.routes]]
+type = "customer.upsert"
+table = "public.customer"
+key = ["id"]
+operation = "upsert"
+
+[[sink.routes]]
+type = "customer.delete"
+table = "public.customer"
+key = ["id"]
+operation = "delete"
+
+[[sink.routes]]
+type = "order.upsert"
+table = "public.orders"
+key = ["id"]
+operation = "upsert"
+rename = { total = "amount" }
+"#;
+
+/// The entity name of customers in `sitesync_versions` and
+/// `sitesync_conflicts` (the route's table).
+const CUSTOMER_ENTITY: &str = "public.customer";
+
+/// A line on stdout. A closed stdout (`sitesync demo | head`) must not
+/// panic half-way: the clean-up still has to run.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+// ---------------------------------------------------------------------------
+// Entry point: a runtime of its own, with quieter logs
+// ---------------------------------------------------------------------------
+
+thread_local! {
+    static QUIET: RefCell<Option<tracing::dispatcher::DefaultGuard>> = const { RefCell::new(None) };
+}
+
+/// Runs the demo. `Ok` only when the three sites converged.
+pub async fn run(args: DemoArgs) -> Result<ExitCode, String> {
+    // The CLI's subscriber logs at info; the demo wants the sidecars at
+    // warn unless RUST_LOG says otherwise. Its filter cannot be changed, so
+    // the demo runs on a runtime whose threads default to another one.
+    let quiet = std::env::var_os("RUST_LOG").is_none().then(|| {
+        tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("warn,lapin=off"))
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .finish(),
+        )
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all().thread_name("sitesync-demo");
+        if let Some(dispatch) = quiet.clone() {
+            builder.on_thread_start(move || {
+                let guard = tracing::dispatcher::set_default(&dispatch);
+                QUIET.with(|q| *q.borrow_mut() = Some(guard));
+            });
+            builder.on_thread_stop(|| {
+                QUIET.with(|q| q.borrow_mut().take());
+            });
+        }
+        let runtime = builder
+            .build()
+            .map_err(|e| format!("cannot start the demo's runtime: {e}"))?;
+        let _guard = quiet.as_ref().map(tracing::dispatcher::set_default);
+        let result = runtime.block_on(main(args));
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        result
+    })
+    .await
+    .map_err(|e| format!("the demo panicked: {e}"))?
+}
+
+async fn main(args: DemoArgs) -> Result<ExitCode, String> {
+    let mut demo = Demo::new(args);
+    demo.say(format!(
+        "sitesync demo: three sites ({}) kept in sync through RabbitMQ",
+        SITES.join(", ")
+    ));
+    let outcome = tokio::select! {
+        outcome = demo.play() => outcome,
+        signal = interrupted() => {
+            demo.say(format!("{signal}: stopping and cleaning up"));
+            Err(format!("interrupted by {signal}"))
+        }
+    };
+    let cleaned = demo.cleanup().await;
+    let elapsed = demo.began.elapsed();
+    match outcome {
+        Ok(outcome) if outcome.converged && cleaned.is_empty() => {
+            out!(
+                "PASS: the three sites converged in {:.1} s (customer {}, orders {}; {} events, conflict won by {})",
+                elapsed.as_secs_f64(),
+                outcome.checksums.0,
+                outcome.checksums.1,
+                outcome.events,
+                outcome.winner
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(outcome) => {
+            let mut why = outcome.problems;
+            why.extend(cleaned);
+            Err(format!(
+                "the sites did not converge ({:.1} s):\n  - {}",
+                elapsed.as_secs_f64(),
+                why.join("\n  - ")
+            ))
+        }
+        Err(e) => {
+            out!("demo stopped after {:.1} s", elapsed.as_secs_f64());
+            if cleaned.is_empty() {
+                Err(e)
+            } else {
+                Err(format!("{e}\ncleaning up: {}", cleaned.join("; ")))
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term => "SIGTERM",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The demo's state, and its clean-up
+// ---------------------------------------------------------------------------
+
+/// What the demo found at the end.
+struct Outcome {
+    converged: bool,
+    /// Short checksums of `customer` and `orders` at PARIS.
+    checksums: (String, String),
+    events: usize,
+    /// The site whose write won the conflict.
+    winner: String,
+    problems: Vec<String>,
+}
+
+/// Broker-side names of one demo run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Names {
+    exchange: String,
+    prefix: String,
+    archive: String,
+    dlx: String,
+    dlq: String,
+}
+
+impl Names {
+    fn new(token: &str) -> Names {
+        let base = format!("demo-{token}");
+        Names {
+            exchange: format!("{base}.events"),
+            prefix: format!("{base}_SITE_"),
+            archive: format!("{base}_SITE_PARIS_HISTO"),
+            dlx: format!("{base}.dlx"),
+            dlq: format!("{base}.dlq"),
+        }
+    }
+
+    fn queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = SITES
+            .iter()
+            .map(|s| format!("{}{s}", self.prefix))
+            .collect();
+        queues.push(self.archive.clone());
+        queues.push(self.dlq.clone());
+        queues
+    }
+}
+
+struct Site {
+    name: &'static str,
+    /// The database URL given on the command line, if any.
+    given_url: Option<String>,
+    cluster: Option<Cluster>,
+    /// The database URL in use.
+    url: String,
+    cfg: Option<ConnectorConfig>,
+    /// The demo's objects exist in a database given by URL (dropped at the end).
+    created: bool,
+    /// The demo's own connection (writes, polling, the report).
+    client: Option<Client>,
+}
+
+impl Site {
+    fn db(&self) -> String {
+        self.name.to_lowercase()
+    }
+
+    fn client(&self) -> &Client {
+        self.client.as_ref().expect("connected before use")
+    }
+}
+
+/// The clusters after their start, and how each start went.
+type Started = (Vec<Cluster>, Vec<Result<(), String>>);
+
+struct Demo {
+    args: DemoArgs,
+    began: Instant,
+    token: String,
+    names: Names,
+    dir: Option<PathBuf>,
+    sites: Vec<Site>,
+    management: Option<String>,
+    /// The topology is (maybe partly) declared: delete it at the end.
+    declared: bool,
+    trigger: Option<watch::Sender<bool>>,
+    sidecars: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    /// Tells starting clusters to stop short.
+    cancel: Arc<AtomicBool>,
+    /// The clusters while they start.
+    starting: Option<JoinHandle<Started>>,
+}
+
+impl Demo {
+    fn new(args: DemoArgs) -> Demo {
+        let token = random_hex(8);
+        let urls = [
+            args.paris_url.clone(),
+            args.london_url.clone(),
+            args.madrid_url.clone(),
+        ];
+        let sites = SITES
+            .iter()
+            .zip(urls)
+            .map(|(name, given_url)| Site {
+                name,
+                given_url,
+                cluster: None,
+                url: String::new(),
+                cfg: None,
+                created: false,
+                client: None,
+            })
+            .collect();
+        Demo {
+            args,
+            began: Instant::now(),
+            names: Names::new(&token),
+            token,
+            dir: None,
+            sites,
+            management: None,
+            declared: false,
+            trigger: None,
+            sidecars: Vec::new(),
+            starting: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A progress line, with the time since the start.
+    fn say(&self, message: impl AsRef<str>) {
+        out!(
+            "[{:5.1}s] {}",
+            self.began.elapsed().as_secs_f64(),
+            message.as_ref()
+        );
+    }
+
+    async fn play(&mut self) -> Result<Outcome, String> {
+        self.check_broker().await?;
+        let bin = if self.sites.iter().any(|s| s.given_url.is_none()) {
+            Some(find_bin_dir()?)
+        } else {
+            None
+        };
+        self.check_given_urls()?;
+        for site in &mut self.sites {
+            if let Some(url) = &site.given_url {
+                check_given(site.name, url).await?;
+                site.url = url.clone();
+            }
+        }
+        sweep_orphans();
+        self.make_dir()?;
+        self.start_databases(bin).await?;
+        self.write_config()?;
+        self.prepare_sites().await?;
+        self.declare_topology().await?;
+        self.start_sidecars()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.args.timeout);
+        let written = self.write_changes(deadline).await?;
+        self.wait_settled(&written, deadline).await?;
+        self.report(&written).await
+    }
+
+    async fn check_broker(&mut self) -> Result<(), String> {
+        let url = &self.args.broker;
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| format!("--broker `{}` is not an AMQP URL: {e}", redact_url(url)))?;
+        self.say(format!("checking RabbitMQ at {}", redact_url(url)));
+        match bus::connect(
+            std::slice::from_ref(url),
+            Duration::from_secs(5),
+            "sitesync-demo",
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(e @ BusError::Refused { .. }) => {
+                return Err(format!(
+                    "RabbitMQ at {} refused the demo (check the user, password and virtual host of --broker): {e}",
+                    redact_url(url)
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "RabbitMQ is not reachable at {}: {e}\n\
+                     Start it with `rabbitmq-server -detached` (install it with `apt-get install rabbitmq-server`), \
+                     or give another broker with --broker URL",
+                    redact_url(url)
+                ));
+            }
+        }
+        if self.args.no_management {
+            return Ok(());
+        }
+        let management = Management::new(&self.args.management_url, url)
+            .map_err(|e| format!("--management-url: {e}"))?;
+        // `amq.fanout` exists in every virtual host: listing its bindings
+        // tells whether the API answers with these credentials.
+        let probe = tokio::task::spawn_blocking(move || management.unbound("amq.fanout", &[]))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match probe {
+            Ok(_) => self.management = Some(self.args.management_url.clone()),
+            Err(e) => self.say(format!(
+                "note: the management API does not answer ({e}); bindings will not be verified \
+                 (enable it with `rabbitmq-plugins enable rabbitmq_management`, or pass --no-management)"
+            )),
+        }
+        Ok(())
+    }
+
+    /// Two sites on one database would share their tables.
+    fn check_given_urls(&self) -> Result<(), String> {
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for site in &self.sites {
+            let Some(url) = &site.given_url else { continue };
+            let cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+                format!(
+                    "--{}-url `{}` is not a PostgreSQL URL: {e}",
+                    site.db(),
+                    redact_url(url)
+                )
+            })?;
+            let key = format!(
+                "{:?}/{:?}/{:?}",
+                cfg.get_hosts(),
+                cfg.get_ports(),
+                cfg.get_dbname()
+            );
+            if let Some(other) = seen.insert(key, site.name) {
+                return Err(format!(
+                    "{other} and {} are given the same database: each site needs its own",
+                    site.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn make_dir(&mut self) -> Result<(), String> {
+        let dir = PathBuf::from(format!("/tmp/{DIR_PREFIX}{}", self.token));
+        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        self.dir = Some(dir.clone());
+        // Traversable by the `postgres` user, who owns each cluster's directory.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .and_then(|()| std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()))
+            .map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+        Ok(())
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_deref().expect("made before use")
+    }
+
+    async fn start_databases(&mut self, bin: Option<PathBuf>) -> Result<(), String> {
+        let user = is_root().then_some(PG_USER);
+        let owner = match user {
+            Some(u) => Some(user_ids(u).ok_or_else(|| {
+                format!("running as root, but there is no `{u}` user to run PostgreSQL as (PostgreSQL refuses to run as root)")
+            })?),
+            None => None,
+        };
+        let dir = self.dir().to_path_buf();
+        let mut ports = HashSet::new();
+        for site in &mut self.sites {
+            if site.given_url.is_some() {
+                continue;
+            }
+            let site_dir = dir.join(site.db());
+            std::fs::create_dir(&site_dir)
+                .map_err(|e| format!("creating {}: {e}", site_dir.display()))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&site_dir, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", site_dir.display()))?;
+            }
+            site.cluster = Some(Cluster {
+                site: site.name,
+                dir: site_dir,
+                bin: bin.clone().expect("found when a site needs a cluster"),
+                user,
+                owner,
+                port: 0,
+                ports: Vec::new(),
+                cancel: self.cancel.clone(),
+            });
+            // Each cluster gets ports of its own, so they can start at once.
+            let cluster = site.cluster.as_mut().expect("just set");
+            for _ in 0..PORT_ATTEMPTS {
+                cluster.ports.push(free_port(&mut ports));
+            }
+        }
+        let clusters = self
+            .sites
+            .iter()
+            .filter_map(|s| s.cluster.as_ref())
+            .map(|c| c.site)
+            .collect::<Vec<_>>();
+        if !clusters.is_empty() {
+            self.say(format!(
+                "starting {} private PostgreSQL cluster(s) for {} (wal_level=logical, track_commit_timestamp=on) in {}",
+                clusters.len(),
+                clusters.join(", "),
+                dir.display()
+            ));
+        }
+        let began = Instant::now();
+        // A task of its own: an interrupted demo lets a start (initdb,
+        // pg_ctl) finish, then stops the cluster, rather than leave it half-way.
+        let mut clusters: Vec<Cluster> = self
+            .sites
+            .iter_mut()
+            .filter_map(|s| s.cluster.take())
+            .collect();
+        self.starting = Some(tokio::spawn(async move {
+            let started =
+                futures_util::future::join_all(clusters.iter_mut().map(|c| c.start())).await;
+            (clusters, started)
+        }));
+        self.finish_starting()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, String>>()?;
+        for site in &mut self.sites {
+            if let Some(c) = &site.cluster {
+                let admin = connect(&c.url("postgres")).await?;
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {}", site.db()))
+                    .await
+                    .map_err(|e| format!("{}: creating database {}: {e}", site.name, site.db()))?;
+                site.url = c.url(&site.db());
+            }
+        }
+        let mut lines = Vec::new();
+        for site in &self.sites {
+            lines.push(match &site.cluster {
+                Some(c) => format!("{} on port {}", site.name, c.port),
+                None => format!("{} at {}", site.name, redact_url(&site.url)),
+            });
+        }
+        self.say(format!(
+            "databases ready in {:.1} s: {}",
+            began.elapsed().as_secs_f64(),
+            lines.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// Waits for the clusters' start and gives them back to their sites
+    /// (also when the start failed: they are stopped in the clean-up).
+    async fn finish_starting(&mut self) -> Vec<Result<(), String>> {
+        // The handle stays in `self.starting` until the task is done: if
+        // this wait is interrupted, the clean-up waits again.
+        let Some(task) = self.starting.as_mut() else {
+            return Vec::new();
+        };
+        let done = task.await;
+        self.starting = None;
+        let (clusters, started) = match done {
+            Ok(done) => done,
+            Err(e) => return vec![Err(format!("starting the clusters: {e}"))],
+        };
+        for cluster in clusters {
+            if let Some(site) = self.sites.iter_mut().find(|s| s.name == cluster.site) {
+                site.cluster = Some(cluster);
+            }
+        }
+        started
+    }
+
+    fn write_config(&mut self) -> Result<(), String> {
+        let dir = self.dir().to_path_buf();
+        let topology = dir.join("topology.toml");
+        std::fs::write(&topology, topology_toml(&self.names))
+            .map_err(|e| format!("writing {}: {e}", topology.display()))?;
+        for i in 0..self.sites.len() {
+            let site = &self.sites[i];
+            let file = dir.join(format!("{}.toml", site.db()));
+            let text = connector_toml(&ConnectorSpec {
+                site: site.name,
+                url: &site.url,
+                broker: &self.args.broker,
+                management_url: self.management.as_deref(),
+                topology: &topology,
+                checkpoints: &dir.join("checkpoints"),
+                slot: &format!("demo_{}_{}", self.token, site.db()),
+            });
+            std::fs::write(&file, text).map_err(|e| format!("writing {}: {e}", file.display()))?;
+            let cfg = ConnectorConfig::load(&file).map_err(|e| e.to_string())?;
+            self.sites[i].cfg = Some(cfg);
+        }
+        self.say(format!(
+            "wrote {} and a connector per site (exchange {}, queues {}*)",
+            topology.display(),
+            self.names.exchange,
+            self.names.prefix
+        ));
+        Ok(())
+    }
+
+    /// The business schema, then `sitesync init` at every site.
+    async fn prepare_sites(&mut self) -> Result<(), String> {
+        self.say("creating the business tables (customer, orders) and running `sitesync init` at every site");
+        for site in &mut self.sites {
+            let cfg = site.cfg.as_ref().expect("loaded");
+            let client = connect(&site.url).await?;
+            site.created = true;
+            client
+                .batch_execute(BUSINESS)
+                .await
+                .map_err(|e| format!("{}: creating the business tables: {e}", site.name))?;
+            let source = PostgresSource::new(cfg).map_err(|e| e.message)?;
+            source
+                .init()
+                .await
+                .map_err(|e| format!("{}: init: {}", site.name, e.message))?;
+            let target = PostgresTarget::new(cfg)?;
+            target
+                .init()
+                .await
+                .map_err(|e| format!("{}: init: {}", site.name, e.message))?;
+            // Checksums compare JSON texts of timestamps: the same zone everywhere.
+            client
+                .batch_execute("SET TimeZone = 'UTC'")
+                .await
+                .map_err(|e| format!("{}: {e}", site.name))?;
+            site.client = Some(client);
+        }
+        Ok(())
+    }
+
+    async fn declare_topology(&mut self) -> Result<(), String> {
+        let cfg = self.sites[0].cfg.as_ref().expect("loaded");
+        let conn = bus::connect(
+            &cfg.broker.urls,
+            cfg.broker.connect_timeout,
+            "sitesync-demo",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.declared = true;
+        let done = topology::declare(&conn, &cfg.topology)
+            .await
+            .map_err(|e| format!("declaring the topology: {e}"))?;
+        self.say(format!(
+            "declared the topology on the broker: {} exchanges and queues",
+            done.len()
+        ));
+        Ok(())
+    }
+
+    fn start_sidecars(&mut self) -> Result<(), String> {
+        let (trigger, shutdown) = Shutdown::new();
+        self.trigger = Some(trigger);
+        for site in &self.sites {
+            let cfg = site.cfg.clone().expect("loaded");
+            let source = PostgresSource::new(&cfg).map_err(|e| e.message)?;
+            let target = PostgresTarget::new(&cfg)?;
+            let shutdown = shutdown.clone();
+            let task =
+                tokio::spawn(
+                    async move { sidecar::run(&cfg, source, Some(target), shutdown).await },
+                );
+            self.sidecars.push((site.name, task));
+        }
+        self.say(
+            "started the three sidecars (source: outbox → broker; sink: site queue → database)",
+        );
+        Ok(())
+    }
+
+    /// Every site's writes; returns the events written per site.
+    async fn write_changes(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<BTreeMap<&'static str, usize>, String> {
+        let mut written: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let scripts: Vec<Vec<Write>> = (0..SITES.len()).map(script).collect();
+        let counts: Vec<(usize, usize, usize, usize)> = scripts.iter().map(|s| tally(s)).collect();
+        self.say(format!(
+            "writing at every site at once, each change with its outbox row in one transaction: {}",
+            self.sites
+                .iter()
+                .zip(&counts)
+                .map(|(s, (c, o, u, d))| format!(
+                    "{} {c} customers, {o} orders, {u} updates, {d} delete",
+                    s.name
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+        let runs = self
+            .sites
+            .iter_mut()
+            .zip(&scripts)
+            .map(|(site, writes)| async move {
+                let name = site.name;
+                let client = site.client.as_mut().expect("connected");
+                for w in writes {
+                    apply(client, w, None)
+                        .await
+                        .map_err(|e| format!("{name}: writing {w:?}: {e}"))?;
+                }
+                Ok::<_, String>(())
+            });
+        within(
+            deadline,
+            "writing",
+            futures_util::future::try_join_all(runs),
+        )
+        .await??;
+        for (site, writes) in SITES.iter().zip(&scripts) {
+            written.insert(*site, writes.len());
+        }
+
+        // The conflict needs the shared customer everywhere first.
+        let (sites, sidecars) = (&self.sites, &self.sidecars);
+        within(deadline, "waiting for the shared customer", async {
+            poll(async || {
+                if let Some((name, _)) = sidecars.iter().find(|(_, t)| t.is_finished()) {
+                    return Some(Err(format!(
+                        "the {name} sidecar stopped (see its log above)"
+                    )));
+                }
+                for site in sites {
+                    let row = site
+                        .client()
+                        .query_opt("SELECT 1 FROM customer WHERE id = $1", &[&SHARED_CUSTOMER])
+                        .await
+                        .ok()?;
+                    row?;
+                }
+                Some(Ok(()))
+            })
+            .await
+        })
+        .await??;
+        self.say(format!(
+            "customer {SHARED_CUSTOMER} (created at PARIS) has reached every site; now the three sites update it at the same moment"
+        ));
+        let barrier = Arc::new(Barrier::new(self.sites.len()));
+        let updates = self.sites.iter_mut().map(|site| {
+            let barrier = barrier.clone();
+            async move {
+                let w = conflict_write(site.name);
+                let client = site.client.as_mut().expect("connected");
+                apply(client, &w, Some(&barrier))
+                    .await
+                    .map_err(|e| format!("{}: the conflicting update: {e}", site.name))
+            }
+        });
+        within(
+            deadline,
+            "the conflicting updates",
+            futures_util::future::try_join_all(updates),
+        )
+        .await??;
+        for site in SITES {
+            *written.entry(site).or_default() += 1;
+        }
+        Ok(written)
+    }
+
+    /// Until every outbox is empty and every inbox holds the others' events.
+    async fn wait_settled(
+        &self,
+        written: &BTreeMap<&'static str, usize>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let total: usize = written.values().sum();
+        self.say(format!(
+            "{total} events written; waiting until each has reached the other sites and come back round to its origin"
+        ));
+        let began = Instant::now();
+        let mut last_report = Instant::now();
+        let mut last = String::new();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let mut settled = true;
+            last.clear();
+            for site in &self.sites {
+                let want = (total - written[site.name]) as i64;
+                let row = site
+                    .client()
+                    .query_one(
+                        "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM sitesync_inbox WHERE origin <> $1)",
+                        &[&site.name],
+                    )
+                    .await
+                    .map_err(|e| format!("{}: {e}", site.name))?;
+                let (outbox, inbox): (i64, i64) = (row.get(0), row.get(1));
+                settled &= outbox == 0 && inbox == want;
+                let _ = write!(
+                    last,
+                    "{} outbox {outbox}, from others {inbox}/{want}; ",
+                    site.name
+                );
+            }
+            if settled {
+                self.say(format!(
+                    "settled in {:.1} s: every outbox is empty and every site has received the others' events",
+                    began.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            if let Some((name, _)) = self.sidecars.iter().find(|(_, t)| t.is_finished()) {
+                return Err(format!(
+                    "the {name} sidecar stopped (see its log above); {}",
+                    last.trim_end_matches("; ")
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the sites did not settle within {} s: {}",
+                    self.args.timeout,
+                    last.trim_end_matches("; ")
+                ));
+            }
+            if last_report.elapsed() >= Duration::from_secs(3) {
+                self.say(format!("  still waiting: {}", last.trim_end_matches("; ")));
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn report(&self, written: &BTreeMap<&'static str, usize>) -> Result<Outcome, String> {
+        let mut rows = Vec::new();
+        let mut conflicts: Vec<(String, DateTime<Utc>, String, DateTime<Utc>)> = Vec::new();
+        let mut finals = Vec::new();
+        for site in &self.sites {
+            let c = site.client();
+            let err = |e: tokio_postgres::Error| format!("{}: {e}", site.name);
+            let r = c
+                .query_one(
+                    "SELECT (SELECT count(*) FROM customer), (SELECT count(*) FROM orders), \
+                     (SELECT md5(coalesce(string_agg(row_to_json(t)::text, ',' ORDER BY id), '')) FROM customer t), \
+                     (SELECT md5(coalesce(string_agg(row_to_json(t)::text, ',' ORDER BY id), '')) FROM orders t), \
+                     (SELECT count(*) FROM outbox), (SELECT count(*) FROM sitesync_inbox), \
+                     (SELECT count(*) FROM sitesync_conflicts)",
+                    &[],
+                )
+                .await
+                .map_err(err)?;
+            rows.push(SiteRow {
+                site: site.name.to_string(),
+                customers: r.get(0),
+                orders: r.get(1),
+                customer_sum: r.get(2),
+                orders_sum: r.get(3),
+                outbox: r.get(4),
+                inbox: r.get(5),
+                conflicts: r.get(6),
+            });
+            for r in c
+                .query(
+                    "SELECT loser_origin, loser_ts, winner_origin, winner_ts FROM sitesync_conflicts \
+                     WHERE entity = $1 AND key = $2",
+                    &[&CUSTOMER_ENTITY, &SHARED_CUSTOMER.to_string()],
+                )
+                .await
+                .map_err(err)?
+            {
+                conflicts.push((r.get(0), r.get(1), r.get(2), r.get(3)));
+            }
+            let r = c
+                .query_opt(
+                    "SELECT c.name, c.city, v.origin FROM customer c \
+                     LEFT JOIN sitesync_versions v ON v.entity = $2 AND v.key = c.id::text WHERE c.id = $1",
+                    &[&SHARED_CUSTOMER, &CUSTOMER_ENTITY],
+                )
+                .await
+                .map_err(err)?;
+            finals.push(r.map(|r| {
+                let (name, city, origin): (String, Option<String>, Option<String>) =
+                    (r.get(0), r.get(1), r.get(2));
+                (name, city.unwrap_or_default(), origin.unwrap_or_default())
+            }));
+        }
+
+        out!("");
+        out!("{}", render_table(&rows).trim_end());
+        out!("");
+
+        // The conflict: when each site's write committed, and what won.
+        let mut committed: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+        for (lo, lt, wo, wt) in &conflicts {
+            committed.entry(lo.clone()).or_insert(*lt);
+            committed.entry(wo.clone()).or_insert(*wt);
+        }
+        out!(
+            "conflict: customer {SHARED_CUSTOMER} updated at the three sites at the same moment (last writer wins):"
+        );
+        for site in SITES {
+            let w = conflict_write(site);
+            let Write::Customer { name, city, .. } = &w else {
+                unreachable!("the conflict is a customer update")
+            };
+            let at = committed
+                .get(site)
+                .map_or_else(|| "?".to_string(), |t| t.format("%H:%M:%S%.6f").to_string());
+            out!("  {site:<7} committed {at}  name {name:?}, city {city}");
+        }
+        if let (Some(first), Some(last)) = (committed.values().min(), committed.values().max()) {
+            out!(
+                "  the three commits were {:.3} ms apart",
+                (*last - *first).num_microseconds().unwrap_or(0) as f64 / 1000.0
+            );
+        }
+        let winner = match &finals[0] {
+            Some((name, city, _)) => SITES
+                .iter()
+                .find(
+                    |s| matches!(conflict_write(s), Write::Customer { name: n, .. } if n == *name),
+                )
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("none ({name:?}, {city})")),
+            None => "none (the customer is missing)".into(),
+        };
+        let same_everywhere = finals.iter().all(|f| f == &finals[0]);
+        match &finals[0] {
+            Some((name, city, origin)) if same_everywhere => out!(
+                "  every site now has name {name:?}, city {city}: {winner}'s write won (version held by {origin} at every site)"
+            ),
+            _ => out!("  the sites disagree: {finals:?}"),
+        }
+        let recorded: i64 = rows.iter().map(|r| r.conflicts).sum();
+        out!(
+            "  the losing writes are kept in sitesync_conflicts ({recorded} rows over the three sites)"
+        );
+        out!("");
+
+        let mut problems = Vec::new();
+        if !converged(&rows) {
+            problems.push(format!(
+                "the checksums differ or events are pending: {}",
+                rows.iter()
+                    .map(|r| format!(
+                        "{} {}/{} (outbox {})",
+                        r.site,
+                        short(&r.customer_sum),
+                        short(&r.orders_sum),
+                        r.outbox
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !same_everywhere {
+            problems.push(format!(
+                "customer {SHARED_CUSTOMER} differs between sites: {finals:?}"
+            ));
+        }
+        Ok(Outcome {
+            converged: problems.is_empty(),
+            checksums: (short(&rows[0].customer_sum), short(&rows[0].orders_sum)),
+            events: written.values().sum(),
+            winner,
+            problems,
+        })
+    }
+
+    /// Stops and removes everything; returns what could not be cleaned up.
+    async fn cleanup(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.starting.is_some() {
+            self.cancel.store(true, Ordering::SeqCst);
+            self.say("waiting for the clusters' start to finish");
+            self.finish_starting().await;
+        }
+        if let Some(trigger) = self.trigger.take() {
+            self.say("stopping the sidecars");
+            let _ = trigger.send(true);
+            // They drain at once; 20 s in all (each drains within 5 s).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            for (site, mut task) in std::mem::take(&mut self.sidecars) {
+                match tokio::time::timeout_at(deadline, &mut task).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => problems.push(format!("the {site} sidecar: {e}")),
+                    Ok(Err(e)) => problems.push(format!("the {site} sidecar: {e}")),
+                    Err(_) => {
+                        task.abort();
+                        problems.push(format!("the {site} sidecar did not stop within 20 s"));
+                    }
+                }
+            }
+            drop(trigger);
+        }
+        for site in &mut self.sites {
+            site.client = None;
+        }
+        if std::mem::take(&mut self.declared) {
+            self.say(format!(
+                "deleting the demo's queues and exchanges ({}*)",
+                self.names.prefix
+            ));
+            if let Err(e) = tokio::time::timeout(
+                Duration::from_secs(15),
+                delete_topology(&self.args.broker, &self.names),
+            )
+            .await
+            .unwrap_or_else(|_| Err("no answer within 15 s".into()))
+            {
+                problems.push(format!("deleting the demo's queues and exchanges: {e}"));
+            }
+        }
+        for site in &self.sites {
+            if site.created
+                && site.cluster.is_none()
+                && let Some(cfg) = &site.cfg
+            {
+                self.say(format!(
+                    "{}: dropping the demo's slot, publication and tables",
+                    site.name
+                ));
+                if let Err(e) = drop_demo_objects(&site.url, cfg).await {
+                    problems.push(format!("{}: {e}", site.name));
+                }
+            }
+        }
+        let clusters: Vec<&Cluster> = self
+            .sites
+            .iter()
+            .filter_map(|s| s.cluster.as_ref())
+            .collect();
+        if !clusters.is_empty() {
+            self.say("stopping the PostgreSQL clusters");
+            let stops = futures_util::future::join_all(clusters.iter().map(|c| c.stop())).await;
+            problems.extend(stops.into_iter().filter_map(Result::err));
+        }
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                problems.push(format!("removing {}: {e}", dir.display()));
+            }
+            for site in &mut self.sites {
+                site.cluster = None;
+            }
+        }
+        problems
+    }
+}
+
+impl Drop for Demo {
+    /// The last resort (a panic): no cluster is left running, no directory
+    /// left behind. After [`Demo::cleanup`] there is nothing left to do.
+    fn drop(&mut self) {
+        if self.declared {
+            let (url, names) = (self.args.broker.clone(), self.names.clone());
+            // Not on this runtime's threads: they may be shutting down.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                runtime
+                    .block_on(tokio::time::timeout(
+                        Duration::from_secs(10),
+                        delete_topology(&url, &names),
+                    ))
+                    .ok()
+            })
+            .join();
+        }
+        for cluster in self.sites.iter().filter_map(|s| s.cluster.as_ref()) {
+            cluster.stop_blocking();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Runs `f` until `deadline`.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    what: &str,
+    f: impl Future<Output = T>,
+) -> Result<T, String> {
+    tokio::time::timeout_at(deadline, f)
+        .await
+        .map_err(|_| format!("{what}: timed out"))
+}
+
+/// Polls `f` (with a capped backoff) until it gives a value.
+async fn poll<T>(mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration files
+// ---------------------------------------------------------------------------
+
+/// A TOML basic string. `$` is doubled: the loader expands `${VAR}`.
+fn toml_str(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("$$"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn topology_toml(names: &Names) -> String {
+    format!(
+        "# Written by `sitesync demo`: names of its own, so the real SITE_* queues are never touched.\n\
+         exchange = {}\n\
+         sites = [{}]\n\
+         site_queue_prefix = {}\n\
+         archive_queue = {}\n\
+         dead_letter_exchange = {}\n\
+         dead_letter_queue = {}\n",
+        toml_str(&names.exchange),
+        SITES.map(toml_str).join(", "),
+        toml_str(&names.prefix),
+        toml_str(&names.archive),
+        toml_str(&names.dlx),
+        toml_str(&names.dlq),
+    )
+}
+
+/// What one site's connector file says.
+struct ConnectorSpec<'a> {
+    site: &'a str,
+    url: &'a str,
+    broker: &'a str,
+    management_url: Option<&'a str>,
+    topology: &'a Path,
+    checkpoints: &'a Path,
+    /// The slot and publication name.
+    slot: &'a str,
+}
+
+/// A connector file in the format of `connectors/paris.toml`, with the
+/// demo's routes.
+fn connector_toml(spec: &ConnectorSpec<'_>) -> String {
+    let name = spec.site.to_lowercase();
+    let management = spec
+        .management_url
+        .map(|m| format!("management_url = {}\n", toml_str(m)))
+        .unwrap_or_default();
+    format!(
+        "# The {site} site of `sitesync demo`.\n\
+         site = {site_q}\n\
+         name = {name_q}\n\
+         \n\
+         [database]\n\
+         kind = \"postgres\"\n\
+         url = {url}\n\
+         slot = {slot}\n\
+         publication = {slot}\n\
+         \n\
+         [broker]\n\
+         urls = [{broker}]\n\
+         topology = {topology}\n\
+         {management}\
+         connect_timeout_ms = 5000\n\
+         \n\
+         [checkpoint]\n\
+         dir = {checkpoint}\n\
+         \n\
+         [retry]\n\
+         initial_backoff_ms = 100\n\
+         max_backoff_ms = 2000\n\
+         \n\
+         [shutdown]\n\
+         drain_timeout_ms = 5000\n\
+         \n\
+         [sink]\n\
+         batch_timeout_ms = 20\n\
+         {ROUTES}",
+        site = spec.site,
+        site_q = toml_str(spec.site),
+        name_q = toml_str(&name),
+        url = toml_str(spec.url),
+        slot = toml_str(spec.slot),
+        broker = toml_str(spec.broker),
+        topology = toml_str(&spec.topology.to_string_lossy()),
+        checkpoint = toml_str(&spec.checkpoints.join(&name).to_string_lossy()),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The business writes
+// ---------------------------------------------------------------------------
+
+/// One application write: a business change and its outbox row.
+#[derive(Debug, Clone, PartialEq)]
+enum Write {
+    Customer {
+        id: i32,
+        name: String,
+        city: String,
+    },
+    DeleteCustomer {
+        id: i32,
+    },
+    Order {
+        id: i32,
+        customer_id: i32,
+        /// numeric(10,2), as text.
+        amount: String,
+        status: &'static str,
+    },
+}
+
+const FIRST_NAMES: [&str; 8] = [
+    "Ada", "Blaise", "Carmen", "Dora", "Émile", "Frida", "Gustave", "Hélène",
+];
+
+fn home(site: &str) -> (&'static str, &'static str) {
+    match site {
+        "PARIS" => ("Paris", "Lyon"),
+        "LONDON" => ("London", "Leeds"),
+        _ => ("Madrid", "Sevilla"),
+    }
+}
+
+/// The writes of site `i` (of [`SITES`]): ids `(i+1)*100 + k`, so each
+/// site creates rows of its own; PARIS also creates the shared customer.
+fn script(i: usize) -> Vec<Write> {
+    let site = SITES[i];
+    let base = (i as i32 + 1) * 100;
+    let (city, other_city) = home(site);
+    let mut w = Vec::new();
+    if i == 0 {
+        w.push(Write::Customer {
+            id: SHARED_CUSTOMER,
+            name: "Zoé".into(),
+            city: city.into(),
+        });
+    }
+    for (k, first) in (1..).zip(FIRST_NAMES) {
+        w.push(Write::Customer {
+            id: base + k,
+            name: format!("{first} of {site}"),
+            city: city.into(),
+        });
+        w.push(Write::Order {
+            id: base + k,
+            customer_id: base + k,
+            amount: format!("{}.{:02}", 10 + k * 7, (k * 37) % 100),
+            status: "new",
+        });
+    }
+    w.push(Write::Customer {
+        id: base + 2,
+        name: format!("{} of {site}", FIRST_NAMES[1]),
+        city: other_city.into(),
+    });
+    w.push(Write::Order {
+        id: base + 3,
+        customer_id: base + 3,
+        amount: "99.90".into(),
+        status: "shipped",
+    });
+    w.push(Write::Order {
+        id: base + 4,
+        customer_id: base + 4,
+        amount: format!("{}.{:02}", 10 + 4 * 7, (4 * 37) % 100),
+        status: "cancelled",
+    });
+    w.push(Write::DeleteCustomer { id: base + 8 });
+    w
+}
+
+/// (customers created, orders created, updates, deletes) of a script.
+fn tally(writes: &[Write]) -> (usize, usize, usize, usize) {
+    let mut seen = HashSet::new();
+    let (mut c, mut o, mut u, mut d) = (0, 0, 0, 0);
+    for w in writes {
+        match w {
+            Write::Customer { id, .. } if seen.insert(("c", *id)) => c += 1,
+            Write::Order { id, .. } if seen.insert(("o", *id)) => o += 1,
+            Write::DeleteCustomer { .. } => d += 1,
+            _ => u += 1,
+        }
+    }
+    (c, o, u, d)
+}
+
+/// What `site` writes to the shared customer during the conflict.
+fn conflict_write(site: &str) -> Write {
+    let name = match site {
+        "PARIS" => "Zoé Martin",
+        "LONDON" => "Zoe Smith",
+        _ => "Zoé García",
+    };
+    Write::Customer {
+        id: SHARED_CUSTOMER,
+        name: name.into(),
+        city: home(site).0.into(),
+    }
+}
+
+/// Applies one write in one transaction; with `barrier`, commits only once
+/// every writer holding it is ready to.
+async fn apply(
+    client: &mut Client,
+    w: &Write,
+    barrier: Option<&Barrier>,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    match w {
+        Write::Customer { id, name, city } => {
+            tx.execute(
+                "INSERT INTO customer (id, name, city, updated_at) VALUES ($1, $2, $3, now()) \
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, city = EXCLUDED.city, updated_at = EXCLUDED.updated_at",
+                &[id, name, city],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO outbox (type, entity_key, data) \
+                 SELECT 'customer.upsert', c.id::text, to_jsonb(c) FROM customer c WHERE c.id = $1",
+                &[id],
+            )
+            .await?;
+        }
+        Write::DeleteCustomer { id } => {
+            tx.execute("DELETE FROM customer WHERE id = $1", &[id])
+                .await?;
+            tx.execute(
+                "INSERT INTO outbox (type, entity_key, data) \
+                 VALUES ('customer.delete', $1::int::text, jsonb_build_object('id', $1::int))",
+                &[id],
+            )
+            .await?;
+        }
+        Write::Order {
+            id,
+            customer_id,
+            amount,
+            status,
+        } => {
+            tx.execute(
+                "INSERT INTO orders (id, customer_id, amount, status) VALUES ($1, $2, $3::text::numeric, $4) \
+                 ON CONFLICT (id) DO UPDATE SET customer_id = EXCLUDED.customer_id, amount = EXCLUDED.amount, status = EXCLUDED.status",
+                &[id, customer_id, amount, status],
+            )
+            .await?;
+            // The event calls the amount `total`: the route renames it.
+            tx.execute(
+                "INSERT INTO outbox (type, entity_key, data) \
+                 SELECT 'order.upsert', o.id::text, to_jsonb(o) - 'amount' || jsonb_build_object('total', o.amount) \
+                 FROM orders o WHERE o.id = $1",
+                &[id],
+            )
+            .await?;
+        }
+    }
+    if let Some(b) = barrier {
+        b.wait().await;
+    }
+    tx.commit().await
+}
+
+// ---------------------------------------------------------------------------
+// The report
+// ---------------------------------------------------------------------------
+
+/// One site's line of the final table.
+#[derive(Debug, Clone, PartialEq)]
+struct SiteRow {
+    site: String,
+    customers: i64,
+    orders: i64,
+    /// md5 of the table's rows as JSON, in key order.
+    customer_sum: String,
+    orders_sum: String,
+    outbox: i64,
+    inbox: i64,
+    conflicts: i64,
+}
+
+fn short(sum: &str) -> String {
+    sum.chars().take(8).collect()
+}
+
+/// Whether the sites converged: nothing pending, the same rows everywhere.
+fn converged(rows: &[SiteRow]) -> bool {
+    let Some(first) = rows.first() else {
+        return false;
+    };
+    rows.iter().all(|r| {
+        r.outbox == 0 && r.customer_sum == first.customer_sum && r.orders_sum == first.orders_sum
+    })
+}
+
+fn render_table(rows: &[SiteRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:>9} {:>7} {:>17} {:>15} {:>7} {:>6} {:>10}",
+        "site",
+        "customers",
+        "orders",
+        "customer checksum",
+        "orders checksum",
+        "outbox",
+        "inbox",
+        "conflicts"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<8} {:>9} {:>7} {:>17} {:>15} {:>7} {:>6} {:>10}",
+            r.site,
+            r.customers,
+            r.orders,
+            short(&r.customer_sum),
+            short(&r.orders_sum),
+            r.outbox,
+            r.inbox,
+            r.conflicts
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: private clusters and given databases
+// ---------------------------------------------------------------------------
+
+/// How many ports a first start may try (another process may take one
+/// between the check and the server's bind).
+const PORT_ATTEMPTS: usize = 5;
+
+/// A private cluster in `dir` (`dir/data`, `dir/server.log`, the socket).
+struct Cluster {
+    site: &'static str,
+    dir: PathBuf,
+    bin: PathBuf,
+    /// `Some("postgres")` when the commands run through `runuser`.
+    user: Option<&'static str>,
+    owner: Option<(u32, u32)>,
+    port: u16,
+    /// Ports to try, in order.
+    ports: Vec<u16>,
+    /// Set when the demo is interrupted: do not start the server.
+    cancel: Arc<AtomicBool>,
+}
+
+impl Cluster {
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let program = self.bin.join(tool);
+        let mut cmd = match self.user {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(program);
+                c
+            }
+            None => std::process::Command::new(program),
+        };
+        // The server's user may not be able to enter our working directory.
+        cmd.current_dir(&self.dir).stdin(Stdio::null());
+        cmd
+    }
+
+    async fn run(&self, tool: &str, args: &[&str]) -> Result<std::process::Output, String> {
+        let mut cmd = self.command(tool);
+        cmd.args(args);
+        tokio::process::Command::from(cmd)
+            .output()
+            .await
+            .map_err(|e| format!("{}: cannot run {tool}: {e}", self.site))
+    }
+
+    async fn start(&mut self) -> Result<(), String> {
+        let data = self.data().to_string_lossy().into_owned();
+        let out = self
+            .run(
+                "initdb",
+                &[
+                    "-D",
+                    &data,
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    // Whatever LANG says (it may name a locale not installed).
+                    "--locale=C",
+                ],
+            )
+            .await?;
+        if !out.status.success() {
+            return Err(format!("{}: initdb failed: {}", self.site, describe(&out)));
+        }
+        let conf = self.data().join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        text.push_str("\ninclude = 'sitesync_demo.conf'\n");
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(format!("{}: interrupted", self.site));
+        }
+        let log = self.log().to_string_lossy().into_owned();
+        for (attempt, port) in self.ports.clone().into_iter().enumerate() {
+            self.port = port;
+            self.write_settings()?;
+            let before = std::fs::metadata(self.log()).map_or(0, |m| m.len());
+            // `-w`: pg_ctl waits until the server accepts connections, or
+            // notices that it died (a port taken, say).
+            let out = self
+                .run(
+                    "pg_ctl",
+                    &["start", "-D", &data, "-l", &log, "-w", "-t", "60"],
+                )
+                .await?;
+            if out.status.success() {
+                return self.wait_ready().await;
+            }
+            let new_log = std::fs::read(self.log())
+                .map(|raw| {
+                    String::from_utf8_lossy(raw.get(before as usize..).unwrap_or(&raw)).into_owned()
+                })
+                .unwrap_or_default();
+            let port_taken = [
+                "could not bind",
+                "Address already in use",
+                "could not create any TCP/IP sockets",
+            ]
+            .iter()
+            .any(|s| new_log.contains(s));
+            if !port_taken || attempt + 1 == self.ports.len() {
+                return Err(format!(
+                    "{}: PostgreSQL did not start on port {port}: {}\n--- {} ---\n{}",
+                    self.site,
+                    describe(&out),
+                    self.log().display(),
+                    tail(&new_log, 20)
+                ));
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn write_settings(&self) -> Result<(), String> {
+        let path = self.data().join("sitesync_demo.conf");
+        let text = format!(
+            "# Written by `sitesync demo`: a throw-away cluster.\n\
+             listen_addresses = '127.0.0.1'\n\
+             port = {port}\n\
+             unix_socket_directories = '{socket}'\n\
+             wal_level = logical\n\
+             # Last-writer-wins compares local writes by their commit time.\n\
+             track_commit_timestamp = on\n\
+             max_replication_slots = 10\n\
+             max_wal_senders = 10\n\
+             shared_buffers = 32MB\n\
+             fsync = off\n\
+             log_min_messages = warning\n",
+            port = self.port,
+            socket = self.dir.display(),
+        );
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `pg_ctl -w` waited already; this checks over TCP, the way the
+    /// sidecars connect, polling.
+    async fn wait_ready(&self) -> Result<(), String> {
+        let url = self.url("postgres");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let last = match tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_postgres::connect(&url, NoTls),
+            )
+            .await
+            {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer within 5 s".to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{}: PostgreSQL on port {} does not accept connections: {last}\n{}",
+                    self.site,
+                    self.port,
+                    tail(&std::fs::read_to_string(self.log()).unwrap_or_default(), 20)
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.data().join("postmaster.pid").exists()
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        if !self.running() {
+            return Ok(());
+        }
+        let data = self.data().to_string_lossy().into_owned();
+        let out = self
+            .run(
+                "pg_ctl",
+                &["stop", "-D", &data, "-m", "fast", "-w", "-t", "30"],
+            )
+            .await?;
+        if out.status.success() || !self.running() {
+            return Ok(());
+        }
+        self.stop_blocking();
+        if self.running() {
+            Err(format!(
+                "{}: pg_ctl stop failed: {}",
+                self.site,
+                describe(&out)
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `pg_ctl stop -m immediate`, blocking (for `Drop`).
+    fn stop_blocking(&self) {
+        if !self.running() {
+            return;
+        }
+        let _ = self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "-t", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A connection whose driver runs as a task.
+async fn connect(url: &str) -> Result<Client, String> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| format!("connecting to {}: {}", redact_url(url), with_causes(&e)))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A database given by URL must be reachable, logical, and free of the
+/// demo's tables (the demo creates them and drops them at the end).
+async fn check_given(site: &str, url: &str) -> Result<(), String> {
+    let client = connect(url).await.map_err(|e| format!("{site}: {e}"))?;
+    let wal: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(|e| format!("{site}: {e}"))?
+        .get(0);
+    if wal != "logical" {
+        return Err(format!(
+            "{site}: the database at {} has wal_level = {wal}; sitesync needs logical: \
+             run `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL",
+            redact_url(url)
+        ));
+    }
+    let tables: Vec<&str> = DEMO_TABLES.to_vec();
+    let existing: Vec<String> = client
+        .query(
+            "SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NOT NULL",
+            &[&tables],
+        )
+        .await
+        .map_err(|e| format!("{site}: {e}"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !existing.is_empty() {
+        return Err(format!(
+            "{site}: the database at {} already has {}: the demo creates these tables and drops them at the end; \
+             give it a database without them (e.g. `createdb sitesync_demo_{}`)",
+            redact_url(url),
+            existing.join(", "),
+            site.to_lowercase()
+        ));
+    }
+    Ok(())
+}
+
+/// Drops what the demo created in a database given by URL.
+async fn drop_demo_objects(url: &str, cfg: &ConnectorConfig) -> Result<(), String> {
+    let client = connect(url).await?;
+    let slot = &cfg.database.slot;
+    // The walsender of a stopped sidecar may take a moment to go.
+    let dropped = tokio::time::timeout(
+        Duration::from_secs(10),
+        poll(async || {
+            let active: Option<bool> = client
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[slot],
+                )
+                .await
+                .ok()?
+                .map(|r| r.get(0));
+            match active {
+                None => Some(()),
+                Some(true) => None,
+                Some(false) => {
+                    // It may turn active again in between: then the next round.
+                    let _ = client
+                        .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                        .await;
+                    None
+                }
+            }
+        }),
+    )
+    .await;
+    let mut problems = Vec::new();
+    if dropped.is_err() {
+        problems.push(format!("replication slot {slot} is still in use; drop it with SELECT pg_drop_replication_slot('{slot}')"));
+    }
+    let sql = format!(
+        "DROP PUBLICATION IF EXISTS \"{}\"; DROP TABLE IF EXISTS {};",
+        cfg.database.publication,
+        DEMO_TABLES.join(", ")
+    );
+    if let Err(e) = client.batch_execute(&sql).await {
+        problems.push(format!("{sql}: {e}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// The `bin` directory of the highest PostgreSQL version installed under
+/// `/usr/lib/postgresql` (Debian's layout).
+fn find_bin_dir() -> Result<PathBuf, String> {
+    let entries =
+        std::fs::read_dir("/usr/lib/postgresql").map_err(|_| MISSING_BINARIES.to_string())?;
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for entry in entries.flatten() {
+        let bin = entry.path().join("bin");
+        if ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|t| bin.join(t).exists())
+        {
+            found.push((entry.file_name().to_string_lossy().into_owned(), bin));
+        }
+    }
+    highest_version(found).ok_or_else(|| MISSING_BINARIES.to_string())
+}
+
+/// The entry with the highest version name ("9.6" < "15" < "17").
+fn highest_version(found: Vec<(String, PathBuf)>) -> Option<PathBuf> {
+    found
+        .into_iter()
+        .filter_map(|(name, bin)| {
+            let version: Option<Vec<u32>> = name.split('.').map(|p| p.parse().ok()).collect();
+            Some((version?, bin))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, bin)| bin)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of a local user.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to a static record, read at once.
+    unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        if pw.is_null() {
+            None
+        } else {
+            Some(((*pw).pw_uid, (*pw).pw_gid))
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1, below the ephemeral range (so no outgoing
+/// connection takes it meanwhile), never one of the well-known servers'.
+fn free_port(taken: &mut HashSet<u16>) -> u16 {
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let high = ephemeral.max(11000);
+    let low = high.saturating_sub(12000).max(10000);
+    loop {
+        let port = low + (uuid::Uuid::new_v4().as_u128() % u128::from(high - low)) as u16;
+        if matches!(port, 15672 | 15692 | 25672 | 35672..=35682) || taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+}
+
+fn random_hex(len: usize) -> String {
+    let mut s = uuid::Uuid::new_v4().simple().to_string();
+    s.truncate(len);
+    s
+}
+
+fn describe(out: &std::process::Output) -> String {
+    format!(
+        "{}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+/// An error and its causes (tokio-postgres keeps "connection refused" in
+/// the source).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Stops the clusters of demos that were killed before cleaning up (their
+/// pid is gone) and removes their directories.
+fn sweep_orphans() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        let Some(owner) = std::fs::read_to_string(dir.join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(owner, 0) == 0 }
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if alive {
+            continue;
+        }
+        for site in SITES {
+            let pid_file = dir
+                .join(site.to_lowercase())
+                .join("data")
+                .join("postmaster.pid");
+            let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.lines().next()?.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()));
+            if ours {
+                // SIGQUIT is `pg_ctl stop -m immediate`.
+                // SAFETY: plain kill(2) of the postmaster found above.
+                unsafe { libc::kill(pid, libc::SIGQUIT) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                // SAFETY: as above, signal 0.
+                while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The broker
+// ---------------------------------------------------------------------------
+
+async fn delete_topology(url: &str, names: &Names) -> Result<(), String> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = bus::connect(
+        std::slice::from_ref(&url.to_string()),
+        Duration::from_secs(5),
+        "sitesync-demo-cleanup",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
+    // A channel per object: an error closes the channel it happens on.
+    for queue in names.queues() {
+        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        if let Err(e) = ch
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            problems.push(format!("queue {queue}: {e}"));
+        }
+        let _ = ch.close(200, "demo cleanup".into()).await;
+    }
+    for exchange in [&names.exchange, &names.dlx] {
+        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        if let Err(e) = ch
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+        {
+            problems.push(format!("exchange {exchange}: {e}"));
+        }
+        let _ = ch.close(200, "demo cleanup".into()).await;
+    }
+    let _ = conn.close(200, "demo cleanup".into()).await;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Operation, TopologyConfig};
+
+    /// The topology a demo run declares.
+    fn topology_of(names: &Names, file: &Path) -> TopologyConfig {
+        TopologyConfig {
+            file: file.to_path_buf(),
+            exchange: names.exchange.clone(),
+            sites: SITES.iter().map(|s| s.to_string()).collect(),
+            site_queue_prefix: names.prefix.clone(),
+            archive_queue: names.archive.clone(),
+            dead_letter_exchange: names.dlx.clone(),
+            dead_letter_queue: names.dlq.clone(),
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sitesync-demo-test-{name}-{}-{}",
+            std::process::id(),
+            random_hex(6)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_site(
+        dir: &Path,
+        site: &str,
+        broker: &str,
+        management: Option<&str>,
+    ) -> (Names, PathBuf) {
+        let names = Names::new("0123abcd");
+        let topology = dir.join("topology.toml");
+        std::fs::write(&topology, topology_toml(&names)).unwrap();
+        let file = dir.join(format!("{}.toml", site.to_lowercase()));
+        let text = connector_toml(&ConnectorSpec {
+            site,
+            url: "postgres://postgres@127.0.0.1:12345/paris",
+            broker,
+            management_url: management,
+            topology: &topology,
+            checkpoints: &dir.join("checkpoints"),
+            slot: "demo_0123abcd_paris",
+        });
+        std::fs::write(&file, text).unwrap();
+        (names, file)
+    }
+
+    #[test]
+    fn the_generated_files_load_with_the_routes() {
+        let dir = scratch("load");
+        let (names, file) = write_site(
+            &dir,
+            "PARIS",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            Some("http://127.0.0.1:15672"),
+        );
+        let cfg = ConnectorConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.site, "PARIS");
+        assert_eq!(cfg.name, "paris");
+        assert_eq!(cfg.database.slot, "demo_0123abcd_paris");
+        assert_eq!(cfg.database.publication, "demo_0123abcd_paris");
+        assert_eq!(cfg.checkpoint.dir, dir.join("checkpoints").join("paris"));
+        assert_eq!(
+            cfg.broker.management_url.as_deref(),
+            Some("http://127.0.0.1:15672")
+        );
+        assert_eq!(
+            cfg.topology,
+            topology_of(&names, &dir.join("topology.toml"))
+        );
+        assert_eq!(
+            cfg.topology.site_queue("LONDON"),
+            "demo-0123abcd_SITE_LONDON"
+        );
+        assert!(cfg.sink.enabled);
+        let kinds: Vec<&str> = cfg.sink.routes.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["customer.upsert", "customer.delete", "order.upsert"]
+        );
+        let delete = cfg.sink.route("customer.delete").unwrap();
+        assert_eq!(delete.operation, Operation::Delete);
+        assert_eq!(delete.table, CUSTOMER_ENTITY);
+        let order = cfg.sink.route("order.upsert").unwrap();
+        assert_eq!(order.table, "public.orders");
+        assert_eq!(order.column_of("total"), Some("amount"));
+        assert_eq!(order.key, ["id"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn management_may_be_absent_and_dollars_stay_literal() {
+        let dir = scratch("dollar");
+        let broker = "amqp://app:pa$${x}\"\\@127.0.0.1:5672/%2f";
+        let (_, file) = write_site(&dir, "MADRID", broker, None);
+        let cfg = ConnectorConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.broker.urls, [broker]);
+        assert_eq!(cfg.broker.management_url, None);
+        assert_eq!(cfg.site, "MADRID");
+        assert_eq!(cfg.checkpoint.dir, dir.join("checkpoints").join("madrid"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_never_touch_the_real_queues() {
+        let names = Names::new("0123abcd");
+        for q in names.queues() {
+            assert!(q.starts_with("demo-0123abcd"), "{q}");
+        }
+        assert_eq!(names.queues().len(), 5);
+        assert!(names.exchange.starts_with("demo-0123abcd"));
+        assert!(names.dlx.starts_with("demo-0123abcd"));
+    }
+
+    fn row(site: &str, c: &str, o: &str, outbox: i64) -> SiteRow {
+        SiteRow {
+            site: site.into(),
+            customers: 9,
+            orders: 8,
+            customer_sum: c.into(),
+            orders_sum: o.into(),
+            outbox,
+            inbox: 64,
+            conflicts: 2,
+        }
+    }
+
+    #[test]
+    fn converged_needs_equal_checksums_and_empty_outboxes() {
+        let same = [
+            row("PARIS", "aa", "bb", 0),
+            row("LONDON", "aa", "bb", 0),
+            row("MADRID", "aa", "bb", 0),
+        ];
+        assert!(converged(&same));
+        let mut differ = same.clone();
+        differ[2].orders_sum = "bc".into();
+        assert!(!converged(&differ));
+        let mut differ = same.clone();
+        differ[1].customer_sum = "ab".into();
+        assert!(!converged(&differ));
+        let mut pending = same.clone();
+        pending[0].outbox = 1;
+        assert!(!converged(&pending));
+        assert!(!converged(&[]));
+        let table = render_table(&same);
+        assert_eq!(table.lines().count(), 4);
+        assert!(
+            table.lines().nth(2).unwrap().starts_with("LONDON "),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn each_site_writes_rows_of_its_own() {
+        let mut ids: Vec<HashSet<i32>> = Vec::new();
+        for (i, site) in SITES.iter().enumerate() {
+            let writes = script(i);
+            let (c, o, u, d) = tally(&writes);
+            assert_eq!((c, o, u, d), (8 + usize::from(i == 0), 8, 3, 1), "{site}");
+            ids.push(
+                writes
+                    .iter()
+                    .map(|w| match w {
+                        Write::Customer { id, .. }
+                        | Write::DeleteCustomer { id }
+                        | Write::Order { id, .. } => *id,
+                    })
+                    .filter(|id| *id != SHARED_CUSTOMER)
+                    .collect(),
+            );
+        }
+        assert!(
+            ids[0].is_disjoint(&ids[1])
+                && ids[1].is_disjoint(&ids[2])
+                && ids[0].is_disjoint(&ids[2])
+        );
+        // The conflict: three different values for the same customer.
+        let values: HashSet<String> = SITES
+            .iter()
+            .map(|s| format!("{:?}", conflict_write(s)))
+            .collect();
+        assert_eq!(values.len(), 3);
+    }
+
+    #[test]
+    fn toml_strings_are_escaped() {
+        assert_eq!(toml_str("a\"b\\c$d"), "\"a\\\"b\\\\c$$d\"");
+        assert_eq!(toml_str("tab\there"), "\"tab\\u0009here\"");
+    }
+
+    #[test]
+    fn the_highest_postgres_version_wins() {
+        let found = vec![
+            ("9.6".to_string(), PathBuf::from("/a")),
+            ("17".to_string(), PathBuf::from("/c")),
+            ("15".to_string(), PathBuf::from("/b")),
+            ("x".to_string(), PathBuf::from("/x")),
+        ];
+        assert_eq!(highest_version(found), Some(PathBuf::from("/c")));
+        assert_eq!(highest_version(Vec::new()), None);
+    }
+}
