@@ -10,6 +10,7 @@ use lapin::types::AMQPValue;
 use sitesync::checkpoint::{Checkpoint, CheckpointStore};
 use sitesync::event::Event;
 use sitesync::position::Position;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
@@ -307,6 +308,33 @@ impl Site {
             .iter()
             .map(Received::from)
             .collect()
+    }
+
+    /// Messages of `queue` until every id of `ids` has arrived (duplicates
+    /// kept), then whatever else the queue holds; waits up to `timeout`.
+    pub async fn drain_ids(
+        &self,
+        queue: &str,
+        ids: &HashSet<String>,
+        timeout: Duration,
+    ) -> Vec<Received> {
+        let mut seen = HashSet::new();
+        let mut got: Vec<Received> = rabbit::drain_until(&self.amqp_url, queue, timeout, |d| {
+            if let Some(last) = d.last()
+                && let Ok(e) = serde_json::from_slice::<Event>(&last.data)
+            {
+                seen.insert(e.id.to_string());
+            }
+            ids.iter().all(|i| seen.contains(i))
+        })
+        .await
+        .iter()
+        .map(Received::from)
+        .collect();
+        // The leader is serving now, so the count is trustworthy.
+        let rest = self.queue_len(queue).await as usize;
+        got.extend(self.drain(queue, rest, timeout).await);
+        got
     }
 }
 
