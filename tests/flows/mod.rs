@@ -5,4 +5,5 @@ mod crash;
 mod delivery;
 mod operations;
 mod outages;
+mod sink_failures;
 mod sync;

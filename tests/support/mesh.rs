@@ -244,6 +244,37 @@ impl Mesh {
     pub async fn queue_len(&self, queue: &str) -> u32 {
         rabbit::queue_len(&self.amqp_url, queue).await.unwrap_or(0)
     }
+
+    /// How many events of other origins `site`'s inbox holds (0 while its
+    /// database is unreachable).
+    pub async fn foreign_inbox(&self, site: &str) -> i64 {
+        let Ok(c) = self.pg.try_client(&db(site)).await else {
+            return 0;
+        };
+        c.query_one(
+            "SELECT count(*) FROM sitesync_inbox WHERE origin <> $1",
+            &[&site],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+    }
+
+    /// Waits until `site`'s inbox holds at least `n` events of other origins.
+    pub async fn wait_inbox(&self, site: &str, n: i64, timeout: Duration) {
+        let mut last = 0;
+        let r = wait_for(
+            async || {
+                last = self.foreign_inbox(site).await;
+                last >= n
+            },
+            timeout,
+        )
+        .await;
+        if let Err(e) = r {
+            panic!("{site}'s inbox holds {last} foreign events, expected {n}: {e}");
+        }
+    }
 }
 
 impl Drop for Mesh {
@@ -297,6 +328,30 @@ pub async fn write(
         )
         .await?;
     Ok((row.get(0), rev))
+}
+
+/// `count` application upserts of keys `base..base + count` and their
+/// outbox rows, in one transaction (a bulk change).
+pub async fn bulk_upsert(client: &Client, site: &'static str, base: i32, count: i32) -> Vec<Write> {
+    client
+        .query(
+            "WITH r AS (SELECT g AS id, g - $2 AS n, gen_random_uuid() AS rev FROM generate_series($2::int, $2::int + $3::int - 1) g), \
+                  w AS (INSERT INTO item (id, n, rev, site) SELECT id, n, rev, $1 FROM r \
+                        ON CONFLICT (id) DO UPDATE SET n = EXCLUDED.n, rev = EXCLUDED.rev, site = EXCLUDED.site) \
+             INSERT INTO outbox (type, entity_key, data) \
+             SELECT 'item.upsert', id::text, jsonb_build_object('id', id, 'n', n, 'rev', rev, 'site', $1::text, 'note', NULL) FROM r \
+             RETURNING id, (data->>'rev')::uuid",
+            &[&site, &base, &count],
+        )
+        .await
+        .expect("the bulk write commits")
+        .iter()
+        .map(|r| Write {
+            site,
+            event: r.get(0),
+            rev: Some(r.get(1)),
+        })
+        .collect()
 }
 
 /// An application delete and its outbox row, in one statement.
