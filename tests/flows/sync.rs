@@ -261,3 +261,56 @@ async fn invariant_5_no_loops_the_sink_marks_its_transactions_and_events_come_ba
         assert_eq!(from_others, 0, "{site} received an echo");
     }
 }
+
+/// The README's first set-up command: `sitesync demo` runs three sites on
+/// private clusters, writes everywhere with a conflict, and exits 0 only
+/// when the sites converged, leaving no queue behind.
+#[tokio::test]
+async fn the_demo_converges_and_cleans_up() {
+    let dir = crate::support::TestDir::new("ssdemo-test").unwrap();
+    let mut cmd = std::process::Command::new(crate::support::sidecar::binary());
+    cmd.args(["demo", "--timeout", "120"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn,lapin=off");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync demo"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let verdict = stdout.lines().last().unwrap_or_default();
+    assert!(
+        verdict.starts_with("PASS: the three sites converged"),
+        "{stdout}"
+    );
+    // One table row per site, all with the same checksums and empty outboxes.
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| {
+            ["PARIS ", "LONDON ", "MADRID "]
+                .iter()
+                .any(|s| l.starts_with(s))
+        })
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for r in &rows {
+        assert_eq!(r[3..5], rows[0][3..5], "checksums differ:\n{stdout}");
+        assert_eq!(r[5], "0", "outbox not empty:\n{stdout}");
+    }
+    let prefix = stdout
+        .split("queues ")
+        .nth(1)
+        .and_then(|s| s.split("_SITE_").next())
+        .expect("the demo names its queues");
+    for site in ["PARIS", "LONDON", "MADRID"] {
+        let q = format!("{prefix}_SITE_{site}");
+        let left =
+            crate::support::rabbit::queue_len(&crate::support::rabbit::shared_amqp_url(), &q).await;
+        assert_eq!(left, None, "the demo left {q} behind");
+    }
+}
