@@ -540,6 +540,12 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
         ),
     )];
     checks.extend(with_source!(cfg, source => source.preflight().await));
+    if cfg.sink.enabled {
+        match PostgresTarget::new(&cfg) {
+            Ok(target) => checks.extend(target.preflight().await),
+            Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
+        }
+    }
     let mut connection = None;
     for url in &cfg.broker.urls {
         match bus::connect(

@@ -100,6 +100,11 @@ async fn channel(conn: &Connection) -> Result<Channel, BusError> {
         .map_err(BusError::amqp("opening a channel"))
 }
 
+/// Closes a channel that did its work (a failed one is closed already).
+async fn close(ch: Channel) {
+    let _ = ch.close(200, "done".into()).await;
+}
+
 /// Declares everything; returns one line per object. Idempotent.
 pub async fn declare(
     conn: &Connection,
@@ -120,19 +125,19 @@ async fn declare_objects(
         (&topology.exchange, "event exchange"),
         (&topology.dead_letter_exchange, "dead-letter exchange"),
     ] {
-        channel(conn)
-            .await?
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| declare_error("exchange", exchange, topology, e))?;
+        let ch = channel(conn).await?;
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| declare_error("exchange", exchange, topology, e))?;
+        close(ch).await;
         done.push(format!("exchange {exchange} (fanout, durable): {what}"));
     }
     let mut queues: Vec<(String, &str, FieldTable, &String)> = topology
@@ -166,6 +171,7 @@ async fn declare_objects(
         .await
         .map_err(|e| declare_error("queue", &queue, topology, e))?;
         if !bind {
+            close(ch).await;
             done.push(format!("queue {queue} ({what})"));
             continue;
         }
@@ -178,6 +184,7 @@ async fn declare_objects(
         )
         .await
         .map_err(BusError::amqp(format!("binding {queue} to {exchange}")))?;
+        close(ch).await;
         done.push(format!("queue {queue} ({what}), bound to {exchange}"));
     }
     Ok(done)

@@ -35,6 +35,7 @@
 
 use super::mapping::{self, Entity, MappedRow};
 use super::{Item, Outcome, Plan, Seen, Target, TargetError};
+use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::event::Event;
 use crate::source::ErrorKind;
@@ -367,6 +368,55 @@ impl PostgresTarget {
             has_entity_key: columns.contains_key("entity_key"),
         };
         Ok((client, shape))
+    }
+
+    /// What `sitesync check` verifies for the sink: its tables, the commit
+    /// timestamps that make last-writer-wins fair to local writes, and that
+    /// every route's table has the columns and the unique key it names.
+    pub async fn preflight(&self) -> Vec<Check> {
+        let client = match self.open().await {
+            Ok(c) => c,
+            Err(e) => {
+                return vec![Check::fail(
+                    "sink database",
+                    e.message,
+                    "check database.url",
+                )];
+            }
+        };
+        let mut checks = Vec::new();
+        match client
+            .query_one(
+                "SELECT to_regclass('sitesync_inbox') IS NOT NULL AND to_regclass('sitesync_origins') IS NOT NULL \
+                 AND to_regclass('sitesync_gaps') IS NOT NULL AND to_regclass('sitesync_versions') IS NOT NULL \
+                 AND to_regclass('sitesync_conflicts') IS NOT NULL, current_setting('track_commit_timestamp')",
+                &[],
+            )
+            .await
+        {
+            Err(e) => checks.push(Check::fail("sink tables", e.to_string(), "check the database role's privileges")),
+            Ok(row) => {
+                let (ready, commit_ts): (bool, String) = (row.get(0), row.get(1));
+                checks.push(if ready {
+                    Check::pass("sink tables", "sitesync_inbox, _origins, _gaps, _versions, _conflicts")
+                } else {
+                    Check::fail("sink tables", "missing", "run `sitesync init`")
+                });
+                checks.push(if commit_ts == "on" {
+                    Check::pass("track_commit_timestamp", "on: local writes are compared by commit time")
+                } else {
+                    Check::warn(
+                        "track_commit_timestamp",
+                        "off: a local write not yet propagated is compared by the outbox's created_at (its statement time), which can order two sites' writes unlike their commits",
+                        "ALTER SYSTEM SET track_commit_timestamp = on; then restart PostgreSQL",
+                    )
+                });
+            }
+        }
+        for route in &self.sink.routes {
+            checks.push(route_check(&client, route).await);
+        }
+        checks
     }
 
     /// Creates the sink's tables; returns one line per table.
@@ -1421,4 +1471,84 @@ mod tests {
         assert_eq!(quote_table("public.customer"), "\"public\".\"customer\"");
         assert_eq!(quote_table("t"), "\"t\"");
     }
+}
+
+/// Whether a route's table exists with the columns it writes and, for an
+/// upsert, a unique index on exactly its key columns (`ON CONFLICT` needs it).
+async fn route_check(client: &Client, route: &Route) -> Check {
+    let name = format!("route {}", route.kind);
+    let table = quote_table(&route.table);
+    let found = client
+        .query_opt(
+            "SELECT array(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL \
+                            AND (SELECT array_agg(attname::text ORDER BY attname::text) FROM pg_attribute \
+                                 WHERE attrelid = c.oid AND attnum = ANY (i.indkey)) = (SELECT array_agg(k ORDER BY k) FROM unnest($2::text[]) k)) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table, &route.key],
+        )
+        .await;
+    let row = match found {
+        Err(e) => {
+            return Check::fail(
+                name,
+                format!("{}: {e}", route.table),
+                "check the table name",
+            );
+        }
+        Ok(None) => {
+            return Check::fail(
+                name,
+                format!("table {} does not exist", route.table),
+                "create the table, or fix `table` in the route",
+            );
+        }
+        Ok(Some(row)) => row,
+    };
+    let (columns, unique): (Vec<String>, bool) = (row.get(0), row.get(1));
+    let named = route
+        .key
+        .iter()
+        .chain(route.rename.values())
+        .chain(route.constants.keys());
+    let missing: Vec<&String> = named.filter(|c| !columns.contains(c)).collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        return Check::fail(
+            name,
+            format!("{} has no column(s) {}", route.table, list.join(", ")),
+            "fix `key`, `rename` or `constants` in the route",
+        );
+    }
+    if route.operation == Operation::Upsert && !unique {
+        return Check::fail(
+            name,
+            format!(
+                "{} has no unique index on exactly ({})",
+                route.table,
+                route.key.join(", ")
+            ),
+            format!(
+                "CREATE UNIQUE INDEX ON {table} ({}); or make `key` the primary key",
+                route
+                    .key
+                    .iter()
+                    .map(|k| quote(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    Check::pass(
+        name,
+        format!(
+            "{} {} on ({})",
+            match route.operation {
+                Operation::Upsert => "upsert into",
+                Operation::Delete => "delete from",
+            },
+            route.table,
+            route.key.join(", ")
+        ),
+    )
 }

@@ -366,3 +366,48 @@ async fn a_slot_moved_behind_the_sidecars_back_stops_it_until_an_explicit_reset(
     site.wait_checkpointed(2, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
 }
+
+/// `check` covers the sink: its tables, commit timestamps, and each route's
+/// table, columns and unique key, naming the route and the fix.
+#[tokio::test]
+async fn check_verifies_every_route_and_names_what_to_fix() {
+    use crate::support::mesh::{Mesh, MeshOptions, ROUTES};
+    let routes = format!(
+        "{ROUTES}\n[[sink.routes]]\ntype = \"ghost.upsert\"\ntable = \"public.ghost\"\nkey = [\"id\"]\n\n\
+         [[sink.routes]]\ntype = \"log.upsert\"\ntable = \"public.item_log\"\nkey = [\"id\"]\n\n\
+         [[sink.routes]]\ntype = \"item.rename\"\ntable = \"public.item\"\nkey = [\"id\"]\nrename = {{ label = \"title\" }}\n"
+    );
+    let mesh = Mesh::start(MeshOptions {
+        routes,
+        sites: vec!["LONDON"],
+        ..MeshOptions::default()
+    })
+    .await;
+    let out = mesh.sitesync("LONDON", &["check"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line for {needle}:\n{text}"))
+            .to_string()
+    };
+    assert!(line("sink tables").starts_with("[ok"), "{text}");
+    assert!(line("track_commit_timestamp").starts_with("[ok"), "{text}");
+    assert!(line("route item.upsert").starts_with("[ok"), "{text}");
+    let ghost = line("route ghost.upsert");
+    assert!(
+        ghost.starts_with("[FAIL]") && ghost.contains("public.ghost does not exist"),
+        "{ghost}"
+    );
+    let log = line("route log.upsert");
+    assert!(
+        log.starts_with("[FAIL]") && log.contains("no unique index on exactly (id)"),
+        "{log}"
+    );
+    let rename = line("route item.rename");
+    assert!(
+        rename.starts_with("[FAIL]") && rename.contains("no column(s) title"),
+        "{rename}"
+    );
+}
