@@ -1301,6 +1301,86 @@ impl Target for PostgresTarget {
     }
 }
 
+/// Whether a route's table exists with the columns it writes and, for an
+/// upsert, a unique index on exactly its key columns (`ON CONFLICT` needs it).
+async fn route_check(client: &Client, route: &Route) -> Check {
+    let name = format!("route {}", route.kind);
+    let table = quote_table(&route.table);
+    let found = client
+        .query_opt(
+            "SELECT array(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL \
+                            AND (SELECT array_agg(attname::text ORDER BY attname::text) FROM pg_attribute \
+                                 WHERE attrelid = c.oid AND attnum = ANY (i.indkey)) = (SELECT array_agg(k ORDER BY k) FROM unnest($2::text[]) k)) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&table, &route.key],
+        )
+        .await;
+    let row = match found {
+        Err(e) => {
+            return Check::fail(
+                name,
+                format!("{}: {e}", route.table),
+                "check the table name",
+            );
+        }
+        Ok(None) => {
+            return Check::fail(
+                name,
+                format!("table {} does not exist", route.table),
+                "create the table, or fix `table` in the route",
+            );
+        }
+        Ok(Some(row)) => row,
+    };
+    let (columns, unique): (Vec<String>, bool) = (row.get(0), row.get(1));
+    let named = route
+        .key
+        .iter()
+        .chain(route.rename.values())
+        .chain(route.constants.keys());
+    let missing: Vec<&String> = named.filter(|c| !columns.contains(c)).collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        return Check::fail(
+            name,
+            format!("{} has no column(s) {}", route.table, list.join(", ")),
+            "fix `key`, `rename` or `constants` in the route",
+        );
+    }
+    if route.operation == Operation::Upsert && !unique {
+        return Check::fail(
+            name,
+            format!(
+                "{} has no unique index on exactly ({})",
+                route.table,
+                route.key.join(", ")
+            ),
+            format!(
+                "CREATE UNIQUE INDEX ON {table} ({}); or make `key` the primary key",
+                route
+                    .key
+                    .iter()
+                    .map(|k| quote(k))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    Check::pass(
+        name,
+        format!(
+            "{} {} on ({})",
+            match route.operation {
+                Operation::Upsert => "upsert into",
+                Operation::Delete => "delete from",
+            },
+            route.table,
+            route.key.join(", ")
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1471,84 +1551,4 @@ mod tests {
         assert_eq!(quote_table("public.customer"), "\"public\".\"customer\"");
         assert_eq!(quote_table("t"), "\"t\"");
     }
-}
-
-/// Whether a route's table exists with the columns it writes and, for an
-/// upsert, a unique index on exactly its key columns (`ON CONFLICT` needs it).
-async fn route_check(client: &Client, route: &Route) -> Check {
-    let name = format!("route {}", route.kind);
-    let table = quote_table(&route.table);
-    let found = client
-        .query_opt(
-            "SELECT array(SELECT attname::text FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped), \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL \
-                            AND (SELECT array_agg(attname::text ORDER BY attname::text) FROM pg_attribute \
-                                 WHERE attrelid = c.oid AND attnum = ANY (i.indkey)) = (SELECT array_agg(k ORDER BY k) FROM unnest($2::text[]) k)) \
-             FROM pg_class c WHERE c.oid = to_regclass($1)",
-            &[&table, &route.key],
-        )
-        .await;
-    let row = match found {
-        Err(e) => {
-            return Check::fail(
-                name,
-                format!("{}: {e}", route.table),
-                "check the table name",
-            );
-        }
-        Ok(None) => {
-            return Check::fail(
-                name,
-                format!("table {} does not exist", route.table),
-                "create the table, or fix `table` in the route",
-            );
-        }
-        Ok(Some(row)) => row,
-    };
-    let (columns, unique): (Vec<String>, bool) = (row.get(0), row.get(1));
-    let named = route
-        .key
-        .iter()
-        .chain(route.rename.values())
-        .chain(route.constants.keys());
-    let missing: Vec<&String> = named.filter(|c| !columns.contains(c)).collect();
-    if !missing.is_empty() {
-        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-        return Check::fail(
-            name,
-            format!("{} has no column(s) {}", route.table, list.join(", ")),
-            "fix `key`, `rename` or `constants` in the route",
-        );
-    }
-    if route.operation == Operation::Upsert && !unique {
-        return Check::fail(
-            name,
-            format!(
-                "{} has no unique index on exactly ({})",
-                route.table,
-                route.key.join(", ")
-            ),
-            format!(
-                "CREATE UNIQUE INDEX ON {table} ({}); or make `key` the primary key",
-                route
-                    .key
-                    .iter()
-                    .map(|k| quote(k))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-    }
-    Check::pass(
-        name,
-        format!(
-            "{} {} on ({})",
-            match route.operation {
-                Operation::Upsert => "upsert into",
-                Operation::Delete => "delete from",
-            },
-            route.table,
-            route.key.join(", ")
-        ),
-    )
 }

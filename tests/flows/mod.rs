@@ -1,4 +1,4 @@
-//! End-to-end flows of the source side, one file per concern.
+//! End-to-end flows against real PostgreSQL and RabbitMQ, one file per concern.
 
 mod cli;
 mod crash;
