@@ -8,8 +8,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `topology
-//!   declare`, `checkpoint show|reset`); `main.rs` only calls [`cli::main`].
+//! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
+//!   `dlq`, `demo`, `topology declare`, `checkpoint show|reset`); `main.rs`
+//!   only calls [`cli::main`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
 //!   error reported at once with file and key.
 //! - [`event`]: the outbox row and the event it becomes; why a row is refused.

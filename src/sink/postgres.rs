@@ -489,8 +489,12 @@ impl PostgresTarget {
         items: &[Item<'_>],
         isolate: bool,
     ) -> Result<Vec<Outcome>, Failed> {
+        // READ COMMITTED whatever the database's default: every statement
+        // sees what committed before it (see `delete_own`).
         let mut tx = client
-            .transaction()
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
             .await
             .map_err(|e| Failed::from_pg("starting the batch", e))?;
         tx.batch_execute("SET LOCAL sitesync.applying = 'on'")
@@ -1095,28 +1099,63 @@ fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<Strin
     (changed, gaps)
 }
 
+/// Pauses before looking again for outbox rows of events that came back
+/// but that this transaction cannot see yet (63 ms in all).
+const OWN_ROW_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+
+/// Deletes this site's outbox rows whose events came back round.
+///
+/// An event can come back before its own transaction is visible here:
+/// PostgreSQL flushes a commit to the WAL, where the walsender may decode
+/// and send it, before it removes the transaction from the running set, and
+/// on a busy machine that gap can outlast a broker round trip. A row not
+/// found is therefore looked for again a few times, each statement with a
+/// fresh snapshot (READ COMMITTED), before it counts as already gone
+/// (deleted by hand). Without this, a row could stay in the outbox for good.
 async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> Result<(), Failed> {
-    if ids.is_empty() {
-        return Ok(());
+    let mut missing: Vec<Uuid> = ids.to_vec();
+    for wait in std::iter::once(0).chain(OWN_ROW_WAITS_MS) {
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if wait > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        }
+        let deleted: HashSet<Uuid> = if shape.uuid_id {
+            tx.query(
+                &format!(
+                    "DELETE FROM {} WHERE id = ANY($1) RETURNING id",
+                    shape.table
+                ),
+                &[&missing],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        } else {
+            let text: Vec<String> = missing.iter().map(Uuid::to_string).collect();
+            tx.query(
+                &format!(
+                    "DELETE FROM {} WHERE id::text = ANY($1) RETURNING id::text",
+                    shape.table
+                ),
+                &[&text],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .filter_map(|r| Uuid::parse_str(r.get::<_, &str>(0)).ok())
+                    .collect()
+            })
+        }
+        .map_err(|e| Failed::from_pg("deleting outbox rows that came back", e))?;
+        missing.retain(|id| !deleted.contains(id));
     }
-    let result = if shape.uuid_id {
-        tx.execute(
-            &format!("DELETE FROM {} WHERE id = ANY($1)", shape.table),
-            &[&ids],
-        )
-        .await
-    } else {
-        let text: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        tx.execute(
-            &format!("DELETE FROM {} WHERE id::text = ANY($1)", shape.table),
-            &[&text],
-        )
-        .await
-    };
-    // A row already gone (deleted by hand, or an earlier round) is fine.
-    result
-        .map(|_| ())
-        .map_err(|e| Failed::from_pg("deleting outbox rows that came back", e))
+    // Already gone: deleted by hand, or by an earlier delivery of the event.
+    tracing::debug!(
+        rows = missing.len(),
+        "outbox rows of events that came back were already gone"
+    );
+    Ok(())
 }
 
 async fn load_versions<C: GenericClient + Sync>(

@@ -39,23 +39,6 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Write>>>) -> Vec<Write> 
     writes
 }
 
-/// Every site settled (outboxes empty, inboxes complete), identical, and
-/// each event applied exactly once.
-async fn assert_synced(mesh: &Mesh, writes: &[Write], what: &str) {
-    mesh.wait_settled(&mesh.foreign_counts(writes), Duration::from_secs(120))
-        .await;
-    let rows = mesh.assert_converged().await;
-    let tally = mesh.assert_exactly_once(writes).await;
-    eprintln!(
-        "{what}: {} writes, converged on {} rows, {} applications, {} lost to newer writes",
-        writes.len(),
-        rows.len(),
-        tally.applied,
-        tally.lost
-    );
-    assert!(tally.applied > 0);
-}
-
 /// Invariants 2 and 3: a message is acked only after its batch committed,
 /// so a sink killed with -9 in the middle of applying redelivers what it had
 /// not acked, and the inbox turns the redelivery into no second write.
@@ -72,7 +55,8 @@ async fn invariant_2_and_3_a_sink_killed_mid_batch_loses_nothing_and_applies_not
         sidecars.insert("LONDON", mesh.spawn("LONDON"));
     }
     let writes = collect(tasks).await;
-    assert_synced(&mesh, &writes, &format!("{kills} kill -9 of LONDON")).await;
+    mesh.assert_synced(&writes, &format!("{kills} kill -9 of LONDON"))
+        .await;
 }
 
 /// Invariant 6 (the sidecar goes away): with a standby running, kill -9 of
@@ -107,7 +91,7 @@ async fn invariant_6_the_standby_takes_over_from_a_killed_active_sidecar() {
             rev: Some(rev),
         });
     }
-    assert_synced(&mesh, &writes, "standby takeover").await;
+    mesh.assert_synced(&writes, "standby takeover").await;
 }
 
 /// `count` upserts at every site, keys from `base`.
@@ -167,7 +151,8 @@ async fn invariant_6_a_broker_restart_and_a_database_restart_mid_stream_lose_not
         mesh.foreign_counts(&writes)["LONDON"]
     );
     phase(&mesh, &mut writes, 3000, 100).await;
-    assert_synced(&mesh, &writes, "broker restart, then database restart").await;
+    mesh.assert_synced(&writes, "broker restart, then database restart")
+        .await;
 }
 
 /// Invariant 6 (the network goes away): a TCP proxy between every sidecar
@@ -190,7 +175,7 @@ async fn invariant_6_connections_cut_between_the_sidecars_and_the_broker_lose_no
     }
     assert!(cut >= 3, "the proxy carried the sidecars' connections");
     let writes = collect(tasks).await;
-    assert_synced(&mesh, &writes, "three cuts").await;
+    mesh.assert_synced(&writes, "three cuts").await;
     assert!(
         sidecars["LONDON"].log_text().contains("retrying"),
         "LONDON noticed the cut"

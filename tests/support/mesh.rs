@@ -437,6 +437,25 @@ impl Mesh {
             .collect()
     }
 
+    /// Every site settled (outboxes empty, inboxes complete), identical, and
+    /// each event applied exactly once; prints the tally under `what`.
+    pub async fn assert_synced(&self, writes: &[Write], what: &str) -> Tally {
+        self.wait_settled(&self.foreign_counts(writes), Duration::from_secs(120))
+            .await;
+        let rows = self.assert_converged().await;
+        let tally = self.assert_exactly_once(writes).await;
+        eprintln!(
+            "{what}: {} writes, converged on {} rows; {} applications, {} lost to newer writes ({} of them written, then overwritten back in the same transaction)",
+            writes.len(),
+            rows.len(),
+            tally.applied,
+            tally.lost,
+            tally.lost_after_write
+        );
+        assert!(tally.applied > 0, "{what}: nothing was applied");
+        tally
+    }
+
     /// Every site holds the same `item` rows.
     pub async fn assert_converged(&self) -> Vec<(i32, i32, Uuid)> {
         let sites = self.sites();
