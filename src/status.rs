@@ -1,4 +1,4 @@
-//! `sitesync status`: what this site has applied from each origin, the gaps,
+//! `sitesync status`: what this site has received from each origin, the gaps,
 //! the dead letters, the conflicts, and how far behind its source is.
 
 use crate::config::ConnectorConfig;
@@ -121,7 +121,10 @@ impl SiteStatus {
     /// The report `sitesync status` prints.
     pub fn render(&self, dead_letters_in_queue: Option<u32>) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "applied from each origin:");
+        let _ = writeln!(
+            out,
+            "received from each origin (highest seq; applied, or dead-lettered):"
+        );
         if self.origins.is_empty() {
             let _ = writeln!(out, "  nothing yet");
         }

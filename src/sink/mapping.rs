@@ -6,7 +6,8 @@ use crate::event::Event;
 use serde_json::{Map, Value};
 
 /// Which row an event is about: its schema-qualified table and its key
-/// values as text (composite keys joined with `,`). Versions and conflicts
+/// values as text ([`key_text`]; a composite key's values joined with `,`,
+/// each with `\` and `,` escaped by a `\`). Versions and conflicts
 /// are kept per entity, and the entity lock (see `sink::postgres`) is taken
 /// on `table:key`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,13 +25,37 @@ pub struct MappedRow {
 }
 
 /// A key value as text, the way it is compared: strings as they are,
-/// numbers and booleans in their JSON form.
-fn key_text(value: &Value) -> Option<String> {
+/// booleans in their JSON form, numbers in their JSON form except that an
+/// integral number is written as an integer (`1.0` and `1e0` are `1`, the
+/// same row as `1`). The outbox's `entity_key` must use the same form for
+/// the sink to see this site's pending writes.
+pub fn key_text(value: &Value) -> Option<String> {
     match value {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                Some(format!("{}", f as i64))
+            } else {
+                Some(n.to_string())
+            }
+        }
         other => Some(other.to_string()),
     }
+}
+
+/// The entity key of key values: one value as it is; several joined with
+/// `,`, each escaped so that no two different tuples give the same text.
+pub fn join_key(parts: &[String]) -> String {
+    if let [one] = parts {
+        return one.clone();
+    }
+    parts
+        .iter()
+        .map(|p| p.replace('\\', "\\\\").replace(',', "\\,"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Maps an event's data through `route`. The error says what is missing.
@@ -66,7 +91,7 @@ pub fn map_row(route: &Route, data: &Map<String, Value>) -> Result<MappedRow, St
                 let (schema, table) = route.table_parts();
                 format!("{schema}.{table}")
             },
-            key: parts.join(","),
+            key: join_key(&parts),
         },
         columns,
     })
@@ -101,6 +126,20 @@ mod tests {
 
     fn data(json: &str) -> Map<String, Value> {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn integral_numbers_are_one_key_and_composite_keys_do_not_collide() {
+        assert_eq!(key_text(&serde_json::json!(1.0)).as_deref(), Some("1"));
+        assert_eq!(key_text(&serde_json::json!(1)).as_deref(), Some("1"));
+        assert_eq!(key_text(&serde_json::json!(1.5)).as_deref(), Some("1.5"));
+        assert_eq!(key_text(&serde_json::json!("a,b")).as_deref(), Some("a,b"));
+        assert_eq!(join_key(&["a,b".into()]), "a,b");
+        let one = join_key(&["a,b".into(), "c".into()]);
+        let two = join_key(&["a".into(), "b,c".into()]);
+        assert_ne!(one, two);
+        assert_eq!(one, "a\\,b,c");
+        assert_eq!(join_key(&["a\\".into(), "b".into()]), "a\\\\,b");
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub enum Plan<'a> {
 }
 
 /// One message as the target sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Item<'a> {
     pub event: Option<&'a Event>,
     pub seen: Option<Seen>,
@@ -121,6 +121,8 @@ struct Pending {
     attempts: u32,
     last_error: Option<String>,
     retry_at: Option<Instant>,
+    /// Held behind an earlier failing message of its entity.
+    held: bool,
 }
 
 impl Pending {
@@ -132,6 +134,7 @@ impl Pending {
             attempts: 0,
             last_error: None,
             retry_at: None,
+            held: false,
         }
     }
 
@@ -324,21 +327,35 @@ async fn session<T: Target>(
                 _ = sleep_until(next_retry) => {}
             }
         }
-        // Fill the batch for at most batch_timeout.
+        // Fill the batch for at most batch_timeout. Messages waiting for a
+        // retry (or held behind one) do not count: new messages keep
+        // flowing past them, up to the prefetch.
         let deadline = tokio::time::Instant::now() + cfg.sink.batch_timeout;
-        while pending.len() < cfg.sink.batch_size {
+        let now = Instant::now();
+        let mut ready = pending.iter().filter(|p| p.ready(now)).count();
+        while ready < cfg.sink.batch_size {
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
-                d = consumer.next() => pending.push_back(Pending::new(delivered(d, &queue)?)),
+                d = consumer.next() => {
+                    pending.push_back(Pending::new(delivered(d, &queue)?));
+                    ready += 1;
+                }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
 
-        let round = pending.len().min(cfg.sink.batch_size);
+        // Every pending message takes part (those waiting are planned as
+        // held, and hold their entity's later messages).
+        let round = pending.len();
         pending.make_contiguous();
         let (batch, _) = pending.as_slices();
         let batch = &batch[..round];
         let items = plan(batch, cfg, Instant::now());
+        if items.iter().all(|i| matches!(i.plan, Plan::Hold)) {
+            // Nothing can move until a retry comes due.
+            hold_until_next_retry(&mut pending, Instant::now(), false);
+            continue;
+        }
         let outcomes = loop {
             match target.apply(&items).await {
                 Ok(outcomes) => {
@@ -369,7 +386,7 @@ async fn session<T: Target>(
                     p.retry_at = Some(Instant::now() + retry_delay(p.attempts));
                     tracing::warn!(message_id = ?p.delivery.properties.message_id(), attempts = p.attempts, %reason, "message failed on its own; retrying it later");
                 }
-                Outcome::Held => {}
+                Outcome::Held => p.held = true,
                 Outcome::DeadLettered(reason) => {
                     let attempts = p.attempts.max(1);
                     tracing::warn!(message_id = ?p.delivery.properties.message_id(), %reason, "to the dead-letter queue");
@@ -409,6 +426,30 @@ async fn session<T: Target>(
             i += 1;
             keep
         });
+        let progressed = done.iter().any(|d| *d);
+        hold_until_next_retry(&mut pending, Instant::now(), progressed);
+    }
+}
+
+/// Messages held behind a failing one wait until the next retry comes due
+/// (before it, their plan cannot change), so the loop does not spin. After
+/// a round that finished messages, they are planned again at once (their
+/// blocker may be gone).
+fn hold_until_next_retry(pending: &mut VecDeque<Pending>, now: Instant, progressed: bool) {
+    if progressed {
+        for p in pending.iter_mut().filter(|p| p.attempts == 0 && p.held) {
+            p.retry_at = None;
+        }
+        return;
+    }
+    let next = pending
+        .iter()
+        .filter(|p| p.attempts > 0)
+        .filter_map(|p| p.retry_at)
+        .filter(|t| *t > now)
+        .min();
+    for p in pending.iter_mut().filter(|p| p.attempts == 0 && p.held) {
+        p.retry_at = next;
     }
 }
 

@@ -231,7 +231,13 @@ fn per_message(e: &tokio_postgres::Error) -> bool {
         None => false,
         Some(code) => {
             let c = code.code();
-            c.starts_with("22") || c.starts_with("23") || c.starts_with("42") || c.starts_with("2F")
+            // Data (22), integrity (23), cardinality (21, e.g. ON CONFLICT
+            // touching a row twice), schema (42), a limit (54, e.g. an
+            // index row too large), WITH CHECK OPTION (44), functions and
+            // triggers (2F, 38, 39, and P0: an application trigger's RAISE).
+            ["21", "22", "23", "2F", "38", "39", "42", "44", "54", "P0"]
+                .iter()
+                .any(|class| c.starts_with(class))
         }
     }
 }
@@ -500,7 +506,35 @@ impl PostgresTarget {
         tx.batch_execute("SET LOCAL sitesync.applying = 'on'")
             .await
             .map_err(|e| Failed::from_pg("marking the transaction", e))?;
-        lock_rows(&tx, &self.sink, items).await?;
+        if isolate {
+            // Every failure must belong to one message: deferred
+            // constraints are checked at each statement, not at COMMIT, and
+            // rows are locked message by message (a key value that does
+            // not fit its column fails its own message only).
+            tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+                .await
+                .map_err(|e| Failed::from_pg("making constraints immediate", e))?;
+            let own: Vec<Item<'_>> = items
+                .iter()
+                .filter(|i| matches!(i.plan, Plan::Own(Some(_))))
+                .cloned()
+                .collect();
+            let sp = tx
+                .savepoint("own_locks")
+                .await
+                .map_err(|e| Failed::from_pg("savepoint", e))?;
+            match lock_rows(&sp, &self.sink, &own).await {
+                Ok(()) => sp.commit().await,
+                Err(Failed::Data(e)) => {
+                    tracing::debug!(error = %e, "locking the rows of events back round failed; going on without");
+                    sp.rollback().await
+                }
+                Err(e) => return Err(e),
+            }
+            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
+        } else {
+            lock_rows(&tx, &self.sink, items).await?;
+        }
         progress(&tx, items).await?;
 
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
@@ -551,8 +585,25 @@ impl PostgresTarget {
         }
         delete_own(&tx, shape, &own_ids).await?;
         // An event of ours back round: its write is now the entity's version.
-        if !own_rows.is_empty() {
+        if !own_rows.is_empty() && !isolate {
             self.own_back_round(&tx, shape, &own_rows).await?;
+        } else if !own_rows.is_empty() {
+            // One message at a time: the check and repair must not fail the
+            // batch; if the events' data does not fit (a field with no
+            // column), the versions are simply not moved.
+            let sp = tx
+                .savepoint("own")
+                .await
+                .map_err(|e| Failed::from_pg("savepoint", e))?;
+            match self.own_back_round(&sp, shape, &own_rows).await {
+                Ok(()) => sp.commit().await,
+                Err(Failed::Data(e)) => {
+                    tracing::warn!(error = %e, "events of this site back round: their versions could not be recorded");
+                    sp.rollback().await
+                }
+                Err(e) => return Err(e),
+            }
+            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
         }
 
         if isolate {
@@ -569,13 +620,18 @@ impl PostgresTarget {
                     .savepoint("item")
                     .await
                     .map_err(|e| Failed::from_pg("savepoint", e))?;
+                let locked = lock_rows(&sp, &self.sink, std::slice::from_ref(&items[i])).await;
                 let one = [(
                     i,
                     items[i].event.expect("applied events exist"),
                     *route,
                     row,
                 )];
-                match self.apply_events(&sp, shape, &one).await {
+                let applied = match locked {
+                    Ok(()) => self.apply_events(&sp, shape, &one).await,
+                    Err(e) => Err(e),
+                };
+                match applied {
                     Ok(o) => {
                         sp.commit()
                             .await
@@ -766,8 +822,9 @@ impl PostgresTarget {
                 )
             })
             .collect();
-        upsert_versions(tx, &versions).await?;
+        // Before the versions move: the check compares with their xmin.
         let astray = rows_not_as_written(tx, &suspects).await?;
+        upsert_versions(tx, &versions).await?;
         for (_, row) in &astray {
             tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
         }
@@ -839,8 +896,11 @@ impl PostgresTarget {
     }
 }
 
-/// The writes whose row does not hold what they wrote: a deleted row that
-/// exists, an upserted row that is missing or differs in a written column.
+/// Of this site's writes whose events came back, those the row does not
+/// hold because the sink overwrote them: the row was last written by the
+/// sink transaction that recorded the entity's current version (same
+/// `xmin`), or an upsert's row is gone. A row the application changed since
+/// (other columns, a trigger, constants of the route) is left alone.
 async fn rows_not_as_written<'a, C: GenericClient + Sync>(
     tx: &C,
     writes: &[(&'a Route, &'a MappedRow)],
@@ -854,26 +914,20 @@ async fn rows_not_as_written<'a, C: GenericClient + Sync>(
             .map(|k| format!("t.{q} = x.{q}", q = quote(k)))
             .collect::<Vec<_>>()
             .join(" AND ");
+        let by_sink = format!(
+            "EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches} \
+             JOIN sitesync_versions v ON v.entity = $2 AND v.key = $3 WHERE t.xmin = v.xmin)"
+        );
         let sql = if route.operation == Operation::Delete {
-            format!(
-                "SELECT EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches})"
-            )
+            format!("SELECT {by_sink}")
         } else {
-            let cols = row.columns.keys().map(|c| quote(c)).collect::<Vec<_>>();
-            let (tc, xc): (Vec<String>, Vec<String>) = cols
-                .iter()
-                .map(|c| (format!("t.{c}"), format!("x.{c}")))
-                .unzip();
             format!(
-                "SELECT NOT EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches} \
-                 WHERE ({}) IS NOT DISTINCT FROM ({}))",
-                tc.join(", "),
-                xc.join(", ")
+                "SELECT {by_sink} OR NOT EXISTS (SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches})"
             )
         };
         let json = Value::Array(vec![Value::Object(row.columns.clone())]);
         let differs: bool = tx
-            .query_one(&sql, &[&json])
+            .query_one(&sql, &[&json, &row.entity.table, &row.entity.key])
             .await
             .map_err(|e| Failed::from_pg(&format!("checking {}", route.table), e))?
             .get(0);
