@@ -33,6 +33,7 @@
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
 //! - [`demo`]: `sitesync demo`, three sites on private clusters, end to end.
+//! - [`lab`]: private PostgreSQL clusters for the demo and the benchmark.
 
 pub mod bus;
 pub mod checkpoint;
@@ -41,6 +42,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod lab;
 pub mod position;
 pub mod retry;
 pub mod runner;

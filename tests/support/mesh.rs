@@ -279,24 +279,7 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        let url = self.amqp_url.clone();
-        let mut queues = self.names.bound();
-        queues.push(self.names.dlq.clone());
-        let exchanges = vec![self.names.exchange.clone(), self.names.dlx.clone()];
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let cleanup = async {
-                    rabbit::delete_queues(&url, &queues).await;
-                    rabbit::delete_exchanges(&url, &exchanges).await;
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(20), cleanup).await;
-            });
-        })
-        .join();
+        self.names.delete_blocking(&self.amqp_url);
     }
 }
 

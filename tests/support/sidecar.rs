@@ -55,6 +55,29 @@ impl Names {
         v.push(self.archive.clone());
         v
     }
+
+    /// Deletes this test's queues and exchanges from the broker (for
+    /// `Drop`, which cannot await: a thread with a runtime of its own).
+    pub fn delete_blocking(&self, url: &str) {
+        let url = url.to_string();
+        let mut queues = self.bound();
+        queues.push(self.dlq.clone());
+        let exchanges = vec![self.exchange.clone(), self.dlx.clone()];
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cleanup = async {
+                    rabbit::delete_queues(&url, &queues).await;
+                    rabbit::delete_exchanges(&url, &exchanges).await;
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(20), cleanup).await;
+            });
+        })
+        .join();
+    }
 }
 
 /// Settings a test may change.
@@ -340,26 +363,7 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        // The shared broker keeps queues: remove this test's, from a thread
-        // with its own runtime (Drop cannot await).
-        let url = self.amqp_url.clone();
-        let mut queues = self.names.bound();
-        queues.push(self.names.dlq.clone());
-        let exchanges = vec![self.names.exchange.clone(), self.names.dlx.clone()];
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let cleanup = async {
-                    rabbit::delete_queues(&url, &queues).await;
-                    rabbit::delete_exchanges(&url, &exchanges).await;
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(20), cleanup).await;
-            });
-        })
-        .join();
+        self.names.delete_blocking(&self.amqp_url);
     }
 }
 
