@@ -80,6 +80,11 @@ enum Command {
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
     )]
     Demo(DemoArgs),
+    /// Throughput, latency, bulk and memory against RabbitMQ's own ceiling, measured in one run on private PostgreSQL and the local broker. Leaves nothing behind.
+    #[command(
+        after_help = "Examples:\n  cargo run --release -- bench\n  sitesync bench --json\n  sitesync bench --quick --json"
+    )]
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Options of `sitesync demo`.
@@ -323,6 +328,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             dlq_requeue(&cfg, which).await
         }
         Command::Demo(args) => crate::demo::run(args).await.map_err(fail),
+        Command::Bench(args) => crate::bench::run(args).await.map_err(fail),
         Command::Checkpoint(CheckpointCommand::Reset {
             connector,
             target,

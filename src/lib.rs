@@ -33,8 +33,10 @@
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
 //! - [`demo`]: `sitesync demo`, three sites on private clusters, end to end.
+//! - [`bench`]: `sitesync bench`, the figures against the broker's own ceiling.
 //! - [`lab`]: private PostgreSQL clusters for the demo and the benchmark.
 
+pub mod bench;
 pub mod bus;
 pub mod checkpoint;
 pub mod checks;

@@ -77,6 +77,25 @@ impl Management {
         })
     }
 
+    /// The broker's version (`/api/overview`). Blocking.
+    pub fn version(&self) -> Result<String, String> {
+        let url = format!("{}/api/overview", self.base);
+        let mut response = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.authorization)
+            .call()
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["rabbitmq_version"].as_str().map(str::to_string))
+            .ok_or_else(|| format!("GET {url}: no rabbitmq_version in the answer"))
+    }
+
     /// The queues among `queues` that `exchange` has no binding to.
     /// Blocking: call it from `spawn_blocking`.
     pub fn unbound(&self, exchange: &str, queues: &[String]) -> Result<Vec<String>, String> {

@@ -1,0 +1,1086 @@
+//! `sitesync bench`: throughput, latency, bulk and memory, measured in one
+//! run against the broker's own ceiling on the same machine.
+//!
+//! One private PostgreSQL cluster holds the three sites' databases (PARIS,
+//! LONDON, MADRID; `wal_level=logical`, `track_commit_timestamp=on`,
+//! `fsync=off`), the topology gets names of its own on the given broker,
+//! and the sidecars run as processes of this binary (`sitesync run`), so
+//! that the PARIS sidecar's memory and CPU can be read from `/proc`.
+//!
+//! In order:
+//! 1. `raw_publish_confirm_per_s`: lapin alone publishes event-sized
+//!    messages into the same topology (fanout to the three site queues and
+//!    the archive, quorum queues), persistent and mandatory, with confirms
+//!    pipelined over sitesync's publisher window.
+//! 2. `raw_round_trip_per_s`: the same, plus one consumer per site queue
+//!    acking, until every site queue has delivered and had acked every
+//!    message.
+//! 3. `source_per_s`: outbox rows preloaded at PARIS in transactions of 100;
+//!    the PARIS sidecar starts and the clock stops when its checkpoint has
+//!    passed the last one.
+//! 4. `e2e_per_s`: four writers at PARIS commit business rows with their
+//!    outbox rows (10 per transaction) as fast as they can for the run's
+//!    duration; the figure is the events written divided by the time until
+//!    LONDON and MADRID have applied them all (a backlog counts against it).
+//! 5. `e2e_p50_ms`…: the offered rate (1,000 events/s by default, a
+//!    transaction every 10 ms) for the run's duration; each event's latency
+//!    is from its commit at PARIS to the later of its sink commits at LONDON
+//!    and MADRID, both read with `pg_xact_commit_timestamp` (one clock).
+//! 6. `bulk_100k_s`: one transaction of 100,000 rows at PARIS, from its
+//!    commit until both other sites hold every row.
+//! 7. `rss_mib_peak` (VmHWM over the whole run), `rss_mib_idle` and
+//!    `cpu_idle_pct` (user + system time over an idle window) of the PARIS
+//!    sidecar.
+//!
+//! Everything is removed at the end: sidecars stopped, queues and
+//! exchanges deleted, the cluster stopped and its directory removed.
+
+use crate::bus::{self, management::Management};
+use crate::checkpoint::read_live;
+use crate::config::redact_url;
+use crate::lab::{
+    Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
+    random_hex, sweep_orphans, user_ids,
+};
+use clap::Args;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Confirmation, Connection};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// Options of `sitesync bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Print one JSON object with every figure as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Small counts and short windows (a smoke run of a few seconds; the figures mean little).
+    #[arg(long)]
+    pub quick: bool,
+    /// The RabbitMQ broker (the bench declares and deletes queues of its own there).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SITESYNC_BROKER_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub broker: String,
+    /// RabbitMQ's management API, as the shipped connectors use it (left out when it does not answer).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:15672")]
+    pub management_url: String,
+    /// Do not use the management API.
+    #[arg(long, conflicts_with = "management_url")]
+    pub no_management: bool,
+    /// Outbox rows preloaded for the source figure (and messages for the raw figures).
+    #[arg(long, value_name = "N")]
+    pub events: Option<u64>,
+    /// How long the end-to-end and the latency runs last, in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub seconds: Option<u64>,
+    /// The offered rate of the latency run, in events per second.
+    #[arg(long, value_name = "PER_S")]
+    pub rate: Option<u64>,
+    /// Rows in the bulk transaction.
+    #[arg(long, value_name = "N")]
+    pub bulk: Option<u64>,
+}
+
+/// The counts of one run.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    raw: u64,
+    source: u64,
+    seconds: u64,
+    rate: u64,
+    bulk: u64,
+    idle: u64,
+}
+
+impl Sizes {
+    fn of(a: &BenchArgs) -> Sizes {
+        let base = if a.quick {
+            Sizes {
+                raw: 2_000,
+                source: 2_000,
+                seconds: 3,
+                rate: 200,
+                bulk: 2_000,
+                idle: 2,
+            }
+        } else {
+            Sizes {
+                raw: 20_000,
+                source: 100_000,
+                seconds: 30,
+                rate: 1_000,
+                bulk: 100_000,
+                idle: 10,
+            }
+        };
+        Sizes {
+            raw: a.events.map_or(base.raw, |n| (n / 5).max(100)),
+            source: a.events.unwrap_or(base.source),
+            seconds: a.seconds.unwrap_or(base.seconds),
+            rate: a.rate.unwrap_or(base.rate).max(1),
+            bulk: a.bulk.unwrap_or(base.bulk),
+            idle: base.idle,
+        }
+    }
+}
+
+/// The figures, in the order printed.
+#[derive(Debug, Default)]
+struct Figures {
+    raw_publish_confirm_per_s: f64,
+    raw_round_trip_per_s: f64,
+    source_per_s: f64,
+    e2e_per_s: f64,
+    e2e_written_per_s: f64,
+    e2e_p50_ms: f64,
+    e2e_p95_ms: f64,
+    e2e_p99_ms: f64,
+    e2e_max_ms: f64,
+    bulk_100k_s: f64,
+    rss_mib_peak: f64,
+    rss_mib_idle: f64,
+    cpu_idle_pct: f64,
+}
+
+const SITES: [&str; 3] = ["PARIS", "LONDON", "MADRID"];
+const DIR_PREFIX: &str = "ssbench-";
+/// The event type and table of the bench.
+const TYPE: &str = "bench.upsert";
+const BUSINESS: &str =
+    "CREATE TABLE bench_item (id bigint PRIMARY KEY, n int NOT NULL, payload text NOT NULL)";
+/// Id ranges of the phases (the source phase uses 1..).
+const E2E_BASE: i64 = 10_000_000;
+const LATENCY_BASE: i64 = 20_000_000;
+const BULK_BASE: i64 = 30_000_000;
+const WARM_ID: i64 = 9_999_999;
+/// The payload of every event: 64 bytes of text, like a small business row.
+const PAYLOAD_SQL: &str = "repeat('x', 64)";
+/// How a phase waits for a condition.
+const POLL: Duration = Duration::from_millis(50);
+
+pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    let sizes = Sizes::of(&args);
+    let mut bench = Bench::new(&args)?;
+    let result = async {
+        bench.setup().await?;
+        bench.measure(sizes).await
+    }
+    .await;
+    bench.cleanup().await;
+    let figures = result?;
+    print!("{}", render(&figures, &sizes, &bench.context));
+    if args.json {
+        println!("{}", json(&figures));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Bench {
+    broker: String,
+    management: Option<String>,
+    token: String,
+    dir: PathBuf,
+    cluster: Option<Cluster>,
+    connectors: HashMap<&'static str, PathBuf>,
+    sidecars: HashMap<&'static str, Child>,
+    names: Names,
+    declared: bool,
+    window: usize,
+    context: String,
+}
+
+/// The bench's broker names.
+struct Names {
+    exchange: String,
+    dlx: String,
+    dlq: String,
+    prefix: String,
+    archive: String,
+}
+
+impl Names {
+    fn site(&self, site: &str) -> String {
+        format!("{}{site}", self.prefix)
+    }
+
+    fn site_queues(&self) -> Vec<String> {
+        SITES.iter().map(|s| self.site(s)).collect()
+    }
+}
+
+fn say(message: impl AsRef<str>) {
+    eprintln!("[bench] {}", message.as_ref());
+}
+
+impl Bench {
+    fn new(args: &BenchArgs) -> Result<Bench, String> {
+        let token = random_hex(8);
+        let t = format!("bench-{token}");
+        Ok(Bench {
+            broker: args.broker.clone(),
+            management: (!args.no_management).then(|| args.management_url.clone()),
+            dir: PathBuf::from(format!("/tmp/{DIR_PREFIX}{token}")),
+            token,
+            cluster: None,
+            connectors: HashMap::new(),
+            sidecars: HashMap::new(),
+            names: Names {
+                exchange: format!("{t}.events"),
+                dlx: format!("{t}.dlx"),
+                dlq: format!("{t}.dlq"),
+                prefix: format!("{t}_SITE_"),
+                archive: format!("{t}_SITE_PARIS_HISTO"),
+            },
+            declared: false,
+            window: 512,
+            context: String::new(),
+        })
+    }
+
+    async fn setup(&mut self) -> Result<(), String> {
+        let conn = bus::connect(
+            std::slice::from_ref(&self.broker),
+            Duration::from_secs(5),
+            "sitesync-bench",
+        )
+        .await
+        .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&self.broker)))?;
+        drop(conn);
+        let mut version = "(version unknown without the management API)".to_string();
+        if let Some(url) = self.management.clone() {
+            let api = Management::new(&url, &self.broker)?;
+            match tokio::task::spawn_blocking(move || api.version())
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Ok(v) => version = v,
+                Err(e) => {
+                    say(format!(
+                        "the management API does not answer ({e}): bindings are not verified"
+                    ));
+                    self.management = None;
+                }
+            }
+        }
+        let bin = find_bin_dir()?;
+        sweep_orphans(DIR_PREFIX);
+        std::fs::create_dir(&self.dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
+            })
+            .and_then(|()| {
+                std::fs::write(self.dir.join(OWNER_FILE), std::process::id().to_string())
+            })
+            .map_err(|e| format!("preparing {}: {e}", self.dir.display()))?;
+        let user = is_root().then_some(PG_USER);
+        let owner = match user {
+            Some(u) => Some(user_ids(u).ok_or_else(|| {
+                format!("running as root, but there is no `{u}` user to run PostgreSQL as")
+            })?),
+            None => None,
+        };
+        let pg_dir = self.dir.join("pg");
+        std::fs::create_dir(&pg_dir).map_err(|e| format!("{}: {e}", pg_dir.display()))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&pg_dir, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", pg_dir.display()))?;
+        }
+        let mut taken = HashSet::new();
+        let mut cluster = Cluster {
+            site: "BENCH",
+            dir: pg_dir,
+            bin: bin.clone(),
+            user,
+            owner,
+            port: 0,
+            ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        say(format!(
+            "starting a private PostgreSQL cluster ({}) in {}",
+            bin.display(),
+            self.dir.display()
+        ));
+        let started = cluster.start().await;
+        self.cluster = Some(cluster);
+        started?;
+        let admin = connect(&self.url("postgres")).await?;
+        let pg_version: String = admin
+            .query_one("SHOW server_version", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        for site in SITES {
+            let db = site.to_lowercase();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .map_err(|e| format!("creating database {db}: {e}"))?;
+            connect(&self.url(&db))
+                .await?
+                .batch_execute(BUSINESS)
+                .await
+                .map_err(|e| format!("{site}: {e}"))?;
+        }
+        self.write_config()?;
+        for site in SITES {
+            self.sitesync(site, &["init"]).await?;
+        }
+        self.declared = true;
+        self.sitesync("PARIS", &["topology", "declare"]).await?;
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        self.context = format!(
+            "{cores} cores; RabbitMQ {version}; PostgreSQL {pg_version} (one private cluster, fsync off); management API {}",
+            if self.management.is_some() {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        Ok(())
+    }
+
+    fn url(&self, db: &str) -> String {
+        self.cluster.as_ref().expect("started").url(db)
+    }
+
+    fn write_config(&mut self) -> Result<(), String> {
+        let n = &self.names;
+        let topology = self.dir.join("topology.toml");
+        let text = format!(
+            "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
+            n.exchange, n.prefix, n.archive, n.dlx, n.dlq
+        );
+        std::fs::write(&topology, text).map_err(|e| format!("{}: {e}", topology.display()))?;
+        let management = self
+            .management
+            .as_ref()
+            .map(|m| format!("management_url = \"{m}\"\n"))
+            .unwrap_or_default();
+        for site in SITES {
+            let db = site.to_lowercase();
+            let file = self.dir.join(format!("{db}.toml"));
+            let text = format!(
+                "site = \"{site}\"\n\n[database]\nkind = \"postgres\"\nurl = \"{url}\"\n\n[broker]\nurls = [\"{broker}\"]\ntopology = \"{topology}\"\n{management}publisher_window = {window}\n\n[checkpoint]\ndir = \"{ck}\"\n\n[sink]\n\n[[sink.routes]]\ntype = \"{TYPE}\"\ntable = \"public.bench_item\"\nkey = [\"id\"]\n",
+                url = self.url(&db),
+                broker = self.broker.replace('"', "\\\""),
+                topology = topology.display(),
+                window = self.window,
+                ck = self.dir.join("checkpoints").join(&db).display(),
+            );
+            std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+            self.connectors.insert(site, file);
+        }
+        Ok(())
+    }
+
+    /// Runs `sitesync <args> --connector <site>` to completion.
+    async fn sitesync(&self, site: &str, args: &[&str]) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.args(args)
+            .arg("--connector")
+            .arg(&self.connectors[site])
+            .env("RUST_LOG", "warn,lapin=off");
+        let out = cmd
+            .output()
+            .await
+            .map_err(|e| format!("sitesync {args:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "sitesync {} at {site} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn spawn(&mut self, site: &'static str) -> Result<u32, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+        let log = self.dir.join(format!("{}.log", site.to_lowercase()));
+        let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = file.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["run", "--connector"])
+            .arg(&self.connectors[site])
+            .env("RUST_LOG", "warn,lapin=off")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting the {site} sidecar: {e}"))?;
+        let pid = child.id();
+        self.sidecars.insert(site, child);
+        Ok(pid)
+    }
+
+    async fn measure(&mut self, sizes: Sizes) -> Result<Figures, String> {
+        let mut f = Figures::default();
+        let conn = bus::connect(
+            std::slice::from_ref(&self.broker),
+            Duration::from_secs(5),
+            "sitesync-bench-raw",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let body = sample_body();
+
+        say(format!(
+            "raw publish with confirms: {} messages of {} bytes, window {}",
+            sizes.raw,
+            body.len(),
+            self.window
+        ));
+        f.raw_publish_confirm_per_s = self.raw_publish(&conn, &body, sizes.raw).await?;
+        self.purge(&conn).await?;
+        say("raw round trip: the same, consumed and acked from every site queue");
+        f.raw_round_trip_per_s = self.raw_round_trip(&conn, &body, sizes.raw).await?;
+        self.purge(&conn).await?;
+        drop(conn);
+
+        let paris = connect(&self.url("paris")).await?;
+        say(format!(
+            "source: {} outbox rows preloaded at PARIS in transactions of 100",
+            sizes.source
+        ));
+        let mut first = 1i64;
+        while first <= sizes.source as i64 {
+            let last = (first + 99).min(sizes.source as i64);
+            paris
+                .execute(
+                    &format!(
+                        "INSERT INTO outbox (type, entity_key, data) SELECT '{TYPE}', g::text, \
+                         jsonb_build_object('id', g, 'n', 0, 'payload', {PAYLOAD_SQL}) FROM generate_series($1::bigint, $2::bigint) g"
+                    ),
+                    &[&first, &last],
+                )
+                .await
+                .map_err(|e| format!("preloading: {e}"))?;
+            first = last + 1;
+        }
+        let began = Instant::now();
+        let paris_pid = self.spawn("PARIS")?;
+        let ck = self.dir.join("checkpoints").join("paris");
+        let target = sizes.source + 1;
+        poll_until(Duration::from_secs(900), "the PARIS checkpoint", || {
+            read_live(&ck).is_some_and(|(_, c)| c.next_seq >= target)
+        })
+        .await?;
+        f.source_per_s = sizes.source as f64 / began.elapsed().as_secs_f64();
+        // LONDON and MADRID were not running: start them on empty queues.
+        let conn = bus::connect(
+            std::slice::from_ref(&self.broker),
+            Duration::from_secs(5),
+            "sitesync-bench",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        for q in [
+            self.names.site("LONDON"),
+            self.names.site("MADRID"),
+            self.names.archive.clone(),
+        ] {
+            purge(&conn, &q).await?;
+        }
+        drop(conn);
+        wait_count(
+            &paris,
+            "SELECT count(*) FROM outbox",
+            0,
+            "PARIS's outbox to empty",
+        )
+        .await?;
+        self.spawn("LONDON")?;
+        self.spawn("MADRID")?;
+        let london = connect(&self.url("london")).await?;
+        let madrid = connect(&self.url("madrid")).await?;
+        say("warming up: one event through LONDON and MADRID");
+        write_rows(&paris, WARM_ID, 1).await?;
+        for c in [&london, &madrid] {
+            wait_count(
+                c,
+                &format!("SELECT count(*) FROM bench_item WHERE id = {WARM_ID}"),
+                1,
+                "the warm-up event",
+            )
+            .await?;
+        }
+
+        say(format!(
+            "end to end: four writers at PARIS for {} s, as fast as they go",
+            sizes.seconds
+        ));
+        let (written, elapsed) = self.e2e(&london, &madrid, sizes.seconds).await?;
+        f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
+        f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
+
+        say(format!(
+            "latency: {} events/s offered at PARIS for {} s",
+            sizes.rate, sizes.seconds
+        ));
+        let (p50, p95, p99, max) = self
+            .latency(&paris, &london, &madrid, sizes.rate, sizes.seconds)
+            .await?;
+        (f.e2e_p50_ms, f.e2e_p95_ms, f.e2e_p99_ms, f.e2e_max_ms) = (p50, p95, p99, max);
+
+        say(format!(
+            "bulk: one transaction of {} rows at PARIS",
+            sizes.bulk
+        ));
+        let began = Instant::now();
+        write_rows(&paris, BULK_BASE, sizes.bulk as i64).await?;
+        let committed = began.elapsed();
+        let began = Instant::now();
+        for c in [&london, &madrid] {
+            wait_count(
+                c,
+                &format!("SELECT count(*) FROM bench_item WHERE id >= {BULK_BASE}"),
+                sizes.bulk as i64,
+                "the bulk transaction",
+            )
+            .await?;
+        }
+        f.bulk_100k_s = began.elapsed().as_secs_f64();
+        say(format!(
+            "bulk: committed in {:.1} s, applied at LONDON and MADRID {:.1} s later",
+            committed.as_secs_f64(),
+            f.bulk_100k_s
+        ));
+
+        wait_count(
+            &paris,
+            "SELECT count(*) FROM outbox",
+            0,
+            "PARIS's outbox to empty",
+        )
+        .await?;
+        f.rss_mib_peak = proc_status_kib(paris_pid, "VmHWM:")? / 1024.0;
+        say(format!("idle: {} s", sizes.idle));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = proc_cpu_ticks(paris_pid)?;
+        let began = Instant::now();
+        tokio::time::sleep(Duration::from_secs(sizes.idle)).await;
+        let ticks = proc_cpu_ticks(paris_pid)? - before;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        f.cpu_idle_pct = ticks as f64 / hz / began.elapsed().as_secs_f64() * 100.0;
+        f.rss_mib_idle = proc_status_kib(paris_pid, "VmRSS:")? / 1024.0;
+        Ok(f)
+    }
+
+    /// Messages per second through lapin alone, confirms pipelined over
+    /// the window.
+    async fn raw_publish(&self, conn: &Connection, body: &[u8], n: u64) -> Result<f64, String> {
+        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let began = Instant::now();
+        let mut inflight = VecDeque::with_capacity(self.window);
+        for i in 0..n {
+            let confirm = ch
+                .basic_publish(
+                    self.names.exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    raw_properties(i),
+                )
+                .await
+                .map_err(|e| format!("publishing: {e}"))?;
+            inflight.push_back(confirm);
+            if inflight.len() >= self.window {
+                settle(inflight.pop_front().expect("full")).await?;
+            }
+        }
+        for c in inflight {
+            settle(c).await?;
+        }
+        let rate = n as f64 / began.elapsed().as_secs_f64();
+        let _ = ch.close(200, "done".into()).await;
+        Ok(rate)
+    }
+
+    /// The same publisher, with a consumer per site queue; until every
+    /// site queue has delivered and had acked every message.
+    async fn raw_round_trip(&self, conn: &Connection, body: &[u8], n: u64) -> Result<f64, String> {
+        let mut consumers = Vec::new();
+        for q in self.names.site_queues() {
+            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+            ch.basic_qos(1000, BasicQosOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut consumer = ch
+                .basic_consume(
+                    q.as_str().into(),
+                    format!("bench-{}", self.token).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| format!("consuming {q}: {e}"))?;
+            consumers.push(tokio::spawn(async move {
+                let mut got = 0u64;
+                while got < n {
+                    match consumer.next().await {
+                        Some(Ok(d)) => {
+                            got += 1;
+                            if got.is_multiple_of(100) || got == n {
+                                d.ack(BasicAckOptions { multiple: true })
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                            }
+                        }
+                        Some(Err(e)) => return Err(e.to_string()),
+                        None => return Err("the consumer ended".to_string()),
+                    }
+                }
+                let _ = ch.close(200, "done".into()).await;
+                Ok::<(), String>(())
+            }));
+        }
+        let began = Instant::now();
+        self.raw_publish(conn, body, n).await?;
+        for c in consumers {
+            c.await.map_err(|e| e.to_string())??;
+        }
+        Ok(n as f64 / began.elapsed().as_secs_f64())
+    }
+
+    async fn purge(&self, conn: &Connection) -> Result<(), String> {
+        let mut queues = self.names.site_queues();
+        queues.push(self.names.archive.clone());
+        for q in queues {
+            purge(conn, &q).await?;
+        }
+        Ok(())
+    }
+
+    /// Four writers for `seconds`; returns how many events they wrote and
+    /// the time until LONDON and MADRID had applied them all.
+    async fn e2e(
+        &self,
+        london: &Client,
+        madrid: &Client,
+        seconds: u64,
+    ) -> Result<(i64, Duration), String> {
+        const PER_TX: i64 = 10;
+        let next = Arc::new(AtomicU64::new(E2E_BASE as u64));
+        let began = Instant::now();
+        let until = began + Duration::from_secs(seconds);
+        let mut writers = Vec::new();
+        for _ in 0..4 {
+            let client = connect(&self.url("paris")).await?;
+            let next = next.clone();
+            writers.push(tokio::spawn(async move {
+                let mut written = 0i64;
+                while Instant::now() < until {
+                    let first = next.fetch_add(PER_TX as u64, Ordering::Relaxed) as i64;
+                    write_rows(&client, first, PER_TX).await?;
+                    written += PER_TX;
+                }
+                Ok::<i64, String>(written)
+            }));
+        }
+        let mut written = 0;
+        for w in writers {
+            written += w.await.map_err(|e| e.to_string())??;
+        }
+        let query = format!(
+            "SELECT count(*) FROM bench_item WHERE id >= {E2E_BASE} AND id < {LATENCY_BASE}"
+        );
+        for c in [london, madrid] {
+            wait_count(c, &query, written, "the end-to-end events").await?;
+        }
+        Ok((written, began.elapsed()))
+    }
+
+    /// `rate` events/s for `seconds` (a transaction every 10 ms); the
+    /// latency percentiles in milliseconds.
+    async fn latency(
+        &self,
+        paris: &Client,
+        london: &Client,
+        madrid: &Client,
+        rate: u64,
+        seconds: u64,
+    ) -> Result<(f64, f64, f64, f64), String> {
+        let ticks = seconds * 100;
+        let per_tick = rate as f64 / 100.0;
+        let mut writers = Vec::new();
+        for _ in 0..4 {
+            writers.push(Arc::new(connect(&self.url("paris")).await?));
+        }
+        let mut interval = tokio::time::interval(Duration::from_millis(10));
+        let mut tasks = Vec::new();
+        let mut due = 0.0f64;
+        let mut next = LATENCY_BASE;
+        for tick in 0..ticks {
+            interval.tick().await;
+            due += per_tick;
+            let rows = due.floor() as i64;
+            if rows == 0 {
+                continue;
+            }
+            due -= rows as f64;
+            let client = writers[tick as usize % writers.len()].clone();
+            let first = next;
+            next += rows;
+            tasks.push(tokio::spawn(async move {
+                write_rows(&client, first, rows).await
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let written = next - LATENCY_BASE;
+        let range = format!("id >= {LATENCY_BASE} AND id < {BULK_BASE}");
+        for c in [london, madrid] {
+            wait_count(
+                c,
+                &format!("SELECT count(*) FROM bench_item WHERE {range}"),
+                written,
+                "the latency events",
+            )
+            .await?;
+        }
+        let (p, l, m) = (
+            commit_times(paris, &range).await?,
+            commit_times(london, &range).await?,
+            commit_times(madrid, &range).await?,
+        );
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+            .map_err(|e| e.to_string())?;
+        for (id, at_paris) in &p {
+            let (Some(t0), Some(Some(t1)), Some(Some(t2))) =
+                (at_paris, l.get(id).copied(), m.get(id).copied())
+            else {
+                return Err(format!(
+                    "no commit timestamp for row {id} (track_commit_timestamp is off?)"
+                ));
+            };
+            let micros = (t1.max(t2) - t0).max(1) as u64;
+            hist.saturating_record(micros);
+        }
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Ok((ms(0.50), ms(0.95), ms(0.99), hist.max() as f64 / 1000.0))
+    }
+
+    async fn cleanup(&mut self) {
+        for (_, child) in self.sidecars.iter_mut() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        for (_, mut child) in self.sidecars.drain() {
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+        if self.declared
+            && let Ok(conn) = bus::connect(
+                std::slice::from_ref(&self.broker),
+                Duration::from_secs(5),
+                "sitesync-bench-cleanup",
+            )
+            .await
+        {
+            let mut queues = self.names.site_queues();
+            queues.push(self.names.archive.clone());
+            queues.push(self.names.dlq.clone());
+            for q in queues {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                    let _ = ch.close(200, "done".into()).await;
+                }
+            }
+            for x in [&self.names.exchange, &self.names.dlx] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                    let _ = ch.close(200, "done".into()).await;
+                }
+            }
+        }
+        if let Some(cluster) = &self.cluster
+            && let Err(e) = cluster.stop().await
+        {
+            say(format!("stopping the cluster: {e}"));
+        }
+        if std::env::var_os("SITESYNC_KEEP_BENCH_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            say(format!("kept {}", self.dir.display()));
+        }
+    }
+}
+
+/// An event body of the size the source publishes for a bench row.
+fn sample_body() -> Vec<u8> {
+    let data = format!(
+        "{{\"n\": 0, \"id\": 1234567, \"payload\": \"{}\"}}",
+        "x".repeat(64)
+    );
+    let event = serde_json::json!({
+        "id": uuid::Uuid::new_v4(),
+        "timestamp": chrono::Utc::now(),
+        "origin": "PARIS",
+        "type": TYPE,
+        "entity_key": "1234567",
+        "data": serde_json::from_str::<serde_json::Value>(&data).expect("valid"),
+        "epoch": 1_795_461_845_867u64,
+        "seq": 1_234_567u64,
+    });
+    serde_json::to_vec(&event).expect("serializable")
+}
+
+/// The properties and headers sitesync sets on an event.
+fn raw_properties(i: u64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-sitesync-position".into(),
+        AMQPValue::LongString(format!("postgres:0/1A2B3C8#{i}").into()),
+    );
+    headers.insert("x-sitesync-epoch".into(), AMQPValue::LongLongInt(1));
+    headers.insert("x-sitesync-seq".into(), AMQPValue::LongLongInt(i as i64));
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+        .with_app_id("PARIS".into())
+        .with_type(TYPE.into())
+        .with_timestamp(0)
+        .with_headers(headers)
+}
+
+async fn settle(confirm: lapin::PublisherConfirm) -> Result<(), String> {
+    match confirm.await {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(_))) => Err("a raw message came back unroutable".into()),
+        Ok(other) => Err(format!("a raw message was not confirmed: {other:?}")),
+        Err(e) => Err(format!("a raw message's confirm: {e}")),
+    }
+}
+
+async fn purge(conn: &Connection, queue: &str) -> Result<(), String> {
+    let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+    ch.queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await
+        .map_err(|e| format!("purging {queue}: {e}"))?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// `count` rows of `bench_item` from id `first`, with their outbox rows, in
+/// one statement (one transaction), the way an application writes.
+async fn write_rows(client: &Client, first: i64, count: i64) -> Result<(), String> {
+    client
+        .execute(
+            &format!(
+                "WITH r AS (SELECT g AS id FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) g), \
+                      w AS (INSERT INTO bench_item (id, n, payload) SELECT id, 0, {PAYLOAD_SQL} FROM r) \
+                 INSERT INTO outbox (type, entity_key, data) \
+                 SELECT '{TYPE}', id::text, jsonb_build_object('id', id, 'n', 0, 'payload', {PAYLOAD_SQL}) FROM r"
+            ),
+            &[&first, &count],
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("writing at PARIS: {e}"))
+}
+
+/// Each row's commit time (µs since the epoch) among `bench_item` rows
+/// matching `range`.
+async fn commit_times(c: &Client, range: &str) -> Result<HashMap<i64, Option<i64>>, String> {
+    let sql = format!(
+        "SELECT id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint FROM bench_item WHERE {range}"
+    );
+    c.query(&sql, &[])
+        .await
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .map_err(|e| format!("reading commit times: {e}"))
+}
+
+/// Polls `sql` (a count) until it reaches `want` (10 minutes at most).
+async fn wait_count(client: &Client, sql: &str, want: i64, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n: i64 = client
+            .query_one(sql, &[])
+            .await
+            .map_err(|e| format!("waiting for {what}: {e}"))?
+            .get(0);
+        if n == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "waiting for {what}: {n} of {want} after 10 minutes"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn poll_until(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not reached within {timeout:?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn proc_status_kib(pid: u32, field: &str) -> Result<f64, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status has no {field}"))
+}
+
+/// User + system CPU ticks of a process.
+fn proc_cpu_ticks(pid: u32) -> Result<u64, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = text.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => Err(format!("/proc/{pid}/stat: unexpected format")),
+    }
+}
+
+fn render(f: &Figures, s: &Sizes, context: &str) -> String {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    format!(
+        "\nsitesync bench ({context})\n\
+         {:<34}{:>10.0} msg/s  ({} messages, window 512, three site queues and the archive, quorum)\n\
+         {:<34}{:>10.0} msg/s\n\
+         {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8)\n\
+         {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s\n\
+         {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
+         {:<34}{:>10.1} s      (target < 60)\n\
+         {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n",
+        "raw publish + confirm",
+        f.raw_publish_confirm_per_s,
+        s.raw,
+        "raw round trip",
+        f.raw_round_trip_per_s,
+        format!("source ({} preloaded rows)", s.source),
+        f.source_per_s,
+        ratio(f.source_per_s, f.raw_publish_confirm_per_s),
+        format!("end to end ({} s, 4 writers)", s.seconds),
+        f.e2e_per_s,
+        ratio(f.e2e_per_s, f.raw_round_trip_per_s),
+        f.e2e_written_per_s,
+        format!("latency at {}/s", s.rate),
+        f.e2e_p50_ms,
+        f.e2e_p95_ms,
+        f.e2e_p99_ms,
+        f.e2e_max_ms,
+        format!("bulk ({} rows in one tx)", s.bulk),
+        f.bulk_100k_s,
+        "PARIS sidecar RSS",
+        f.rss_mib_peak,
+        f.rss_mib_idle,
+        f.cpu_idle_pct,
+    )
+}
+
+fn json(f: &Figures) -> String {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let round = |x: f64, places: i32| {
+        let m = 10f64.powi(places);
+        (x * m).round() / m
+    };
+    serde_json::json!({
+        "raw_publish_confirm_per_s": round(f.raw_publish_confirm_per_s, 0),
+        "raw_round_trip_per_s": round(f.raw_round_trip_per_s, 0),
+        "source_per_s": round(f.source_per_s, 0),
+        "source_ratio": round(ratio(f.source_per_s, f.raw_publish_confirm_per_s), 3),
+        "e2e_per_s": round(f.e2e_per_s, 0),
+        "e2e_ratio": round(ratio(f.e2e_per_s, f.raw_round_trip_per_s), 3),
+        "e2e_p50_ms": round(f.e2e_p50_ms, 2),
+        "e2e_p95_ms": round(f.e2e_p95_ms, 2),
+        "e2e_p99_ms": round(f.e2e_p99_ms, 2),
+        "e2e_max_ms": round(f.e2e_max_ms, 2),
+        "bulk_100k_s": round(f.bulk_100k_s, 2),
+        "rss_mib_peak": round(f.rss_mib_peak, 1),
+        "rss_mib_idle": round(f.rss_mib_idle, 1),
+        "cpu_idle_pct": round(f.cpu_idle_pct, 2),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_figures_of_this_process() {
+        let pid = std::process::id();
+        assert!(proc_status_kib(pid, "VmRSS:").unwrap() > 0.0);
+        assert!(proc_status_kib(pid, "VmHWM:").unwrap() > 0.0);
+        proc_cpu_ticks(pid).unwrap();
+        assert!(proc_status_kib(pid, "NoSuchField:").is_err());
+    }
+
+    #[test]
+    fn the_json_line_has_every_key_of_the_issue() {
+        let line = json(&Figures::default());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for key in [
+            "raw_publish_confirm_per_s",
+            "raw_round_trip_per_s",
+            "source_per_s",
+            "source_ratio",
+            "e2e_per_s",
+            "e2e_ratio",
+            "e2e_p50_ms",
+            "e2e_p95_ms",
+            "e2e_p99_ms",
+            "bulk_100k_s",
+            "rss_mib_peak",
+            "rss_mib_idle",
+            "cpu_idle_pct",
+        ] {
+            assert!(v[key].is_number(), "{key}");
+        }
+    }
+}
