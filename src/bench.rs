@@ -169,6 +169,8 @@ const E2E_BASE: i64 = 10_000_000;
 const LATENCY_BASE: i64 = 20_000_000;
 const BULK_BASE: i64 = 30_000_000;
 const WARM_ID: i64 = 9_999_999;
+/// How far the end-to-end writers may run ahead of the slower sink.
+const E2E_BACKLOG: u64 = 5_000;
 /// The payload of every event: 64 bytes of text, like a small business row.
 const PAYLOAD_SQL: &str = "repeat('x', 64)";
 /// How a phase waits for a condition.
@@ -177,11 +179,16 @@ const POLL: Duration = Duration::from_millis(50);
 pub async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let sizes = Sizes::of(&args);
     let mut bench = Bench::new(&args)?;
-    let result = async {
-        bench.setup().await?;
-        bench.measure(sizes).await
-    }
-    .await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("installing a SIGTERM handler: {e}"))?;
+    let result = tokio::select! {
+        r = async {
+            bench.setup().await?;
+            bench.measure(sizes).await
+        } => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+        _ = term.recv() => Err("terminated".to_string()),
+    };
     bench.cleanup().await;
     let figures = result?;
     print!("{}", render(&figures, &sizes, &bench.context));
@@ -532,6 +539,7 @@ impl Bench {
         let (written, elapsed) = self.e2e(&london, &madrid, sizes.seconds).await?;
         f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
         f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
+        self.purge_archive().await?;
 
         say(format!(
             "latency: {} events/s offered at PARIS for {} s",
@@ -541,6 +549,7 @@ impl Bench {
             .latency(&paris, &london, &madrid, sizes.rate, sizes.seconds)
             .await?;
         (f.e2e_p50_ms, f.e2e_p95_ms, f.e2e_p99_ms, f.e2e_max_ms) = (p50, p95, p99, max);
+        self.purge_archive().await?;
 
         say(format!(
             "bulk: one transaction of {} rows at PARIS",
@@ -669,6 +678,19 @@ impl Bench {
         Ok(n as f64 / began.elapsed().as_secs_f64())
     }
 
+    /// Nothing consumes the archive queue here: empty it between phases so
+    /// that it does not grow into a broker memory alarm.
+    async fn purge_archive(&self) -> Result<(), String> {
+        let conn = bus::connect(
+            std::slice::from_ref(&self.broker),
+            Duration::from_secs(5),
+            "sitesync-bench",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        purge(&conn, &self.names.archive).await
+    }
+
     async fn purge(&self, conn: &Connection) -> Result<(), String> {
         let mut queues = self.names.site_queues();
         queues.push(self.names.archive.clone());
@@ -678,7 +700,9 @@ impl Bench {
         Ok(())
     }
 
-    /// Four writers for `seconds`; returns how many events they wrote and
+    /// Four writers for `seconds`, as fast as the whole path absorbs: they
+    /// pause while more than [`E2E_BACKLOG`] events written are not yet
+    /// applied at both other sites. Returns how many events they wrote and
     /// the time until LONDON and MADRID had applied them all.
     async fn e2e(
         &self,
@@ -687,22 +711,35 @@ impl Bench {
         seconds: u64,
     ) -> Result<(i64, Duration), String> {
         const PER_TX: i64 = 10;
+        let start = [received(london).await?, received(madrid).await?];
         let next = Arc::new(AtomicU64::new(E2E_BASE as u64));
+        let applied = Arc::new(AtomicU64::new(0));
         let began = Instant::now();
         let until = began + Duration::from_secs(seconds);
         let mut writers = Vec::new();
         for _ in 0..4 {
             let client = connect(&self.url("paris")).await?;
-            let next = next.clone();
+            let (next, applied) = (next.clone(), applied.clone());
             writers.push(tokio::spawn(async move {
                 let mut written = 0i64;
                 while Instant::now() < until {
+                    let issued = next.load(Ordering::Relaxed) - E2E_BASE as u64;
+                    if issued > applied.load(Ordering::Relaxed) + E2E_BACKLOG {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
                     let first = next.fetch_add(PER_TX as u64, Ordering::Relaxed) as i64;
                     write_rows(&client, first, PER_TX).await?;
                     written += PER_TX;
                 }
                 Ok::<i64, String>(written)
             }));
+        }
+        // Progress: the events of PARIS each other site has received.
+        while Instant::now() < until {
+            let done = (received(london).await? - start[0]).min(received(madrid).await? - start[1]);
+            applied.store(done.max(0) as u64, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut written = 0;
         for w in writers {
@@ -711,7 +748,8 @@ impl Bench {
         let query = format!(
             "SELECT count(*) FROM bench_item WHERE id >= {E2E_BASE} AND id < {LATENCY_BASE}"
         );
-        for c in [london, madrid] {
+        for (c, from) in [(london, start[0]), (madrid, start[1])] {
+            poll_received(c, from + written).await?;
             wait_count(c, &query, written, "the end-to-end events").await?;
         }
         Ok((written, began.elapsed()))
@@ -923,6 +961,35 @@ async fn commit_times(c: &Client, range: &str) -> Result<HashMap<i64, Option<i64
         .await
         .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         .map_err(|e| format!("reading commit times: {e}"))
+}
+
+/// The highest `seq` of PARIS's events a site has received (its sink's
+/// progress, cheap to read).
+async fn received(c: &Client) -> Result<i64, String> {
+    c.query_opt(
+        "SELECT seq FROM sitesync_origins WHERE origin = 'PARIS'",
+        &[],
+    )
+    .await
+    .map(|r| r.map_or(0, |r| r.get(0)))
+    .map_err(|e| format!("reading sitesync_origins: {e}"))
+}
+
+/// Waits until a site has received PARIS's events up to `seq`.
+async fn poll_received(c: &Client, seq: i64) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let now = received(c).await?;
+        if now >= seq {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "PARIS's events: {now} of {seq} received after 10 minutes"
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Polls `sql` (a count) until it reaches `want` (10 minutes at most).

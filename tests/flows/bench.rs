@@ -1,0 +1,71 @@
+//! `sitesync bench` runs end to end on small counts. The figures of a
+//! quick debug run mean nothing; the test checks that every figure of the
+//! issue is there, measured, and that nothing is left behind.
+
+use crate::support::rabbit;
+use crate::support::sidecar::binary;
+
+#[tokio::test]
+async fn the_bench_runs_end_to_end_and_prints_every_figure() {
+    let dir = crate::support::TestDir::new("ssbench-test").unwrap();
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(["bench", "--quick", "--json"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn,lapin=off");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync bench"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the bench failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let figures: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
+    for key in [
+        "raw_publish_confirm_per_s",
+        "raw_round_trip_per_s",
+        "source_per_s",
+        "e2e_per_s",
+        "e2e_p50_ms",
+        "e2e_p95_ms",
+        "e2e_p99_ms",
+        "bulk_100k_s",
+        "rss_mib_peak",
+        "rss_mib_idle",
+    ] {
+        let v = figures[key].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0, "{key} = {v} in {last}");
+    }
+    for key in ["source_ratio", "e2e_ratio"] {
+        let v = figures[key].as_f64().unwrap_or(-1.0);
+        assert!(v > 0.0 && v < 10.0, "{key} = {v} in {last}");
+    }
+    assert!(figures["cpu_idle_pct"].as_f64().is_some_and(|v| v >= 0.0));
+    assert!(
+        figures["e2e_p50_ms"].as_f64() <= figures["e2e_p99_ms"].as_f64(),
+        "{last}"
+    );
+    // The human table comes first.
+    assert!(stdout.contains("raw publish + confirm"), "{stdout}");
+    // Nothing left: the bench's directory and queues are gone.
+    let bench_dir = stderr
+        .lines()
+        .find_map(|l| l.split(" in /tmp/").nth(1))
+        .map(|d| format!("/tmp/{d}"))
+        .expect("the bench names its directory");
+    assert!(
+        !std::path::Path::new(&bench_dir).exists(),
+        "{bench_dir} left behind"
+    );
+    let token = bench_dir.trim_start_matches("/tmp/ssbench-");
+    let q = format!("bench-{token}_SITE_LONDON");
+    assert_eq!(
+        rabbit::queue_len(&rabbit::shared_amqp_url(), &q).await,
+        None,
+        "{q} left behind"
+    );
+}
