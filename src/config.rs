@@ -332,6 +332,9 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
 #[derive(Debug, Clone)]
 pub struct CheckpointConfig {
     pub dir: PathBuf,
+    /// The shortest time between two checkpoint writes (each first
+    /// verifies the topology).
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -851,6 +854,7 @@ impl ConnectorConfig {
         });
 
         let checkpoint = r.section("checkpoint", |c| CheckpointConfig {
+            interval: c.millis("interval_ms", 100, 60_000),
             dir: PathBuf::from(
                 c.string("dir", false, "a directory path")
                     .unwrap_or_else(|| format!("checkpoints/{name}")),

@@ -276,6 +276,7 @@ async fn session<S: Source>(
         verify_conn,
         verifier,
         cfg.broker.topology_check_interval,
+        cfg.checkpoint.interval,
         confirmed_rx,
         durable_tx,
     ));
@@ -536,14 +537,19 @@ const LIVE_EVERY: Duration = Duration::from_millis(250);
 
 /// Verifies the topology, then writes the checkpoint durably, then
 /// publishes the durable position; repeats whenever the confirmed position
-/// moves, and verifies on its own every `check_every` while idle. Returns
-/// the last checkpoint written once `confirmed` is closed.
+/// moves, at most every `interval` (a verification costs the broker a few
+/// declarations and, with the management API, an HTTP request: under load
+/// one cycle per confirm batch would cost a quarter of the throughput), and
+/// verifies on its own every `check_every` while idle. Returns the last
+/// checkpoint written once `confirmed` is closed.
+#[allow(clippy::too_many_arguments)]
 async fn checkpointer(
     store: Arc<CheckpointStore>,
     base: Checkpoint,
     conn: Link,
     mut verifier: Verifier,
     check_every: Duration,
+    interval: Duration,
     mut confirmed: watch::Receiver<Option<(Position, Clock)>>,
     durable: watch::Sender<Option<Position>>,
 ) -> Result<Checkpoint, SessionError> {
@@ -580,6 +586,11 @@ async fn checkpointer(
                     written = next;
                     durable.send_replace(Some(resume));
                     live_dirty = true;
+                    if !closed {
+                        // What is confirmed meanwhile waits for the next
+                        // cycle (the watch keeps only the latest).
+                        tokio::time::sleep(interval.saturating_sub(began.elapsed())).await;
+                    }
                 }
                 Err(e) if closed => {
                     tracing::debug!(error = %e, "final checkpoint skipped: the topology could not be verified");

@@ -160,7 +160,7 @@ impl Site {
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n# These tests look at every queue, PARIS's too: no sink.\n[sink]\nenabled = false\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\n# A short interval keeps the duplicates a crash re-sends within the\n# bounds the crash tests assert (window + one interval of confirms).\ninterval_ms = 20\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n# These tests look at every queue, PARIS's too: no sink.\n[sink]\nenabled = false\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),
