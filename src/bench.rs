@@ -1,9 +1,10 @@
 //! `sitesync bench`: throughput, latency, bulk and memory, measured in one
 //! run against the broker's own ceiling on the same machine.
 //!
-//! One private PostgreSQL cluster holds the three sites' databases (PARIS,
-//! LONDON, MADRID; `wal_level=logical`, `track_commit_timestamp=on`,
-//! `fsync=off`), the topology gets names of its own on the given broker,
+//! Each site (PARIS, LONDON, MADRID) gets a private PostgreSQL cluster of
+//! its own, as each site has its own server (`wal_level=logical`,
+//! `track_commit_timestamp=on`, `fsync=off`; in one cluster, every site's
+//! walsender would decode every site's WAL), the topology gets names of its own on the given broker,
 //! and the sidecars run as processes of this binary (`sitesync run`), so
 //! that the PARIS sidecar's memory and CPU can be read from `/proc`.
 //!
@@ -33,7 +34,7 @@
 //!    sidecar.
 //!
 //! Everything is removed at the end: sidecars stopped, queues and
-//! exchanges deleted, the cluster stopped and its directory removed.
+//! exchanges deleted, the clusters stopped and their directory removed.
 
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
@@ -203,7 +204,7 @@ struct Bench {
     management: Option<String>,
     token: String,
     dir: PathBuf,
-    cluster: Option<Cluster>,
+    clusters: Vec<Cluster>,
     connectors: HashMap<&'static str, PathBuf>,
     sidecars: HashMap<&'static str, Child>,
     names: Names,
@@ -244,7 +245,7 @@ impl Bench {
             management: (!args.no_management).then(|| args.management_url.clone()),
             dir: PathBuf::from(format!("/tmp/{DIR_PREFIX}{token}")),
             token,
-            cluster: None,
+            clusters: Vec::new(),
             connectors: HashMap::new(),
             sidecars: HashMap::new(),
             names: Names {
@@ -302,39 +303,55 @@ impl Bench {
             })?),
             None => None,
         };
-        let pg_dir = self.dir.join("pg");
-        std::fs::create_dir(&pg_dir).map_err(|e| format!("{}: {e}", pg_dir.display()))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&pg_dir, Some(uid), Some(gid))
-                .map_err(|e| format!("chown {}: {e}", pg_dir.display()))?;
-        }
         let mut taken = HashSet::new();
-        let mut cluster = Cluster {
-            site: "BENCH",
-            dir: pg_dir,
-            bin: bin.clone(),
-            user,
-            owner,
-            port: 0,
-            ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
-            cancel: Arc::new(AtomicBool::new(false)),
-        };
         say(format!(
-            "starting a private PostgreSQL cluster ({}) in {}",
+            "starting three private PostgreSQL clusters ({}) in {}",
             bin.display(),
             self.dir.display()
         ));
-        let started = cluster.start().await;
-        self.cluster = Some(cluster);
-        started?;
-        let admin = connect(&self.url("postgres")).await?;
-        let pg_version: String = admin
-            .query_one("SHOW server_version", &[])
-            .await
-            .map_err(|e| e.to_string())?
-            .get(0);
+        let mut starts = Vec::new();
+        for site in SITES {
+            let pg_dir = self.dir.join(site.to_lowercase());
+            std::fs::create_dir(&pg_dir).map_err(|e| format!("{}: {e}", pg_dir.display()))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&pg_dir, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", pg_dir.display()))?;
+            }
+            let mut cluster = Cluster {
+                site,
+                dir: pg_dir,
+                bin: bin.clone(),
+                user,
+                owner,
+                port: 0,
+                ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
+                cancel: Arc::new(AtomicBool::new(false)),
+            };
+            starts.push(tokio::spawn(async move {
+                let r = cluster.start().await;
+                (cluster, r)
+            }));
+        }
+        let mut failed = None;
+        for start in starts {
+            let (cluster, r) = start.await.map_err(|e| e.to_string())?;
+            self.clusters.push(cluster);
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut pg_version = String::new();
         for site in SITES {
             let db = site.to_lowercase();
+            let admin = connect(&self.cluster(site).url("postgres")).await?;
+            pg_version = admin
+                .query_one("SHOW server_version", &[])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
             admin
                 .batch_execute(&format!("CREATE DATABASE {db}"))
                 .await
@@ -353,7 +370,7 @@ impl Bench {
         self.sitesync("PARIS", &["topology", "declare"]).await?;
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         self.context = format!(
-            "{cores} cores; RabbitMQ {version}; PostgreSQL {pg_version} (one private cluster, fsync off); management API {}",
+            "{cores} cores; RabbitMQ {version}; PostgreSQL {pg_version} (a private cluster per site, fsync off); management API {}",
             if self.management.is_some() {
                 "on"
             } else {
@@ -363,8 +380,16 @@ impl Bench {
         Ok(())
     }
 
+    fn cluster(&self, site: &str) -> &Cluster {
+        self.clusters
+            .iter()
+            .find(|c| c.site == site)
+            .expect("started")
+    }
+
+    /// The URL of a site's database (`paris`, `london`, `madrid`).
     fn url(&self, db: &str) -> String {
-        self.cluster.as_ref().expect("started").url(db)
+        self.cluster(&db.to_uppercase()).url(db)
     }
 
     fn write_config(&mut self) -> Result<(), String> {
@@ -864,10 +889,10 @@ impl Bench {
                 }
             }
         }
-        if let Some(cluster) = &self.cluster
-            && let Err(e) = cluster.stop().await
-        {
-            say(format!("stopping the cluster: {e}"));
+        for cluster in &self.clusters {
+            if let Err(e) = cluster.stop().await {
+                say(format!("stopping the {} cluster: {e}", cluster.site));
+            }
         }
         if std::env::var_os("SITESYNC_KEEP_BENCH_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
