@@ -69,21 +69,8 @@ pub struct BenchArgs {
     /// Small counts and short windows (a smoke run of a few seconds; the figures mean little).
     #[arg(long)]
     pub quick: bool,
-    /// The RabbitMQ broker (the bench declares and deletes queues of its own there).
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "SITESYNC_BROKER_URL",
-        hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub broker: String,
-    /// RabbitMQ's management API, as the shipped connectors use it (left out when it does not answer).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:15672")]
-    pub management_url: String,
-    /// Do not use the management API.
-    #[arg(long, conflicts_with = "management_url")]
-    pub no_management: bool,
+    #[command(flatten)]
+    pub rabbit: crate::cli::BrokerArgs,
     /// Outbox rows preloaded for the source figure (and messages for the raw figures).
     #[arg(long, value_name = "N")]
     pub events: Option<u64>,
@@ -241,8 +228,8 @@ impl Bench {
         let token = random_hex(8);
         let t = format!("bench-{token}");
         Ok(Bench {
-            broker: args.broker.clone(),
-            management: (!args.no_management).then(|| args.management_url.clone()),
+            broker: args.rabbit.broker.clone(),
+            management: (!args.rabbit.no_management).then(|| args.rabbit.management_url.clone()),
             dir: PathBuf::from(format!("/tmp/{DIR_PREFIX}{token}")),
             token,
             clusters: Vec::new(),

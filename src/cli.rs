@@ -87,10 +87,10 @@ enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
-/// Options of `sitesync demo`.
+/// The broker of `sitesync demo` and `sitesync bench`.
 #[derive(Args, Debug, Clone)]
-pub struct DemoArgs {
-    /// The RabbitMQ broker the three sites share (the demo declares and deletes queues of its own there).
+pub struct BrokerArgs {
+    /// The RabbitMQ broker the three sites share (the command declares and deletes queues of its own there).
     #[arg(
         long,
         value_name = "URL",
@@ -99,12 +99,19 @@ pub struct DemoArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub broker: String,
-    /// RabbitMQ's management API, to verify bindings (left out, with a note, when it does not answer).
+    /// RabbitMQ's management API, to verify bindings as the shipped connectors do (left out, with a note, when it does not answer).
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:15672")]
     pub management_url: String,
     /// Do not use the management API.
     #[arg(long, conflicts_with = "management_url")]
     pub no_management: bool,
+}
+
+/// Options of `sitesync demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub rabbit: BrokerArgs,
     /// Use this database for PARIS instead of a private cluster (wal_level=logical; the demo creates its tables there and drops them at the end).
     #[arg(long, value_name = "URL")]
     pub paris_url: Option<String>,

@@ -393,7 +393,7 @@ impl Demo {
     }
 
     async fn check_broker(&mut self) -> Result<(), String> {
-        let url = &self.args.broker;
+        let url = &self.args.rabbit.broker;
         url.parse::<lapin::uri::AMQPUri>()
             .map_err(|e| format!("--broker `{}` is not an AMQP URL: {e}", redact_url(url)))?;
         self.say(format!("checking RabbitMQ at {}", redact_url(url)));
@@ -420,10 +420,10 @@ impl Demo {
                 ));
             }
         }
-        if self.args.no_management {
+        if self.args.rabbit.no_management {
             return Ok(());
         }
-        let management = Management::new(&self.args.management_url, url)
+        let management = Management::new(&self.args.rabbit.management_url, url)
             .map_err(|e| format!("--management-url: {e}"))?;
         // `amq.fanout` exists in every virtual host: listing its bindings
         // tells whether the API answers with these credentials.
@@ -432,7 +432,7 @@ impl Demo {
             .map_err(|e| e.to_string())
             .and_then(|r| r);
         match probe {
-            Ok(_) => self.management = Some(self.args.management_url.clone()),
+            Ok(_) => self.management = Some(self.args.rabbit.management_url.clone()),
             Err(e) => self.say(format!(
                 "note: the management API does not answer ({e}); bindings will not be verified \
                  (enable it with `rabbitmq-plugins enable rabbitmq_management`, or pass --no-management)"
@@ -610,7 +610,7 @@ impl Demo {
             let text = connector_toml(&ConnectorSpec {
                 site: site.name,
                 url: &site.url,
-                broker: &self.args.broker,
+                broker: &self.args.rabbit.broker,
                 management_url: self.management.as_deref(),
                 topology: &topology,
                 checkpoints: &dir.join("checkpoints"),
@@ -1028,7 +1028,7 @@ impl Demo {
             ));
             if let Err(e) = tokio::time::timeout(
                 Duration::from_secs(15),
-                delete_topology(&self.args.broker, &self.names),
+                delete_topology(&self.args.rabbit.broker, &self.names),
             )
             .await
             .unwrap_or_else(|_| Err("no answer within 15 s".into()))
@@ -1077,7 +1077,7 @@ impl Drop for Demo {
     /// left behind. After [`Demo::cleanup`] there is nothing left to do.
     fn drop(&mut self) {
         if self.declared {
-            let (url, names) = (self.args.broker.clone(), self.names.clone());
+            let (url, names) = (self.args.rabbit.broker.clone(), self.names.clone());
             // Not on this runtime's threads: they may be shutting down.
             let _ = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
