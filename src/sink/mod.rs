@@ -112,7 +112,16 @@ pub trait Target: Send + Sync {
         &'a self,
         items: &'a [Item<'a>],
     ) -> impl Future<Output = Result<Vec<Outcome>, TargetError>> + Send + 'a;
+
+    /// Deletes this site's outbox rows whose events the inbox records as
+    /// back round (a safety net: the batch that saw them come back deletes
+    /// them too); returns how many.
+    fn sweep_own(&self) -> impl Future<Output = Result<u64, TargetError>> + Send + '_;
 }
+
+/// How often an idle sink sweeps the outbox for rows whose events came
+/// back.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// A received message and what happened to it so far.
 struct Pending {
@@ -316,8 +325,10 @@ async fn session<T: Target>(
 
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut backoff = Backoff::new(&cfg.retry);
+    let mut swept = Instant::now();
     loop {
-        // Wait for something to do: a new message, or a retry coming due.
+        // Wait for something to do: a new message, or a retry coming due;
+        // while idle, sweep the outbox now and then.
         let now = Instant::now();
         if !pending.iter().any(|p| p.ready(now)) {
             let next_retry = pending.iter().filter_map(|p| p.retry_at).min();
@@ -325,6 +336,15 @@ async fn session<T: Target>(
                 _ = shutdown.wait() => return Ok(()),
                 d = consumer.next() => pending.push_back(Pending::new(delivered(d, &queue)?)),
                 _ = sleep_until(next_retry) => {}
+                _ = sleep_until(Some(swept + SWEEP_EVERY)) => {
+                    swept = Instant::now();
+                    match target.sweep_own().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(rows = n, "deleted outbox rows whose events had come back but were missed then"),
+                        Err(e) => tracing::debug!(error = %e.message, "sweeping the outbox failed; trying again later"),
+                    }
+                    continue;
+                }
             }
         }
         // Fill the batch for at most batch_timeout. Messages waiting for a

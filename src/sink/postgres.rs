@@ -1204,10 +1204,11 @@ async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> 
         .map_err(|e| Failed::from_pg("deleting outbox rows that came back", e))?;
         missing.retain(|id| !deleted.contains(id));
     }
-    // Already gone: deleted by hand, or by an earlier delivery of the event.
-    tracing::debug!(
-        rows = missing.len(),
-        "outbox rows of events that came back were already gone"
+    // Already gone (deleted by hand), or still not visible: the idle sweep
+    // deletes the latter once they are.
+    tracing::info!(
+        ids = ?missing,
+        "outbox rows of events that came back were not found"
     );
     Ok(())
 }
@@ -1387,6 +1388,31 @@ impl Target for PostgresTarget {
         let (client, shape) = guard.as_mut().expect("connected above");
         let shape = shape.clone();
         let result = self.apply_batch(client, &shape, items).await;
+        if result.is_err() && client.is_closed() {
+            *guard = None;
+        }
+        result
+    }
+
+    async fn sweep_own(&self) -> Result<u64, TargetError> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            *guard = Some(self.connect().await?);
+        }
+        let (client, shape) = guard.as_mut().expect("connected above");
+        let matches = if shape.uuid_id {
+            "i.event_id = o.id"
+        } else {
+            "i.event_id::text = o.id::text"
+        };
+        let sql = format!(
+            "DELETE FROM {} o USING sitesync_inbox i WHERE {matches} AND i.outcome = 'own'",
+            shape.table
+        );
+        let result = client
+            .execute(&sql, &[])
+            .await
+            .map_err(|e| transient("sweeping outbox rows that came back", e));
         if result.is_err() && client.is_closed() {
             *guard = None;
         }

@@ -445,3 +445,48 @@ async fn messages_removed_from_a_queue_by_hand_are_recorded_as_a_gap_with_their_
         .get(0);
     assert_eq!(madrid_gaps, 0);
 }
+
+/// An outbox row whose event is already recorded as back round (a deletion
+/// missed when it came back) is swept by the idle sink: the outbox cannot
+/// keep a row for good.
+#[tokio::test]
+async fn an_outbox_row_whose_event_came_back_is_swept_even_if_its_deletion_was_missed() {
+    let mesh = Mesh::start(MeshOptions {
+        sites: vec!["PARIS"],
+        ..MeshOptions::default()
+    })
+    .await;
+    let paris = mesh.client("PARIS").await;
+    let id = uuid::Uuid::new_v4();
+    // The inbox already says the event came back, so when it does the
+    // batch sees a duplicate and deletes nothing.
+    paris
+        .execute(
+            "WITH i AS (INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) \
+                        VALUES ($1, 'PARIS', 'item.upsert', 0, 0, 'own')) \
+             INSERT INTO outbox (id, type, entity_key, data) VALUES ($1, 'item.upsert', '5', '{\"id\": 5, \"n\": 1}')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let sidecar = mesh.spawn("PARIS");
+    crate::support::wait_for(
+        async || {
+            paris
+                .query_one("SELECT count(*) FROM outbox", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the sweep deleted the row");
+    sidecar
+        .wait_log(
+            "deleted outbox rows whose events had come back",
+            Duration::from_secs(10),
+        )
+        .await;
+}
