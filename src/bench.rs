@@ -249,13 +249,7 @@ impl Bench {
     }
 
     async fn setup(&mut self) -> Result<(), String> {
-        let conn = bus::connect(
-            std::slice::from_ref(&self.broker),
-            Duration::from_secs(5),
-            "sitesync-bench",
-        )
-        .await
-        .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&self.broker)))?;
+        let conn = self.connect_broker("sitesync-bench").await?;
         drop(conn);
         let mut version = "(version unknown without the management API)".to_string();
         if let Some(url) = self.management.clone() {
@@ -367,6 +361,17 @@ impl Bench {
         Ok(())
     }
 
+    /// A connection to the bench's broker, named `name` in RabbitMQ.
+    async fn connect_broker(&self, name: &str) -> Result<bus::Link, String> {
+        bus::connect(
+            std::slice::from_ref(&self.broker),
+            Duration::from_secs(5),
+            name,
+        )
+        .await
+        .map_err(|e| format!("RabbitMQ at {}: {e}", redact_url(&self.broker)))
+    }
+
     fn cluster(&self, site: &str) -> &Cluster {
         self.clusters
             .iter()
@@ -454,13 +459,7 @@ impl Bench {
 
     async fn measure(&mut self, sizes: Sizes) -> Result<Figures, String> {
         let mut f = Figures::default();
-        let conn = bus::connect(
-            std::slice::from_ref(&self.broker),
-            Duration::from_secs(5),
-            "sitesync-bench-raw",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let conn = self.connect_broker("sitesync-bench-raw").await?;
         let body = sample_body();
 
         say(format!(
@@ -506,13 +505,7 @@ impl Bench {
         .await?;
         f.source_per_s = sizes.source as f64 / began.elapsed().as_secs_f64();
         // LONDON and MADRID were not running: start them on empty queues.
-        let conn = bus::connect(
-            std::slice::from_ref(&self.broker),
-            Duration::from_secs(5),
-            "sitesync-bench",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let conn = self.connect_broker("sitesync-bench").await?;
         for q in [
             self.names.site("LONDON"),
             self.names.site("MADRID"),
@@ -693,13 +686,7 @@ impl Bench {
     /// Nothing consumes the archive queue here: empty it between phases so
     /// that it does not grow into a broker memory alarm.
     async fn purge_archive(&self) -> Result<(), String> {
-        let conn = bus::connect(
-            std::slice::from_ref(&self.broker),
-            Duration::from_secs(5),
-            "sitesync-bench",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let conn = self.connect_broker("sitesync-bench").await?;
         purge(&conn, &self.names.archive).await
     }
 
@@ -849,12 +836,7 @@ impl Bench {
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         }
         if self.declared
-            && let Ok(conn) = bus::connect(
-                std::slice::from_ref(&self.broker),
-                Duration::from_secs(5),
-                "sitesync-bench-cleanup",
-            )
-            .await
+            && let Ok(conn) = self.connect_broker("sitesync-bench-cleanup").await
         {
             let mut queues = self.names.site_queues();
             queues.push(self.names.archive.clone());

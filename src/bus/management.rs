@@ -77,19 +77,26 @@ impl Management {
         })
     }
 
-    /// The broker's version (`/api/overview`). Blocking.
-    pub fn version(&self) -> Result<String, String> {
-        let url = format!("{}/api/overview", self.base);
+    /// GET `url` with the credentials: the status and the body.
+    fn get(&self, url: &str) -> Result<(ureq::http::StatusCode, String), String> {
         let mut response = self
             .agent
-            .get(&url)
+            .get(url)
             .header("Authorization", &self.authorization)
             .call()
             .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = response.status();
         let body = response
             .body_mut()
             .read_to_string()
-            .map_err(|e| format!("GET {url}: {e}"))?;
+            .map_err(|e| format!("GET {url}: reading the answer: {e}"))?;
+        Ok((status, body))
+    }
+
+    /// The broker's version (`/api/overview`). Blocking.
+    pub fn version(&self) -> Result<String, String> {
+        let url = format!("{}/api/overview", self.base);
+        let (_, body) = self.get(&url)?;
         serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v["rabbitmq_version"].as_str().map(str::to_string))
@@ -105,17 +112,7 @@ impl Management {
             self.vhost,
             segment(exchange)
         );
-        let mut response = self
-            .agent
-            .get(&url)
-            .header("Authorization", &self.authorization)
-            .call()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let status = response.status();
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| format!("GET {url}: reading the answer: {e}"))?;
+        let (status, body) = self.get(&url)?;
         if !status.is_success() {
             return Err(format!(
                 "GET {url}: HTTP {status}: {}",

@@ -523,15 +523,10 @@ impl PostgresTarget {
                 .savepoint("own_locks")
                 .await
                 .map_err(|e| Failed::from_pg("savepoint", e))?;
-            match lock_rows(&sp, &self.sink, &own).await {
-                Ok(()) => sp.commit().await,
-                Err(Failed::Data(e)) => {
-                    tracing::debug!(error = %e, "locking the rows of events back round failed; going on without");
-                    sp.rollback().await
-                }
-                Err(e) => return Err(e),
+            let locked = lock_rows(&sp, &self.sink, &own).await;
+            if let Err(e) = keep_or_undo(sp, locked).await? {
+                tracing::debug!(error = %e, "locking the rows of events back round failed; going on without");
             }
-            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
         } else {
             lock_rows(&tx, &self.sink, items).await?;
         }
@@ -595,15 +590,10 @@ impl PostgresTarget {
                 .savepoint("own")
                 .await
                 .map_err(|e| Failed::from_pg("savepoint", e))?;
-            match self.own_back_round(&sp, shape, &own_rows).await {
-                Ok(()) => sp.commit().await,
-                Err(Failed::Data(e)) => {
-                    tracing::warn!(error = %e, "events of this site back round: their versions could not be recorded");
-                    sp.rollback().await
-                }
-                Err(e) => return Err(e),
+            let recorded = self.own_back_round(&sp, shape, &own_rows).await;
+            if let Err(e) = keep_or_undo(sp, recorded).await? {
+                tracing::warn!(error = %e, "events of this site back round: their versions could not be recorded");
             }
-            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
         }
 
         if isolate {
@@ -631,21 +621,12 @@ impl PostgresTarget {
                     Ok(()) => self.apply_events(&sp, shape, &one).await,
                     Err(e) => Err(e),
                 };
-                match applied {
-                    Ok(o) => {
-                        sp.commit()
-                            .await
-                            .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
-                        outcomes[i] = o.into_iter().next().expect("one outcome");
-                    }
-                    Err(Failed::Data(reason)) => {
-                        sp.rollback()
-                            .await
-                            .map_err(|e| Failed::from_pg("rolling back a savepoint", e))?;
+                match keep_or_undo(sp, applied).await? {
+                    Ok(o) => outcomes[i] = o.into_iter().next().expect("one outcome"),
+                    Err(reason) => {
                         blocked.insert(row.entity.clone());
                         outcomes[i] = Outcome::Failed(reason);
                     }
-                    Err(e) => return Err(e),
                 }
             }
         } else {
@@ -1151,6 +1132,30 @@ fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<Strin
         }
     }
     (changed, gaps)
+}
+
+/// Ends a savepoint after the work done under it: kept when the work
+/// succeeded, rolled back when it failed on one message's data (that error
+/// is returned inside `Ok`), and any other failure fails the batch.
+async fn keep_or_undo<T>(
+    sp: Transaction<'_>,
+    work: Result<T, Failed>,
+) -> Result<Result<T, String>, Failed> {
+    match work {
+        Ok(value) => {
+            sp.commit()
+                .await
+                .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
+            Ok(Ok(value))
+        }
+        Err(Failed::Data(reason)) => {
+            sp.rollback()
+                .await
+                .map_err(|e| Failed::from_pg("rolling back a savepoint", e))?;
+            Ok(Err(reason))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Pauses before looking again for outbox rows of events that came back

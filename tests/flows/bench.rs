@@ -3,25 +3,11 @@
 //! issue is there, measured, and that nothing is left behind.
 
 use crate::support::rabbit;
-use crate::support::sidecar::binary;
+use crate::support::sidecar::run_ok;
 
 #[tokio::test]
 async fn the_bench_runs_end_to_end_and_prints_every_figure() {
-    let dir = crate::support::TestDir::new("ssbench-test").unwrap();
-    let mut cmd = std::process::Command::new(binary());
-    cmd.args(["bench", "--quick", "--json"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn,lapin=off");
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync bench"))
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the bench failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let (stdout, stderr) = run_ok("ssbench-test", &["bench", "--quick", "--json"]).await;
     let last = stdout.lines().last().unwrap_or_default();
     let figures: serde_json::Value = serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));

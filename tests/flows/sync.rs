@@ -256,21 +256,8 @@ async fn invariant_5_no_loops_the_sink_marks_its_transactions_and_events_come_ba
 /// when the sites converged, leaving no queue behind.
 #[tokio::test]
 async fn the_demo_converges_and_cleans_up() {
-    let dir = crate::support::TestDir::new("ssdemo-test").unwrap();
-    let mut cmd = std::process::Command::new(crate::support::sidecar::binary());
-    cmd.args(["demo", "--timeout", "120"])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn,lapin=off");
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync demo"))
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the demo failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
+    let (stdout, _) =
+        crate::support::sidecar::run_ok("ssdemo-test", &["demo", "--timeout", "120"]).await;
     let verdict = stdout.lines().last().unwrap_or_default();
     assert!(
         verdict.starts_with("PASS: the three sites converged"),

@@ -23,6 +23,29 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_sitesync")
 }
 
+/// Runs `sitesync <args>` in a fresh directory (`prefix`…) to completion,
+/// quietly, and panics with its output unless it succeeded; returns stdout
+/// and stderr.
+pub async fn run_ok(prefix: &str, args: &[&str]) -> (String, String) {
+    let dir = TestDir::new(prefix).expect("a directory for the command");
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn,lapin=off");
+    let what = args.join(" ");
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run sitesync"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "sitesync {what} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
 /// Broker object names of one test.
 #[derive(Debug, Clone)]
 pub struct Names {
