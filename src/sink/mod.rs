@@ -26,6 +26,7 @@
 
 pub mod mapping;
 pub mod postgres;
+pub mod rules;
 
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::bus::{self, BusError};
