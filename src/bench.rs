@@ -51,7 +51,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -83,6 +83,11 @@ pub struct BenchArgs {
     /// Rows in the bulk transaction.
     #[arg(long, value_name = "N")]
     pub bulk: Option<u64>,
+    /// Also print the SQL statements that took the most server time at
+    /// PARIS and LONDON during the end-to-end run (loads pg_stat_statements
+    /// into the private clusters).
+    #[arg(long)]
+    pub statements: bool,
 }
 
 /// The counts of one run.
@@ -140,6 +145,8 @@ struct Figures {
     e2e_p95_ms: f64,
     e2e_p99_ms: f64,
     e2e_max_ms: f64,
+    /// CPU milliseconds per 1,000 events during the end-to-end phase, by part.
+    e2e_cpu: Vec<(String, f64)>,
     bulk_100k_s: f64,
     rss_mib_peak: f64,
     rss_mib_idle: f64,
@@ -197,6 +204,7 @@ struct Bench {
     names: Names,
     declared: bool,
     window: usize,
+    statements: bool,
     context: String,
 }
 
@@ -244,6 +252,7 @@ impl Bench {
             },
             declared: false,
             window: 512,
+            statements: args.statements,
             context: String::new(),
         })
     }
@@ -307,6 +316,16 @@ impl Bench {
                 port: 0,
                 ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
                 cancel: Arc::new(AtomicBool::new(false)),
+                extra_settings: format!(
+                    "{}{}",
+                    match self.statements {
+                        true => "shared_preload_libraries = 'pg_stat_statements'\n",
+                        false => "",
+                    },
+                    // More settings for the private clusters, one per line
+                    // (auto_explain while profiling, say).
+                    std::env::var("SITESYNC_BENCH_PG_SETTINGS").unwrap_or_default()
+                ),
             };
             starts.push(tokio::spawn(async move {
                 let r = cluster.start().await;
@@ -337,6 +356,13 @@ impl Bench {
                 .batch_execute(&format!("CREATE DATABASE {db}"))
                 .await
                 .map_err(|e| format!("creating database {db}: {e}"))?;
+            if self.statements {
+                connect(&self.url(&db))
+                    .await?
+                    .batch_execute("CREATE EXTENSION pg_stat_statements")
+                    .await
+                    .map_err(|e| format!("{site}: {e}"))?;
+            }
             connect(&self.url(&db))
                 .await?
                 .batch_execute(BUSINESS)
@@ -541,7 +567,24 @@ impl Bench {
             "end to end: four writers at PARIS for {} s, as fast as they go",
             sizes.seconds
         ));
+        if self.statements {
+            for db in ["paris", "london"] {
+                connect(&self.url(db))
+                    .await?
+                    .batch_execute("SELECT pg_stat_statements_reset()")
+                    .await
+                    .map_err(|e| format!("{db}: {e}"))?;
+            }
+        }
+        let cpu_before = self.cpu_by_part();
         let (written, elapsed) = self.e2e(&london, &madrid, sizes.seconds).await?;
+        f.e2e_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), written);
+        say(render_cpu(&f.e2e_cpu, elapsed));
+        if self.statements {
+            for db in ["paris", "london"] {
+                say(top_statements(&connect(&self.url(db)).await?, db, written).await?);
+            }
+        }
         f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
         f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
         self.purge_archive().await?;
@@ -599,6 +642,50 @@ impl Bench {
         f.cpu_idle_pct = ticks as f64 / hz / began.elapsed().as_secs_f64() * 100.0;
         f.rss_mib_idle = proc_status_kib(paris_pid, "VmRSS:")? / 1024.0;
         Ok(f)
+    }
+
+    /// CPU ticks so far of every process taking part, by part: each
+    /// sidecar, each cluster's walsender, client backends and background
+    /// processes (a PostgreSQL process's working directory is its data
+    /// directory), RabbitMQ (`beam.smp`) and this process (the writers).
+    fn cpu_by_part(&self) -> BTreeMap<String, u64> {
+        let mut parts = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return parts;
+        };
+        let me = std::process::id();
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let part = if pid == me {
+                Some("bench (writers, probes)".to_string())
+            } else if let Some((site, _)) = self.sidecars.iter().find(|(_, c)| c.id() == pid) {
+                Some(format!("sitesync {site}"))
+            } else {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "beam.smp" {
+                    Some("rabbitmq".to_string())
+                } else {
+                    std::fs::read_link(format!("/proc/{pid}/cwd"))
+                        .ok()
+                        .and_then(|cwd| self.clusters.iter().find(|c| cwd.starts_with(c.data())))
+                        .map(|c| {
+                            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                                .unwrap_or_default();
+                            format!("postgres {} {}", c.site, pg_process_kind(&cmd))
+                        })
+                }
+            };
+            if let (Some(part), Ok(ticks)) = (part, proc_cpu_ticks(pid)) {
+                *parts.entry(part).or_insert(0) += ticks;
+            }
+        }
+        parts
     }
 
     /// Messages per second through lapin alone, confirms pipelined over
@@ -1032,6 +1119,91 @@ fn proc_status_kib(pid: u32, field: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("/proc/{pid}/status has no {field}"))
 }
 
+/// What a PostgreSQL process does, from its command line
+/// (`postgres: walsender …`, `postgres: user db 127.0.0.1(…) idle`, …).
+fn pg_process_kind(cmdline: &str) -> &'static str {
+    let title = cmdline.replace('\0', " ");
+    const BACKGROUND: [&str; 8] = [
+        "checkpointer",
+        "background writer",
+        "walwriter",
+        "autovacuum",
+        "logical replication",
+        "stats",
+        "archiver",
+        "startup",
+    ];
+    if title.contains("walsender") {
+        "walsender"
+    } else if BACKGROUND.iter().any(|b| title.contains(b)) || !title.contains("postgres:") {
+        "background"
+    } else {
+        "backends"
+    }
+}
+
+/// The statements that took the most server time, per 1,000 events.
+async fn top_statements(c: &Client, db: &str, events: i64) -> Result<String, String> {
+    let rows = c
+        .query(
+            "SELECT calls, total_exec_time + total_plan_time, rows, \
+             regexp_replace(left(query, 110), '\\s+', ' ', 'g') \
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY 2 DESC LIMIT 10",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("{db}: pg_stat_statements: {e}"))?;
+    let per_1k = 1000.0 / events.max(1) as f64;
+    let mut out = format!("{db}: statements by server time per 1,000 events (ms, calls, rows):");
+    for r in rows {
+        let (calls, ms, n, q): (i64, f64, i64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        out.push_str(&format!(
+            "\n  {:>6.1} {:>6.1} {:>7.0}  {q}",
+            ms * per_1k,
+            calls as f64 * per_1k,
+            n as f64 * per_1k
+        ));
+    }
+    Ok(out)
+}
+
+/// CPU milliseconds per 1,000 events, by part, between two snapshots.
+fn cpu_delta(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    events: i64,
+) -> Vec<(String, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut parts: Vec<(String, f64)> = after
+        .iter()
+        .map(|(part, t)| {
+            let ticks = t.saturating_sub(before.get(part).copied().unwrap_or(0));
+            let ms = ticks as f64 * 1000.0 / hz;
+            (part.clone(), ms * 1000.0 / events.max(1) as f64)
+        })
+        .filter(|(_, ms)| *ms > 0.0)
+        .collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    parts
+}
+
+fn render_cpu(parts: &[(String, f64)], elapsed: Duration) -> String {
+    let total: f64 = parts.iter().map(|(_, ms)| ms).sum();
+    let mut out = format!(
+        "end to end: CPU per 1,000 events, by part ({total:.0} ms in all; {:.1} s of wall time):",
+        elapsed.as_secs_f64()
+    );
+    for (part, ms) in parts {
+        out.push_str(&format!(
+            "\n  {part:<32} {ms:>7.0} ms  {:>4.0} %",
+            ms / total.max(f64::MIN_POSITIVE) * 100.0
+        ));
+    }
+    out
+}
+
 /// User + system CPU ticks of a process.
 fn proc_cpu_ticks(pid: u32) -> Result<u64, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -1105,6 +1277,11 @@ fn json(f: &Figures) -> String {
         "rss_mib_peak": round(f.rss_mib_peak, 1),
         "rss_mib_idle": round(f.rss_mib_idle, 1),
         "cpu_idle_pct": round(f.cpu_idle_pct, 2),
+        "e2e_cpu_ms_per_1k": f
+            .e2e_cpu
+            .iter()
+            .map(|(part, ms)| (part.clone(), serde_json::json!(round(*ms, 0))))
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
     })
     .to_string()
 }

@@ -514,6 +514,7 @@ impl Demo {
                 port: 0,
                 ports: Vec::new(),
                 cancel: self.cancel.clone(),
+                extra_settings: String::new(),
             });
             // Each cluster gets ports of its own, so they can start at once.
             let cluster = site.cluster.as_mut().expect("just set");

@@ -37,6 +37,8 @@ pub(crate) struct Cluster {
     pub(crate) ports: Vec<u16>,
     /// Set when the demo is interrupted: do not start the server.
     pub(crate) cancel: Arc<AtomicBool>,
+    /// More `postgresql.conf` lines (the benchmark's statement statistics).
+    pub(crate) extra_settings: String,
 }
 
 impl Cluster {
@@ -167,9 +169,11 @@ impl Cluster {
              max_wal_senders = 10\n\
              shared_buffers = 32MB\n\
              fsync = off\n\
-             log_min_messages = warning\n",
+             log_min_messages = warning\n\
+             {extra}",
             port = self.port,
             socket = self.dir.display(),
+            extra = self.extra_settings,
         );
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some((uid, gid)) = self.owner {
