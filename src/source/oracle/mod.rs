@@ -1,0 +1,3 @@
+//! Oracle source: LogMiner over SCN windows.
+
+pub mod redo;
