@@ -252,17 +252,35 @@ impl Transactions {
         let mut out = Vec::new();
         let committed = std::mem::take(&mut self.committed);
         let oldest_open = self.oldest_open();
-        // The first SCN of each committed transaction from here on: the
-        // minimum over the rest gives `mine_from`.
+        // `mine_from` must let a restart re-read every row not done *and*
+        // every transaction committing at the same SCN as one not done, or
+        // the `index` counted across them would shift. So a position in a
+        // group of same-SCN commits mines from the oldest first SCN of the
+        // whole group, of every later group and of the open transactions.
+        let keys: Vec<u64> = committed.keys().map(|(scn, _)| *scn).collect();
         let firsts: Vec<u64> = committed.values().map(|t| t.first_scn).collect();
         let mut suffix_min = vec![u64::MAX; firsts.len() + 1];
         for i in (0..firsts.len()).rev() {
             suffix_min[i] = suffix_min[i + 1].min(firsts[i]);
         }
-        let mine_from = |i: usize| -> u64 {
-            suffix_min[i]
-                .min(oldest_open.unwrap_or(u64::MAX))
-                .min(hi.saturating_add(1))
+        let mut group_start = vec![0; keys.len()];
+        for i in 1..keys.len() {
+            group_start[i] = if keys[i] == keys[i - 1] {
+                group_start[i - 1]
+            } else {
+                i
+            };
+        }
+        let floor = oldest_open.unwrap_or(u64::MAX).min(hi.saturating_add(1));
+        let mine_from = |i: usize| -> u64 { suffix_min[i].min(floor) };
+        // After transaction `i`: its group is done only if the next one
+        // commits later.
+        let after = |i: usize| -> u64 {
+            if keys.get(i + 1) == keys.get(i) {
+                mine_from(group_start[i])
+            } else {
+                mine_from(i + 1)
+            }
         };
         let mut group_scn = None;
         let mut index = 0u32;
@@ -272,7 +290,7 @@ impl Transactions {
                 group_scn = Some(scn);
                 index = 0;
             }
-            let from = mine_from(i);
+            let from = mine_from(group_start[i]);
             let n = tx.rows.len();
             for row in tx.rows {
                 let position = Position::Oracle {
@@ -293,7 +311,7 @@ impl Transactions {
             let resume = Position::Oracle {
                 scn,
                 index,
-                mine_from: Some(mine_from(i + 1)),
+                mine_from: Some(after(i)),
             };
             if n > 0 && !self.behind(&resume) {
                 self.last = Some(resume.clone());
@@ -304,7 +322,7 @@ impl Transactions {
         let beat = Position::Oracle {
             scn: hi.saturating_add(1),
             index: 0,
-            mine_from: Some(mine_from(firsts.len())),
+            mine_from: Some(mine_from(keys.len())),
         };
         if self.ahead(&beat) {
             self.last = Some(beat.clone());
