@@ -37,14 +37,54 @@ pub trait LogMiner: Send {
     ) -> Result<usize, SourceError>;
 }
 
+/// The SCN a window may end at: one read from `V$DATABASE.CURRENT_SCN` at
+/// least `settle` ago. A commit can take an SCN a moment before its redo
+/// reaches the online log; mining up to an SCN read just now could end a
+/// window before such a commit is readable, and the next window would
+/// start after it. Waiting `settle` (default 1 s) between reading an SCN
+/// and mining up to it closes that gap.
+#[derive(Debug, Clone)]
+pub struct SettledScn {
+    settle: std::time::Duration,
+    /// Samples, oldest first; the front is the newest one old enough.
+    samples: std::collections::VecDeque<(u64, std::time::Instant)>,
+}
+
+impl SettledScn {
+    pub fn new(settle: std::time::Duration) -> SettledScn {
+        SettledScn {
+            settle,
+            samples: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records a reading of the current SCN taken at `now`; returns the
+    /// newest reading at least `settle` old, if any.
+    pub fn push(&mut self, scn: u64, now: std::time::Instant) -> Option<u64> {
+        self.samples.push_back((scn, now));
+        let old_enough = |t: std::time::Instant| now.duration_since(t) >= self.settle;
+        while self.samples.len() > 1 && old_enough(self.samples[1].1) {
+            self.samples.pop_front();
+        }
+        self.samples
+            .front()
+            .filter(|(_, t)| old_enough(*t))
+            .map(|(scn, _)| *scn)
+    }
+}
+
 /// Reads one window: picks its logs, mines it and returns its changes (an
 /// empty list when the database has not moved since the last window).
 pub fn read_window<M: LogMiner + ?Sized>(
     miner: &mut M,
     tx: &mut Transactions,
     sizer: &mut WindowSizer,
+    settled: &mut SettledScn,
 ) -> Result<Vec<Change>, SourceError> {
-    let current = miner.current_scn()?;
+    let reading = miner.current_scn()?;
+    let Some(current) = settled.push(reading, std::time::Instant::now()) else {
+        return Ok(Vec::new());
+    };
     let Some((lo, hi)) = sizer.next(tx.mined_to(), current) else {
         return Ok(Vec::new());
     };
@@ -121,6 +161,11 @@ pub struct OracleLogMiner {
     pub conn: oracle::Connection,
     pub owner: String,
     pub table: String,
+    /// Add the log files with `ADD_LOGFILE` (a non-CDB database). Connected
+    /// to a PDB (per-PDB mining, 19c RU 10 and later), LogMiner refuses
+    /// `ADD_LOGFILE` and finds the logs of the SCN range itself; the
+    /// selection still runs, to fail clearly when redo is gone.
+    pub add_files: bool,
 }
 
 /// Parses an SCN fetched as text (`TO_CHAR`); the current log's
@@ -204,7 +249,7 @@ impl LogMiner for OracleLogMiner {
         hi: u64,
         each: &mut dyn FnMut(MinedRow) -> Result<(), SourceError>,
     ) -> Result<usize, SourceError> {
-        for (i, f) in files.iter().enumerate() {
+        for (i, f) in files.iter().enumerate().filter(|_| self.add_files) {
             let sql = if i == 0 {
                 "BEGIN DBMS_LOGMNR.ADD_LOGFILE(LOGFILENAME => :1, OPTIONS => DBMS_LOGMNR.NEW); END;"
             } else {
@@ -329,9 +374,10 @@ mod tests {
     /// Reads until caught up; returns every change.
     fn drain(miner: &mut RecordedLogMiner, tx: &mut Transactions, width: u64) -> Vec<Change> {
         let mut sizer = WindowSizer::new(width, width, 1_000_000);
+        let mut settled = SettledScn::new(std::time::Duration::ZERO);
         let mut out = Vec::new();
         loop {
-            let changes = read_window(miner, tx, &mut sizer).unwrap();
+            let changes = read_window(miner, tx, &mut sizer, &mut settled).unwrap();
             if changes.is_empty() && tx.mined_to() >= miner.current_scn {
                 return out;
             }
@@ -400,10 +446,25 @@ mod tests {
         let mut m = recorded();
         m.logs.retain(|f| f.sequence != 1);
         let mut sizer = WindowSizer::new(40, 40, 1000);
-        let e = read_window(&mut m, &mut machine(None), &mut sizer).unwrap_err();
+        let mut settled = SettledScn::new(std::time::Duration::ZERO);
+        let e = read_window(&mut m, &mut machine(None), &mut sizer, &mut settled).unwrap_err();
         assert_eq!(e.kind, crate::source::ErrorKind::Operator);
         assert!(e.message.contains("SCN 100..139"), "{}", e.message);
         assert!(m.mined.is_empty(), "nothing is mined past a hole");
+    }
+
+    #[test]
+    fn windows_end_at_an_scn_read_at_least_settle_ago() {
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let mut s = SettledScn::new(std::time::Duration::from_millis(1000));
+        assert_eq!(s.push(100, ms(0)), None);
+        assert_eq!(s.push(150, ms(400)), None);
+        assert_eq!(s.push(200, ms(1000)), Some(100));
+        assert_eq!(s.push(250, ms(1500)), Some(150));
+        assert_eq!(s.push(300, ms(3000)), Some(250));
+        let mut zero = SettledScn::new(std::time::Duration::ZERO);
+        assert_eq!(zero.push(7, ms(0)), Some(7));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, OracleUrl, parse_oracle_url, redact_url};
 use crate::position::Position;
 use logs::WindowSizer;
-use miner::{LogMiner, OracleLogMiner, SESSION_NLS, read_window};
+use miner::{LogMiner, OracleLogMiner, SESSION_NLS, SettledScn, read_window};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tokio::sync::mpsc;
@@ -291,6 +291,35 @@ impl ChangeStream for OracleStream {
     }
 }
 
+/// How long an SCN read from `V$DATABASE` waits before a window may end
+/// at it (see [`SettledScn`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the connection is: a non-CDB database, a PDB (per-PDB mining), or
+/// the root of a CDB (refused: the outbox lives in a PDB, connect there).
+fn container(conn: &oracle::Connection) -> Result<Container, SourceError> {
+    let (cdb, name): (Option<String>, Option<String>) = conn
+        .query_row_as(
+            "SELECT CDB, SYS_CONTEXT('USERENV', 'CON_NAME') FROM V$DATABASE",
+            &[],
+        )
+        .map_err(|e| db_error("reading V$DATABASE.CDB", &e))?;
+    Ok(match (cdb.as_deref(), name) {
+        (Some("YES"), Some(n)) if n == "CDB$ROOT" => Container::Root,
+        (Some("YES"), n) => Container::Pdb(n.unwrap_or_default()),
+        _ => Container::NonCdb,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Container {
+    NonCdb,
+    Pdb(String),
+    Root,
+}
+
+const ROOT_REFUSED: &str = "connected to CDB$ROOT: connect database.url to the PDB that holds the outbox (e.g. oracle://sitesync:…@host:1521/FREEPDB1); sitesync mines per PDB";
+
 /// The reader's loop: windows until the receiver is gone or an error.
 fn read_loop(
     mut miner: OracleLogMiner,
@@ -299,8 +328,9 @@ fn read_loop(
     out: mpsc::Sender<Result<Change, SourceError>>,
     poll: std::time::Duration,
 ) {
+    let mut settled = SettledScn::new(SETTLE);
     loop {
-        match read_window(&mut miner, &mut tx, &mut sizer) {
+        match read_window(&mut miner, &mut tx, &mut sizer, &mut settled) {
             Ok(changes) if changes.is_empty() => {
                 if out.is_closed() {
                     return;
@@ -422,10 +452,16 @@ impl Source for OracleSource {
         let reader = tokio::task::spawn_blocking(move || {
             let setup = (|| {
                 let conn = connect.connect()?;
+                let add_files = match container(&conn)? {
+                    Container::NonCdb => true,
+                    Container::Pdb(_) => false,
+                    Container::Root => return Err(SourceError::operator(ROOT_REFUSED)),
+                };
                 let mut miner = OracleLogMiner {
                     conn,
                     owner: owner.clone(),
                     table: table.clone(),
+                    add_files,
                 };
                 let start = match &resume {
                     Some(_) => 0,
@@ -471,6 +507,7 @@ impl Source for OracleSource {
                 conn,
                 owner: String::new(),
                 table: String::new(),
+                add_files: false,
             };
             let current = miner.current_scn()?;
             let available = miner.list_logs(0)?;
@@ -556,6 +593,20 @@ fn preflight_queries(
     outbox: &str,
     checks: &mut Vec<Check>,
 ) {
+    match container(conn) {
+        Ok(Container::NonCdb) => checks.push(Check::pass(
+            "container",
+            "non-CDB database: log files are added with DBMS_LOGMNR.ADD_LOGFILE",
+        )),
+        Ok(Container::Pdb(name)) => checks.push(Check::pass(
+            "container",
+            format!(
+                "PDB {name}: per-PDB LogMiner (Oracle 19c RU 10 or later; LogMiner finds the logs)"
+            ),
+        )),
+        Ok(Container::Root) => checks.push(Check::fail("container", "CDB$ROOT", ROOT_REFUSED)),
+        Err(e) => checks.push(Check::fail("container", e.message, "see the message")),
+    }
     let one = |sql: &str| -> Result<Option<String>, String> {
         conn.query_row_as::<Option<String>>(sql, &[])
             .map_err(|e| e.to_string())
