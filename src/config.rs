@@ -916,8 +916,10 @@ impl ConnectorConfig {
             let status_interval = d.millis("status_interval_ms", 1_000, 3_600_000);
             let mut oracle = OracleSettings::default();
             if kind == Some(DatabaseKind::Oracle) {
+                // Empty (`${ORACLE_CLIENT_LIB_DIR:-}` unset): the system's path.
                 oracle.client_lib_dir = d
                     .string("client_lib_dir", false, "the directory of the Oracle Instant Client libraries")
+                    .filter(|s| !s.trim().is_empty())
                     .map(PathBuf::from);
                 let scns = |d: &mut Reader<'_>, key: &str, default: u64| {
                     d.integer(key, 1..=1_000_000_000_000, "a number of SCNs")

@@ -27,8 +27,10 @@
 //! Values: each column is bound as text (numbers in their JSON form,
 //! converted by Oracle with `NLS_NUMERIC_CHARACTERS = '.,'`; booleans as
 //! `1`/`0`; objects and arrays as JSON text; `null` as NULL). DATE and
-//! TIMESTAMP columns convert with the session formats
-//! `YYYY-MM-DD HH24:MI:SS[.FF6]`.
+//! TIMESTAMP columns (their types read from `ALL_TAB_COLUMNS` once per
+//! table) take a timestamp in any form the outbox accepts (RFC 3339, or
+//! ISO with or without a zone, read as UTC) through `TO_TIMESTAMP_TZ`, and
+//! store it in UTC (with its zone for TIMESTAMP WITH TIME ZONE).
 //!
 //! Not done here (PostgreSQL does them): locking the batch's rows before
 //! looking for local writes, and rewriting a row whose local write lost a
@@ -97,16 +99,68 @@ pub fn oracle_table(name: &str) -> String {
         .join(".")
 }
 
+/// How a column's value is bound, by the column's type: DATE and
+/// TIMESTAMP columns take the event's timestamp text (any form
+/// [`parse_timestamp`] reads, sent as UTC) through `TO_TIMESTAMP_TZ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    Text,
+    Date,
+    Timestamp,
+    TimestampTz,
+}
+
+impl Bind {
+    /// From `ALL_TAB_COLUMNS.DATA_TYPE`.
+    pub fn of(data_type: &str) -> Bind {
+        if data_type == "DATE" {
+            Bind::Date
+        } else if data_type.starts_with("TIMESTAMP") && data_type.contains("TIME ZONE") {
+            Bind::TimestampTz
+        } else if data_type.starts_with("TIMESTAMP") {
+            Bind::Timestamp
+        } else {
+            Bind::Text
+        }
+    }
+
+    /// The SQL expression for bind `:n`.
+    pub fn expr(self, n: usize) -> String {
+        let tz = format!("TO_TIMESTAMP_TZ(:{n}, '{TS_FORMAT_9}')");
+        match self {
+            Bind::Text => format!(":{n}"),
+            Bind::Date => format!("CAST({tz} AT TIME ZONE 'UTC' AS DATE)"),
+            Bind::Timestamp => format!("CAST({tz} AT TIME ZONE 'UTC' AS TIMESTAMP)"),
+            Bind::TimestampTz => tz,
+        }
+    }
+
+    /// The text bound for a JSON value.
+    pub fn text(self, v: &Value) -> Option<String> {
+        let text = bind_text(v)?;
+        if self == Bind::Text {
+            return Some(text);
+        }
+        Some(match parse_timestamp(&text) {
+            Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.9f+00:00").to_string(),
+            None => text,
+        })
+    }
+}
+
+const TS_FORMAT_9: &str = "YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM";
+
 /// `MERGE` for an upsert of `columns` keyed by `key`: binds `:1…:n` in
-/// `columns` order.
-pub fn merge_sql(table: &str, columns: &[&str], key: &[String]) -> String {
+/// `columns` order, each through its [`Bind`].
+pub fn merge_sql(table: &str, columns: &[(&str, Bind)], key: &[String]) -> String {
     let t = oracle_table(table);
     let source = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!(":{} {}", i + 1, oracle_ident(c)))
+        .map(|(i, (c, b))| format!("{} {}", b.expr(i + 1), oracle_ident(c)))
         .collect::<Vec<_>>()
         .join(", ");
+    let columns: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
     let on = key
         .iter()
         .map(|k| format!("t.{q} = s.{q}", q = oracle_ident(k)))
@@ -138,11 +192,11 @@ pub fn merge_sql(table: &str, columns: &[&str], key: &[String]) -> String {
 }
 
 /// `DELETE` by key: binds `:1…:n` in `key` order.
-pub fn delete_sql(table: &str, key: &[String]) -> String {
+pub fn delete_sql(table: &str, key: &[(&str, Bind)]) -> String {
     let cond = key
         .iter()
         .enumerate()
-        .map(|(i, k)| format!("{} = :{}", oracle_ident(k), i + 1))
+        .map(|(i, (k, b))| format!("{} = {}", oracle_ident(k), b.expr(i + 1)))
         .collect::<Vec<_>>()
         .join(" AND ");
     format!("DELETE FROM {} WHERE {cond}", oracle_table(table))
@@ -269,6 +323,7 @@ pub struct OracleTarget {
     connect: OracleConnect,
     outbox: String,
     conn: Arc<Mutex<Option<oracle::Connection>>>,
+    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
 }
 
 impl OracleTarget {
@@ -281,6 +336,7 @@ impl OracleTarget {
             outbox: format!("\"{owner}\".\"{table}\""),
             connect,
             conn: Arc::new(Mutex::new(None)),
+            columns: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -405,6 +461,8 @@ struct Ctx {
     site: String,
     sink: SinkConfig,
     outbox: String,
+    /// Route tables' column types (see [`column_types`]).
+    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
 }
 
 impl Target for OracleTarget {
@@ -414,12 +472,18 @@ impl Target for OracleTarget {
             site: self.site.clone(),
             sink: self.sink.clone(),
             outbox: self.outbox.clone(),
+            columns: self.columns.clone(),
         };
         let connect = self.connect.clone();
         let slot = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
+                // A new connection may see changed tables.
+                ctx.columns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
                 let conn = connect.connect().map_err(transient)?;
                 conn.execute(
                     &format!("BEGIN DBMS_SESSION.SET_IDENTIFIER('{CLIENT_IDENTIFIER}'); END;"),
@@ -775,41 +839,86 @@ fn local_writes(
     Ok(out)
 }
 
-fn write_row(conn: &oracle::Connection, route: &Route, row: &MappedRow) -> Result<(), Failed> {
+/// The types of a route table's columns (`ALL_TAB_COLUMNS`), by name as
+/// Oracle stores it; read once per table and connection.
+fn column_types<'c>(
+    conn: &oracle::Connection,
+    cache: &'c mut HashMap<String, HashMap<String, Bind>>,
+    table: &str,
+) -> Result<&'c HashMap<String, Bind>, Failed> {
+    if !cache.contains_key(table) {
+        let parts: Vec<String> = table
+            .split('.')
+            .map(|p| oracle_ident(p).trim_matches('"').replace("\"\"", "\""))
+            .collect();
+        let (owner, name) = match parts.as_slice() {
+            [o, t] => (Some(o.clone()), t.clone()),
+            _ => (None, parts.concat()),
+        };
+        let rows = conn
+            .query_as::<(String, String)>(
+                "SELECT COLUMN_NAME, DATA_TYPE FROM ALL_TAB_COLUMNS WHERE OWNER = NVL(:1, USER) AND TABLE_NAME = :2",
+                &[&owner, &name],
+            )
+            .map_err(|e| Failed::from_ora(&format!("reading the columns of {table}"), e))?;
+        let mut types = HashMap::new();
+        for (column, data_type) in rows.flatten() {
+            types.insert(column, Bind::of(&data_type));
+        }
+        cache.insert(table.to_string(), types);
+    }
+    Ok(&cache[table])
+}
+
+/// A column's bind, looked up under the name Oracle resolves it to.
+fn bind_of(types: &HashMap<String, Bind>, column: &str) -> Bind {
+    let resolved = oracle_ident(column);
+    types
+        .get(resolved.trim_matches('"'))
+        .copied()
+        .unwrap_or(Bind::Text)
+}
+
+fn write_row(
+    conn: &oracle::Connection,
+    cache: &mut HashMap<String, HashMap<String, Bind>>,
+    route: &Route,
+    row: &MappedRow,
+) -> Result<(), Failed> {
     let context = format!("writing {}", route.table);
-    match route.operation {
+    let types = column_types(conn, cache, &route.table)?;
+    let (sql, values): (String, Vec<Option<String>>) = match route.operation {
         Operation::Upsert => {
-            let cols: Vec<&str> = row.columns.keys().map(String::as_str).collect();
-            let values: Vec<Option<String>> = row.columns.values().map(bind_text).collect();
-            let binds: Vec<&dyn oracle::sql_type::ToSql> = values
-                .iter()
-                .map(|v| v as &dyn oracle::sql_type::ToSql)
+            let cols: Vec<(&str, Bind)> = row
+                .columns
+                .keys()
+                .map(|c| (c.as_str(), bind_of(types, c)))
                 .collect();
-            exec(
-                conn,
-                &context,
-                &merge_sql(&route.table, &cols, &route.key),
-                &binds,
-            )?;
+            let values = cols
+                .iter()
+                .zip(row.columns.values())
+                .map(|((_, b), v)| b.text(v))
+                .collect();
+            (merge_sql(&route.table, &cols, &route.key), values)
         }
         Operation::Delete => {
-            let values: Vec<Option<String>> = route
+            let key: Vec<(&str, Bind)> = route
                 .key
                 .iter()
-                .map(|k| row.columns.get(k).and_then(bind_text))
+                .map(|k| (k.as_str(), bind_of(types, k)))
                 .collect();
-            let binds: Vec<&dyn oracle::sql_type::ToSql> = values
+            let values = key
                 .iter()
-                .map(|v| v as &dyn oracle::sql_type::ToSql)
+                .map(|(k, b)| row.columns.get(*k).and_then(|v| b.text(v)))
                 .collect();
-            exec(
-                conn,
-                &context,
-                &delete_sql(&route.table, &route.key),
-                &binds,
-            )?;
+            (delete_sql(&route.table, &key), values)
         }
-    }
+    };
+    let binds: Vec<&dyn oracle::sql_type::ToSql> = values
+        .iter()
+        .map(|v| v as &dyn oracle::sql_type::ToSql)
+        .collect();
+    exec(conn, &context, &sql, &binds)?;
     Ok(())
 }
 
@@ -842,11 +951,13 @@ fn apply_events(
         .map(|(_, e, _, row)| (*e, &row.entity))
         .collect();
     let decided = decide(&pairs, &stored, &local);
+    let mut cache = ctx.columns.lock().unwrap_or_else(|p| p.into_inner());
     for ((_, _, route, row), applied) in fresh.iter().zip(&decided.applied) {
         if *applied {
-            write_row(conn, route, row)?;
+            write_row(conn, &mut cache, route, row)?;
         }
     }
+    drop(cache);
     for (entity, (version, id)) in &decided.versions {
         upsert_version(conn, entity, version, *id)?;
     }
@@ -980,7 +1091,11 @@ mod tests {
             &r,
             r#"{"id": 42, "name": "Zoé", "vip": true, "tags": ["a"], "note": null}"#,
         );
-        let cols: Vec<&str> = row.columns.keys().map(String::as_str).collect();
+        let cols: Vec<(&str, Bind)> = row
+            .columns
+            .keys()
+            .map(|c| (c.as_str(), Bind::Text))
+            .collect();
         assert_eq!(
             merge_sql(&r.table, &cols, &r.key),
             "MERGE INTO \"APP\".\"CUSTOMER\" t USING (SELECT :1 \"ID\", :2 \"NAME\", :3 \"NOTE\", :4 \"TAGS\", :5 \"VIP\" FROM DUAL) s \
@@ -1000,13 +1115,57 @@ mod tests {
         );
         // Key columns only: nothing to update when matched.
         assert_eq!(
-            merge_sql("t", &["a", "b"], &["a".into(), "b".into()]),
+            merge_sql(
+                "t",
+                &[("a", Bind::Text), ("b", Bind::Text)],
+                &["a".into(), "b".into()]
+            ),
             "MERGE INTO \"T\" t USING (SELECT :1 \"A\", :2 \"B\" FROM DUAL) s ON (t.\"A\" = s.\"A\" AND t.\"B\" = s.\"B\") WHEN NOT MATCHED THEN INSERT (\"A\", \"B\") VALUES (s.\"A\", s.\"B\")"
         );
         assert_eq!(
-            delete_sql("app.customer", &["id".into(), "site".into()]),
+            delete_sql("app.customer", &[("id", Bind::Text), ("site", Bind::Text)]),
             "DELETE FROM \"APP\".\"CUSTOMER\" WHERE \"ID\" = :1 AND \"SITE\" = :2"
         );
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_bound_through_to_timestamp_tz() {
+        assert_eq!(Bind::of("DATE"), Bind::Date);
+        assert_eq!(Bind::of("TIMESTAMP(6)"), Bind::Timestamp);
+        assert_eq!(Bind::of("TIMESTAMP(6) WITH TIME ZONE"), Bind::TimestampTz);
+        assert_eq!(
+            Bind::of("TIMESTAMP(6) WITH LOCAL TIME ZONE"),
+            Bind::TimestampTz
+        );
+        assert_eq!(Bind::of("NUMBER"), Bind::Text);
+        let sql = merge_sql(
+            "customer",
+            &[
+                ("id", Bind::Text),
+                ("updated_at", Bind::TimestampTz),
+                ("born", Bind::Date),
+            ],
+            &["id".into()],
+        );
+        assert!(
+            sql.contains("USING (SELECT :1 \"ID\", TO_TIMESTAMP_TZ(:2, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM') \"UPDATED_AT\", CAST(TO_TIMESTAMP_TZ(:3, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM') AT TIME ZONE 'UTC' AS DATE) \"BORN\" FROM DUAL)"),
+            "{sql}"
+        );
+        let v = serde_json::json!("2026-11-23T17:11:28.5+01:00");
+        assert_eq!(
+            Bind::TimestampTz.text(&v).as_deref(),
+            Some("2026-11-23T16:11:28.500000000+00:00")
+        );
+        assert_eq!(
+            Bind::Text.text(&v).as_deref(),
+            Some("2026-11-23T17:11:28.5+01:00")
+        );
+        // Not a timestamp: sent as it is, and Oracle's error fails that message.
+        assert_eq!(
+            Bind::Date.text(&serde_json::json!("soon")).as_deref(),
+            Some("soon")
+        );
+        assert_eq!(Bind::Date.text(&Value::Null), None);
     }
 
     #[test]

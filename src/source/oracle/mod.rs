@@ -338,10 +338,18 @@ fn read_loop(
                 std::thread::sleep(poll);
             }
             Ok(changes) => {
+                // A window with nothing of ours: the database is quiet, so
+                // wait before the next one (the SCN keeps moving anyway).
+                let quiet = changes
+                    .iter()
+                    .all(|c| matches!(c, Change::Heartbeat { .. }));
                 for c in changes {
                     if out.blocking_send(Ok(c)).is_err() {
                         return;
                     }
+                }
+                if quiet {
+                    std::thread::sleep(poll);
                 }
             }
             Err(e) => {
