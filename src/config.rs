@@ -1339,6 +1339,22 @@ mod tests {
         ] {
             assert!(parse_oracle_url(bad).is_err(), "{bad}");
         }
+        // The shipped example loads (its password, from the environment,
+        // filled in here; its topology, relative, pointed at ours).
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/connectors/madrid-oracle.toml"
+        ))
+        .unwrap()
+        .replace("${MADRID_ORACLE_PASSWORD}", "secret")
+        .replace(
+            "${SITESYNC_TOPOLOGY:-config/topology.toml}",
+            &topo.display().to_string(),
+        );
+        let c = ConnectorConfig::load(&write(&dir, "madrid-oracle.toml", &shipped)).unwrap();
+        assert_eq!(c.database.kind, DatabaseKind::Oracle);
+        assert_eq!(c.database.oracle.client_lib_dir, None);
+        assert_eq!(c.sink.routes.len(), 3);
         // Oracle keys are unknown to a PostgreSQL connector.
         let pg = write(
             &dir,

@@ -348,11 +348,12 @@ impl OracleTarget {
             let conn = match connect.connect() {
                 Ok(c) => c,
                 Err(e) => {
-                    return vec![Check::fail(
-                        "sink database",
-                        e.message,
-                        "check database.url",
-                    )];
+                    let fix = if e.message.contains("libclntsh") {
+                        "install Oracle Instant Client (see the message) and set database.client_lib_dir"
+                    } else {
+                        "check database.url"
+                    };
+                    return vec![Check::fail("sink database", e.message, fix)];
                 }
             };
             let mut checks = Vec::new();
