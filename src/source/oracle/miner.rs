@@ -453,6 +453,96 @@ mod tests {
         assert!(m.mined.is_empty(), "nothing is mined past a hole");
     }
 
+    /// Random transactions (some rolled back, some committing at the same
+    /// SCN) read in random window widths, then a crash after any change and
+    /// a resume with another width: the rows come out once each, in
+    /// `(commit SCN, XID)` order, with rising positions.
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        type Spec = (u64, Vec<u64>, u64, bool);
+
+        fn recorded(txs: &[Spec]) -> (RecordedLogMiner, Vec<String>) {
+            let mut rows: Vec<MinedRow> = Vec::new();
+            let mut committed: Vec<((u64, String), Vec<String>)> = Vec::new();
+            for (i, (start, gaps, delay, commits)) in txs.iter().enumerate() {
+                let xid = format!("X{i:02}");
+                let mut scn = 101 + start;
+                let mut kinds = Vec::new();
+                for (j, gap) in gaps.iter().enumerate() {
+                    scn += gap;
+                    let kind = format!("t{i}r{j}");
+                    rows.push(ins(scn, &xid, &kind));
+                    kinds.push(kind);
+                }
+                let end = scn + 1 + delay;
+                rows.push(if *commits {
+                    commit(end, &xid)
+                } else {
+                    rollback(end, &xid)
+                });
+                if *commits {
+                    committed.push(((end, xid), kinds));
+                }
+            }
+            rows.sort_by_key(|r| r.scn);
+            committed.sort();
+            let expected = committed.into_iter().flat_map(|(_, k)| k).collect();
+            let current = rows.iter().map(|r| r.scn).max().unwrap_or(0) + 10;
+            let miner = RecordedLogMiner {
+                current_scn: current,
+                logs: vec![log(1, 1, u64::MAX, false)],
+                rows,
+                mined: Vec::new(),
+            };
+            (miner, expected)
+        }
+
+        fn kinds(changes: &[Change]) -> Vec<String> {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Row { row: Ok(r), .. } => r.kind.clone(),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn any_windows_and_any_crash_give_each_row_once_in_commit_order(
+                txs in proptest::collection::vec(
+                    (0u64..40, proptest::collection::vec(0u64..6, 0..4), 0u64..8, proptest::bool::weighted(0.8)),
+                    1..8,
+                ),
+                width in 1u64..30,
+                width_after in 1u64..30,
+                crash in any::<proptest::sample::Index>(),
+            ) {
+                let (miner, expected) = recorded(&txs);
+                let all = drain(&mut miner.clone(), &mut machine(None), width);
+                prop_assert_eq!(kinds(&all), expected.clone());
+                let positions: Vec<Position> = all
+                    .iter()
+                    .filter(|c| matches!(c, Change::Row { .. }))
+                    .map(|c| match c { Change::Row { position, .. } => position.clone(), _ => unreachable!() })
+                    .collect();
+                prop_assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+                if all.is_empty() {
+                    return Ok(());
+                }
+                let at = crash.index(all.len());
+                let resume = all[at].resume_after();
+                let mut got = kinds(&all[..=at]);
+                got.extend(kinds(&drain(&mut miner.clone(), &mut machine(Some(resume.clone())), width_after)));
+                prop_assert_eq!(got, expected, "resumed at {}", resume);
+            }
+        }
+    }
+
     #[test]
     fn windows_end_at_an_scn_read_at_least_settle_ago() {
         let t0 = std::time::Instant::now();
