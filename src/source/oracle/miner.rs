@@ -197,7 +197,7 @@ pub const START_SQL: &str = "BEGIN DBMS_LOGMNR.START_LOGMNR(STARTSCN => :1, ENDS
 /// The rows we read: the outbox's inserts and rollback-deletes, and every
 /// commit and rollback (their XIDs close our transactions). The SCN range
 /// is repeated in the query so that a window is exactly `(lo, hi]`.
-pub const CONTENTS_SQL: &str = "SELECT TO_CHAR(SCN), TO_CHAR(COMMIT_SCN), RAWTOHEX(XID), OPERATION_CODE, CSF, ROLLBACK, \
+pub const CONTENTS_SQL: &str = "SELECT TO_CHAR(SCN), RAWTOHEX(XID), OPERATION_CODE, CSF, ROLLBACK, \
      SEG_OWNER, TABLE_NAME, ROW_ID, SQL_REDO, RS_ID, SSN \
      FROM V$LOGMNR_CONTENTS \
      WHERE SCN > :1 AND SCN <= :2 \
@@ -302,20 +302,18 @@ impl OracleLogMiner {
                     .map(|n| n.unwrap_or(0))
                     .map_err(|e| super::db_error(what, &e))
             };
-            let commit = text(1)?;
             each(MinedRow {
                 scn: scn(text(0)?),
-                commit_scn: commit.map(|c| scn(Some(c))),
-                xid: text(2)?.unwrap_or_default(),
-                operation_code: num(3)? as u32,
-                csf: num(4)? == 1,
-                rollback: num(5)? == 1,
-                seg_owner: text(6)?,
-                table_name: text(7)?,
-                row_id: text(8)?,
-                sql_redo: text(9)?,
-                rs_id: text(10)?.unwrap_or_default(),
-                ssn: num(11)?.max(0) as u64,
+                xid: text(1)?.unwrap_or_default(),
+                operation_code: num(2)? as u32,
+                csf: num(3)? == 1,
+                rollback: num(4)? == 1,
+                seg_owner: text(5)?,
+                table_name: text(6)?,
+                row_id: text(7)?,
+                sql_redo: text(8)?,
+                rs_id: text(9)?.unwrap_or_default(),
+                ssn: num(10)?.max(0) as u64,
             })?;
             n += 1;
         }

@@ -15,8 +15,8 @@
 //!   undoing one of our inserts) removes the buffered insert of that
 //!   `ROW_ID`.
 //! - ROLLBACK (36) drops the transaction. COMMIT (7) moves it to the
-//!   window's committed set, under its commit SCN (`COMMIT_SCN`, or the
-//!   commit row's `SCN`).
+//!   window's committed set, under its commit SCN: the COMMIT row's `SCN`
+//!   (the `COMMIT_SCN` column is filled only with `COMMITTED_DATA_ONLY`).
 //! - At the end of a window (every row with `SCN <= hi` has been fed), the
 //!   committed transactions are emitted ordered by `(commit SCN, XID)`:
 //!   several transactions can commit at one SCN, and the XID makes their
@@ -54,8 +54,6 @@ pub mod op {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MinedRow {
     pub scn: u64,
-    /// `COMMIT_SCN` where LogMiner fills it (commit rows).
-    pub commit_scn: Option<u64>,
     /// `RAWTOHEX(XID)`.
     pub xid: String,
     pub operation_code: u32,
@@ -179,8 +177,7 @@ impl Transactions {
                             row.xid, row.rs_id, row.ssn
                         )));
                     }
-                    let scn = row.commit_scn.unwrap_or(row.scn);
-                    self.committed.insert((scn, row.xid), tx);
+                    self.committed.insert((row.scn, row.xid), tx);
                 }
                 Ok(())
             }
@@ -383,7 +380,6 @@ pub(crate) mod tests {
     fn base(scn: u64, xid: &str, op: u32) -> MinedRow {
         MinedRow {
             scn,
-            commit_scn: None,
             xid: xid.into(),
             operation_code: op,
             csf: false,
