@@ -437,6 +437,7 @@ mod tests {
             Position::Oracle {
                 scn: 1000,
                 index: 0,
+                mine_from: None,
             },
             clk(2),
         );

@@ -10,7 +10,9 @@ use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig,
 use crate::position::Position;
 use crate::runner::Shutdown;
 use crate::sidecar;
+use crate::sink::oracle::OracleTarget;
 use crate::sink::postgres::PostgresTarget;
+use crate::source::oracle::OracleSource;
 use crate::source::postgres::PostgresSource;
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -298,6 +300,10 @@ macro_rules! with_source {
                 let $source = PostgresSource::new(&$cfg)?;
                 $body
             }
+            DatabaseKind::Oracle => {
+                let $source = OracleSource::new(&$cfg)?;
+                $body
+            }
         }
     };
 }
@@ -324,7 +330,12 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         }
         Command::Status(c) => {
             let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source => status(&cfg, source).await)
+            match cfg.database.kind {
+                DatabaseKind::Postgres => status(&cfg, PostgresSource::new(&cfg)?).await,
+                DatabaseKind::Oracle => Err(fail(
+                    "`sitesync status` reads PostgreSQL only for now: for an Oracle connector use `sitesync checkpoint show` and query SITESYNC_INBOX, SITESYNC_GAPS and SITESYNC_CONFLICTS",
+                )),
+            }
         }
         Command::Dlq(DlqCommand::List(c)) => {
             let cfg = ConnectorConfig::load(&c.connector)?;
@@ -379,13 +390,23 @@ async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Fa
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    let target = match cfg.sink.enabled {
-        true => Some(PostgresTarget::new(cfg).map_err(fail)?),
-        false => None,
-    };
-    sidecar::run(cfg, source, target, shutdown)
-        .await
-        .map_err(fail)?;
+    match cfg.database.kind {
+        DatabaseKind::Postgres => {
+            let target = match cfg.sink.enabled {
+                true => Some(PostgresTarget::new(cfg).map_err(fail)?),
+                false => None,
+            };
+            sidecar::run(cfg, source, target, shutdown).await
+        }
+        DatabaseKind::Oracle => {
+            let target = match cfg.sink.enabled {
+                true => Some(OracleTarget::new(cfg).map_err(fail)?),
+                false => None,
+            };
+            sidecar::run(cfg, source, target, shutdown).await
+        }
+    }
+    .map_err(fail)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -394,8 +415,11 @@ async fn init<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, F
     for line in source.init().await? {
         println!("  {line}");
     }
-    let target = PostgresTarget::new(cfg).map_err(fail)?;
-    for line in target.init().await.map_err(|e| fail(e.message))? {
+    let lines = match cfg.database.kind {
+        DatabaseKind::Postgres => PostgresTarget::new(cfg).map_err(fail)?.init().await,
+        DatabaseKind::Oracle => OracleTarget::new(cfg).map_err(fail)?.init().await,
+    };
+    for line in lines.map_err(|e| fail(e.message))? {
         println!("  {line}");
     }
     println!(
@@ -554,9 +578,15 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
     )];
     checks.extend(with_source!(cfg, source => source.preflight().await));
     if cfg.sink.enabled {
-        match PostgresTarget::new(&cfg) {
-            Ok(target) => checks.extend(target.preflight().await),
-            Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
+        match cfg.database.kind {
+            DatabaseKind::Postgres => match PostgresTarget::new(&cfg) {
+                Ok(target) => checks.extend(target.preflight().await),
+                Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
+            },
+            DatabaseKind::Oracle => match OracleTarget::new(&cfg) {
+                Ok(target) => checks.extend(target.preflight().await),
+                Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
+            },
         }
     }
     let mut connection = None;

@@ -64,10 +64,11 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {
     Postgres,
+    Oracle,
 }
 
 impl DatabaseKind {
-    const NAMES: &'static str = "postgres";
+    const NAMES: &'static str = "postgres, oracle";
 }
 
 /// A connector: one database server at one site.
@@ -105,6 +106,110 @@ pub struct DatabaseConfig {
     /// PostgreSQL: how long a replication session may wait for the server
     /// before the sidecar reconnects (it also bounds how late a keepalive reply is).
     pub status_interval: Duration,
+    /// Oracle: the settings of the LogMiner source and of the client
+    /// library (defaults for other engines).
+    pub oracle: OracleSettings,
+}
+
+/// `[database]` keys read when `kind = "oracle"`.
+#[derive(Debug, Clone)]
+pub struct OracleSettings {
+    /// `client_lib_dir`: where the Oracle Instant Client libraries are
+    /// (`libclntsh.so`); unset, the system's library path is searched.
+    pub client_lib_dir: Option<PathBuf>,
+    /// `window_min_scn` / `window_max_scn`: the bounds of the adaptive
+    /// LogMiner window, in SCNs.
+    pub window_min_scn: u64,
+    pub window_max_scn: u64,
+    /// `window_target_rows`: a window returning more rows than this halves
+    /// the width; a sparse one doubles it.
+    pub window_target_rows: usize,
+    /// `poll_interval_ms`: how long to wait when a window found the
+    /// database where the last one left it.
+    pub poll_interval: Duration,
+    /// `max_buffered_mib`: the cap on outbox inserts of open transactions
+    /// held in memory (the stream stops with an operator error past it).
+    pub max_buffered_mib: usize,
+}
+
+impl Default for OracleSettings {
+    fn default() -> Self {
+        OracleSettings {
+            client_lib_dir: None,
+            window_min_scn: 1_000,
+            window_max_scn: 1_000_000,
+            window_target_rows: 20_000,
+            poll_interval: Duration::from_millis(1_000),
+            max_buffered_mib: 256,
+        }
+    }
+}
+
+/// The parts of `oracle://user:password@host[:port]/service_name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OracleUrl {
+    pub user: String,
+    pub password: String,
+    /// EZConnect: `//host:port/service_name`.
+    pub connect_string: String,
+}
+
+/// Parses an Oracle connection URL. User and password may be
+/// percent-encoded (`%40` for `@`).
+pub fn parse_oracle_url(url: &str) -> Result<OracleUrl, String> {
+    let shown = redact_url(url);
+    let rest = url.strip_prefix("oracle://").ok_or_else(|| {
+        format!(
+            "`{shown}` is not an Oracle URL: expected oracle://user:password@host:1521/service_name"
+        )
+    })?;
+    let (auth, target) = rest.rsplit_once('@').ok_or_else(|| {
+        format!("`{shown}` names no user (oracle://user:password@host:1521/service_name)")
+    })?;
+    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+    let decode = |s: &str| -> Result<String, String> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("`{shown}`: bad percent-encoding"))?;
+                out.push(hex);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).map_err(|_| format!("`{shown}`: user or password is not UTF-8"))
+    };
+    let (hostport, service) = target
+        .split_once('/')
+        .filter(|(h, s)| !h.is_empty() && !s.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "`{shown}` names no host or service (oracle://user:password@host:1521/service_name)"
+            )
+        })?;
+    if user.is_empty() {
+        return Err(format!("`{shown}` names no user"));
+    }
+    let hostport = if hostport.contains(':') {
+        let (_, port) = hostport.rsplit_once(':').unwrap_or_default();
+        port.parse::<u16>()
+            .map_err(|_| format!("`{shown}`: the port must be a number"))?;
+        hostport.to_string()
+    } else {
+        format!("{hostport}:1521")
+    };
+    Ok(OracleUrl {
+        user: decode(user)?,
+        password: decode(password)?,
+        connect_string: format!("//{hostport}/{service}"),
+    })
 }
 
 impl DatabaseConfig {
@@ -771,6 +876,7 @@ impl ConnectorConfig {
         let database = r.section("database", |d| {
             let kind = match d.string("kind", true, DatabaseKind::NAMES).as_deref() {
                 Some("postgres") | Some("postgresql") => Some(DatabaseKind::Postgres),
+                Some("oracle") => Some(DatabaseKind::Oracle),
                 Some(other) => {
                     d.problem("kind", format!("`{other}` is not a supported database kind; expected one of: {}", DatabaseKind::NAMES));
                     None
@@ -784,9 +890,17 @@ impl ConnectorConfig {
                 && let Err(e) = validate_postgres_url(&url) {
                     d.problem("url", e);
                 }
+            if kind == Some(DatabaseKind::Oracle) && !url.is_empty()
+                && let Err(e) = parse_oracle_url(&url) {
+                    d.problem("url", e);
+                }
             let outbox_table = d
                 .string("outbox_table", false, "a table name, e.g. \"public.outbox\"")
-                .unwrap_or_else(|| "public.outbox".into());
+                .unwrap_or_else(|| match kind {
+                    // The connecting user's schema (see source::oracle).
+                    Some(DatabaseKind::Oracle) => "OUTBOX".into(),
+                    _ => "public.outbox".into(),
+                });
             for part in outbox_table.split('.') {
                 if part.is_empty() || !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     d.problem("outbox_table", format!("`{outbox_table}` is not a table name: expected [schema.]table with letters, digits and _"));
@@ -800,6 +914,33 @@ impl ConnectorConfig {
                 .unwrap_or_else(|| default_slot.clone());
             check_identifier(d, "publication", &publication, "publication name");
             let status_interval = d.millis("status_interval_ms", 1_000, 3_600_000);
+            let mut oracle = OracleSettings::default();
+            if kind == Some(DatabaseKind::Oracle) {
+                // Empty (`${ORACLE_CLIENT_LIB_DIR:-}` unset): the system's path.
+                oracle.client_lib_dir = d
+                    .string("client_lib_dir", false, "the directory of the Oracle Instant Client libraries")
+                    .filter(|s| !s.trim().is_empty())
+                    .map(PathBuf::from);
+                let scns = |d: &mut Reader<'_>, key: &str, default: u64| {
+                    d.integer(key, 1..=1_000_000_000_000, "a number of SCNs")
+                        .map(|n| n as u64)
+                        .unwrap_or(default)
+                };
+                oracle.window_min_scn = scns(d, "window_min_scn", oracle.window_min_scn);
+                oracle.window_max_scn = scns(d, "window_max_scn", oracle.window_max_scn);
+                if oracle.window_max_scn < oracle.window_min_scn {
+                    d.problem("window_max_scn", format!("{} is below window_min_scn ({})", oracle.window_max_scn, oracle.window_min_scn));
+                }
+                oracle.window_target_rows = d
+                    .integer("window_target_rows", 1..=10_000_000, "a number of rows")
+                    .map(|n| n as usize)
+                    .unwrap_or(oracle.window_target_rows);
+                oracle.poll_interval = d.millis("poll_interval_ms", 1_000, 3_600_000);
+                oracle.max_buffered_mib = d
+                    .integer("max_buffered_mib", 1..=1_048_576, "a size in MiB")
+                    .map(|n| n as usize)
+                    .unwrap_or(oracle.max_buffered_mib);
+            }
             kind.map(|kind| DatabaseConfig {
                 kind,
                 url,
@@ -807,6 +948,7 @@ impl ConnectorConfig {
                 slot,
                 publication,
                 status_interval,
+                oracle,
             })
         });
 
@@ -1154,6 +1296,76 @@ mod tests {
         assert!(text.contains("bad.toml"), "{text}");
         assert!(text.contains("key `colour`: unknown key"), "{text}");
         assert!(text.contains("SITESYNC_TEST_SURELY_UNSET_VAR"), "{text}");
+    }
+
+    #[test]
+    fn an_oracle_connector_with_its_keys() {
+        let dir = scratch("oracle");
+        let topo = write(&dir, "topology.toml", "sites = [\"MADRID\"]\n");
+        let path = write(
+            &dir,
+            "madrid.toml",
+            &format!(
+                "site = \"MADRID\"\n[database]\nkind = \"oracle\"\nurl = \"oracle://sitesync:p%40ss@db.example:1522/FREEPDB1\"\nclient_lib_dir = \"/opt/oracle/instantclient_23_6\"\nwindow_max_scn = 50000\nmax_buffered_mib = 64\n[broker]\nurls = \"amqp://h\"\ntopology = \"{}\"\n",
+                topo.display()
+            ),
+        );
+        let c = ConnectorConfig::load(&path).unwrap();
+        assert_eq!(c.database.kind, DatabaseKind::Oracle);
+        assert_eq!(c.database.outbox_table, "OUTBOX");
+        assert_eq!(c.database.oracle.window_max_scn, 50_000);
+        assert_eq!(c.database.oracle.max_buffered_mib, 64);
+        assert_eq!(
+            c.database.oracle.client_lib_dir,
+            Some(PathBuf::from("/opt/oracle/instantclient_23_6"))
+        );
+        assert_eq!(
+            parse_oracle_url(&c.database.url).unwrap(),
+            OracleUrl {
+                user: "sitesync".into(),
+                password: "p@ss".into(),
+                connect_string: "//db.example:1522/FREEPDB1".into(),
+            }
+        );
+        assert_eq!(
+            parse_oracle_url("oracle://u:p@h/S").unwrap().connect_string,
+            "//h:1521/S"
+        );
+        for bad in [
+            "postgres://u@h/db",
+            "oracle://h:1521/S",
+            "oracle://u:p@h:x/S",
+            "oracle://u:p@h",
+        ] {
+            assert!(parse_oracle_url(bad).is_err(), "{bad}");
+        }
+        // The shipped example loads (its password, from the environment,
+        // filled in here; its topology, relative, pointed at ours).
+        let shipped = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/connectors/madrid-oracle.toml"
+        ))
+        .unwrap()
+        .replace("${MADRID_ORACLE_PASSWORD}", "secret")
+        .replace(
+            "${SITESYNC_TOPOLOGY:-config/topology.toml}",
+            &topo.display().to_string(),
+        );
+        let c = ConnectorConfig::load(&write(&dir, "madrid-oracle.toml", &shipped)).unwrap();
+        assert_eq!(c.database.kind, DatabaseKind::Oracle);
+        assert_eq!(c.database.oracle.client_lib_dir, None);
+        assert_eq!(c.sink.routes.len(), 3);
+        // Oracle keys are unknown to a PostgreSQL connector.
+        let pg = write(
+            &dir,
+            "pg.toml",
+            &format!(
+                "site = \"MADRID\"\n[database]\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\nclient_lib_dir = \"/x\"\n[broker]\nurls = \"amqp://h\"\ntopology = \"{}\"\n",
+                topo.display()
+            ),
+        );
+        let err = ConnectorConfig::load(&pg).unwrap_err();
+        assert_eq!(err.problems[0].key, "database.client_lib_dir", "{err}");
     }
 
     #[test]

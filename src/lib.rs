@@ -18,7 +18,9 @@
 //! - [`checkpoint`]: the sled store with crc32 records, a process lock and a
 //!   no-going-back rule.
 //! - [`source`]: the [`source::Source`] trait and one file per engine
-//!   ([`source::postgres`], with the pgoutput decoder in [`source::pgoutput`]).
+//!   ([`source::postgres`], with the pgoutput decoder in [`source::pgoutput`];
+//!   [`source::oracle`], LogMiner, with its `SQL_REDO` parser, XID buffering
+//!   and log selection).
 //! - [`bus`]: RabbitMQ connections with failover, [`bus::topology`]
 //!   (declare, verify), [`bus::management`] (bindings, through the
 //!   management API) and [`bus::publisher`] (confirms, dead letters).
@@ -26,8 +28,8 @@
 //!   restarted from the checkpoint after any failure, clean drain on SIGTERM.
 //! - [`sidecar`]: the source and the sink of one site, run side by side.
 //! - [`sink`]: this site's queue applied to its database (batches, inbox,
-//!   last-writer-wins, gaps, dead letters), [`sink::postgres`] for PostgreSQL
-//!   and [`sink::mapping`] for routes.
+//!   last-writer-wins, gaps, dead letters), [`sink::postgres`] for PostgreSQL,
+//!   [`sink::oracle`] for Oracle and [`sink::mapping`] for routes.
 //! - [`status`]: what `sitesync status` reports.
 //! - [`bus::dlq`]: `sitesync dlq list|requeue`.
 //! - [`retry`]: capped exponential backoff with jitter.

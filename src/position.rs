@@ -49,11 +49,25 @@ pub enum Position {
         index: u32,
     },
     /// Oracle LogMiner.
+    ///
+    /// Several transactions can commit at one SCN: they are ordered by XID
+    /// and `index` counts the outbox rows of all of them, so
+    /// `(scn, index)` names one row whatever the redo order.
     Oracle {
-        /// Commit SCN of the transaction.
+        /// Commit SCN of the transaction (between transactions: every
+        /// commit before this SCN is done).
         scn: u64,
-        /// Outbox rows of that transaction already done.
+        /// Outbox rows committed at `scn` already done, counted across the
+        /// transactions committing there in XID order.
         index: u32,
+        /// Where LogMiner must start reading to see every row not yet done:
+        /// the first SCN of the oldest transaction with outbox rows that
+        /// had not committed, or not been fully done, at this point. A
+        /// position typed by hand without it (`oracle:123#0`) mines from
+        /// `scn` itself: transactions that started earlier and commit later
+        /// are then read only from `scn` on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mine_from: Option<u64>,
     },
 }
 
@@ -118,7 +132,18 @@ impl PartialOrd for Position {
                     index: j,
                 },
             ) => Some((a, i).cmp(&(b, j))),
-            (Oracle { scn: a, index: i }, Oracle { scn: b, index: j }) => Some((a, i).cmp(&(b, j))),
+            (
+                Oracle {
+                    scn: a,
+                    index: i,
+                    mine_from: m,
+                },
+                Oracle {
+                    scn: b,
+                    index: j,
+                    mine_from: n,
+                },
+            ) => Some((a, i, m).cmp(&(b, j, n))),
             _ => None,
         }
     }
@@ -154,8 +179,9 @@ mod lsn_text {
 
 /// Text form used in message headers and on the command line:
 /// `postgres:0/16B3748#3`, `mysql:mysql-bin.000042:1234#0`,
-/// `sqlserver:9876#2`, `oracle:123456789#0`. The `#index` part may be omitted
-/// on input (it means 0).
+/// `sqlserver:9876#2`, `oracle:123456789#0@123456700` (`@` the SCN mining
+/// restarts from). The `#index` part may be omitted on input (it means 0),
+/// and so may Oracle's `@mine_from`.
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -166,7 +192,16 @@ impl fmt::Display for Position {
                 index,
             } => write!(f, "mysql:{file}:{offset}#{index}"),
             Position::SqlServer { version, index } => write!(f, "sqlserver:{version}#{index}"),
-            Position::Oracle { scn, index } => write!(f, "oracle:{scn}#{index}"),
+            Position::Oracle {
+                scn,
+                index,
+                mine_from: None,
+            } => write!(f, "oracle:{scn}#{index}"),
+            Position::Oracle {
+                scn,
+                index,
+                mine_from: Some(from),
+            } => write!(f, "oracle:{scn}#{index}@{from}"),
         }
     }
 }
@@ -178,6 +213,15 @@ impl FromStr for Position {
         let (engine, rest) = text.split_once(':').ok_or_else(|| {
             format!("`{text}` is not a position: expected <engine>:<log position>[#index], e.g. postgres:0/16B3748")
         })?;
+        let (rest, mine_from) = match rest.split_once('@') {
+            Some((rest, from)) if engine == "oracle" => (
+                rest,
+                Some(from.parse::<u64>().map_err(|_| {
+                    format!("`{text}`: the SCN after @ (where mining restarts) must be a number")
+                })?),
+            ),
+            _ => (rest, None),
+        };
         let (at, index) = match rest.rsplit_once('#') {
             Some((at, index)) => (
                 at,
@@ -215,6 +259,7 @@ impl FromStr for Position {
                     .parse()
                     .map_err(|_| format!("`{text}`: the SCN must be a number"))?,
                 index,
+                mine_from,
             }),
             other => Err(format!(
                 "`{text}`: unknown engine `{other}` (expected postgres, mysql, sqlserver or oracle)"
@@ -241,7 +286,11 @@ mod tests {
 
     #[test]
     fn engines_do_not_compare() {
-        let o = Position::Oracle { scn: 1, index: 0 };
+        let o = Position::Oracle {
+            scn: 1,
+            index: 0,
+            mine_from: None,
+        };
         assert_eq!(pg(1, 0).partial_cmp(&o), None);
         assert!(pg(1, 0).partial_cmp(&o).is_none() && o.partial_cmp(&pg(1, 0)).is_none());
     }
@@ -277,6 +326,12 @@ mod tests {
             Position::Oracle {
                 scn: 123_456_789,
                 index: 0,
+                mine_from: None,
+            },
+            Position::Oracle {
+                scn: 123_456_789,
+                index: 4,
+                mine_from: Some(123_456_000),
             },
         ] {
             let text = p.to_string();
@@ -296,6 +351,30 @@ mod tests {
         assert!(e.contains("unknown engine `db2`"), "{e}");
         let e = "postgres:0/1#x".parse::<Position>().unwrap_err();
         assert!(e.contains("index"), "{e}");
+    }
+
+    #[test]
+    fn oracle_positions_order_by_commit_scn_then_row_and_keep_where_mining_restarts() {
+        let o = |scn, index, from| Position::Oracle {
+            scn,
+            index,
+            mine_from: from,
+        };
+        assert!(o(10, 5, Some(3)) < o(11, 0, Some(3)));
+        assert!(o(10, 5, Some(3)) < o(10, 6, Some(3)));
+        assert_eq!(
+            "oracle:10#2@7".parse::<Position>().unwrap(),
+            o(10, 2, Some(7))
+        );
+        assert_eq!("oracle:10".parse::<Position>().unwrap(), o(10, 0, None));
+        assert!("oracle:10#2@x".parse::<Position>().is_err());
+        assert!("postgres:0/1@5".parse::<Position>().is_err());
+        let json = serde_json::to_string(&o(10, 2, None)).unwrap();
+        assert_eq!(json, r#"{"engine":"oracle","scn":10,"index":2}"#);
+        assert_eq!(
+            serde_json::from_str::<Position>(&json).unwrap(),
+            o(10, 2, None)
+        );
     }
 
     #[test]

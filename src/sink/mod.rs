@@ -25,6 +25,7 @@
 //! attempt count and the site in its headers.
 
 pub mod mapping;
+pub mod oracle;
 pub mod postgres;
 pub mod rules;
 

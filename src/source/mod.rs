@@ -18,6 +18,7 @@
 //! only grow within a stream; the runner republishes from the checkpoint by
 //! opening a new stream.
 
+pub mod oracle;
 pub mod pgoutput;
 pub mod postgres;
 

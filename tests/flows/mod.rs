@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod operations;
+mod oracle;
 mod outages;
 mod sink_failures;
 mod sync;

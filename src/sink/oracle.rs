@@ -1,0 +1,1201 @@
+//! Applying events to Oracle.
+//!
+//! The same batch–transaction–inbox logic as [`super::postgres`]: one
+//! transaction per batch holds the inbox rows (`SITESYNC_INBOX`), the
+//! per-origin progress and gaps ([`rules::track`]), the deletion of this
+//! site's outbox rows whose events came back round, the writes (`MERGE`
+//! for upserts, `DELETE` for deletes), the entities' versions and the
+//! conflicts; last-writer-wins is [`rules::decide`], fed with the stored
+//! versions and this site's writes still in its outbox (compared by their
+//! `CREATED_AT`: Oracle keeps no commit time per row).
+//!
+//! Statements are sent one row at a time with binds (the `oracle` crate is
+//! blocking: a batch runs on `spawn_blocking`). When a statement fails on
+//! one message's data (a constraint, a conversion, an application
+//! trigger's `RAISE_APPLICATION_ERROR`), the transaction is rolled back
+//! and the batch applied again one message at a time, each under a
+//! `SAVEPOINT`: the failing message is rolled back alone, its entity's
+//! later messages are held behind it, and the rest commits.
+//!
+//! Trigger marker: the sink's session runs
+//! `DBMS_SESSION.SET_IDENTIFIER('sitesync')` once connected, so an
+//! application trigger that fills the outbox skips the sink's changes with
+//! `IF SYS_CONTEXT('USERENV', 'CLIENT_IDENTIFIER') = 'sitesync' THEN RETURN; END IF;`.
+//! (An application context would need `CREATE ANY CONTEXT` and a trusted
+//! package; the client identifier needs no privilege.)
+//!
+//! Values: each column is bound as text (numbers in their JSON form,
+//! converted by Oracle with `NLS_NUMERIC_CHARACTERS = '.,'`; booleans as
+//! `1`/`0`; objects and arrays as JSON text; `null` as NULL). DATE and
+//! TIMESTAMP columns (their types read from `ALL_TAB_COLUMNS` once per
+//! table) take a timestamp in any form the outbox accepts (RFC 3339, or
+//! ISO with or without a zone, read as UTC) through `TO_TIMESTAMP_TZ`, and
+//! store it in UTC (with its zone for TIMESTAMP WITH TIME ZONE).
+//!
+//! Not done here (PostgreSQL does them): locking the batch's rows before
+//! looking for local writes, and rewriting a row whose local write lost a
+//! race with the sink on this site's table.
+
+use super::mapping::{Entity, MappedRow, map_row};
+use super::rules::{Conflict, LocalWrite, Version, decide, track};
+use super::{Item, Outcome, Plan, Seen, Target, TargetError};
+use crate::checks::Check;
+use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
+use crate::event::{Event, parse_timestamp};
+use crate::source::ErrorKind;
+use crate::source::oracle::{OracleConnect, outbox_names};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// The marker application triggers test.
+pub const CLIENT_IDENTIFIER: &str = "sitesync";
+
+/// The sink's tables, created by `sitesync init` when missing.
+pub const TABLES: [(&str, &str); 5] = [
+    (
+        "SITESYNC_INBOX",
+        "CREATE TABLE SITESYNC_INBOX (EVENT_ID VARCHAR2(36) PRIMARY KEY, ORIGIN VARCHAR2(64) NOT NULL, TYPE VARCHAR2(200) NOT NULL, EPOCH NUMBER(19) NOT NULL, SEQ NUMBER(19) NOT NULL, RECEIVED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, APPLIED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, OUTCOME VARCHAR2(20) NOT NULL)",
+    ),
+    (
+        "SITESYNC_ORIGINS",
+        "CREATE TABLE SITESYNC_ORIGINS (ORIGIN VARCHAR2(64) PRIMARY KEY, EPOCH NUMBER(19) NOT NULL, SEQ NUMBER(19) NOT NULL, UPDATED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)",
+    ),
+    (
+        "SITESYNC_GAPS",
+        "CREATE TABLE SITESYNC_GAPS (ID NUMBER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ORIGIN VARCHAR2(64) NOT NULL, EPOCH NUMBER(19) NOT NULL, FROM_SEQ NUMBER(19) NOT NULL, TO_SEQ NUMBER(19) NOT NULL, DETECTED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)",
+    ),
+    (
+        "SITESYNC_VERSIONS",
+        "CREATE TABLE SITESYNC_VERSIONS (ENTITY VARCHAR2(261) NOT NULL, KEY VARCHAR2(1000) NOT NULL, TS TIMESTAMP(6) WITH TIME ZONE NOT NULL, ORIGIN VARCHAR2(64) NOT NULL, EVENT_ID VARCHAR2(36) NOT NULL, PRIMARY KEY (ENTITY, KEY))",
+    ),
+    (
+        "SITESYNC_CONFLICTS",
+        "CREATE TABLE SITESYNC_CONFLICTS (ID NUMBER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, LOSER_EVENT_ID VARCHAR2(36) NOT NULL UNIQUE, ENTITY VARCHAR2(261) NOT NULL, KEY VARCHAR2(1000) NOT NULL, LOSER_ORIGIN VARCHAR2(64) NOT NULL, LOSER_TS TIMESTAMP(6) WITH TIME ZONE NOT NULL, LOSER_PAYLOAD CLOB, WINNER_EVENT_ID VARCHAR2(36) NOT NULL, WINNER_ORIGIN VARCHAR2(64) NOT NULL, WINNER_TS TIMESTAMP(6) WITH TIME ZONE NOT NULL, RECORDED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)",
+    ),
+];
+
+/// An identifier as Oracle resolves it: a plain name (`customer`) is
+/// upper-cased as Oracle does unquoted names; anything else is quoted as
+/// written.
+pub fn oracle_ident(name: &str) -> String {
+    let plain = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '#'));
+    if plain {
+        format!("\"{}\"", name.to_ascii_uppercase())
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+/// `[schema.]table`, each part through [`oracle_ident`].
+pub fn oracle_table(name: &str) -> String {
+    name.split('.')
+        .map(oracle_ident)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// How a column's value is bound, by the column's type: DATE and
+/// TIMESTAMP columns take the event's timestamp text (any form
+/// [`parse_timestamp`] reads, sent as UTC) through `TO_TIMESTAMP_TZ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    Text,
+    Date,
+    Timestamp,
+    TimestampTz,
+}
+
+impl Bind {
+    /// From `ALL_TAB_COLUMNS.DATA_TYPE`.
+    pub fn of(data_type: &str) -> Bind {
+        if data_type == "DATE" {
+            Bind::Date
+        } else if data_type.starts_with("TIMESTAMP") && data_type.contains("TIME ZONE") {
+            Bind::TimestampTz
+        } else if data_type.starts_with("TIMESTAMP") {
+            Bind::Timestamp
+        } else {
+            Bind::Text
+        }
+    }
+
+    /// The SQL expression for bind `:n`.
+    pub fn expr(self, n: usize) -> String {
+        let tz = format!("TO_TIMESTAMP_TZ(:{n}, '{TS_FORMAT_9}')");
+        match self {
+            Bind::Text => format!(":{n}"),
+            Bind::Date => format!("CAST({tz} AT TIME ZONE 'UTC' AS DATE)"),
+            Bind::Timestamp => format!("CAST({tz} AT TIME ZONE 'UTC' AS TIMESTAMP)"),
+            Bind::TimestampTz => tz,
+        }
+    }
+
+    /// The text bound for a JSON value.
+    pub fn text(self, v: &Value) -> Option<String> {
+        let text = bind_text(v)?;
+        if self == Bind::Text {
+            return Some(text);
+        }
+        Some(match parse_timestamp(&text) {
+            Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.9f+00:00").to_string(),
+            None => text,
+        })
+    }
+}
+
+const TS_FORMAT_9: &str = "YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM";
+
+/// `MERGE` for an upsert of `columns` keyed by `key`: binds `:1…:n` in
+/// `columns` order, each through its [`Bind`].
+pub fn merge_sql(table: &str, columns: &[(&str, Bind)], key: &[String]) -> String {
+    let t = oracle_table(table);
+    let source = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (c, b))| format!("{} {}", b.expr(i + 1), oracle_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let columns: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
+    let on = key
+        .iter()
+        .map(|k| format!("t.{q} = s.{q}", q = oracle_ident(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.iter().any(|k| k == *c))
+        .map(|c| format!("t.{q} = s.{q}", q = oracle_ident(c)))
+        .collect();
+    let insert_cols = columns
+        .iter()
+        .map(|c| oracle_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert_vals = columns
+        .iter()
+        .map(|c| format!("s.{}", oracle_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let matched = if updates.is_empty() {
+        String::new()
+    } else {
+        format!(" WHEN MATCHED THEN UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "MERGE INTO {t} t USING (SELECT {source} FROM DUAL) s ON ({on}){matched} WHEN NOT MATCHED THEN INSERT ({insert_cols}) VALUES ({insert_vals})"
+    )
+}
+
+/// `DELETE` by key: binds `:1…:n` in `key` order.
+pub fn delete_sql(table: &str, key: &[(&str, Bind)]) -> String {
+    let cond = key
+        .iter()
+        .enumerate()
+        .map(|(i, (k, b))| format!("{} = {}", oracle_ident(k), b.expr(i + 1)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!("DELETE FROM {} WHERE {cond}", oracle_table(table))
+}
+
+/// Inbox row: inserted, or taken over from a dead letter coming back.
+/// `row_count() == 1` means the event is new.
+pub const INBOX_SQL: &str = "MERGE INTO SITESYNC_INBOX i USING (SELECT :1 EVENT_ID, :2 ORIGIN, :3 TYPE, :4 EPOCH, :5 SEQ, :6 OUTCOME FROM DUAL) s \
+     ON (i.EVENT_ID = s.EVENT_ID) \
+     WHEN MATCHED THEN UPDATE SET i.OUTCOME = s.OUTCOME, i.RECEIVED_AT = SYSTIMESTAMP, i.APPLIED_AT = SYSTIMESTAMP WHERE i.OUTCOME = 'dead_letter' \
+     WHEN NOT MATCHED THEN INSERT (EVENT_ID, ORIGIN, TYPE, EPOCH, SEQ, OUTCOME) VALUES (s.EVENT_ID, s.ORIGIN, s.TYPE, s.EPOCH, s.SEQ, s.OUTCOME)";
+
+/// Timestamps travel as text in this form (UTC).
+const TS_FORMAT: &str = "YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM";
+
+/// An entity's version moves only forward on `(ts, origin)`.
+pub const VERSION_SQL: &str = "MERGE INTO SITESYNC_VERSIONS v USING (SELECT :1 ENTITY, :2 KEY, TO_TIMESTAMP_TZ(:3, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM') TS, :4 ORIGIN, :5 EVENT_ID FROM DUAL) s \
+     ON (v.ENTITY = s.ENTITY AND v.KEY = s.KEY) \
+     WHEN MATCHED THEN UPDATE SET v.TS = s.TS, v.ORIGIN = s.ORIGIN, v.EVENT_ID = s.EVENT_ID \
+       WHERE s.TS > v.TS OR (s.TS = v.TS AND s.ORIGIN > v.ORIGIN) \
+     WHEN NOT MATCHED THEN INSERT (ENTITY, KEY, TS, ORIGIN, EVENT_ID) VALUES (s.ENTITY, s.KEY, s.TS, s.ORIGIN, s.EVENT_ID)";
+
+pub const CONFLICT_SQL: &str = "MERGE INTO SITESYNC_CONFLICTS c USING (SELECT :1 LOSER_EVENT_ID FROM DUAL) s ON (c.LOSER_EVENT_ID = s.LOSER_EVENT_ID) \
+     WHEN NOT MATCHED THEN INSERT (LOSER_EVENT_ID, ENTITY, KEY, LOSER_ORIGIN, LOSER_TS, LOSER_PAYLOAD, WINNER_EVENT_ID, WINNER_ORIGIN, WINNER_TS) \
+     VALUES (s.LOSER_EVENT_ID, :2, :3, :4, TO_TIMESTAMP_TZ(:5, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM'), :6, :7, :8, TO_TIMESTAMP_TZ(:9, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM'))";
+
+fn ts_text(v: &Version) -> String {
+    v.ts.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+/// A JSON value as the text bound for its column (`None`: NULL).
+pub fn bind_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(if *b { "1" } else { "0" }.into()),
+        Value::Number(n) => Some(n.to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Whether an ORA- error belongs to one message's data.
+fn per_message(code: u32) -> bool {
+    matches!(
+        code,
+        1 | 904
+            | 942
+            | 1400
+            | 1407
+            | 1438
+            | 1722
+            | 1830
+            | 1840
+            | 1841
+            | 1843
+            | 1847
+            | 1858
+            | 1861
+            | 2290
+            | 2291
+            | 2292
+            | 4088
+            | 4091
+            | 6502
+            | 6512
+            | 12899
+            | 30926
+            | 40441
+    ) || (20000..=20999).contains(&code)
+}
+
+/// Why an attempt at a batch failed.
+enum Failed {
+    Data(String),
+    Busy,
+    Transient(TargetError),
+}
+
+fn ora_code(message: &str) -> Option<u32> {
+    let at = message.find("ORA-")? + 4;
+    message
+        .get(at..)?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+impl Failed {
+    fn from_ora(context: &str, e: oracle::Error) -> Failed {
+        let m = e.to_string();
+        match ora_code(&m) {
+            Some(54 | 60) => Failed::Busy,
+            Some(c) if per_message(c) => Failed::Data(m),
+            _ => Failed::Transient(TargetError {
+                kind: ErrorKind::Transient,
+                message: format!("{context}: {m}"),
+            }),
+        }
+    }
+}
+
+fn transient(e: crate::source::SourceError) -> TargetError {
+    TargetError {
+        kind: e.kind,
+        message: e.message,
+    }
+}
+
+/// One message, owned, for the blocking side.
+#[derive(Debug, Clone)]
+enum Work {
+    Hold,
+    DeadLetter(String, Option<Event>),
+    Own(Event, Option<MappedRow>),
+    Skip(Event),
+    Apply(Event, Route, MappedRow),
+}
+
+pub struct OracleTarget {
+    site: String,
+    sink: SinkConfig,
+    connect: OracleConnect,
+    outbox: String,
+    conn: Arc<Mutex<Option<oracle::Connection>>>,
+    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
+}
+
+impl OracleTarget {
+    pub fn new(cfg: &ConnectorConfig) -> Result<OracleTarget, String> {
+        let connect = OracleConnect::new(&cfg.database).map_err(|e| e.message)?;
+        let (owner, table) = outbox_names(&cfg.database.outbox_table, &connect.url.user);
+        Ok(OracleTarget {
+            site: cfg.site.clone(),
+            sink: cfg.sink.clone(),
+            outbox: format!("\"{owner}\".\"{table}\""),
+            connect,
+            conn: Arc::new(Mutex::new(None)),
+            columns: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Checks the sink's tables and each route's table.
+    pub async fn preflight(&self) -> Vec<Check> {
+        let connect = self.connect.clone();
+        let routes = self.sink.routes.clone();
+        let run = tokio::task::spawn_blocking(move || {
+            let conn = match connect.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    let fix = if e.message.contains("libclntsh") {
+                        "install Oracle Instant Client (see the message) and set database.client_lib_dir"
+                    } else {
+                        "check database.url"
+                    };
+                    return vec![Check::fail("sink database", e.message, fix)];
+                }
+            };
+            let mut checks = Vec::new();
+            let missing: Vec<&str> = TABLES
+                .iter()
+                .map(|(name, _)| *name)
+                .filter(|name| {
+                    conn.query_row_as::<i64>(
+                        "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
+                        &[name],
+                    )
+                    .map(|n| n == 0)
+                    .unwrap_or(true)
+                })
+                .collect();
+            checks.push(if missing.is_empty() {
+                Check::pass(
+                    "sink tables",
+                    "SITESYNC_INBOX, _ORIGINS, _GAPS, _VERSIONS, _CONFLICTS",
+                )
+            } else {
+                Check::fail(
+                    "sink tables",
+                    format!("missing: {}", missing.join(", ")),
+                    "run `sitesync init`",
+                )
+            });
+            for route in &routes {
+                let name = format!("route {}", route.kind);
+                let sql = format!("SELECT * FROM {} WHERE 1 = 0", oracle_table(&route.table));
+                checks.push(match conn.query(&sql, &[]) {
+                    Ok(_) => Check::pass(name, route.table.clone()),
+                    Err(e) => Check::fail(
+                        name,
+                        format!("{}: {e}", route.table),
+                        "create the table, or fix `table` in the route",
+                    ),
+                });
+            }
+            checks
+        });
+        run.await.unwrap_or_else(|e| {
+            vec![Check::fail(
+                "sink database",
+                e.to_string(),
+                "see the message",
+            )]
+        })
+    }
+
+    /// Creates the sink's tables that are missing; one line per table.
+    pub async fn init(&self) -> Result<Vec<String>, TargetError> {
+        let connect = self.connect.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = connect.connect().map_err(transient)?;
+            let mut done = Vec::new();
+            for (name, ddl) in TABLES {
+                let n: i64 = conn
+                    .query_row_as("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1", &[&name])
+                    .map_err(|e| TargetError {
+                        kind: ErrorKind::Transient,
+                        message: format!("looking for {name}: {e}"),
+                    })?;
+                if n > 0 {
+                    done.push(format!("sink table {name}: already there"));
+                } else {
+                    conn.execute(ddl, &[]).map_err(|e| TargetError {
+                        kind: ErrorKind::Operator,
+                        message: format!("creating {name}: {e}"),
+                    })?;
+                    done.push(format!("sink table {name}: created"));
+                }
+            }
+            done.push(format!(
+                "trigger marker: the sink's session sets CLIENT_IDENTIFIER = '{CLIENT_IDENTIFIER}'; an outbox trigger skips it with IF SYS_CONTEXT('USERENV', 'CLIENT_IDENTIFIER') = '{CLIENT_IDENTIFIER}' THEN RETURN; END IF;"
+            ));
+            Ok(done)
+        })
+        .await
+        .map_err(|e| TargetError {
+            kind: ErrorKind::Transient,
+            message: e.to_string(),
+        })?
+    }
+
+    fn work(&self, items: &[Item<'_>]) -> (Vec<Work>, Vec<Option<Seen>>) {
+        let work = items
+            .iter()
+            .map(|i| match (&i.plan, i.event) {
+                (Plan::Hold, _) => Work::Hold,
+                (Plan::DeadLetter(r), e) => Work::DeadLetter(r.clone(), e.cloned()),
+                (Plan::Own(row), Some(e)) => Work::Own(e.clone(), row.clone()),
+                (Plan::Skip, Some(e)) => Work::Skip(e.clone()),
+                (Plan::Apply(route, row), Some(e)) => {
+                    Work::Apply(e.clone(), (*route).clone(), row.clone())
+                }
+                (_, None) => Work::DeadLetter("not a sitesync event".into(), None),
+            })
+            .collect();
+        (work, items.iter().map(|i| i.seen.clone()).collect())
+    }
+}
+
+/// What the blocking side needs besides the connection.
+struct Ctx {
+    site: String,
+    sink: SinkConfig,
+    outbox: String,
+    /// Route tables' column types (see [`column_types`]).
+    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
+}
+
+impl Target for OracleTarget {
+    async fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> Result<Vec<Outcome>, TargetError> {
+        let (work, seen) = self.work(items);
+        let ctx = Ctx {
+            site: self.site.clone(),
+            sink: self.sink.clone(),
+            outbox: self.outbox.clone(),
+            columns: self.columns.clone(),
+        };
+        let connect = self.connect.clone();
+        let slot = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                // A new connection may see changed tables.
+                ctx.columns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                let conn = connect.connect().map_err(transient)?;
+                conn.execute(
+                    &format!("BEGIN DBMS_SESSION.SET_IDENTIFIER('{CLIENT_IDENTIFIER}'); END;"),
+                    &[],
+                )
+                .map_err(|e| TargetError {
+                    kind: ErrorKind::Transient,
+                    message: format!("setting the trigger marker: {e}"),
+                })?;
+                *guard = Some(conn);
+            }
+            let conn = guard.as_ref().expect("connected above");
+            let result = apply_batch(conn, &ctx, &work, &seen);
+            if result.is_err() {
+                let _ = conn.rollback();
+                if conn.ping().is_err() {
+                    *guard = None;
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|e| TargetError {
+            kind: ErrorKind::Transient,
+            message: format!("the Oracle sink task failed: {e}"),
+        })?
+    }
+
+    async fn sweep_own(&self) -> Result<u64, TargetError> {
+        let connect = self.connect.clone();
+        let slot = self.conn.clone();
+        let sql = format!(
+            "DELETE FROM {} o WHERE EXISTS (SELECT 1 FROM SITESYNC_INBOX i WHERE LOWER(o.ID) = i.EVENT_ID AND i.OUTCOME = 'own')",
+            self.outbox
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some(connect.connect().map_err(transient)?);
+            }
+            let conn = guard.as_ref().expect("connected above");
+            let fail = |e: oracle::Error| TargetError {
+                kind: ErrorKind::Transient,
+                message: format!("sweeping outbox rows that came back: {e}"),
+            };
+            let n = conn
+                .execute(&sql, &[])
+                .map_err(fail)?
+                .row_count()
+                .map_err(fail)?;
+            conn.commit().map_err(fail)?;
+            Ok(n)
+        })
+        .await
+        .map_err(|e| TargetError {
+            kind: ErrorKind::Transient,
+            message: e.to_string(),
+        })?
+    }
+}
+
+const BUSY_RETRIES: u32 = 5;
+
+fn apply_batch(
+    conn: &oracle::Connection,
+    ctx: &Ctx,
+    work: &[Work],
+    seen: &[Option<Seen>],
+) -> Result<Vec<Outcome>, TargetError> {
+    let mut isolate = false;
+    let mut busy = 0;
+    loop {
+        let result = attempt(conn, ctx, work, seen, isolate);
+        if result.is_err() {
+            let _ = conn.rollback();
+        }
+        match result {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(Failed::Transient(e)) => return Err(e),
+            Err(Failed::Busy) if busy < BUSY_RETRIES => {
+                busy += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy)));
+            }
+            Err(Failed::Busy) => {
+                return Err(TargetError {
+                    kind: ErrorKind::Transient,
+                    message: format!(
+                        "the batch's rows stayed locked by applications through {BUSY_RETRIES} tries"
+                    ),
+                });
+            }
+            Err(Failed::Data(e)) if !isolate => {
+                tracing::debug!(error = %e, "a statement failed on a message's data; applying one message at a time");
+                isolate = true;
+            }
+            Err(Failed::Data(e)) => {
+                return Err(TargetError {
+                    kind: ErrorKind::Transient,
+                    message: format!("a statement outside any one message failed: {e}"),
+                });
+            }
+        }
+    }
+}
+
+fn exec(
+    conn: &oracle::Connection,
+    context: &str,
+    sql: &str,
+    binds: &[&dyn oracle::sql_type::ToSql],
+) -> Result<u64, Failed> {
+    conn.execute(sql, binds)
+        .and_then(|s| s.row_count())
+        .map_err(|e| Failed::from_ora(context, e))
+}
+
+fn attempt(
+    conn: &oracle::Connection,
+    ctx: &Ctx,
+    work: &[Work],
+    seen: &[Option<Seen>],
+    isolate: bool,
+) -> Result<Vec<Outcome>, Failed> {
+    progress(conn, seen)?;
+    let mut outcomes = Vec::with_capacity(work.len());
+    let mut first_seen: HashSet<Uuid> = HashSet::new();
+    let mut blocked: HashSet<Entity> = HashSet::new();
+    let mut to_apply: Vec<(usize, &Event, &Route, &MappedRow)> = Vec::new();
+    for (i, w) in work.iter().enumerate() {
+        let event = match w {
+            Work::Hold => None,
+            Work::DeadLetter(_, e) => e.as_ref(),
+            Work::Own(e, _) | Work::Skip(e) | Work::Apply(e, ..) => Some(e),
+        };
+        if let Some(e) = event
+            && !first_seen.insert(e.id)
+        {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        let outcome = match w {
+            Work::Hold => Outcome::Held,
+            Work::DeadLetter(reason, None) => Outcome::DeadLettered(reason.clone()),
+            Work::DeadLetter(reason, Some(e)) => {
+                inbox(conn, e, "dead_letter")?;
+                Outcome::DeadLettered(reason.clone())
+            }
+            Work::Skip(e) => {
+                if inbox(conn, e, "skipped")? {
+                    Outcome::Skipped
+                } else {
+                    Outcome::Duplicate
+                }
+            }
+            Work::Own(e, row) => {
+                if inbox(conn, e, "own")? {
+                    own_back_round(conn, ctx, e, row.as_ref())?;
+                    Outcome::Own
+                } else {
+                    Outcome::Duplicate
+                }
+            }
+            Work::Apply(e, route, row) => {
+                to_apply.push((i, e, route, row));
+                Outcome::Applied
+            }
+        };
+        outcomes.push(outcome);
+    }
+    if isolate {
+        for (i, e, route, row) in to_apply {
+            if blocked.contains(&row.entity) {
+                outcomes[i] = Outcome::Held;
+                continue;
+            }
+            exec(conn, "savepoint", "SAVEPOINT sitesync_item", &[])?;
+            match apply_events(conn, ctx, &[(i, e, route, row)]) {
+                Ok(o) => outcomes[i] = o.into_iter().next().expect("one outcome"),
+                Err(Failed::Data(reason)) => {
+                    exec(
+                        conn,
+                        "rolling back a savepoint",
+                        "ROLLBACK TO SAVEPOINT sitesync_item",
+                        &[],
+                    )?;
+                    blocked.insert(row.entity.clone());
+                    outcomes[i] = Outcome::Failed(reason);
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    } else {
+        let decided = apply_events(conn, ctx, &to_apply)?;
+        for ((i, ..), o) in to_apply.iter().zip(decided) {
+            outcomes[*i] = o;
+        }
+    }
+    conn.commit()
+        .map_err(|e| Failed::from_ora("committing the batch", e))?;
+    Ok(outcomes)
+}
+
+/// Writes the inbox row; whether the event is new.
+fn inbox(conn: &oracle::Connection, e: &Event, outcome: &str) -> Result<bool, Failed> {
+    let id = e.id.to_string();
+    let (epoch, seq) = (e.epoch as i64, e.seq as i64);
+    let n = exec(
+        conn,
+        "writing the inbox",
+        INBOX_SQL,
+        &[&id, &e.origin, &e.kind, &epoch, &seq, &outcome],
+    )?;
+    Ok(n > 0)
+}
+
+fn no_data(e: &oracle::Error) -> bool {
+    e.kind() == oracle::ErrorKind::NoDataFound
+}
+
+fn progress(conn: &oracle::Connection, seen: &[Option<Seen>]) -> Result<(), Failed> {
+    let seen: Vec<&Seen> = seen.iter().flatten().collect();
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let mut state: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let origins: HashSet<&str> = seen.iter().map(|s| s.origin.as_str()).collect();
+    for origin in origins {
+        let row = conn.query_row_as::<(i64, i64)>(
+            "SELECT EPOCH, SEQ FROM SITESYNC_ORIGINS WHERE ORIGIN = :1 FOR UPDATE",
+            &[&origin],
+        );
+        match row {
+            Ok((e, s)) => {
+                state.insert(origin.to_string(), (e as u64, s as u64));
+            }
+            Err(e) if no_data(&e) => {}
+            Err(e) => return Err(Failed::from_ora("reading origin progress", e)),
+        }
+    }
+    let (changed, gaps) = track(&mut state, &seen);
+    for origin in changed {
+        let (e, s) = state[&origin];
+        let (e, s) = (e as i64, s as i64);
+        exec(
+            conn,
+            "writing origin progress",
+            "MERGE INTO SITESYNC_ORIGINS o USING (SELECT :1 ORIGIN, :2 EPOCH, :3 SEQ FROM DUAL) s ON (o.ORIGIN = s.ORIGIN) \
+             WHEN MATCHED THEN UPDATE SET o.EPOCH = s.EPOCH, o.SEQ = s.SEQ, o.UPDATED_AT = SYSTIMESTAMP \
+             WHEN NOT MATCHED THEN INSERT (ORIGIN, EPOCH, SEQ) VALUES (s.ORIGIN, s.EPOCH, s.SEQ)",
+            &[&origin, &e, &s],
+        )?;
+    }
+    for g in gaps {
+        tracing::warn!(origin = %g.origin, epoch = g.epoch, from = g.from, to = g.to, "gap: events of this origin never arrived");
+        let (e, f, t) = (g.epoch as i64, g.from as i64, g.to as i64);
+        exec(
+            conn,
+            "recording gaps",
+            "INSERT INTO SITESYNC_GAPS (ORIGIN, EPOCH, FROM_SEQ, TO_SEQ) VALUES (:1, :2, :3, :4)",
+            &[&g.origin, &e, &f, &t],
+        )?;
+    }
+    Ok(())
+}
+
+fn load_versions(
+    conn: &oracle::Connection,
+    entities: &[&Entity],
+) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
+    let mut out = HashMap::new();
+    for e in entities {
+        let row = conn.query_row_as::<(String, String, String)>(
+            &format!("SELECT TO_CHAR(TS AT TIME ZONE 'UTC', '{TS_FORMAT}'), ORIGIN, EVENT_ID FROM SITESYNC_VERSIONS WHERE ENTITY = :1 AND KEY = :2"),
+            &[&e.table, &e.key],
+        );
+        match row {
+            Ok((ts, origin, id)) => {
+                if let (Some(ts), Ok(id)) = (parse_timestamp(&ts), Uuid::parse_str(&id)) {
+                    out.insert((*e).clone(), (Version { ts, origin }, id));
+                }
+            }
+            Err(err) if no_data(&err) => {}
+            Err(err) => return Err(Failed::from_ora("reading entity versions", err)),
+        }
+    }
+    Ok(out)
+}
+
+fn upsert_version(
+    conn: &oracle::Connection,
+    e: &Entity,
+    v: &Version,
+    id: Uuid,
+) -> Result<(), Failed> {
+    let (ts, id) = (ts_text(v), id.to_string());
+    exec(
+        conn,
+        "writing entity versions",
+        VERSION_SQL,
+        &[&e.table, &e.key, &ts, &v.origin, &id],
+    )?;
+    Ok(())
+}
+
+/// This site's writes still in the outbox, for these entities.
+fn local_writes(
+    conn: &oracle::Connection,
+    ctx: &Ctx,
+    entities: &[&Entity],
+) -> Result<HashMap<Entity, Vec<LocalWrite>>, Failed> {
+    let mut out: HashMap<Entity, Vec<LocalWrite>> = HashMap::new();
+    let wanted: HashSet<&Entity> = entities.iter().copied().collect();
+    for e in entities {
+        let types: Vec<&Route> = ctx
+            .sink
+            .routes
+            .iter()
+            .filter(|r| r.table == e.table)
+            .collect();
+        for route in types {
+            let rows = conn
+                .query_as::<(String, String, String)>(
+                    &format!(
+                        "SELECT ID, DATA, TO_CHAR(CREATED_AT AT TIME ZONE 'UTC', '{TS_FORMAT}') FROM {} WHERE TYPE = :1 AND (ENTITY_KEY IS NULL OR ENTITY_KEY = :2)",
+                        ctx.outbox
+                    ),
+                    &[&route.kind, &e.key],
+                )
+                .map_err(|err| Failed::from_ora("looking for local writes not yet propagated", err))?;
+            for row in rows {
+                let Ok((id, data, ts)) = row else { continue };
+                let (Ok(id), Some(ts)) = (Uuid::parse_str(id.trim()), parse_timestamp(&ts)) else {
+                    continue;
+                };
+                let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&data) else {
+                    continue;
+                };
+                if let Ok(mapped) = map_row(route, &map)
+                    && wanted.contains(&mapped.entity)
+                {
+                    out.entry(mapped.entity).or_default().push(LocalWrite {
+                        version: Version {
+                            ts,
+                            origin: ctx.site.clone(),
+                        },
+                        id,
+                        payload: Value::Object(map),
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The types of a route table's columns (`ALL_TAB_COLUMNS`), by name as
+/// Oracle stores it; read once per table and connection.
+fn column_types<'c>(
+    conn: &oracle::Connection,
+    cache: &'c mut HashMap<String, HashMap<String, Bind>>,
+    table: &str,
+) -> Result<&'c HashMap<String, Bind>, Failed> {
+    if !cache.contains_key(table) {
+        let parts: Vec<String> = table
+            .split('.')
+            .map(|p| oracle_ident(p).trim_matches('"').replace("\"\"", "\""))
+            .collect();
+        let (owner, name) = match parts.as_slice() {
+            [o, t] => (Some(o.clone()), t.clone()),
+            _ => (None, parts.concat()),
+        };
+        let rows = conn
+            .query_as::<(String, String)>(
+                "SELECT COLUMN_NAME, DATA_TYPE FROM ALL_TAB_COLUMNS WHERE OWNER = NVL(:1, USER) AND TABLE_NAME = :2",
+                &[&owner, &name],
+            )
+            .map_err(|e| Failed::from_ora(&format!("reading the columns of {table}"), e))?;
+        let mut types = HashMap::new();
+        for (column, data_type) in rows.flatten() {
+            types.insert(column, Bind::of(&data_type));
+        }
+        cache.insert(table.to_string(), types);
+    }
+    Ok(&cache[table])
+}
+
+/// A column's bind, looked up under the name Oracle resolves it to.
+fn bind_of(types: &HashMap<String, Bind>, column: &str) -> Bind {
+    let resolved = oracle_ident(column);
+    types
+        .get(resolved.trim_matches('"'))
+        .copied()
+        .unwrap_or(Bind::Text)
+}
+
+fn write_row(
+    conn: &oracle::Connection,
+    cache: &mut HashMap<String, HashMap<String, Bind>>,
+    route: &Route,
+    row: &MappedRow,
+) -> Result<(), Failed> {
+    let context = format!("writing {}", route.table);
+    let types = column_types(conn, cache, &route.table)?;
+    let (sql, values): (String, Vec<Option<String>>) = match route.operation {
+        Operation::Upsert => {
+            let cols: Vec<(&str, Bind)> = row
+                .columns
+                .keys()
+                .map(|c| (c.as_str(), bind_of(types, c)))
+                .collect();
+            let values = cols
+                .iter()
+                .zip(row.columns.values())
+                .map(|((_, b), v)| b.text(v))
+                .collect();
+            (merge_sql(&route.table, &cols, &route.key), values)
+        }
+        Operation::Delete => {
+            let key: Vec<(&str, Bind)> = route
+                .key
+                .iter()
+                .map(|k| (k.as_str(), bind_of(types, k)))
+                .collect();
+            let values = key
+                .iter()
+                .map(|(k, b)| row.columns.get(*k).and_then(|v| b.text(v)))
+                .collect();
+            (delete_sql(&route.table, &key), values)
+        }
+    };
+    let binds: Vec<&dyn oracle::sql_type::ToSql> = values
+        .iter()
+        .map(|v| v as &dyn oracle::sql_type::ToSql)
+        .collect();
+    exec(conn, &context, &sql, &binds)?;
+    Ok(())
+}
+
+fn apply_events(
+    conn: &oracle::Connection,
+    ctx: &Ctx,
+    batch: &[(usize, &Event, &Route, &MappedRow)],
+) -> Result<Vec<Outcome>, Failed> {
+    let mut fresh = Vec::new();
+    let mut is_new = Vec::with_capacity(batch.len());
+    for b in batch {
+        let new = inbox(conn, b.1, "applied")?;
+        is_new.push(new);
+        if new {
+            fresh.push(*b);
+        }
+    }
+    let entities: Vec<&Entity> = {
+        let mut seen = HashSet::new();
+        fresh
+            .iter()
+            .map(|(.., row)| &row.entity)
+            .filter(|e| seen.insert(*e))
+            .collect()
+    };
+    let stored = load_versions(conn, &entities)?;
+    let local = local_writes(conn, ctx, &entities)?;
+    let pairs: Vec<(&Event, &Entity)> = fresh
+        .iter()
+        .map(|(_, e, _, row)| (*e, &row.entity))
+        .collect();
+    let decided = decide(&pairs, &stored, &local);
+    let mut cache = ctx.columns.lock().unwrap_or_else(|p| p.into_inner());
+    for ((_, _, route, row), applied) in fresh.iter().zip(&decided.applied) {
+        if *applied {
+            write_row(conn, &mut cache, route, row)?;
+        }
+    }
+    drop(cache);
+    for (entity, (version, id)) in &decided.versions {
+        upsert_version(conn, entity, version, *id)?;
+    }
+    insert_conflicts(conn, &decided.conflicts)?;
+    for ((_, e, ..), applied) in fresh.iter().zip(&decided.applied) {
+        if !applied {
+            let id = e.id.to_string();
+            exec(
+                conn,
+                "recording lost events",
+                "UPDATE SITESYNC_INBOX SET OUTCOME = 'lost' WHERE EVENT_ID = :1",
+                &[&id],
+            )?;
+        }
+    }
+    let mut applied = decided.applied.iter();
+    Ok(is_new
+        .into_iter()
+        .map(|new| {
+            if !new {
+                Outcome::Duplicate
+            } else if *applied.next().expect("one decision per fresh event") {
+                Outcome::Applied
+            } else {
+                Outcome::Lost
+            }
+        })
+        .collect())
+}
+
+fn insert_conflicts(conn: &oracle::Connection, conflicts: &[Conflict]) -> Result<(), Failed> {
+    for c in conflicts {
+        let loser = c.loser.to_string();
+        let winner = c.winner.to_string();
+        let payload = c.loser_payload.to_string();
+        let (lts, wts) = (ts_text(&c.loser_version), ts_text(&c.winner_version));
+        exec(
+            conn,
+            "recording conflicts",
+            CONFLICT_SQL,
+            &[
+                &loser,
+                &c.entity.table,
+                &c.entity.key,
+                &c.loser_version.origin,
+                &lts,
+                &payload,
+                &winner,
+                &c.winner_version.origin,
+                &wts,
+            ],
+        )?;
+        tracing::info!(entity = %c.entity.table, key = %c.entity.key, loser = %c.loser, winner = %c.winner, "conflict resolved by last-writer-wins");
+    }
+    Ok(())
+}
+
+/// An event of ours back round: delete its outbox row, and make it the
+/// entity's version if it is the newest.
+fn own_back_round(
+    conn: &oracle::Connection,
+    ctx: &Ctx,
+    e: &Event,
+    row: Option<&MappedRow>,
+) -> Result<(), Failed> {
+    let lower = e.id.to_string();
+    let upper = lower.to_uppercase();
+    let n = exec(
+        conn,
+        "deleting outbox rows that came back",
+        &format!("DELETE FROM {} WHERE ID IN (:1, :2)", ctx.outbox),
+        &[&lower, &upper],
+    )?;
+    if n == 0 {
+        tracing::info!(id = %e.id, "the outbox row of an event that came back was not found (the idle sweep retries)");
+    }
+    if let Some(row) = row {
+        let version = Version {
+            ts: e.timestamp,
+            origin: e.origin.clone(),
+        };
+        upsert_version(conn, &row.entity, &version, e.id)?;
+    }
+    Ok(())
+}
+
+/// For the unit tests: the data of an event as the sink maps it.
+#[cfg(test)]
+fn mapped(route: &Route, data: &str) -> MappedRow {
+    let ev = Event {
+        id: Uuid::nil(),
+        timestamp: chrono::Utc::now(),
+        origin: "PARIS".into(),
+        kind: route.kind.clone(),
+        entity_key: None,
+        data: serde_json::value::RawValue::from_string(data.into()).unwrap(),
+        epoch: 1,
+        seq: 1,
+    };
+    map_row(route, &super::mapping::data_object(&ev).unwrap()).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(op: Operation, key: &[&str]) -> Route {
+        Route {
+            kind: "customer.upsert".into(),
+            table: "app.customer".into(),
+            key: key.iter().map(|k| k.to_string()).collect(),
+            operation: op,
+            rename: BTreeMap::new(),
+            drop: vec![],
+            constants: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn identifiers_resolve_as_oracle_does() {
+        assert_eq!(oracle_ident("customer_id"), "\"CUSTOMER_ID\"");
+        assert_eq!(oracle_ident("Mixed Case"), "\"Mixed Case\"");
+        assert_eq!(oracle_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(oracle_table("app.customer"), "\"APP\".\"CUSTOMER\"");
+    }
+
+    #[test]
+    fn the_merge_and_delete_the_sink_sends() {
+        let r = route(Operation::Upsert, &["id"]);
+        let row = mapped(
+            &r,
+            r#"{"id": 42, "name": "Zoé", "vip": true, "tags": ["a"], "note": null}"#,
+        );
+        let cols: Vec<(&str, Bind)> = row
+            .columns
+            .keys()
+            .map(|c| (c.as_str(), Bind::Text))
+            .collect();
+        assert_eq!(
+            merge_sql(&r.table, &cols, &r.key),
+            "MERGE INTO \"APP\".\"CUSTOMER\" t USING (SELECT :1 \"ID\", :2 \"NAME\", :3 \"NOTE\", :4 \"TAGS\", :5 \"VIP\" FROM DUAL) s \
+             ON (t.\"ID\" = s.\"ID\") WHEN MATCHED THEN UPDATE SET t.\"NAME\" = s.\"NAME\", t.\"NOTE\" = s.\"NOTE\", t.\"TAGS\" = s.\"TAGS\", t.\"VIP\" = s.\"VIP\" \
+             WHEN NOT MATCHED THEN INSERT (\"ID\", \"NAME\", \"NOTE\", \"TAGS\", \"VIP\") VALUES (s.\"ID\", s.\"NAME\", s.\"NOTE\", s.\"TAGS\", s.\"VIP\")"
+        );
+        let binds: Vec<Option<String>> = row.columns.values().map(bind_text).collect();
+        assert_eq!(
+            binds,
+            vec![
+                Some("42".into()),
+                Some("Zoé".into()),
+                None,
+                Some("[\"a\"]".into()),
+                Some("1".into())
+            ]
+        );
+        // Key columns only: nothing to update when matched.
+        assert_eq!(
+            merge_sql(
+                "t",
+                &[("a", Bind::Text), ("b", Bind::Text)],
+                &["a".into(), "b".into()]
+            ),
+            "MERGE INTO \"T\" t USING (SELECT :1 \"A\", :2 \"B\" FROM DUAL) s ON (t.\"A\" = s.\"A\" AND t.\"B\" = s.\"B\") WHEN NOT MATCHED THEN INSERT (\"A\", \"B\") VALUES (s.\"A\", s.\"B\")"
+        );
+        assert_eq!(
+            delete_sql("app.customer", &[("id", Bind::Text), ("site", Bind::Text)]),
+            "DELETE FROM \"APP\".\"CUSTOMER\" WHERE \"ID\" = :1 AND \"SITE\" = :2"
+        );
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_bound_through_to_timestamp_tz() {
+        assert_eq!(Bind::of("DATE"), Bind::Date);
+        assert_eq!(Bind::of("TIMESTAMP(6)"), Bind::Timestamp);
+        assert_eq!(Bind::of("TIMESTAMP(6) WITH TIME ZONE"), Bind::TimestampTz);
+        assert_eq!(
+            Bind::of("TIMESTAMP(6) WITH LOCAL TIME ZONE"),
+            Bind::TimestampTz
+        );
+        assert_eq!(Bind::of("NUMBER"), Bind::Text);
+        let sql = merge_sql(
+            "customer",
+            &[
+                ("id", Bind::Text),
+                ("updated_at", Bind::TimestampTz),
+                ("born", Bind::Date),
+            ],
+            &["id".into()],
+        );
+        assert!(
+            sql.contains("USING (SELECT :1 \"ID\", TO_TIMESTAMP_TZ(:2, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM') \"UPDATED_AT\", CAST(TO_TIMESTAMP_TZ(:3, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF9TZH:TZM') AT TIME ZONE 'UTC' AS DATE) \"BORN\" FROM DUAL)"),
+            "{sql}"
+        );
+        let v = serde_json::json!("2026-11-23T17:11:28.5+01:00");
+        assert_eq!(
+            Bind::TimestampTz.text(&v).as_deref(),
+            Some("2026-11-23T16:11:28.500000000+00:00")
+        );
+        assert_eq!(
+            Bind::Text.text(&v).as_deref(),
+            Some("2026-11-23T17:11:28.5+01:00")
+        );
+        // Not a timestamp: sent as it is, and Oracle's error fails that message.
+        assert_eq!(
+            Bind::Date.text(&serde_json::json!("soon")).as_deref(),
+            Some("soon")
+        );
+        assert_eq!(Bind::Date.text(&Value::Null), None);
+    }
+
+    #[test]
+    fn the_bookkeeping_sql() {
+        assert!(INBOX_SQL.contains("WHERE i.OUTCOME = 'dead_letter'"));
+        assert!(VERSION_SQL.contains("WHERE s.TS > v.TS OR (s.TS = v.TS AND s.ORIGIN > v.ORIGIN)"));
+        assert!(CONFLICT_SQL.contains("WHEN NOT MATCHED THEN INSERT"));
+        assert!(
+            !CONFLICT_SQL.contains("WHEN MATCHED"),
+            "a conflict is recorded once"
+        );
+        for (name, ddl) in TABLES {
+            assert!(ddl.starts_with(&format!("CREATE TABLE {name} (")), "{ddl}");
+        }
+        let v = Version {
+            ts: parse_timestamp("2026-11-23T16:11:28.5Z").unwrap(),
+            origin: "PARIS".into(),
+        };
+        assert_eq!(ts_text(&v), "2026-11-23T16:11:28.500000+00:00");
+    }
+
+    #[test]
+    fn data_errors_are_told_from_batch_errors() {
+        for code in [1, 1400, 12899, 1722, 2291, 20001, 4088] {
+            assert!(per_message(code), "{code}");
+        }
+        for code in [3113, 54, 60, 1017] {
+            assert!(!per_message(code), "{code}");
+        }
+        assert_eq!(ora_code("ORA-00001: unique constraint violated"), Some(1));
+    }
+}

@@ -1,0 +1,292 @@
+//! Which redo log files a window needs, and how wide windows are.
+//!
+//! Since 19c LogMiner's `CONTINUOUS_MINE` is gone: each window adds its log
+//! files itself (`DBMS_LOGMNR.ADD_LOGFILE`). The candidates are the online
+//! logs (`V$LOG` joined to `V$LOGFILE`, one member per group) and the
+//! archived logs still on disk (`V$ARCHIVED_LOG` with `STATUS = 'A'`, not
+//! deleted, local destinations). [`select`] is a pure function over that
+//! list, tested here without a server:
+//!
+//! - a log covers `[FIRST_CHANGE#, NEXT_CHANGE#)`; the current online log's
+//!   `NEXT_CHANGE#` is the largest SCN;
+//! - per redo thread, the logs overlapping the window `(lo, hi]` are taken,
+//!   one file per sequence: the archived copy when there is one (an online
+//!   log can be overwritten while it is read once it has been archived),
+//!   else the online one;
+//! - the sequences taken must be contiguous, and the first must start at or
+//!   before `lo + 1`; otherwise the redo for part of the window is gone, and
+//!   that is an operator error naming the SCN range and what to do, never
+//!   a silent skip.
+//!
+//! A log switch between listing the logs and mining shows up as LogMiner
+//! error ORA-01291 (missing log file) or ORA-00310/00334 (the online log was
+//! overwritten): transient, the window is listed and mined again.
+
+use std::collections::BTreeMap;
+
+/// One redo log file, online or archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFile {
+    pub name: String,
+    pub thread: u32,
+    pub sequence: u64,
+    pub first_scn: u64,
+    /// `NEXT_CHANGE#`: the first SCN *not* in this log (the largest SCN for
+    /// the current online log).
+    pub next_scn: u64,
+    pub archived: bool,
+}
+
+/// The redo for part of a window is not on disk any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingRedo {
+    pub thread: u32,
+    /// The SCNs that cannot be read: `from..=to`.
+    pub from: u64,
+    pub to: u64,
+    /// What is there instead.
+    pub detail: String,
+}
+
+impl MissingRedo {
+    /// The operator's message.
+    pub fn message(&self) -> String {
+        format!(
+            "the redo for SCN {}..{} (thread {}) is not available: {}. Outbox rows committed in that range cannot be read. \
+             Restore the archived logs (RMAN: RESTORE ARCHIVELOG FROM SCN {} UNTIL SCN {} THREAD {}) and restart sitesync; \
+             or, accepting that those events are lost, run `sitesync checkpoint reset --to-latest` and resynchronise the other sites from the archive. \
+             To prevent it, keep archived logs until sitesync has read them (`sitesync checkpoint show` prints the SCN it needs)",
+            self.from, self.to, self.thread, self.detail, self.from, self.to, self.thread
+        )
+    }
+}
+
+/// The files to add for the window `(lo, hi]`, in (thread, sequence)
+/// order.
+pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, MissingRedo> {
+    let want_from = lo.saturating_add(1);
+    let mut threads: BTreeMap<u32, BTreeMap<u64, &LogFile>> = BTreeMap::new();
+    for f in files {
+        let seqs = threads.entry(f.thread).or_default();
+        match seqs.get(&f.sequence) {
+            Some(existing) if existing.archived => {}
+            _ => {
+                seqs.insert(f.sequence, f);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (thread, seqs) in threads {
+        // The logs of this thread that hold any SCN of the window.
+        let needed: Vec<&LogFile> = seqs
+            .values()
+            .copied()
+            .filter(|f| f.first_scn <= hi && f.next_scn > want_from)
+            .collect();
+        let Some(first) = needed.first() else {
+            // Nothing of this thread overlaps the window: either the thread
+            // wrote nothing then (its logs are all before or after), or
+            // every log covering the window is gone.
+            let before = seqs.values().rev().find(|f| f.next_scn <= want_from);
+            let after = seqs.values().find(|f| f.first_scn > hi);
+            if let (None, Some(after)) = (before, after) {
+                return Err(MissingRedo {
+                    thread,
+                    from: want_from,
+                    to: after.first_scn.saturating_sub(1).min(hi),
+                    detail: format!(
+                        "the oldest log on disk is sequence {} from SCN {}",
+                        after.sequence, after.first_scn
+                    ),
+                });
+            }
+            continue;
+        };
+        if first.first_scn > want_from {
+            return Err(MissingRedo {
+                thread,
+                from: want_from,
+                to: first.first_scn - 1,
+                detail: format!(
+                    "the oldest log on disk is sequence {} from SCN {}",
+                    first.sequence, first.first_scn
+                ),
+            });
+        }
+        for pair in needed.windows(2) {
+            if pair[1].sequence != pair[0].sequence + 1 {
+                return Err(MissingRedo {
+                    thread,
+                    from: pair[0].next_scn,
+                    to: pair[1].first_scn.saturating_sub(1).max(pair[0].next_scn),
+                    detail: format!(
+                        "archived log sequences {}..{} are missing",
+                        pair[0].sequence + 1,
+                        pair[1].sequence - 1
+                    ),
+                });
+            }
+        }
+        out.extend(needed.into_iter().cloned());
+    }
+    Ok(out)
+}
+
+/// Adaptive window width, in SCNs.
+///
+/// A window that returns more rows than `target_rows` halves the width
+/// (down to `min`); one that returns fewer than a quarter of it while
+/// behind the database's current SCN doubles it (up to `max`). Idle, the
+/// width does not matter: the window ends at the current SCN.
+#[derive(Debug, Clone)]
+pub struct WindowSizer {
+    pub min: u64,
+    pub max: u64,
+    pub target_rows: usize,
+    width: u64,
+}
+
+impl WindowSizer {
+    pub fn new(min: u64, max: u64, target_rows: usize) -> WindowSizer {
+        let min = min.max(1);
+        let max = max.max(min);
+        WindowSizer {
+            min,
+            max,
+            target_rows: target_rows.max(1),
+            width: (min.saturating_mul(10)).clamp(min, max),
+        }
+    }
+
+    pub fn width(&self) -> u64 {
+        self.width
+    }
+
+    /// The next window after `lo`: `(lo, hi]`, `hi` at most `current`.
+    /// `None` when there is nothing new to read.
+    pub fn next(&self, lo: u64, current: u64) -> Option<(u64, u64)> {
+        (current > lo).then(|| (lo, lo.saturating_add(self.width).min(current)))
+    }
+
+    /// Adjusts after a window that returned `rows` rows; `caught_up` when it
+    /// ended at the current SCN.
+    pub fn record(&mut self, rows: usize, caught_up: bool) {
+        if rows > self.target_rows {
+            self.width = (self.width / 2).max(self.min);
+        } else if !caught_up && rows < self.target_rows / 4 {
+            self.width = self.width.saturating_mul(2).min(self.max);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(seq: u64, first: u64, next: u64, archived: bool) -> LogFile {
+        LogFile {
+            name: format!("/u01/{}/{seq}.log", if archived { "arch" } else { "redo" }),
+            thread: 1,
+            sequence: seq,
+            first_scn: first,
+            next_scn: next,
+            archived,
+        }
+    }
+
+    fn names(files: &[LogFile]) -> Vec<String> {
+        files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    #[test]
+    fn picks_the_logs_overlapping_the_window_archived_first() {
+        let files = vec![
+            log(10, 100, 200, true),
+            log(11, 200, 300, true),
+            log(11, 200, 300, false),
+            log(12, 300, u64::MAX, false),
+            log(9, 0, 100, true),
+        ];
+        assert_eq!(
+            names(&select(&files, 150, 250).unwrap()),
+            vec!["/u01/arch/10.log", "/u01/arch/11.log"]
+        );
+        assert_eq!(
+            names(&select(&files, 250, 1000).unwrap()),
+            vec!["/u01/arch/11.log", "/u01/redo/12.log"]
+        );
+        // (199, 200]: SCN 200 is in sequence 11 only.
+        assert_eq!(
+            names(&select(&files, 199, 200).unwrap()),
+            vec!["/u01/arch/11.log"]
+        );
+        // (99, 100]: SCN 100 starts sequence 10.
+        assert_eq!(
+            names(&select(&files, 99, 100).unwrap()),
+            vec!["/u01/arch/10.log"]
+        );
+    }
+
+    #[test]
+    fn a_log_switch_is_a_window_over_two_logs() {
+        let files = vec![log(11, 200, 300, false), log(12, 300, u64::MAX, false)];
+        assert_eq!(select(&files, 290, 310).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_gone_archived_log_is_an_error_naming_the_scn_range() {
+        let files = vec![log(12, 300, 400, true), log(13, 400, u64::MAX, false)];
+        let e = select(&files, 150, 350).unwrap_err();
+        assert_eq!((e.from, e.to), (151, 299));
+        let m = e.message();
+        assert!(m.contains("SCN 151..299"), "{m}");
+        assert!(m.contains("RESTORE ARCHIVELOG"), "{m}");
+        assert!(m.contains("checkpoint reset --to-latest"), "{m}");
+        // The whole window before the oldest log.
+        let e = select(&files, 150, 250).unwrap_err();
+        assert_eq!((e.from, e.to), (151, 250));
+    }
+
+    #[test]
+    fn a_hole_in_the_sequences_is_an_error() {
+        let files = vec![
+            log(10, 100, 200, true),
+            log(12, 300, 400, true),
+            log(13, 400, u64::MAX, false),
+        ];
+        let e = select(&files, 150, 350).unwrap_err();
+        assert_eq!((e.from, e.to), (200, 299));
+        assert!(e.detail.contains("11..11"), "{}", e.detail);
+    }
+
+    #[test]
+    fn threads_are_checked_each_on_its_own() {
+        let mut t2 = log(5, 120, u64::MAX, false);
+        t2.thread = 2;
+        let files = vec![log(10, 100, u64::MAX, false), t2];
+        assert_eq!(select(&files, 150, 250).unwrap().len(), 2);
+        let e = select(&files, 110, 250).unwrap_err();
+        assert_eq!(e.thread, 2);
+    }
+
+    #[test]
+    fn windows_shrink_when_full_and_grow_when_behind_and_sparse() {
+        let mut w = WindowSizer::new(1_000, 100_000, 10_000);
+        assert_eq!(w.width(), 10_000);
+        assert_eq!(w.next(500, 400), None);
+        assert_eq!(w.next(500, 600), Some((500, 600)));
+        assert_eq!(w.next(500, 1_000_000), Some((500, 10_500)));
+        w.record(50_000, false);
+        assert_eq!(w.width(), 5_000);
+        for _ in 0..10 {
+            w.record(50_000, false);
+        }
+        assert_eq!(w.width(), 1_000);
+        w.record(10, true);
+        assert_eq!(w.width(), 1_000, "caught up: no reason to grow");
+        for _ in 0..20 {
+            w.record(10, false);
+        }
+        assert_eq!(w.width(), 100_000);
+    }
+}

@@ -1,0 +1,868 @@
+//! Oracle source: LogMiner over SCN windows.
+//!
+//! - The driver is the `oracle` crate (ODPI-C, compiled from source: the
+//!   build needs no Oracle software). The Oracle Client libraries are loaded
+//!   at run time, from `database.client_lib_dir` or the system's library
+//!   path; when they are missing, `check` and `run` say so and how to
+//!   install Instant Client ([`client_missing`]). Its API is blocking: every
+//!   call runs on `spawn_blocking`, and the stream's reader is one blocking
+//!   task feeding a bounded channel, so `next()` is cancellation-safe.
+//! - Windows: [`miner::read_window`] picks the redo logs covering `(lo, hi]`
+//!   ([`logs::select`]; a needed archived log that is gone is an operator
+//!   error naming the SCN range), adds them with `DBMS_LOGMNR.ADD_LOGFILE`,
+//!   starts LogMiner with the online catalog as dictionary and without
+//!   `COMMITTED_DATA_ONLY`, and reads `V$LOGMNR_CONTENTS` for the outbox's
+//!   INSERTs and every COMMIT and ROLLBACK. The width adapts
+//!   ([`logs::WindowSizer`]).
+//! - Transactions are buffered by XID and emitted at their COMMIT in
+//!   `(commit SCN, XID)` order ([`transactions`]); `SQL_REDO` is parsed by
+//!   [`redo`] and mapped to the outbox fields by [`types`].
+//! - Positions: `oracle:<commit SCN>#<index>@<mine_from>`: see
+//!   [`crate::position::Position::Oracle`]. Nothing is reported back to the
+//!   database ([`ChangeStream::durable`] is a no-op): the redo we still need
+//!   is the archived logs from `mine_from` on, which `checkpoint show`
+//!   prints, and which the DBA's retention (RMAN) must keep.
+//! - With no checkpoint, streaming starts at the SCN the outbox table was
+//!   created at (or the oldest redo still on disk, if later): rows written
+//!   between `init` and the first `run` are not lost.
+//!
+//! Not handled (the row goes to the dead-letter queue, never silently
+//! dropped): a `data` CLOB written out of row (`EMPTY_CLOB()` followed by
+//! LOB writes). `init` creates `data` as `VARCHAR2(4000)` for that reason.
+
+pub mod logs;
+pub mod miner;
+pub mod redo;
+pub mod transactions;
+pub mod types;
+
+use super::{Change, ChangeStream, LogBounds, Source, SourceError};
+use crate::checks::Check;
+use crate::config::{ConnectorConfig, DatabaseConfig, OracleUrl, parse_oracle_url, redact_url};
+use crate::position::Position;
+use logs::WindowSizer;
+use miner::{LogMiner, OracleLogMiner, SESSION_NLS, SettledScn, read_window};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use tokio::sync::mpsc;
+use transactions::Transactions;
+
+/// How to install the client libraries, for the DPI-1047 message.
+pub fn client_missing(detail: &str, dir: Option<&PathBuf>) -> String {
+    let looked = match dir {
+        Some(d) => format!("in database.client_lib_dir = {}", d.display()),
+        None => "on the system's library path (database.client_lib_dir is not set)".into(),
+    };
+    format!(
+        "the Oracle Client libraries (libclntsh.so) were not found {looked}: {detail}. \
+         sitesync loads them at run time. Install Oracle Instant Client (Basic or Basic Light, 19c or newer) \
+         from https://www.oracle.com/database/technologies/instant-client/downloads.html, e.g. unzip it to \
+         /opt/oracle/instantclient_23_6 and install libaio (Debian/Ubuntu: apt-get install libaio1t64 or libaio1; \
+         RHEL: dnf install libaio); then set database.client_lib_dir = \"/opt/oracle/instantclient_23_6\" in the \
+         connector file, or add that directory to LD_LIBRARY_PATH (or to /etc/ld.so.conf.d and run ldconfig)"
+    )
+}
+
+/// The ORA-/DPI- code of an error message, e.g. `ORA-01291` → 1291.
+fn code(message: &str, prefix: &str) -> Option<u32> {
+    let at = message.find(prefix)? + prefix.len();
+    message
+        .get(at..)?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+/// Classifies an `oracle` crate error.
+pub(crate) fn db_error(context: &str, e: &oracle::Error) -> SourceError {
+    classify(context, &e.to_string())
+}
+
+fn classify(context: &str, message: &str) -> SourceError {
+    if code(message, "DPI-").is_some_and(|c| c == 1047 || c == 1072) {
+        return SourceError::operator(format!("{context}: {}", client_missing(message, None)));
+    }
+    let text = format!("{context}: {message}");
+    match code(message, "ORA-") {
+        // Connection lost, instance starting or stopping, listener issues,
+        // resource busy, log switch races while mining.
+        Some(
+            28 | 54 | 60 | 1012 | 1033 | 1034 | 1089 | 1090 | 1092 | 3113 | 3114 | 3135 | 12170
+            | 12514 | 12516 | 12519 | 12520 | 12528 | 12537 | 12541 | 12543 | 12547 | 12560 | 25408
+            | 1291 | 308 | 310 | 334 | 1284 | 4030 | 4031,
+        ) => SourceError::transient(text),
+        Some(1017) => SourceError::operator(format!(
+            "{text} (check the user and password in database.url)"
+        )),
+        Some(942) | Some(1031) | Some(1035) | Some(1045) | Some(6550) => SourceError::operator(
+            format!("{text} (a privilege is missing: run `sitesync check` for the grants)"),
+        ),
+        Some(_) => SourceError::operator(text),
+        // DPI errors (not connected, connection closed) and anything else.
+        None => SourceError::transient(text),
+    }
+}
+
+/// Loads the client library once per process, from `dir` if given.
+fn init_client(dir: Option<&PathBuf>) -> Result<(), SourceError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let mut params = oracle::InitParams::new();
+        if let Some(dir) = dir {
+            params
+                .oracle_client_lib_dir(dir.as_os_str())
+                .map_err(|e| e.to_string())?;
+        }
+        params.init().map(|_| ()).map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(|e| SourceError::operator(client_missing(&e, dir)))
+}
+
+/// Runs blocking driver work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        SourceError::transient(format!("an Oracle call panicked or was cancelled: {e}"))
+    })?
+}
+
+/// Quotes an Oracle identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// Connection settings, shared by the source and the sink.
+#[derive(Debug, Clone)]
+pub struct OracleConnect {
+    pub url: OracleUrl,
+    pub shown: String,
+    pub client_lib_dir: Option<PathBuf>,
+}
+
+impl OracleConnect {
+    pub fn new(cfg: &DatabaseConfig) -> Result<OracleConnect, SourceError> {
+        Ok(OracleConnect {
+            url: parse_oracle_url(&cfg.url).map_err(SourceError::operator)?,
+            shown: redact_url(&cfg.url),
+            client_lib_dir: cfg.oracle.client_lib_dir.clone(),
+        })
+    }
+
+    /// A new connection with the session formats set (blocking).
+    pub fn connect(&self) -> Result<oracle::Connection, SourceError> {
+        init_client(self.client_lib_dir.as_ref())?;
+        let conn = oracle::Connector::new(
+            self.url.user.as_str(),
+            self.url.password.as_str(),
+            self.url.connect_string.as_str(),
+        )
+        .connect()
+        .map_err(|e| {
+            let m = e.to_string();
+            if code(&m, "DPI-").is_some_and(|c| c == 1047 || c == 1072) {
+                SourceError::operator(client_missing(&m, self.client_lib_dir.as_ref()))
+            } else {
+                classify(&format!("connecting to {}", self.shown), &m)
+            }
+        })?;
+        conn.execute(SESSION_NLS, &[])
+            .map_err(|e| db_error("setting the session formats", &e))?;
+        Ok(conn)
+    }
+}
+
+pub struct OracleSource {
+    cfg: DatabaseConfig,
+    site: String,
+    connect: OracleConnect,
+    /// The outbox as LogMiner names it: `(SEG_OWNER, TABLE_NAME)`.
+    owner: String,
+    table: String,
+}
+
+impl OracleSource {
+    pub fn new(connector: &ConnectorConfig) -> Result<OracleSource, SourceError> {
+        let connect = OracleConnect::new(&connector.database)?;
+        let (owner, table) = outbox_names(&connector.database.outbox_table, &connect.url.user);
+        Ok(OracleSource {
+            cfg: connector.database.clone(),
+            site: connector.site.clone(),
+            connect,
+            owner,
+            table,
+        })
+    }
+
+    fn outbox_sql_name(&self) -> String {
+        format!("{}.{}", ident(&self.owner), ident(&self.table))
+    }
+
+    /// The DDL of the outbox table.
+    fn outbox_ddl(&self) -> String {
+        outbox_ddl(&self.outbox_sql_name(), &self.site)
+    }
+}
+
+/// `[schema.]table` as Oracle stores unquoted names (upper case); the
+/// schema defaults to the connecting user.
+pub fn outbox_names(outbox_table: &str, user: &str) -> (String, String) {
+    match outbox_table.split_once('.') {
+        Some((s, t)) => (s.to_uppercase(), t.to_uppercase()),
+        None => (user.to_uppercase(), outbox_table.to_uppercase()),
+    }
+}
+
+/// The outbox table. `data` is `VARCHAR2(4000)` so that LogMiner always
+/// writes its value in the INSERT's `SQL_REDO` (see the module docs); on a
+/// database with `MAX_STRING_SIZE = EXTENDED` it can be widened to
+/// `VARCHAR2(32767)`. `id` defaults to a `SYS_GUID()` in UUID form.
+pub fn outbox_ddl(name: &str, site: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (\n\
+         \x20 ID VARCHAR2(36) DEFAULT LOWER(REGEXP_REPLACE(RAWTOHEX(SYS_GUID()), '^(.{{8}})(.{{4}})(.{{4}})(.{{4}})(.{{12}})$', '\\1-\\2-\\3-\\4-\\5')) PRIMARY KEY,\n\
+         \x20 CREATED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL,\n\
+         \x20 ORIGIN VARCHAR2(64) DEFAULT {site} NOT NULL,\n\
+         \x20 TYPE VARCHAR2(200) NOT NULL,\n\
+         \x20 ENTITY_KEY VARCHAR2(400),\n\
+         \x20 DATA VARCHAR2(4000) NOT NULL CONSTRAINT {check} CHECK (DATA IS JSON)\n\
+         )",
+        site = literal(site),
+        check = ident(&format!(
+            "{}_DATA_JSON",
+            name.rsplit('.')
+                .next()
+                .unwrap_or("OUTBOX")
+                .trim_matches('"')
+        )),
+    )
+}
+
+/// The statements a DBA runs once (sitesync's user cannot).
+pub fn dba_statements(user: &str, outbox: &str) -> Vec<String> {
+    let u = ident(&user.to_uppercase());
+    vec![
+        "-- as SYSDBA, once (ARCHIVELOG needs a restart):".into(),
+        "SHUTDOWN IMMEDIATE; STARTUP MOUNT; ALTER DATABASE ARCHIVELOG; ALTER DATABASE OPEN;".into(),
+        "ALTER DATABASE ADD SUPPLEMENTAL LOG DATA;".into(),
+        format!("ALTER TABLE {outbox} ADD SUPPLEMENTAL LOG DATA (ALL) COLUMNS;"),
+        format!("GRANT CREATE SESSION, LOGMINING, SELECT ANY TRANSACTION TO {u};"),
+        format!("GRANT SELECT ON V_$DATABASE TO {u};"),
+        format!("GRANT SELECT ON V_$LOG TO {u};"),
+        format!("GRANT SELECT ON V_$LOGFILE TO {u};"),
+        format!("GRANT SELECT ON V_$ARCHIVED_LOG TO {u};"),
+        format!("GRANT SELECT ON V_$LOGMNR_CONTENTS TO {u};"),
+        format!("GRANT EXECUTE ON DBMS_LOGMNR TO {u};"),
+    ]
+}
+
+/// The stream: a blocking reader task feeding a bounded channel.
+pub struct OracleStream {
+    rx: mpsc::Receiver<Result<Change, SourceError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ChangeStream for OracleStream {
+    async fn next(&mut self) -> Result<Change, SourceError> {
+        match self.rx.recv().await {
+            Some(item) => item,
+            None => Err(SourceError::transient("the LogMiner reader stopped")),
+        }
+    }
+
+    fn durable(&mut self, _resume: &Position) {
+        // Nothing to tell Oracle: the redo we still need is whatever the
+        // archived-log retention keeps from the checkpoint's mine_from on.
+    }
+
+    async fn close(self) {
+        drop(self.rx);
+        // The reader stops at its next send or poll (after the window it is
+        // reading, at worst).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.reader).await;
+    }
+}
+
+/// How long an SCN read from `V$DATABASE` waits before a window may end
+/// at it (see [`SettledScn`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the connection is: a non-CDB database, a PDB (per-PDB mining), or
+/// the root of a CDB (refused: the outbox lives in a PDB, connect there).
+fn container(conn: &oracle::Connection) -> Result<Container, SourceError> {
+    let (cdb, name): (Option<String>, Option<String>) = conn
+        .query_row_as(
+            "SELECT CDB, SYS_CONTEXT('USERENV', 'CON_NAME') FROM V$DATABASE",
+            &[],
+        )
+        .map_err(|e| db_error("reading V$DATABASE.CDB", &e))?;
+    Ok(match (cdb.as_deref(), name) {
+        (Some("YES"), Some(n)) if n == "CDB$ROOT" => Container::Root,
+        (Some("YES"), n) => Container::Pdb(n.unwrap_or_default()),
+        _ => Container::NonCdb,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Container {
+    NonCdb,
+    Pdb(String),
+    Root,
+}
+
+const ROOT_REFUSED: &str = "connected to CDB$ROOT: connect database.url to the PDB that holds the outbox (e.g. oracle://sitesync:…@host:1521/FREEPDB1); sitesync mines per PDB";
+
+/// The reader's loop: windows until the receiver is gone or an error.
+fn read_loop(
+    mut miner: OracleLogMiner,
+    mut tx: Transactions,
+    mut sizer: WindowSizer,
+    out: mpsc::Sender<Result<Change, SourceError>>,
+    poll: std::time::Duration,
+) {
+    let mut settled = SettledScn::new(SETTLE);
+    loop {
+        match read_window(&mut miner, &mut tx, &mut sizer, &mut settled) {
+            Ok(changes) if changes.is_empty() => {
+                if out.is_closed() {
+                    return;
+                }
+                std::thread::sleep(poll);
+            }
+            Ok(changes) => {
+                // A window with nothing of ours: the database is quiet, so
+                // wait before the next one (the SCN keeps moving anyway).
+                let quiet = changes
+                    .iter()
+                    .all(|c| matches!(c, Change::Heartbeat { .. }));
+                for c in changes {
+                    if out.blocking_send(Ok(c)).is_err() {
+                        return;
+                    }
+                }
+                if quiet {
+                    std::thread::sleep(poll);
+                }
+            }
+            Err(e) => {
+                let _ = out.blocking_send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+impl Source for OracleSource {
+    type Stream = OracleStream;
+
+    async fn preflight(&self) -> Vec<Check> {
+        let connect = self.connect.clone();
+        let (owner, table) = (self.owner.clone(), self.table.clone());
+        let outbox = self.outbox_sql_name();
+        match blocking(move || {
+            let conn = match connect.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    let (name, fix) = if e.message.contains("libclntsh") {
+                        ("Oracle client library", "install Oracle Instant Client (see the message) and set database.client_lib_dir")
+                    } else {
+                        ("connection", "check database.url, that Oracle is running and that the listener knows the service")
+                    };
+                    return Ok(vec![Check::fail(name, e.message, fix)]);
+                }
+            };
+            let mut checks = vec![Check::pass("connection", connect.shown.clone())];
+            preflight_queries(&conn, &connect.url.user, &owner, &table, &outbox, &mut checks);
+            Ok(checks)
+        })
+        .await
+        {
+            Ok(checks) => checks,
+            Err(e) => vec![Check::fail("preflight", e.message, "see the message")],
+        }
+    }
+
+    async fn init(&self) -> Result<Vec<String>, SourceError> {
+        let connect = self.connect.clone();
+        let (owner, table) = (self.owner.clone(), self.table.clone());
+        let outbox = self.outbox_sql_name();
+        let ddl = self.outbox_ddl();
+        blocking(move || {
+            let conn = connect.connect()?;
+            let mut done = Vec::new();
+            let exists: i64 = conn
+                .query_row_as(
+                    "SELECT COUNT(*) FROM ALL_TABLES WHERE OWNER = :1 AND TABLE_NAME = :2",
+                    &[&owner, &table],
+                )
+                .map_err(|e| db_error("looking for the outbox table", &e))?;
+            if exists > 0 {
+                done.push(format!("outbox table {owner}.{table}: already there"));
+            } else {
+                conn.execute(&ddl, &[])
+                    .map_err(|e| db_error("creating the outbox table", &e))?;
+                done.push(format!("outbox table {owner}.{table}: created"));
+            }
+            let logged: i64 = conn
+                .query_row_as(
+                    "SELECT COUNT(*) FROM ALL_LOG_GROUPS WHERE OWNER = :1 AND TABLE_NAME = :2 AND LOG_GROUP_TYPE = 'ALL COLUMN LOGGING'",
+                    &[&owner, &table],
+                )
+                .map_err(|e| db_error("reading ALL_LOG_GROUPS", &e))?;
+            if logged > 0 {
+                done.push("supplemental logging of the outbox's columns: already on".into());
+            } else {
+                match conn.execute(
+                    &format!("ALTER TABLE {outbox} ADD SUPPLEMENTAL LOG DATA (ALL) COLUMNS"),
+                    &[],
+                ) {
+                    Ok(_) => done.push("supplemental logging of the outbox's columns: turned on".into()),
+                    Err(e) => done.push(format!(
+                        "supplemental logging of the outbox's columns: not turned on ({e}); a DBA runs it (below)"
+                    )),
+                }
+            }
+            done.push(
+                "a DBA runs these once (sitesync cannot; `sitesync check` tells which are still needed):".into(),
+            );
+            for s in dba_statements(&connect.url.user, &outbox) {
+                done.push(format!("    {s}"));
+            }
+            Ok(done)
+        })
+        .await
+    }
+
+    async fn open(&self, resume: Option<&Position>) -> Result<OracleStream, SourceError> {
+        let resume = match resume {
+            None => None,
+            Some(p @ Position::Oracle { .. }) => Some(p.clone()),
+            Some(other) => {
+                return Err(SourceError::operator(format!(
+                    "the checkpoint holds a {} position ({other}) but this connector reads Oracle; reset the checkpoint",
+                    other.engine()
+                )));
+            }
+        };
+        let connect = self.connect.clone();
+        let (owner, table) = (self.owner.clone(), self.table.clone());
+        let settings = self.cfg.oracle.clone();
+        let (out, rx) = mpsc::channel(1024);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let reader = tokio::task::spawn_blocking(move || {
+            let setup = (|| {
+                let conn = connect.connect()?;
+                let add_files = match container(&conn)? {
+                    Container::NonCdb => true,
+                    Container::Pdb(_) => false,
+                    Container::Root => return Err(SourceError::operator(ROOT_REFUSED)),
+                };
+                let mut miner = OracleLogMiner {
+                    conn,
+                    owner: owner.clone(),
+                    table: table.clone(),
+                    add_files,
+                };
+                let start = match &resume {
+                    Some(_) => 0,
+                    None => first_scn(&mut miner)?,
+                };
+                let tx = Transactions::new(
+                    (owner, table),
+                    resume,
+                    start,
+                    settings.max_buffered_mib << 20,
+                );
+                Ok((miner, tx))
+            })();
+            match setup {
+                Ok((miner, tx)) => {
+                    let _ = ready_tx.send(Ok(()));
+                    let sizer = WindowSizer::new(
+                        settings.window_min_scn,
+                        settings.window_max_scn,
+                        settings.window_target_rows,
+                    );
+                    read_loop(miner, tx, sizer, out, settings.poll_interval);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(OracleStream { rx, reader }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SourceError::transient(
+                "the LogMiner reader stopped while starting",
+            )),
+        }
+    }
+
+    async fn bounds(&self) -> Result<LogBounds, SourceError> {
+        let connect = self.connect.clone();
+        blocking(move || {
+            let conn = connect.connect()?;
+            let mut miner = OracleLogMiner {
+                conn,
+                owner: String::new(),
+                table: String::new(),
+                add_files: false,
+            };
+            let current = miner.current_scn()?;
+            let available = miner.list_logs(0)?;
+            let oldest = available.iter().min_by_key(|f| f.first_scn);
+            Ok(LogBounds {
+                oldest: oldest.map(|f| Position::Oracle {
+                    scn: f.first_scn,
+                    index: 0,
+                    mine_from: Some(f.first_scn),
+                }),
+                latest: Position::Oracle {
+                    scn: current + 1,
+                    index: 0,
+                    mine_from: Some(current + 1),
+                },
+                detail: match oldest {
+                    Some(f) => format!(
+                        "redo on disk from SCN {} ({} log sequence {} of thread {}); current SCN {current}. The checkpoint's @SCN is where mining restarts: archived logs from there on must be kept",
+                        f.first_scn,
+                        if f.archived { "archived" } else { "online" },
+                        f.sequence,
+                        f.thread
+                    ),
+                    None => format!("no redo log listed; current SCN {current}"),
+                },
+            })
+        })
+        .await
+    }
+
+    async fn probe(&self) -> Result<(), SourceError> {
+        let connect = self.connect.clone();
+        blocking(move || {
+            let conn = connect.connect()?;
+            conn.query_row("SELECT 1 FROM DUAL", &[])
+                .map_err(|e| db_error("probing the database", &e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn advance_to_latest(&self) -> Result<Position, SourceError> {
+        // Nothing to move in the database: the latest position is the
+        // current SCN.
+        Ok(self.bounds().await?.latest)
+    }
+}
+
+/// Where a connector with no checkpoint starts: the SCN at which the outbox
+/// table was created (so rows written since `init` are read), or the oldest
+/// redo on disk if that is later or unknown.
+fn first_scn(miner: &mut OracleLogMiner) -> Result<u64, SourceError> {
+    let created: Option<String> = miner
+        .conn
+        .query_row_as(
+            "SELECT TO_CHAR(TIMESTAMP_TO_SCN(CREATED)) FROM ALL_OBJECTS WHERE OWNER = :1 AND OBJECT_NAME = :2 AND OBJECT_TYPE = 'TABLE'",
+            &[&miner.owner, &miner.table],
+        )
+        .ok()
+        .flatten();
+    let oldest = miner
+        .list_logs(0)?
+        .iter()
+        .map(|f| f.first_scn)
+        .min()
+        .unwrap_or(0);
+    let start = created
+        .and_then(|c| c.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .max(oldest);
+    tracing::info!(
+        scn = start,
+        "no checkpoint: streaming from the outbox table's creation (or the oldest redo on disk)"
+    );
+    Ok(start)
+}
+
+fn preflight_queries(
+    conn: &oracle::Connection,
+    user: &str,
+    owner: &str,
+    table: &str,
+    outbox: &str,
+    checks: &mut Vec<Check>,
+) {
+    match container(conn) {
+        Ok(Container::NonCdb) => checks.push(Check::pass(
+            "container",
+            "non-CDB database: log files are added with DBMS_LOGMNR.ADD_LOGFILE",
+        )),
+        Ok(Container::Pdb(name)) => checks.push(Check::pass(
+            "container",
+            format!(
+                "PDB {name}: per-PDB LogMiner (Oracle 19c RU 10 or later; LogMiner finds the logs)"
+            ),
+        )),
+        Ok(Container::Root) => checks.push(Check::fail("container", "CDB$ROOT", ROOT_REFUSED)),
+        Err(e) => checks.push(Check::fail("container", e.message, "see the message")),
+    }
+    let one = |sql: &str| -> Result<Option<String>, String> {
+        conn.query_row_as::<Option<String>>(sql, &[])
+            .map_err(|e| e.to_string())
+    };
+    match one("SELECT LOG_MODE FROM V$DATABASE") {
+        Ok(Some(mode)) if mode == "ARCHIVELOG" => checks.push(Check::pass("ARCHIVELOG mode", mode)),
+        Ok(mode) => checks.push(Check::fail(
+            "ARCHIVELOG mode",
+            format!("the database is in {} mode", mode.unwrap_or_default()),
+            "as SYSDBA: SHUTDOWN IMMEDIATE; STARTUP MOUNT; ALTER DATABASE ARCHIVELOG; ALTER DATABASE OPEN; (redo must be archived for LogMiner to read what the online logs no longer hold)",
+        )),
+        Err(e) => checks.push(Check::fail(
+            "ARCHIVELOG mode",
+            format!("cannot read V$DATABASE: {e}"),
+            format!("GRANT SELECT ON V_$DATABASE TO {};", ident(&user.to_uppercase())),
+        )),
+    }
+    match one("SELECT SUPPLEMENTAL_LOG_DATA_MIN FROM V$DATABASE") {
+        Ok(Some(min)) if min == "YES" || min == "IMPLICIT" => {
+            checks.push(Check::pass("supplemental logging (minimal)", min))
+        }
+        Ok(min) => checks.push(Check::fail(
+            "supplemental logging (minimal)",
+            format!("SUPPLEMENTAL_LOG_DATA_MIN = {}", min.unwrap_or_default()),
+            "as SYSDBA: ALTER DATABASE ADD SUPPLEMENTAL LOG DATA;",
+        )),
+        Err(e) => checks.push(Check::fail(
+            "supplemental logging (minimal)",
+            e,
+            "GRANT SELECT ON V_$DATABASE",
+        )),
+    }
+    let count = |sql: &str, a: &str, b: &str| -> Result<i64, String> {
+        conn.query_row_as::<i64>(sql, &[&a, &b])
+            .map_err(|e| e.to_string())
+    };
+    match count(
+        "SELECT COUNT(*) FROM ALL_TAB_COLUMNS WHERE OWNER = :1 AND TABLE_NAME = :2 AND COLUMN_NAME IN ('ID', 'TYPE', 'DATA')",
+        owner,
+        table,
+    ) {
+        Ok(3) => checks.push(Check::pass("outbox table", format!("{owner}.{table}"))),
+        Ok(0) => checks.push(Check::fail(
+            "outbox table",
+            format!("{owner}.{table} does not exist (or this user cannot see it)"),
+            "run `sitesync init`",
+        )),
+        Ok(_) => checks.push(Check::fail(
+            "outbox table",
+            format!("{owner}.{table} lacks ID, TYPE or DATA"),
+            "the outbox needs ID, CREATED_AT, ORIGIN, TYPE, ENTITY_KEY and DATA (see `sitesync init`)",
+        )),
+        Err(e) => checks.push(Check::fail("outbox table", e, "see the message")),
+    }
+    match count(
+        "SELECT COUNT(*) FROM ALL_LOG_GROUPS WHERE OWNER = :1 AND TABLE_NAME = :2 AND LOG_GROUP_TYPE = 'ALL COLUMN LOGGING'",
+        owner,
+        table,
+    ) {
+        Ok(n) if n > 0 => checks.push(Check::pass(
+            "supplemental logging (outbox columns)",
+            "ALL COLUMN LOGGING",
+        )),
+        Ok(_) => checks.push(Check::fail(
+            "supplemental logging (outbox columns)",
+            format!("no ALL COLUMN log group on {owner}.{table}"),
+            format!("ALTER TABLE {outbox} ADD SUPPLEMENTAL LOG DATA (ALL) COLUMNS;"),
+        )),
+        Err(e) => checks.push(Check::fail(
+            "supplemental logging (outbox columns)",
+            e,
+            "see the message",
+        )),
+    }
+    let u = ident(&user.to_uppercase());
+    let privs: Vec<String> = conn
+        .query_as::<String>("SELECT PRIVILEGE FROM SESSION_PRIVS", &[])
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    for (p, why) in [
+        ("LOGMINING", "to start LogMiner (12c and later)"),
+        ("SELECT ANY TRANSACTION", "to read V$LOGMNR_CONTENTS"),
+    ] {
+        if privs.iter().any(|have| have == p) {
+            checks.push(Check::pass(format!("privilege {p}"), "granted"));
+        } else {
+            checks.push(Check::fail(
+                format!("privilege {p}"),
+                format!("missing ({why})"),
+                format!("GRANT {p} TO {u};"),
+            ));
+        }
+    }
+    for view in ["V$DATABASE", "V$LOG", "V$LOGFILE", "V$ARCHIVED_LOG"] {
+        match conn.query_row(
+            &format!("SELECT COUNT(*) FROM {view} WHERE ROWNUM = 1"),
+            &[],
+        ) {
+            Ok(_) => checks.push(Check::pass(format!("SELECT on {view}"), "granted")),
+            Err(e) => checks.push(Check::fail(
+                format!("SELECT on {view}"),
+                e.to_string(),
+                format!("GRANT SELECT ON {} TO {u};", view.replace("V$", "V_$")),
+            )),
+        }
+    }
+    // Outside a LogMiner session V$LOGMNR_CONTENTS answers ORA-01306 when it
+    // may be read, and ORA-00942 when it may not.
+    match conn.query_row("SELECT COUNT(*) FROM V$LOGMNR_CONTENTS", &[]) {
+        Err(e) if e.to_string().contains("ORA-00942") => checks.push(Check::fail(
+            "SELECT on V$LOGMNR_CONTENTS",
+            e.to_string(),
+            format!("GRANT SELECT ON V_$LOGMNR_CONTENTS TO {u};"),
+        )),
+        _ => checks.push(Check::pass("SELECT on V$LOGMNR_CONTENTS", "granted")),
+    }
+    match count(
+        "SELECT COUNT(*) FROM ALL_OBJECTS WHERE OWNER = :1 AND OBJECT_NAME = :2 AND OBJECT_TYPE = 'PACKAGE'",
+        "SYS",
+        "DBMS_LOGMNR",
+    ) {
+        Ok(n) if n > 0 => checks.push(Check::pass("EXECUTE on DBMS_LOGMNR", "granted")),
+        _ => checks.push(Check::fail(
+            "EXECUTE on DBMS_LOGMNR",
+            "the package is not visible to this user",
+            format!("GRANT EXECUTE ON DBMS_LOGMNR TO {u};"),
+        )),
+    }
+    // Where archived logs start: what a checkpoint can still resume from.
+    match one("SELECT TO_CHAR(MIN(FIRST_CHANGE#)) FROM V$ARCHIVED_LOG WHERE STATUS = 'A' AND DELETED = 'NO'") {
+        Ok(Some(scn)) => checks.push(Check::pass(
+            "archived redo",
+            format!("on disk from SCN {scn}: a checkpoint older than that cannot be resumed"),
+        )),
+        Ok(None) => checks.push(Check::warn(
+            "archived redo",
+            "no archived log on disk yet",
+            "fine on a new database; keep archived logs until sitesync has read them (RMAN retention)",
+        )),
+        Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ErrorKind;
+
+    #[test]
+    fn a_missing_client_library_says_how_to_install_it() {
+        let e = classify(
+            "connecting",
+            "DPI Error: DPI-1047: Cannot locate a 64-bit Oracle Client library: \"libclntsh.so: cannot open shared object file: No such file or directory\"",
+        );
+        assert_eq!(e.kind, ErrorKind::Operator);
+        for needle in [
+            "Instant Client",
+            "client_lib_dir",
+            "LD_LIBRARY_PATH",
+            "DPI-1047",
+            "libaio",
+        ] {
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn oracle_errors_are_classified() {
+        let t = |m: &str| classify("x", m).kind;
+        assert_eq!(
+            t("ORA-03113: end-of-file on communication channel"),
+            ErrorKind::Transient
+        );
+        assert_eq!(t("ORA-01291: missing logfile"), ErrorKind::Transient);
+        assert_eq!(
+            t("ORA-01033: ORACLE initialization or shutdown in progress"),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            t("ORA-01017: invalid username/password; logon denied"),
+            ErrorKind::Operator
+        );
+        assert_eq!(t("ORA-01031: insufficient privileges"), ErrorKind::Operator);
+        assert_eq!(
+            t("DPI-1080: connection was closed by ORA-3113"),
+            ErrorKind::Transient
+        );
+        assert!(
+            classify("x", "ORA-00942: table or view does not exist")
+                .message
+                .contains("sitesync check")
+        );
+    }
+
+    /// The client library is not installed here: this runs the real
+    /// driver's load path and checks the message an operator would see.
+    #[test]
+    fn connecting_without_a_client_library_gives_the_install_message() {
+        let connect = OracleConnect {
+            url: parse_oracle_url("oracle://u:p@127.0.0.1:1/none").unwrap(),
+            shown: "oracle://u:***@127.0.0.1:1/none".into(),
+            client_lib_dir: None,
+        };
+        match connect.connect() {
+            // A machine with Instant Client installed gets a connection
+            // error instead (nothing listens on port 1).
+            Err(e) if e.message.contains("libclntsh") => {
+                eprintln!("{}", e.message);
+                assert_eq!(e.kind, ErrorKind::Operator);
+                assert!(e.message.contains("Instant Client"), "{}", e.message);
+            }
+            Err(e) => assert!(e.message.contains("connecting to"), "{}", e.message),
+            Ok(_) => panic!("nothing listens on port 1"),
+        }
+    }
+
+    #[test]
+    fn outbox_names_and_ddl() {
+        assert_eq!(
+            outbox_names("OUTBOX", "sitesync"),
+            ("SITESYNC".into(), "OUTBOX".into())
+        );
+        assert_eq!(
+            outbox_names("app.outbox", "sitesync"),
+            ("APP".into(), "OUTBOX".into())
+        );
+        let ddl = outbox_ddl("\"APP\".\"OUTBOX\"", "MAD'RID");
+        assert!(
+            ddl.starts_with("CREATE TABLE \"APP\".\"OUTBOX\" ("),
+            "{ddl}"
+        );
+        assert!(ddl.contains("DEFAULT 'MAD''RID' NOT NULL"), "{ddl}");
+        assert!(
+            ddl.contains(
+                "DATA VARCHAR2(4000) NOT NULL CONSTRAINT \"OUTBOX_DATA_JSON\" CHECK (DATA IS JSON)"
+            ),
+            "{ddl}"
+        );
+        assert!(ddl.contains("'\\1-\\2-\\3-\\4-\\5'"), "{ddl}");
+        let dba = dba_statements("sitesync", "\"APP\".\"OUTBOX\"").join("\n");
+        for needle in [
+            "ALTER DATABASE ARCHIVELOG",
+            "ALTER DATABASE ADD SUPPLEMENTAL LOG DATA;",
+            "GRANT CREATE SESSION, LOGMINING, SELECT ANY TRANSACTION TO \"SITESYNC\"",
+            "GRANT EXECUTE ON DBMS_LOGMNR TO \"SITESYNC\"",
+            "V_$ARCHIVED_LOG",
+        ] {
+            assert!(dba.contains(needle), "{needle}: {dba}");
+        }
+    }
+}
