@@ -64,10 +64,58 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {
     Postgres,
+    /// SQL Server (Change Tracking); `mssql` is accepted too.
+    SqlServer,
 }
 
 impl DatabaseKind {
-    const NAMES: &'static str = "postgres";
+    const NAMES: &'static str = "postgres, sqlserver";
+}
+
+/// How the SQL Server connection is encrypted (TDS `ENCRYPT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlServerEncrypt {
+    /// TLS for the whole session, refused if the server cannot (the default).
+    Required,
+    /// TDS 8.0 strict: TLS before the prelogin (SQL Server 2022+).
+    Strict,
+    /// TLS for the login packet only (the password), plain text after.
+    LoginOnly,
+}
+
+/// The `[database]` keys of a SQL Server connector.
+#[derive(Debug, Clone)]
+pub struct SqlServerSettings {
+    /// `encrypt = "required" | "strict" | "login_only"`.
+    pub encrypt: SqlServerEncrypt,
+    /// Accept any server certificate (test and trusted networks only).
+    pub trust_server_certificate: bool,
+    /// A PEM or DER CA certificate the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// How long an idle source waits between two Change Tracking reads, at
+    /// most (it reads again at once while there is work).
+    pub poll_max: Duration,
+    /// How long this sidecar may be down without losing events: `sitesync
+    /// check` fails when the Change Tracking retention is shorter.
+    pub max_downtime: Duration,
+    /// Per round trip to the server (tiberius `command_timeout`).
+    pub command_timeout: Duration,
+    /// Outbox rows read per Change Tracking query, at most.
+    pub read_batch: u32,
+}
+
+impl Default for SqlServerSettings {
+    fn default() -> Self {
+        SqlServerSettings {
+            encrypt: SqlServerEncrypt::Required,
+            trust_server_certificate: false,
+            ca_file: None,
+            poll_max: Duration::from_millis(1_000),
+            max_downtime: Duration::from_secs(72 * 3600),
+            command_timeout: Duration::from_secs(60),
+            read_batch: 5_000,
+        }
+    }
 }
 
 /// A connector: one database server at one site.
@@ -94,7 +142,9 @@ pub struct ConnectorConfig {
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub kind: DatabaseKind,
-    /// Connection URL (`postgres://user:pass@host:port/db`), after `${VAR}` expansion.
+    /// Connection URL (`postgres://user:pass@host:port/db`), or for SQL
+    /// Server an ADO.NET connection string (`server=tcp:host,1433;
+    /// database=…;user=…;password=${MSSQL_PASSWORD}`), after `${VAR}` expansion.
     pub url: String,
     /// Outbox table, optionally schema-qualified (`public.outbox`).
     pub outbox_table: String,
@@ -105,13 +155,17 @@ pub struct DatabaseConfig {
     /// PostgreSQL: how long a replication session may wait for the server
     /// before the sidecar reconnects (it also bounds how late a keepalive reply is).
     pub status_interval: Duration,
+    /// SQL Server: TLS, polling and retention settings (defaults elsewhere).
+    pub sqlserver: SqlServerSettings,
 }
 
 impl DatabaseConfig {
-    /// `(schema, table)` of the outbox, schema defaulting to `public`.
+    /// `(schema, table)` of the outbox, schema defaulting to `public`
+    /// (`dbo` on SQL Server).
     pub fn outbox_parts(&self) -> (&str, &str) {
         match self.outbox_table.split_once('.') {
             Some((s, t)) => (s, t),
+            None if self.kind == DatabaseKind::SqlServer => ("dbo", self.outbox_table.as_str()),
             None => ("public", self.outbox_table.as_str()),
         }
     }
@@ -771,6 +825,7 @@ impl ConnectorConfig {
         let database = r.section("database", |d| {
             let kind = match d.string("kind", true, DatabaseKind::NAMES).as_deref() {
                 Some("postgres") | Some("postgresql") => Some(DatabaseKind::Postgres),
+                Some("sqlserver") | Some("mssql") => Some(DatabaseKind::SqlServer),
                 Some(other) => {
                     d.problem("kind", format!("`{other}` is not a supported database kind; expected one of: {}", DatabaseKind::NAMES));
                     None
@@ -778,15 +833,20 @@ impl ConnectorConfig {
                 None => None,
             };
             let url = d
-                .string("url", true, "a database URL, e.g. \"postgres://user@host:5432/db\"")
+                .string("url", true, "a database URL, e.g. \"postgres://user@host:5432/db\", or for SQL Server an ADO.NET string \"server=tcp:host,1433;database=db;user=u;password=${PASSWORD}\"")
                 .unwrap_or_default();
             if kind == Some(DatabaseKind::Postgres) && !url.is_empty()
                 && let Err(e) = validate_postgres_url(&url) {
                     d.problem("url", e);
                 }
+            if kind == Some(DatabaseKind::SqlServer) && !url.is_empty()
+                && let Err(e) = validate_sqlserver_url(&url) {
+                    d.problem("url", e);
+                }
+            let default_outbox = if kind == Some(DatabaseKind::SqlServer) { "dbo.outbox" } else { "public.outbox" };
             let outbox_table = d
                 .string("outbox_table", false, "a table name, e.g. \"public.outbox\"")
-                .unwrap_or_else(|| "public.outbox".into());
+                .unwrap_or_else(|| default_outbox.into());
             for part in outbox_table.split('.') {
                 if part.is_empty() || !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     d.problem("outbox_table", format!("`{outbox_table}` is not a table name: expected [schema.]table with letters, digits and _"));
@@ -800,6 +860,11 @@ impl ConnectorConfig {
                 .unwrap_or_else(|| default_slot.clone());
             check_identifier(d, "publication", &publication, "publication name");
             let status_interval = d.millis("status_interval_ms", 1_000, 3_600_000);
+            let sqlserver = if kind == Some(DatabaseKind::SqlServer) {
+                sqlserver_settings(d)
+            } else {
+                SqlServerSettings::default()
+            };
             kind.map(|kind| DatabaseConfig {
                 kind,
                 url,
@@ -807,6 +872,7 @@ impl ConnectorConfig {
                 slot,
                 publication,
                 status_interval,
+                sqlserver,
             })
         });
 
@@ -1016,9 +1082,117 @@ fn validate_postgres_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A URL with its password replaced by `***`, for messages and logs.
+/// The SQL Server keys of `[database]`; only read for `kind = "sqlserver"`,
+/// so that they are unknown keys for the other engines.
+fn sqlserver_settings(d: &mut Reader<'_>) -> SqlServerSettings {
+    let defaults = SqlServerSettings::default();
+    let encrypt = match d
+        .string(
+            "encrypt",
+            false,
+            "\"required\", \"strict\" or \"login_only\"",
+        )
+        .as_deref()
+    {
+        None | Some("required") | Some("true") => SqlServerEncrypt::Required,
+        Some("strict") => SqlServerEncrypt::Strict,
+        Some("login_only") => SqlServerEncrypt::LoginOnly,
+        Some(other) => {
+            d.problem("encrypt", format!("`{other}` is not an encryption mode; expected \"required\" (the default), \"strict\" (TDS 8.0) or \"login_only\""));
+            SqlServerEncrypt::Required
+        }
+    };
+    let trust_server_certificate = d.boolean("trust_server_certificate").unwrap_or(false);
+    let ca_file = d
+        .string(
+            "ca_file",
+            false,
+            "the path of a CA certificate (PEM or DER)",
+        )
+        .map(PathBuf::from);
+    if trust_server_certificate && ca_file.is_some() {
+        d.problem("ca_file", "trust_server_certificate = true accepts any certificate: set one or the other, not both");
+    }
+    let poll_max = d.millis("poll_max_ms", defaults.poll_max.as_millis() as u64, 60_000);
+    let max_downtime = d
+        .integer("max_downtime_hours", 1..=24 * 365, "a number of hours")
+        .map(|h| Duration::from_secs(h as u64 * 3600))
+        .unwrap_or(defaults.max_downtime);
+    let command_timeout = d.millis(
+        "command_timeout_ms",
+        defaults.command_timeout.as_millis() as u64,
+        3_600_000,
+    );
+    let read_batch = d
+        .integer("read_batch", 1..=1_000_000, "a number of rows")
+        .map(|n| n as u32)
+        .unwrap_or(defaults.read_batch);
+    SqlServerSettings {
+        encrypt,
+        trust_server_certificate,
+        ca_file,
+        poll_max,
+        max_downtime,
+        command_timeout,
+        read_batch,
+    }
+}
+
+/// An ADO.NET connection string tiberius can parse, whose TLS settings are
+/// left to the `[database]` keys (so that there is one place for them).
+fn validate_sqlserver_url(url: &str) -> Result<(), String> {
+    if url.contains("://") {
+        return Err(format!(
+            "`{}` is a URL; SQL Server connectors take an ADO.NET connection string, e.g. \"server=tcp:db.example,1433;database=sitesync;user=sitesync;password=${{MSSQL_PASSWORD}}\"",
+            redact_url(url)
+        ));
+    }
+    for part in url.split(';') {
+        let key = part
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if matches!(
+            key.as_str(),
+            "encrypt" | "trustservercertificate" | "trustservercertificateca"
+        ) {
+            return Err(format!(
+                "`{}` sets `{key}`: set database.encrypt, database.trust_server_certificate or database.ca_file instead",
+                redact_url(url)
+            ));
+        }
+    }
+    tiberius::Config::from_ado_string(url)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "`{}` is not an ADO.NET connection string tiberius accepts: {e}",
+                redact_url(url)
+            )
+        })
+}
+
+/// A URL with its password replaced by `***`, for messages and logs. An
+/// ADO.NET connection string (no `://`) has its `password`/`pwd` value
+/// replaced.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
+        if url.contains('=') {
+            return url
+                .split(';')
+                .map(|part| match part.split_once('=') {
+                    Some((k, _))
+                        if matches!(k.trim().to_ascii_lowercase().as_str(), "password" | "pwd") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => part.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(";");
+        }
         return url.to_string();
     };
     let after = &url[scheme_end + 3..];

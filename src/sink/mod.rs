@@ -27,6 +27,7 @@
 pub mod mapping;
 pub mod postgres;
 pub mod rules;
+pub mod sqlserver;
 
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::bus::{self, BusError};

@@ -7,4 +7,5 @@ mod delivery;
 mod operations;
 mod outages;
 mod sink_failures;
+mod sqlserver;
 mod sync;
