@@ -1249,6 +1249,58 @@ mod tests {
     }
 
     #[test]
+    fn a_sqlserver_connector_takes_an_ado_string_and_its_own_keys() {
+        let dir = scratch("mssql");
+        let topo = write(&dir, "topology.toml", "sites = [\"MADRID\"]\n");
+        let load = |db: &str| {
+            let path = write(
+                &dir,
+                "madrid.toml",
+                &format!(
+                    "site = \"MADRID\"\n[database]\n{db}\n[broker]\nurls = \"amqp://127.0.0.1:5672/%2f\"\ntopology = \"{}\"\n",
+                    topo.display()
+                ),
+            );
+            ConnectorConfig::load(&path)
+        };
+        let c = load("kind = \"mssql\"\nurl = \"server=tcp:db,1433;database=madrid;user=s;password=p\"\nca_file = \"/ca.pem\"\npoll_max_ms = 250\nmax_downtime_hours = 12").unwrap();
+        assert_eq!(c.database.kind, DatabaseKind::SqlServer);
+        assert_eq!(c.database.outbox_parts(), ("dbo", "outbox"));
+        assert_eq!(c.database.sqlserver.encrypt, SqlServerEncrypt::Required);
+        assert_eq!(c.database.sqlserver.poll_max, Duration::from_millis(250));
+        assert_eq!(
+            c.database.sqlserver.max_downtime,
+            Duration::from_secs(12 * 3600)
+        );
+        assert_eq!(c.database.sqlserver.ca_file, Some(PathBuf::from("/ca.pem")));
+        // TLS belongs to the keys, not the string; both trust settings at once is refused.
+        let e = load("kind = \"sqlserver\"\nurl = \"server=tcp:db,1433;encrypt=false\"\ntrust_server_certificate = true\nca_file = \"/ca.pem\"\nencrypt = \"maybe\"").unwrap_err().to_string();
+        assert!(
+            e.contains("database.url") && e.contains("database.encrypt"),
+            "{e}"
+        );
+        assert!(e.contains("database.ca_file"), "{e}");
+        assert!(e.contains("`maybe` is not an encryption mode"), "{e}");
+        // A PostgreSQL connector does not know the SQL Server keys.
+        let e = load("kind = \"postgres\"\nurl = \"postgres://u@h:5432/db\"\npoll_max_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("poll_max_ms") && e.contains("unknown key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ado_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("server=tcp:h,1433;user=sa;Password=s3cret;database=d"),
+            "server=tcp:h,1433;user=sa;Password=***;database=d"
+        );
+        assert_eq!(redact_url("server=h;pwd=x"), "server=h;pwd=***");
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:secret@host:5672/%2f"),
