@@ -3,8 +3,14 @@
 //! # Reading
 //!
 //! Each read is one SNAPSHOT-isolation transaction (tiberius
-//! `begin_transaction_with_isolation(Snapshot)`), so that the versions and
-//! the rows it sees are one consistent state of the database:
+//! `begin_transaction_with_isolation(Snapshot)`: a TDS `TM_BEGIN_XACT`
+//! request with isolation level SNAPSHOT, whose descriptor tiberius attaches
+//! to the following requests), so that the versions and the rows it sees
+//! are one consistent state of the database (SQL Server takes the snapshot
+//! at the first statement that reads data: the versions query). A good read
+//! commits; a failed one, or one dropped half-way by the runner's
+//! `select!`, is rolled back with `IF @@TRANCOUNT > 0 ROLLBACK` before the
+//! next read begins:
 //!
 //! 1. `CHANGE_TRACKING_CURRENT_VERSION()` and
 //!    `CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(outbox))` ([`VERSIONS_SQL`]);
@@ -26,6 +32,16 @@
 //! version in key order)`. A resume point `(v, i)` reads with
 //! `last_sync_version = v - 1` and skips the first `i` rows, so a restart in
 //! the middle of a large transaction resumes after the last confirmed row.
+//! Inside a running stream, a page cut at the limit is continued after its
+//! last key (`ct.[id] > @key` inside that version), not after a count: this
+//! site's outbox rows deleted once their events came back round leave that
+//! version (Change Tracking reports a row once, at its latest change), and
+//! a count would then skip as many unread rows. After a restart only the
+//! count is known: should rows of the checkpoint's version that were
+//! already published be deleted between the stop and the first read, as
+//! many unread rows of that version would be skipped; a restart in the
+//! middle of a version needs a checkpoint taken inside a transaction larger
+//! than `database.read_batch` or cut by a crash.
 //! After a read that reached the current version `c`, the resume point is
 //! `(c + 1, 0)`. With no checkpoint, the stream starts at the table's
 //! minimum valid version: everything Change Tracking still holds is
@@ -82,14 +98,25 @@ pub const POLL_MIN: Duration = Duration::from_millis(20);
 pub const VERSIONS_SQL: &str =
     "SELECT CHANGE_TRACKING_CURRENT_VERSION(), CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(@P1))";
 
-/// The inserts into `outbox` (quoted) after `@P1` up to `@P2`, with their
-/// rows, skipping `@P3` and returning at most `@P4`.
-pub fn changes_sql(outbox: &str) -> String {
+/// The inserts into `outbox` (quoted) after `@P1` up to `@P2`, skipping
+/// `@P3` and returning at most `@P4`. With `after_key`, the rows of version
+/// `@P1 + 1` are those whose key is above `@P5` (the last key of the
+/// previous page): a page resumes after a key, not after a count, so that
+/// rows of that version deleted since the previous page (this site's
+/// events that came back round; Change Tracking then reports them once,
+/// at the version of their delete) do not shift the rest.
+pub fn changes_sql(outbox: &str, after_key: bool) -> String {
+    let after = if after_key {
+        "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ct.[id] > @P5) "
+    } else {
+        ""
+    };
     format!(
         "SELECT ct.SYS_CHANGE_VERSION, ct.[id], o.[id], o.[created_at], o.[origin], o.[type], o.[entity_key], o.[data] \
          FROM CHANGETABLE(CHANGES {outbox}, @P1) AS ct \
          LEFT JOIN {outbox} AS o ON o.[id] = ct.[id] \
          WHERE ct.SYS_CHANGE_OPERATION = 'I' AND ct.SYS_CHANGE_VERSION <= @P2 \
+         {after}\
          ORDER BY ct.SYS_CHANGE_VERSION, ct.[id] \
          OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"
     )
@@ -129,14 +156,22 @@ pub enum Payload {
 /// `versions` opens it, `changes` reads in it, `finish` ends it.
 pub trait ChangeTracking: Send {
     fn versions(&mut self) -> impl Future<Output = Result<Versions, SourceError>> + Send;
+    /// The inserts after `last_sync` up to `upto`, in (version, key) order:
+    /// with `after`, only the rows of version `last_sync + 1` whose key is
+    /// above it (and every later version); then `skip` rows are skipped and
+    /// at most `limit` returned.
     fn changes(
         &mut self,
         last_sync: i64,
         upto: i64,
+        after: Option<&str>,
         skip: u32,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Tracked>, SourceError>> + Send;
-    fn finish(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// Ends the transaction: commits it after a read that went through,
+    /// otherwise rolls back whatever is open (a failed read, or one whose
+    /// future was dropped half-way: `next` runs inside `select!`).
+    fn finish(&mut self, ok: bool) -> impl Future<Output = Result<(), SourceError>> + Send;
 }
 
 /// Where the next read starts: every version before `version` is done, and
@@ -329,6 +364,12 @@ pub struct SqlServerStream<Q: ChangeTracking> {
     wait: Duration,
     limit: u32,
     lost: Arc<AtomicU64>,
+    /// The cursor after the last row of a page cut at the limit, and that
+    /// row's key: the next page starts after the key.
+    after: Option<(Cursor, String)>,
+    /// A transaction was begun and not yet ended (a read failed to end it,
+    /// or was dropped half-way): the next read rolls it back first.
+    tx_open: bool,
 }
 
 impl<Q: ChangeTracking> SqlServerStream<Q> {
@@ -349,6 +390,8 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             wait: Duration::ZERO,
             limit: limit.max(1),
             lost: Arc::new(AtomicU64::new(0)),
+            after: None,
+            tx_open: false,
         }
     }
 
@@ -358,10 +401,25 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
     }
 
     /// One snapshot transaction; returns whether it found rows.
+    ///
+    /// Cancellation-safe: the runner polls [`ChangeStream::next`] inside
+    /// `select!`, which drops it whenever another branch is ready. A read
+    /// dropped half-way changes nothing but `tx_open`; its rows are read
+    /// again, and its transaction is rolled back before the next one.
     async fn read_once(&mut self) -> Result<bool, SourceError> {
+        if self.tx_open {
+            self.q.finish(false).await?;
+            self.tx_open = false;
+        }
+        self.tx_open = true;
         let result = self.read_in_transaction().await;
-        // Ends the transaction whatever happened (a read-only snapshot).
-        let finished = self.q.finish().await;
+        // Ends the transaction whatever happened: commit after a good read
+        // (read-only, nothing to keep), roll back after a failed one (the
+        // server may have doomed it).
+        let finished = self.q.finish(result.is_ok()).await;
+        if finished.is_ok() {
+            self.tx_open = false;
+        }
         let found = result?;
         finished?;
         Ok(found)
@@ -389,15 +447,26 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             }
             Step::Read { upto } => upto,
         };
+        // Inside a version, a page resumes after the previous page's last
+        // key. After a restart only the count is known (the checkpoint holds
+        // version and index): the first `index` rows are skipped.
+        let after = self
+            .after
+            .as_ref()
+            .filter(|(c, _)| *c == cursor && cursor.index > 0)
+            .map(|(_, key)| key.clone());
+        let skip = if after.is_some() { 0 } else { cursor.index };
         let rows = self
             .q
-            .changes(cursor.last_sync(), upto, cursor.index, self.limit)
+            .changes(cursor.last_sync(), upto, after.as_deref(), skip, self.limit)
             .await?;
         let full_page = rows.len() >= self.limit as usize;
         let found = !rows.is_empty();
+        let last_key = rows.last().map(|r| r.key.clone());
         let (changes, next, lost) = absorb(cursor, rows, upto, full_page, &self.outbox)?;
         self.lost.fetch_add(lost, Ordering::Relaxed);
         self.cursor = Some(next);
+        self.after = last_key.filter(|_| next.index > 0).map(|k| (next, k));
         for change in changes {
             match &change {
                 Change::Row { .. } => {
@@ -455,16 +524,16 @@ pub struct TiberiusChangeTracking {
     /// `[schema].[table]`, for OBJECT_ID and CHANGETABLE.
     outbox: String,
     changes_sql: String,
-    in_tx: bool,
+    changes_after_sql: String,
 }
 
 impl TiberiusChangeTracking {
     pub fn new(client: MssqlClient, outbox: String) -> Self {
         TiberiusChangeTracking {
-            changes_sql: changes_sql(&outbox),
+            changes_sql: changes_sql(&outbox, false),
+            changes_after_sql: changes_sql(&outbox, true),
             client,
             outbox,
-            in_tx: false,
         }
     }
 }
@@ -516,7 +585,6 @@ impl ChangeTracking for TiberiusChangeTracking {
             .begin_transaction_with_isolation(IsolationLevel::Snapshot)
             .await
             .map_err(|e| classify("starting a snapshot transaction", &e))?;
-        self.in_tx = true;
         let params: [&dyn ToSql; 1] = [&self.outbox];
         let row = self
             .client
@@ -541,15 +609,26 @@ impl ChangeTracking for TiberiusChangeTracking {
         &mut self,
         last_sync: i64,
         upto: i64,
+        after: Option<&str>,
         skip: u32,
         limit: u32,
     ) -> Result<Vec<Tracked>, SourceError> {
         let (skip, limit) = (i64::from(skip), i64::from(limit));
-        let params: [&dyn ToSql; 4] = [&last_sync, &upto, &skip, &limit];
-        let rows = self
-            .client
-            .query(self.changes_sql.as_str(), &params)
-            .await
+        let result = match after {
+            None => {
+                let params: [&dyn ToSql; 4] = [&last_sync, &upto, &skip, &limit];
+                self.client.query(self.changes_sql.as_str(), &params).await
+            }
+            Some(key) => {
+                // nvarchar, converted by SQL Server to the key column's type
+                // (uniqueidentifier and the integer types rank above it).
+                let params: [&dyn ToSql; 5] = [&last_sync, &upto, &skip, &limit, &key];
+                self.client
+                    .query(self.changes_after_sql.as_str(), &params)
+                    .await
+            }
+        };
+        let rows = result
             .map_err(|e| classify("reading CHANGETABLE(CHANGES …)", &e))?
             .into_first_result()
             .await
@@ -557,16 +636,29 @@ impl ChangeTracking for TiberiusChangeTracking {
         rows.iter().map(tracked).collect()
     }
 
-    async fn finish(&mut self) -> Result<(), SourceError> {
-        if std::mem::take(&mut self.in_tx) {
+    async fn finish(&mut self, ok: bool) -> Result<(), SourceError> {
+        if ok {
             self.client
                 .commit_transaction()
                 .await
-                .map_err(|e| classify("ending the snapshot transaction", &e))?;
+                .map_err(|e| classify("ending the snapshot transaction", &e))
+        } else {
+            // Whatever is open, if anything: the begin may never have
+            // reached the server, or the server may have rolled back already.
+            exec(
+                &mut self.client,
+                END_ANY_TRANSACTION_SQL,
+                "rolling back the snapshot transaction",
+            )
+            .await
         }
-        Ok(())
     }
 }
+
+/// Ends a transaction that may or may not be open (T-SQL, so that it is
+/// not an error when none is; tiberius clears its transaction descriptor
+/// on the server's ROLLBACK environment change either way).
+pub const END_ANY_TRANSACTION_SQL: &str = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION";
 
 pub struct SqlServerSource {
     cfg: DatabaseConfig,

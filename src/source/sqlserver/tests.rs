@@ -12,8 +12,14 @@ struct FakeChangeTracking {
     min_valid: Option<i64>,
     rows: Vec<Tracked>,
     reads: Vec<(i64, i64, u32, u32)>,
+    /// The `after` key of each read.
+    afters: Vec<Option<String>>,
     in_tx: bool,
     transactions: u32,
+    /// Rollbacks of a transaction left open by a read that did not finish.
+    rollbacks: u32,
+    /// `changes` never answers (to drop a read half-way).
+    hang: bool,
 }
 
 impl FakeChangeTracking {
@@ -62,16 +68,23 @@ impl ChangeTracking for FakeChangeTracking {
         &mut self,
         last_sync: i64,
         upto: i64,
+        after: Option<&str>,
         skip: u32,
         limit: u32,
     ) -> Result<Vec<Tracked>, SourceError> {
         assert!(self.in_tx, "changes read outside the snapshot transaction");
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
         self.reads.push((last_sync, upto, skip, limit));
-        // What the real query does: > last, <= upto, ordered, OFFSET, FETCH.
+        self.afters.push(after.map(str::to_string));
+        // What the real query does: > last, <= upto, after the key inside
+        // version last + 1, ordered, OFFSET, FETCH.
         let mut rows: Vec<Tracked> = self
             .rows
             .iter()
             .filter(|r| r.version > last_sync && r.version <= upto)
+            .filter(|r| after.is_none_or(|k| r.version > last_sync + 1 || r.key.as_str() > k))
             .cloned()
             .collect();
         rows.sort_by(|a, b| (a.version, &a.key).cmp(&(b.version, &b.key)));
@@ -82,7 +95,10 @@ impl ChangeTracking for FakeChangeTracking {
             .collect())
     }
 
-    async fn finish(&mut self) -> Result<(), SourceError> {
+    async fn finish(&mut self, ok: bool) -> Result<(), SourceError> {
+        if !ok {
+            self.rollbacks += 1;
+        }
         self.in_tx = false;
         Ok(())
     }
@@ -197,9 +213,73 @@ async fn pages_continue_inside_a_large_transaction() {
     assert_eq!(rows.len(), 5, "{got:?}");
     assert_eq!(rows[4], &format!("row {} e", p(3, 4)));
     assert_eq!(got.last().unwrap(), &format!("commit {}", p(4, 0)));
-    // Each page skips what the previous ones returned.
+    // Each page starts after the previous page's last key, skipping nothing.
     let skips: Vec<u32> = s.q.reads.iter().map(|r| r.2).collect();
-    assert_eq!(skips, vec![0, 2, 4]);
+    assert_eq!(skips, vec![0, 0, 0]);
+    assert_eq!(
+        s.q.afters,
+        vec![None, Some("b".to_string()), Some("d".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_page_resumes_after_a_key_so_rows_deleted_meanwhile_shift_nothing() {
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for k in ["a", "b", "c", "d", "e"] {
+        fake.insert(3, k);
+    }
+    let mut s = stream(fake, Some(pos(1, 0)), 2);
+    assert!(s.read_once().await.unwrap());
+    // a and b went round and the sink deleted their outbox rows: Change
+    // Tracking now reports them once, as deletes at a later version, so
+    // version 3 holds c, d, e. Skipping 2 by count would lose c and d.
+    s.q.rows.retain(|r| r.key != "a" && r.key != "b");
+    let got = describe(&drain(&mut s).await);
+    assert_eq!(
+        got,
+        vec![
+            format!("row {} a", p(3, 0)),
+            format!("row {} b", p(3, 1)),
+            format!("row {} c", p(3, 2)),
+            format!("row {} d", p(3, 3)),
+            format!("row {} e", p(3, 4)),
+            format!("commit {}", p(4, 0)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_read_dropped_half_way_has_its_transaction_rolled_back_before_the_next() {
+    use futures_util::FutureExt;
+    let mut fake = FakeChangeTracking::new(3, 0);
+    fake.insert(3, "a");
+    fake.hang = true;
+    let mut s = stream(fake, Some(pos(1, 0)), 10);
+    // What `select!` does when another branch is ready first.
+    assert!(s.next().now_or_never().is_none());
+    assert!(s.q.in_tx, "the dropped read left its transaction open");
+    s.q.hang = false;
+    // The fake's `versions` asserts that no transaction is open.
+    let got = describe(&drain(&mut s).await);
+    assert_eq!(got[0], format!("row {} a", p(3, 0)));
+    assert_eq!(s.q.rollbacks, 1);
+    assert_eq!(s.q.transactions, 3);
+    assert!(!s.q.in_tx);
+}
+
+#[tokio::test]
+async fn a_failed_read_rolls_its_transaction_back_and_a_good_one_commits() {
+    let mut fake = FakeChangeTracking::new(4, 0);
+    fake.insert(4, "a");
+    let mut s = stream(fake, Some(pos(1, 0)), 10);
+    assert!(s.read_once().await.unwrap());
+    assert_eq!(s.q.rollbacks, 0, "a good read commits");
+    // Change Tracking off on the database: the read fails after `versions`.
+    s.q.current = None;
+    assert!(s.read_once().await.is_err());
+    assert_eq!(s.q.rollbacks, 1, "a failed read rolls back");
+    assert!(!s.q.in_tx);
+    assert!(!s.tx_open);
 }
 
 #[tokio::test]
@@ -343,14 +423,24 @@ fn polling_is_immediate_while_there_is_work_and_backs_off_to_the_maximum() {
 
 #[test]
 fn the_change_query_is_changetable_joined_to_the_outbox_never_a_key_scan() {
-    let sql = changes_sql("[dbo].[outbox]");
+    let sql = changes_sql("[dbo].[outbox]", false);
     assert!(sql.contains("FROM CHANGETABLE(CHANGES [dbo].[outbox], @P1) AS ct"));
     assert!(sql.contains("LEFT JOIN [dbo].[outbox] AS o ON o.[id] = ct.[id]"));
     assert!(sql.contains("ct.SYS_CHANGE_OPERATION = 'I'"));
     assert!(sql.contains("ct.SYS_CHANGE_VERSION <= @P2"));
     assert!(sql.contains("ORDER BY ct.SYS_CHANGE_VERSION, ct.[id]"));
     assert!(sql.contains("OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"));
-    assert!(!sql.contains("id >"));
+    assert!(!sql.contains("id] >"));
+    let after = changes_sql("[dbo].[outbox]", true);
+    // Only inside the first version, and the key a parameter.
+    assert!(after.contains(
+        "ct.SYS_CHANGE_VERSION <= @P2 AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ct.[id] > @P5) ORDER BY"
+    ));
+    assert!(after.ends_with("OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"));
+    assert_eq!(
+        END_ANY_TRANSACTION_SQL,
+        "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION"
+    );
     assert!(VERSIONS_SQL.contains("CHANGE_TRACKING_CURRENT_VERSION()"));
     assert!(VERSIONS_SQL.contains("CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(@P1))"));
 }
