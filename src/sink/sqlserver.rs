@@ -307,17 +307,39 @@ enum Failed {
 }
 
 /// Errors that belong to one message's data: constraints (2627, 2601, 547,
-/// 515), conversions (241, 242, 245, 8114, 8115, 8152, 2628, 220, 232),
-/// invalid columns (207) and a trigger's THROW / RAISERROR (50000 and up).
+/// 515), conversions (241, 242, 245, 8114, 8115, 8152, 2628, 220, 232,
+/// 8169 text to uniqueidentifier, 517 date overflow, 8134 divide by zero in
+/// a trigger), invalid columns (207), JSON (13609) and a trigger's THROW /
+/// RAISERROR (50000 and up).
 const DATA_ERRORS: &[u32] = &[
-    207, 220, 232, 241, 242, 245, 515, 547, 2601, 2627, 2628, 8114, 8115, 8152, 13609,
+    207, 220, 232, 241, 242, 245, 515, 517, 547, 2601, 2627, 2628, 8114, 8115, 8134, 8152, 8169,
+    13609,
 ];
 
+/// What a server error number means for a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ByNumber {
+    /// Deadlock victim (1205) or lock timeout (1222): the batch again.
+    Busy,
+    /// One message's data: message by message, the failing one alone.
+    Data,
+    /// Anything else: [`conn::classify`].
+    Other,
+}
+
+fn by_number(n: Option<u32>) -> ByNumber {
+    match n {
+        Some(1205) | Some(1222) => ByNumber::Busy,
+        Some(n) if DATA_ERRORS.contains(&n) || n >= 50000 => ByNumber::Data,
+        _ => ByNumber::Other,
+    }
+}
+
 fn failed(context: &str, e: tiberius::error::Error) -> Failed {
-    match conn::number(&e) {
-        Some(1205) | Some(1222) => Failed::Busy,
-        Some(n) if DATA_ERRORS.contains(&n) || n >= 50000 => Failed::Data(e.to_string()),
-        _ => {
+    match by_number(conn::number(&e)) {
+        ByNumber::Busy => Failed::Busy,
+        ByNumber::Data => Failed::Data(e.to_string()),
+        ByNumber::Other => {
             let se = conn::classify(context, &e);
             Failed::Transient(TargetError {
                 kind: se.kind,
@@ -993,6 +1015,25 @@ impl std::fmt::Debug for SqlServerTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_errors_fail_one_message_and_lock_errors_retry_the_batch() {
+        // Duplicate key, unique index, FK/CHECK, NULL into NOT NULL,
+        // conversions, overflow, truncation (2019+ and older), bad GUID
+        // text, bad JSON, a trigger's THROW.
+        for n in [
+            2627, 2601, 547, 515, 245, 8114, 8115, 220, 2628, 8152, 8169, 13609, 50000, 51234,
+        ] {
+            assert_eq!(by_number(Some(n)), ByNumber::Data, "{n}");
+        }
+        assert_eq!(by_number(Some(1205)), ByNumber::Busy);
+        assert_eq!(by_number(Some(1222)), ByNumber::Busy);
+        // Login, permissions, connection: not one message's fault.
+        for n in [18456, 229, 233, 4060] {
+            assert_eq!(by_number(Some(n)), ByNumber::Other, "{n}");
+        }
+        assert_eq!(by_number(None), ByNumber::Other);
+    }
     use crate::config::Operation;
     use serde_json::json;
     use std::collections::BTreeMap as Map;

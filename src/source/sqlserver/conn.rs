@@ -92,6 +92,7 @@ const TRANSIENT: &[u32] = &[
     1205, // deadlock victim
     1222, // lock request timeout
     3960, // snapshot update conflict
+    3961, // snapshot read of an object changed by DDL since the snapshot began
     4060, // cannot open database (restoring, failing over)
     10053, 10054, 10060, 10928, 10929, // transport, Azure resource limits
     40197, 40501, 40613, 49918, 49919, 49920, // Azure SQL: service busy, reconfiguring
@@ -192,6 +193,11 @@ mod tests {
         );
         assert!(operator_hint(18456).unwrap().contains("password"));
         assert!(operator_hint(1205).is_none());
-        assert!(TRANSIENT.contains(&1205));
+        for n in [233, 1205, 1222, 3960, 3961, 4060, 40613] {
+            assert!(TRANSIENT.contains(&n), "{n}");
+        }
+        for n in [18456, 229, 208, 3952, 4998] {
+            assert!(!TRANSIENT.contains(&n) && operator_hint(n).is_some(), "{n}");
+        }
     }
 }

@@ -22,9 +22,12 @@
 //! | NULL | `null` |
 //!
 //! TDS sends a `datetimeoffset` as its UTC `datetime2` and the offset in
-//! minutes; the local time shown is UTC plus the offset. (tiberius' own
-//! `chrono::DateTime<Utc>` conversion subtracts the offset once more, which
-//! is one reason this module does its own conversions.)
+//! minutes (MS-TDS 2.2.5.5.1.8); the local time shown is UTC plus the
+//! offset. tiberius agrees for `chrono::DateTime<FixedOffset>` (its
+//! `FromSql` reads the `datetime2` as UTC, its `IntoSql` writes
+//! `naive_utc()`); its `chrono::DateTime<Utc>` `FromSql` subtracts the
+//! offset from that UTC value once more, which is one reason this module
+//! does its own conversions.
 
 use base64::Engine;
 use chrono::{Duration, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
@@ -111,9 +114,10 @@ fn date(d: Date) -> Result<NaiveDate, String> {
         .ok_or_else(|| format!("date {} days after 0001-01-01 is out of range", d.days()))
 }
 
-/// `HH:MM:SS` and the fraction at the column's scale.
+/// `HH:MM:SS` and the fraction at the column's scale (at most 7 in TDS;
+/// clamped, so that a malformed scale cannot overflow).
 fn time_text(t: Time) -> String {
-    let scale = u32::from(t.scale());
+    let scale = u32::from(t.scale()).min(9);
     let per_second = 10u64.pow(scale);
     let secs = t.increments() / per_second;
     let frac = t.increments() % per_second;
@@ -137,7 +141,7 @@ fn datetime2_text(dt: DateTime2) -> Result<String, String> {
 fn datetimeoffset_text(dto: DateTimeOffset) -> Result<String, String> {
     let utc = dto.datetime2();
     let day = date(utc.date())?;
-    let scale = u32::from(utc.time().scale());
+    let scale = u32::from(utc.time().scale()).min(9);
     let nanos = utc.time().increments() * 10u64.pow(9 - scale.min(9));
     let at = NaiveDateTime::new(day, NaiveTime::MIN)
         + Duration::nanoseconds(nanos as i64)
@@ -349,6 +353,36 @@ mod tests {
             json(ColumnData::DateTimeOffset(Some(west))),
             Value::String("2025-12-31T19:30:00-05:30".into())
         );
+    }
+
+    /// A `DateTimeOffset` as tiberius builds it from a chrono
+    /// `DateTime<FixedOffset>` (its `IntoSql`: `naive_utc()` at scale 7 and
+    /// the offset in minutes), i.e. as the wire carries it.
+    fn as_tiberius_encodes(text: &str) -> DateTimeOffset {
+        let dt = chrono::DateTime::parse_from_rfc3339(text).unwrap();
+        let naive = dt.naive_utc();
+        let t = naive.time();
+        let nanos =
+            u64::from(t.num_seconds_from_midnight()) * 1_000_000_000 + u64::from(t.nanosecond());
+        let days = (naive.date() - NaiveDate::from_ymd_opt(1, 1, 1).unwrap()).num_days();
+        DateTimeOffset::new(
+            DateTime2::new(Date::new(days as u32), Time::new(nanos / 100, 7)),
+            (dt.offset().local_minus_utc() / 60) as i16,
+        )
+    }
+
+    #[test]
+    fn datetimeoffset_reads_back_what_tiberius_writes() {
+        for text in [
+            "2026-11-24T01:30:00.2500000+02:00",
+            "2025-12-31T19:30:00.0000000-05:30",
+            "2026-03-29T00:59:59.9999999+14:00",
+            "0001-01-01T00:00:00.0000000+00:00",
+            "9999-12-31T23:59:59.9999999+12:00",
+        ] {
+            let got = json(ColumnData::DateTimeOffset(Some(as_tiberius_encodes(text))));
+            assert_eq!(got, Value::String(text.into()));
+        }
     }
 
     #[test]
