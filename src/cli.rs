@@ -10,10 +10,13 @@ use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig,
 use crate::position::Position;
 use crate::runner::Shutdown;
 use crate::sidecar;
+use crate::sink::Target;
 use crate::sink::oracle::OracleTarget;
 use crate::sink::postgres::PostgresTarget;
+use crate::sink::sqlserver::SqlServerTarget;
 use crate::source::oracle::OracleSource;
 use crate::source::postgres::PostgresSource;
+use crate::source::sqlserver::SqlServerSource;
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
@@ -293,14 +296,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Runs `$body` with the connector's source (and, with the second form,
+/// its target type as `$target`), one arm per database kind.
 macro_rules! with_source {
     ($cfg:expr, $source:ident => $body:expr) => {
+        with_source!($cfg, $source, _T => $body)
+    };
+    ($cfg:expr, $source:ident, $target:ident => $body:expr) => {
         match $cfg.database.kind {
             DatabaseKind::Postgres => {
+                #[allow(dead_code)]
+                type $target = PostgresTarget;
                 let $source = PostgresSource::new(&$cfg)?;
                 $body
             }
+            DatabaseKind::SqlServer => {
+                #[allow(dead_code)]
+                type $target = SqlServerTarget;
+                let $source = SqlServerSource::new(&$cfg)?;
+                $body
+            }
             DatabaseKind::Oracle => {
+                #[allow(dead_code)]
+                type $target = OracleTarget;
                 let $source = OracleSource::new(&$cfg)?;
                 $body
             }
@@ -312,12 +330,21 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(c) => {
             let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source => run(&cfg, source).await)
+            with_source!(cfg, source, T => {
+                let target = match cfg.sink.enabled {
+                    true => Some(T::new(&cfg).map_err(fail)?),
+                    false => None,
+                };
+                run(&cfg, source, target).await
+            })
         }
         Command::Check(c) => check(&c.connector).await,
         Command::Init(c) => {
             let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source => init(&cfg, source).await)
+            with_source!(cfg, source, T => {
+                let target = T::new(&cfg).map_err(fail)?;
+                init(&cfg, source, target.init()).await
+            })
         }
         Command::Topology(TopologyCommand::Declare {
             connector,
@@ -332,9 +359,14 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let cfg = ConnectorConfig::load(&c.connector)?;
             match cfg.database.kind {
                 DatabaseKind::Postgres => status(&cfg, PostgresSource::new(&cfg)?).await,
-                DatabaseKind::Oracle => Err(fail(
-                    "`sitesync status` reads PostgreSQL only for now: for an Oracle connector use `sitesync checkpoint show` and query SITESYNC_INBOX, SITESYNC_GAPS and SITESYNC_CONFLICTS",
-                )),
+                DatabaseKind::SqlServer => Err(Failure {
+                    message: "`sitesync status` reads PostgreSQL only so far; on SQL Server, query sitesync_origins, sitesync_gaps, sitesync_conflicts and sitesync_inbox directly (see README, SQL Server)".into(),
+                    code: 2,
+                }),
+                DatabaseKind::Oracle => Err(Failure {
+                    message: "`sitesync status` reads PostgreSQL only so far; on Oracle, use `sitesync checkpoint show` and query SITESYNC_ORIGINS, SITESYNC_GAPS, SITESYNC_CONFLICTS and SITESYNC_INBOX directly (see README, Oracle)".into(),
+                    code: 2,
+                }),
             }
         }
         Command::Dlq(DlqCommand::List(c)) => {
@@ -358,7 +390,11 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     }
 }
 
-async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
+async fn run<S: Source, T: Target>(
+    cfg: &ConnectorConfig,
+    source: S,
+    target: Option<T>,
+) -> Result<ExitCode, Failure> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
         let term = async {
@@ -390,36 +426,22 @@ async fn run<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Fa
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    match cfg.database.kind {
-        DatabaseKind::Postgres => {
-            let target = match cfg.sink.enabled {
-                true => Some(PostgresTarget::new(cfg).map_err(fail)?),
-                false => None,
-            };
-            sidecar::run(cfg, source, target, shutdown).await
-        }
-        DatabaseKind::Oracle => {
-            let target = match cfg.sink.enabled {
-                true => Some(OracleTarget::new(cfg).map_err(fail)?),
-                false => None,
-            };
-            sidecar::run(cfg, source, target, shutdown).await
-        }
-    }
-    .map_err(fail)?;
+    sidecar::run(cfg, source, target, shutdown)
+        .await
+        .map_err(fail)?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, Failure> {
+async fn init<S: Source>(
+    cfg: &ConnectorConfig,
+    source: S,
+    target_init: impl std::future::Future<Output = Result<Vec<String>, crate::sink::TargetError>>,
+) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
         println!("  {line}");
     }
-    let lines = match cfg.database.kind {
-        DatabaseKind::Postgres => PostgresTarget::new(cfg).map_err(fail)?.init().await,
-        DatabaseKind::Oracle => OracleTarget::new(cfg).map_err(fail)?.init().await,
-    };
-    for line in lines.map_err(|e| fail(e.message))? {
+    for line in target_init.await.map_err(|e| fail(e.message))? {
         println!("  {line}");
     }
     println!(
@@ -576,19 +598,16 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
             cfg.topology.file.display()
         ),
     )];
-    checks.extend(with_source!(cfg, source => source.preflight().await));
-    if cfg.sink.enabled {
-        match cfg.database.kind {
-            DatabaseKind::Postgres => match PostgresTarget::new(&cfg) {
+    checks.extend(with_source!(cfg, source, T => {
+        let mut checks = source.preflight().await;
+        if cfg.sink.enabled {
+            match T::new(&cfg) {
                 Ok(target) => checks.extend(target.preflight().await),
                 Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
-            },
-            DatabaseKind::Oracle => match OracleTarget::new(&cfg) {
-                Ok(target) => checks.extend(target.preflight().await),
-                Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
-            },
+            }
         }
-    }
+        checks
+    }));
     let mut connection = None;
     for url in &cfg.broker.urls {
         match bus::connect(

@@ -64,11 +64,60 @@ impl std::error::Error for ConfigErrors {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {
     Postgres,
+    /// SQL Server (Change Tracking); `mssql` is accepted too.
+    SqlServer,
+    /// Oracle (LogMiner).
     Oracle,
 }
 
 impl DatabaseKind {
-    const NAMES: &'static str = "postgres, oracle";
+    const NAMES: &'static str = "postgres, sqlserver, oracle";
+}
+
+/// How the SQL Server connection is encrypted (TDS `ENCRYPT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlServerEncrypt {
+    /// TLS for the whole session, refused if the server cannot (the default).
+    Required,
+    /// TDS 8.0 strict: TLS before the prelogin (SQL Server 2022+).
+    Strict,
+    /// TLS for the login packet only (the password), plain text after.
+    LoginOnly,
+}
+
+/// The `[database]` keys of a SQL Server connector.
+#[derive(Debug, Clone)]
+pub struct SqlServerSettings {
+    /// `encrypt = "required" | "strict" | "login_only"`.
+    pub encrypt: SqlServerEncrypt,
+    /// Accept any server certificate (test and trusted networks only).
+    pub trust_server_certificate: bool,
+    /// A PEM or DER CA certificate the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// How long an idle source waits between two Change Tracking reads, at
+    /// most (it reads again at once while there is work).
+    pub poll_max: Duration,
+    /// How long this sidecar may be down without losing events: `sitesync
+    /// check` fails when the Change Tracking retention is shorter.
+    pub max_downtime: Duration,
+    /// Per round trip to the server (tiberius `command_timeout`).
+    pub command_timeout: Duration,
+    /// Outbox rows read per Change Tracking query, at most.
+    pub read_batch: u32,
+}
+
+impl Default for SqlServerSettings {
+    fn default() -> Self {
+        SqlServerSettings {
+            encrypt: SqlServerEncrypt::Required,
+            trust_server_certificate: false,
+            ca_file: None,
+            poll_max: Duration::from_millis(1_000),
+            max_downtime: Duration::from_secs(72 * 3600),
+            command_timeout: Duration::from_secs(60),
+            read_batch: 5_000,
+        }
+    }
 }
 
 /// A connector: one database server at one site.
@@ -95,7 +144,9 @@ pub struct ConnectorConfig {
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub kind: DatabaseKind,
-    /// Connection URL (`postgres://user:pass@host:port/db`), after `${VAR}` expansion.
+    /// Connection URL (`postgres://user:pass@host:port/db`), or for SQL
+    /// Server an ADO.NET connection string (`server=tcp:host,1433;
+    /// database=…;user=…;password=${MSSQL_PASSWORD}`), after `${VAR}` expansion.
     pub url: String,
     /// Outbox table, optionally schema-qualified (`public.outbox`).
     pub outbox_table: String,
@@ -106,6 +157,8 @@ pub struct DatabaseConfig {
     /// PostgreSQL: how long a replication session may wait for the server
     /// before the sidecar reconnects (it also bounds how late a keepalive reply is).
     pub status_interval: Duration,
+    /// SQL Server: TLS, polling and retention settings (defaults elsewhere).
+    pub sqlserver: SqlServerSettings,
     /// Oracle: the settings of the LogMiner source and of the client
     /// library (defaults for other engines).
     pub oracle: OracleSettings,
@@ -213,10 +266,12 @@ pub fn parse_oracle_url(url: &str) -> Result<OracleUrl, String> {
 }
 
 impl DatabaseConfig {
-    /// `(schema, table)` of the outbox, schema defaulting to `public`.
+    /// `(schema, table)` of the outbox, schema defaulting to `public`
+    /// (`dbo` on SQL Server).
     pub fn outbox_parts(&self) -> (&str, &str) {
         match self.outbox_table.split_once('.') {
             Some((s, t)) => (s, t),
+            None if self.kind == DatabaseKind::SqlServer => ("dbo", self.outbox_table.as_str()),
             None => ("public", self.outbox_table.as_str()),
         }
     }
@@ -877,6 +932,7 @@ impl ConnectorConfig {
             let kind = match d.string("kind", true, DatabaseKind::NAMES).as_deref() {
                 Some("postgres") | Some("postgresql") => Some(DatabaseKind::Postgres),
                 Some("oracle") => Some(DatabaseKind::Oracle),
+                Some("sqlserver") | Some("mssql") => Some(DatabaseKind::SqlServer),
                 Some(other) => {
                     d.problem("kind", format!("`{other}` is not a supported database kind; expected one of: {}", DatabaseKind::NAMES));
                     None
@@ -884,7 +940,7 @@ impl ConnectorConfig {
                 None => None,
             };
             let url = d
-                .string("url", true, "a database URL, e.g. \"postgres://user@host:5432/db\"")
+                .string("url", true, "a database URL, e.g. \"postgres://user@host:5432/db\", or for SQL Server an ADO.NET string \"server=tcp:host,1433;database=db;user=u;password=${PASSWORD}\"")
                 .unwrap_or_default();
             if kind == Some(DatabaseKind::Postgres) && !url.is_empty()
                 && let Err(e) = validate_postgres_url(&url) {
@@ -894,11 +950,16 @@ impl ConnectorConfig {
                 && let Err(e) = parse_oracle_url(&url) {
                     d.problem("url", e);
                 }
+            if kind == Some(DatabaseKind::SqlServer) && !url.is_empty()
+                && let Err(e) = validate_sqlserver_url(&url) {
+                    d.problem("url", e);
+                }
             let outbox_table = d
                 .string("outbox_table", false, "a table name, e.g. \"public.outbox\"")
                 .unwrap_or_else(|| match kind {
                     // The connecting user's schema (see source::oracle).
                     Some(DatabaseKind::Oracle) => "OUTBOX".into(),
+                    Some(DatabaseKind::SqlServer) => "dbo.outbox".into(),
                     _ => "public.outbox".into(),
                 });
             for part in outbox_table.split('.') {
@@ -941,6 +1002,11 @@ impl ConnectorConfig {
                     .map(|n| n as usize)
                     .unwrap_or(oracle.max_buffered_mib);
             }
+            let sqlserver = if kind == Some(DatabaseKind::SqlServer) {
+                sqlserver_settings(d)
+            } else {
+                SqlServerSettings::default()
+            };
             kind.map(|kind| DatabaseConfig {
                 kind,
                 url,
@@ -949,6 +1015,7 @@ impl ConnectorConfig {
                 publication,
                 status_interval,
                 oracle,
+                sqlserver,
             })
         });
 
@@ -1158,9 +1225,117 @@ fn validate_postgres_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A URL with its password replaced by `***`, for messages and logs.
+/// The SQL Server keys of `[database]`; only read for `kind = "sqlserver"`,
+/// so that they are unknown keys for the other engines.
+fn sqlserver_settings(d: &mut Reader<'_>) -> SqlServerSettings {
+    let defaults = SqlServerSettings::default();
+    let encrypt = match d
+        .string(
+            "encrypt",
+            false,
+            "\"required\", \"strict\" or \"login_only\"",
+        )
+        .as_deref()
+    {
+        None | Some("required") | Some("true") => SqlServerEncrypt::Required,
+        Some("strict") => SqlServerEncrypt::Strict,
+        Some("login_only") => SqlServerEncrypt::LoginOnly,
+        Some(other) => {
+            d.problem("encrypt", format!("`{other}` is not an encryption mode; expected \"required\" (the default), \"strict\" (TDS 8.0) or \"login_only\""));
+            SqlServerEncrypt::Required
+        }
+    };
+    let trust_server_certificate = d.boolean("trust_server_certificate").unwrap_or(false);
+    let ca_file = d
+        .string(
+            "ca_file",
+            false,
+            "the path of a CA certificate (PEM or DER)",
+        )
+        .map(PathBuf::from);
+    if trust_server_certificate && ca_file.is_some() {
+        d.problem("ca_file", "trust_server_certificate = true accepts any certificate: set one or the other, not both");
+    }
+    let poll_max = d.millis("poll_max_ms", defaults.poll_max.as_millis() as u64, 60_000);
+    let max_downtime = d
+        .integer("max_downtime_hours", 1..=24 * 365, "a number of hours")
+        .map(|h| Duration::from_secs(h as u64 * 3600))
+        .unwrap_or(defaults.max_downtime);
+    let command_timeout = d.millis(
+        "command_timeout_ms",
+        defaults.command_timeout.as_millis() as u64,
+        3_600_000,
+    );
+    let read_batch = d
+        .integer("read_batch", 1..=1_000_000, "a number of rows")
+        .map(|n| n as u32)
+        .unwrap_or(defaults.read_batch);
+    SqlServerSettings {
+        encrypt,
+        trust_server_certificate,
+        ca_file,
+        poll_max,
+        max_downtime,
+        command_timeout,
+        read_batch,
+    }
+}
+
+/// An ADO.NET connection string tiberius can parse, whose TLS settings are
+/// left to the `[database]` keys (so that there is one place for them).
+fn validate_sqlserver_url(url: &str) -> Result<(), String> {
+    if url.contains("://") {
+        return Err(format!(
+            "`{}` is a URL; SQL Server connectors take an ADO.NET connection string, e.g. \"server=tcp:db.example,1433;database=sitesync;user=sitesync;password=${{MSSQL_PASSWORD}}\"",
+            redact_url(url)
+        ));
+    }
+    for part in url.split(';') {
+        let key = part
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if matches!(
+            key.as_str(),
+            "encrypt" | "trustservercertificate" | "trustservercertificateca"
+        ) {
+            return Err(format!(
+                "`{}` sets `{key}`: set database.encrypt, database.trust_server_certificate or database.ca_file instead",
+                redact_url(url)
+            ));
+        }
+    }
+    tiberius::Config::from_ado_string(url)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "`{}` is not an ADO.NET connection string tiberius accepts: {e}",
+                redact_url(url)
+            )
+        })
+}
+
+/// A URL with its password replaced by `***`, for messages and logs. An
+/// ADO.NET connection string (no `://`) has its `password`/`pwd` value
+/// replaced.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
+        if url.contains('=') {
+            return url
+                .split(';')
+                .map(|part| match part.split_once('=') {
+                    Some((k, _))
+                        if matches!(k.trim().to_ascii_lowercase().as_str(), "password" | "pwd") =>
+                    {
+                        format!("{k}=***")
+                    }
+                    _ => part.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(";");
+        }
         return url.to_string();
     };
     let after = &url[scheme_end + 3..];
@@ -1214,6 +1389,58 @@ mod tests {
                 .unwrap_err()
                 .contains("not a variable")
         );
+    }
+
+    #[test]
+    fn a_sqlserver_connector_takes_an_ado_string_and_its_own_keys() {
+        let dir = scratch("mssql");
+        let topo = write(&dir, "topology.toml", "sites = [\"MADRID\"]\n");
+        let load = |db: &str| {
+            let path = write(
+                &dir,
+                "madrid.toml",
+                &format!(
+                    "site = \"MADRID\"\n[database]\n{db}\n[broker]\nurls = \"amqp://127.0.0.1:5672/%2f\"\ntopology = \"{}\"\n",
+                    topo.display()
+                ),
+            );
+            ConnectorConfig::load(&path)
+        };
+        let c = load("kind = \"mssql\"\nurl = \"server=tcp:db,1433;database=madrid;user=s;password=p\"\nca_file = \"/ca.pem\"\npoll_max_ms = 250\nmax_downtime_hours = 12").unwrap();
+        assert_eq!(c.database.kind, DatabaseKind::SqlServer);
+        assert_eq!(c.database.outbox_parts(), ("dbo", "outbox"));
+        assert_eq!(c.database.sqlserver.encrypt, SqlServerEncrypt::Required);
+        assert_eq!(c.database.sqlserver.poll_max, Duration::from_millis(250));
+        assert_eq!(
+            c.database.sqlserver.max_downtime,
+            Duration::from_secs(12 * 3600)
+        );
+        assert_eq!(c.database.sqlserver.ca_file, Some(PathBuf::from("/ca.pem")));
+        // TLS belongs to the keys, not the string; both trust settings at once is refused.
+        let e = load("kind = \"sqlserver\"\nurl = \"server=tcp:db,1433;encrypt=false\"\ntrust_server_certificate = true\nca_file = \"/ca.pem\"\nencrypt = \"maybe\"").unwrap_err().to_string();
+        assert!(
+            e.contains("database.url") && e.contains("database.encrypt"),
+            "{e}"
+        );
+        assert!(e.contains("database.ca_file"), "{e}");
+        assert!(e.contains("`maybe` is not an encryption mode"), "{e}");
+        // A PostgreSQL connector does not know the SQL Server keys.
+        let e = load("kind = \"postgres\"\nurl = \"postgres://u@h:5432/db\"\npoll_max_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("poll_max_ms") && e.contains("unknown key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ado_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("server=tcp:h,1433;user=sa;Password=s3cret;database=d"),
+            "server=tcp:h,1433;user=sa;Password=***;database=d"
+        );
+        assert_eq!(redact_url("server=h;pwd=x"), "server=h;pwd=***");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! commit order.
 //!
 //! Each engine implements [`Source`] in one file (PostgreSQL in
-//! [`postgres`]; MariaDB, SQL Server and Oracle follow the same shape). The
+//! [`postgres`], SQL Server Change Tracking in [`sqlserver`]; MariaDB and
+//! Oracle follow the same shape). The
 //! trait is small on purpose:
 //!
 //! - [`Source::preflight`] checks what streaming needs (wal_level, binlog
@@ -21,6 +22,7 @@
 pub mod oracle;
 pub mod pgoutput;
 pub mod postgres;
+pub mod sqlserver;
 
 use crate::checks::Check;
 use crate::event::{OutboxRow, RowError};

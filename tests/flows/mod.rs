@@ -8,4 +8,5 @@ mod operations;
 mod oracle;
 mod outages;
 mod sink_failures;
+mod sqlserver;
 mod sync;

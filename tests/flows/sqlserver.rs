@@ -1,0 +1,294 @@
+//! A SQL Server site among PostgreSQL ones: MADRID on SQL Server 2022
+//! (testcontainers, the official image), PARIS and LONDON on the private
+//! PostgreSQL cluster. These need a Docker engine and are ignored
+//! elsewhere: `cargo test --test main sqlserver -- --ignored`.
+
+use crate::support::mesh::{Mesh, MeshOptions, upsert};
+use crate::support::sidecar::Sidecar;
+use crate::support::wait_for;
+use std::path::PathBuf;
+use std::time::Duration;
+use testcontainers_modules::mssql_server::MssqlServer;
+use testcontainers_modules::testcontainers::ContainerAsync;
+use testcontainers_modules::testcontainers::runners::AsyncRunner;
+use tiberius::{AuthMethod, Client, Config};
+use tokio::net::TcpStream;
+use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
+use uuid::Uuid;
+
+/// The business table at the SQL Server site, with a trigger that logs
+/// whether the sink wrote (SESSION_CONTEXT marker).
+const BUSINESS: &str = "
+CREATE TABLE dbo.item (id int PRIMARY KEY, n int NOT NULL, rev uniqueidentifier NOT NULL, site nvarchar(32) NOT NULL, note nvarchar(200) NULL);
+CREATE TABLE dbo.item_log (seq bigint IDENTITY PRIMARY KEY, id int NOT NULL, by_sink bit NOT NULL);
+";
+
+const TRIGGER: &str = "
+CREATE TRIGGER dbo.item_log_trg ON dbo.item AFTER INSERT, UPDATE AS
+BEGIN
+    SET NOCOUNT ON;
+    INSERT INTO dbo.item_log (id, by_sink)
+    SELECT id, CASE WHEN CAST(SESSION_CONTEXT(N'sitesync.applying') AS int) = 1 THEN 1 ELSE 0 END FROM inserted;
+END";
+
+struct SqlSite {
+    _container: ContainerAsync<MssqlServer>,
+    host: String,
+    port: u16,
+    connector: PathBuf,
+}
+
+impl SqlSite {
+    /// Starts SQL Server, creates the `madrid` database and the business
+    /// tables, writes MADRID's connector next to the mesh's and runs
+    /// `sitesync init` for it.
+    async fn start(mesh: &Mesh) -> SqlSite {
+        let container = MssqlServer::default()
+            .with_accept_eula()
+            .start()
+            .await
+            .expect("start SQL Server");
+        let host = container.get_host().await.unwrap().to_string();
+        let port = container.get_host_port_ipv4(1433).await.unwrap();
+        let mut master = connect(&host, port, "master").await;
+        exec(&mut master, "CREATE DATABASE madrid").await;
+        let mut db = connect(&host, port, "madrid").await;
+        exec(&mut db, BUSINESS).await;
+        exec(&mut db, TRIGGER).await;
+        let connector = mesh.dir.path().join("madrid.toml");
+        std::fs::write(
+            &connector,
+            format!(
+                "site = \"MADRID\"\n\n[database]\nkind = \"sqlserver\"\nurl = \"server=tcp:{host},{port};database=madrid;user=sa;password={}\"\ntrust_server_certificate = true\npoll_max_ms = 200\nmax_downtime_hours = 1\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"dbo.item\"\nkey = [\"id\"]\noperation = \"upsert\"\n",
+                MssqlServer::DEFAULT_SA_PASSWORD,
+                mesh.amqp_url,
+                mesh.dir.path().join("topology.toml").display(),
+                mesh.dir.path().join("checkpoints").join("madrid").display(),
+            ),
+        )
+        .unwrap();
+        let site = SqlSite {
+            _container: container,
+            host,
+            port,
+            connector,
+        };
+        let out = site.sitesync(&["init"]);
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        site
+    }
+
+    fn sitesync(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::support::sidecar::binary())
+            .args(args)
+            .arg("--connector")
+            .arg(&self.connector)
+            .output()
+            .expect("run sitesync")
+    }
+
+    fn spawn(&self, mesh: &Mesh) -> Sidecar {
+        Sidecar::spawn(&self.connector, mesh.dir.path())
+    }
+
+    async fn client(&self) -> Client<Compat<TcpStream>> {
+        connect(&self.host, self.port, "madrid").await
+    }
+}
+
+async fn connect(host: &str, port: u16, database: &str) -> Client<Compat<TcpStream>> {
+    let mut config = Config::new();
+    config.host(host);
+    config.port(port);
+    config.database(database);
+    config.authentication(AuthMethod::sql_server(
+        "sa",
+        MssqlServer::DEFAULT_SA_PASSWORD,
+    ));
+    config.trust_cert();
+    let tcp = TcpStream::connect(config.get_addr()).await.unwrap();
+    Client::connect(config, tcp.compat_write()).await.unwrap()
+}
+
+async fn exec(client: &mut Client<Compat<TcpStream>>, sql: &str) {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_results()
+        .await
+        .unwrap();
+}
+
+/// An application write at MADRID: the row and its outbox row in one
+/// transaction.
+async fn madrid_upsert(client: &mut Client<Compat<TcpStream>>, id: i32, n: i32) -> Uuid {
+    let event = Uuid::new_v4();
+    let rev = Uuid::new_v4();
+    let data = serde_json::json!({"id": id, "n": n, "rev": rev, "site": "MADRID"}).to_string();
+    client
+        .execute(
+            "BEGIN TRANSACTION;
+             MERGE dbo.item WITH (HOLDLOCK) AS t USING (SELECT @P1 AS id) AS s ON t.id = s.id
+             WHEN MATCHED THEN UPDATE SET n = @P2, rev = @P3, site = N'MADRID'
+             WHEN NOT MATCHED THEN INSERT (id, n, rev, site) VALUES (@P1, @P2, @P3, N'MADRID');
+             INSERT INTO dbo.outbox (id, type, entity_key, data) VALUES (@P4, N'item.upsert', CAST(@P1 AS nvarchar(20)), @P5);
+             COMMIT;",
+            &[&id, &n, &rev, &event, &data.as_str()],
+        )
+        .await
+        .expect("the write commits");
+    event
+}
+
+async fn pg_count(mesh: &Mesh, site: &str, from: &str) -> i64 {
+    mesh.client(site)
+        .await
+        .query_one("SELECT count(*) FROM item WHERE site = $1", &[&from])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn mssql_count(client: &mut Client<Compat<TcpStream>>, sql: &str) -> i32 {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .into_row()
+        .await
+        .unwrap()
+        .and_then(|r| r.get::<i32, _>(0))
+        .unwrap_or(0)
+}
+
+fn two_pg_sites() -> MeshOptions {
+    MeshOptions {
+        sites: vec!["PARIS", "LONDON"],
+        ..MeshOptions::default()
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_three_sites_with_one_on_sql_server_converge() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let _pg = mesh.spawn_all();
+    let _madrid = madrid.spawn(&mesh);
+    let mut m = madrid.client().await;
+    for id in 0..20 {
+        madrid_upsert(&mut m, 1000 + id, id).await;
+    }
+    let paris = mesh.client("PARIS").await;
+    for id in 0..20 {
+        upsert(&paris, "PARIS", id, id).await;
+    }
+    for site in ["PARIS", "LONDON"] {
+        wait_for(
+            async || pg_count(&mesh, site, "MADRID").await == 20,
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("MADRID's rows at {site}: {e}"));
+    }
+    // PARIS's writes reached SQL Server through the sink, marked for triggers.
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT COUNT(*) FROM dbo.item WHERE site = N'PARIS'",
+            )
+            .await
+                == 20
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("PARIS's rows at MADRID");
+    assert_eq!(
+        mssql_count(
+            &mut m,
+            "SELECT COUNT(*) FROM dbo.item_log WHERE by_sink = 1"
+        )
+        .await,
+        20
+    );
+    // MADRID's own events came back round and deleted its outbox rows.
+    wait_for(
+        async || mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.outbox").await == 0,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("MADRID's outbox emptied");
+    assert_eq!(
+        mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.sitesync_inbox").await,
+        40,
+        "20 of PARIS applied, 20 of its own back round"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_kill_9_mid_stream_loses_nothing() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let _pg = mesh.spawn_all();
+    let mut sidecar = madrid.spawn(&mesh);
+    let mut m = madrid.client().await;
+    for id in 0..300 {
+        madrid_upsert(&mut m, id, 1).await;
+        if id == 150 {
+            sidecar.kill9();
+            sidecar = madrid.spawn(&mesh);
+        }
+    }
+    for site in ["PARIS", "LONDON"] {
+        wait_for(
+            async || pg_count(&mesh, site, "MADRID").await == 300,
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("MADRID's rows at {site}: {e}\n{}", sidecar.log_tail()));
+    }
+    // Each event applied once: the inbox has one row per event.
+    let applied: i64 = mesh
+        .client("PARIS")
+        .await
+        .query_one(
+            "SELECT count(*) FROM sitesync_inbox WHERE origin = 'MADRID' AND outcome = 'applied'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 300);
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_a_checkpoint_older_than_change_tracking_retention_stops_with_a_clear_error() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let mut m = madrid.client().await;
+    let mut sidecar = madrid.spawn(&mesh);
+    madrid_upsert(&mut m, 1, 1).await;
+    sidecar.wait_log("published", Duration::from_secs(60)).await;
+    sidecar.terminate().await;
+    // While it is stopped: rows written, then the table's tracking reset,
+    // which moves its minimum valid version past the checkpoint exactly as
+    // a retention cleanup does.
+    madrid_upsert(&mut m, 2, 1).await;
+    exec(&mut m, "ALTER TABLE dbo.outbox DISABLE CHANGE_TRACKING").await;
+    exec(&mut m, "ALTER TABLE dbo.outbox ENABLE CHANGE_TRACKING").await;
+    let mut sidecar = madrid.spawn(&mesh);
+    let status = sidecar.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = sidecar.log_text();
+    assert!(log.contains("lost to Change Tracking retention"), "{log}");
+    assert!(log.contains("checkpoint reset"), "{log}");
+}
