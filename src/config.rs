@@ -315,8 +315,12 @@ pub struct SinkConfig {
     pub prefetch: u16,
     /// A batch closes at this many messages…
     pub batch_size: usize,
-    /// …or this long after its first message.
+    /// …or this long after its first message…
     pub batch_timeout: Duration,
+    /// …or when no message has come for this long: a lull closes the batch
+    /// early, so that a light load is applied at once while a stream keeps
+    /// filling batches.
+    pub batch_idle: Duration,
     /// Attempts at a message that fails on its own (a constraint, a type)
     /// before it goes to the dead-letter queue.
     pub max_attempts: u32,
@@ -405,6 +409,7 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
         .integer("batch_size", 1..=100_000, "a number of messages")
         .unwrap_or(500) as usize;
     let batch_timeout = r.millis("batch_timeout_ms", 20, 60_000);
+    let batch_idle = r.millis("batch_idle_ms", 2, 60_000);
     let max_attempts = r
         .integer("max_attempts", 1..=1000, "a number of attempts")
         .unwrap_or(3) as u32;
@@ -483,6 +488,7 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
         prefetch,
         batch_size,
         batch_timeout,
+        batch_idle,
         max_attempts,
         unrouted,
         routes,

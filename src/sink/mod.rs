@@ -3,8 +3,8 @@
 //!
 //! Messages are consumed from `SITE_<NAME>` (a single-active-consumer
 //! quorum queue, so a standby sidecar waits its turn) and applied in
-//! batches of `batch_size` messages or `batch_timeout`, whichever comes
-//! first. One database transaction per batch holds the inbox rows, the
+//! batches of `batch_size` messages, `batch_timeout` after the first, or
+//! a lull of `batch_idle`, whichever comes first. One database transaction per batch holds the inbox rows, the
 //! per-origin progress, the applied changes, the recorded conflicts and the
 //! outbox deletions of events that came back round; the messages are acked
 //! only after it commits.
@@ -353,17 +353,21 @@ async fn session<T: Target>(
         // Fill the batch for at most batch_timeout. Messages waiting for a
         // retry (or held behind one) do not count: new messages keep
         // flowing past them, up to the prefetch.
+        // A lull of batch_idle closes it early: a light load is applied
+        // at once, a stream fills batches.
         let deadline = tokio::time::Instant::now() + cfg.sink.batch_timeout;
         let now = Instant::now();
         let mut ready = pending.iter().filter(|p| p.ready(now)).count();
+        let mut lull = tokio::time::Instant::now() + cfg.sink.batch_idle;
         while ready < cfg.sink.batch_size {
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
                 d = consumer.next() => {
                     pending.push_back(Pending::new(delivered(d, &queue)?));
                     ready += 1;
+                    lull = tokio::time::Instant::now() + cfg.sink.batch_idle;
                 }
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep_until(deadline.min(lull)) => break,
             }
         }
 
