@@ -4,7 +4,8 @@
 //! published, confirmed by the broker and checkpointed; the event at exactly
 //! this position (if there is one) has not. Each engine has its own shape, but
 //! every variant is "where the transaction commits in the log" plus "how many
-//! of its outbox rows are done", so a crash in the middle of a huge
+//! of its outbox rows are done" (SQL Server: and the key of the last one,
+//! which is what it resumes after), so a crash in the middle of a huge
 //! transaction resumes after the last confirmed row instead of at its start.
 //!
 //! Positions are totally ordered within one engine; positions of two engines
@@ -42,11 +43,29 @@ pub enum Position {
         index: u32,
     },
     /// SQL Server Change Tracking.
+    ///
+    /// The rows of one version are read in key order. A resume point names
+    /// the last row of `version` done by its outbox key: rows of that
+    /// version leave Change Tracking's inserts when this site's sink deletes
+    /// them (their events came back round), so a count of rows done can
+    /// point past rows never read, a key cannot.
     SqlServer {
         /// `SYS_CHANGE_VERSION` of the change.
         version: i64,
-        /// Changes of that version already done.
+        /// Changes of that version already done (counted when they were
+        /// read: it orders positions, and resumes only a position without
+        /// `after`).
         index: u32,
+        /// The outbox key (`id`, as text) of the last row of `version`
+        /// done: a restart reads the rows of `version` whose key is above
+        /// it, compared by SQL Server in the column's type (uniqueidentifier
+        /// order is not text order). A row's own position carries the row's
+        /// key, so that [`Position::next_row`] resumes after it; used as a
+        /// resume point it therefore resumes *after* that row. `None`: at
+        /// the start of a version, or a checkpoint written before the key
+        /// was kept (then the first `index` rows are skipped by count).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// Oracle LogMiner.
     ///
@@ -82,7 +101,9 @@ impl Position {
         }
     }
 
-    /// The position of the next row in the same transaction.
+    /// The position of the next row in the same transaction: once the row
+    /// at `self` is done, the resume point. (A SQL Server row's position
+    /// already carries its own key in `after`: it is kept.)
     pub fn next_row(&self) -> Position {
         let mut next = self.clone();
         match &mut next {
@@ -122,16 +143,21 @@ impl PartialOrd for Position {
                     index: j,
                 },
             ) => Some((binlog_key(fa), oa, i).cmp(&(binlog_key(fb), ob, j))),
+            // By version and index; the key only breaks a tie, so that the
+            // order agrees with `==` (one stream never yields two positions
+            // that differ only by their key).
             (
                 SqlServer {
                     version: a,
                     index: i,
+                    after: k,
                 },
                 SqlServer {
                     version: b,
                     index: j,
+                    after: l,
                 },
-            ) => Some((a, i).cmp(&(b, j))),
+            ) => Some((a, i, k).cmp(&(b, j, l))),
             (
                 Oracle {
                     scn: a,
@@ -179,9 +205,11 @@ mod lsn_text {
 
 /// Text form used in message headers and on the command line:
 /// `postgres:0/16B3748#3`, `mysql:mysql-bin.000042:1234#0`,
-/// `sqlserver:9876#2`, `oracle:123456789#0@123456700` (`@` the SCN mining
-/// restarts from). The `#index` part may be omitted on input (it means 0),
-/// and so may Oracle's `@mine_from`.
+/// `sqlserver:9876#2@7f1d8a5e-3c2b-4a8e-9f00-0123456789ab` (`@` the outbox
+/// key of the last row of that version done: everything after `@` is the
+/// key), `oracle:123456789#0@123456700` (`@` the SCN mining restarts from).
+/// The `#index` part may be omitted on input (it means 0), and so may
+/// SQL Server's `@after` and Oracle's `@mine_from`.
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -191,7 +219,16 @@ impl fmt::Display for Position {
                 offset,
                 index,
             } => write!(f, "mysql:{file}:{offset}#{index}"),
-            Position::SqlServer { version, index } => write!(f, "sqlserver:{version}#{index}"),
+            Position::SqlServer {
+                version,
+                index,
+                after: None,
+            } => write!(f, "sqlserver:{version}#{index}"),
+            Position::SqlServer {
+                version,
+                index,
+                after: Some(key),
+            } => write!(f, "sqlserver:{version}#{index}@{key}"),
             Position::Oracle {
                 scn,
                 index,
@@ -213,6 +250,18 @@ impl FromStr for Position {
         let (engine, rest) = text.split_once(':').ok_or_else(|| {
             format!("`{text}` is not a position: expected <engine>:<log position>[#index], e.g. postgres:0/16B3748")
         })?;
+        // A SQL Server key is the last part and may hold any character.
+        let (rest, after) = match rest.split_once('@') {
+            Some((rest, key)) if engine == "sqlserver" => {
+                if key.is_empty() {
+                    return Err(format!(
+                        "`{text}`: the outbox key after @ is empty (leave out the @ to resume by count)"
+                    ));
+                }
+                (rest, Some(key.to_string()))
+            }
+            _ => (rest, None),
+        };
         let (rest, mine_from) = match rest.split_once('@') {
             Some((rest, from)) if engine == "oracle" => (
                 rest,
@@ -253,6 +302,7 @@ impl FromStr for Position {
                     format!("`{text}`: the Change Tracking version must be a number")
                 })?,
                 index,
+                after,
             }),
             "oracle" => Ok(Position::Oracle {
                 scn: at
@@ -322,6 +372,18 @@ mod tests {
             Position::SqlServer {
                 version: 9876,
                 index: 2,
+                after: None,
+            },
+            Position::SqlServer {
+                version: 9876,
+                index: 2,
+                after: Some("7f1d8a5e-3c2b-4a8e-9f00-0123456789ab".into()),
+            },
+            // Whatever the key holds comes back (an nvarchar key).
+            Position::SqlServer {
+                version: 1,
+                index: 0,
+                after: Some("a#1@b:c".into()),
             },
             Position::Oracle {
                 scn: 123_456_789,
@@ -374,6 +436,62 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Position>(&json).unwrap(),
             o(10, 2, None)
+        );
+    }
+
+    #[test]
+    fn sqlserver_positions_order_by_version_then_row_and_carry_the_last_key_done() {
+        let s = |version, index, after: Option<&str>| Position::SqlServer {
+            version,
+            index,
+            after: after.map(str::to_string),
+        };
+        // (version, index) orders; the key is only a resume hint.
+        assert!(s(10, 5, Some("z")) < s(11, 0, None));
+        assert!(s(10, 5, Some("z")) < s(10, 6, Some("a")));
+        assert!(s(10, 0, None) < s(10, 1, Some("a")));
+        assert!(s(10, 5, Some("k")) == s(10, 5, Some("k")));
+        // Consistent with `==`: only the same key is Equal.
+        assert_ne!(
+            s(10, 5, Some("k")).partial_cmp(&s(10, 5, None)),
+            Some(Ordering::Equal)
+        );
+        // A row's position carries its key; the next row's resume point
+        // keeps it, one row further.
+        assert_eq!(s(10, 5, Some("k")).next_row(), s(10, 6, Some("k")));
+        assert_eq!(
+            "sqlserver:10#5@7F1D8A5E-3C2B-4A8E-9F00-0123456789AB"
+                .parse::<Position>()
+                .unwrap(),
+            s(10, 5, Some("7F1D8A5E-3C2B-4A8E-9F00-0123456789AB"))
+        );
+        assert_eq!(
+            "sqlserver:10@42".parse::<Position>().unwrap(),
+            s(10, 0, Some("42"))
+        );
+        assert_eq!(
+            "sqlserver:10#5".parse::<Position>().unwrap(),
+            s(10, 5, None)
+        );
+        let e = "sqlserver:10#5@".parse::<Position>().unwrap_err();
+        assert!(e.contains("key after @ is empty"), "{e}");
+        assert!("sqlserver:x#5@42".parse::<Position>().is_err());
+        // Serde: no key, no field; a checkpoint written before the key
+        // was kept still loads.
+        let json = serde_json::to_string(&s(10, 2, None)).unwrap();
+        assert_eq!(json, r#"{"engine":"sql_server","version":10,"index":2}"#);
+        assert_eq!(
+            serde_json::from_str::<Position>(&json).unwrap(),
+            s(10, 2, None)
+        );
+        let json = serde_json::to_string(&s(10, 2, Some("42"))).unwrap();
+        assert_eq!(
+            json,
+            r#"{"engine":"sql_server","version":10,"index":2,"after":"42"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Position>(&json).unwrap(),
+            s(10, 2, Some("42"))
         );
     }
 

@@ -29,19 +29,25 @@
 //! # Positions
 //!
 //! A row's position is `(SYS_CHANGE_VERSION, index among the rows of that
-//! version in key order)`. A resume point `(v, i)` reads with
-//! `last_sync_version = v - 1` and skips the first `i` rows, so a restart in
-//! the middle of a large transaction resumes after the last confirmed row.
-//! Inside a running stream, a page cut at the limit is continued after its
-//! last key (`ct.[id] > @key` inside that version), not after a count: this
-//! site's outbox rows deleted once their events came back round leave that
-//! version (Change Tracking reports a row once, at its latest change), and
-//! a count would then skip as many unread rows. After a restart only the
-//! count is known: should rows of the checkpoint's version that were
-//! already published be deleted between the stop and the first read, as
-//! many unread rows of that version would be skipped; a restart in the
-//! middle of a version needs a checkpoint taken inside a transaction larger
-//! than `database.read_batch` or cut by a crash.
+//! version in key order, the row's key)`; once the row is done the resume
+//! point is `next_row()` of it: the same key, one row further. A resume
+//! point `(v, i, k)` reads with `last_sync_version = v - 1` and, inside
+//! version `v`, only the rows whose key is above `k` (`ct.[id] > @key`,
+//! compared by SQL Server after converting the text to the column's type:
+//! uniqueidentifier order is not text order). So a restart in the middle of
+//! a large transaction resumes after the last confirmed row, and pages of a
+//! running stream continue after the previous page's last key, in the same
+//! way. Why a key and not a count: this site's outbox rows are deleted once
+//! their events came back round, Change Tracking then reports such a row
+//! once, at the version of its delete, and a count of rows done would skip
+//! as many rows never read. The index only orders positions, and resumes a
+//! position without a key: a checkpoint written before the key was kept, or
+//! one typed without it (`sqlserver:9876#2`), skips its first `index` rows
+//! of that version by count (then continues by key); only there can rows
+//! of that version deleted since the stop still shift what is skipped.
+//! A message's `x-sitesync-position` names its own row, key included: given
+//! to `checkpoint reset --to-position` it resumes *after* that row (leave
+//! out the `@key` part to resume at the row, by count).
 //! After a read that reached the current version `c`, the resume point is
 //! `(c + 1, 0)`. With no checkpoint, the stream starts at the table's
 //! minimum valid version: everything Change Tracking still holds is
@@ -100,11 +106,13 @@ pub const VERSIONS_SQL: &str =
 
 /// The inserts into `outbox` (quoted) after `@P1` up to `@P2`, skipping
 /// `@P3` and returning at most `@P4`. With `after_key`, the rows of version
-/// `@P1 + 1` are those whose key is above `@P5` (the last key of the
-/// previous page): a page resumes after a key, not after a count, so that
-/// rows of that version deleted since the previous page (this site's
-/// events that came back round; Change Tracking then reports them once,
-/// at the version of their delete) do not shift the rest.
+/// `@P1 + 1` are those whose key is above `@P5` (the last key done: of the
+/// previous page, or the checkpoint's): a read resumes after a key, not
+/// after a count, so that rows of that version deleted since (this site's
+/// events that came back round; Change Tracking then reports them once, at
+/// the version of their delete) do not shift the rest. `@P5` is nvarchar:
+/// SQL Server converts it to the key column's type (uniqueidentifier and
+/// the integer types rank above nvarchar) and compares in that type.
 pub fn changes_sql(outbox: &str, after_key: bool) -> String {
     let after = if after_key {
         "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ct.[id] > @P5) "
@@ -175,19 +183,47 @@ pub trait ChangeTracking: Send {
 }
 
 /// Where the next read starts: every version before `version` is done, and
-/// the first `index` rows of `version`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// in `version` the rows up to the key `after` (when there is one; else the
+/// first `index` rows).
+///
+/// Why a key and not only a count: this site's sink deletes the outbox rows
+/// whose events came back round, and Change Tracking then reports such a
+/// row once, at the version of its delete, no longer as an insert at
+/// `version`. Skipping `index` rows of `version` by count would then skip
+/// as many rows never read, silently. Skipping the keys up to `after`
+/// skips exactly the rows done, whatever was deleted since. The count
+/// remains only for a position without a key: a checkpoint written before
+/// the key was kept, or one typed without it (`sqlserver:9876#2`); then
+/// rows of that version deleted since it was written shift the count, as
+/// before.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub version: i64,
     pub index: u32,
+    /// The key of the last row of `version` done.
+    pub after: Option<String>,
 }
 
 impl Cursor {
+    /// The start of `version`.
+    pub fn at(version: i64) -> Cursor {
+        Cursor {
+            version,
+            index: 0,
+            after: None,
+        }
+    }
+
     pub fn from_position(p: &Position) -> Option<Cursor> {
         match p {
-            Position::SqlServer { version, index } => Some(Cursor {
+            Position::SqlServer {
+                version,
+                index,
+                after,
+            } => Some(Cursor {
                 version: *version,
                 index: *index,
+                after: after.clone(),
             }),
             _ => None,
         }
@@ -197,12 +233,22 @@ impl Cursor {
         Position::SqlServer {
             version: self.version,
             index: self.index,
+            after: self.after.clone(),
         }
     }
 
     /// CHANGETABLE's `last_sync_version`.
     pub fn last_sync(&self) -> i64 {
         self.version - 1
+    }
+
+    /// How the next read starts inside `version`: after the key when there
+    /// is one (skipping nothing by count), else skipping `index` rows.
+    pub fn resume_in_version(&self) -> (Option<&str>, u32) {
+        match &self.after {
+            Some(key) => (Some(key.as_str()), 0),
+            None => (None, self.index),
+        }
     }
 }
 
@@ -216,7 +262,7 @@ pub enum Step {
 }
 
 /// The version and min-valid-version decision, before every read.
-pub fn check_versions(cursor: Cursor, v: Versions, outbox: &str) -> Result<Step, SourceError> {
+pub fn check_versions(cursor: &Cursor, v: Versions, outbox: &str) -> Result<Step, SourceError> {
     let Some(current) = v.current else {
         return Err(SourceError::operator(
             "Change Tracking is not enabled on the database (CHANGE_TRACKING_CURRENT_VERSION() is NULL): run `sitesync init`, or ALTER DATABASE CURRENT SET CHANGE_TRACKING = ON (CHANGE_RETENTION = 4 DAYS, AUTO_CLEANUP = ON)",
@@ -269,20 +315,16 @@ pub fn absorb(
             )));
         }
         if r.version > cur.version {
-            if cur.index > 0 {
+            if cur.index > 0 || cur.after.is_some() {
                 out.push(Change::Commit {
-                    resume: Cursor {
-                        version: cur.version + 1,
-                        index: 0,
-                    }
-                    .position(),
+                    resume: Cursor::at(cur.version + 1).position(),
                 });
             }
-            cur = Cursor {
-                version: r.version,
-                index: 0,
-            };
+            cur = Cursor::at(r.version);
         }
+        // The row's own position carries its key: `next_row()` of it, the
+        // resume point once it is done, resumes after that key.
+        cur.after = Some(r.key.clone());
         let position = cur.position();
         let row = match r.payload {
             Payload::Row(row) => Ok(row),
@@ -303,10 +345,7 @@ pub fn absorb(
         cur.index += 1;
     }
     if !full_page {
-        let end = Cursor {
-            version: upto + 1,
-            index: 0,
-        };
+        let end = Cursor::at(upto + 1);
         if end.position() > cur.position() {
             out.push(if out.is_empty() {
                 Change::Heartbeat {
@@ -364,9 +403,6 @@ pub struct SqlServerStream<Q: ChangeTracking> {
     wait: Duration,
     limit: u32,
     lost: Arc<AtomicU64>,
-    /// The cursor after the last row of a page cut at the limit, and that
-    /// row's key: the next page starts after the key.
-    after: Option<(Cursor, String)>,
     /// A transaction was begun and not yet ended (a read failed to end it,
     /// or was dropped half-way): the next read rolls it back first.
     tx_open: bool,
@@ -390,7 +426,6 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             wait: Duration::ZERO,
             limit: limit.max(1),
             lost: Arc::new(AtomicU64::new(0)),
-            after: None,
             tx_open: false,
         }
     }
@@ -427,46 +462,33 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
 
     async fn read_in_transaction(&mut self) -> Result<bool, SourceError> {
         let v = self.q.versions().await?;
-        let cursor = match (self.cursor, v.min_valid) {
-            (Some(c), _) => c,
-            (None, Some(min)) => Cursor {
-                version: min + 1,
-                index: 0,
-            },
+        let cursor = match (&self.cursor, v.min_valid) {
+            (Some(c), _) => c.clone(),
+            (None, Some(min)) => Cursor::at(min + 1),
             // check_versions says what is missing.
-            (None, None) => Cursor {
-                version: 0,
-                index: 0,
-            },
+            (None, None) => Cursor::at(0),
         };
-        let upto = match check_versions(cursor, v, &self.outbox)? {
+        let upto = match check_versions(&cursor, v, &self.outbox)? {
             Step::UpToDate => {
-                self.cursor = Some(cursor);
                 self.yield_resume(cursor.position(), true);
+                self.cursor = Some(cursor);
                 return Ok(false);
             }
             Step::Read { upto } => upto,
         };
-        // Inside a version, a page resumes after the previous page's last
-        // key. After a restart only the count is known (the checkpoint holds
-        // version and index): the first `index` rows are skipped.
-        let after = self
-            .after
-            .as_ref()
-            .filter(|(c, _)| *c == cursor && cursor.index > 0)
-            .map(|(_, key)| key.clone());
-        let skip = if after.is_some() { 0 } else { cursor.index };
+        // Inside `version`, after the last key done: the previous page's
+        // last key, or the checkpoint's. Only a position without a key
+        // (an old checkpoint) skips by count; see [`Cursor`].
+        let (after, skip) = cursor.resume_in_version();
         let rows = self
             .q
-            .changes(cursor.last_sync(), upto, after.as_deref(), skip, self.limit)
+            .changes(cursor.last_sync(), upto, after, skip, self.limit)
             .await?;
         let full_page = rows.len() >= self.limit as usize;
         let found = !rows.is_empty();
-        let last_key = rows.last().map(|r| r.key.clone());
         let (changes, next, lost) = absorb(cursor, rows, upto, full_page, &self.outbox)?;
         self.lost.fetch_add(lost, Ordering::Relaxed);
         self.cursor = Some(next);
-        self.after = last_key.filter(|_| next.index > 0).map(|k| (next, k));
         for change in changes {
             match &change {
                 Change::Row { .. } => {
@@ -628,11 +650,22 @@ impl ChangeTracking for TiberiusChangeTracking {
                     .await
             }
         };
+        // A key that does not convert to the id column's type fails the
+        // read, whether when it starts or while its rows stream.
+        let failed = |e: tiberius::error::Error| match (after, conn::number(&e)) {
+            (Some(key), Some(245 | 248 | 8114 | 8115 | 8169)) => SourceError::operator(format!(
+                "{}: the resume key `{key}` (the last outbox row done) does not convert to the type of the outbox's id column: was the outbox recreated with another key type? \
+                 `sitesync checkpoint reset --to-position sqlserver:{}#<index>` (without @key) resumes in that version by count",
+                classify("reading CHANGETABLE(CHANGES …)", &e).message,
+                last_sync + 1
+            )),
+            _ => classify("reading CHANGETABLE(CHANGES …)", &e),
+        };
         let rows = result
-            .map_err(|e| classify("reading CHANGETABLE(CHANGES …)", &e))?
+            .map_err(failed)?
             .into_first_result()
             .await
-            .map_err(|e| classify("reading CHANGETABLE(CHANGES …)", &e))?;
+            .map_err(failed)?;
         rows.iter().map(tracked).collect()
     }
 
@@ -1096,18 +1129,8 @@ impl Source for SqlServerSource {
             ));
         };
         Ok(LogBounds {
-            oldest: v.min_valid.map(|m| {
-                Cursor {
-                    version: m + 1,
-                    index: 0,
-                }
-                .position()
-            }),
-            latest: Cursor {
-                version: current + 1,
-                index: 0,
-            }
-            .position(),
+            oldest: v.min_valid.map(|m| Cursor::at(m + 1).position()),
+            latest: Cursor::at(current + 1).position(),
             detail: format!(
                 "Change Tracking: current version {current}, minimum valid version for {} {}",
                 self.outbox(),

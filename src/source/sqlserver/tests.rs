@@ -31,6 +31,17 @@ impl FakeChangeTracking {
         }
     }
 
+    /// The outbox row `key` is deleted at `version` (this site's sink, once
+    /// its event came back round). Change Tracking keeps net changes: the
+    /// row is now reported once, as a delete at `version`, and no longer
+    /// as an insert at the version it was inserted at.
+    fn delete(&mut self, version: i64, key: &str) {
+        let before = self.rows.len();
+        self.rows.retain(|r| r.key != key);
+        assert_eq!(self.rows.len() + 1, before, "no insert of {key}");
+        self.current = Some(self.current.unwrap_or(0).max(version));
+    }
+
     fn insert(&mut self, version: i64, key: &str) {
         self.rows.push(Tracked {
             version,
@@ -39,6 +50,30 @@ impl FakeChangeTracking {
         });
         self.current = Some(self.current.unwrap_or(0).max(version));
     }
+}
+
+/// A key as SQL Server orders the `id` column: integers as numbers, and
+/// uniqueidentifier by its byte groups, the last six bytes first (SqlGuid's
+/// order: bytes 10..=15, 8, 9, 6, 7, 4, 5, 0..=3 of the stored value), not
+/// as text. The source never compares keys: the fake does it as the server
+/// would.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SqlKey {
+    Int(i64),
+    Text(String),
+    Guid([u8; 16]),
+}
+
+fn sql_key(key: &str) -> SqlKey {
+    if let Ok(n) = key.parse::<i64>() {
+        return SqlKey::Int(n);
+    }
+    if let Ok(g) = uuid::Uuid::parse_str(key) {
+        let stored = g.to_bytes_le();
+        const ORDER: [usize; 16] = [10, 11, 12, 13, 14, 15, 8, 9, 6, 7, 4, 5, 0, 1, 2, 3];
+        return SqlKey::Guid(ORDER.map(|i| stored[i]));
+    }
+    SqlKey::Text(key.to_string())
 }
 
 fn row(key: &str) -> OutboxRow {
@@ -84,10 +119,12 @@ impl ChangeTracking for FakeChangeTracking {
             .rows
             .iter()
             .filter(|r| r.version > last_sync && r.version <= upto)
-            .filter(|r| after.is_none_or(|k| r.version > last_sync + 1 || r.key.as_str() > k))
+            .filter(|r| {
+                after.is_none_or(|k| r.version > last_sync + 1 || sql_key(&r.key) > sql_key(k))
+            })
             .cloned()
             .collect();
-        rows.sort_by(|a, b| (a.version, &a.key).cmp(&(b.version, &b.key)));
+        rows.sort_by_key(|r| (r.version, sql_key(&r.key)));
         Ok(rows
             .into_iter()
             .skip(skip as usize)
@@ -104,8 +141,24 @@ impl ChangeTracking for FakeChangeTracking {
     }
 }
 
+/// A resume point without a key: as typed by hand, or a checkpoint
+/// written before the key was kept.
 fn pos(version: i64, index: u32) -> Position {
-    Position::SqlServer { version, index }
+    Position::SqlServer {
+        version,
+        index,
+        after: None,
+    }
+}
+
+/// A position with the key of the last row done (a row's own position
+/// carries its own key).
+fn posk(version: i64, index: u32, key: &str) -> Position {
+    Position::SqlServer {
+        version,
+        index,
+        after: Some(key.into()),
+    }
 }
 
 fn stream(
@@ -155,6 +208,11 @@ fn p(version: i64, index: u32) -> String {
     pos(version, index).to_string()
 }
 
+/// How `describe` shows the row `key`, the `index`th of `version`.
+fn row_at(version: i64, index: u32, key: &str) -> String {
+    format!("row {} {key}", posk(version, index, key))
+}
+
 #[tokio::test]
 async fn rows_come_in_version_then_key_order_with_their_index() {
     let mut fake = FakeChangeTracking::new(10, 0);
@@ -166,10 +224,10 @@ async fn rows_come_in_version_then_key_order_with_their_index() {
     assert_eq!(
         got,
         vec![
-            format!("row {} z", p(5, 0)),
+            row_at(5, 0, "z"),
             format!("commit {}", p(6, 0)),
-            format!("row {} a", p(7, 0)),
-            format!("row {} b", p(7, 1)),
+            row_at(7, 0, "a"),
+            row_at(7, 1, "b"),
             format!("commit {}", p(11, 0)),
         ]
     );
@@ -179,26 +237,159 @@ async fn rows_come_in_version_then_key_order_with_their_index() {
 }
 
 #[tokio::test]
-async fn a_resumed_stream_skips_the_rows_already_done() {
+async fn a_resumed_stream_skips_the_rows_already_done_by_key() {
     let mut fake = FakeChangeTracking::new(9, 0);
     for k in ["a", "b", "c"] {
         fake.insert(8, k);
     }
     fake.insert(9, "d");
-    // Two rows of version 8 were confirmed before the crash.
-    let mut s = stream(fake, Some(pos(8, 2)), 100);
+    // Two rows of version 8 were confirmed before the crash, the last b.
+    let mut s = stream(fake, Some(posk(8, 2, "b")), 100);
     let got = describe(&drain(&mut s).await);
     assert_eq!(
         got,
         vec![
-            format!("row {} c", p(8, 2)),
+            row_at(8, 2, "c"),
             format!("commit {}", p(9, 0)),
-            format!("row {} d", p(9, 0)),
+            row_at(9, 0, "d"),
             format!("commit {}", p(10, 0)),
         ]
     );
-    // last_sync_version = 7, skip 2.
-    assert_eq!(s.q.reads[0], (7, 9, 2, 100));
+    // last_sync_version = 7, after b, skipping nothing by count.
+    assert_eq!(s.q.reads[0], (7, 9, 0, 100));
+    assert_eq!(s.q.afters[0].as_deref(), Some("b"));
+}
+
+#[test]
+fn the_fake_orders_keys_as_sql_server_does() {
+    // uniqueidentifier: the last group first, whatever the text says.
+    assert!(
+        sql_key("ffffffff-0000-0000-0000-000000000001")
+            < sql_key("00000000-0000-0000-0000-000000000002")
+    );
+    assert!(
+        sql_key("00000000-0000-0000-0000-010000000000")
+            > sql_key("00000000-0000-0000-0000-00ffffffffff")
+    );
+    assert!(sql_key("9") < sql_key("10"));
+}
+
+/// Version 3's outbox rows, in SQL Server's key order; their text order
+/// is another (C < E < A textually, among others).
+const A: &str = "ffffffff-0000-0000-0000-000000000001";
+const B: &str = "80000000-0000-0000-0000-000000000002";
+const C: &str = "10000000-0000-0000-0000-000000000003";
+const D: &str = "90000000-0000-0000-0000-000000000004";
+const E: &str = "00000000-0000-0000-0000-000000000005";
+
+/// The rows' keys among `changes`.
+fn keys(changes: &[Change]) -> Vec<String> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Row { row: Ok(r), .. } => r.id.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_restart_after_rows_of_the_checkpointed_version_were_deleted_loses_and_repeats_nothing() {
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for k in [E, D, C, B, A] {
+        fake.insert(3, k);
+    }
+    // The first run reads a page of two rows of version 3, and the
+    // checkpoint reaches the resume point after the second.
+    let mut first = stream(fake, Some(pos(1, 0)), 2);
+    assert!(first.read_once().await.unwrap());
+    let done: Vec<Change> = first.buffer.drain(..).collect();
+    assert_eq!(
+        describe(&done),
+        vec![row_at(3, 0, A), row_at(3, 1, B)],
+        "SQL Server's key order"
+    );
+    let checkpoint = done.last().unwrap().resume_after();
+    assert_eq!(checkpoint, posk(3, 2, B));
+    // Stopped there; meanwhile A came back round and the sink deleted its
+    // outbox row: Change Tracking reports A as a delete at version 4 and
+    // version 3's inserts are now B, C, D, E. Skipping two by count would
+    // lose C; comparing keys as text (`> B`) would lose C and E.
+    let mut fake = first.q;
+    fake.delete(4, A);
+    fake.reads.clear();
+    fake.afters.clear();
+    // The checkpoint goes through its store's JSON and back.
+    let stored: Position =
+        serde_json::from_str(&serde_json::to_string(&checkpoint).unwrap()).unwrap();
+    let mut second = stream(fake, Some(stored), 2);
+    let again = drain(&mut second).await;
+    assert_eq!(
+        describe(&again),
+        vec![
+            row_at(3, 2, C),
+            row_at(3, 3, D),
+            row_at(3, 4, E),
+            format!("commit {}", p(5, 0)),
+        ]
+    );
+    // After B by key in SQL, nothing skipped by count.
+    assert_eq!(second.q.reads[0], (2, 4, 0, 2));
+    assert_eq!(second.q.afters[0].as_deref(), Some(B));
+    assert_eq!(second.q.afters[1].as_deref(), Some(D));
+    // Every row exactly once over the two runs.
+    let mut all = keys(&done);
+    all.extend(keys(&again));
+    assert_eq!(all, vec![A, B, C, D, E]);
+}
+
+#[tokio::test]
+async fn an_old_checkpoint_without_a_key_loads_and_resumes_by_count_then_by_key() {
+    // Written before positions kept the key.
+    let stored: Position =
+        serde_json::from_str(r#"{"engine":"sql_server","version":3,"index":2}"#).unwrap();
+    assert_eq!(stored, pos(3, 2));
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for k in [A, B, C, D, E] {
+        fake.insert(3, k);
+    }
+    let mut s = stream(fake, Some(stored), 2);
+    let got = drain(&mut s).await;
+    assert_eq!(
+        describe(&got),
+        vec![
+            row_at(3, 2, C),
+            row_at(3, 3, D),
+            row_at(3, 4, E),
+            format!("commit {}", p(4, 0)),
+        ]
+    );
+    // The count only for the first page; then after the last key read.
+    let skips: Vec<u32> = s.q.reads.iter().map(|r| r.2).collect();
+    assert_eq!(skips, vec![2, 0]);
+    assert_eq!(s.q.afters, vec![None, Some(D.to_string())]);
+}
+
+#[tokio::test]
+async fn a_checkpoint_at_the_end_of_a_version_moves_on_to_the_next() {
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for k in [A, B] {
+        fake.insert(3, k);
+    }
+    fake.insert(4, C);
+    // Both rows of version 3 done, then both deleted (gone round).
+    fake.delete(5, A);
+    fake.delete(5, B);
+    let mut s = stream(fake, Some(posk(3, 2, B)), 10);
+    let got = describe(&drain(&mut s).await);
+    assert_eq!(
+        got,
+        vec![
+            format!("commit {}", p(4, 0)),
+            row_at(4, 0, C),
+            format!("commit {}", p(6, 0)),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -211,7 +402,7 @@ async fn pages_continue_inside_a_large_transaction() {
     let got = describe(&drain(&mut s).await);
     let rows: Vec<&String> = got.iter().filter(|g| g.starts_with("row")).collect();
     assert_eq!(rows.len(), 5, "{got:?}");
-    assert_eq!(rows[4], &format!("row {} e", p(3, 4)));
+    assert_eq!(rows[4], &row_at(3, 4, "e"));
     assert_eq!(got.last().unwrap(), &format!("commit {}", p(4, 0)));
     // Each page starts after the previous page's last key, skipping nothing.
     let skips: Vec<u32> = s.q.reads.iter().map(|r| r.2).collect();
@@ -238,11 +429,11 @@ async fn a_page_resumes_after_a_key_so_rows_deleted_meanwhile_shift_nothing() {
     assert_eq!(
         got,
         vec![
-            format!("row {} a", p(3, 0)),
-            format!("row {} b", p(3, 1)),
-            format!("row {} c", p(3, 2)),
-            format!("row {} d", p(3, 3)),
-            format!("row {} e", p(3, 4)),
+            row_at(3, 0, "a"),
+            row_at(3, 1, "b"),
+            row_at(3, 2, "c"),
+            row_at(3, 3, "d"),
+            row_at(3, 4, "e"),
             format!("commit {}", p(4, 0)),
         ]
     );
@@ -261,7 +452,7 @@ async fn a_read_dropped_half_way_has_its_transaction_rolled_back_before_the_next
     s.q.hang = false;
     // The fake's `versions` asserts that no transaction is open.
     let got = describe(&drain(&mut s).await);
-    assert_eq!(got[0], format!("row {} a", p(3, 0)));
+    assert_eq!(got[0], row_at(3, 0, "a"));
     assert_eq!(s.q.rollbacks, 1);
     assert_eq!(s.q.transactions, 3);
     assert!(!s.q.in_tx);
@@ -306,22 +497,22 @@ fn the_version_decisions() {
         current: Some(current),
         min_valid: Some(min_valid),
     };
-    let c = |version| Cursor { version, index: 0 };
+    let c = |version| Cursor::at(version);
     // last_sync = version - 1 may equal the min valid version.
     assert_eq!(
-        check_versions(c(11), v(20, 10), "t").unwrap(),
+        check_versions(&c(11), v(20, 10), "t").unwrap(),
         Step::Read { upto: 20 }
     );
     assert_eq!(
-        check_versions(c(10), v(20, 10), "t").unwrap_err().kind,
+        check_versions(&c(10), v(20, 10), "t").unwrap_err().kind,
         ErrorKind::Operator
     );
     assert_eq!(
-        check_versions(c(21), v(20, 10), "t").unwrap(),
+        check_versions(&c(21), v(20, 10), "t").unwrap(),
         Step::UpToDate
     );
     // A checkpoint ahead of the database: restored from an older backup.
-    let e = check_versions(c(30), v(20, 10), "t").unwrap_err();
+    let e = check_versions(&c(30), v(20, 10), "t").unwrap_err();
     assert_eq!(e.kind, ErrorKind::Operator);
     assert!(e.message.contains("not the database"), "{}", e.message);
     // Change Tracking off on the database, or on the table.
@@ -330,7 +521,7 @@ fn the_version_decisions() {
         min_valid: None,
     };
     assert!(
-        check_versions(c(1), off, "t")
+        check_versions(&c(1), off, "t")
             .unwrap_err()
             .message
             .contains("not enabled on the database")
@@ -340,7 +531,7 @@ fn the_version_decisions() {
         min_valid: None,
     };
     assert!(
-        check_versions(c(1), untracked, "t")
+        check_versions(&c(1), untracked, "t")
             .unwrap_err()
             .message
             .contains("VIEW CHANGE TRACKING")
@@ -353,7 +544,7 @@ async fn with_no_checkpoint_the_stream_starts_at_the_min_valid_version() {
     fake.insert(41, "a");
     let mut s = stream(fake, None, 100);
     let got = describe(&drain(&mut s).await);
-    assert_eq!(got[0], format!("row {} a", p(41, 0)));
+    assert_eq!(got[0], row_at(41, 0, "a"));
     assert_eq!(s.q.reads[0].0, 40);
 }
 
@@ -382,7 +573,10 @@ async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counte
         unreachable!()
     };
     // Its own position: the rows after it keep theirs.
-    assert_eq!(*position, pos(5, 1));
+    assert_eq!(
+        *position,
+        posk(5, 1, "b0b0b0b0-0000-0000-0000-000000000001")
+    );
     assert!(e.to_string().contains("lost payload"), "{e}");
     assert!(
         e.to_string()
@@ -390,7 +584,7 @@ async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counte
         "{e}"
     );
     assert_eq!(s.lost_payloads(), 1);
-    assert!(describe(&got).contains(&format!("row {} c", p(6, 0))));
+    assert!(describe(&got).contains(&row_at(6, 0, "c")));
 }
 
 #[tokio::test]
