@@ -290,7 +290,9 @@ impl Failed {
     fn from_ora(context: &str, e: oracle::Error) -> Failed {
         let m = e.to_string();
         match ora_code(&m) {
-            Some(54 | 60) => Failed::Busy,
+            // Resource busy (NOWAIT), deadlock, serialization failure:
+            // the whole batch is rolled back and tried again.
+            Some(54 | 60 | 8177) => Failed::Busy,
             Some(c) if per_message(c) => Failed::Data(m),
             _ => Failed::Transient(TargetError {
                 kind: ErrorKind::Transient,
@@ -485,18 +487,8 @@ impl Target for OracleTarget {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clear();
-                let conn = connect.connect().map_err(transient)?;
-                conn.execute(
-                    &format!("BEGIN DBMS_SESSION.SET_IDENTIFIER('{CLIENT_IDENTIFIER}'); END;"),
-                    &[],
-                )
-                .map_err(|e| TargetError {
-                    kind: ErrorKind::Transient,
-                    message: format!("setting the trigger marker: {e}"),
-                })?;
-                *guard = Some(conn);
             }
-            let conn = guard.as_ref().expect("connected above");
+            let conn = session(&connect, &mut guard)?;
             let result = apply_batch(conn, &ctx, &work, &seen);
             if result.is_err() {
                 let _ = conn.rollback();
@@ -522,10 +514,7 @@ impl Target for OracleTarget {
         );
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                *guard = Some(connect.connect().map_err(transient)?);
-            }
-            let conn = guard.as_ref().expect("connected above");
+            let conn = session(&connect, &mut guard)?;
             let fail = |e: oracle::Error| TargetError {
                 kind: ErrorKind::Transient,
                 message: format!("sweeping outbox rows that came back: {e}"),
@@ -545,6 +534,31 @@ impl Target for OracleTarget {
         })?
     }
 }
+
+/// The sink's session, connected with the trigger marker set if the slot
+/// is empty. Every statement the sink sends runs on it: a connection opened
+/// without the marker (the idle sweep once opened one) would let
+/// application triggers copy the sink's writes into the outbox.
+fn session<'g>(
+    connect: &OracleConnect,
+    slot: &'g mut Option<oracle::Connection>,
+) -> Result<&'g oracle::Connection, TargetError> {
+    if slot.is_none() {
+        let conn = connect.connect().map_err(transient)?;
+        conn.execute(MARKER_SQL, &[]).map_err(|e| TargetError {
+            kind: ErrorKind::Transient,
+            message: format!("setting the trigger marker (DBMS_SESSION.SET_IDENTIFIER): {e}"),
+        })?;
+        *slot = Some(conn);
+    }
+    slot.as_ref().ok_or_else(|| TargetError {
+        kind: ErrorKind::Transient,
+        message: "the Oracle sink has no connection".into(),
+    })
+}
+
+/// Sets the marker application triggers test (`CLIENT_IDENTIFIER`).
+pub const MARKER_SQL: &str = "BEGIN DBMS_SESSION.SET_IDENTIFIER('sitesync'); END;";
 
 const BUSY_RETRIES: u32 = 5;
 
@@ -1190,12 +1204,34 @@ mod tests {
 
     #[test]
     fn data_errors_are_told_from_batch_errors() {
-        for code in [1, 1400, 12899, 1722, 2291, 20001, 4088] {
+        // One message's data: unique, NULL, invalid number, too large, FK
+        // (parent missing, child found), precision, dates, triggers.
+        for code in [
+            1, 1400, 1722, 12899, 2291, 2292, 1438, 1840, 1841, 1861, 20001, 4088,
+        ] {
             assert!(per_message(code), "{code}");
         }
-        for code in [3113, 54, 60, 1017] {
+        // The batch: busy, deadlock, serialization, connection losses,
+        // timeouts, failover, logon.
+        for code in [
+            54, 60, 8177, 3113, 3114, 3135, 12541, 12170, 25408, 1017, 1012, 1033,
+        ] {
             assert!(!per_message(code), "{code}");
         }
         assert_eq!(ora_code("ORA-00001: unique constraint violated"), Some(1));
+        // The first code of a stack is the one that counts.
+        assert_eq!(
+            ora_code(
+                "ORA-20001: refused\nORA-06512: at \"APP.TRG\", line 3\nORA-04088: error during execution of trigger"
+            ),
+            Some(20001)
+        );
+        assert_eq!(
+            ora_code("DPI-1080: connection was closed by ORA-3113"),
+            Some(3113)
+        );
+        assert_eq!(ora_code("no code here"), None);
+        assert_eq!(ora_code("ORA-"), None);
+        assert!(MARKER_SQL.contains(&format!("SET_IDENTIFIER('{CLIENT_IDENTIFIER}')")));
     }
 }

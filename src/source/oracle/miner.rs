@@ -16,9 +16,25 @@ pub const SESSION_NLS: &str = "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD H
      NLS_TIMESTAMP_TZ_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6 TZH:TZM' \
      NLS_NUMERIC_CHARACTERS = '.,' TIME_ZONE = '+00:00'";
 
+/// The table whose update and commit, before each reading of the current
+/// SCN, makes the log writer flush the redo buffer (a COMMIT returns once
+/// LGWR has written the redo up to it). LogMiner reads the redo files,
+/// not the buffer: without the flush, an outbox INSERT of a transaction
+/// still open can sit in the buffer (LGWR writes at commits, when a third
+/// full, or every 3 s) past the end of the window that covers its SCN, and
+/// be missed for good. Debezium does the same with `LOG_MINING_FLUSH`.
+/// `sitesync init` creates it in the connecting user's schema.
+pub const FLUSH_TABLE: &str = "SITESYNC_LOGMNR_FLUSH";
+pub const FLUSH_DDL: &str =
+    "CREATE TABLE SITESYNC_LOGMNR_FLUSH (ID NUMBER(1) PRIMARY KEY, N NUMBER NOT NULL)";
+pub const FLUSH_SQL: &str = "MERGE INTO SITESYNC_LOGMNR_FLUSH f USING DUAL ON (f.ID = 1) \
+     WHEN MATCHED THEN UPDATE SET f.N = MOD(f.N + 1, 1000000) \
+     WHEN NOT MATCHED THEN INSERT (ID, N) VALUES (1, 0)";
+
 /// What the window loop needs from LogMiner.
 pub trait LogMiner: Send {
-    /// `V$DATABASE.CURRENT_SCN`.
+    /// `V$DATABASE.CURRENT_SCN`, read after the redo buffer was flushed
+    /// (see [`FLUSH_TABLE`]): every change up to it is on disk.
     fn current_scn(&mut self) -> Result<u64, SourceError>;
 
     /// The online logs and the archived logs on disk whose redo ends after
@@ -166,6 +182,9 @@ pub struct OracleLogMiner {
     /// `ADD_LOGFILE` and finds the logs of the SCN range itself; the
     /// selection still runs, to fail clearly when redo is gone.
     pub add_files: bool,
+    /// Flush the redo buffer before reading the current SCN (the stream;
+    /// not `bounds`).
+    pub flush: bool,
 }
 
 /// Parses an SCN fetched as text (`TO_CHAR`); the current log's
@@ -194,18 +213,36 @@ pub const LIST_LOGS_SQL: &str = "SELECT MIN(F.MEMBER), L.THREAD#, L.SEQUENCE#, T
 pub const START_SQL: &str = "BEGIN DBMS_LOGMNR.START_LOGMNR(STARTSCN => :1, ENDSCN => :2, \
      OPTIONS => DBMS_LOGMNR.DICT_FROM_ONLINE_CATALOG); END;";
 
-/// The rows we read: the outbox's inserts and rollback-deletes, and every
-/// commit and rollback (their XIDs close our transactions). The SCN range
-/// is repeated in the query so that a window is exactly `(lo, hi]`.
+/// The rows we read: the outbox's inserts and undo-deletes (`ROLLBACK =
+/// 1`; the sink's sweeps of outbox rows that came back are other deletes,
+/// not read), and every commit and rollback (their XIDs close our
+/// transactions). The SCN range is repeated in the query so that a window
+/// is exactly `(lo, hi]`.
 pub const CONTENTS_SQL: &str = "SELECT TO_CHAR(SCN), RAWTOHEX(XID), OPERATION_CODE, CSF, ROLLBACK, \
      SEG_OWNER, TABLE_NAME, ROW_ID, SQL_REDO, RS_ID, SSN \
      FROM V$LOGMNR_CONTENTS \
      WHERE SCN > :1 AND SCN <= :2 \
        AND (OPERATION_CODE IN (7, 36) \
-            OR (OPERATION_CODE IN (1, 2) AND SEG_OWNER = :3 AND TABLE_NAME = :4))";
+            OR (SEG_OWNER = :3 AND TABLE_NAME = :4 \
+                AND (OPERATION_CODE = 1 OR (OPERATION_CODE = 2 AND ROLLBACK = 1))))";
 
 impl LogMiner for OracleLogMiner {
     fn current_scn(&mut self) -> Result<u64, SourceError> {
+        if self.flush {
+            self.conn
+                .execute(FLUSH_SQL, &[])
+                .and_then(|_| self.conn.commit())
+                .map_err(|e| {
+                    let m = e.to_string();
+                    if m.contains("ORA-00942") {
+                        SourceError::operator(format!(
+                            "{FLUSH_TABLE} is missing ({m}): run `sitesync init`, which creates it (sitesync updates it before each window so that the log writer flushes the redo LogMiner reads)"
+                        ))
+                    } else {
+                        super::db_error(&format!("flushing the redo buffer ({FLUSH_TABLE})"), &e)
+                    }
+                })?;
+        }
         let text: Option<String> = self
             .conn
             .query_row_as("SELECT TO_CHAR(CURRENT_SCN) FROM V$DATABASE", &[])

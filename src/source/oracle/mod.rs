@@ -7,6 +7,9 @@
 //!   install Instant Client ([`client_missing`]). Its API is blocking: every
 //!   call runs on `spawn_blocking`, and the stream's reader is one blocking
 //!   task feeding a bounded channel, so `next()` is cancellation-safe.
+//! - Before each window the reader updates and commits a row of
+//!   `SITESYNC_LOGMNR_FLUSH` (created by `init`) so that the log writer has
+//!   written every change up to the SCN it then reads ([`miner::FLUSH_TABLE`]).
 //! - Windows: [`miner::read_window`] picks the redo logs covering `(lo, hi]`
 //!   ([`logs::select`]; a needed archived log that is gone is an operator
 //!   error naming the SCN range), adds them with `DBMS_LOGMNR.ADD_LOGFILE`,
@@ -41,7 +44,9 @@ use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, OracleUrl, parse_oracle_url, redact_url};
 use crate::position::Position;
 use logs::WindowSizer;
-use miner::{LogMiner, OracleLogMiner, SESSION_NLS, SettledScn, read_window};
+use miner::{
+    FLUSH_DDL, FLUSH_TABLE, LogMiner, OracleLogMiner, SESSION_NLS, SettledScn, read_window,
+};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tokio::sync::mpsc;
@@ -430,6 +435,21 @@ impl Source for OracleSource {
                     )),
                 }
             }
+            let flush: i64 = conn
+                .query_row_as(
+                    "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
+                    &[&FLUSH_TABLE],
+                )
+                .map_err(|e| db_error("looking for the flush table", &e))?;
+            if flush > 0 {
+                done.push(format!("log writer flush table {FLUSH_TABLE}: already there"));
+            } else {
+                conn.execute(FLUSH_DDL, &[])
+                    .map_err(|e| db_error(&format!("creating {FLUSH_TABLE}"), &e))?;
+                done.push(format!(
+                    "log writer flush table {FLUSH_TABLE}: created (updated before each LogMiner window)"
+                ));
+            }
             done.push(
                 "a DBA runs these once (sitesync cannot; `sitesync check` tells which are still needed):".into(),
             );
@@ -470,6 +490,7 @@ impl Source for OracleSource {
                     owner: owner.clone(),
                     table: table.clone(),
                     add_files,
+                    flush: true,
                 };
                 let start = match &resume {
                     Some(_) => 0,
@@ -516,6 +537,7 @@ impl Source for OracleSource {
                 owner: String::new(),
                 table: String::new(),
                 add_files: false,
+                flush: false,
             };
             let current = miner.current_scn()?;
             let available = miner.list_logs(0)?;
@@ -720,6 +742,21 @@ fn preflight_queries(
                 format!("GRANT SELECT ON {} TO {u};", view.replace("V$", "V_$")),
             )),
         }
+    }
+    match conn.query_row_as::<i64>(
+        "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
+        &[&FLUSH_TABLE],
+    ) {
+        Ok(n) if n > 0 => checks.push(Check::pass(
+            "log writer flush table",
+            format!("{FLUSH_TABLE} (updated before each window)"),
+        )),
+        Ok(_) => checks.push(Check::fail(
+            "log writer flush table",
+            format!("{FLUSH_TABLE} is missing: without it a window could pass over redo still in the log buffer"),
+            "run `sitesync init`",
+        )),
+        Err(e) => checks.push(Check::fail("log writer flush table", e.to_string(), "see the message")),
     }
     // Outside a LogMiner session V$LOGMNR_CONTENTS answers ORA-01306 when it
     // may be read, and ORA-00942 when it may not.

@@ -537,8 +537,12 @@ const TIMESTAMP_FORMAT: &str = "YYYY-MM-DD HH24:MI:SS.FF";
 fn parse_datetime(text: &str, format: Option<&str>) -> Result<NaiveDateTime, String> {
     let fmt = chrono_format(format.unwrap_or(TIMESTAMP_FORMAT))?;
     let date_fmt = chrono_format(DATE_FORMAT)?;
-    NaiveDateTime::parse_from_str(text.trim(), &fmt)
-        .or_else(|_| NaiveDateTime::parse_from_str(text.trim(), &date_fmt))
+    // `SS.FF` renders a TIMESTAMP(0) as `16:11:28.` (a dot, no digits);
+    // chrono's `%.f` wants a digit after the dot.
+    let text = text.trim();
+    let text = text.strip_suffix('.').unwrap_or(text);
+    NaiveDateTime::parse_from_str(text, &fmt)
+        .or_else(|_| NaiveDateTime::parse_from_str(text, &date_fmt))
         .map_err(|e| format!("does not match the format: {e}"))
 }
 
@@ -642,6 +646,25 @@ pub(crate) mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("region name"), "{e}");
+    }
+
+    #[test]
+    fn fractions_of_any_precision_and_none() {
+        // With `FF` (Debezium's session format) Oracle writes the column's
+        // precision: `28.` for TIMESTAMP(0), up to 9 digits.
+        let ins = parse_insert(
+            "insert into \"A\".\"T\"(\"A\",\"B\",\"C\",\"D\") values (TO_TIMESTAMP('2026-11-23 16:11:28.'),TO_TIMESTAMP('2026-11-23 16:11:28.123456789'),TO_TIMESTAMP_TZ('2026-11-23 16:11:28. -05:00'),TO_TIMESTAMP_TZ('2026-11-23 16:11:28.5 +00:00'))",
+        )
+        .unwrap();
+        let at = |c: &str| {
+            crate::source::oracle::types::to_text(ins.get(c).unwrap())
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(at("A"), "2026-11-23 16:11:28");
+        assert_eq!(at("B"), "2026-11-23 16:11:28.123456789");
+        assert_eq!(at("C"), "2026-11-23T16:11:28-05:00");
+        assert_eq!(at("D"), "2026-11-23T16:11:28.500+00:00");
     }
 
     #[test]

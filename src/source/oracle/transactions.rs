@@ -12,8 +12,11 @@
 //!   outbox cost nothing). Statements split over several rows (`CSF = 1`)
 //!   are joined first.
 //! - A DELETE with `ROLLBACK = 1` on the outbox (a rollback to savepoint
-//!   undoing one of our inserts) removes the buffered insert of that
-//!   `ROW_ID`.
+//!   undoing one of our inserts, or the undo of an INSERT statement that
+//!   failed, e.g. on the `DATA IS JSON` check) removes the buffered insert
+//!   of that `ROW_ID`. When the insert was read in an earlier window, the
+//!   undo's XID has the sequence `FFFFFFFF` and the transaction is found by
+//!   its undo segment and slot ([`Transactions::feed`]).
 //! - ROLLBACK (36) drops the transaction. COMMIT (7) moves it to the
 //!   window's committed set, under its commit SCN: the COMMIT row's `SCN`
 //!   (the `COMMIT_SCN` column is filled only with `COMMITTED_DATA_ONLY`).
@@ -157,16 +160,7 @@ impl Transactions {
         match row.operation_code {
             op::INSERT if self.is_outbox(&row) => self.insert(row),
             op::DELETE if row.rollback && self.is_outbox(&row) => {
-                if let Some(tx) = self.open.get_mut(&row.xid)
-                    && let Some(i) = tx
-                        .rows
-                        .iter()
-                        .rposition(|r| r.row_id.is_some() && r.row_id == row.row_id)
-                {
-                    let gone = tx.rows.remove(i);
-                    tx.bytes -= gone.sql.len();
-                    self.bytes -= gone.sql.len();
-                }
+                self.undo(&row);
                 Ok(())
             }
             op::COMMIT => {
@@ -188,6 +182,51 @@ impl Transactions {
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// A `ROLLBACK = 1` delete: removes the buffered insert of its
+    /// `ROW_ID`. When the insert was mined in an earlier LogMiner session
+    /// (an earlier window: every window is a new session), LogMiner cannot
+    /// link the undo to the transaction's sequence and writes its XID with
+    /// the sequence `FFFFFFFF`; the transaction is then found by the XID's
+    /// first 8 hex digits (undo segment and slot), as Debezium does
+    /// (`AbstractLogMinerEventProcessor.removeEventWithRowId`).
+    fn undo(&mut self, row: &MinedRow) {
+        let Some(row_id) = row.row_id.as_deref() else {
+            return;
+        };
+        let remove = |tx: &mut Tx| -> Option<usize> {
+            let i = tx
+                .rows
+                .iter()
+                .rposition(|r| r.row_id.as_deref() == Some(row_id))?;
+            let gone = tx.rows.remove(i);
+            tx.bytes -= gone.sql.len();
+            Some(gone.sql.len())
+        };
+        let mut freed = self.open.get_mut(&row.xid).and_then(remove);
+        if freed.is_none()
+            && let Some(prefix) = no_sequence_prefix(&row.xid)
+        {
+            // Open transactions sharing the undo slot: the newest first
+            // (a slot is reused only after its transaction ended).
+            let mut candidates: Vec<(&String, &mut Tx)> = self
+                .open
+                .iter_mut()
+                .filter(|(x, _)| x.len() == 16 && x[..8].eq_ignore_ascii_case(prefix))
+                .collect();
+            candidates.sort_by_key(|(_, t)| std::cmp::Reverse(t.first_scn));
+            freed = candidates.into_iter().find_map(|(_, t)| remove(t));
+        }
+        match freed {
+            Some(n) => self.bytes -= n,
+            None => tracing::debug!(
+                xid = %row.xid,
+                row_id,
+                rs_id = %row.rs_id,
+                "an undo (ROLLBACK = 1) on the outbox matched no buffered insert"
+            ),
         }
     }
 
@@ -331,6 +370,23 @@ impl Transactions {
     /// One joined `SQL_REDO` → the outbox row, or why it cannot be.
     fn decode(&self, sql: &str) -> Result<OutboxRow, RowError> {
         let insert = parse_insert(sql).map_err(|e| RowError::Undecodable(e.to_string()))?;
+        if !insert
+            .columns
+            .iter()
+            .any(|(c, _)| c.eq_ignore_ascii_case("data"))
+        {
+            // A LOB column LogMiner writes by separate LOB operations can be
+            // left out of the INSERT; sitesync reads no LOB operations.
+            return Err(RowError::Undecodable(format!(
+                "the INSERT's SQL_REDO has no DATA column (columns: {}): a CLOB DATA written by separate LOB operations is not read; make DATA a VARCHAR2 (see `sitesync init`)",
+                insert
+                    .columns
+                    .iter()
+                    .map(|(c, _)| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let field = |name: &str| -> Result<Option<String>, RowError> {
             match insert
                 .columns
@@ -355,6 +411,13 @@ impl Transactions {
             commit_time: None,
         })
     }
+}
+
+/// The undo-segment-and-slot prefix of an XID written without its
+/// sequence (`RAWTOHEX(XID)` ending in `FFFFFFFF`).
+fn no_sequence_prefix(xid: &str) -> Option<&str> {
+    (xid.len() == 16 && xid.is_ascii() && xid[8..].eq_ignore_ascii_case("FFFFFFFF"))
+        .then(|| &xid[..8])
 }
 
 /// What a position says is done: `(commit SCN, index)`.
@@ -617,6 +680,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_undo_in_a_later_window_finds_its_transaction_without_the_sequence() {
+        // LogMiner writes an undo's XID with sequence FFFFFFFF when the
+        // change it undoes was mined in an earlier session (window).
+        let xid = "0A001B00C4010000";
+        let mut t = machine(None);
+        let mut kept = ins(101, xid, "kept");
+        kept.row_id = Some("ROW-K".into());
+        let mut undone = ins(102, xid, "undone");
+        undone.row_id = Some("ROW-U".into());
+        // Another open transaction in another slot: untouched.
+        let mut other = ins(103, "0B000200C5010000", "other");
+        other.row_id = Some("ROW-U".into());
+        assert_eq!(
+            window(&mut t, vec![kept, undone, other], 104),
+            vec!["beat oracle:105#0@101"]
+        );
+        let mut undo = ins(106, "0a001b00ffffffff", "");
+        undo.operation_code = op::DELETE;
+        undo.rollback = true;
+        undo.row_id = Some("ROW-U".into());
+        let out = window(
+            &mut t,
+            vec![undo, commit(107, xid), commit(108, "0B000200C5010000")],
+            110,
+        );
+        assert_eq!(
+            out,
+            vec![
+                "row oracle:107#0@101 kept",
+                "commit oracle:107#1@103",
+                "row oracle:108#0@103 other",
+                "commit oracle:108#1@111",
+                "beat oracle:111#0@111",
+            ]
+        );
+        assert_eq!(t.bytes, 0, "the buffer's byte count is back to zero");
+        assert_eq!(no_sequence_prefix("0A001B00FFFFFFFF"), Some("0A001B00"));
+        assert_eq!(no_sequence_prefix("0A001B00C4010000"), None);
+        assert_eq!(no_sequence_prefix("ÿÿ"), None);
+    }
+
+    #[test]
     fn an_unparsable_insert_is_a_row_error_at_its_position() {
         let mut t = machine(None);
         let mut bad = ins(101, "A", "x");
@@ -630,6 +735,18 @@ pub(crate) mod tests {
         assert!(out[0].starts_with("bad oracle:103#0@101"), "{out:?}");
         assert!(out[0].contains("at byte"), "{out:?}");
         assert_eq!(out[1], "row oracle:103#1@101 ok");
+        // An out-of-row CLOB: EMPTY_CLOB() in the INSERT, or no DATA at all.
+        let mut t = machine(None);
+        let mut empty = ins(101, "A", "x");
+        empty.sql_redo = Some(insert_sql("x").replace("'{\"n\":1}'", "EMPTY_CLOB()"));
+        let mut missing = ins(102, "A", "x");
+        missing.sql_redo =
+            Some("insert into \"SITESYNC\".\"OUTBOX\"(\"ID\",\"TYPE\") values ('x','t');".into());
+        let out = window(&mut t, vec![empty, missing, commit(103, "A")], 103);
+        assert!(out[0].starts_with("bad oracle:103#0@101"), "{out:?}");
+        assert!(out[0].contains("out of row"), "{out:?}");
+        assert!(out[1].starts_with("bad oracle:103#1@101"), "{out:?}");
+        assert!(out[1].contains("no DATA column"), "{out:?}");
     }
 
     #[test]
