@@ -213,7 +213,8 @@ pub const LIST_LOGS_SQL: &str = "SELECT MIN(F.MEMBER), L.THREAD#, L.SEQUENCE#, T
 pub const START_SQL: &str = "BEGIN DBMS_LOGMNR.START_LOGMNR(STARTSCN => :1, ENDSCN => :2, \
      OPTIONS => DBMS_LOGMNR.DICT_FROM_ONLINE_CATALOG); END;";
 
-/// The rows we read: the outbox's inserts and undo-deletes (`ROLLBACK =
+/// The rows we read: the outbox's inserts, the changes to it LogMiner
+/// could not decode (255, reported loudly), undo-deletes (`ROLLBACK =
 /// 1`; the sink's sweeps of outbox rows that came back are other deletes,
 /// not read), and every commit and rollback (their XIDs close our
 /// transactions). The SCN range is repeated in the query so that a window
@@ -224,7 +225,7 @@ pub const CONTENTS_SQL: &str = "SELECT TO_CHAR(SCN), RAWTOHEX(XID), OPERATION_CO
      WHERE SCN > :1 AND SCN <= :2 \
        AND (OPERATION_CODE IN (7, 36) \
             OR (SEG_OWNER = :3 AND TABLE_NAME = :4 \
-                AND (OPERATION_CODE = 1 OR (OPERATION_CODE = 2 AND ROLLBACK = 1))))";
+                AND (OPERATION_CODE IN (1, 255) OR (OPERATION_CODE = 2 AND ROLLBACK = 1))))";
 
 impl LogMiner for OracleLogMiner {
     fn current_scn(&mut self) -> Result<u64, SourceError> {

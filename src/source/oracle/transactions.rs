@@ -51,6 +51,8 @@ pub mod op {
     pub const START: u32 = 6;
     pub const COMMIT: u32 = 7;
     pub const ROLLBACK: u32 = 36;
+    /// A change LogMiner could not decode (`UNSUPPORTED`).
+    pub const UNSUPPORTED: u32 = 255;
 }
 
 /// One row of `V$LOGMNR_CONTENTS`, the columns we read.
@@ -105,6 +107,8 @@ pub struct Transactions {
     mined_to: u64,
     bytes: usize,
     max_bytes: usize,
+    /// Undecodable changes to the outbox seen (`OPERATION_CODE` 255).
+    unsupported: u64,
 }
 
 impl Transactions {
@@ -130,6 +134,7 @@ impl Transactions {
             last: resume,
             mined_to: first.saturating_sub(1),
             bytes: 0,
+            unsupported: 0,
             max_bytes,
         }
     }
@@ -153,6 +158,11 @@ impl Transactions {
     fn is_outbox(&self, row: &MinedRow) -> bool {
         row.seg_owner.as_deref() == Some(self.owner.as_str())
             && row.table_name.as_deref() == Some(self.table.as_str())
+    }
+
+    /// Changes to the outbox LogMiner could not decode, so far.
+    pub fn unsupported(&self) -> u64 {
+        self.unsupported
     }
 
     /// Feeds one row of the current window.
@@ -179,6 +189,21 @@ impl Transactions {
                 if let Some(tx) = self.open.remove(&row.xid) {
                     self.bytes -= tx.bytes;
                 }
+                Ok(())
+            }
+            // A change to the outbox LogMiner could not decode: it may be
+            // an insert whose event is then missing. Said loudly and
+            // counted, never passed over in silence.
+            op::UNSUPPORTED if self.is_outbox(&row) => {
+                self.unsupported += 1;
+                tracing::error!(
+                    xid = %row.xid,
+                    scn = row.scn,
+                    rs_id = %row.rs_id,
+                    row_id = row.row_id.as_deref().unwrap_or(""),
+                    total = self.unsupported,
+                    "LogMiner could not decode a change to the outbox (OPERATION_CODE 255, UNSUPPORTED): if it was an insert, its event is lost; check supplemental logging on the outbox (`sitesync check`) and that its columns have supported types"
+                );
                 Ok(())
             }
             _ => Ok(()),
@@ -557,6 +582,34 @@ pub(crate) mod tests {
         );
         assert_eq!(row.data.as_deref(), Some("{\"n\":1}"));
         assert_eq!(row.entity_key, None);
+    }
+
+    #[test]
+    fn an_undecodable_change_to_the_outbox_is_counted_not_passed_over_in_silence() {
+        let mut t = machine(None);
+        let unsupported = MinedRow {
+            seg_owner: Some("SITESYNC".into()),
+            table_name: Some("OUTBOX".into()),
+            sql_redo: Some("Unsupported".into()),
+            ..base(102, "B", op::UNSUPPORTED)
+        };
+        let elsewhere = MinedRow {
+            seg_owner: Some("APP".into()),
+            table_name: Some("CUSTOMER".into()),
+            ..base(103, "B", op::UNSUPPORTED)
+        };
+        let out = window(
+            &mut t,
+            vec![
+                ins(101, "B", "b1"),
+                unsupported,
+                elsewhere,
+                commit(104, "B"),
+            ],
+            105,
+        );
+        assert_eq!(t.unsupported(), 1, "only the outbox's own change counts");
+        assert_eq!(out[0], "row oracle:104#0@101 b1", "the rest keeps flowing");
     }
 
     #[test]
