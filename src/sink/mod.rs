@@ -100,6 +100,53 @@ pub enum Outcome {
     Held,
 }
 
+/// The first look at a batch, the same for every target: each item's
+/// outcome until the database says otherwise (a duplicate of an earlier
+/// item of the batch is known at once), the events recorded in the inbox
+/// without a route (own, skipped, dead-lettered, by index) and the items to
+/// apply through their routes.
+#[derive(Debug)]
+pub struct Sorted<'a> {
+    pub outcomes: Vec<Outcome>,
+    pub others: Vec<(usize, &'a Event, &'static str)>,
+    pub to_apply: Vec<usize>,
+}
+
+pub fn sort_items<'a>(items: &[Item<'a>]) -> Sorted<'a> {
+    let mut sorted = Sorted {
+        outcomes: Vec::with_capacity(items.len()),
+        others: Vec::new(),
+        to_apply: Vec::new(),
+    };
+    let mut first_seen: HashSet<uuid::Uuid> = HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let outcome = match (&item.plan, item.event) {
+            (Plan::Hold, _) => Outcome::Held,
+            (Plan::DeadLetter(reason), None) => Outcome::DeadLettered(reason.clone()),
+            (_, Some(ev)) if !first_seen.insert(ev.id) => Outcome::Duplicate,
+            (Plan::DeadLetter(reason), Some(ev)) => {
+                sorted.others.push((i, ev, "dead_letter"));
+                Outcome::DeadLettered(reason.clone())
+            }
+            (Plan::Own(_), Some(ev)) => {
+                sorted.others.push((i, ev, "own"));
+                Outcome::Own
+            }
+            (Plan::Skip, Some(ev)) => {
+                sorted.others.push((i, ev, "skipped"));
+                Outcome::Skipped
+            }
+            (Plan::Apply(..), Some(_)) => {
+                sorted.to_apply.push(i);
+                Outcome::Applied
+            }
+            (_, None) => unreachable!("only dead letters lack an event"),
+        };
+        sorted.outcomes.push(outcome);
+    }
+    sorted
+}
+
 /// A failure of the whole batch: retried.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]

@@ -416,36 +416,11 @@ impl PostgresTarget {
         }
         progress(&tx, items).await?;
 
-        let mut outcomes: Vec<Outcome> = Vec::with_capacity(items.len());
-        let mut first_seen: HashSet<Uuid> = HashSet::new();
-        // Inbox rows for what is not applied through a route.
-        let mut others: Vec<(usize, &Event, &'static str)> = Vec::new();
-        let mut to_apply: Vec<usize> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let outcome = match (&item.plan, item.event) {
-                (Plan::Hold, _) => Outcome::Held,
-                (Plan::DeadLetter(reason), None) => Outcome::DeadLettered(reason.clone()),
-                (_, Some(ev)) if !first_seen.insert(ev.id) => Outcome::Duplicate,
-                (Plan::DeadLetter(reason), Some(ev)) => {
-                    others.push((i, ev, "dead_letter"));
-                    Outcome::DeadLettered(reason.clone())
-                }
-                (Plan::Own(_), Some(ev)) => {
-                    others.push((i, ev, "own"));
-                    Outcome::Own
-                }
-                (Plan::Skip, Some(ev)) => {
-                    others.push((i, ev, "skipped"));
-                    Outcome::Skipped
-                }
-                (Plan::Apply(..), Some(_)) => {
-                    to_apply.push(i);
-                    Outcome::Applied
-                }
-                (_, None) => unreachable!("only dead letters lack an event"),
-            };
-            outcomes.push(outcome);
-        }
+        let super::Sorted {
+            mut outcomes,
+            others,
+            to_apply,
+        } = super::sort_items(items);
 
         // Inbox for own, skipped and dead-lettered events.
         let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();

@@ -576,34 +576,11 @@ impl SqlServerTarget {
             .map_err(|e| failed("starting the batch", e))?;
         progress(client, items).await?;
 
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut first_seen: HashSet<Uuid> = HashSet::new();
-        let mut others: Vec<(usize, &Event, &'static str)> = Vec::new();
-        let mut to_apply: Vec<usize> = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            outcomes.push(match (&item.plan, item.event) {
-                (Plan::Hold, _) => Outcome::Held,
-                (Plan::DeadLetter(reason), None) => Outcome::DeadLettered(reason.clone()),
-                (_, Some(ev)) if !first_seen.insert(ev.id) => Outcome::Duplicate,
-                (Plan::DeadLetter(reason), Some(ev)) => {
-                    others.push((i, ev, "dead_letter"));
-                    Outcome::DeadLettered(reason.clone())
-                }
-                (Plan::Own(_), Some(ev)) => {
-                    others.push((i, ev, "own"));
-                    Outcome::Own
-                }
-                (Plan::Skip, Some(ev)) => {
-                    others.push((i, ev, "skipped"));
-                    Outcome::Skipped
-                }
-                (Plan::Apply(..), Some(_)) => {
-                    to_apply.push(i);
-                    Outcome::Applied
-                }
-                (_, None) => unreachable!("only dead letters lack an event"),
-            });
-        }
+        let super::Sorted {
+            mut outcomes,
+            others,
+            to_apply,
+        } = super::sort_items(items);
 
         let mut own: Vec<(&Event, Option<&MappedRow>)> = Vec::new();
         for (i, ev, outcome) in &others {
