@@ -1252,10 +1252,12 @@ impl Target for PostgresTarget {
             *guard = Some(self.connect().await?);
         }
         let (client, shape) = guard.as_mut().expect("connected above");
+        // A text id is cast for the inbox's index, and only when it reads
+        // as a UUID (an id that does not is no event of ours).
         let matches = if shape.uuid_id {
             "i.event_id = o.id"
         } else {
-            "i.event_id::text = o.id::text"
+            "i.event_id = CASE WHEN o.id::text ~* '^\\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\\}?$' THEN o.id::text::uuid END"
         };
         // Driven by the outbox (small), one inbox lookup per row: a
         // correlated subquery is never turned into a join, which had the
