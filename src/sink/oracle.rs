@@ -37,7 +37,7 @@
 //! race with the sink on this site's table.
 
 use super::mapping::{Entity, MappedRow, map_row};
-use super::rules::{Conflict, LocalWrite, Version, decide, track};
+use super::rules::{self, Conflict, LocalWrite, Version, decide, track};
 use super::{Item, Outcome, Plan, Seen, Target, TargetError};
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
@@ -988,19 +988,7 @@ fn apply_events(
             )?;
         }
     }
-    let mut applied = decided.applied.iter();
-    Ok(is_new
-        .into_iter()
-        .map(|new| {
-            if !new {
-                Outcome::Duplicate
-            } else if *applied.next().expect("one decision per fresh event") {
-                Outcome::Applied
-            } else {
-                Outcome::Lost
-            }
-        })
-        .collect())
+    Ok(rules::outcomes(is_new, &decided.applied))
 }
 
 fn insert_conflicts(conn: &oracle::Connection, conflicts: &[Conflict]) -> Result<(), Failed> {

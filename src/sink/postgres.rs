@@ -589,19 +589,10 @@ impl PostgresTarget {
             .map_err(|e| Failed::from_pg("recording lost events", e))?;
         }
 
-        let mut applied = decided.applied.iter();
-        Ok(batch
-            .iter()
-            .map(|(_, e, ..)| {
-                if !new.contains(&e.id) {
-                    Outcome::Duplicate
-                } else if *applied.next().expect("one decision per fresh event") {
-                    Outcome::Applied
-                } else {
-                    Outcome::Lost
-                }
-            })
-            .collect())
+        Ok(super::rules::outcomes(
+            batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
+            &decided.applied,
+        ))
     }
 
     /// Events of this site back round: each becomes its entity's version if

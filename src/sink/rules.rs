@@ -4,8 +4,8 @@
 //! file per engine) feeds its rows through these, so that all engines
 //! decide alike.
 
-use super::Seen;
 use super::mapping::Entity;
+use super::{Outcome, Seen};
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -168,6 +168,25 @@ pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<S
         }
     }
     (changed, gaps)
+}
+
+/// Each applied-through-a-route event's outcome, in batch order: a
+/// duplicate when the inbox had it already (`is_new` false), else applied
+/// or lost as [`decide`] said (one decision per new event, in order).
+pub fn outcomes(is_new: impl IntoIterator<Item = bool>, applied: &[bool]) -> Vec<Outcome> {
+    let mut applied = applied.iter();
+    is_new
+        .into_iter()
+        .map(|new| {
+            if !new {
+                Outcome::Duplicate
+            } else if *applied.next().expect("one decision per fresh event") {
+                Outcome::Applied
+            } else {
+                Outcome::Lost
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -735,19 +735,10 @@ impl SqlServerTarget {
                 run(client, &st, "recording lost events").await?;
             }
         }
-        let mut applied = decided.applied.iter();
-        Ok(batch
-            .iter()
-            .map(|(_, e, ..)| {
-                if !new.contains(&e.id) {
-                    Outcome::Duplicate
-                } else if *applied.next().expect("one decision per fresh event") {
-                    Outcome::Applied
-                } else {
-                    Outcome::Lost
-                }
-            })
-            .collect())
+        Ok(super::rules::outcomes(
+            batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
+            &decided.applied,
+        ))
     }
 
     /// This site's writes still in the outbox, for the batch's entities,
