@@ -44,7 +44,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, GenericClient, Transaction};
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 use uuid::Uuid;
 
 /// Quotes `[schema.]name` as SQL.
@@ -147,6 +148,70 @@ fn transient(context: &str, e: tokio_postgres::Error) -> TargetError {
     }
 }
 
+/// The statements of one connection, prepared once each.
+///
+/// A batch sends the same dozen statement texts every time. Sent as text,
+/// each would be parsed, analysed and planned again, and cost one more
+/// round trip (tokio-postgres prepares an unnamed statement first). The
+/// texts depend only on the routes and the column sets of the events, so
+/// the map stays small; it is emptied past [`PREPARED_MAX`] texts, and when
+/// the connection is replaced (a statement belongs to its connection).
+#[derive(Default)]
+struct Prepared(std::sync::Mutex<HashMap<String, Statement>>);
+
+/// At most this many prepared statements per connection.
+const PREPARED_MAX: usize = 256;
+
+impl Prepared {
+    async fn statement<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(st) = self.map().get(sql) {
+            return Ok(st.clone());
+        }
+        let st = c.prepare(sql).await?;
+        let mut map = self.map();
+        if map.len() >= PREPARED_MAX {
+            map.clear();
+        }
+        map.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+
+    async fn query<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let st = self.statement(c, sql).await?;
+        c.query(&st, params).await
+    }
+
+    async fn execute<C: GenericClient + Sync>(
+        &self,
+        c: &C,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let st = self.statement(c, sql).await?;
+        c.execute(&st, params).await
+    }
+
+    fn clear(&self) {
+        self.map().clear();
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Statement>> {
+        // A panic while holding it cannot leave the map half-changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// What the sink knows about the outbox, for local writes not yet round.
 #[derive(Debug, Clone)]
 struct OutboxShape {
@@ -165,6 +230,8 @@ pub struct PostgresTarget {
     sink: SinkConfig,
     outbox: String,
     conn: Mutex<Option<(Client, OutboxShape)>>,
+    /// Statements prepared on `conn`'s client.
+    prepared: Prepared,
 }
 
 impl PostgresTarget {
@@ -182,6 +249,7 @@ impl PostgresTarget {
             sink: cfg.sink.clone(),
             outbox: format!("{schema}.{table}"),
             conn: Mutex::new(None),
+            prepared: Prepared::default(),
         })
     }
 
@@ -202,6 +270,8 @@ impl PostgresTarget {
     /// A connection for applying, with what the sink needs to know about
     /// the outbox; refuses a database `sitesync init` has not prepared.
     async fn connect(&self) -> Result<(Client, OutboxShape), TargetError> {
+        // Statements prepared on a previous connection are gone with it.
+        self.prepared.clear();
         let client = self.open().await?;
         let (schema, table) = self.outbox.split_once('.').expect("schema-qualified");
         let columns: HashMap<String, String> = client
@@ -387,10 +457,10 @@ impl PostgresTarget {
             .start()
             .await
             .map_err(|e| Failed::from_pg("starting the batch", e))?;
-        tx.batch_execute(BATCH_SETTINGS)
-            .await
-            .map_err(|e| Failed::from_pg("marking the transaction", e))?;
         if isolate {
+            tx.batch_execute(BATCH_SETTINGS)
+                .await
+                .map_err(|e| Failed::from_pg("marking the transaction", e))?;
             // Every failure must belong to one message: deferred
             // constraints are checked at each statement, not at COMMIT, and
             // rows are locked message by message (a key value that does
@@ -407,14 +477,25 @@ impl PostgresTarget {
                 .savepoint("own_locks")
                 .await
                 .map_err(|e| Failed::from_pg("savepoint", e))?;
-            let locked = lock_rows(&sp, &self.sink, &own).await;
+            let locked = lock_rows(&sp, &self.prepared, &self.sink, &own).await;
             if let Err(e) = keep_or_undo(sp, locked).await? {
                 tracing::debug!(error = %e, "locking the rows of events back round failed; going on without");
             }
+            progress(&tx, &self.prepared, items).await?;
         } else {
-            lock_rows(&tx, &self.sink, items).await?;
+            // One round trip for the three (tokio-postgres pipelines
+            // statements polled together; the server runs them in order).
+            // After a failure the later ones fail as the transaction is
+            // aborted: the first error in order is the cause.
+            let (marked, locked, progressed) = tokio::join!(
+                tx.batch_execute(BATCH_SETTINGS),
+                lock_rows(&tx, &self.prepared, &self.sink, items),
+                progress(&tx, &self.prepared, items),
+            );
+            marked.map_err(|e| Failed::from_pg("marking the transaction", e))?;
+            locked?;
+            progressed?;
         }
-        progress(&tx, items).await?;
 
         let super::Sorted {
             mut outcomes,
@@ -424,7 +505,7 @@ impl PostgresTarget {
 
         // Inbox for own, skipped and dead-lettered events.
         let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();
-        let new = insert_inbox(&tx, &refs).await?;
+        let new = insert_inbox(&tx, &self.prepared, &refs).await?;
         let mut own_rows: Vec<(&Event, &MappedRow)> = Vec::new();
         let mut own_ids: Vec<Uuid> = Vec::new();
         for (i, ev, _) in &others {
@@ -437,7 +518,7 @@ impl PostgresTarget {
                 }
             }
         }
-        delete_own(&tx, shape, &own_ids).await?;
+        delete_own(&tx, &self.prepared, shape, &own_ids).await?;
         // An event of ours back round: its write is now the entity's version.
         if !own_rows.is_empty() && !isolate {
             self.own_back_round(&tx, shape, &own_rows).await?;
@@ -469,7 +550,13 @@ impl PostgresTarget {
                     .savepoint("item")
                     .await
                     .map_err(|e| Failed::from_pg("savepoint", e))?;
-                let locked = lock_rows(&sp, &self.sink, std::slice::from_ref(&items[i])).await;
+                let locked = lock_rows(
+                    &sp,
+                    &self.prepared,
+                    &self.sink,
+                    std::slice::from_ref(&items[i]),
+                )
+                .await;
                 let one = [(
                     i,
                     items[i].event.expect("applied events exist"),
@@ -526,7 +613,7 @@ impl PostgresTarget {
             return Ok(Vec::new());
         }
         let refs: Vec<(&Event, &str)> = batch.iter().map(|(_, e, ..)| (*e, "applied")).collect();
-        let new = insert_inbox(tx, &refs).await?;
+        let new = insert_inbox(tx, &self.prepared, &refs).await?;
         let fresh: Vec<&(usize, &Event, &Route, &MappedRow)> = batch
             .iter()
             .filter(|(_, e, ..)| new.contains(&e.id))
@@ -543,8 +630,11 @@ impl PostgresTarget {
         // Lock the rows first: a local write in flight on one of them
         // commits before we look for local writes, or waits until we are done.
 
-        let stored = load_versions(tx, &entities).await?;
-        let local = self.local_writes(tx, shape, &entities).await?;
+        let (stored, local) = tokio::join!(
+            load_versions(tx, &self.prepared, &entities),
+            self.local_writes(tx, shape, &entities),
+        );
+        let (stored, local) = (stored?, local?);
         let pairs: Vec<(&Event, &Entity)> = fresh
             .iter()
             .map(|(_, e, _, row)| (*e, &row.entity))
@@ -559,35 +649,50 @@ impl PostgresTarget {
                 continue;
             }
             if !in_wave.insert(&row.entity) {
-                write_wave(tx, &wave).await?;
+                write_wave(tx, &self.prepared, &wave).await?;
                 wave.clear();
                 in_wave.clear();
                 in_wave.insert(&row.entity);
             }
             wave.push((route, row));
         }
-        write_wave(tx, &wave).await?;
         let versions: Vec<(Entity, Version, Uuid)> = decided
             .versions
             .iter()
             .map(|(e, (v, id))| (e.clone(), v.clone(), *id))
             .collect();
-        upsert_versions(tx, &versions).await?;
-        insert_conflicts(tx, &decided.conflicts).await?;
         let lost: Vec<Uuid> = fresh
             .iter()
             .zip(&decided.applied)
             .filter(|(_, a)| !**a)
             .map(|((_, e, ..), _)| e.id)
             .collect();
-        if !lost.is_empty() {
-            tx.execute(
-                "UPDATE sitesync_inbox SET outcome = 'lost' WHERE event_id = ANY($1)",
-                &[&lost],
-            )
-            .await
-            .map_err(|e| Failed::from_pg("recording lost events", e))?;
-        }
+        let record_lost = async {
+            if lost.is_empty() {
+                return Ok(());
+            }
+            self.prepared
+                .execute(
+                    tx,
+                    "UPDATE sitesync_inbox SET outcome = 'lost' WHERE event_id = ANY($1)",
+                    &[&lost],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| Failed::from_pg("recording lost events", e))
+        };
+        // The last wave, the versions, the conflicts and the lost events in
+        // one round trip; the first error in order is the cause.
+        let (written, versioned, recorded, marked) = tokio::join!(
+            write_wave(tx, &self.prepared, &wave),
+            upsert_versions(tx, &self.prepared, &versions),
+            insert_conflicts(tx, &self.prepared, &decided.conflicts),
+            record_lost,
+        );
+        written?;
+        versioned?;
+        recorded?;
+        marked?;
 
         Ok(super::rules::outcomes(
             batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
@@ -608,10 +713,13 @@ impl PostgresTarget {
         own: &[(&Event, &MappedRow)],
     ) -> Result<(), Failed> {
         let entities: Vec<&Entity> = own.iter().map(|(_, row)| &row.entity).collect();
-        let before = load_versions(tx, &entities).await?;
-        // Later writes of ours still in the outbox: the row holds them, not
-        // this event's write.
-        let pending = self.local_writes(tx, shape, &entities).await?;
+        // With the later writes of ours still in the outbox: the row holds
+        // them, not this event's write (both in one round trip).
+        let (before, pending) = tokio::join!(
+            load_versions(tx, &self.prepared, &entities),
+            self.local_writes(tx, shape, &entities),
+        );
+        let (before, pending) = (before?, pending?);
         let mut newest: BTreeMap<&Entity, (&Event, &MappedRow)> = BTreeMap::new();
         for (ev, row) in own {
             let v = (ev.timestamp, ev.origin.as_str());
@@ -655,11 +763,11 @@ impl PostgresTarget {
             .collect();
         // Before the versions move: the check compares with their xmin.
         let astray = rows_not_as_written(tx, &suspects).await?;
-        upsert_versions(tx, &versions).await?;
+        upsert_versions(tx, &self.prepared, &versions).await?;
         for (_, row) in &astray {
             tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
         }
-        write_wave(tx, &astray).await
+        write_wave(tx, &self.prepared, &astray).await
     }
 
     /// This site's writes still in the outbox, for the entities of the batch.
@@ -710,8 +818,9 @@ impl PostgresTarget {
                 shape.table
             )
         };
-        let rows = tx
-            .query(&sql, &[&types, &keys])
+        let rows = self
+            .prepared
+            .query(tx, &sql, &[&types, &keys])
             .await
             .map_err(|e| Failed::from_pg("looking for local writes not yet propagated", e))?;
         let wanted: HashSet<&Entity> = entities.iter().copied().collect();
@@ -818,6 +927,7 @@ const BATCH_SETTINGS: &str = "SET LOCAL sitesync.applying = 'on'; \
 /// wait on it in turn, or deadlock with it.
 async fn lock_rows(
     tx: &Transaction<'_>,
+    p: &Prepared,
     sink: &SinkConfig,
     items: &[Item<'_>],
 ) -> Result<(), Failed> {
@@ -853,7 +963,7 @@ async fn lock_rows(
             .map(|k| format!("t.{q} = x.{q}", q = quote(k)))
             .collect::<Vec<_>>()
             .join(" AND ");
-        tx.query(
+        p.query(tx,
             &format!("SELECT 1 FROM {t} t JOIN jsonb_populate_recordset(NULL::{t}, $1::jsonb) x ON {matches} FOR UPDATE OF t"),
             &[&Value::Array(keys)],
         )
@@ -890,6 +1000,7 @@ impl Failed {
 /// the dead-letter queue).
 async fn insert_inbox<C: GenericClient + Sync>(
     tx: &C,
+    p: &Prepared,
     events: &[(&Event, &str)],
 ) -> Result<HashSet<Uuid>, Failed> {
     if events.is_empty() {
@@ -901,8 +1012,7 @@ async fn insert_inbox<C: GenericClient + Sync>(
     let epochs: Vec<i64> = events.iter().map(|(e, _)| e.epoch as i64).collect();
     let seqs: Vec<i64> = events.iter().map(|(e, _)| e.seq as i64).collect();
     let outcomes: Vec<&str> = events.iter().map(|(_, o)| *o).collect();
-    let rows = tx
-        .query(
+    let rows = p.query(tx,
             "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[]) \
              ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, received_at = now(), applied_at = now() \
@@ -916,7 +1026,7 @@ async fn insert_inbox<C: GenericClient + Sync>(
 }
 
 /// Highest `seq` per origin, and the gaps above it.
-async fn progress(tx: &Transaction<'_>, items: &[Item<'_>]) -> Result<(), Failed> {
+async fn progress(tx: &Transaction<'_>, p: &Prepared, items: &[Item<'_>]) -> Result<(), Failed> {
     let seen: Vec<&Seen> = items.iter().filter_map(|i| i.seen.as_ref()).collect();
     if seen.is_empty() {
         return Ok(());
@@ -927,8 +1037,9 @@ async fn progress(tx: &Transaction<'_>, items: &[Item<'_>]) -> Result<(), Failed
         set.dedup();
         set
     };
-    let rows = tx
+    let rows = p
         .query(
+            tx,
             "SELECT origin, epoch, seq FROM sitesync_origins WHERE origin = ANY($1) FOR UPDATE",
             &[&origins],
         )
@@ -946,7 +1057,7 @@ async fn progress(tx: &Transaction<'_>, items: &[Item<'_>]) -> Result<(), Failed
         let o: Vec<&str> = changed.iter().map(String::as_str).collect();
         let e: Vec<i64> = changed.iter().map(|k| state[k].0 as i64).collect();
         let s: Vec<i64> = changed.iter().map(|k| state[k].1 as i64).collect();
-        tx.execute(
+        p.execute(tx,
             "INSERT INTO sitesync_origins (origin, epoch, seq) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
              ON CONFLICT (origin) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq, updated_at = now()",
             &[&o, &e, &s],
@@ -962,7 +1073,7 @@ async fn progress(tx: &Transaction<'_>, items: &[Item<'_>]) -> Result<(), Failed
         let e: Vec<i64> = gaps.iter().map(|g| g.epoch as i64).collect();
         let f: Vec<i64> = gaps.iter().map(|g| g.from as i64).collect();
         let t: Vec<i64> = gaps.iter().map(|g| g.to as i64).collect();
-        tx.execute(
+        p.execute(tx,
             "INSERT INTO sitesync_gaps (origin, epoch, from_seq, to_seq) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[])",
             &[&o, &e, &f, &t],
         )
@@ -1009,7 +1120,12 @@ const OWN_ROW_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// found is therefore looked for again a few times, each statement with a
 /// fresh snapshot (READ COMMITTED), before it counts as already gone
 /// (deleted by hand). Without this, a row could stay in the outbox for good.
-async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> Result<(), Failed> {
+async fn delete_own(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    shape: &OutboxShape,
+    ids: &[Uuid],
+) -> Result<(), Failed> {
     let mut missing: Vec<Uuid> = ids.to_vec();
     for wait in std::iter::once(0).chain(OWN_ROW_WAITS_MS) {
         if missing.is_empty() {
@@ -1019,7 +1135,8 @@ async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> 
             tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
         }
         let deleted: HashSet<Uuid> = if shape.uuid_id {
-            tx.query(
+            p.query(
+                tx,
                 &format!(
                     "DELETE FROM {} WHERE id = ANY($1) RETURNING id",
                     shape.table
@@ -1030,7 +1147,8 @@ async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> 
             .map(|rows| rows.iter().map(|r| r.get(0)).collect())
         } else {
             let text: Vec<String> = missing.iter().map(Uuid::to_string).collect();
-            tx.query(
+            p.query(
+                tx,
                 &format!(
                     "DELETE FROM {} WHERE id::text = ANY($1) RETURNING id::text",
                     shape.table
@@ -1058,6 +1176,7 @@ async fn delete_own(tx: &Transaction<'_>, shape: &OutboxShape, ids: &[Uuid]) -> 
 
 async fn load_versions<C: GenericClient + Sync>(
     tx: &C,
+    p: &Prepared,
     entities: &[&Entity],
 ) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
     if entities.is_empty() {
@@ -1065,8 +1184,7 @@ async fn load_versions<C: GenericClient + Sync>(
     }
     let tables: Vec<&str> = entities.iter().map(|e| e.table.as_str()).collect();
     let keys: Vec<&str> = entities.iter().map(|e| e.key.as_str()).collect();
-    let rows = tx
-        .query(
+    let rows = p.query(tx,
             "SELECT v.entity, v.key, v.ts, v.origin, v.event_id FROM sitesync_versions v \
              JOIN unnest($1::text[], $2::text[]) AS w(entity, key) ON v.entity = w.entity AND v.key = w.key",
             &[&tables, &keys],
@@ -1095,6 +1213,7 @@ async fn load_versions<C: GenericClient + Sync>(
 
 async fn upsert_versions<C: GenericClient + Sync>(
     tx: &C,
+    p: &Prepared,
     versions: &[(Entity, Version, Uuid)],
 ) -> Result<(), Failed> {
     if versions.is_empty() {
@@ -1105,7 +1224,7 @@ async fn upsert_versions<C: GenericClient + Sync>(
     let ts: Vec<DateTime<Utc>> = versions.iter().map(|(_, v, _)| v.ts).collect();
     let origins: Vec<&str> = versions.iter().map(|(_, v, _)| v.origin.as_str()).collect();
     let ids: Vec<Uuid> = versions.iter().map(|(.., id)| *id).collect();
-    tx.execute(
+    p.execute(tx,
         "INSERT INTO sitesync_versions (entity, key, ts, origin, event_id) \
          SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[]) \
          ON CONFLICT (entity, key) DO UPDATE SET ts = EXCLUDED.ts, origin = EXCLUDED.origin, event_id = EXCLUDED.event_id \
@@ -1119,6 +1238,7 @@ async fn upsert_versions<C: GenericClient + Sync>(
 
 async fn insert_conflicts<C: GenericClient + Sync>(
     tx: &C,
+    p: &Prepared,
     conflicts: &[Conflict],
 ) -> Result<(), Failed> {
     if conflicts.is_empty() {
@@ -1139,7 +1259,7 @@ async fn insert_conflicts<C: GenericClient + Sync>(
         .map(|c| c.winner_version.origin.as_str())
         .collect();
     let winner_ts: Vec<DateTime<Utc>> = conflicts.iter().map(|c| c.winner_version.ts).collect();
-    tx.execute(
+    p.execute(tx,
         "INSERT INTO sitesync_conflicts (loser_event_id, entity, key, loser_origin, loser_ts, loser_payload, winner_event_id, winner_origin, winner_ts) \
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::jsonb[], $7::uuid[], $8::text[], $9::timestamptz[]) \
          ON CONFLICT (loser_event_id) DO NOTHING",
@@ -1163,6 +1283,7 @@ type StatementRows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Value>>);
 /// per table, operation and column set.
 async fn write_wave<C: GenericClient + Sync>(
     tx: &C,
+    p: &Prepared,
     wave: &[(&Route, &MappedRow)],
 ) -> Result<(), Failed> {
     let mut groups: BTreeMap<StatementShape<'_>, StatementRows<'_>> = BTreeMap::new();
@@ -1179,9 +1300,9 @@ async fn write_wave<C: GenericClient + Sync>(
             .1
             .push(&row.columns);
     }
+    let mut statements = Vec::with_capacity(groups.len());
     for ((table, upsert, cols), (route, rows)) in groups {
         let table_q = quote_table(table);
-        let json = Value::Array(rows.into_iter().map(|r| Value::Object(r.clone())).collect());
         let col_list = cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
         let keys = route
             .key
@@ -1215,9 +1336,24 @@ async fn write_wave<C: GenericClient + Sync>(
                 "DELETE FROM {table_q} t USING jsonb_populate_recordset(NULL::{table_q}, $1::jsonb) x WHERE {matches}"
             )
         };
-        tx.execute(&sql, &[&json])
-            .await
-            .map_err(|e| Failed::from_pg(&format!("writing {table}"), e))?;
+        statements.push((table, sql, rows));
+    }
+    // Every statement of the wave in one round trip (each entity is in one
+    // of them only); the first error in order is the cause.
+    // The rows are serialised straight from the events' columns.
+    let json: Vec<Json<&Vec<&serde_json::Map<String, Value>>>> =
+        statements.iter().map(|(.., rows)| Json(rows)).collect();
+    let params: Vec<[&(dyn ToSql + Sync); 1]> =
+        json.iter().map(|j| [j as &(dyn ToSql + Sync)]).collect();
+    let results = futures_util::future::join_all(
+        statements
+            .iter()
+            .zip(&params)
+            .map(|((_, sql, _), params)| p.execute(tx, sql, params)),
+    )
+    .await;
+    for ((table, ..), result) in statements.iter().zip(results) {
+        result.map_err(|e| Failed::from_pg(&format!("writing {table}"), e))?;
     }
     Ok(())
 }
@@ -1231,8 +1367,13 @@ impl Target for PostgresTarget {
         let (client, shape) = guard.as_mut().expect("connected above");
         let shape = shape.clone();
         let result = self.apply_batch(client, &shape, items).await;
-        if result.is_err() && client.is_closed() {
-            *guard = None;
+        if result.is_err() {
+            // Prepared again on the next try: a statement may be what
+            // failed (its table changed under it, or the server lost it).
+            self.prepared.clear();
+            if client.is_closed() {
+                *guard = None;
+            }
         }
         result
     }
