@@ -12,10 +12,16 @@
 //! 1. `raw_publish_confirm_per_s`: lapin alone publishes event-sized
 //!    messages into the same topology (fanout to the three site queues and
 //!    the archive, quorum queues), persistent and mandatory, with confirms
-//!    pipelined over sitesync's publisher window.
+//!    pipelined over sitesync's publisher window: as many messages as the
+//!    source phase publishes.
 //! 2. `raw_round_trip_per_s`: the same, plus one consumer per site queue
 //!    acking, until every site queue has delivered and had acked every
 //!    message.
+//!
+//!    Both raw phases run again at the end, once the sidecars have
+//!    stopped, and the figures are the means of the two measures: the
+//!    machine's load drifts over a run, and a ceiling measured in seconds
+//!    at the start alone moved by a third between runs.
 //! 3. `source_per_s`: outbox rows preloaded at PARIS in transactions of 100;
 //!    the PARIS sidecar starts and the clock stops when its checkpoint has
 //!    passed the last one.
@@ -93,7 +99,10 @@ pub struct BenchArgs {
 /// The counts of one run.
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
+    /// Messages of each raw publish phase (as many as the source phase).
     raw: u64,
+    /// Messages of each raw round trip phase.
+    raw_trip: u64,
     source: u64,
     seconds: u64,
     rate: u64,
@@ -106,6 +115,7 @@ impl Sizes {
         let base = if a.quick {
             Sizes {
                 raw: 2_000,
+                raw_trip: 2_000,
                 source: 2_000,
                 seconds: 3,
                 rate: 200,
@@ -114,7 +124,8 @@ impl Sizes {
             }
         } else {
             Sizes {
-                raw: 20_000,
+                raw: 100_000,
+                raw_trip: 50_000,
                 source: 100_000,
                 seconds: 30,
                 rate: 1_000,
@@ -123,7 +134,8 @@ impl Sizes {
             }
         };
         Sizes {
-            raw: a.events.map_or(base.raw, |n| (n / 5).max(100)),
+            raw: a.events.map_or(base.raw, |n| n.max(100)),
+            raw_trip: a.events.map_or(base.raw_trip, |n| (n / 2).max(100)),
             source: a.events.unwrap_or(base.source),
             seconds: a.seconds.unwrap_or(base.seconds),
             rate: a.rate.unwrap_or(base.rate).max(1),
@@ -136,8 +148,13 @@ impl Sizes {
 /// The figures, in the order printed.
 #[derive(Debug, Default)]
 struct Figures {
+    /// The mean of `raw_publish_runs`.
     raw_publish_confirm_per_s: f64,
+    /// The mean of `raw_trip_runs`.
     raw_round_trip_per_s: f64,
+    /// Before the sitesync phases and after them.
+    raw_publish_runs: Vec<f64>,
+    raw_trip_runs: Vec<f64>,
     source_per_s: f64,
     e2e_per_s: f64,
     e2e_written_per_s: f64,
@@ -485,21 +502,8 @@ impl Bench {
 
     async fn measure(&mut self, sizes: Sizes) -> Result<Figures, String> {
         let mut f = Figures::default();
-        let conn = self.connect_broker("sitesync-bench-raw").await?;
-        let body = sample_body();
-
-        say(format!(
-            "raw publish with confirms: {} messages of {} bytes, window {}",
-            sizes.raw,
-            body.len(),
-            self.window
-        ));
-        f.raw_publish_confirm_per_s = self.raw_publish(&conn, &body, sizes.raw).await?;
-        self.purge(&conn).await?;
-        say("raw round trip: the same, consumed and acked from every site queue");
-        f.raw_round_trip_per_s = self.raw_round_trip(&conn, &body, sizes.raw).await?;
-        self.purge(&conn).await?;
-        drop(conn);
+        self.raw_phases(&sizes, &mut f, "before the sitesync phases")
+            .await?;
 
         let paris = connect(&self.url("paris")).await?;
         say(format!(
@@ -641,7 +645,54 @@ impl Bench {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         f.cpu_idle_pct = ticks as f64 / hz / began.elapsed().as_secs_f64() * 100.0;
         f.rss_mib_idle = proc_status_kib(paris_pid, "VmRSS:")? / 1024.0;
+
+        // The broker's ceiling again, the sidecars stopped (the bench's
+        // consumers need the single-active-consumer site queues): the
+        // machine's load drifts over the minutes of a run, and the mean of
+        // a measure before and after brackets the sitesync phases.
+        self.stop_sidecars().await;
+        self.raw_phases(&sizes, &mut f, "after the sitesync phases")
+            .await?;
+        let mean = |runs: &[f64]| runs.iter().sum::<f64>() / runs.len().max(1) as f64;
+        f.raw_publish_confirm_per_s = mean(&f.raw_publish_runs);
+        f.raw_round_trip_per_s = mean(&f.raw_trip_runs);
         Ok(f)
+    }
+
+    /// The raw publish and raw round trip phases, on empty queues.
+    async fn raw_phases(&self, sizes: &Sizes, f: &mut Figures, when: &str) -> Result<(), String> {
+        let conn = self.connect_broker("sitesync-bench-raw").await?;
+        self.purge(&conn).await?;
+        let body = sample_body();
+        say(format!(
+            "raw publish with confirms, {when}: {} messages of {} bytes, window {}",
+            sizes.raw,
+            body.len(),
+            self.window
+        ));
+        let rate = self.raw_publish(&conn, &body, sizes.raw).await?;
+        f.raw_publish_runs.push(rate);
+        self.purge(&conn).await?;
+        say(format!(
+            "raw round trip, {when}: {} messages, consumed and acked from every site queue",
+            sizes.raw_trip
+        ));
+        let rate = self.raw_round_trip(&conn, &body, sizes.raw_trip).await?;
+        f.raw_trip_runs.push(rate);
+        self.purge(&conn).await
+    }
+
+    /// Stops the sidecars (SIGTERM: they drain and exit).
+    async fn stop_sidecars(&mut self) {
+        for (_, child) in self.sidecars.iter_mut() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        for (_, mut child) in self.sidecars.drain() {
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
     }
 
     /// CPU ticks so far of every process taking part, by part: each
@@ -913,15 +964,7 @@ impl Bench {
     }
 
     async fn cleanup(&mut self) {
-        for (_, child) in self.sidecars.iter_mut() {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-        }
-        for (_, mut child) in self.sidecars.drain() {
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        }
+        self.stop_sidecars().await;
         if self.declared
             && let Ok(conn) = self.connect_broker("sitesync-bench-cleanup").await
         {
@@ -1219,12 +1262,20 @@ fn proc_cpu_ticks(pid: u32) -> Result<u64, String> {
     }
 }
 
+/// "mean of 9100 before and 8700 after".
+fn runs(rates: &[f64]) -> String {
+    match rates {
+        [before, after] => format!("mean of {before:.0} before and {after:.0} after"),
+        _ => format!("{rates:.0?}"),
+    }
+}
+
 fn render(f: &Figures, s: &Sizes, context: &str) -> String {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     format!(
         "\nsitesync bench ({context})\n\
-         {:<34}{:>10.0} msg/s  ({} messages, window 512, three site queues and the archive, quorum)\n\
-         {:<34}{:>10.0} msg/s\n\
+         {:<34}{:>10.0} msg/s  ({} messages, window 512, three site queues and the archive, quorum; {})\n\
+         {:<34}{:>10.0} msg/s  ({} messages; {})\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8)\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
@@ -1233,8 +1284,11 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         "raw publish + confirm",
         f.raw_publish_confirm_per_s,
         s.raw,
+        runs(&f.raw_publish_runs),
         "raw round trip",
         f.raw_round_trip_per_s,
+        s.raw_trip,
+        runs(&f.raw_trip_runs),
         format!("source ({} preloaded rows)", s.source),
         f.source_per_s,
         ratio(f.source_per_s, f.raw_publish_confirm_per_s),
@@ -1265,6 +1319,8 @@ fn json(f: &Figures) -> String {
     serde_json::json!({
         "raw_publish_confirm_per_s": round(f.raw_publish_confirm_per_s, 0),
         "raw_round_trip_per_s": round(f.raw_round_trip_per_s, 0),
+        "raw_publish_runs": f.raw_publish_runs.iter().map(|r| round(*r, 0)).collect::<Vec<_>>(),
+        "raw_round_trip_runs": f.raw_trip_runs.iter().map(|r| round(*r, 0)).collect::<Vec<_>>(),
         "source_per_s": round(f.source_per_s, 0),
         "source_ratio": round(ratio(f.source_per_s, f.raw_publish_confirm_per_s), 3),
         "e2e_per_s": round(f.e2e_per_s, 0),
