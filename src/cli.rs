@@ -259,13 +259,14 @@ fn fail(message: impl Into<String>) -> Failure {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    // A sidecar runs on one thread. Its work is waiting on sockets (the
-    // change stream, the broker, the database), and it shares the server's
-    // cores with the database: on a worker pool, every database round trip
-    // of the sink hopped between threads, a wake-up each way (measured in
-    // the benchmark: 7-10 % more CPU per event). What blocks (the Oracle
-    // driver, the management API) runs on the blocking pool either way.
-    // lapin keeps its own I/O thread.
+    // A sidecar runs its source on this thread and its sink on a second
+    // one (see `sidecar`), each with a single-threaded runtime. Their work
+    // is waiting on sockets (the change stream, the broker, the database),
+    // and they share the server's cores with the database: on a pool of
+    // workers, every database round trip hopped between threads, a wake-up
+    // each way (measured in the benchmark: 7-10 % more CPU per event). What
+    // blocks (the Oracle driver, the management API) runs on the blocking
+    // pool either way; lapin keeps its own I/O thread.
     let mut builder = if matches!(cli.command, Command::Run(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -399,7 +400,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     }
 }
 
-async fn run<S: Source, T: Target>(
+async fn run<S: Source, T: Target + 'static>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,

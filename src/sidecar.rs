@@ -1,5 +1,6 @@
 //! One sidecar: the source half (change log → broker) and the sink half
-//! (this site's queue → database) side by side, stopping together.
+//! (this site's queue → database) side by side, each on a thread of its
+//! own, stopping together.
 //!
 //! A standby sidecar starts its sink as a second consumer of the site's
 //! single-active-consumer queue (the broker hands it the queue when the
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 /// Runs the source and, if given, the sink until `shutdown` fires or one
 /// of them meets an error that needs a person (then both stop).
-pub async fn run<S: Source, T: Target>(
+pub async fn run<S: Source, T: Target + 'static>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
@@ -40,8 +41,8 @@ pub async fn run<S: Source, T: Target>(
         r
     };
     let sink_half = async {
-        let Some(target) = &target else { return Ok(()) };
-        let r = sink::run(cfg, target, stop.clone()).await;
+        let Some(target) = target else { return Ok(()) };
+        let r = sink_on_its_own_thread(cfg.clone(), target, stop.clone()).await;
         if let Err(e) = &r {
             tracing::error!(error = %e, "sink stopping: this needs a person");
             let _ = stop_tx.send(true);
@@ -51,4 +52,35 @@ pub async fn run<S: Source, T: Target>(
     let (source_result, sink_result) = tokio::join!(source_half, sink_half);
     relay.abort();
     source_result.and(sink_result)
+}
+
+/// Runs the sink on a thread of its own, on a single-threaded runtime.
+///
+/// Each half then keeps its socket work on one thread: a database round
+/// trip of the sink does not hop between threads (on a pool of workers
+/// each one did, a wake-up each way), and the source and the sink still
+/// run side by side, so that a batch being applied does not hold up
+/// publishing.
+async fn sink_on_its_own_thread<T: Target + 'static>(
+    cfg: ConnectorConfig,
+    target: T,
+    stop: Shutdown,
+) -> Result<(), String> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sitesync-sink".into())
+        .spawn(move || {
+            let r = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(sink::run(&cfg, &target, stop)),
+                Err(e) => Err(format!("cannot start the sink's runtime: {e}")),
+            };
+            let _ = done.send(r);
+        })
+        .map_err(|e| format!("cannot start the sink's thread: {e}"))?;
+    result
+        .await
+        .unwrap_or_else(|_| Err("the sink's thread panicked".to_string()))
 }
