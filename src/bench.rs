@@ -94,11 +94,16 @@ pub struct BenchArgs {
     /// into the private clusters).
     #[arg(long)]
     pub statements: bool,
+    /// The publisher window (unconfirmed messages in flight), for the
+    /// sidecars and the raw publisher alike.
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    pub window: u64,
 }
 
 /// The counts of one run.
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
+    window: u64,
     /// Messages of each raw publish phase (as many as the source phase).
     raw: u64,
     /// Messages of each raw round trip phase.
@@ -114,6 +119,7 @@ impl Sizes {
     fn of(a: &BenchArgs) -> Sizes {
         let base = if a.quick {
             Sizes {
+                window: a.window,
                 raw: 2_000,
                 raw_trip: 2_000,
                 source: 2_000,
@@ -124,6 +130,7 @@ impl Sizes {
             }
         } else {
             Sizes {
+                window: a.window,
                 raw: 100_000,
                 raw_trip: 50_000,
                 source: 100_000,
@@ -134,6 +141,7 @@ impl Sizes {
             }
         };
         Sizes {
+            window: a.window,
             raw: a.events.map_or(base.raw, |n| n.max(100)),
             raw_trip: a.events.map_or(base.raw_trip, |n| (n / 2).max(100)),
             source: a.events.unwrap_or(base.source),
@@ -158,6 +166,9 @@ struct Figures {
     source_per_s: f64,
     e2e_per_s: f64,
     e2e_written_per_s: f64,
+    /// The share of the writers' time spent held back by the backlog: near
+    /// zero, the writers (not sitesync) set the end-to-end rate.
+    e2e_held_pct: f64,
     e2e_p50_ms: f64,
     e2e_p95_ms: f64,
     e2e_p99_ms: f64,
@@ -183,6 +194,8 @@ const BULK_BASE: i64 = 30_000_000;
 const WARM_ID: i64 = 9_999_999;
 /// How far the end-to-end writers may run ahead of the slower sink.
 const E2E_BACKLOG: u64 = 5_000;
+/// Writers of the end-to-end phase (connections to PARIS).
+const E2E_WRITERS: usize = 4;
 /// The payload of every event: 64 bytes of text, like a small business row.
 const PAYLOAD_SQL: &str = "repeat('x', 64)";
 /// How a phase waits for a condition.
@@ -268,7 +281,7 @@ impl Bench {
                 archive: format!("{t}_SITE_PARIS_HISTO"),
             },
             declared: false,
-            window: 512,
+            window: args.window as usize,
             statements: args.statements,
             context: String::new(),
         })
@@ -568,7 +581,7 @@ impl Bench {
         }
 
         say(format!(
-            "end to end: four writers at PARIS for {} s, as fast as they go",
+            "end to end: {E2E_WRITERS} writers at PARIS for {} s, as fast as they go",
             sizes.seconds
         ));
         if self.statements {
@@ -581,7 +594,8 @@ impl Bench {
             }
         }
         let cpu_before = self.cpu_by_part();
-        let (written, elapsed) = self.e2e(&london, &madrid, sizes.seconds).await?;
+        let (written, elapsed, held_pct) = self.e2e(&london, &madrid, sizes.seconds).await?;
+        f.e2e_held_pct = held_pct;
         f.e2e_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), written);
         say(render_cpu(&f.e2e_cpu, elapsed));
         if self.statements {
@@ -846,7 +860,7 @@ impl Bench {
         london: &Client,
         madrid: &Client,
         seconds: u64,
-    ) -> Result<(i64, Duration), String> {
+    ) -> Result<(i64, Duration, f64), String> {
         const PER_TX: i64 = 10;
         let start = [received(london).await?, received(madrid).await?];
         let next = Arc::new(AtomicU64::new(E2E_BASE as u64));
@@ -854,22 +868,25 @@ impl Bench {
         let began = Instant::now();
         let until = began + Duration::from_secs(seconds);
         let mut writers = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..E2E_WRITERS {
             let client = connect(&self.url("paris")).await?;
             let (next, applied) = (next.clone(), applied.clone());
             writers.push(tokio::spawn(async move {
                 let mut written = 0i64;
+                let mut held = Duration::ZERO;
                 while Instant::now() < until {
                     let issued = next.load(Ordering::Relaxed) - E2E_BASE as u64;
                     if issued > applied.load(Ordering::Relaxed) + E2E_BACKLOG {
+                        let paused = Instant::now();
                         tokio::time::sleep(Duration::from_millis(5)).await;
+                        held += paused.elapsed();
                         continue;
                     }
                     let first = next.fetch_add(PER_TX as u64, Ordering::Relaxed) as i64;
                     write_rows(&client, first, PER_TX).await?;
                     written += PER_TX;
                 }
-                Ok::<i64, String>(written)
+                Ok::<(i64, Duration), String>((written, held))
             }));
         }
         // Progress: the events of PARIS each other site has received.
@@ -879,9 +896,13 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut written = 0;
+        let mut held = Duration::ZERO;
         for w in writers {
-            written += w.await.map_err(|e| e.to_string())??;
+            let (n, h) = w.await.map_err(|e| e.to_string())??;
+            written += n;
+            held += h;
         }
+        let held_pct = held.as_secs_f64() / (E2E_WRITERS as f64 * seconds as f64).max(1.0) * 100.0;
         let query = format!(
             "SELECT count(*) FROM bench_item WHERE id >= {E2E_BASE} AND id < {LATENCY_BASE}"
         );
@@ -889,7 +910,7 @@ impl Bench {
             poll_received(c, from + written).await?;
             wait_count(c, &query, written, "the end-to-end events").await?;
         }
-        Ok((written, began.elapsed()))
+        Ok((written, began.elapsed(), held_pct))
     }
 
     /// `rate` events/s for `seconds` (a transaction every 10 ms); the
@@ -1274,16 +1295,17 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     format!(
         "\nsitesync bench ({context})\n\
-         {:<34}{:>10.0} msg/s  ({} messages, window 512, three site queues and the archive, quorum; {})\n\
+         {:<34}{:>10.0} msg/s  ({} messages, window {}, three site queues and the archive, quorum; {})\n\
          {:<34}{:>10.0} msg/s  ({} messages; {})\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8)\n\
-         {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s\n\
+         {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
          {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n",
         "raw publish + confirm",
         f.raw_publish_confirm_per_s,
         s.raw,
+        s.window,
         runs(&f.raw_publish_runs),
         "raw round trip",
         f.raw_round_trip_per_s,
@@ -1292,10 +1314,11 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         format!("source ({} preloaded rows)", s.source),
         f.source_per_s,
         ratio(f.source_per_s, f.raw_publish_confirm_per_s),
-        format!("end to end ({} s, 4 writers)", s.seconds),
+        format!("end to end ({} s, {E2E_WRITERS} writers)", s.seconds),
         f.e2e_per_s,
         ratio(f.e2e_per_s, f.raw_round_trip_per_s),
         f.e2e_written_per_s,
+        f.e2e_held_pct,
         format!("latency at {}/s", s.rate),
         f.e2e_p50_ms,
         f.e2e_p95_ms,
@@ -1325,6 +1348,7 @@ fn json(f: &Figures) -> String {
         "source_ratio": round(ratio(f.source_per_s, f.raw_publish_confirm_per_s), 3),
         "e2e_per_s": round(f.e2e_per_s, 0),
         "e2e_ratio": round(ratio(f.e2e_per_s, f.raw_round_trip_per_s), 3),
+        "e2e_writers_held_pct": round(f.e2e_held_pct, 1),
         "e2e_p50_ms": round(f.e2e_p50_ms, 2),
         "e2e_p95_ms": round(f.e2e_p95_ms, 2),
         "e2e_p99_ms": round(f.e2e_p99_ms, 2),

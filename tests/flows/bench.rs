@@ -31,6 +31,32 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
         assert!(v > 0.0 && v < 10.0, "{key} = {v} in {last}");
     }
     assert!(figures["cpu_idle_pct"].as_f64().is_some_and(|v| v >= 0.0));
+    // Each raw ceiling is measured before and after the sitesync phases;
+    // the figure is their mean.
+    for (runs, mean) in [
+        ("raw_publish_runs", "raw_publish_confirm_per_s"),
+        ("raw_round_trip_runs", "raw_round_trip_per_s"),
+    ] {
+        let rates: Vec<f64> = figures[runs]
+            .as_array()
+            .unwrap_or_else(|| panic!("{runs} missing in {last}"))
+            .iter()
+            .map(|r| r.as_f64().unwrap_or(-1.0))
+            .collect();
+        assert_eq!(rates.len(), 2, "{runs} in {last}");
+        assert!(rates.iter().all(|r| *r > 0.0), "{runs} in {last}");
+        let m = figures[mean].as_f64().unwrap_or(-1.0);
+        assert!(
+            (m - (rates[0] + rates[1]) / 2.0).abs() <= 1.0,
+            "{mean} is not the mean of {runs} in {last}"
+        );
+    }
+    assert!(
+        figures["e2e_writers_held_pct"]
+            .as_f64()
+            .is_some_and(|v| (0.0..=100.0).contains(&v)),
+        "{last}"
+    );
     assert!(
         figures["e2e_p50_ms"].as_f64() <= figures["e2e_p99_ms"].as_f64(),
         "{last}"
