@@ -42,6 +42,7 @@
 //! Everything is removed at the end: sidecars stopped, queues and
 //! exchanges deleted, the clusters stopped and their directory removed.
 
+use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
 use crate::config::redact_url;
@@ -52,8 +53,8 @@ use crate::lab::{
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
@@ -754,35 +755,31 @@ impl Bench {
     }
 
     /// Messages per second through lapin alone, confirms pipelined over
-    /// the window.
+    /// the window, each message started the way sitesync's publisher starts
+    /// one (`bus::publisher::started`: queued without waiting for it to be
+    /// written).
     async fn raw_publish(&self, conn: &Connection, body: &[u8], n: u64) -> Result<f64, String> {
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| e.to_string())?;
+        let exchange: lapin::types::ShortString = self.names.exchange.as_str().into();
         let began = Instant::now();
         let mut inflight = VecDeque::with_capacity(self.window);
         for i in 0..n {
-            let confirm = ch
-                .basic_publish(
-                    self.names.exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    raw_properties(i),
-                )
-                .await
-                .map_err(|e| format!("publishing: {e}"))?;
-            inflight.push_back(confirm);
+            inflight.push_back(started(
+                &ch,
+                exchange.clone(),
+                body.to_vec(),
+                raw_properties(i),
+            ));
             if inflight.len() >= self.window {
-                settle(inflight.pop_front().expect("full")).await?;
+                let sent = inflight.pop_front().expect("full").await;
+                settle(sent.map_err(|e| format!("publishing: {e}"))?).await?;
             }
         }
-        for c in inflight {
-            settle(c).await?;
+        for sending in inflight {
+            settle(sending.await.map_err(|e| format!("publishing: {e}"))?).await?;
         }
         let rate = n as f64 / began.elapsed().as_secs_f64();
         let _ = ch.close(200, "done".into()).await;

@@ -467,13 +467,28 @@ async fn dispatch(
     });
     let (confirm, what) = match event {
         Ok((event, body)) => {
-            let confirm = publisher
-                .publish(&event, &body, &position)
-                .await
-                .map_err(|e| SessionError::transient(format!("publishing: {e}")))?;
+            // Not waited for here: the next events are queued behind it
+            // (see `Publisher::send`); a failure to write it surfaces with
+            // its confirm, in order.
+            let sending = publisher.send(&event, body, &position);
             *clock = clock.after(&event);
             counters.events += 1;
-            (confirm, Published::Event(event.id, position))
+            let what = Published::Event(event.id, position);
+            let after = *clock;
+            return Ok(Box::pin(async move {
+                let result = match sending.await {
+                    Ok(confirm) => settle(confirm.await, || what.to_string()),
+                    Err(e) => Err(PublishFailure::Lost {
+                        what: what.to_string(),
+                        error: format!("sending it: {e}"),
+                    }),
+                };
+                Settled {
+                    result,
+                    resume,
+                    clock: after,
+                }
+            }));
         }
         Err(reason) => {
             tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
