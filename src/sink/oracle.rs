@@ -275,15 +275,9 @@ enum Failed {
     Transient(TargetError),
 }
 
+/// The ORA- code of an error message (the source's parser).
 fn ora_code(message: &str) -> Option<u32> {
-    let at = message.find("ORA-")? + 4;
-    message
-        .get(at..)?
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
+    crate::source::oracle::code(message, "ORA-")
 }
 
 impl Failed {

@@ -69,7 +69,7 @@ pub fn client_missing(detail: &str, dir: Option<&PathBuf>) -> String {
 }
 
 /// The ORA-/DPI- code of an error message, e.g. `ORA-01291` → 1291.
-fn code(message: &str, prefix: &str) -> Option<u32> {
+pub(crate) fn code(message: &str, prefix: &str) -> Option<u32> {
     let at = message.find(prefix)? + prefix.len();
     message
         .get(at..)?
