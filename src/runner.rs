@@ -465,30 +465,15 @@ async fn dispatch(
             Ok((event, body))
         }
     });
-    let (confirm, what) = match event {
+    // An event is not waited for here: the next events are queued behind
+    // it (see `Publisher::send`), and a failure to write it surfaces with
+    // its confirm, in order. A dead letter is written before it returns.
+    let (sending, what) = match event {
         Ok((event, body)) => {
-            // Not waited for here: the next events are queued behind it
-            // (see `Publisher::send`); a failure to write it surfaces with
-            // its confirm, in order.
             let sending = publisher.send(&event, body, &position);
             *clock = clock.after(&event);
             counters.events += 1;
-            let what = Published::Event(event.id, position);
-            let after = *clock;
-            return Ok(Box::pin(async move {
-                let result = match sending.await {
-                    Ok(confirm) => settle(confirm.await, || what.to_string()),
-                    Err(e) => Err(PublishFailure::Lost {
-                        what: what.to_string(),
-                        error: format!("sending it: {e}"),
-                    }),
-                };
-                Settled {
-                    result,
-                    resume,
-                    clock: after,
-                }
-            }));
+            (sending, Published::Event(event.id, position))
         }
         Err(reason) => {
             tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
@@ -497,13 +482,22 @@ async fn dispatch(
                 .await
                 .map_err(|e| SessionError::transient(format!("publishing a dead letter: {e}")))?;
             counters.dead_letters += 1;
-            (confirm, Published::DeadLetter(position))
+            let sent: Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(std::future::ready(Ok(confirm)));
+            (sent, Published::DeadLetter(position))
         }
     };
     let after = *clock;
     Ok(Box::pin(async move {
+        let result = match sending.await {
+            Ok(confirm) => settle(confirm.await, || what.to_string()),
+            Err(e) => Err(PublishFailure::Lost {
+                what: what.to_string(),
+                error: format!("sending it: {e}"),
+            }),
+        };
         Settled {
-            result: settle(confirm.await, || what.to_string()),
+            result,
             resume,
             clock: after,
         }
