@@ -16,9 +16,11 @@
 //! rest commits.
 //!
 //! Local writes: before it looks for this site's writes still in the
-//! outbox, the sink locks the rows of the batch that exist (`FOR UPDATE`,
+//! outbox, the sink locks the rows it looks at that exist (`FOR UPDATE`,
 //! with a short `lock_timeout` so that it yields to applications rather
-//! than make them wait or deadlock). An application writing one of those
+//! than make them wait or deadlock): the rows of other sites' events, and
+//! of this site's events back round only those whose entity's version
+//! another site wrote before them (the rest need no look). An application writing one of those
 //! rows meanwhile either committed already (the sink sees its outbox row)
 //! or waits for the sink and commits later, with a later commit time. A
 //! write on a row that does not exist yet cannot be locked: if it races the
@@ -468,28 +470,16 @@ impl PostgresTarget {
             tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
                 .await
                 .map_err(|e| Failed::from_pg("making constraints immediate", e))?;
-            let own: Vec<Item<'_>> = items
-                .iter()
-                .filter(|i| matches!(i.plan, Plan::Own(Some(_))))
-                .cloned()
-                .collect();
-            let sp = tx
-                .savepoint("own_locks")
-                .await
-                .map_err(|e| Failed::from_pg("savepoint", e))?;
-            let locked = lock_rows(&sp, &self.prepared, &self.sink, &own).await;
-            if let Err(e) = keep_or_undo(sp, locked).await? {
-                tracing::debug!(error = %e, "locking the rows of events back round failed; going on without");
-            }
             progress(&tx, &self.prepared, items).await?;
         } else {
             // One round trip for the three (tokio-postgres pipelines
             // statements polled together; the server runs them in order).
             // After a failure the later ones fail as the transaction is
             // aborted: the first error in order is the cause.
+            let applied = applied_rows(items);
             let (marked, locked, progressed) = tokio::join!(
                 tx.batch_execute(BATCH_SETTINGS),
-                lock_rows(&tx, &self.prepared, &self.sink, items),
+                lock_rows(&tx, &self.prepared, &applied),
                 progress(&tx, &self.prepared, items),
             );
             marked.map_err(|e| Failed::from_pg("marking the transaction", e))?;
@@ -550,13 +540,7 @@ impl PostgresTarget {
                     .savepoint("item")
                     .await
                     .map_err(|e| Failed::from_pg("savepoint", e))?;
-                let locked = lock_rows(
-                    &sp,
-                    &self.prepared,
-                    &self.sink,
-                    std::slice::from_ref(&items[i]),
-                )
-                .await;
+                let locked = lock_rows(&sp, &self.prepared, &[(*route, row)]).await;
                 let one = [(
                     i,
                     items[i].event.expect("applied events exist"),
@@ -713,13 +697,7 @@ impl PostgresTarget {
         own: &[(&Event, &MappedRow)],
     ) -> Result<(), Failed> {
         let entities: Vec<&Entity> = own.iter().map(|(_, row)| &row.entity).collect();
-        // With the later writes of ours still in the outbox: the row holds
-        // them, not this event's write (both in one round trip).
-        let (before, pending) = tokio::join!(
-            load_versions(tx, &self.prepared, &entities),
-            self.local_writes(tx, shape, &entities),
-        );
-        let (before, pending) = (before?, pending?);
+        let before = load_versions(tx, &self.prepared, &entities).await?;
         let mut newest: BTreeMap<&Entity, (&Event, &MappedRow)> = BTreeMap::new();
         for (ev, row) in own {
             let v = (ev.timestamp, ev.origin.as_str());
@@ -730,22 +708,42 @@ impl PostgresTarget {
                 }
             }
         }
-        let mut suspects: Vec<(&Route, &MappedRow)> = Vec::new();
+        // Suspects: an entity whose version another site's event wrote,
+        // older than this write of ours. Only their rows are locked, and
+        // only then are this site's later writes still in the outbox read
+        // (with such a write, the row holds it, not this event's write).
+        // Most events back round supersede a version of their own site or
+        // none: they need neither the lock nor the lookup.
+        let mut candidates: Vec<(&Entity, Version, &Route, &MappedRow)> = Vec::new();
         for (entity, (ev, row)) in &newest {
             let version = Version {
                 ts: ev.timestamp,
                 origin: ev.origin.clone(),
             };
-            let superseded_locally = pending
-                .get(*entity)
-                .is_some_and(|writes| writes.iter().any(|w| w.version > version));
             if let Some((prev, _)) = before.get(*entity)
                 && *prev < version
                 && prev.origin != self.site
-                && !superseded_locally
                 && let Some(route) = self.sink.route(&ev.kind)
             {
-                suspects.push((route, row));
+                candidates.push((entity, version, route, row));
+            }
+        }
+        let mut suspects: Vec<(&Route, &MappedRow)> = Vec::new();
+        if !candidates.is_empty() {
+            let rows: Vec<(&Route, &MappedRow)> = candidates
+                .iter()
+                .map(|(_, _, route, row)| (*route, *row))
+                .collect();
+            lock_rows(tx, &self.prepared, &rows).await?;
+            let entities: Vec<&Entity> = candidates.iter().map(|(e, ..)| *e).collect();
+            let pending = self.local_writes(tx, shape, &entities).await?;
+            for (entity, version, route, row) in &candidates {
+                let superseded_locally = pending
+                    .get(*entity)
+                    .is_some_and(|writes| writes.iter().any(|w| w.version > *version));
+                if !superseded_locally {
+                    suspects.push((*route, *row));
+                }
             }
         }
         let versions: Vec<(Entity, Version, Uuid)> = newest
@@ -925,25 +923,27 @@ const BATCH_SETTINGS: &str = "SET LOCAL sitesync.applying = 'on'; \
 /// `lock_timeout` (see [`BATCH_SETTINGS`]) for an application holding one: then the sink yields (the
 /// batch is tried again a moment later) rather than make the application
 /// wait on it in turn, or deadlock with it.
+/// The rows a batch writes for other sites' events.
+fn applied_rows<'a>(items: &'a [Item<'a>]) -> Vec<(&'a Route, &'a MappedRow)> {
+    items
+        .iter()
+        .filter_map(|i| match &i.plan {
+            Plan::Apply(route, row) => Some((*route, row)),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn lock_rows(
     tx: &Transaction<'_>,
     p: &Prepared,
-    sink: &SinkConfig,
-    items: &[Item<'_>],
+    rows: &[(&Route, &MappedRow)],
 ) -> Result<(), Failed> {
-    let rows: Vec<(&Route, &MappedRow)> = items
-        .iter()
-        .filter_map(|i| match (&i.plan, i.event) {
-            (Plan::Apply(route, row), _) => Some((*route, row)),
-            (Plan::Own(Some(row)), Some(ev)) => sink.route(&ev.kind).map(|route| (route, row)),
-            _ => None,
-        })
-        .collect();
     if rows.is_empty() {
         return Ok(());
     }
     let mut by_table: BTreeMap<&str, (&Route, Vec<Value>)> = BTreeMap::new();
-    for (route, row) in &rows {
+    for (route, row) in rows {
         let keys: serde_json::Map<String, Value> = route
             .key
             .iter()

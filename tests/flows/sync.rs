@@ -251,6 +251,60 @@ async fn invariant_5_no_loops_the_sink_marks_its_transactions_and_events_come_ba
     }
 }
 
+/// The race on a new key, made deterministic: an application DELETE at
+/// PARIS that found no row while the sink was inserting one from LONDON's
+/// event. PARIS's delete is the newer write and wins at LONDON and MADRID;
+/// at PARIS the row is still there, written by the sink. When the delete's
+/// event comes back round, the sink sees that the row is not as PARIS
+/// wrote it (the sink's transaction wrote it, under an older version of
+/// another site) and applies the delete again: the sites converge.
+#[tokio::test]
+async fn a_local_delete_that_lost_a_race_with_the_sink_is_applied_again_when_its_event_comes_back()
+{
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let _sidecars = mesh.spawn_all();
+    let (london, paris) = (mesh.client("LONDON").await, mesh.client("PARIS").await);
+    upsert(&london, "LONDON", 1, 10).await;
+    let settled = |paris: u32, others: u32| {
+        BTreeMap::from([
+            ("PARIS", i64::from(paris)),
+            ("LONDON", i64::from(others)),
+            ("MADRID", i64::from(paris + others)),
+        ])
+    };
+    mesh.wait_settled(&settled(1, 0), Duration::from_secs(60))
+        .await;
+    assert_eq!(mesh.items("PARIS").await.len(), 1, "LONDON's row at PARIS");
+    // The delete's outbox row, as the application wrote it: its DELETE
+    // statement saw no row to delete.
+    paris
+        .execute(
+            "INSERT INTO outbox (type, entity_key, data) VALUES ('item.delete', '1', jsonb_build_object('id', 1))",
+            &[],
+        )
+        .await
+        .unwrap();
+    mesh.wait_settled(&settled(1, 1), Duration::from_secs(60))
+        .await;
+    let rows = mesh.assert_converged().await;
+    assert!(rows.is_empty(), "the delete won everywhere: {rows:?}");
+    let origin: String = paris
+        .query_one("SELECT origin FROM sitesync_versions WHERE key = '1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(origin, "PARIS", "PARIS's delete is the entity's version");
+    let by_sink: i64 = paris
+        .query_one(
+            "SELECT count(*) FROM item_log WHERE id = 1 AND op = 'DELETE' AND by_sink",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_sink, 1, "the sink deleted the row at PARIS");
+}
+
 /// The README's first set-up command: `sitesync demo` runs three sites on
 /// private clusters, writes everywhere with a conflict, and exits 0 only
 /// when the sites converged, leaving no queue behind.
