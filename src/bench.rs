@@ -176,6 +176,8 @@ struct Figures {
     e2e_max_ms: f64,
     /// CPU milliseconds per 1,000 events during the end-to-end phase, by part.
     e2e_cpu: Vec<(String, f64)>,
+    /// The same during the source phase.
+    source_cpu: Vec<(String, f64)>,
     bulk_100k_s: f64,
     rss_mib_peak: f64,
     rss_mib_idle: f64,
@@ -348,7 +350,9 @@ impl Bench {
                 ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
                 cancel: Arc::new(AtomicBool::new(false)),
                 extra_settings: format!(
-                    "{}{}",
+                    // PostgreSQL's default, over the demo's 32MB: a site's
+                    // server is not a throw-away one.
+                    "shared_buffers = 128MB\n{}{}",
                     match self.statements {
                         true => "shared_preload_libraries = 'pg_stat_statements'\n",
                         false => "",
@@ -478,7 +482,10 @@ impl Bench {
         cmd.args(args)
             .arg("--connector")
             .arg(&self.connectors[site])
-            .env("RUST_LOG", "warn,lapin=off");
+            .env(
+                "RUST_LOG",
+                std::env::var("SITESYNC_BENCH_LOG").unwrap_or_else(|_| "warn,lapin=off".into()),
+            );
         let out = cmd
             .output()
             .await
@@ -503,7 +510,10 @@ impl Bench {
         let child = Command::new(exe)
             .args(["run", "--connector"])
             .arg(&self.connectors[site])
-            .env("RUST_LOG", "warn,lapin=off")
+            .env(
+                "RUST_LOG",
+                std::env::var("SITESYNC_BENCH_LOG").unwrap_or_else(|_| "warn,lapin=off".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
@@ -539,15 +549,32 @@ impl Bench {
                 .map_err(|e| format!("preloading: {e}"))?;
             first = last + 1;
         }
+        quiesce("source").await;
+        let cpu_before = self.cpu_by_part();
         let began = Instant::now();
         let paris_pid = self.spawn("PARIS")?;
         let ck = self.dir.join("checkpoints").join("paris");
         let target = sizes.source + 1;
+        let mut first_checkpoint = None;
         poll_until(Duration::from_secs(900), "the PARIS checkpoint", || {
-            read_live(&ck).is_some_and(|(_, c)| c.next_seq >= target)
+            let next = read_live(&ck).map_or(0, |(_, c)| c.next_seq);
+            if next > 1 && first_checkpoint.is_none() {
+                first_checkpoint = Some(began.elapsed());
+            }
+            next >= target
         })
         .await?;
-        f.source_per_s = sizes.source as f64 / began.elapsed().as_secs_f64();
+        let elapsed = began.elapsed();
+        if let Some(first) = first_checkpoint {
+            say(format!(
+                "source: first checkpoint {:.2} s after the sidecar started, the last {:.2} s after it",
+                first.as_secs_f64(),
+                elapsed.as_secs_f64()
+            ));
+        }
+        f.source_per_s = sizes.source as f64 / elapsed.as_secs_f64();
+        f.source_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.source as i64);
+        say(render_cpu("source", &f.source_cpu, elapsed));
         // LONDON and MADRID were not running: start them on empty queues.
         let conn = self.connect_broker("sitesync-bench").await?;
         for q in [
@@ -594,11 +621,12 @@ impl Bench {
                     .map_err(|e| format!("{db}: {e}"))?;
             }
         }
+        quiesce("end to end").await;
         let cpu_before = self.cpu_by_part();
         let (written, elapsed, held_pct) = self.e2e(&london, &madrid, sizes.seconds).await?;
         f.e2e_held_pct = held_pct;
         f.e2e_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), written);
-        say(render_cpu(&f.e2e_cpu, elapsed));
+        say(render_cpu("end to end", &f.e2e_cpu, elapsed));
         if self.statements {
             for db in ["paris", "london"] {
                 say(top_statements(&connect(&self.url(db)).await?, db, written).await?);
@@ -607,6 +635,7 @@ impl Bench {
         f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
         f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
         self.purge_archive().await?;
+        quiesce("latency").await;
 
         say(format!(
             "latency: {} events/s offered at PARIS for {} s",
@@ -617,6 +646,7 @@ impl Bench {
             .await?;
         (f.e2e_p50_ms, f.e2e_p95_ms, f.e2e_p99_ms, f.e2e_max_ms) = (p50, p95, p99, max);
         self.purge_archive().await?;
+        quiesce("bulk").await;
 
         say(format!(
             "bulk: one transaction of {} rows at PARIS",
@@ -685,14 +715,22 @@ impl Bench {
             body.len(),
             self.window
         ));
+        quiesce("raw publish").await;
+        let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_publish(&conn, &body, sizes.raw).await?;
+        let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw as i64);
+        say(render_cpu("raw publish", &cpu, began.elapsed()));
         f.raw_publish_runs.push(rate);
         self.purge(&conn).await?;
         say(format!(
             "raw round trip, {when}: {} messages, consumed and acked from every site queue",
             sizes.raw_trip
         ));
+        quiesce("raw round trip").await;
+        let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_round_trip(&conn, &body, sizes.raw_trip).await?;
+        let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw_trip as i64);
+        say(render_cpu("raw round trip", &cpu, began.elapsed()));
         f.raw_trip_runs.push(rate);
         self.purge(&conn).await
     }
@@ -978,6 +1016,8 @@ impl Bench {
             hist.saturating_record(micros);
         }
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        say(slowest_by_window(&p, &l, &m, ms(0.99)));
+        say(hops_at(london, "LONDON", &p, &l, ms(0.99)).await?);
         Ok((ms(0.50), ms(0.95), ms(0.99), hist.max() as f64 / 1000.0))
     }
 
@@ -1091,6 +1131,98 @@ async fn write_rows(client: &Client, first: i64, count: i64) -> Result<(), Strin
         .await
         .map(|_| ())
         .map_err(|e| format!("writing at PARIS: {e}"))
+}
+
+/// Where in the latency phase the slow events were: for each 3-second
+/// window of commits at PARIS, the slowest event and how many were at or
+/// above the p99 (spikes bunched in one window point at a pause, such as a
+/// vacuum or a checkpoint, rather than at the steady path).
+fn slowest_by_window(
+    paris: &HashMap<i64, Option<i64>>,
+    london: &HashMap<i64, Option<i64>>,
+    madrid: &HashMap<i64, Option<i64>>,
+    p99_ms: f64,
+) -> String {
+    const WINDOW_US: i64 = 3_000_000;
+    let latencies: Vec<(i64, f64)> = paris
+        .iter()
+        .filter_map(|(id, t0)| {
+            let (t0, t1, t2) = ((*t0)?, (*london.get(id)?)?, (*madrid.get(id)?)?);
+            Some((t0, (t1.max(t2) - t0) as f64 / 1000.0))
+        })
+        .collect();
+    let Some(start) = latencies.iter().map(|(t0, _)| *t0).min() else {
+        return "latency: no events".into();
+    };
+    let mut windows: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
+    for (t0, ms) in latencies {
+        let w = windows.entry((t0 - start) / WINDOW_US).or_default();
+        w.0 = w.0.max(ms);
+        w.1 += usize::from(ms >= p99_ms);
+    }
+    let cells: Vec<String> = windows
+        .iter()
+        .map(|(w, (max, slow))| format!("{}s {max:.0}ms/{slow}", w * WINDOW_US / 1_000_000))
+        .collect();
+    format!(
+        "latency: slowest event and events at or above the p99 ({p99_ms:.0} ms), by 3 s of the phase: {}",
+        cells.join(", ")
+    )
+}
+
+/// Where an event's time goes at one site: from its commit at PARIS to
+/// the start of the sink transaction that applied it (the source, the
+/// broker and the sink's batching: the inbox's `received_at` is the
+/// transaction's start), then to that transaction's commit; the medians
+/// over every event and over those at or above the p99.
+async fn hops_at(
+    c: &Client,
+    site: &str,
+    paris: &HashMap<i64, Option<i64>>,
+    here: &HashMap<i64, Option<i64>>,
+    p99_ms: f64,
+) -> Result<String, String> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT v.key::bigint, (extract(epoch FROM i.received_at) * 1000000)::bigint \
+                 FROM sitesync_versions v JOIN sitesync_inbox i ON i.event_id = v.event_id \
+                 WHERE v.key::bigint >= {LATENCY_BASE} AND v.key::bigint < {BULK_BASE}"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| format!("reading {site}'s inbox: {e}"))?;
+    let mut all: Vec<(f64, f64)> = Vec::new();
+    let mut slow: Vec<(f64, f64)> = Vec::new();
+    for r in rows {
+        let (id, started): (i64, i64) = (r.get(0), r.get(1));
+        let (Some(Some(t0)), Some(Some(t1))) = (paris.get(&id), here.get(&id)) else {
+            continue;
+        };
+        let hops = (
+            (started - t0) as f64 / 1000.0,
+            (t1 - started) as f64 / 1000.0,
+        );
+        all.push(hops);
+        if hops.0 + hops.1 >= p99_ms {
+            slow.push(hops);
+        }
+    }
+    let median = |hops: &mut Vec<(f64, f64)>| {
+        let mid = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let (mut a, mut b): (Vec<f64>, Vec<f64>) = hops.iter().copied().unzip();
+        (mid(&mut a), mid(&mut b))
+    };
+    let ((a, b), (sa, sb)) = (median(&mut all), median(&mut slow));
+    Ok(format!(
+        "latency at {site}: commit at PARIS to the sink's transaction start {a:.1} ms, to its commit {b:.1} ms (medians); \
+         for its {} events at or above the p99: {sa:.1} ms and {sb:.1} ms",
+        slow.len()
+    ))
 }
 
 /// Each row's commit time (µs since the epoch) among `bench_item` rows
@@ -1250,10 +1382,10 @@ fn cpu_delta(
     parts
 }
 
-fn render_cpu(parts: &[(String, f64)], elapsed: Duration) -> String {
+fn render_cpu(phase: &str, parts: &[(String, f64)], elapsed: Duration) -> String {
     let total: f64 = parts.iter().map(|(_, ms)| ms).sum();
     let mut out = format!(
-        "end to end: CPU per 1,000 events, by part ({total:.0} ms in all; {:.1} s of wall time):",
+        "{phase}: CPU per 1,000 events, by part ({total:.0} ms in all; {:.1} s of wall time):",
         elapsed.as_secs_f64()
     );
     for (part, ms) in parts {
@@ -1263,6 +1395,57 @@ fn render_cpu(parts: &[(String, f64)], elapsed: Duration) -> String {
         ));
     }
     out
+}
+
+/// The machine's busy and total CPU ticks so far (all cores, /proc/stat).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((total - idle, total))
+}
+
+/// Waits until the machine is quiet (under a tenth of a core busy over
+/// half a second, a minute at most) before a phase starts, so that no
+/// phase pays for the last one's aftermath: the broker truncating the logs
+/// of purged queues, PostgreSQL's background writes, an autovacuum.
+async fn quiesce(phase: &str) {
+    const WINDOW: Duration = Duration::from_millis(500);
+    const QUIET_CORES: f64 = 0.1;
+    const AT_MOST: Duration = Duration::from_secs(60);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let began = Instant::now();
+    let mut busy = f64::NAN;
+    while began.elapsed() < AT_MOST {
+        let Some((b0, t0)) = machine_ticks() else {
+            return;
+        };
+        tokio::time::sleep(WINDOW).await;
+        let Some((b1, t1)) = machine_ticks() else {
+            return;
+        };
+        busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64 * cores;
+        if busy < QUIET_CORES {
+            if began.elapsed() > 2 * WINDOW {
+                say(format!(
+                    "{phase}: waited {:.1} s for the machine to go quiet",
+                    began.elapsed().as_secs_f64()
+                ));
+            }
+            return;
+        }
+    }
+    say(format!(
+        "{phase}: the machine is still busy ({busy:.2} cores) after {AT_MOST:?}; going on"
+    ));
 }
 
 /// User + system CPU ticks of a process.
@@ -1336,6 +1519,12 @@ fn json(f: &Figures) -> String {
         let m = 10f64.powi(places);
         (x * m).round() / m
     };
+    let by_part = |parts: &[(String, f64)]| {
+        parts
+            .iter()
+            .map(|(part, ms)| (part.clone(), serde_json::json!(round(*ms, 0))))
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+    };
     serde_json::json!({
         "raw_publish_confirm_per_s": round(f.raw_publish_confirm_per_s, 0),
         "raw_round_trip_per_s": round(f.raw_round_trip_per_s, 0),
@@ -1354,11 +1543,8 @@ fn json(f: &Figures) -> String {
         "rss_mib_peak": round(f.rss_mib_peak, 1),
         "rss_mib_idle": round(f.rss_mib_idle, 1),
         "cpu_idle_pct": round(f.cpu_idle_pct, 2),
-        "e2e_cpu_ms_per_1k": f
-            .e2e_cpu
-            .iter()
-            .map(|(part, ms)| (part.clone(), serde_json::json!(round(*ms, 0))))
-            .collect::<serde_json::Map<String, serde_json::Value>>(),
+        "e2e_cpu_ms_per_1k": by_part(&f.e2e_cpu),
+        "source_cpu_ms_per_1k": by_part(&f.source_cpu),
     })
     .to_string()
 }

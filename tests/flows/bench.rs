@@ -51,6 +51,26 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
             "{mean} is not the mean of {runs} in {last}"
         );
     }
+    // The CPU tables: the sidecar and the broker did work in the source
+    // phase (PARIS alone runs then) and in the end-to-end phase.
+    for (table, parts) in [
+        ("source_cpu_ms_per_1k", &["sitesync PARIS", "rabbitmq"][..]),
+        (
+            "e2e_cpu_ms_per_1k",
+            &["sitesync PARIS", "sitesync LONDON", "rabbitmq"][..],
+        ),
+    ] {
+        for part in parts {
+            let ms = figures[table][part].as_f64().unwrap_or(-1.0);
+            assert!(ms > 0.0, "{table}.{part} = {ms} in {last}");
+        }
+    }
+    assert!(
+        figures["source_cpu_ms_per_1k"]
+            .get("sitesync LONDON")
+            .is_none(),
+        "LONDON does not run in the source phase: {last}"
+    );
     assert!(
         figures["e2e_writers_held_pct"]
             .as_f64()
