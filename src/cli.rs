@@ -296,10 +296,14 @@ fn init_logging(format: LogFormat) {
         tracing_subscriber::EnvFilter::new("info,lapin=off,tokio_postgres=warn")
     });
     // Colours only on a terminal: log files and journald get plain text.
+    // A line that cannot be written (the log collector went away: EPIPE)
+    // is dropped. Reporting it would go through `eprintln!`, which panics
+    // on that same broken stderr, in whichever task was logging.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -420,11 +424,13 @@ async fn run<S: Source, T: Target + 'static>(
                 }
             }
         };
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-        }
+        let signal = tokio::select! {
+            _ = term => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        };
+        // The stop request first: nothing after it can keep it from going.
         let _ = trigger.send(true);
+        tracing::info!("{signal}: draining");
         // Keep the sender alive: a dropped sender is not a stop request.
         std::future::pending::<()>().await;
     });

@@ -280,3 +280,33 @@ async fn an_idle_sidecar_answers_keepalives_and_keeps_its_slot_moving() {
     site.wait_queue(&site.names.site("LONDON"), 1, Duration::from_secs(30))
         .await;
 }
+
+/// A sidecar whose log collector went away (stderr a closed pipe) keeps
+/// publishing, and still drains and exits on SIGTERM. A log line that
+/// cannot be written must cost nothing: before, the failed write panicked
+/// the task that logged it, and the signal task, which logs before it asks
+/// for the stop, died with the request unsent.
+#[tokio::test]
+async fn a_sidecar_whose_log_reader_is_gone_keeps_publishing_and_stops_on_sigterm() {
+    let site = Site::start(Options::default()).await;
+    let client = site.client().await;
+    let mut child = site.spawn_with_its_log_reader_gone();
+    insert_tx(&client, 10, "nolog").await;
+    site.wait_checkpointed(10, Duration::from_secs(60)).await;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_for(
+        async || child.try_wait().expect("wait").is_some(),
+        Duration::from_secs(30),
+    )
+    .await;
+    if status.is_err() {
+        let _ = child.kill();
+        panic!("the sidecar did not stop within 30 s of SIGTERM");
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(site.stored().map(|ck| ck.next_seq), Some(11));
+}

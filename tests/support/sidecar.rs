@@ -237,6 +237,24 @@ impl Site {
         Sidecar::spawn(&self.connector, self.dir.path())
     }
 
+    /// Starts `sitesync run` with its stdout and stderr a pipe whose reading
+    /// end is closed at once (a log collector that went away): every log
+    /// line it writes fails with EPIPE.
+    pub fn spawn_with_its_log_reader_gone(&self) -> Child {
+        let mut child = Command::new(binary())
+            .args(["run", "--connector"])
+            .arg(&self.connector)
+            .env("RUST_LOG", "info,sitesync=debug,lapin=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sitesync run");
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        child
+    }
+
     pub async fn client(&self) -> Client {
         self.pg.client("paris").await
     }
