@@ -20,13 +20,13 @@
 //! with a short `lock_timeout` so that it yields to applications rather
 //! than make them wait or deadlock): the rows of other sites' events, and
 //! of this site's events back round only those whose entity's version
-//! another site wrote before them (the rest need no look). An application writing one of those
-//! rows meanwhile either committed already (the sink sees its outbox row)
-//! or waits for the sink and commits later, with a later commit time. A
-//! write on a row that does not exist yet cannot be locked: if it races the
-//! sink, its event coming back round finds the row not as it wrote it while
-//! its write is the entity's newest, and writes it again — the sites
-//! converge, at the price of that extra write.
+//! another site wrote before them (the rest need no look). An application
+//! writing one of those rows meanwhile either committed already (the sink
+//! sees its outbox row) or waits for the sink and commits later, with a
+//! later commit time. A write on a row that does not exist yet cannot be
+//! locked: if it races the sink, its event coming back round finds the row
+//! not as it wrote it while its write is the entity's newest, and writes it
+//! again — the sites converge, at the price of that extra write.
 //!
 //! Last-writer-wins: an entity's version is `(timestamp, origin)` of the
 //! event that wrote it (`sitesync_versions`), or of this site's own write
@@ -919,10 +919,6 @@ const BATCH_SETTINGS: &str = "SET LOCAL sitesync.applying = 'on'; \
      SET LOCAL enable_hashjoin = off; \
      SET LOCAL enable_mergejoin = off";
 
-/// Locks the rows of the batch that exist (`FOR UPDATE`), waiting at most
-/// `lock_timeout` (see [`BATCH_SETTINGS`]) for an application holding one: then the sink yields (the
-/// batch is tried again a moment later) rather than make the application
-/// wait on it in turn, or deadlock with it.
 /// The rows a batch writes for other sites' events.
 fn applied_rows<'a>(items: &'a [Item<'a>]) -> Vec<(&'a Route, &'a MappedRow)> {
     items
@@ -934,6 +930,10 @@ fn applied_rows<'a>(items: &'a [Item<'a>]) -> Vec<(&'a Route, &'a MappedRow)> {
         .collect()
 }
 
+/// Locks those of `rows` that exist (`FOR UPDATE`), waiting at most
+/// `lock_timeout` (see [`BATCH_SETTINGS`]) for an application holding one:
+/// then the sink yields (the batch is tried again a moment later) rather
+/// than make the application wait on it in turn, or deadlock with it.
 async fn lock_rows(
     tx: &Transaction<'_>,
     p: &Prepared,
