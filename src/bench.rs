@@ -114,6 +114,9 @@ struct Sizes {
     rate: u64,
     bulk: u64,
     idle: u64,
+    /// How long each phase may wait for a quiet machine (none in a quick
+    /// run, which runs among the tests).
+    settle: Duration,
 }
 
 impl Sizes {
@@ -128,6 +131,7 @@ impl Sizes {
                 rate: 200,
                 bulk: 2_000,
                 idle: 2,
+                settle: Duration::ZERO,
             }
         } else {
             Sizes {
@@ -139,6 +143,7 @@ impl Sizes {
                 rate: 1_000,
                 bulk: 100_000,
                 idle: 10,
+                settle: Duration::from_secs(60),
             }
         };
         Sizes {
@@ -150,6 +155,7 @@ impl Sizes {
             rate: a.rate.unwrap_or(base.rate).max(1),
             bulk: a.bulk.unwrap_or(base.bulk),
             idle: base.idle,
+            settle: base.settle,
         }
     }
 }
@@ -482,10 +488,7 @@ impl Bench {
         cmd.args(args)
             .arg("--connector")
             .arg(&self.connectors[site])
-            .env(
-                "RUST_LOG",
-                std::env::var("SITESYNC_BENCH_LOG").unwrap_or_else(|_| "warn,lapin=off".into()),
-            );
+            .env("RUST_LOG", sidecar_log());
         let out = cmd
             .output()
             .await
@@ -510,10 +513,7 @@ impl Bench {
         let child = Command::new(exe)
             .args(["run", "--connector"])
             .arg(&self.connectors[site])
-            .env(
-                "RUST_LOG",
-                std::env::var("SITESYNC_BENCH_LOG").unwrap_or_else(|_| "warn,lapin=off".into()),
-            )
+            .env("RUST_LOG", sidecar_log())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err)
@@ -549,7 +549,7 @@ impl Bench {
                 .map_err(|e| format!("preloading: {e}"))?;
             first = last + 1;
         }
-        quiesce("source").await;
+        quiesce("source", sizes.settle).await;
         let cpu_before = self.cpu_by_part();
         let began = Instant::now();
         let paris_pid = self.spawn("PARIS")?;
@@ -621,7 +621,7 @@ impl Bench {
                     .map_err(|e| format!("{db}: {e}"))?;
             }
         }
-        quiesce("end to end").await;
+        quiesce("end to end", sizes.settle).await;
         let cpu_before = self.cpu_by_part();
         let (written, elapsed, held_pct) = self.e2e(&london, &madrid, sizes.seconds).await?;
         f.e2e_held_pct = held_pct;
@@ -635,7 +635,7 @@ impl Bench {
         f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
         f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
         self.purge_archive().await?;
-        quiesce("latency").await;
+        quiesce("latency", sizes.settle).await;
 
         say(format!(
             "latency: {} events/s offered at PARIS for {} s",
@@ -646,7 +646,7 @@ impl Bench {
             .await?;
         (f.e2e_p50_ms, f.e2e_p95_ms, f.e2e_p99_ms, f.e2e_max_ms) = (p50, p95, p99, max);
         self.purge_archive().await?;
-        quiesce("bulk").await;
+        quiesce("bulk", sizes.settle).await;
 
         say(format!(
             "bulk: one transaction of {} rows at PARIS",
@@ -715,7 +715,7 @@ impl Bench {
             body.len(),
             self.window
         ));
-        quiesce("raw publish").await;
+        quiesce("raw publish", sizes.settle).await;
         let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_publish(&conn, &body, sizes.raw).await?;
         let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw as i64);
@@ -726,7 +726,7 @@ impl Bench {
             "raw round trip, {when}: {} messages, consumed and acked from every site queue",
             sizes.raw_trip
         ));
-        quiesce("raw round trip").await;
+        quiesce("raw round trip", sizes.settle).await;
         let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_round_trip(&conn, &body, sizes.raw_trip).await?;
         let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw_trip as i64);
@@ -1209,15 +1209,15 @@ async fn hops_at(
             slow.push(hops);
         }
     }
-    let median = |hops: &mut Vec<(f64, f64)>| {
-        let mid = |v: &mut Vec<f64>| {
+    let median = |hops: &[(f64, f64)]| {
+        let mid = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
         };
-        let (mut a, mut b): (Vec<f64>, Vec<f64>) = hops.iter().copied().unzip();
-        (mid(&mut a), mid(&mut b))
+        let (a, b): (Vec<f64>, Vec<f64>) = hops.iter().copied().unzip();
+        (mid(a), mid(b))
     };
-    let ((a, b), (sa, sb)) = (median(&mut all), median(&mut slow));
+    let ((a, b), (sa, sb)) = (median(&all), median(&slow));
     Ok(format!(
         "latency at {site}: commit at PARIS to the sink's transaction start {a:.1} ms, to its commit {b:.1} ms (medians); \
          for its {} events at or above the p99: {sa:.1} ms and {sb:.1} ms",
@@ -1397,6 +1397,12 @@ fn render_cpu(phase: &str, parts: &[(String, f64)], elapsed: Duration) -> String
     out
 }
 
+/// The `RUST_LOG` of the sidecars and of the commands the bench runs:
+/// `SITESYNC_BENCH_LOG`, else warnings only.
+fn sidecar_log() -> String {
+    std::env::var("SITESYNC_BENCH_LOG").unwrap_or_else(|_| "warn,lapin=off".into())
+}
+
 /// The machine's busy and total CPU ticks so far (all cores, /proc/stat).
 fn machine_ticks() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
@@ -1414,17 +1420,19 @@ fn machine_ticks() -> Option<(u64, u64)> {
 }
 
 /// Waits until the machine is quiet (under a tenth of a core busy over
-/// half a second, a minute at most) before a phase starts, so that no
+/// half a second, `at_most`) before a phase starts, so that no
 /// phase pays for the last one's aftermath: the broker truncating the logs
 /// of purged queues, PostgreSQL's background writes, an autovacuum.
-async fn quiesce(phase: &str) {
+async fn quiesce(phase: &str, at_most: Duration) {
     const WINDOW: Duration = Duration::from_millis(500);
     const QUIET_CORES: f64 = 0.1;
-    const AT_MOST: Duration = Duration::from_secs(60);
+    if at_most.is_zero() {
+        return;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let began = Instant::now();
     let mut busy = f64::NAN;
-    while began.elapsed() < AT_MOST {
+    while began.elapsed() < at_most {
         let Some((b0, t0)) = machine_ticks() else {
             return;
         };
@@ -1444,7 +1452,7 @@ async fn quiesce(phase: &str) {
         }
     }
     say(format!(
-        "{phase}: the machine is still busy ({busy:.2} cores) after {AT_MOST:?}; going on"
+        "{phase}: the machine is still busy ({busy:.2} cores) after {at_most:?}; going on"
     ));
 }
 
