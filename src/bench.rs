@@ -573,8 +573,7 @@ impl Bench {
             ));
         }
         f.source_per_s = sizes.source as f64 / elapsed.as_secs_f64();
-        f.source_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.source as i64);
-        say(render_cpu("source", &f.source_cpu, elapsed));
+        f.source_cpu = self.cpu_since("source", &cpu_before, sizes.source as i64, elapsed);
         // LONDON and MADRID were not running: start them on empty queues.
         let conn = self.connect_broker("sitesync-bench").await?;
         for q in [
@@ -625,8 +624,7 @@ impl Bench {
         let cpu_before = self.cpu_by_part();
         let (written, elapsed, held_pct) = self.e2e(&london, &madrid, sizes.seconds).await?;
         f.e2e_held_pct = held_pct;
-        f.e2e_cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), written);
-        say(render_cpu("end to end", &f.e2e_cpu, elapsed));
+        f.e2e_cpu = self.cpu_since("end to end", &cpu_before, written, elapsed);
         if self.statements {
             for db in ["paris", "london"] {
                 say(top_statements(&connect(&self.url(db)).await?, db, written).await?);
@@ -718,8 +716,12 @@ impl Bench {
         quiesce("raw publish", sizes.settle).await;
         let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_publish(&conn, &body, sizes.raw).await?;
-        let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw as i64);
-        say(render_cpu("raw publish", &cpu, began.elapsed()));
+        self.cpu_since(
+            "raw publish",
+            &cpu_before,
+            sizes.raw as i64,
+            began.elapsed(),
+        );
         f.raw_publish_runs.push(rate);
         self.purge(&conn).await?;
         say(format!(
@@ -729,8 +731,12 @@ impl Bench {
         quiesce("raw round trip", sizes.settle).await;
         let (cpu_before, began) = (self.cpu_by_part(), Instant::now());
         let rate = self.raw_round_trip(&conn, &body, sizes.raw_trip).await?;
-        let cpu = cpu_delta(&cpu_before, &self.cpu_by_part(), sizes.raw_trip as i64);
-        say(render_cpu("raw round trip", &cpu, began.elapsed()));
+        self.cpu_since(
+            "raw round trip",
+            &cpu_before,
+            sizes.raw_trip as i64,
+            began.elapsed(),
+        );
         f.raw_trip_runs.push(rate);
         self.purge(&conn).await
     }
@@ -746,6 +752,20 @@ impl Bench {
         for (_, mut child) in self.sidecars.drain() {
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         }
+    }
+
+    /// The CPU per 1,000 events by part since `before` (a
+    /// [`Bench::cpu_by_part`] taken when the phase began), printed.
+    fn cpu_since(
+        &self,
+        phase: &str,
+        before: &BTreeMap<String, u64>,
+        events: i64,
+        elapsed: Duration,
+    ) -> Vec<(String, f64)> {
+        let parts = cpu_delta(before, &self.cpu_by_part(), events);
+        say(render_cpu(phase, &parts, elapsed));
+        parts
     }
 
     /// CPU ticks so far of every process taking part, by part: each
