@@ -290,23 +290,14 @@ async fn an_idle_sidecar_answers_keepalives_and_keeps_its_slot_moving() {
 async fn a_sidecar_whose_log_reader_is_gone_keeps_publishing_and_stops_on_sigterm() {
     let site = Site::start(Options::default()).await;
     let client = site.client().await;
-    let mut child = site.spawn_with_its_log_reader_gone();
+    let mut sidecar = site.spawn_with_its_log_reader_gone();
     insert_tx(&client, 10, "nolog").await;
     site.wait_checkpointed(10, Duration::from_secs(60)).await;
     // SAFETY: plain kill(2) on our own child.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(sidecar.pid(), libc::SIGTERM);
     }
-    let status = wait_for(
-        async || child.try_wait().expect("wait").is_some(),
-        Duration::from_secs(30),
-    )
-    .await;
-    if status.is_err() {
-        let _ = child.kill();
-        panic!("the sidecar did not stop within 30 s of SIGTERM");
-    }
-    let status = child.wait().expect("wait");
+    let status = sidecar.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status}");
     assert_eq!(site.stored().map(|ck| ck.next_seq), Some(11));
 }

@@ -240,19 +240,19 @@ impl Site {
     /// Starts `sitesync run` with its stdout and stderr a pipe whose reading
     /// end is closed at once (a log collector that went away): every log
     /// line it writes fails with EPIPE.
-    pub fn spawn_with_its_log_reader_gone(&self) -> Child {
-        let mut child = Command::new(binary())
-            .args(["run", "--connector"])
-            .arg(&self.connector)
-            .env("RUST_LOG", "info,sitesync=debug,lapin=off")
-            .stdin(Stdio::null())
+    pub fn spawn_with_its_log_reader_gone(&self) -> Sidecar {
+        let mut child = Sidecar::command(&self.connector)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn sitesync run");
         drop(child.stdout.take());
         drop(child.stderr.take());
-        child
+        Sidecar {
+            child: Some(child),
+            // Never written: its output goes nowhere.
+            log: self.dir.path().join("no-log"),
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -457,11 +457,7 @@ impl Sidecar {
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let log = dir.join(format!("sidecar-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary())
-            .args(["run", "--connector"])
-            .arg(connector)
-            .env("RUST_LOG", "info,sitesync=debug,lapin=off")
-            .stdin(Stdio::null())
+        let child = Sidecar::command(connector)
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -470,6 +466,16 @@ impl Sidecar {
             child: Some(child),
             log,
         }
+    }
+
+    /// `sitesync run` for `connector`, its output still to be given.
+    fn command(connector: &Path) -> Command {
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--connector"])
+            .arg(connector)
+            .env("RUST_LOG", "info,sitesync=debug,lapin=off")
+            .stdin(Stdio::null());
+        cmd
     }
 
     pub fn pid(&self) -> i32 {
