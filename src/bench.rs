@@ -1024,6 +1024,8 @@ impl Bench {
         );
         let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
             .map_err(|e| e.to_string())?;
+        // (commit at PARIS, latency), both in µs.
+        let mut latencies: Vec<(i64, i64)> = Vec::with_capacity(p.len());
         for (id, at_paris) in &p {
             let (Some(t0), Some(Some(t1)), Some(Some(t2))) =
                 (at_paris, l.get(id).copied(), m.get(id).copied())
@@ -1032,11 +1034,12 @@ impl Bench {
                     "no commit timestamp for row {id} (track_commit_timestamp is off?)"
                 ));
             };
-            let micros = (t1.max(t2) - t0).max(1) as u64;
-            hist.saturating_record(micros);
+            let micros = (t1.max(t2) - t0).max(1);
+            hist.saturating_record(micros as u64);
+            latencies.push((*t0, micros));
         }
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-        say(slowest_by_window(&p, &l, &m, ms(0.99)));
+        say(slowest_by_window(&latencies, ms(0.99)));
         say(hops_at(london, "LONDON", &p, &l, ms(0.99)).await?);
         Ok((ms(0.50), ms(0.95), ms(0.99), hist.max() as f64 / 1000.0))
     }
@@ -1157,25 +1160,15 @@ async fn write_rows(client: &Client, first: i64, count: i64) -> Result<(), Strin
 /// window of commits at PARIS, the slowest event and how many were at or
 /// above the p99 (spikes bunched in one window point at a pause, such as a
 /// vacuum or a checkpoint, rather than at the steady path).
-fn slowest_by_window(
-    paris: &HashMap<i64, Option<i64>>,
-    london: &HashMap<i64, Option<i64>>,
-    madrid: &HashMap<i64, Option<i64>>,
-    p99_ms: f64,
-) -> String {
+/// `latencies`: each event's commit at PARIS and its latency, in µs.
+fn slowest_by_window(latencies: &[(i64, i64)], p99_ms: f64) -> String {
     const WINDOW_US: i64 = 3_000_000;
-    let latencies: Vec<(i64, f64)> = paris
-        .iter()
-        .filter_map(|(id, t0)| {
-            let (t0, t1, t2) = ((*t0)?, (*london.get(id)?)?, (*madrid.get(id)?)?);
-            Some((t0, (t1.max(t2) - t0) as f64 / 1000.0))
-        })
-        .collect();
     let Some(start) = latencies.iter().map(|(t0, _)| *t0).min() else {
         return "latency: no events".into();
     };
     let mut windows: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
-    for (t0, ms) in latencies {
+    for &(t0, micros) in latencies {
+        let ms = micros as f64 / 1000.0;
         let w = windows.entry((t0 - start) / WINDOW_US).or_default();
         w.0 = w.0.max(ms);
         w.1 += usize::from(ms >= p99_ms);
