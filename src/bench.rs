@@ -60,7 +60,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -170,7 +170,11 @@ struct Figures {
     /// Before the sitesync phases and after them.
     raw_publish_runs: Vec<f64>,
     raw_trip_runs: Vec<f64>,
+    /// PARIS's sidecar with its sink off.
     source_per_s: f64,
+    /// Then its sink alone: the events back round, each deleting its
+    /// outbox row.
+    own_return_per_s: f64,
     e2e_per_s: f64,
     e2e_written_per_s: f64,
     /// The share of the writers' time spent held back by the backlog: near
@@ -239,7 +243,11 @@ struct Bench {
     dir: PathBuf,
     clusters: Vec<Cluster>,
     connectors: HashMap<&'static str, PathBuf>,
+    /// PARIS's connector with its sink off, for the source phase.
+    source_only: PathBuf,
     sidecars: HashMap<&'static str, Child>,
+    /// Each running sidecar's log file.
+    logs: HashMap<&'static str, PathBuf>,
     names: Names,
     declared: bool,
     window: usize,
@@ -281,7 +289,9 @@ impl Bench {
             token,
             clusters: Vec::new(),
             connectors: HashMap::new(),
+            source_only: PathBuf::new(),
             sidecars: HashMap::new(),
+            logs: HashMap::new(),
             names: Names {
                 exchange: format!("{t}.events"),
                 dlx: format!("{t}.dlx"),
@@ -475,7 +485,16 @@ impl Bench {
                 window = self.window,
                 ck = self.dir.join("checkpoints").join(&db).display(),
             );
-            std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+            std::fs::write(&file, &text).map_err(|e| format!("{}: {e}", file.display()))?;
+            if site == "PARIS" {
+                // The same connector (slot, checkpoint) without its sink.
+                let (head, _) = text.split_once("[sink]").expect("the text has a sink");
+                let source_only = self.dir.join("paris-source.toml");
+                let text = format!("name = \"{db}\"\n{head}[sink]\nenabled = false\n");
+                std::fs::write(&source_only, text)
+                    .map_err(|e| format!("{}: {e}", source_only.display()))?;
+                self.source_only = source_only;
+            }
             self.connectors.insert(site, file);
         }
         Ok(())
@@ -506,13 +525,23 @@ impl Bench {
     }
 
     fn spawn(&mut self, site: &'static str) -> Result<u32, String> {
+        let connector = self.connectors[site].clone();
+        self.spawn_with(site, &connector)
+    }
+
+    /// Starts `site`'s sidecar on `connector`.
+    fn spawn_with(&mut self, site: &'static str, connector: &Path) -> Result<u32, String> {
         let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
-        let log = self.dir.join(format!("{}.log", site.to_lowercase()));
+        let stem = connector
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(site);
+        let log = self.dir.join(format!("{stem}.log"));
         let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = file.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(exe)
             .args(["run", "--connector"])
-            .arg(&self.connectors[site])
+            .arg(connector)
             .env("RUST_LOG", sidecar_log())
             .stdin(Stdio::null())
             .stdout(file)
@@ -521,6 +550,7 @@ impl Bench {
             .map_err(|e| format!("starting the {site} sidecar: {e}"))?;
         let pid = child.id();
         self.sidecars.insert(site, child);
+        self.logs.insert(site, log);
         Ok(pid)
     }
 
@@ -552,18 +582,30 @@ impl Bench {
         quiesce("source", sizes.settle).await;
         let cpu_before = self.cpu_by_part();
         let began = Instant::now();
-        let paris_pid = self.spawn("PARIS")?;
+        // Its sink off, as the raw publish has no consumer: what the sink
+        // then does with the events back round is the next phase.
+        let source_only = self.source_only.clone();
+        let source_pid = self.spawn_with("PARIS", &source_only)?;
         let ck = self.dir.join("checkpoints").join("paris");
         let target = sizes.source + 1;
         let mut first_checkpoint = None;
-        poll_until(Duration::from_secs(900), "the PARIS checkpoint", || {
+        let deadline = began + Duration::from_secs(900);
+        loop {
             let next = read_live(&ck).map_or(0, |(_, c)| c.next_seq);
             if next > 1 && first_checkpoint.is_none() {
                 first_checkpoint = Some(began.elapsed());
             }
-            next >= target
-        })
-        .await?;
+            if next >= target {
+                break;
+            }
+            self.running("PARIS")?;
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the PARIS checkpoint: {next} of {target} after 15 minutes"
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
         let elapsed = began.elapsed();
         if let Some(first) = first_checkpoint {
             say(format!(
@@ -574,6 +616,42 @@ impl Bench {
         }
         f.source_per_s = sizes.source as f64 / elapsed.as_secs_f64();
         f.source_cpu = self.cpu_since("source", &cpu_before, sizes.source as i64, elapsed);
+        let source_peak = proc_status_kib(source_pid, "VmHWM:")? / 1024.0;
+        self.stop_sidecar("PARIS").await;
+
+        // The whole sidecar now: its sink takes the events back round from
+        // PARIS's queue, each deleting its outbox row.
+        say(format!(
+            "own events back round: PARIS's sink takes its {} events from its queue",
+            sizes.source
+        ));
+        quiesce("own events back round", sizes.settle).await;
+        let cpu_before = self.cpu_by_part();
+        let began = Instant::now();
+        let paris_pid = self.spawn("PARIS")?;
+        let deadline = began + Duration::from_secs(600);
+        loop {
+            let now = received(&paris).await?;
+            if now >= sizes.source as i64 {
+                break;
+            }
+            self.running("PARIS")?;
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "PARIS's events back round: {now} of {} after 10 minutes",
+                    sizes.source
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let elapsed = began.elapsed();
+        f.own_return_per_s = sizes.source as f64 / elapsed.as_secs_f64();
+        self.cpu_since(
+            "own events back round",
+            &cpu_before,
+            sizes.source as i64,
+            elapsed,
+        );
         // LONDON and MADRID were not running: start them on empty queues.
         let conn = self.connect_broker("sitesync-bench").await?;
         for q in [
@@ -677,7 +755,7 @@ impl Bench {
             "PARIS's outbox to empty",
         )
         .await?;
-        f.rss_mib_peak = proc_status_kib(paris_pid, "VmHWM:")? / 1024.0;
+        f.rss_mib_peak = source_peak.max(proc_status_kib(paris_pid, "VmHWM:")? / 1024.0);
         say(format!("idle: {} s", sizes.idle));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = proc_cpu_ticks(paris_pid)?;
@@ -739,6 +817,39 @@ impl Bench {
         );
         f.raw_trip_runs.push(rate);
         self.purge(&conn).await
+    }
+
+    /// An error with the end of its log when `site`'s sidecar has exited.
+    fn running(&mut self, site: &str) -> Result<(), String> {
+        let child = self
+            .sidecars
+            .get_mut(site)
+            .ok_or_else(|| format!("the {site} sidecar was not started"))?;
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                let log = self.logs.get(site).cloned().unwrap_or_default();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n  ");
+                Err(format!(
+                    "the {site} sidecar exited ({status}); the end of {}:\n  {tail}",
+                    log.display()
+                ))
+            }
+            Err(e) => Err(format!("the {site} sidecar: {e}")),
+        }
+    }
+
+    /// Stops one sidecar (SIGTERM: it drains and exits).
+    async fn stop_sidecar(&mut self, site: &str) {
+        if let Some(mut child) = self.sidecars.remove(site) {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
     }
 
     /// Stops the sidecars (SIGTERM: they drain and exit).
@@ -1231,10 +1342,12 @@ async fn hops_at(
         (mid(a), mid(b))
     };
     let ((a, b), (sa, sb)) = (median(&all), median(&slow));
+    let slow = match slow.len() {
+        0 => "none of its events was at or above the p99".to_string(),
+        n => format!("for its {n} events at or above the p99: {sa:.1} ms and {sb:.1} ms"),
+    };
     Ok(format!(
-        "latency at {site}: commit at PARIS to the sink's transaction start {a:.1} ms, to its commit {b:.1} ms (medians); \
-         for its {} events at or above the p99: {sa:.1} ms and {sb:.1} ms",
-        slow.len()
+        "latency at {site}: commit at PARIS to the sink's transaction start {a:.1} ms, to its commit {b:.1} ms (medians); {slow}"
     ))
 }
 
@@ -1298,21 +1411,6 @@ async fn wait_count(client: &Client, sql: &str, want: i64, what: &str) -> Result
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-async fn poll_until(
-    timeout: Duration,
-    what: &str,
-    mut done: impl FnMut() -> bool,
-) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        if Instant::now() > deadline {
-            return Err(format!("{what}: not reached within {timeout:?}"));
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    Ok(())
 }
 
 /// A `/proc/PID/status` field in KiB.
@@ -1498,7 +1596,8 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         "\nsitesync bench ({context})\n\
          {:<34}{:>10.0} msg/s  ({} messages, window {}, three site queues and the archive, quorum; {})\n\
          {:<34}{:>10.0} msg/s  ({} messages; {})\n\
-         {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8)\n\
+         {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8); the sink off\n\
+         {:<34}{:>10.0} ev/s   PARIS's sink taking them back from its queue\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
@@ -1515,6 +1614,8 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         format!("source ({} preloaded rows)", s.source),
         f.source_per_s,
         ratio(f.source_per_s, f.raw_publish_confirm_per_s),
+        "own events back round",
+        f.own_return_per_s,
         format!("end to end ({} s, {E2E_WRITERS} writers)", s.seconds),
         f.e2e_per_s,
         ratio(f.e2e_per_s, f.raw_round_trip_per_s),
@@ -1553,6 +1654,7 @@ fn json(f: &Figures) -> String {
         "raw_round_trip_runs": f.raw_trip_runs.iter().map(|r| round(*r, 0)).collect::<Vec<_>>(),
         "source_per_s": round(f.source_per_s, 0),
         "source_ratio": round(ratio(f.source_per_s, f.raw_publish_confirm_per_s), 3),
+        "own_return_per_s": round(f.own_return_per_s, 0),
         "e2e_per_s": round(f.e2e_per_s, 0),
         "e2e_ratio": round(ratio(f.e2e_per_s, f.raw_round_trip_per_s), 3),
         "e2e_writers_held_pct": round(f.e2e_held_pct, 1),

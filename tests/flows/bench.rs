@@ -15,6 +15,7 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
         "raw_publish_confirm_per_s",
         "raw_round_trip_per_s",
         "source_per_s",
+        "own_return_per_s",
         "e2e_per_s",
         "e2e_p50_ms",
         "e2e_p95_ms",
