@@ -451,9 +451,11 @@ async fn session<T: Target>(
             hold_until_next_retry(&mut pending, Instant::now(), false);
             continue;
         }
+        let applying = Instant::now();
         let outcomes = loop {
             match target.apply(&items).await {
                 Ok(outcomes) => {
+                    tracing::trace!(messages = items.len(), took = ?applying.elapsed(), "batch applied");
                     backoff.reset();
                     break outcomes;
                 }

@@ -407,11 +407,25 @@ impl PostgresTarget {
         items: &[Item<'_>],
     ) -> Result<Vec<Outcome>, TargetError> {
         let mut isolate = false;
+        let mut careful = false;
         let mut busy = 0u32;
         loop {
-            match self.attempt(client, shape, items, isolate).await {
+            match self.attempt(client, shape, items, isolate, careful).await {
                 Ok(outcomes) => return Ok(outcomes),
                 Err(Failed::Transient(e)) => return Err(e),
+                // A redelivery: its inbox row stopped the plain insert.
+                Err(Failed::Seen) if !careful => {
+                    tracing::debug!(
+                        "an event of the batch is in the inbox already: applying the batch again, looking for such events"
+                    );
+                    careful = true;
+                }
+                Err(Failed::Seen) => {
+                    return Err(TargetError {
+                        kind: ErrorKind::Transient,
+                        message: "the inbox refused an event it did not hold".to_string(),
+                    });
+                }
                 // Applications are writing the batch's rows: let them
                 // finish, then try again (a few times before the backoff).
                 Err(Failed::Busy) if busy < BUSY_RETRIES => {
@@ -443,14 +457,17 @@ impl PostgresTarget {
     }
 
     /// One try at the batch in one transaction; `isolate`: each message
-    /// under its own savepoint.
+    /// under its own savepoint; `careful`: events may be in the inbox
+    /// already (see [`insert_inbox`]).
     async fn attempt(
         &self,
         client: &mut Client,
         shape: &OutboxShape,
         items: &[Item<'_>],
         isolate: bool,
+        careful: bool,
     ) -> Result<Vec<Outcome>, Failed> {
+        let careful = careful || isolate;
         // READ COMMITTED whatever the database's default: every statement
         // sees what committed before it (see `delete_own`).
         let mut tx = client
@@ -495,7 +512,7 @@ impl PostgresTarget {
 
         // Inbox for own, skipped and dead-lettered events.
         let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();
-        let new = insert_inbox(&tx, &self.prepared, &refs).await?;
+        let new = insert_inbox(&tx, &self.prepared, &refs, careful).await?;
         let mut own_rows: Vec<(&Event, &MappedRow)> = Vec::new();
         let mut own_ids: Vec<Uuid> = Vec::new();
         for (i, ev, _) in &others {
@@ -548,7 +565,7 @@ impl PostgresTarget {
                     row,
                 )];
                 let applied = match locked {
-                    Ok(()) => self.apply_events(&sp, shape, &one).await,
+                    Ok(()) => self.apply_events(&sp, shape, &one, careful).await,
                     Err(e) => Err(e),
                 };
                 match keep_or_undo(sp, applied).await? {
@@ -574,7 +591,7 @@ impl PostgresTarget {
                     )
                 })
                 .collect();
-            let decided = self.apply_events(&tx, shape, &batch).await?;
+            let decided = self.apply_events(&tx, shape, &batch, careful).await?;
             for ((i, ..), o) in batch.iter().zip(decided) {
                 outcomes[*i] = o;
             }
@@ -592,12 +609,13 @@ impl PostgresTarget {
         tx: &C,
         shape: &OutboxShape,
         batch: &[(usize, &Event, &Route, &MappedRow)],
+        careful: bool,
     ) -> Result<Vec<Outcome>, Failed> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let refs: Vec<(&Event, &str)> = batch.iter().map(|(_, e, ..)| (*e, "applied")).collect();
-        let new = insert_inbox(tx, &self.prepared, &refs).await?;
+        let new = insert_inbox(tx, &self.prepared, &refs, careful).await?;
         let fresh: Vec<&(usize, &Event, &Route, &MappedRow)> = batch
             .iter()
             .filter(|(_, e, ..)| new.contains(&e.id))
@@ -669,7 +687,7 @@ impl PostgresTarget {
         // one round trip; the first error in order is the cause.
         let (written, versioned, recorded, marked) = tokio::join!(
             write_wave(tx, &self.prepared, &wave),
-            upsert_versions(tx, &self.prepared, &versions),
+            upsert_versions(tx, &self.prepared, &versions, &stored),
             insert_conflicts(tx, &self.prepared, &decided.conflicts),
             record_lost,
         );
@@ -761,7 +779,7 @@ impl PostgresTarget {
             .collect();
         // Before the versions move: the check compares with their xmin.
         let astray = rows_not_as_written(tx, &suspects).await?;
-        upsert_versions(tx, &self.prepared, &versions).await?;
+        upsert_versions(tx, &self.prepared, &versions, &before).await?;
         for (_, row) in &astray {
             tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
         }
@@ -979,6 +997,8 @@ enum Failed {
     Data(String),
     /// An application holds one of the batch's rows: try again in a moment.
     Busy,
+    /// The plain inbox insert met an event the inbox holds already.
+    Seen,
     Transient(TargetError),
 }
 
@@ -998,10 +1018,18 @@ impl Failed {
 
 /// Inserts inbox rows; returns the events that are new (or come back from
 /// the dead-letter queue).
+///
+/// Most batches hold no event seen before, and a plain INSERT costs the
+/// server much less than `ON CONFLICT` (speculative insertion: one more
+/// index probe and one more WAL record per row, which every walsender then
+/// decodes). So unless `careful`, the plain one runs and a redelivered event
+/// fails it with a unique violation ([`Failed::Seen`]): the batch is then
+/// applied again, carefully, the events the inbox holds found and skipped.
 async fn insert_inbox<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
     events: &[(&Event, &str)],
+    careful: bool,
 ) -> Result<HashSet<Uuid>, Failed> {
     if events.is_empty() {
         return Ok(HashSet::new());
@@ -1012,13 +1040,27 @@ async fn insert_inbox<C: GenericClient + Sync>(
     let epochs: Vec<i64> = events.iter().map(|(e, _)| e.epoch as i64).collect();
     let seqs: Vec<i64> = events.iter().map(|(e, _)| e.seq as i64).collect();
     let outcomes: Vec<&str> = events.iter().map(|(_, o)| *o).collect();
-    let rows = p.query(tx,
-            "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[]) \
-             ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, received_at = now(), applied_at = now() \
-             WHERE sitesync_inbox.outcome = 'dead_letter' \
-             RETURNING event_id",
-            &[&ids, &origins, &kinds, &epochs, &seqs, &outcomes],
+    const INSERT: &str = "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])";
+    let params: [&(dyn ToSql + Sync); 6] = [&ids, &origins, &kinds, &epochs, &seqs, &outcomes];
+    if !careful {
+        return match p.execute(tx, INSERT, &params).await {
+            Ok(_) => Ok(ids.into_iter().collect()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                Err(Failed::Seen)
+            }
+            Err(e) => Err(Failed::from_pg("writing the inbox", e)),
+        };
+    }
+    let rows = p
+        .query(
+            tx,
+            &format!(
+                "{INSERT} ON CONFLICT (event_id) DO UPDATE SET outcome = EXCLUDED.outcome, received_at = now(), applied_at = now() \
+                 WHERE sitesync_inbox.outcome = 'dead_letter' \
+                 RETURNING event_id"
+            ),
+            &params,
         )
         .await
         .map_err(|e| Failed::from_pg("writing the inbox", e))?;
@@ -1211,29 +1253,64 @@ async fn load_versions<C: GenericClient + Sync>(
         .collect())
 }
 
+/// Moves the entities' versions. `stored`: what this transaction read of
+/// them ([`load_versions`]). An entity without one gets a plain INSERT (a
+/// fraction of the cost of `ON CONFLICT`, see [`insert_inbox`]): the sink
+/// is the table's only writer, and should a second one have written it
+/// meanwhile, the unique violation fails the batch into one message at a
+/// time, where the lookup runs again.
 async fn upsert_versions<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
     versions: &[(Entity, Version, Uuid)],
+    stored: &HashMap<Entity, (Version, Uuid)>,
 ) -> Result<(), Failed> {
-    if versions.is_empty() {
-        return Ok(());
+    let (known, new): (Vec<_>, Vec<_>) = versions
+        .iter()
+        .partition(|(entity, ..)| stored.contains_key(entity));
+    if !new.is_empty() {
+        let (tables, keys, ts, origins, ids) = version_columns(&new);
+        p.execute(
+            tx,
+            "INSERT INTO sitesync_versions (entity, key, ts, origin, event_id) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[])",
+            &[&tables, &keys, &ts, &origins, &ids],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("writing entity versions", e))?;
     }
-    let tables: Vec<&str> = versions.iter().map(|(e, ..)| e.table.as_str()).collect();
-    let keys: Vec<&str> = versions.iter().map(|(e, ..)| e.key.as_str()).collect();
-    let ts: Vec<DateTime<Utc>> = versions.iter().map(|(_, v, _)| v.ts).collect();
-    let origins: Vec<&str> = versions.iter().map(|(_, v, _)| v.origin.as_str()).collect();
-    let ids: Vec<Uuid> = versions.iter().map(|(.., id)| *id).collect();
-    p.execute(tx,
-        "INSERT INTO sitesync_versions (entity, key, ts, origin, event_id) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[]) \
-         ON CONFLICT (entity, key) DO UPDATE SET ts = EXCLUDED.ts, origin = EXCLUDED.origin, event_id = EXCLUDED.event_id \
-         WHERE (EXCLUDED.ts, EXCLUDED.origin) > (sitesync_versions.ts, sitesync_versions.origin)",
-        &[&tables, &keys, &ts, &origins, &ids],
-    )
-    .await
-    .map_err(|e| Failed::from_pg("writing entity versions", e))?;
+    if !known.is_empty() {
+        let (tables, keys, ts, origins, ids) = version_columns(&known);
+        p.execute(
+            tx,
+            "UPDATE sitesync_versions v SET ts = w.ts, origin = w.origin, event_id = w.event_id \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::uuid[]) AS w(entity, key, ts, origin, event_id) \
+             WHERE v.entity = w.entity AND v.key = w.key AND (w.ts, w.origin) > (v.ts, v.origin)",
+            &[&tables, &keys, &ts, &origins, &ids],
+        )
+        .await
+        .map_err(|e| Failed::from_pg("writing entity versions", e))?;
+    }
     Ok(())
+}
+
+type VersionColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<DateTime<Utc>>,
+    Vec<&'a str>,
+    Vec<Uuid>,
+);
+
+/// Entity versions as the columns of an `unnest`.
+fn version_columns<'a>(versions: &[&'a (Entity, Version, Uuid)]) -> VersionColumns<'a> {
+    (
+        versions.iter().map(|(e, ..)| e.table.as_str()).collect(),
+        versions.iter().map(|(e, ..)| e.key.as_str()).collect(),
+        versions.iter().map(|(_, v, _)| v.ts).collect(),
+        versions.iter().map(|(_, v, _)| v.origin.as_str()).collect(),
+        versions.iter().map(|(.., id)| *id).collect(),
+    )
 }
 
 async fn insert_conflicts<C: GenericClient + Sync>(

@@ -490,3 +490,94 @@ async fn an_outbox_row_whose_event_came_back_is_swept_even_if_its_deletion_was_m
         )
         .await;
 }
+
+/// Invariant 3 on the sink's fast path: a batch first writes its inbox rows
+/// with a plain INSERT, which an event the inbox holds already fails; the
+/// batch is then applied again, looking for such events. Here the copy of
+/// an applied event carries newer data under the same id, so applied twice
+/// it would win: it is skipped, and the new event beside it is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_event_is_skipped_by_its_inbox_row_and_the_rest_of_its_batch_applies() {
+    let mesh = Mesh::start(MeshOptions {
+        sites: vec!["PARIS", "LONDON"],
+        ..MeshOptions::default()
+    })
+    .await;
+    let paris = mesh.client("PARIS").await;
+    let london = mesh.client("LONDON").await;
+    let mut sidecars = mesh.spawn_all();
+    let (first, _) = upsert(&paris, "PARIS", 1, 1).await;
+    mesh.wait_inbox("LONDON", 1, Duration::from_secs(60)).await;
+
+    // The event as published, from the archive queue; LONDON stopped so
+    // that the copy and the next event wait in its queue together.
+    let published = rabbit::drain(
+        &mesh.amqp_url,
+        &mesh.names.archive,
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .pop()
+    .expect("the archive queue holds the event");
+    let mut body: serde_json::Value = serde_json::from_slice(&published.data).unwrap();
+    assert_eq!(body["id"], first.to_string());
+    body["timestamp"] =
+        serde_json::json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    body["data"]["n"] = serde_json::json!(99);
+    let mut london_sidecar = sidecars.remove("LONDON").unwrap();
+    london_sidecar.terminate().await;
+    let queue = mesh.names.site("LONDON");
+    let conn = rabbit::connect(&mesh.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(&body).unwrap(),
+        published.properties.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    upsert(&paris, "PARIS", 2, 2).await;
+    crate::support::wait_for(
+        async || mesh.queue_len(&queue).await == 2,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the copy and the new event wait in LONDON's queue");
+
+    let london_sidecar = mesh.spawn("LONDON");
+    mesh.wait_inbox("LONDON", 2, Duration::from_secs(60)).await;
+    crate::support::wait_for(
+        async || mesh.queue_len(&queue).await == 0,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("LONDON acked both");
+    let items = mesh.items("LONDON").await;
+    assert_eq!(
+        items.iter().map(|(id, n, _)| (*id, *n)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 2)],
+        "the copy was not applied, the new event was"
+    );
+    let applied: i64 = london
+        .query_one(
+            "SELECT count(*) FROM item_log WHERE by_sink AND id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1, "event {first} applied once");
+    london_sidecar
+        .wait_log("in the inbox already", Duration::from_secs(10))
+        .await;
+    assert!(
+        !london_sidecar.log_text().contains("one message at a time"),
+        "the batch was applied again whole, not message by message:\n{}",
+        london_sidecar.log_tail()
+    );
+}
