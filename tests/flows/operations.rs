@@ -252,6 +252,38 @@ async fn init_and_declare_are_idempotent_and_check_says_what_to_fix() {
     let site = Site::start(Options::default()).await;
     let again = site.ok(&["init"]).await;
     assert_eq!(again.matches("already there").count(), 3, "{again}");
+    assert!(
+        again.contains("function public.sitesync_uuid7: ready"),
+        "{again}"
+    );
+    // The outbox's ids are UUIDs of version 7: the time in their first 48
+    // bits, so that they grow in the order the rows are written.
+    let db = site.client().await;
+    let mut last = 0i64;
+    for _ in 0..5 {
+        let row = db
+            .query_one(
+                "INSERT INTO outbox (type, data) VALUES ('t.upsert', '{}') \
+                 RETURNING id::text, floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (id, now_ms): (String, i64) = (row.get(0), row.get(1));
+        let hex: String = id.chars().filter(|c| *c != '-').collect();
+        assert_eq!(&hex[12..13], "7", "version 7: {id}");
+        assert!(
+            matches!(&hex[16..17], "8" | "9" | "a" | "b"),
+            "the RFC 9562 variant: {id}"
+        );
+        let ms = i64::from_str_radix(&hex[..12], 16).unwrap();
+        assert!(
+            (0..1000).contains(&(now_ms - ms)) && ms >= last,
+            "time {ms} in {id}, written at {now_ms}, after {last}"
+        );
+        last = ms;
+    }
+    db.batch_execute("DELETE FROM outbox").await.unwrap();
     let check = site.ok(&["check"]).await;
     assert!(!check.contains("[FAIL]"), "{check}");
     for name in [
