@@ -747,6 +747,15 @@ impl PostgresTarget {
             }
         }
         let mut suspects: Vec<(&Route, &MappedRow)> = Vec::new();
+        // Candidates with a later write of this site still in the outbox:
+        // that write's return decides. Their version stays the other
+        // site's meanwhile, so that it is a candidate too, with the row and
+        // the version still written by one sink transaction (the check
+        // compares their xmin). Moved to this event, it would make the
+        // later write look safe: two local DELETEs that both found no row
+        // while the sink inserted one left the row in place for good. A
+        // remote event arriving meanwhile still loses to the pending write.
+        let mut deferred: HashSet<&Entity> = HashSet::new();
         if !candidates.is_empty() {
             let rows: Vec<(&Route, &MappedRow)> = candidates
                 .iter()
@@ -759,13 +768,16 @@ impl PostgresTarget {
                 let superseded_locally = pending
                     .get(*entity)
                     .is_some_and(|writes| writes.iter().any(|w| w.version > *version));
-                if !superseded_locally {
+                if superseded_locally {
+                    deferred.insert(*entity);
+                } else {
                     suspects.push((*route, *row));
                 }
             }
         }
         let versions: Vec<(Entity, Version, Uuid)> = newest
             .values()
+            .filter(|(_, row)| !deferred.contains(&row.entity))
             .map(|(ev, row)| {
                 (
                     row.entity.clone(),

@@ -305,6 +305,60 @@ async fn a_local_delete_that_lost_a_race_with_the_sink_is_applied_again_when_its
     assert_eq!(by_sink, 1, "the sink deleted the row at PARIS");
 }
 
+/// Two local deletes at PARIS that both found no row (the sink was
+/// inserting LONDON's). The first comes back round while the second is in
+/// the outbox: that one decides, so the first must leave the entity's
+/// version to LONDON; had it moved the version to PARIS, the second would
+/// seem safe on its return and the row would stay at PARIS for good.
+#[tokio::test]
+async fn two_local_deletes_that_lost_a_race_with_the_sink_win_when_the_first_comes_back_before_the_second()
+ {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let _sidecars = mesh.spawn_all();
+    let (london, paris) = (mesh.client("LONDON").await, mesh.client("PARIS").await);
+    upsert(&london, "LONDON", 1, 10).await;
+    let settled = |paris: u32, others: u32| {
+        BTreeMap::from([
+            ("PARIS", i64::from(paris)),
+            ("LONDON", i64::from(others)),
+            ("MADRID", i64::from(paris + others)),
+        ])
+    };
+    mesh.wait_settled(&settled(1, 0), Duration::from_secs(60))
+        .await;
+    // An application holds PARIS's row: the sink's batch with the first
+    // delete back round waits on it (and tries again) until it lets go.
+    let mut holder = mesh.client("PARIS").await;
+    let hold = holder.transaction().await.unwrap();
+    hold.execute("SELECT 1 FROM item WHERE id = 1 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let delete = "INSERT INTO outbox (type, entity_key, data) VALUES ('item.delete', '1', jsonb_build_object('id', 1))";
+    paris.execute(delete, &[]).await.unwrap();
+    crate::support::wait_for(
+        async || {
+            paris
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the sink's batch waits on the held row");
+    paris.execute(delete, &[]).await.unwrap();
+    hold.rollback().await.unwrap();
+    mesh.wait_settled(&settled(1, 2), Duration::from_secs(60))
+        .await;
+    let rows = mesh.assert_converged().await;
+    assert!(rows.is_empty(), "the deletes won everywhere: {rows:?}");
+}
+
 /// The README's first set-up command: `sitesync demo` runs three sites on
 /// private clusters, writes everywhere with a conflict, and exits 0 only
 /// when the sites converged, leaving no queue behind.
