@@ -251,6 +251,32 @@ async fn invariant_5_no_loops_the_sink_marks_its_transactions_and_events_come_ba
     }
 }
 
+/// Events in each site's inbox once things settle: `paris` of PARIS's
+/// and `others` of LONDON's (MADRID gets both).
+fn settled(paris: u32, others: u32) -> BTreeMap<&'static str, i64> {
+    BTreeMap::from([
+        ("PARIS", i64::from(paris)),
+        ("LONDON", i64::from(others)),
+        ("MADRID", i64::from(paris + others)),
+    ])
+}
+
+/// Three sites running, with LONDON's row 1 applied everywhere; PARIS's
+/// client.
+async fn londons_row_at_paris() -> (
+    Mesh,
+    BTreeMap<&'static str, crate::support::sidecar::Sidecar>,
+    tokio_postgres::Client,
+) {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let sidecars = mesh.spawn_all();
+    let (london, paris) = (mesh.client("LONDON").await, mesh.client("PARIS").await);
+    upsert(&london, "LONDON", 1, 10).await;
+    mesh.wait_settled(&settled(1, 0), Duration::from_secs(60))
+        .await;
+    (mesh, sidecars, paris)
+}
+
 /// The race on a new key, made deterministic: an application DELETE at
 /// PARIS that found no row while the sink was inserting one from LONDON's
 /// event. PARIS's delete is the newer write and wins at LONDON and MADRID;
@@ -261,19 +287,7 @@ async fn invariant_5_no_loops_the_sink_marks_its_transactions_and_events_come_ba
 #[tokio::test]
 async fn a_local_delete_that_lost_a_race_with_the_sink_is_applied_again_when_its_event_comes_back()
 {
-    let mesh = Mesh::start(MeshOptions::default()).await;
-    let _sidecars = mesh.spawn_all();
-    let (london, paris) = (mesh.client("LONDON").await, mesh.client("PARIS").await);
-    upsert(&london, "LONDON", 1, 10).await;
-    let settled = |paris: u32, others: u32| {
-        BTreeMap::from([
-            ("PARIS", i64::from(paris)),
-            ("LONDON", i64::from(others)),
-            ("MADRID", i64::from(paris + others)),
-        ])
-    };
-    mesh.wait_settled(&settled(1, 0), Duration::from_secs(60))
-        .await;
+    let (mesh, _sidecars, paris) = londons_row_at_paris().await;
     assert_eq!(mesh.items("PARIS").await.len(), 1, "LONDON's row at PARIS");
     // The delete's outbox row, as the application wrote it: its DELETE
     // statement saw no row to delete.
@@ -313,19 +327,7 @@ async fn a_local_delete_that_lost_a_race_with_the_sink_is_applied_again_when_its
 #[tokio::test]
 async fn two_local_deletes_that_lost_a_race_with_the_sink_win_when_the_first_comes_back_before_the_second()
  {
-    let mesh = Mesh::start(MeshOptions::default()).await;
-    let _sidecars = mesh.spawn_all();
-    let (london, paris) = (mesh.client("LONDON").await, mesh.client("PARIS").await);
-    upsert(&london, "LONDON", 1, 10).await;
-    let settled = |paris: u32, others: u32| {
-        BTreeMap::from([
-            ("PARIS", i64::from(paris)),
-            ("LONDON", i64::from(others)),
-            ("MADRID", i64::from(paris + others)),
-        ])
-    };
-    mesh.wait_settled(&settled(1, 0), Duration::from_secs(60))
-        .await;
+    let (mesh, _sidecars, paris) = londons_row_at_paris().await;
     // An application holds PARIS's row: the sink's batch with the first
     // delete back round waits on it (and tries again) until it lets go.
     let mut holder = mesh.client("PARIS").await;
