@@ -589,23 +589,16 @@ impl Bench {
         let ck = self.dir.join("checkpoints").join("paris");
         let target = sizes.source + 1;
         let mut first_checkpoint = None;
-        let deadline = began + Duration::from_secs(900);
-        loop {
+        self.poll_while_running("PARIS", Duration::from_secs(900), async || {
             let next = read_live(&ck).map_or(0, |(_, c)| c.next_seq);
             if next > 1 && first_checkpoint.is_none() {
                 first_checkpoint = Some(began.elapsed());
             }
-            if next >= target {
-                break;
-            }
-            self.running("PARIS")?;
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the PARIS checkpoint: {next} of {target} after 15 minutes"
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+            Ok((next >= target)
+                .then_some(())
+                .ok_or(format!("the PARIS checkpoint: {next} of {target}")))
+        })
+        .await?;
         let elapsed = began.elapsed();
         if let Some(first) = first_checkpoint {
             say(format!(
@@ -629,21 +622,14 @@ impl Bench {
         let cpu_before = self.cpu_by_part();
         let began = Instant::now();
         let paris_pid = self.spawn("PARIS")?;
-        let deadline = began + Duration::from_secs(600);
-        loop {
+        self.poll_while_running("PARIS", Duration::from_secs(600), async || {
             let now = received(&paris).await?;
-            if now >= sizes.source as i64 {
-                break;
-            }
-            self.running("PARIS")?;
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "PARIS's events back round: {now} of {} after 10 minutes",
-                    sizes.source
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        }
+            Ok((now >= sizes.source as i64).then_some(()).ok_or(format!(
+                "PARIS's events back round: {now} of {}",
+                sizes.source
+            )))
+        })
+        .await?;
         let elapsed = began.elapsed();
         f.own_return_per_s = sizes.source as f64 / elapsed.as_secs_f64();
         self.cpu_since(
@@ -817,6 +803,29 @@ impl Bench {
         );
         f.raw_trip_runs.push(rate);
         self.purge(&conn).await
+    }
+
+    /// Polls `done` until it is `Ok(Ok(()))`, while `site`'s sidecar runs,
+    /// for at most `timeout`; `Ok(Err(seen))` says how far it got (for the
+    /// error when time is up).
+    async fn poll_while_running(
+        &mut self,
+        site: &str,
+        timeout: Duration,
+        mut done: impl AsyncFnMut() -> Result<Result<(), String>, String>,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = match done().await? {
+                Ok(()) => return Ok(()),
+                Err(seen) => seen,
+            };
+            self.running(site)?;
+            if Instant::now() > deadline {
+                return Err(format!("{seen} after {} s", timeout.as_secs()));
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// An error with the end of its log when `site`'s sidecar has exited.
