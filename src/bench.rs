@@ -253,6 +253,9 @@ struct Bench {
     window: usize,
     statements: bool,
     context: String,
+    /// The backends of the end-to-end writers at PARIS: the application's
+    /// own transactions, told apart from the sink's in the CPU tables.
+    writer_backends: Vec<u32>,
 }
 
 /// The bench's broker names.
@@ -303,6 +306,7 @@ impl Bench {
             window: args.window as usize,
             statements: args.statements,
             context: String::new(),
+            writer_backends: Vec::new(),
         })
     }
 
@@ -684,11 +688,27 @@ impl Bench {
                     .map_err(|e| format!("{db}: {e}"))?;
             }
         }
+        // The writers' connections stay open until the CPU is read: a
+        // backend that has exited is in no part's ticks.
+        let mut writers = Vec::new();
+        self.writer_backends.clear();
+        for _ in 0..E2E_WRITERS {
+            let client = connect(&self.url("paris")).await?;
+            let pid: i32 = client
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .map_err(|e| format!("PARIS: {e}"))?
+                .get(0);
+            self.writer_backends.push(pid as u32);
+            writers.push(Arc::new(client));
+        }
         quiesce("end to end", sizes.settle).await;
         let cpu_before = self.cpu_by_part();
-        let (written, elapsed, held_pct) = self.e2e(&london, &madrid, sizes.seconds).await?;
+        let (written, elapsed, held_pct) =
+            self.e2e(&london, &madrid, &writers, sizes.seconds).await?;
         f.e2e_held_pct = held_pct;
         f.e2e_cpu = self.cpu_since("end to end", &cpu_before, written, elapsed);
+        drop(writers);
         if self.statements {
             for db in ["paris", "london"] {
                 say(top_statements(&connect(&self.url(db)).await?, db, written).await?);
@@ -883,8 +903,13 @@ impl Bench {
         events: i64,
         elapsed: Duration,
     ) -> Vec<(String, f64)> {
-        let parts = cpu_delta(before, &self.cpu_by_part(), events);
-        say(render_cpu(phase, &parts, elapsed));
+        let after = self.cpu_by_part();
+        let mut parts = cpu_delta(before, &after, events);
+        let machine = parts
+            .iter()
+            .position(|(part, _)| part == MACHINE)
+            .map(|i| parts.remove(i).1);
+        say(render_cpu(phase, &parts, machine, events, elapsed));
         parts
     }
 
@@ -919,6 +944,9 @@ impl Bench {
                         .ok()
                         .and_then(|cwd| self.clusters.iter().find(|c| cwd.starts_with(c.data())))
                         .map(|c| {
+                            if self.writer_backends.contains(&pid) {
+                                return format!("postgres {} writers' backends", c.site);
+                            }
                             let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
                                 .unwrap_or_default();
                             format!("postgres {} {}", c.site, pg_process_kind(&cmd))
@@ -928,6 +956,9 @@ impl Bench {
             if let (Some(part), Ok(ticks)) = (part, proc_cpu_ticks(pid)) {
                 *parts.entry(part).or_insert(0) += ticks;
             }
+        }
+        if let Some((busy, _)) = machine_ticks() {
+            parts.insert(MACHINE.to_string(), busy);
         }
         parts
     }
@@ -1034,6 +1065,7 @@ impl Bench {
         &self,
         london: &Client,
         madrid: &Client,
+        writers: &[Arc<Client>],
         seconds: u64,
     ) -> Result<(i64, Duration, f64), String> {
         const PER_TX: i64 = 10;
@@ -1042,11 +1074,11 @@ impl Bench {
         let applied = Arc::new(AtomicU64::new(0));
         let began = Instant::now();
         let until = began + Duration::from_secs(seconds);
-        let mut writers = Vec::new();
-        for _ in 0..E2E_WRITERS {
-            let client = connect(&self.url("paris")).await?;
+        let mut tasks = Vec::new();
+        for client in writers {
+            let client = client.clone();
             let (next, applied) = (next.clone(), applied.clone());
-            writers.push(tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 let mut written = 0i64;
                 let mut held = Duration::ZERO;
                 while Instant::now() < until {
@@ -1072,7 +1104,7 @@ impl Bench {
         }
         let mut written = 0;
         let mut held = Duration::ZERO;
-        for w in writers {
+        for w in tasks {
             let (n, h) = w.await.map_err(|e| e.to_string())??;
             written += n;
             held += h;
@@ -1502,12 +1534,33 @@ fn cpu_delta(
     parts
 }
 
-fn render_cpu(phase: &str, parts: &[(String, f64)], elapsed: Duration) -> String {
+/// The key of [`Bench::cpu_by_part`]'s snapshot that holds the whole
+/// machine's busy ticks (every process, the kernel's own work included).
+const MACHINE: &str = "(the machine)";
+
+/// `machine`: the whole machine's busy CPU per 1,000 events, when known.
+fn render_cpu(
+    phase: &str,
+    parts: &[(String, f64)],
+    machine: Option<f64>,
+    events: i64,
+    elapsed: Duration,
+) -> String {
     let total: f64 = parts.iter().map(|(_, ms)| ms).sum();
     let mut out = format!(
         "{phase}: CPU per 1,000 events, by part ({total:.0} ms in all; {:.1} s of wall time):",
         elapsed.as_secs_f64()
     );
+    if let Some(machine) = machine {
+        // Busy cores on average: CPU ms per event times events per ms.
+        let cores = machine / 1000.0 * events as f64 / elapsed.as_secs_f64().max(1e-9) / 1000.0;
+        let of = std::thread::available_parallelism().map_or(1, |n| n.get());
+        out.push_str(&format!(
+            "\n  the machine: {cores:.2} of {of} cores busy on average, {machine:.0} ms per 1,000 events \
+             ({:.0} ms outside the parts below: other processes, the kernel's own work)",
+            (machine - total).max(0.0)
+        ));
+    }
     for (part, ms) in parts {
         out.push_str(&format!(
             "\n  {part:<32} {ms:>7.0} ms  {:>4.0} %",
@@ -1715,5 +1768,29 @@ mod tests {
         ] {
             assert!(v[key].is_number(), "{key}");
         }
+    }
+
+    #[test]
+    fn the_cpu_table_says_how_busy_the_machine_was_and_what_the_parts_leave_out() {
+        let parts = vec![
+            ("rabbitmq".to_string(), 100.0),
+            ("sitesync PARIS".to_string(), 25.0),
+        ];
+        // 250 ms per 1,000 events at 7,000 events/s: 1.75 cores.
+        let text = render_cpu(
+            "end to end",
+            &parts,
+            Some(250.0),
+            70_000,
+            Duration::from_secs(10),
+        );
+        assert!(text.contains("125 ms in all"), "{text}");
+        assert!(text.contains("1.75 of"), "{text}");
+        assert!(
+            text.contains("250 ms per 1,000 events (125 ms outside"),
+            "{text}"
+        );
+        let without = render_cpu("end to end", &parts, None, 70_000, Duration::from_secs(10));
+        assert!(!without.contains("the machine"), "{without}");
     }
 }
