@@ -247,6 +247,63 @@ async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
     assert!(sidecar.log_text().contains("streaming"));
 }
 
+/// The checkpoint verifies the topology only for events: with LONDON's
+/// queue deleted, a change outside the outbox still moves the checkpoint
+/// (the database may release its log), and the next event does not.
+#[tokio::test]
+async fn the_log_position_moves_without_a_topology_check_but_an_event_waits_for_one() {
+    let site = Site::start(Options {
+        // No periodic check: only the checkpoint cycles verify.
+        topology_check_interval_ms: 3_600_000,
+        ..Options::default()
+    })
+    .await;
+    let london = site.names.site("LONDON");
+    let sidecar = site.spawn();
+    let client = site.client().await;
+    insert_tx(&client, 10, "before").await;
+    site.wait_checkpointed(10, Duration::from_secs(30)).await;
+    let before = site.live().expect("checkpointed");
+
+    let conn = rabbit::connect(&site.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(london.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    // A transaction that publishes nothing: the stream's position moves
+    // past it, and so does the checkpoint, with no event numbered.
+    client
+        .batch_execute("CREATE TABLE elsewhere (n int); INSERT INTO elsewhere VALUES (1)")
+        .await
+        .unwrap();
+    crate::support::wait_for(
+        async || site.live().is_some_and(|ck| ck.resume != before.resume),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the checkpoint did not move past the change: {e}\n{}",
+            sidecar.log_tail()
+        )
+    });
+    assert_eq!(site.live().unwrap().next_seq, before.next_seq);
+    assert!(
+        !sidecar.log_text().contains(&format!("queue {london}")),
+        "verified for a position alone: {}",
+        sidecar.log_tail()
+    );
+
+    // An event is verified before it is checkpointed: the queue is missing.
+    insert_tx(&client, 1, "after").await;
+    sidecar
+        .wait_log(&format!("queue {london}"), Duration::from_secs(30))
+        .await;
+    assert_eq!(site.live().unwrap().next_seq, before.next_seq);
+}
+
 #[tokio::test]
 async fn an_unreachable_first_broker_address_fails_over_to_the_next() {
     let site = Site::start(Options {

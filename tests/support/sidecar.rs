@@ -118,6 +118,9 @@ pub struct Options {
     pub broker_extra: String,
     /// Verify bindings through the management API (shared broker only).
     pub management: bool,
+    /// `broker.topology_check_interval_ms`: how often an idle sidecar
+    /// verifies the topology.
+    pub topology_check_interval_ms: u64,
 }
 
 impl Default for Options {
@@ -130,6 +133,7 @@ impl Default for Options {
             dead_broker_first: false,
             broker_extra: String::new(),
             management: true,
+            topology_check_interval_ms: 500,
         }
     }
 }
@@ -183,11 +187,12 @@ impl Site {
         std::fs::write(
             &connector,
             format!(
-                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = 500\n{}\n\n[checkpoint]\n# A short interval keeps the duplicates a crash re-sends within the\n# bounds the crash tests assert (window + one interval of confirms).\ninterval_ms = 20\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n# These tests look at every queue, PARIS's too: no sink.\n[sink]\nenabled = false\n",
+                "site = \"PARIS\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n{}\n\n[broker]\n{management}urls = [{urls}]\ntopology = \"{}\"\npublisher_window = {}\ntopology_check_interval_ms = {}\n{}\n\n[checkpoint]\n# A short interval keeps the duplicates a crash re-sends within the\n# bounds the crash tests assert (window + one interval of confirms).\ninterval_ms = 20\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n# These tests look at every queue, PARIS's too: no sink.\n[sink]\nenabled = false\n",
                 pg.url("paris"),
                 opts.database_extra,
                 topology.display(),
                 opts.window,
+                opts.topology_check_interval_ms,
                 opts.broker_extra,
                 checkpoints.join("paris").display()
             ),
