@@ -192,6 +192,16 @@ async fn an_unroutable_publish_is_a_failure_not_a_delivery() {
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// Deletes `queue` on the site's broker, the fault a test injects.
+async fn delete_queue(site: &Site, queue: &str) {
+    let conn = rabbit::connect(&site.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
 #[tokio::test]
 async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
     let site = Site::start(Options::default()).await;
@@ -207,12 +217,7 @@ async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
     site.wait_queue(&london, 500, Duration::from_secs(60)).await;
     site.wait_checkpointed(500, Duration::from_secs(30)).await;
 
-    let conn = rabbit::connect(&site.amqp_url).await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(london.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "done".into()).await;
+    delete_queue(&site, &london).await;
 
     let mut after = HashSet::new();
     for t in 0..10 {
@@ -265,12 +270,7 @@ async fn the_log_position_moves_without_a_topology_check_but_an_event_waits_for_
     site.wait_checkpointed(10, Duration::from_secs(30)).await;
     let before = site.live().expect("checkpointed");
 
-    let conn = rabbit::connect(&site.amqp_url).await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(london.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "done".into()).await;
+    delete_queue(&site, &london).await;
 
     // A transaction that publishes nothing: the stream's position moves
     // past it, and so does the checkpoint, with no event numbered.
