@@ -873,22 +873,15 @@ impl Bench {
     /// Stops one sidecar (SIGTERM: it drains and exits).
     async fn stop_sidecar(&mut self, site: &str) {
         if let Some(mut child) = self.sidecars.remove(site) {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            terminate(&child);
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         }
     }
 
     /// Stops the sidecars (SIGTERM: they drain and exit).
     async fn stop_sidecars(&mut self) {
-        for (_, child) in self.sidecars.iter_mut() {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-        }
+        // All told first, so that they drain side by side.
+        self.sidecars.values().for_each(terminate);
         for (_, mut child) in self.sidecars.drain() {
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         }
@@ -1451,6 +1444,14 @@ async fn wait_count(client: &Client, sql: &str, want: i64, what: &str) -> Result
             ));
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sends SIGTERM to a sidecar: it drains and exits.
+fn terminate(child: &Child) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
     }
 }
 
