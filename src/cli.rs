@@ -84,51 +84,12 @@ enum Command {
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
     )]
-    Demo(DemoArgs),
+    Demo(crate::lab::demo::DemoArgs),
     /// Throughput, latency, bulk and memory against RabbitMQ's own ceiling, measured in one run on private PostgreSQL and the local broker. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  cargo run --release -- bench\n  sitesync bench --json\n  sitesync bench --quick --json"
     )]
-    Bench(crate::bench::BenchArgs),
-}
-
-/// The broker of `sitesync demo` and `sitesync bench`.
-#[derive(Args, Debug, Clone)]
-pub struct BrokerArgs {
-    /// The RabbitMQ broker the three sites share (the command declares and deletes queues of its own there).
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "SITESYNC_BROKER_URL",
-        hide_env_values = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub broker: String,
-    /// RabbitMQ's management API, to verify bindings as the shipped connectors do (left out, with a note, when it does not answer).
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:15672")]
-    pub management_url: String,
-    /// Do not use the management API.
-    #[arg(long, conflicts_with = "management_url")]
-    pub no_management: bool,
-}
-
-/// Options of `sitesync demo`.
-#[derive(Args, Debug, Clone)]
-pub struct DemoArgs {
-    #[command(flatten)]
-    pub rabbit: BrokerArgs,
-    /// Use this database for PARIS instead of a private cluster (wal_level=logical; the demo creates its tables there and drops them at the end).
-    #[arg(long, value_name = "URL")]
-    pub paris_url: Option<String>,
-    /// Use this database for LONDON instead of a private cluster.
-    #[arg(long, value_name = "URL")]
-    pub london_url: Option<String>,
-    /// Use this database for MADRID instead of a private cluster.
-    #[arg(long, value_name = "URL")]
-    pub madrid_url: Option<String>,
-    /// How long the writes and the sync may take, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 45)]
-    pub timeout: u64,
+    Bench(crate::lab::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -391,8 +352,8 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let cfg = ConnectorConfig::load(&connector.connector)?;
             dlq_requeue(&cfg, which).await
         }
-        Command::Demo(args) => crate::demo::run(args).await.map_err(fail),
-        Command::Bench(args) => crate::bench::run(args).await.map_err(fail),
+        Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
+        Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
         Command::Checkpoint(CheckpointCommand::Reset {
             connector,
             target,

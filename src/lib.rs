@@ -38,13 +38,11 @@
 //! - [`bench`]: `sitesync bench`, the figures against the broker's own ceiling.
 //! - [`lab`]: private PostgreSQL clusters for the demo and the benchmark.
 
-pub mod bench;
 pub mod bus;
 pub mod checkpoint;
 pub mod checks;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod event;
 pub mod lab;
 pub mod position;

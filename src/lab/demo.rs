@@ -26,18 +26,19 @@
 //! The sidecars log at `warn` unless `RUST_LOG` says otherwise: the demo
 //! runs on a runtime of its own whose threads use a quieter subscriber.
 
-use crate::bus::{self, BusError, management::Management, topology};
-use crate::cli::DemoArgs;
-use crate::config::{ConnectorConfig, redact_url};
-use crate::lab::{
+use super::BrokerArgs;
+use super::pg::{
     Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
     random_hex, sweep_orphans, user_ids,
 };
+use crate::bus::{self, BusError, management::Management, topology};
+use crate::config::{ConnectorConfig, redact_url};
 use crate::runner::Shutdown;
 use crate::sidecar;
 use crate::sink::postgres::PostgresTarget;
 use crate::source::{Source, postgres::PostgresSource};
 use chrono::{DateTime, Utc};
+use clap::Args;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -51,6 +52,25 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Barrier, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
+
+/// Options of `sitesync demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub rabbit: BrokerArgs,
+    /// Use this database for PARIS instead of a private cluster (wal_level=logical; the demo creates its tables there and drops them at the end).
+    #[arg(long, value_name = "URL")]
+    pub paris_url: Option<String>,
+    /// Use this database for LONDON instead of a private cluster.
+    #[arg(long, value_name = "URL")]
+    pub london_url: Option<String>,
+    /// Use this database for MADRID instead of a private cluster.
+    #[arg(long, value_name = "URL")]
+    pub madrid_url: Option<String>,
+    /// How long the writes and the sync may take, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 45)]
+    pub timeout: u64,
+}
 
 /// The three sites, in display order.
 pub const SITES: [&str; 3] = ["PARIS", "LONDON", "MADRID"];

@@ -42,14 +42,14 @@
 //! Everything is removed at the end: sidecars stopped, queues and
 //! exchanges deleted, the clusters stopped and their directory removed.
 
+use super::pg::{
+    Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
+    random_hex, sweep_orphans, user_ids,
+};
 use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
 use crate::config::redact_url;
-use crate::lab::{
-    Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
-    random_hex, sweep_orphans, user_ids,
-};
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -77,7 +77,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     #[command(flatten)]
-    pub rabbit: crate::cli::BrokerArgs,
+    pub rabbit: super::BrokerArgs,
     /// Outbox rows preloaded for the source figure (and messages for the raw figures).
     #[arg(long, value_name = "N")]
     pub events: Option<u64>,
