@@ -7,16 +7,13 @@ use crate::bus::{self, topology};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::checks::{Check, Status};
 use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig, redact_url};
+use crate::engine::oracle::{OracleSource, OracleTarget};
+use crate::engine::postgres::{PostgresSource, PostgresTarget};
+use crate::engine::sqlserver::{SqlServerSource, SqlServerTarget};
 use crate::position::Position;
 use crate::runner::Shutdown;
 use crate::sidecar;
 use crate::sink::Target;
-use crate::sink::oracle::OracleTarget;
-use crate::sink::postgres::PostgresTarget;
-use crate::sink::sqlserver::SqlServerTarget;
-use crate::source::oracle::OracleSource;
-use crate::source::postgres::PostgresSource;
-use crate::source::sqlserver::SqlServerSource;
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
@@ -482,7 +479,7 @@ async fn status(cfg: &ConnectorConfig, source: PostgresSource) -> Result<ExitCod
         cfg.site
     );
     let client = source.client().await?;
-    let site = crate::status::postgres(cfg, &client).await?;
+    let site = crate::engine::postgres::status::read(cfg, &client).await?;
     let queued = match broker(cfg, "status").await {
         Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
             .await
@@ -609,7 +606,14 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
         }
     }
     if let Some(conn) = &connection {
-        checks.extend(topology::check(conn, &cfg.topology, cfg.broker.management()).await);
+        checks.extend(
+            topology::check(
+                conn,
+                &cfg.topology,
+                crate::bus::management::Management::of(&cfg.broker),
+            )
+            .await,
+        );
     }
     checks.push(check_store(&cfg));
     let mut worst = Status::Pass;

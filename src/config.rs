@@ -290,19 +290,59 @@ pub struct BrokerConfig {
     pub topology_check_interval: Duration,
     /// Per-address connection timeout.
     pub connect_timeout: Duration,
-    /// RabbitMQ management API, to verify bindings (AMQP cannot list them).
-    pub management_url: Option<String>,
+    /// RabbitMQ management API, to verify bindings (AMQP cannot list them):
+    /// `broker.management_url`, with the credentials and virtual host it
+    /// takes from the first AMQP URL.
+    pub management: Option<ManagementApi>,
     /// Larger events go to the dead-letter queue instead of being refused
     /// by the broker (which would close the channel, again and again).
     pub max_message_bytes: usize,
 }
 
-impl BrokerConfig {
-    /// The management API client, when `management_url` is set (the URL
-    /// was validated on load).
-    pub fn management(&self) -> Option<crate::bus::management::Management> {
-        let url = self.management_url.as_ref()?;
-        crate::bus::management::Management::new(url, self.urls.first()?).ok()
+/// Where the RabbitMQ management API is and how to log in to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementApi {
+    /// `http(s)://host:port[/path]`, without credentials or trailing slash.
+    pub base: String,
+    pub user: String,
+    pub password: String,
+    /// The virtual host whose bindings are checked (not encoded).
+    pub vhost: String,
+}
+
+impl ManagementApi {
+    /// `management_url` may carry credentials (`http://user:pass@host:15672`);
+    /// otherwise those of `amqp_url` are used, as is its virtual host.
+    pub fn parse(management_url: &str, amqp_url: &str) -> Result<ManagementApi, String> {
+        let amqp: lapin::uri::AMQPUri = amqp_url
+            .parse()
+            .map_err(|e| format!("`{}` is not an AMQP URL: {e}", redact_url(amqp_url)))?;
+        let (scheme, rest) = management_url
+            .split_once("://")
+            .filter(|(s, _)| *s == "http" || *s == "https")
+            .ok_or_else(|| format!("`{}` is not an http(s) URL", redact_url(management_url)))?;
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(authority_end);
+        let (user, password, host) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (u.to_string(), p.to_string(), host)
+            }
+            None => (
+                amqp.authority.userinfo.username.clone(),
+                amqp.authority.userinfo.password.clone(),
+                authority,
+            ),
+        };
+        if host.is_empty() {
+            return Err(format!("`{}` names no host", redact_url(management_url)));
+        }
+        Ok(ManagementApi {
+            base: format!("{scheme}://{host}{}", path.trim_end_matches('/')),
+            user,
+            password,
+            vhost: amqp.vhost,
+        })
     }
 }
 
@@ -1049,11 +1089,12 @@ impl ConnectorConfig {
                 .map(|n| n as usize)
                 .unwrap_or(16 * 1024 * 1024);
             let management_url = b.string("management_url", false, "the management API URL, e.g. \"http://127.0.0.1:15672\"");
-            if let (Some(m), Some(first)) = (&management_url, urls.first())
-                && let Err(e) = crate::bus::management::Management::new(m, first)
-            {
-                b.problem("management_url", e);
-            }
+            let management = match (&management_url, urls.first()) {
+                (Some(m), Some(first)) => ManagementApi::parse(m, first)
+                    .map_err(|e| b.problem("management_url", e))
+                    .ok(),
+                _ => None,
+            };
             (
                 BrokerConfig {
                     urls,
@@ -1061,7 +1102,7 @@ impl ConnectorConfig {
                     publisher_window: window,
                     topology_check_interval: check,
                     connect_timeout,
-                    management_url,
+                    management,
                     max_message_bytes,
                 },
                 PathBuf::from(topology),

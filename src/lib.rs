@@ -43,6 +43,7 @@ pub mod checkpoint;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod event;
 pub mod lab;
 pub mod position;

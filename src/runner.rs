@@ -253,7 +253,10 @@ async fn session<S: Source>(
         &format!("sitesync-{}-verify", cfg.name),
     )
     .await?;
-    let mut verifier = Verifier::new(&cfg.topology, cfg.broker.management());
+    let mut verifier = Verifier::new(
+        &cfg.topology,
+        crate::bus::management::Management::of(&cfg.broker),
+    );
     if !verifier.checks_bindings() {
         tracing::debug!("broker.management_url is not set: queues are verified, bindings are not");
     }

@@ -7,7 +7,7 @@
 //! `broker.management_url` is set the runner checks them before every
 //! checkpoint write, beside the passive declarations.
 
-use crate::config::redact_url;
+use crate::config::{BrokerConfig, ManagementApi};
 use base64::Engine;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -37,44 +37,27 @@ fn segment(text: &str) -> String {
 }
 
 impl Management {
-    /// `management_url` may carry credentials (`http://user:pass@host:15672`);
-    /// otherwise those of `amqp_url` are used, as is its virtual host.
-    pub fn new(management_url: &str, amqp_url: &str) -> Result<Management, String> {
-        let amqp: lapin::uri::AMQPUri = amqp_url
-            .parse()
-            .map_err(|e| format!("`{}` is not an AMQP URL: {e}", redact_url(amqp_url)))?;
-        let (scheme, rest) = management_url
-            .split_once("://")
-            .filter(|(s, _)| *s == "http" || *s == "https")
-            .ok_or_else(|| format!("`{}` is not an http(s) URL", redact_url(management_url)))?;
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        let (user, password, host) = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let (u, p) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                (u.to_string(), p.to_string(), host)
-            }
-            None => (
-                amqp.authority.userinfo.username.clone(),
-                amqp.authority.userinfo.password.clone(),
-                authority,
-            ),
-        };
-        if host.is_empty() {
-            return Err(format!("`{}` names no host", redact_url(management_url)));
-        }
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    /// A client for the API that `broker.management_url` names (parsed
+    /// and checked when the connector file was loaded).
+    pub fn new(api: &ManagementApi) -> Management {
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", api.user, api.password));
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(5)))
             .http_status_as_error(false)
             .build()
             .into();
-        Ok(Management {
+        Management {
             agent,
-            base: format!("{scheme}://{host}{}", path.trim_end_matches('/')),
+            base: api.base.clone(),
             authorization: format!("Basic {token}"),
-            vhost: segment(&amqp.vhost),
-        })
+            vhost: segment(&api.vhost),
+        }
+    }
+
+    /// The client for a connector's broker, when it names a management API.
+    pub fn of(broker: &BrokerConfig) -> Option<Management> {
+        broker.management.as_ref().map(Management::new)
     }
 
     /// GET `url` with the credentials: the status and the body.
@@ -140,14 +123,19 @@ impl Management {
 mod tests {
     use super::*;
 
+    /// A client from the two URLs, as a connector file gives them.
+    fn client(management_url: &str, amqp_url: &str) -> Result<Management, String> {
+        ManagementApi::parse(management_url, amqp_url).map(|api| Management::new(&api))
+    }
+
     #[test]
     fn credentials_and_vhost_come_from_the_amqp_url_unless_given() {
-        let m = Management::new("http://127.0.0.1:15672/", "amqp://app:secret@h:5672/%2f").unwrap();
+        let m = client("http://127.0.0.1:15672/", "amqp://app:secret@h:5672/%2f").unwrap();
         assert_eq!(m.base, "http://127.0.0.1:15672");
         assert_eq!(m.vhost, "%2F");
         let expected = base64::engine::general_purpose::STANDARD.encode("app:secret");
         assert_eq!(m.authorization, format!("Basic {expected}"));
-        let m = Management::new("https://ops:pw@mq.example:443/rabbit", "amqp://h/prod").unwrap();
+        let m = client("https://ops:pw@mq.example:443/rabbit", "amqp://h/prod").unwrap();
         assert_eq!(m.base, "https://mq.example:443/rabbit");
         assert_eq!(m.vhost, "prod");
         let expected = base64::engine::general_purpose::STANDARD.encode("ops:pw");
@@ -157,12 +145,12 @@ mod tests {
     #[test]
     fn bad_urls_are_named() {
         assert!(
-            Management::new("ftp://x", "amqp://h")
+            client("ftp://x", "amqp://h")
                 .unwrap_err()
                 .contains("not an http(s) URL")
         );
         assert!(
-            Management::new("http://", "amqp://h")
+            client("http://", "amqp://h")
                 .unwrap_err()
                 .contains("no host")
         );

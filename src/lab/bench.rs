@@ -49,7 +49,7 @@ use super::pg::{
 use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
-use crate::config::redact_url;
+use crate::config::{ManagementApi, redact_url};
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -315,7 +315,7 @@ impl Bench {
         drop(conn);
         let mut version = "(version unknown without the management API)".to_string();
         if let Some(url) = self.management.clone() {
-            let api = Management::new(&url, &self.broker)?;
+            let api = Management::new(&ManagementApi::parse(&url, &self.broker)?);
             match tokio::task::spawn_blocking(move || api.version())
                 .await
                 .map_err(|e| e.to_string())?

@@ -32,11 +32,11 @@ use super::pg::{
     random_hex, sweep_orphans, user_ids,
 };
 use crate::bus::{self, BusError, management::Management, topology};
-use crate::config::{ConnectorConfig, redact_url};
+use crate::config::{ConnectorConfig, ManagementApi, redact_url};
+use crate::engine::postgres::{PostgresSource, PostgresTarget};
 use crate::runner::Shutdown;
 use crate::sidecar;
-use crate::sink::postgres::PostgresTarget;
-use crate::source::{Source, postgres::PostgresSource};
+use crate::source::Source;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use std::cell::RefCell;
@@ -443,7 +443,8 @@ impl Demo {
         if self.args.rabbit.no_management {
             return Ok(());
         }
-        let management = Management::new(&self.args.rabbit.management_url, url)
+        let management = ManagementApi::parse(&self.args.rabbit.management_url, url)
+            .map(|api| Management::new(&api))
             .map_err(|e| format!("--management-url: {e}"))?;
         // `amq.fanout` exists in every virtual host: listing its bindings
         // tells whether the API answers with these credentials.
@@ -1687,7 +1688,7 @@ mod tests {
         assert_eq!(cfg.database.publication, "demo_0123abcd_paris");
         assert_eq!(cfg.checkpoint.dir, dir.join("checkpoints").join("paris"));
         assert_eq!(
-            cfg.broker.management_url.as_deref(),
+            cfg.broker.management.as_ref().map(|api| api.base.as_str()),
             Some("http://127.0.0.1:15672")
         );
         assert_eq!(
@@ -1721,7 +1722,7 @@ mod tests {
         let (_, file) = write_site(&dir, "MADRID", broker, None);
         let cfg = ConnectorConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.broker.urls, [broker]);
-        assert_eq!(cfg.broker.management_url, None);
+        assert_eq!(cfg.broker.management, None);
         assert_eq!(cfg.site, "MADRID");
         assert_eq!(cfg.checkpoint.dir, dir.join("checkpoints").join("madrid"));
         std::fs::remove_dir_all(&dir).unwrap();

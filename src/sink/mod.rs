@@ -25,10 +25,7 @@
 //! attempt count and the site in its headers.
 
 pub mod mapping;
-pub mod oracle;
-pub mod postgres;
 pub mod rules;
-pub mod sqlserver;
 
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::bus::{self, BusError};

@@ -19,11 +19,6 @@
 //! only grow within a stream; the runner republishes from the checkpoint by
 //! opening a new stream.
 
-pub mod oracle;
-pub mod pgoutput;
-pub mod postgres;
-pub mod sqlserver;
-
 use crate::checks::Check;
 use crate::event::{OutboxRow, RowError};
 use crate::position::Position;

@@ -81,14 +81,13 @@
 //! uses [`TiberiusChangeTracking`]; unit tests drive the same stream with
 //! `FakeChangeTracking`.
 
-pub mod conn;
-pub mod types;
-
-use super::{Change, ChangeStream, LogBounds, Source, SourceError};
+use super::conn;
+use super::types;
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, redact_url};
 use crate::event::{OutboxRow, RowError};
 use crate::position::Position;
+use crate::source::{Change, ChangeStream, LogBounds, Source, SourceError};
 use conn::{MssqlClient, classify, literal, quote};
 use std::collections::VecDeque;
 use std::future::Future;

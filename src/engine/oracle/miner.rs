@@ -240,33 +240,33 @@ impl LogMiner for OracleLogMiner {
                             "{FLUSH_TABLE} is missing ({m}): run `sitesync init`, which creates it (sitesync updates it before each window so that the log writer flushes the redo LogMiner reads)"
                         ))
                     } else {
-                        super::db_error(&format!("flushing the redo buffer ({FLUSH_TABLE})"), &e)
+                        super::conn::db_error(&format!("flushing the redo buffer ({FLUSH_TABLE})"), &e)
                     }
                 })?;
         }
         let text: Option<String> = self
             .conn
             .query_row_as("SELECT TO_CHAR(CURRENT_SCN) FROM V$DATABASE", &[])
-            .map_err(|e| super::db_error("reading V$DATABASE.CURRENT_SCN", &e))?;
+            .map_err(|e| super::conn::db_error("reading V$DATABASE.CURRENT_SCN", &e))?;
         Ok(scn(text))
     }
 
     fn list_logs(&mut self, from_scn: u64) -> Result<Vec<LogFile>, SourceError> {
         let from = from_scn.min(i64::MAX as u64) as i64;
         let rows = self.conn.query(LIST_LOGS_SQL, &[&from]).map_err(|e| {
-            super::db_error("listing redo logs (V$LOG, V$LOGFILE, V$ARCHIVED_LOG)", &e)
+            super::conn::db_error("listing redo logs (V$LOG, V$LOGFILE, V$ARCHIVED_LOG)", &e)
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let row = row.map_err(|e| super::db_error("listing redo logs", &e))?;
+            let row = row.map_err(|e| super::conn::db_error("listing redo logs", &e))?;
             let get = |i: usize| -> Result<Option<String>, SourceError> {
                 row.get::<usize, Option<String>>(i)
-                    .map_err(|e| super::db_error("listing redo logs", &e))
+                    .map_err(|e| super::conn::db_error("listing redo logs", &e))
             };
             let num = |i: usize| -> Result<u64, SourceError> {
                 row.get::<usize, Option<i64>>(i)
                     .map(|n| n.unwrap_or(0).max(0) as u64)
-                    .map_err(|e| super::db_error("listing redo logs", &e))
+                    .map_err(|e| super::conn::db_error("listing redo logs", &e))
             };
             out.push(LogFile {
                 name: get(0)?.unwrap_or_default(),
@@ -295,11 +295,11 @@ impl LogMiner for OracleLogMiner {
             };
             self.conn
                 .execute(sql, &[&f.name])
-                .map_err(|e| super::db_error(&format!("adding log file {}", f.name), &e))?;
+                .map_err(|e| super::conn::db_error(&format!("adding log file {}", f.name), &e))?;
         }
         let (start, end) = ((lo + 1) as i64, hi.min(i64::MAX as u64) as i64);
         self.conn.execute(START_SQL, &[&start, &end]).map_err(|e| {
-            super::db_error(&format!("starting LogMiner for SCN {}..{hi}", lo + 1), &e)
+            super::conn::db_error(&format!("starting LogMiner for SCN {}..{hi}", lo + 1), &e)
         })?;
         let result = self.read_contents(lo, hi, each);
         // Always end the session: it holds PGA until then.
@@ -323,22 +323,22 @@ impl OracleLogMiner {
             .statement(CONTENTS_SQL)
             .fetch_array_size(1000)
             .build()
-            .map_err(|e| super::db_error(what, &e))?;
+            .map_err(|e| super::conn::db_error(what, &e))?;
         let (lo, hi) = (lo as i64, hi.min(i64::MAX as u64) as i64);
         let rows = stmt
             .query(&[&lo, &hi, &self.owner, &self.table])
-            .map_err(|e| super::db_error(what, &e))?;
+            .map_err(|e| super::conn::db_error(what, &e))?;
         let mut n = 0;
         for row in rows {
-            let row = row.map_err(|e| super::db_error(what, &e))?;
+            let row = row.map_err(|e| super::conn::db_error(what, &e))?;
             let text = |i: usize| -> Result<Option<String>, SourceError> {
                 row.get::<usize, Option<String>>(i)
-                    .map_err(|e| super::db_error(what, &e))
+                    .map_err(|e| super::conn::db_error(what, &e))
             };
             let num = |i: usize| -> Result<i64, SourceError> {
                 row.get::<usize, Option<i64>>(i)
                     .map(|n| n.unwrap_or(0))
-                    .map_err(|e| super::db_error(what, &e))
+                    .map_err(|e| super::conn::db_error(what, &e))
             };
             each(MinedRow {
                 scn: scn(text(0)?),
@@ -362,8 +362,8 @@ impl OracleLogMiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::oracle::transactions::tests::{commit, describe, ins, rollback};
     use crate::position::Position;
-    use crate::source::oracle::transactions::tests::{commit, describe, ins, rollback};
 
     fn log(seq: u64, first: u64, next: u64, archived: bool) -> LogFile {
         LogFile {

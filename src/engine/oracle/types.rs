@@ -39,8 +39,8 @@ pub fn to_text(value: &Value) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::oracle::redo::parse_insert;
     use crate::event::parse_timestamp;
-    use crate::source::oracle::redo::parse_insert;
 
     fn one(sql_value: &str) -> Result<Option<String>, String> {
         let ins = parse_insert(&format!(

@@ -36,14 +36,14 @@
 //! looking for local writes, and rewriting a row whose local write lost a
 //! race with the sink on this site's table.
 
-use super::mapping::{Entity, MappedRow, map_row};
-use super::rules::{self, Conflict, LocalWrite, Version, decide, track};
-use super::{Item, Outcome, Plan, Seen, Target, TargetError};
+use super::conn::{OracleConnect, outbox_names};
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
 use crate::event::{Event, parse_timestamp};
+use crate::sink::mapping::{Entity, MappedRow, map_row};
+use crate::sink::rules::{self, Conflict, LocalWrite, Version, decide, track};
+use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
 use crate::source::ErrorKind;
-use crate::source::oracle::{OracleConnect, outbox_names};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -277,7 +277,7 @@ enum Failed {
 
 /// The ORA- code of an error message (the source's parser).
 fn ora_code(message: &str) -> Option<u32> {
-    crate::source::oracle::code(message, "ORA-")
+    super::conn::code(message, "ORA-")
 }
 
 impl Failed {
@@ -1054,7 +1054,7 @@ fn mapped(route: &Route, data: &str) -> MappedRow {
         epoch: 1,
         seq: 1,
     };
-    map_row(route, &super::mapping::data_object(&ev).unwrap()).unwrap()
+    map_row(route, &crate::sink::mapping::data_object(&ev).unwrap()).unwrap()
 }
 
 #[cfg(test)]

@@ -51,15 +51,15 @@
 //!   repair a local write that lost a race with the sink on this site's
 //!   table (PostgreSQL's `rows_not_as_written`).
 
-use super::mapping::{self, Entity, MappedRow};
-use super::rules::{Conflict, LocalWrite, Version, decide, track};
-use super::{Item, Outcome, Plan, Seen, Target, TargetError};
+use super::conn::{self, MssqlClient, quote, quote_table};
+use super::types::cell_text;
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, Operation, Route, SinkConfig, redact_url};
 use crate::event::{Event, parse_timestamp};
+use crate::sink::mapping::{self, Entity, MappedRow};
+use crate::sink::rules::{Conflict, LocalWrite, Version, decide, track};
+use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
 use crate::source::ErrorKind;
-use crate::source::sqlserver::conn::{self, MssqlClient, quote, quote_table};
-use crate::source::sqlserver::types::cell_text;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -576,11 +576,11 @@ impl SqlServerTarget {
             .map_err(|e| failed("starting the batch", e))?;
         progress(client, items).await?;
 
-        let super::Sorted {
+        let crate::sink::Sorted {
             mut outcomes,
             others,
             to_apply,
-        } = super::sort_items(items);
+        } = crate::sink::sort_items(items);
 
         let mut own: Vec<(&Event, Option<&MappedRow>)> = Vec::new();
         for (i, ev, outcome) in &others {
@@ -735,7 +735,7 @@ impl SqlServerTarget {
                 run(client, &st, "recording lost events").await?;
             }
         }
-        Ok(super::rules::outcomes(
+        Ok(crate::sink::rules::outcomes(
             batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
             &decided.applied,
         ))

@@ -35,12 +35,12 @@
 //! otherwise, or when it displaces a local write that has not gone round
 //! yet, the losing write is recorded in `sitesync_conflicts`.
 
-use super::mapping::{self, Entity, MappedRow};
-use super::rules::{Conflict, LocalWrite, Version, decide, track};
-use super::{Item, Outcome, Plan, Seen, Target, TargetError};
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::event::Event;
+use crate::sink::mapping::{self, Entity, MappedRow};
+use crate::sink::rules::{Conflict, LocalWrite, Version, decide, track};
+use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
 use crate::source::ErrorKind;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -504,11 +504,11 @@ impl PostgresTarget {
             progressed?;
         }
 
-        let super::Sorted {
+        let crate::sink::Sorted {
             mut outcomes,
             others,
             to_apply,
-        } = super::sort_items(items);
+        } = crate::sink::sort_items(items);
 
         // Inbox for own, skipped and dead-lettered events.
         let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();
@@ -696,7 +696,7 @@ impl PostgresTarget {
         recorded?;
         marked?;
 
-        Ok(super::rules::outcomes(
+        Ok(crate::sink::rules::outcomes(
             batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
             &decided.applied,
         ))

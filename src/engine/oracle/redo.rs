@@ -657,7 +657,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         let at = |c: &str| {
-            crate::source::oracle::types::to_text(ins.get(c).unwrap())
+            crate::engine::oracle::types::to_text(ins.get(c).unwrap())
                 .unwrap()
                 .unwrap()
         };

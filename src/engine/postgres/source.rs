@@ -23,11 +23,11 @@
 //! keeps moving instead of retaining WAL written by other tables.
 
 use super::pgoutput::{self, Column, PgOutput};
-use super::{Change, ChangeStream, ErrorKind, LogBounds, Source, SourceError};
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, redact_url};
 use crate::event::{OutboxRow, RowError};
 use crate::position::{Position, format_lsn, parse_lsn};
+use crate::source::{Change, ChangeStream, ErrorKind, LogBounds, Source, SourceError};
 use chrono::{DateTime, Utc};
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
