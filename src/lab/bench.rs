@@ -42,10 +42,8 @@
 //! Everything is removed at the end: sidecars stopped, queues and
 //! exchanges deleted, the clusters stopped and their directory removed.
 
-use super::pg::{
-    Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
-    random_hex, sweep_orphans, user_ids,
-};
+use super::host::{create_owned_dir, random_hex};
+use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
 use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
@@ -58,12 +56,11 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::os::unix::fs::PermissionsExt;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -330,23 +327,9 @@ impl Bench {
             }
         }
         let bin = find_bin_dir()?;
-        sweep_orphans(DIR_PREFIX);
-        std::fs::create_dir(&self.dir)
-            .and_then(|()| {
-                std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))
-            })
-            .and_then(|()| {
-                std::fs::write(self.dir.join(OWNER_FILE), std::process::id().to_string())
-            })
+        sweep_orphans(DIR_PREFIX, false);
+        create_owned_dir(&self.dir, 0o755)
             .map_err(|e| format!("preparing {}: {e}", self.dir.display()))?;
-        let user = is_root().then_some(PG_USER);
-        let owner = match user {
-            Some(u) => Some(user_ids(u).ok_or_else(|| {
-                format!("running as root, but there is no `{u}` user to run PostgreSQL as")
-            })?),
-            None => None,
-        };
-        let mut taken = HashSet::new();
         say(format!(
             "starting three private PostgreSQL clusters ({}) in {}",
             bin.display(),
@@ -356,19 +339,7 @@ impl Bench {
         for site in SITES {
             let pg_dir = self.dir.join(site.to_lowercase());
             std::fs::create_dir(&pg_dir).map_err(|e| format!("{}: {e}", pg_dir.display()))?;
-            if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&pg_dir, Some(uid), Some(gid))
-                    .map_err(|e| format!("chown {}: {e}", pg_dir.display()))?;
-            }
-            let mut cluster = Cluster {
-                site,
-                dir: pg_dir,
-                bin: bin.clone(),
-                user,
-                owner,
-                port: 0,
-                ports: (0..PORT_ATTEMPTS).map(|_| free_port(&mut taken)).collect(),
-                cancel: Arc::new(AtomicBool::new(false)),
+            let options = Options {
                 extra_settings: format!(
                     // PostgreSQL's default, over the demo's 32MB: a site's
                     // server is not a throw-away one.
@@ -381,7 +352,9 @@ impl Bench {
                     // (auto_explain while profiling, say).
                     std::env::var("SITESYNC_BENCH_PG_SETTINGS").unwrap_or_default()
                 ),
+                ..Options::throwaway(site)
             };
+            let mut cluster = Cluster::new(pg_dir, bin.clone(), options)?;
             starts.push(tokio::spawn(async move {
                 let r = cluster.start().await;
                 (cluster, r)
@@ -456,7 +429,7 @@ impl Bench {
     fn cluster(&self, site: &str) -> &Cluster {
         self.clusters
             .iter()
-            .find(|c| c.site == site)
+            .find(|c| c.name() == site)
             .expect("started")
     }
 
@@ -935,14 +908,16 @@ impl Bench {
                 } else {
                     std::fs::read_link(format!("/proc/{pid}/cwd"))
                         .ok()
-                        .and_then(|cwd| self.clusters.iter().find(|c| cwd.starts_with(c.data())))
+                        .and_then(|cwd| {
+                            self.clusters.iter().find(|c| cwd.starts_with(c.data_dir()))
+                        })
                         .map(|c| {
                             if self.writer_backends.contains(&pid) {
-                                return format!("postgres {} writers' backends", c.site);
+                                return format!("postgres {} writers' backends", c.name());
                             }
                             let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
                                 .unwrap_or_default();
-                            format!("postgres {} {}", c.site, pg_process_kind(&cmd))
+                            format!("postgres {} {}", c.name(), pg_process_kind(&cmd))
                         })
                 }
             };
@@ -1216,7 +1191,7 @@ impl Bench {
         }
         for cluster in &self.clusters {
             if let Err(e) = cluster.stop().await {
-                say(format!("stopping the {} cluster: {e}", cluster.site));
+                say(format!("stopping the {} cluster: {e}", cluster.name()));
             }
         }
         if std::env::var_os("SITESYNC_KEEP_BENCH_DIR").is_none() {

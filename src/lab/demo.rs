@@ -27,10 +27,8 @@
 //! runs on a runtime of its own whose threads use a quieter subscriber.
 
 use super::BrokerArgs;
-use super::pg::{
-    Cluster, OWNER_FILE, PG_USER, PORT_ATTEMPTS, connect, find_bin_dir, free_port, is_root,
-    random_hex, sweep_orphans, user_ids,
-};
+use super::host::{create_owned_dir, random_hex};
+use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
 use crate::bus::{self, BusError, management::Management, topology};
 use crate::config::{ConnectorConfig, ManagementApi, redact_url};
 use crate::engine::postgres::{PostgresSource, PostgresTarget};
@@ -43,7 +41,6 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -399,7 +396,7 @@ impl Demo {
                 site.url = url.clone();
             }
         }
-        sweep_orphans(DIR_PREFIX);
+        sweep_orphans(DIR_PREFIX, false);
         self.make_dir()?;
         self.start_databases(bin).await?;
         self.write_config()?;
@@ -492,12 +489,9 @@ impl Demo {
 
     fn make_dir(&mut self) -> Result<(), String> {
         let dir = PathBuf::from(format!("/tmp/{DIR_PREFIX}{}", self.token));
-        std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        self.dir = Some(dir.clone());
         // Traversable by the `postgres` user, who owns each cluster's directory.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-            .and_then(|()| std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()))
-            .map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+        create_owned_dir(&dir, 0o755).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        self.dir = Some(dir);
         Ok(())
     }
 
@@ -506,15 +500,7 @@ impl Demo {
     }
 
     async fn start_databases(&mut self, bin: Option<PathBuf>) -> Result<(), String> {
-        let user = is_root().then_some(PG_USER);
-        let owner = match user {
-            Some(u) => Some(user_ids(u).ok_or_else(|| {
-                format!("running as root, but there is no `{u}` user to run PostgreSQL as (PostgreSQL refuses to run as root)")
-            })?),
-            None => None,
-        };
         let dir = self.dir().to_path_buf();
-        let mut ports = HashSet::new();
         for site in &mut self.sites {
             if site.given_url.is_some() {
                 continue;
@@ -522,32 +508,22 @@ impl Demo {
             let site_dir = dir.join(site.db());
             std::fs::create_dir(&site_dir)
                 .map_err(|e| format!("creating {}: {e}", site_dir.display()))?;
-            if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&site_dir, Some(uid), Some(gid))
-                    .map_err(|e| format!("chown {}: {e}", site_dir.display()))?;
-            }
-            site.cluster = Some(Cluster {
-                site: site.name,
-                dir: site_dir,
-                bin: bin.clone().expect("found when a site needs a cluster"),
-                user,
-                owner,
-                port: 0,
-                ports: Vec::new(),
-                cancel: self.cancel.clone(),
-                extra_settings: String::new(),
-            });
-            // Each cluster gets ports of its own, so they can start at once.
-            let cluster = site.cluster.as_mut().expect("just set");
-            for _ in 0..PORT_ATTEMPTS {
-                cluster.ports.push(free_port(&mut ports));
-            }
+            // Each cluster gets ports of its own (free_port never hands
+            // one out twice), so they can start at once.
+            site.cluster = Some(Cluster::new(
+                site_dir,
+                bin.clone().expect("found when a site needs a cluster"),
+                Options {
+                    cancel: Some(self.cancel.clone()),
+                    ..Options::throwaway(site.name)
+                },
+            )?);
         }
         let clusters = self
             .sites
             .iter()
             .filter_map(|s| s.cluster.as_ref())
-            .map(|c| c.site)
+            .map(|c| c.name())
             .collect::<Vec<_>>();
         if !clusters.is_empty() {
             self.say(format!(
@@ -587,7 +563,7 @@ impl Demo {
         let mut lines = Vec::new();
         for site in &self.sites {
             lines.push(match &site.cluster {
-                Some(c) => format!("{} on port {}", site.name, c.port),
+                Some(c) => format!("{} on port {}", site.name, c.port()),
                 None => format!("{} at {}", site.name, redact_url(&site.url)),
             });
         }
@@ -614,7 +590,7 @@ impl Demo {
             Err(e) => return vec![Err(format!("starting the clusters: {e}"))],
         };
         for cluster in clusters {
-            if let Some(site) = self.sites.iter_mut().find(|s| s.name == cluster.site) {
+            if let Some(site) = self.sites.iter_mut().find(|s| s.name == cluster.name()) {
                 site.cluster = Some(cluster);
             }
         }

@@ -1,12 +1,16 @@
-//! Tooling beside the product: `sitesync demo`, `sitesync bench` and the
-//! private PostgreSQL clusters they start ([`pg`]).
+//! Tooling beside the product: `sitesync demo`, `sitesync bench`, the
+//! private PostgreSQL clusters they start ([`pg`]) and the helpers those
+//! need of the machine ([`host`]: users, free ports, processes, the `/tmp`
+//! directories of runs that were killed).
 //!
 //! Nothing of the product depends on this module: only the command line
-//! reaches it, and the integration tests' harness reuses its clusters. It
-//! may name engines (the demo and the benchmark run PostgreSQL sites).
+//! reaches it, and the integration tests' harness (`tests/support/`) reuses
+//! its clusters and helpers rather than repeating them. It may name engines
+//! (the demo and the benchmark run PostgreSQL sites).
 
 pub mod bench;
 pub mod demo;
+pub mod host;
 pub mod pg;
 
 use clap::Args;

@@ -27,7 +27,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 
 use super::{
-    TestDir, chown_recursive, command_as, free_port, is_root, process_alive,
+    TestDir, chown_recursive, command_as, describe_output, free_port, is_root, process_alive,
     process_cmdline_contains, random_hex, signal_and_wait_blocking, tail_file, user_ids,
 };
 
@@ -718,13 +718,4 @@ pub(super) fn sweep_orphans() {
             signal_and_wait_blocking(pid, libc::SIGKILL, Duration::from_secs(10));
         }
     });
-}
-
-fn describe_output(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
