@@ -14,6 +14,7 @@ use crate::position::Position;
 use crate::runner::Shutdown;
 use crate::sidecar;
 use crate::sink::Target;
+use crate::sink::batch::Batches;
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
@@ -304,7 +305,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let cfg = ConnectorConfig::load(&c.connector)?;
             with_source!(cfg, source, T => {
                 let target = match cfg.sink.enabled {
-                    true => Some(T::new(&cfg).map_err(fail)?),
+                    true => Some(Batches::new(T::new(&cfg).map_err(fail)?, &cfg.site, &cfg.sink)),
                     false => None,
                 };
                 run(&cfg, source, target).await

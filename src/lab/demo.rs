@@ -34,6 +34,7 @@ use crate::config::{ConnectorConfig, ManagementApi, redact_url};
 use crate::engine::postgres::{PostgresSource, PostgresTarget};
 use crate::runner::Shutdown;
 use crate::sidecar;
+use crate::sink::batch::Batches;
 use crate::source::Source;
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -684,7 +685,7 @@ impl Demo {
         for site in &self.sites {
             let cfg = site.cfg.clone().expect("loaded");
             let source = PostgresSource::new(&cfg).map_err(|e| e.message)?;
-            let target = PostgresTarget::new(&cfg)?;
+            let target = Batches::new(PostgresTarget::new(&cfg)?, &cfg.site, &cfg.sink);
             let shutdown = shutdown.clone();
             let task =
                 tokio::spawn(

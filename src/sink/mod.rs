@@ -4,17 +4,18 @@
 //! Messages are consumed from `SITE_<NAME>` (a single-active-consumer
 //! quorum queue, so a standby sidecar waits its turn) and applied in
 //! batches of `batch_size` messages, `batch_timeout` after the first, or
-//! a lull of `batch_idle`, whichever comes first. One database transaction per batch holds the inbox rows, the
-//! per-origin progress, the applied changes, the recorded conflicts and the
-//! outbox deletions of events that came back round; the messages are acked
-//! only after it commits.
+//! a lull of `batch_idle`, whichever comes first. One database transaction
+//! per batch holds the inbox rows, the per-origin progress, the applied
+//! changes, the recorded conflicts and the outbox deletions of events that
+//! came back round; the messages are acked only after it commits.
 //!
-//! Each message gets a [`Plan`] before the database is touched: apply it
-//! through its route, delete this site's outbox row (an event of ours that
-//! came back), skip it, send it to the dead-letter queue (not JSON, no
-//! route, no key), or hold it back behind an earlier failing message of the
-//! same entity. The [`Target`] (the database side, one file per engine)
-//! turns plans into [`Outcome`]s.
+//! - [`plan`]: each message's [`Plan`], decided before the database is
+//!   touched (apply, own event back round, skip, dead letter, hold).
+//! - [`batch`]: the transaction that turns plans into [`Outcome`]s, written
+//!   once; each engine says its steps in SQL (a [`batch::Dialect`] in
+//!   `crate::engine`).
+//! - [`rules`]: last-writer-wins and gap detection; [`mapping`]: from an
+//!   event to a row through its route.
 //!
 //! Failures: an error of the batch as a whole (database down, deadlock,
 //! serialization) retries the batch with capped backoff, acking nothing. An
@@ -24,12 +25,16 @@
 //! `max_attempts` it goes to the dead-letter queue with the reason, the
 //! attempt count and the site in its headers.
 
+pub mod batch;
 pub mod mapping;
+pub mod plan;
 pub mod rules;
+
+pub use plan::{Item, Outcome, Plan, Seen, Sorted, sort_items};
 
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::bus::{self, BusError};
-use crate::config::{ConnectorConfig, Route, Unrouted};
+use crate::config::ConnectorConfig;
 use crate::event::Event;
 use crate::retry::Backoff;
 use crate::runner::Shutdown;
@@ -38,111 +43,10 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use mapping::{Entity, MappedRow};
-use std::collections::{HashSet, VecDeque};
+use plan::Message;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
-
-/// `(origin, epoch, seq)` of a message, for gap detection: from the event,
-/// or, for a message that is not a readable event, from its headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    pub origin: String,
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-/// What to do with one message, decided before the database.
-#[derive(Debug, Clone)]
-pub enum Plan<'a> {
-    /// Apply it through `route`.
-    Apply(&'a Route, MappedRow),
-    /// One of this site's events came back round: delete its outbox row,
-    /// and remember its version for the entity (when it has a route).
-    Own(Option<MappedRow>),
-    /// No route, and the policy says skip.
-    Skip,
-    /// Record it as seen and send it to the dead-letter queue.
-    DeadLetter(String),
-    /// Not this round: behind a failing message of the same entity, or
-    /// waiting for its own retry. Counted as seen, nothing else.
-    Hold,
-}
-
-/// One message as the target sees it.
-#[derive(Debug, Clone)]
-pub struct Item<'a> {
-    pub event: Option<&'a Event>,
-    pub seen: Option<Seen>,
-    pub plan: Plan<'a>,
-}
-
-/// What became of one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Applied,
-    /// Already in the inbox.
-    Duplicate,
-    /// Ours, back round: the outbox row is gone.
-    Own,
-    /// Last-writer-wins kept what the site has; the event is recorded in
-    /// `sitesync_conflicts`.
-    Lost,
-    Skipped,
-    /// Recorded as seen; goes to the dead-letter queue with this reason.
-    DeadLettered(String),
-    /// Failed on its own this round (rolled back alone); retried later.
-    Failed(String),
-    /// Not attempted this round.
-    Held,
-}
-
-/// The first look at a batch, the same for every target: each item's
-/// outcome until the database says otherwise (a duplicate of an earlier
-/// item of the batch is known at once), the events recorded in the inbox
-/// without a route (own, skipped, dead-lettered, by index) and the items to
-/// apply through their routes.
-#[derive(Debug)]
-pub struct Sorted<'a> {
-    pub outcomes: Vec<Outcome>,
-    pub others: Vec<(usize, &'a Event, &'static str)>,
-    pub to_apply: Vec<usize>,
-}
-
-pub fn sort_items<'a>(items: &[Item<'a>]) -> Sorted<'a> {
-    let mut sorted = Sorted {
-        outcomes: Vec::with_capacity(items.len()),
-        others: Vec::new(),
-        to_apply: Vec::new(),
-    };
-    let mut first_seen: HashSet<uuid::Uuid> = HashSet::new();
-    for (i, item) in items.iter().enumerate() {
-        let outcome = match (&item.plan, item.event) {
-            (Plan::Hold, _) => Outcome::Held,
-            (Plan::DeadLetter(reason), None) => Outcome::DeadLettered(reason.clone()),
-            (_, Some(ev)) if !first_seen.insert(ev.id) => Outcome::Duplicate,
-            (Plan::DeadLetter(reason), Some(ev)) => {
-                sorted.others.push((i, ev, "dead_letter"));
-                Outcome::DeadLettered(reason.clone())
-            }
-            (Plan::Own(_), Some(ev)) => {
-                sorted.others.push((i, ev, "own"));
-                Outcome::Own
-            }
-            (Plan::Skip, Some(ev)) => {
-                sorted.others.push((i, ev, "skipped"));
-                Outcome::Skipped
-            }
-            (Plan::Apply(..), Some(_)) => {
-                sorted.to_apply.push(i);
-                Outcome::Applied
-            }
-            (_, None) => unreachable!("only dead letters lack an event"),
-        };
-        sorted.outcomes.push(outcome);
-    }
-    sorted
-}
 
 /// A failure of the whole batch: retried.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +54,24 @@ pub fn sort_items<'a>(items: &[Item<'a>]) -> Sorted<'a> {
 pub struct TargetError {
     pub kind: ErrorKind,
     pub message: String,
+}
+
+impl TargetError {
+    /// Worth retrying: the database went away, a lock, a timeout.
+    pub fn transient(message: impl Into<String>) -> TargetError {
+        TargetError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
+    }
+
+    /// Needs a person: say what to do.
+    pub fn operator(message: impl Into<String>) -> TargetError {
+        TargetError {
+            kind: ErrorKind::Operator,
+            message: message.into(),
+        }
+    }
 }
 
 /// A database that events are applied to.
@@ -179,118 +101,48 @@ const SWEEP_BUSY_EVERY: Duration = Duration::from_secs(600);
 /// A received message and what happened to it so far.
 struct Pending {
     delivery: Delivery,
-    event: Result<Event, String>,
-    attempts: u32,
-    last_error: Option<String>,
-    retry_at: Option<Instant>,
-    /// Held behind an earlier failing message of its entity.
-    held: bool,
+    message: Message,
 }
 
 impl Pending {
     fn new(delivery: Delivery) -> Pending {
         let event = serde_json::from_slice::<Event>(&delivery.data).map_err(|e| e.to_string());
+        let seen = match &event {
+            Ok(e) => Some(Seen {
+                origin: e.origin.clone(),
+                epoch: e.epoch,
+                seq: e.seq,
+            }),
+            Err(_) => seen_in_headers(&delivery),
+        };
         Pending {
             delivery,
-            event,
-            attempts: 0,
-            last_error: None,
-            retry_at: None,
-            held: false,
+            message: Message::new(event, seen),
         }
     }
 
     fn ready(&self, now: Instant) -> bool {
-        self.retry_at.is_none_or(|t| t <= now)
-    }
-
-    fn seen(&self) -> Option<Seen> {
-        if let Ok(e) = &self.event {
-            return Some(Seen {
-                origin: e.origin.clone(),
-                epoch: e.epoch,
-                seq: e.seq,
-            });
-        }
-        let props = &self.delivery.properties;
-        let origin = props.app_id().as_ref()?.to_string();
-        let headers = props.headers().as_ref()?.inner();
-        let number = |name: &str| match headers.get(name)? {
-            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-            AMQPValue::LongUInt(n) => Some(*n as u64),
-            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-            _ => None,
-        };
-        Some(Seen {
-            origin,
-            epoch: number(HEADER_EPOCH)?,
-            seq: number(HEADER_SEQ)?,
-        })
+        self.message.ready(now)
     }
 }
 
-/// The plans for a round, in queue order. An entity whose message is held
-/// or failing holds every later message of that entity too.
-fn plan<'a>(pending: &'a [Pending], cfg: &'a ConnectorConfig, now: Instant) -> Vec<Item<'a>> {
-    let mut blocked: HashSet<Entity> = HashSet::new();
-    let mut items = Vec::with_capacity(pending.len());
-    for p in pending {
-        let seen = p.seen();
-        let event = p.event.as_ref().ok();
-        let plan = match &p.event {
-            Err(e) => Plan::DeadLetter(format!("not a sitesync event: {e}")),
-            Ok(ev) => plan_event(ev, p, cfg, now, &mut blocked),
-        };
-        items.push(Item { event, seen, plan });
-    }
-    items
-}
-
-fn plan_event<'a>(
-    ev: &Event,
-    p: &Pending,
-    cfg: &'a ConnectorConfig,
-    now: Instant,
-    blocked: &mut HashSet<Entity>,
-) -> Plan<'a> {
-    let route = cfg.sink.route(&ev.kind);
-    let row = route.map(|r| mapping::data_object(ev).and_then(|data| mapping::map_row(r, &data)));
-    if ev.origin == cfg.site {
-        return Plan::Own(row.and_then(Result::ok));
-    }
-    let (route, row) = match (route, row) {
-        (None, _) => {
-            return match cfg.sink.unrouted {
-                Unrouted::Skip => Plan::Skip,
-                Unrouted::DeadLetter => Plan::DeadLetter(format!(
-                    "no route for event type `{}` at site {} (add a [[sink.routes]] entry, or set sink.unrouted = \"skip\")",
-                    ev.kind, cfg.site
-                )),
-            };
-        }
-        (Some(_), Some(Err(e))) => return Plan::DeadLetter(e),
-        (Some(route), Some(Ok(row))) => (route, row),
-        (Some(_), None) => unreachable!("a route gives a mapping"),
+/// `(origin, epoch, seq)` of a message that is not a readable event, from
+/// its properties.
+fn seen_in_headers(delivery: &Delivery) -> Option<Seen> {
+    let props = &delivery.properties;
+    let origin = props.app_id().as_ref()?.to_string();
+    let headers = props.headers().as_ref()?.inner();
+    let number = |name: &str| match headers.get(name)? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(*n as u64),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
     };
-    if blocked.contains(&row.entity) {
-        return Plan::Hold;
-    }
-    if p.attempts >= cfg.sink.max_attempts {
-        return Plan::DeadLetter(format!(
-            "{} (after {} attempts)",
-            p.last_error.as_deref().unwrap_or("failed"),
-            p.attempts
-        ));
-    }
-    if !p.ready(now) {
-        blocked.insert(row.entity);
-        return Plan::Hold;
-    }
-    if p.attempts > 0 {
-        // A retry goes first; its entity's later messages wait for it.
-        blocked.insert(row.entity.clone());
-    }
-    Plan::Apply(route, row)
+    Some(Seen {
+        origin,
+        epoch: number(HEADER_EPOCH)?,
+        seq: number(HEADER_SEQ)?,
+    })
 }
 
 /// Consumes this site's queue and applies it until `shutdown`; reconnects
@@ -385,7 +237,7 @@ async fn session<T: Target>(
         // while idle, sweep the outbox now and then.
         let now = Instant::now();
         if !pending.iter().any(|p| p.ready(now)) {
-            let next_retry = pending.iter().filter_map(|p| p.retry_at).min();
+            let next_retry = pending.iter().filter_map(|p| p.message.retry_at).min();
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
                 d = consumer.next() => pending.push_back(Pending::new(delivered(d, &queue)?)),
@@ -442,7 +294,12 @@ async fn session<T: Target>(
         pending.make_contiguous();
         let (batch, _) = pending.as_slices();
         let batch = &batch[..round];
-        let items = plan(batch, cfg, Instant::now());
+        let items = plan::plan(
+            batch.iter().map(|p| &p.message),
+            &cfg.site,
+            &cfg.sink,
+            Instant::now(),
+        );
         if items.iter().all(|i| matches!(i.plan, Plan::Hold)) {
             // Nothing can move until a retry comes due.
             hold_until_next_retry(&mut pending, Instant::now(), false);
@@ -475,14 +332,15 @@ async fn session<T: Target>(
             let p = &mut pending[i];
             match outcome {
                 Outcome::Failed(reason) => {
-                    p.attempts += 1;
-                    p.last_error = Some(reason.clone());
-                    p.retry_at = Some(Instant::now() + retry_delay(p.attempts));
-                    tracing::warn!(message_id = ?p.delivery.properties.message_id(), attempts = p.attempts, %reason, "message failed on its own; retrying it later");
+                    let m = &mut p.message;
+                    m.attempts += 1;
+                    m.last_error = Some(reason.clone());
+                    m.retry_at = Some(Instant::now() + retry_delay(m.attempts));
+                    tracing::warn!(message_id = ?p.delivery.properties.message_id(), attempts = m.attempts, %reason, "message failed on its own; retrying it later");
                 }
-                Outcome::Held => p.held = true,
+                Outcome::Held => p.message.held = true,
                 Outcome::DeadLettered(reason) => {
-                    let attempts = p.attempts.max(1);
+                    let attempts = p.message.attempts.max(1);
                     tracing::warn!(message_id = ?p.delivery.properties.message_id(), %reason, "to the dead-letter queue");
                     let confirm = dead_letters
                         .dead_letter_message(&p.delivery, reason, attempts)
@@ -531,20 +389,24 @@ async fn session<T: Target>(
 /// blocker may be gone).
 fn hold_until_next_retry(pending: &mut VecDeque<Pending>, now: Instant, progressed: bool) {
     if progressed {
-        for p in pending.iter_mut().filter(|p| p.attempts == 0 && p.held) {
-            p.retry_at = None;
+        for m in messages(pending).filter(|m| m.attempts == 0 && m.held) {
+            m.retry_at = None;
         }
         return;
     }
     let next = pending
         .iter()
-        .filter(|p| p.attempts > 0)
-        .filter_map(|p| p.retry_at)
+        .filter(|p| p.message.attempts > 0)
+        .filter_map(|p| p.message.retry_at)
         .filter(|t| *t > now)
         .min();
-    for p in pending.iter_mut().filter(|p| p.attempts == 0 && p.held) {
-        p.retry_at = next;
+    for m in messages(pending).filter(|m| m.attempts == 0 && m.held) {
+        m.retry_at = next;
     }
+}
+
+fn messages(pending: &mut VecDeque<Pending>) -> impl Iterator<Item = &mut Message> {
+    pending.iter_mut().map(|p| &mut p.message)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -567,26 +429,11 @@ fn delivered(d: Option<lapin::Result<Delivery>>, queue: &str) -> Result<Delivery
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Operation;
-    use std::collections::BTreeMap;
-
-    fn route(kind: &str) -> Route {
-        Route {
-            kind: kind.into(),
-            table: "t".into(),
-            key: vec!["id".into()],
-            operation: Operation::Upsert,
-            rename: BTreeMap::new(),
-            drop: vec![],
-            constants: BTreeMap::new(),
-        }
-    }
 
     #[test]
     fn retry_delays_grow() {
         assert_eq!(retry_delay(1), Duration::from_millis(200));
         assert_eq!(retry_delay(3), Duration::from_millis(800));
         assert!(retry_delay(40) <= Duration::from_secs(103));
-        let _ = route("x");
     }
 }

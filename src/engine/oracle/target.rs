@@ -9,13 +9,12 @@
 //! versions and this site's writes still in its outbox (compared by their
 //! `CREATED_AT`: Oracle keeps no commit time per row).
 //!
-//! Statements are sent one row at a time with binds (the `oracle` crate is
-//! blocking: a batch runs on `spawn_blocking`). When a statement fails on
-//! one message's data (a constraint, a conversion, an application
-//! trigger's `RAISE_APPLICATION_ERROR`), the transaction is rolled back
-//! and the batch applied again one message at a time, each under a
-//! `SAVEPOINT`: the failing message is rolled back alone, its entity's
-//! later messages are held behind it, and the rest commits.
+//! Statements are sent one row at a time with binds. The `oracle` crate is
+//! blocking: each step of a batch runs on `spawn_blocking`, on the
+//! session's one connection. The steps, their retries and the isolation of
+//! a message whose data fails (a constraint, a conversion, an application
+//! trigger's `RAISE_APPLICATION_ERROR`) are the sink's
+//! ([`crate::sink::batch`]); a message is isolated under a `SAVEPOINT`.
 //!
 //! Trigger marker: the sink's session runs
 //! `DBMS_SESSION.SET_IDENTIFIER('sitesync')` once connected, so an
@@ -40,12 +39,12 @@ use super::conn::{OracleConnect, outbox_names};
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::mapping::{Entity, MappedRow, map_row};
-use crate::sink::rules::{self, Conflict, LocalWrite, Version, decide, track};
-use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
-use crate::source::ErrorKind;
+use crate::sink::TargetError;
+use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
+use crate::sink::mapping::{Entity, MappedRow};
+use crate::sink::rules::{Conflict, Gap, Version};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
@@ -268,31 +267,20 @@ fn per_message(code: u32) -> bool {
     ) || (20000..=20999).contains(&code)
 }
 
-/// Why an attempt at a batch failed.
-enum Failed {
-    Data(String),
-    Busy,
-    Transient(TargetError),
-}
-
 /// The ORA- code of an error message (the source's parser).
 fn ora_code(message: &str) -> Option<u32> {
     super::conn::code(message, "ORA-")
 }
 
-impl Failed {
-    fn from_ora(context: &str, e: oracle::Error) -> Failed {
-        let m = e.to_string();
-        match ora_code(&m) {
-            // Resource busy (NOWAIT), deadlock, serialization failure:
-            // the whole batch is rolled back and tried again.
-            Some(54 | 60 | 8177) => Failed::Busy,
-            Some(c) if per_message(c) => Failed::Data(m),
-            _ => Failed::Transient(TargetError {
-                kind: ErrorKind::Transient,
-                message: format!("{context}: {m}"),
-            }),
-        }
+/// How an `oracle` crate error fails a batch.
+fn failed(context: &str, e: oracle::Error) -> Failed {
+    let m = e.to_string();
+    match ora_code(&m) {
+        // Resource busy (NOWAIT), deadlock, serialization failure: the
+        // whole batch is rolled back and tried again.
+        Some(54 | 60 | 8177) => Failed::Busy,
+        Some(c) if per_message(c) => Failed::Data(m),
+        _ => Failed::Batch(TargetError::transient(format!("{context}: {m}"))),
     }
 }
 
@@ -303,23 +291,12 @@ fn transient(e: crate::source::SourceError) -> TargetError {
     }
 }
 
-/// One message, owned, for the blocking side.
-#[derive(Debug, Clone)]
-enum Work {
-    Hold,
-    DeadLetter(String, Option<Event>),
-    Own(Event, Option<MappedRow>),
-    Skip(Event),
-    Apply(Event, Route, MappedRow),
-}
-
+/// The Oracle side of the sink: connections, `init` and `check`.
 pub struct OracleTarget {
     site: String,
-    sink: SinkConfig,
+    sink: Arc<SinkConfig>,
     connect: OracleConnect,
     outbox: String,
-    conn: Arc<Mutex<Option<oracle::Connection>>>,
-    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
 }
 
 impl OracleTarget {
@@ -328,11 +305,9 @@ impl OracleTarget {
         let (owner, table) = outbox_names(&cfg.database.outbox_table, &connect.url.user);
         Ok(OracleTarget {
             site: cfg.site.clone(),
-            sink: cfg.sink.clone(),
+            sink: Arc::new(cfg.sink.clone()),
             outbox: format!("\"{owner}\".\"{table}\""),
             connect,
-            conn: Arc::new(Mutex::new(None)),
-            columns: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -409,17 +384,12 @@ impl OracleTarget {
             for (name, ddl) in TABLES {
                 let n: i64 = conn
                     .query_row_as("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1", &[&name])
-                    .map_err(|e| TargetError {
-                        kind: ErrorKind::Transient,
-                        message: format!("looking for {name}: {e}"),
-                    })?;
+                    .map_err(|e| TargetError::transient(format!("looking for {name}: {e}")))?;
                 if n > 0 {
                     done.push(format!("sink table {name}: already there"));
                 } else {
-                    conn.execute(ddl, &[]).map_err(|e| TargetError {
-                        kind: ErrorKind::Operator,
-                        message: format!("creating {name}: {e}"),
-                    })?;
+                    conn.execute(ddl, &[])
+                        .map_err(|e| TargetError::operator(format!("creating {name}: {e}")))?;
                     done.push(format!("sink table {name}: created"));
                 }
             }
@@ -429,171 +399,294 @@ impl OracleTarget {
             Ok(done)
         })
         .await
-        .map_err(|e| TargetError {
-            kind: ErrorKind::Transient,
-            message: e.to_string(),
-        })?
-    }
-
-    fn work(&self, items: &[Item<'_>]) -> (Vec<Work>, Vec<Option<Seen>>) {
-        let work = items
-            .iter()
-            .map(|i| match (&i.plan, i.event) {
-                (Plan::Hold, _) => Work::Hold,
-                (Plan::DeadLetter(r), e) => Work::DeadLetter(r.clone(), e.cloned()),
-                (Plan::Own(row), Some(e)) => Work::Own(e.clone(), row.clone()),
-                (Plan::Skip, Some(e)) => Work::Skip(e.clone()),
-                (Plan::Apply(route, row), Some(e)) => {
-                    Work::Apply(e.clone(), (*route).clone(), row.clone())
-                }
-                (_, None) => Work::DeadLetter("not a sitesync event".into(), None),
-            })
-            .collect();
-        (work, items.iter().map(|i| i.seen.clone()).collect())
+        .map_err(|e| TargetError::transient(e.to_string()))?
     }
 }
 
 /// What the blocking side needs besides the connection.
 struct Ctx {
     site: String,
-    sink: SinkConfig,
+    sink: Arc<SinkConfig>,
     outbox: String,
-    /// Route tables' column types (see [`column_types`]).
-    columns: Arc<Mutex<HashMap<String, HashMap<String, Bind>>>>,
+    /// Route tables' column types (see [`column_types`]), for this
+    /// connection (a new connection may see changed tables).
+    columns: Mutex<HashMap<String, HashMap<String, Bind>>>,
 }
 
-impl Target for OracleTarget {
-    async fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> Result<Vec<Outcome>, TargetError> {
-        let (work, seen) = self.work(items);
-        let ctx = Ctx {
-            site: self.site.clone(),
-            sink: self.sink.clone(),
-            outbox: self.outbox.clone(),
-            columns: self.columns.clone(),
-        };
+impl Dialect for OracleTarget {
+    type Session = OracleSession;
+
+    const BUSY_RETRIES: u32 = 5;
+
+    /// A connection with the trigger marker set. Every statement the sink
+    /// sends runs on it: a connection opened without the marker (the idle
+    /// sweep once opened one) would let application triggers copy the
+    /// sink's writes into the outbox.
+    async fn connect(&self) -> Result<OracleSession, TargetError> {
         let connect = self.connect.clone();
-        let slot = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                // A new connection may see changed tables.
-                ctx.columns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clear();
-            }
-            let conn = session(&connect, &mut guard)?;
-            let result = apply_batch(conn, &ctx, &work, &seen);
-            if result.is_err() {
-                let _ = conn.rollback();
-                if conn.ping().is_err() {
-                    *guard = None;
-                }
-            }
-            result
+        let conn = tokio::task::spawn_blocking(move || {
+            let conn = connect.connect().map_err(transient)?;
+            conn.execute(MARKER_SQL, &[]).map_err(|e| {
+                TargetError::transient(format!(
+                    "setting the trigger marker (DBMS_SESSION.SET_IDENTIFIER): {e}"
+                ))
+            })?;
+            Ok::<_, TargetError>(conn)
         })
         .await
-        .map_err(|e| TargetError {
-            kind: ErrorKind::Transient,
-            message: format!("the Oracle sink task failed: {e}"),
-        })?
-    }
-
-    async fn sweep_own(&self) -> Result<u64, TargetError> {
-        let connect = self.connect.clone();
-        let slot = self.conn.clone();
-        let sql = format!(
-            "DELETE FROM {} o WHERE EXISTS (SELECT 1 FROM SITESYNC_INBOX i WHERE LOWER(o.ID) = i.EVENT_ID AND i.OUTCOME = 'own')",
-            self.outbox
-        );
-        tokio::task::spawn_blocking(move || {
-            let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
-            let conn = session(&connect, &mut guard)?;
-            let fail = |e: oracle::Error| TargetError {
-                kind: ErrorKind::Transient,
-                message: format!("sweeping outbox rows that came back: {e}"),
-            };
-            let n = conn
-                .execute(&sql, &[])
-                .map_err(fail)?
-                .row_count()
-                .map_err(fail)?;
-            conn.commit().map_err(fail)?;
-            Ok(n)
+        .map_err(|e| TargetError::transient(format!("the Oracle sink task failed: {e}")))??;
+        Ok(OracleSession {
+            conn: Arc::new(Mutex::new(conn)),
+            ctx: Arc::new(Ctx {
+                site: self.site.clone(),
+                sink: self.sink.clone(),
+                outbox: self.outbox.clone(),
+                columns: Mutex::new(HashMap::new()),
+            }),
         })
-        .await
-        .map_err(|e| TargetError {
-            kind: ErrorKind::Transient,
-            message: e.to_string(),
-        })?
     }
-}
-
-/// The sink's session, connected with the trigger marker set if the slot
-/// is empty. Every statement the sink sends runs on it: a connection opened
-/// without the marker (the idle sweep once opened one) would let
-/// application triggers copy the sink's writes into the outbox.
-fn session<'g>(
-    connect: &OracleConnect,
-    slot: &'g mut Option<oracle::Connection>,
-) -> Result<&'g oracle::Connection, TargetError> {
-    if slot.is_none() {
-        let conn = connect.connect().map_err(transient)?;
-        conn.execute(MARKER_SQL, &[]).map_err(|e| TargetError {
-            kind: ErrorKind::Transient,
-            message: format!("setting the trigger marker (DBMS_SESSION.SET_IDENTIFIER): {e}"),
-        })?;
-        *slot = Some(conn);
-    }
-    slot.as_ref().ok_or_else(|| TargetError {
-        kind: ErrorKind::Transient,
-        message: "the Oracle sink has no connection".into(),
-    })
 }
 
 /// Sets the marker application triggers test (`CLIENT_IDENTIFIER`).
 pub const MARKER_SQL: &str = "BEGIN DBMS_SESSION.SET_IDENTIFIER('sitesync'); END;";
 
-const BUSY_RETRIES: u32 = 5;
+/// One marked connection of the Oracle sink.
+pub struct OracleSession {
+    conn: Arc<Mutex<oracle::Connection>>,
+    ctx: Arc<Ctx>,
+}
 
-fn apply_batch(
-    conn: &oracle::Connection,
-    ctx: &Ctx,
-    work: &[Work],
-    seen: &[Option<Seen>],
-) -> Result<Vec<Outcome>, TargetError> {
-    let mut isolate = false;
-    let mut busy = 0;
-    loop {
-        let result = attempt(conn, ctx, work, seen, isolate);
-        if result.is_err() {
-            let _ = conn.rollback();
-        }
-        match result {
-            Ok(outcomes) => return Ok(outcomes),
-            Err(Failed::Transient(e)) => return Err(e),
-            Err(Failed::Busy) if busy < BUSY_RETRIES => {
-                busy += 1;
-                std::thread::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy)));
+impl OracleSession {
+    /// Runs `f` on the connection, on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&oracle::Connection, &Ctx) -> Result<T, Failed> + Send + 'static,
+    ) -> Result<T, Failed> {
+        let (conn, ctx) = (self.conn.clone(), self.ctx.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn, &ctx)
+        })
+        .await
+        .map_err(|e| {
+            Failed::Batch(TargetError::transient(format!(
+                "the Oracle sink task failed: {e}"
+            )))
+        })?
+    }
+}
+
+/// Entities, owned, for the blocking side.
+fn owned(entities: &[&Entity]) -> Vec<Entity> {
+    entities.iter().map(|e| (*e).clone()).collect()
+}
+
+/// Writes, owned, for the blocking side.
+fn owned_writes(writes: &[Write<'_>]) -> Vec<(Route, MappedRow)> {
+    writes
+        .iter()
+        .map(|(route, row)| ((*route).clone(), (*row).clone()))
+        .collect()
+}
+
+impl Session for OracleSession {
+    /// Oracle opens a transaction with the first statement; reading the
+    /// origins (`FOR UPDATE`) is that statement.
+    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+        let origins: Vec<String> = start.origins.iter().map(|o| o.to_string()).collect();
+        self.blocking(move |conn, _| read_origins(conn, &origins))
+            .await
+    }
+
+    async fn record_progress(
+        &mut self,
+        changed: &[(&str, u64, u64)],
+        gaps: &[Gap],
+    ) -> Result<(), Failed> {
+        let changed: Vec<(String, i64, i64)> = changed
+            .iter()
+            .map(|(o, e, s)| (o.to_string(), *e as i64, *s as i64))
+            .collect();
+        let gaps = gaps.to_vec();
+        self.blocking(move |conn, _| write_progress(conn, &changed, &gaps))
+            .await
+    }
+
+    async fn insert_inbox(
+        &mut self,
+        events: &[(&Event, &'static str)],
+        _careful: bool,
+    ) -> Result<HashSet<Uuid>, Failed> {
+        // MERGE: an event the inbox holds is never an error here.
+        let events: Vec<(Event, &'static str)> =
+            events.iter().map(|(e, o)| ((*e).clone(), *o)).collect();
+        self.blocking(move |conn, _| {
+            let mut new = HashSet::new();
+            for (e, outcome) in &events {
+                if inbox(conn, e, outcome)? {
+                    new.insert(e.id);
+                }
             }
-            Err(Failed::Busy) => {
-                return Err(TargetError {
-                    kind: ErrorKind::Transient,
-                    message: format!(
-                        "the batch's rows stayed locked by applications through {BUSY_RETRIES} tries"
-                    ),
-                });
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn delete_own(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        let ids = ids.to_vec();
+        self.blocking(move |conn, ctx| {
+            for id in &ids {
+                let lower = id.to_string();
+                let upper = lower.to_uppercase();
+                let n = exec(
+                    conn,
+                    "deleting outbox rows that came back",
+                    &format!("DELETE FROM {} WHERE ID IN (:1, :2)", ctx.outbox),
+                    &[&lower, &upper],
+                )?;
+                if n == 0 {
+                    tracing::info!(%id, "the outbox row of an event that came back was not found (the idle sweep retries)");
+                }
             }
-            Err(Failed::Data(e)) if !isolate => {
-                tracing::debug!(error = %e, "a statement failed on a message's data; applying one message at a time");
-                isolate = true;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_versions(&mut self, entities: &[&Entity]) -> Result<Stored, Failed> {
+        let entities = owned(entities);
+        self.blocking(move |conn, _| load_versions(conn, &entities))
+            .await
+    }
+
+    async fn local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
+        let entities = owned(entities);
+        self.blocking(move |conn, ctx| local_writes(conn, ctx, &entities))
+            .await
+    }
+
+    async fn write(&mut self, wave: &[Write<'_>]) -> Result<(), Failed> {
+        let wave = owned_writes(wave);
+        self.blocking(move |conn, ctx| {
+            let mut cache = ctx.columns.lock().unwrap_or_else(|p| p.into_inner());
+            for (route, row) in &wave {
+                write_row(conn, &mut cache, route, row)?;
             }
-            Err(Failed::Data(e)) => {
-                return Err(TargetError {
-                    kind: ErrorKind::Transient,
-                    message: format!("a statement outside any one message failed: {e}"),
-                });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upsert_versions(
+        &mut self,
+        versions: &[(Entity, Version, Uuid)],
+        _stored: &Stored,
+    ) -> Result<(), Failed> {
+        // MERGE on the key, forward only: what was read does not matter.
+        let versions = versions.to_vec();
+        self.blocking(move |conn, _| {
+            for (entity, version, id) in &versions {
+                upsert_version(conn, entity, version, *id)?;
             }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_conflicts(&mut self, conflicts: &[Conflict]) -> Result<(), Failed> {
+        let conflicts = conflicts.to_vec();
+        self.blocking(move |conn, _| insert_conflicts(conn, &conflicts))
+            .await
+    }
+
+    async fn mark_lost(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        let ids = ids.to_vec();
+        self.blocking(move |conn, _| {
+            for id in &ids {
+                let id = id.to_string();
+                exec(
+                    conn,
+                    "recording lost events",
+                    "UPDATE SITESYNC_INBOX SET OUTCOME = 'lost' WHERE EVENT_ID = :1",
+                    &[&id],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn savepoint(&mut self) -> Result<(), Failed> {
+        self.blocking(|conn, _| exec(conn, "savepoint", "SAVEPOINT sitesync_item", &[]).map(|_| ()))
+            .await
+    }
+
+    /// Oracle has no RELEASE SAVEPOINT: a savepoint ends with its
+    /// transaction.
+    async fn release_savepoint(&mut self) -> Result<(), Failed> {
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), Failed> {
+        self.blocking(|conn, _| {
+            exec(
+                conn,
+                "rolling back a savepoint",
+                "ROLLBACK TO SAVEPOINT sitesync_item",
+                &[],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn commit(&mut self) -> Result<(), Failed> {
+        self.blocking(|conn, _| conn.commit().map_err(|e| failed("committing the batch", e)))
+            .await
+    }
+
+    async fn rollback(&mut self) {
+        let _ = self
+            .blocking(|conn, _| {
+                let _ = conn.rollback();
+                Ok(())
+            })
+            .await;
+    }
+
+    async fn usable(&mut self) -> bool {
+        self.blocking(|conn, _| Ok(conn.ping().is_ok()))
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn sweep_own(&mut self) -> Result<u64, TargetError> {
+        let swept = self
+            .blocking(|conn, ctx| {
+                let sql = format!(
+                    "DELETE FROM {} o WHERE EXISTS (SELECT 1 FROM SITESYNC_INBOX i WHERE LOWER(o.ID) = i.EVENT_ID AND i.OUTCOME = 'own')",
+                    ctx.outbox
+                );
+                let fail = |e: oracle::Error| {
+                    Failed::Batch(TargetError::transient(format!(
+                        "sweeping outbox rows that came back: {e}"
+                    )))
+                };
+                let n = conn
+                    .execute(&sql, &[])
+                    .map_err(fail)?
+                    .row_count()
+                    .map_err(fail)?;
+                conn.commit().map_err(fail)?;
+                Ok(n)
+            })
+            .await;
+        match swept {
+            Ok(n) => Ok(n),
+            Err(Failed::Batch(e)) => Err(e),
+            Err(_) => Err(TargetError::transient(
+                "sweeping outbox rows that came back failed",
+            )),
         }
     }
 }
@@ -606,93 +699,7 @@ fn exec(
 ) -> Result<u64, Failed> {
     conn.execute(sql, binds)
         .and_then(|s| s.row_count())
-        .map_err(|e| Failed::from_ora(context, e))
-}
-
-fn attempt(
-    conn: &oracle::Connection,
-    ctx: &Ctx,
-    work: &[Work],
-    seen: &[Option<Seen>],
-    isolate: bool,
-) -> Result<Vec<Outcome>, Failed> {
-    progress(conn, seen)?;
-    let mut outcomes = Vec::with_capacity(work.len());
-    let mut first_seen: HashSet<Uuid> = HashSet::new();
-    let mut blocked: HashSet<Entity> = HashSet::new();
-    let mut to_apply: Vec<(usize, &Event, &Route, &MappedRow)> = Vec::new();
-    for (i, w) in work.iter().enumerate() {
-        let event = match w {
-            Work::Hold => None,
-            Work::DeadLetter(_, e) => e.as_ref(),
-            Work::Own(e, _) | Work::Skip(e) | Work::Apply(e, ..) => Some(e),
-        };
-        if let Some(e) = event
-            && !first_seen.insert(e.id)
-        {
-            outcomes.push(Outcome::Duplicate);
-            continue;
-        }
-        let outcome = match w {
-            Work::Hold => Outcome::Held,
-            Work::DeadLetter(reason, None) => Outcome::DeadLettered(reason.clone()),
-            Work::DeadLetter(reason, Some(e)) => {
-                inbox(conn, e, "dead_letter")?;
-                Outcome::DeadLettered(reason.clone())
-            }
-            Work::Skip(e) => {
-                if inbox(conn, e, "skipped")? {
-                    Outcome::Skipped
-                } else {
-                    Outcome::Duplicate
-                }
-            }
-            Work::Own(e, row) => {
-                if inbox(conn, e, "own")? {
-                    own_back_round(conn, ctx, e, row.as_ref())?;
-                    Outcome::Own
-                } else {
-                    Outcome::Duplicate
-                }
-            }
-            Work::Apply(e, route, row) => {
-                to_apply.push((i, e, route, row));
-                Outcome::Applied
-            }
-        };
-        outcomes.push(outcome);
-    }
-    if isolate {
-        for (i, e, route, row) in to_apply {
-            if blocked.contains(&row.entity) {
-                outcomes[i] = Outcome::Held;
-                continue;
-            }
-            exec(conn, "savepoint", "SAVEPOINT sitesync_item", &[])?;
-            match apply_events(conn, ctx, &[(i, e, route, row)]) {
-                Ok(o) => outcomes[i] = o.into_iter().next().expect("one outcome"),
-                Err(Failed::Data(reason)) => {
-                    exec(
-                        conn,
-                        "rolling back a savepoint",
-                        "ROLLBACK TO SAVEPOINT sitesync_item",
-                        &[],
-                    )?;
-                    blocked.insert(row.entity.clone());
-                    outcomes[i] = Outcome::Failed(reason);
-                }
-                Err(other) => return Err(other),
-            }
-        }
-    } else {
-        let decided = apply_events(conn, ctx, &to_apply)?;
-        for ((i, ..), o) in to_apply.iter().zip(decided) {
-            outcomes[*i] = o;
-        }
-    }
-    conn.commit()
-        .map_err(|e| Failed::from_ora("committing the batch", e))?;
-    Ok(outcomes)
+        .map_err(|e| failed(context, e))
 }
 
 /// Writes the inbox row; whether the event is new.
@@ -712,57 +719,8 @@ fn no_data(e: &oracle::Error) -> bool {
     e.kind() == oracle::ErrorKind::NoDataFound
 }
 
-fn progress(conn: &oracle::Connection, seen: &[Option<Seen>]) -> Result<(), Failed> {
-    let seen: Vec<&Seen> = seen.iter().flatten().collect();
-    if seen.is_empty() {
-        return Ok(());
-    }
-    let mut state: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    let origins: HashSet<&str> = seen.iter().map(|s| s.origin.as_str()).collect();
-    for origin in origins {
-        let row = conn.query_row_as::<(i64, i64)>(
-            "SELECT EPOCH, SEQ FROM SITESYNC_ORIGINS WHERE ORIGIN = :1 FOR UPDATE",
-            &[&origin],
-        );
-        match row {
-            Ok((e, s)) => {
-                state.insert(origin.to_string(), (e as u64, s as u64));
-            }
-            Err(e) if no_data(&e) => {}
-            Err(e) => return Err(Failed::from_ora("reading origin progress", e)),
-        }
-    }
-    let (changed, gaps) = track(&mut state, &seen);
-    for origin in changed {
-        let (e, s) = state[&origin];
-        let (e, s) = (e as i64, s as i64);
-        exec(
-            conn,
-            "writing origin progress",
-            "MERGE INTO SITESYNC_ORIGINS o USING (SELECT :1 ORIGIN, :2 EPOCH, :3 SEQ FROM DUAL) s ON (o.ORIGIN = s.ORIGIN) \
-             WHEN MATCHED THEN UPDATE SET o.EPOCH = s.EPOCH, o.SEQ = s.SEQ, o.UPDATED_AT = SYSTIMESTAMP \
-             WHEN NOT MATCHED THEN INSERT (ORIGIN, EPOCH, SEQ) VALUES (s.ORIGIN, s.EPOCH, s.SEQ)",
-            &[&origin, &e, &s],
-        )?;
-    }
-    for g in gaps {
-        tracing::warn!(origin = %g.origin, epoch = g.epoch, from = g.from, to = g.to, "gap: events of this origin never arrived");
-        let (e, f, t) = (g.epoch as i64, g.from as i64, g.to as i64);
-        exec(
-            conn,
-            "recording gaps",
-            "INSERT INTO SITESYNC_GAPS (ORIGIN, EPOCH, FROM_SEQ, TO_SEQ) VALUES (:1, :2, :3, :4)",
-            &[&g.origin, &e, &f, &t],
-        )?;
-    }
-    Ok(())
-}
-
-fn load_versions(
-    conn: &oracle::Connection,
-    entities: &[&Entity],
-) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
-    let mut out = HashMap::new();
+fn load_versions(conn: &oracle::Connection, entities: &[Entity]) -> Result<Stored, Failed> {
+    let mut out = Stored::new();
     for e in entities {
         let row = conn.query_row_as::<(String, String, String)>(
             &format!("SELECT TO_CHAR(TS AT TIME ZONE 'UTC', '{TS_FORMAT}'), ORIGIN, EVENT_ID FROM SITESYNC_VERSIONS WHERE ENTITY = :1 AND KEY = :2"),
@@ -771,11 +729,11 @@ fn load_versions(
         match row {
             Ok((ts, origin, id)) => {
                 if let (Some(ts), Ok(id)) = (parse_timestamp(&ts), Uuid::parse_str(&id)) {
-                    out.insert((*e).clone(), (Version { ts, origin }, id));
+                    out.insert(e.clone(), (Version { ts, origin }, id));
                 }
             }
             Err(err) if no_data(&err) => {}
-            Err(err) => return Err(Failed::from_ora("reading entity versions", err)),
+            Err(err) => return Err(failed("reading entity versions", err)),
         }
     }
     Ok(out)
@@ -797,14 +755,61 @@ fn upsert_version(
     Ok(())
 }
 
+/// Each origin's progress, read and locked (`FOR UPDATE`).
+fn read_origins(conn: &oracle::Connection, origins: &[String]) -> Result<Origins, Failed> {
+    let mut state = Origins::new();
+    for origin in origins {
+        let row = conn.query_row_as::<(i64, i64)>(
+            "SELECT EPOCH, SEQ FROM SITESYNC_ORIGINS WHERE ORIGIN = :1 FOR UPDATE",
+            &[origin],
+        );
+        match row {
+            Ok((e, s)) => {
+                state.insert(origin.clone(), (e as u64, s as u64));
+            }
+            Err(e) if no_data(&e) => {}
+            Err(e) => return Err(failed("reading origin progress", e)),
+        }
+    }
+    Ok(state)
+}
+
+/// The origins' new progress and the gaps found.
+fn write_progress(
+    conn: &oracle::Connection,
+    changed: &[(String, i64, i64)],
+    gaps: &[Gap],
+) -> Result<(), Failed> {
+    for (origin, e, s) in changed {
+        exec(
+            conn,
+            "writing origin progress",
+            "MERGE INTO SITESYNC_ORIGINS o USING (SELECT :1 ORIGIN, :2 EPOCH, :3 SEQ FROM DUAL) s ON (o.ORIGIN = s.ORIGIN) \
+             WHEN MATCHED THEN UPDATE SET o.EPOCH = s.EPOCH, o.SEQ = s.SEQ, o.UPDATED_AT = SYSTIMESTAMP \
+             WHEN NOT MATCHED THEN INSERT (ORIGIN, EPOCH, SEQ) VALUES (s.ORIGIN, s.EPOCH, s.SEQ)",
+            &[origin, e, s],
+        )?;
+    }
+    for g in gaps {
+        let (e, f, t) = (g.epoch as i64, g.from as i64, g.to as i64);
+        exec(
+            conn,
+            "recording gaps",
+            "INSERT INTO SITESYNC_GAPS (ORIGIN, EPOCH, FROM_SEQ, TO_SEQ) VALUES (:1, :2, :3, :4)",
+            &[&g.origin, &e, &f, &t],
+        )?;
+    }
+    Ok(())
+}
+
 /// This site's writes still in the outbox, for these entities.
 fn local_writes(
     conn: &oracle::Connection,
     ctx: &Ctx,
-    entities: &[&Entity],
-) -> Result<HashMap<Entity, Vec<LocalWrite>>, Failed> {
-    let mut out: HashMap<Entity, Vec<LocalWrite>> = HashMap::new();
-    let wanted: HashSet<&Entity> = entities.iter().copied().collect();
+    entities: &[Entity],
+) -> Result<Local, Failed> {
+    let mut out = Local::new();
+    let wanted: HashSet<&Entity> = entities.iter().collect();
     for e in entities {
         let types: Vec<&Route> = ctx
             .sink
@@ -821,26 +826,16 @@ fn local_writes(
                     ),
                     &[&route.kind, &e.key],
                 )
-                .map_err(|err| Failed::from_ora("looking for local writes not yet propagated", err))?;
+                .map_err(|err| failed("looking for local writes not yet propagated", err))?;
             for row in rows {
                 let Ok((id, data, ts)) = row else { continue };
-                let (Ok(id), Some(ts)) = (Uuid::parse_str(id.trim()), parse_timestamp(&ts)) else {
+                let Some(ts) = parse_timestamp(&ts) else {
                     continue;
                 };
-                let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&data) else {
-                    continue;
-                };
-                if let Ok(mapped) = map_row(route, &map)
-                    && wanted.contains(&mapped.entity)
+                if let Some((entity, write)) =
+                    batch::local_write(&ctx.sink, &ctx.site, &wanted, (&id, &route.kind, &data, ts))
                 {
-                    out.entry(mapped.entity).or_default().push(LocalWrite {
-                        version: Version {
-                            ts,
-                            origin: ctx.site.clone(),
-                        },
-                        id,
-                        payload: Value::Object(map),
-                    });
+                    out.entry(entity).or_default().push(write);
                 }
             }
         }
@@ -869,7 +864,7 @@ fn column_types<'c>(
                 "SELECT COLUMN_NAME, DATA_TYPE FROM ALL_TAB_COLUMNS WHERE OWNER = NVL(:1, USER) AND TABLE_NAME = :2",
                 &[&owner, &name],
             )
-            .map_err(|e| Failed::from_ora(&format!("reading the columns of {table}"), e))?;
+            .map_err(|e| failed(&format!("reading the columns of {table}"), e))?;
         let mut types = HashMap::new();
         for (column, data_type) in rows.flatten() {
             types.insert(column, Bind::of(&data_type));
@@ -931,60 +926,6 @@ fn write_row(
     Ok(())
 }
 
-fn apply_events(
-    conn: &oracle::Connection,
-    ctx: &Ctx,
-    batch: &[(usize, &Event, &Route, &MappedRow)],
-) -> Result<Vec<Outcome>, Failed> {
-    let mut fresh = Vec::new();
-    let mut is_new = Vec::with_capacity(batch.len());
-    for b in batch {
-        let new = inbox(conn, b.1, "applied")?;
-        is_new.push(new);
-        if new {
-            fresh.push(*b);
-        }
-    }
-    let entities: Vec<&Entity> = {
-        let mut seen = HashSet::new();
-        fresh
-            .iter()
-            .map(|(.., row)| &row.entity)
-            .filter(|e| seen.insert(*e))
-            .collect()
-    };
-    let stored = load_versions(conn, &entities)?;
-    let local = local_writes(conn, ctx, &entities)?;
-    let pairs: Vec<(&Event, &Entity)> = fresh
-        .iter()
-        .map(|(_, e, _, row)| (*e, &row.entity))
-        .collect();
-    let decided = decide(&pairs, &stored, &local);
-    let mut cache = ctx.columns.lock().unwrap_or_else(|p| p.into_inner());
-    for ((_, _, route, row), applied) in fresh.iter().zip(&decided.applied) {
-        if *applied {
-            write_row(conn, &mut cache, route, row)?;
-        }
-    }
-    drop(cache);
-    for (entity, (version, id)) in &decided.versions {
-        upsert_version(conn, entity, version, *id)?;
-    }
-    insert_conflicts(conn, &decided.conflicts)?;
-    for ((_, e, ..), applied) in fresh.iter().zip(&decided.applied) {
-        if !applied {
-            let id = e.id.to_string();
-            exec(
-                conn,
-                "recording lost events",
-                "UPDATE SITESYNC_INBOX SET OUTCOME = 'lost' WHERE EVENT_ID = :1",
-                &[&id],
-            )?;
-        }
-    }
-    Ok(rules::outcomes(is_new, &decided.applied))
-}
-
 fn insert_conflicts(conn: &oracle::Connection, conflicts: &[Conflict]) -> Result<(), Failed> {
     for c in conflicts {
         let loser = c.loser.to_string();
@@ -1007,36 +948,6 @@ fn insert_conflicts(conn: &oracle::Connection, conflicts: &[Conflict]) -> Result
                 &wts,
             ],
         )?;
-        tracing::info!(entity = %c.entity.table, key = %c.entity.key, loser = %c.loser, winner = %c.winner, "conflict resolved by last-writer-wins");
-    }
-    Ok(())
-}
-
-/// An event of ours back round: delete its outbox row, and make it the
-/// entity's version if it is the newest.
-fn own_back_round(
-    conn: &oracle::Connection,
-    ctx: &Ctx,
-    e: &Event,
-    row: Option<&MappedRow>,
-) -> Result<(), Failed> {
-    let lower = e.id.to_string();
-    let upper = lower.to_uppercase();
-    let n = exec(
-        conn,
-        "deleting outbox rows that came back",
-        &format!("DELETE FROM {} WHERE ID IN (:1, :2)", ctx.outbox),
-        &[&lower, &upper],
-    )?;
-    if n == 0 {
-        tracing::info!(id = %e.id, "the outbox row of an event that came back was not found (the idle sweep retries)");
-    }
-    if let Some(row) = row {
-        let version = Version {
-            ts: e.timestamp,
-            origin: e.origin.clone(),
-        };
-        upsert_version(conn, &row.entity, &version, e.id)?;
     }
     Ok(())
 }
@@ -1054,12 +965,13 @@ fn mapped(route: &Route, data: &str) -> MappedRow {
         epoch: 1,
         seq: 1,
     };
-    map_row(route, &crate::sink::mapping::data_object(&ev).unwrap()).unwrap()
+    crate::sink::mapping::map_row(route, &crate::sink::mapping::data_object(&ev).unwrap()).unwrap()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn route(op: Operation, key: &[&str]) -> Route {
         Route {

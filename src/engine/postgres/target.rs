@@ -9,11 +9,10 @@
 //! `INSERT … ON CONFLICT` or `DELETE` per table and column set, built with
 //! `jsonb_populate_recordset`), the entities' versions and the conflicts.
 //!
-//! When a statement fails because of one message's data (a constraint, a
-//! type), the transaction is rolled back and the batch is applied again one
-//! message at a time, each under a savepoint: the failing message is rolled
-//! back alone, later messages of its entity are held behind it, and the
-//! rest commits.
+//! The order of the steps, the retries and the isolation of a message
+//! whose data fails are the sink's ([`crate::sink::batch`]); this file is
+//! the SQL of each step ([`PgSession`]) and how PostgreSQL's errors are
+//! classified ([`failed`]).
 //!
 //! Local writes: before it looks for this site's writes still in the
 //! outbox, the sink locks the rows it looks at that exist (`FOR UPDATE`,
@@ -38,16 +37,18 @@
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::event::Event;
-use crate::sink::mapping::{self, Entity, MappedRow};
-use crate::sink::rules::{Conflict, LocalWrite, Version, decide, track};
-use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
-use crate::source::ErrorKind;
+use crate::sink::TargetError;
+use crate::sink::batch::{
+    self, Dialect, Failed, Finish, Local, Origins, Session, Start, Stored, Write,
+};
+use crate::sink::mapping::Entity;
+use crate::sink::rules::{Conflict, Gap, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use tokio::sync::Mutex;
+use std::sync::Arc;
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 use uuid::Uuid;
 
 /// Quotes `[schema.]name` as SQL.
@@ -144,9 +145,20 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 fn transient(context: &str, e: tokio_postgres::Error) -> TargetError {
-    TargetError {
-        kind: ErrorKind::Transient,
-        message: format!("{context}: {}", describe(&e)),
+    TargetError::transient(format!("{context}: {}", describe(&e)))
+}
+
+/// How an error fails a batch: an application holding a row (busy), one
+/// message's data, or the batch as a whole.
+fn failed(context: &str, e: tokio_postgres::Error) -> Failed {
+    use tokio_postgres::error::SqlState;
+    if matches!(e.code(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+    {
+        Failed::Busy
+    } else if per_message(&e) {
+        Failed::Data(describe(&e))
+    } else {
+        Failed::Batch(transient(context, e))
     }
 }
 
@@ -225,15 +237,13 @@ struct OutboxShape {
     has_entity_key: bool,
 }
 
+/// The PostgreSQL side of the sink: connections, `init` and `check`.
 pub struct PostgresTarget {
     site: String,
     url: String,
     pg: tokio_postgres::Config,
-    sink: SinkConfig,
+    sink: Arc<SinkConfig>,
     outbox: String,
-    conn: Mutex<Option<(Client, OutboxShape)>>,
-    /// Statements prepared on `conn`'s client.
-    prepared: Prepared,
 }
 
 impl PostgresTarget {
@@ -248,10 +258,8 @@ impl PostgresTarget {
             site: cfg.site.clone(),
             url: cfg.database.url.clone(),
             pg,
-            sink: cfg.sink.clone(),
+            sink: Arc::new(cfg.sink.clone()),
             outbox: format!("{schema}.{table}"),
-            conn: Mutex::new(None),
-            prepared: Prepared::default(),
         })
     }
 
@@ -271,9 +279,7 @@ impl PostgresTarget {
 
     /// A connection for applying, with what the sink needs to know about
     /// the outbox; refuses a database `sitesync init` has not prepared.
-    async fn connect(&self) -> Result<(Client, OutboxShape), TargetError> {
-        // Statements prepared on a previous connection are gone with it.
-        self.prepared.clear();
+    async fn session(&self) -> Result<PgSession, TargetError> {
         let client = self.open().await?;
         let (schema, table) = self.outbox.split_once('.').expect("schema-qualified");
         let columns: HashMap<String, String> = client
@@ -295,13 +301,10 @@ impl PostgresTarget {
             .map_err(|e| transient("looking for the sink tables", e))?
             .get(0);
         if !ready {
-            return Err(TargetError {
-                kind: ErrorKind::Operator,
-                message: format!(
-                    "the sink tables are missing in {}: run `sitesync init`",
-                    redact_url(&self.url)
-                ),
-            });
+            return Err(TargetError::operator(format!(
+                "the sink tables are missing in {}: run `sitesync init`",
+                redact_url(&self.url)
+            )));
         }
         let commit_ts: String = client
             .query_one("SHOW track_commit_timestamp", &[])
@@ -329,7 +332,14 @@ impl PostgresTarget {
                 .filter(|_| columns.contains_key("type") && columns.contains_key("data")),
             has_entity_key: columns.contains_key("entity_key"),
         };
-        Ok((client, shape))
+        Ok(PgSession {
+            client,
+            shape,
+            prepared: Prepared::default(),
+            site: self.site.clone(),
+            sink: self.sink.clone(),
+            in_transaction: false,
+        })
     }
 
     /// What `sitesync check` verifies for the sink: its tables, the commit
@@ -341,7 +351,7 @@ impl PostgresTarget {
             Err(e) => {
                 return vec![Check::fail(
                     "sink database",
-                    e.message,
+                    e.to_string(),
                     "check database.url",
                 )];
             }
@@ -399,413 +409,38 @@ impl PostgresTarget {
             "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".to_string(),
         ])
     }
+}
 
-    async fn apply_batch(
-        &self,
-        client: &mut Client,
-        shape: &OutboxShape,
-        items: &[Item<'_>],
-    ) -> Result<Vec<Outcome>, TargetError> {
-        let mut isolate = false;
-        let mut careful = false;
-        let mut busy = 0u32;
-        loop {
-            match self.attempt(client, shape, items, isolate, careful).await {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(Failed::Transient(e)) => return Err(e),
-                // A redelivery: its inbox row stopped the plain insert.
-                Err(Failed::Seen) if !careful => {
-                    tracing::debug!(
-                        "an event of the batch is in the inbox already: applying the batch again, looking for such events"
-                    );
-                    careful = true;
-                }
-                Err(Failed::Seen) => {
-                    return Err(TargetError {
-                        kind: ErrorKind::Transient,
-                        message: "the inbox refused an event it did not hold".to_string(),
-                    });
-                }
-                // Applications are writing the batch's rows: let them
-                // finish, then try again (a few times before the backoff).
-                Err(Failed::Busy) if busy < BUSY_RETRIES => {
-                    busy += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy)))
-                        .await;
-                }
-                Err(Failed::Busy) => {
-                    return Err(TargetError {
-                        kind: ErrorKind::Transient,
-                        message: format!(
-                            "the batch's rows stayed locked by applications through {BUSY_RETRIES} tries"
-                        ),
-                    });
-                }
-                // One message's data broke a set-based statement: find it.
-                Err(Failed::Data(e)) if !isolate => {
-                    tracing::debug!(error = %e, "a batch statement failed on a message's data; applying one message at a time");
-                    isolate = true;
-                }
-                Err(Failed::Data(e)) => {
-                    return Err(TargetError {
-                        kind: ErrorKind::Transient,
-                        message: format!("a statement outside any one message failed: {e}"),
-                    });
-                }
-            }
-        }
+impl Dialect for PostgresTarget {
+    type Session = PgSession;
+
+    /// Applications hold rows for a short while: a batch waits for them
+    /// (5 ms more each time) up to 40 times before it backs off.
+    const BUSY_RETRIES: u32 = 40;
+
+    async fn connect(&self) -> Result<PgSession, TargetError> {
+        self.session().await
     }
+}
 
-    /// One try at the batch in one transaction; `isolate`: each message
-    /// under its own savepoint; `careful`: events may be in the inbox
-    /// already (see [`insert_inbox`]).
-    async fn attempt(
-        &self,
-        client: &mut Client,
-        shape: &OutboxShape,
-        items: &[Item<'_>],
-        isolate: bool,
-        careful: bool,
-    ) -> Result<Vec<Outcome>, Failed> {
-        let careful = careful || isolate;
-        // READ COMMITTED whatever the database's default: every statement
-        // sees what committed before it (see `delete_own`).
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(|e| Failed::from_pg("starting the batch", e))?;
-        if isolate {
-            tx.batch_execute(BATCH_SETTINGS)
-                .await
-                .map_err(|e| Failed::from_pg("marking the transaction", e))?;
-            // Every failure must belong to one message: deferred
-            // constraints are checked at each statement, not at COMMIT, and
-            // rows are locked message by message (a key value that does
-            // not fit its column fails its own message only).
-            tx.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
-                .await
-                .map_err(|e| Failed::from_pg("making constraints immediate", e))?;
-            progress(&tx, &self.prepared, items).await?;
-        } else {
-            // One round trip for the three (tokio-postgres pipelines
-            // statements polled together; the server runs them in order).
-            // After a failure the later ones fail as the transaction is
-            // aborted: the first error in order is the cause.
-            let applied = applied_rows(items);
-            let (marked, locked, progressed) = tokio::join!(
-                tx.batch_execute(BATCH_SETTINGS),
-                lock_rows(&tx, &self.prepared, &applied),
-                progress(&tx, &self.prepared, items),
-            );
-            marked.map_err(|e| Failed::from_pg("marking the transaction", e))?;
-            locked?;
-            progressed?;
-        }
+/// One connection of the PostgreSQL sink, with what it knows of the outbox
+/// and the statements it prepared.
+pub struct PgSession {
+    client: Client,
+    shape: OutboxShape,
+    /// Statements prepared on `client`.
+    prepared: Prepared,
+    site: String,
+    sink: Arc<SinkConfig>,
+    /// BEGIN was sent, and no COMMIT or ROLLBACK since.
+    in_transaction: bool,
+}
 
-        let crate::sink::Sorted {
-            mut outcomes,
-            others,
-            to_apply,
-        } = crate::sink::sort_items(items);
-
-        // Inbox for own, skipped and dead-lettered events.
-        let refs: Vec<(&Event, &str)> = others.iter().map(|(_, e, o)| (*e, *o)).collect();
-        let new = insert_inbox(&tx, &self.prepared, &refs, careful).await?;
-        let mut own_rows: Vec<(&Event, &MappedRow)> = Vec::new();
-        let mut own_ids: Vec<Uuid> = Vec::new();
-        for (i, ev, _) in &others {
-            if !new.contains(&ev.id) {
-                outcomes[*i] = Outcome::Duplicate;
-            } else if let Plan::Own(row) = &items[*i].plan {
-                own_ids.push(ev.id);
-                if let Some(row) = row {
-                    own_rows.push((ev, row));
-                }
-            }
-        }
-        delete_own(&tx, &self.prepared, shape, &own_ids).await?;
-        // An event of ours back round: its write is now the entity's version.
-        if !own_rows.is_empty() && !isolate {
-            self.own_back_round(&tx, shape, &own_rows).await?;
-        } else if !own_rows.is_empty() {
-            // One message at a time: the check and repair must not fail the
-            // batch; if the events' data does not fit (a field with no
-            // column), the versions are simply not moved.
-            let sp = tx
-                .savepoint("own")
-                .await
-                .map_err(|e| Failed::from_pg("savepoint", e))?;
-            let recorded = self.own_back_round(&sp, shape, &own_rows).await;
-            if let Err(e) = keep_or_undo(sp, recorded).await? {
-                tracing::warn!(error = %e, "events of this site back round: their versions could not be recorded");
-            }
-        }
-
-        if isolate {
-            let mut blocked: HashSet<Entity> = HashSet::new();
-            for i in to_apply {
-                let Plan::Apply(route, row) = &items[i].plan else {
-                    unreachable!()
-                };
-                if blocked.contains(&row.entity) {
-                    outcomes[i] = Outcome::Held;
-                    continue;
-                }
-                let sp = tx
-                    .savepoint("item")
-                    .await
-                    .map_err(|e| Failed::from_pg("savepoint", e))?;
-                let locked = lock_rows(&sp, &self.prepared, &[(*route, row)]).await;
-                let one = [(
-                    i,
-                    items[i].event.expect("applied events exist"),
-                    *route,
-                    row,
-                )];
-                let applied = match locked {
-                    Ok(()) => self.apply_events(&sp, shape, &one, careful).await,
-                    Err(e) => Err(e),
-                };
-                match keep_or_undo(sp, applied).await? {
-                    Ok(o) => outcomes[i] = o.into_iter().next().expect("one outcome"),
-                    Err(reason) => {
-                        blocked.insert(row.entity.clone());
-                        outcomes[i] = Outcome::Failed(reason);
-                    }
-                }
-            }
-        } else {
-            let batch: Vec<(usize, &Event, &Route, &MappedRow)> = to_apply
-                .iter()
-                .map(|&i| {
-                    let Plan::Apply(route, row) = &items[i].plan else {
-                        unreachable!()
-                    };
-                    (
-                        i,
-                        items[i].event.expect("applied events exist"),
-                        *route,
-                        row,
-                    )
-                })
-                .collect();
-            let decided = self.apply_events(&tx, shape, &batch, careful).await?;
-            for ((i, ..), o) in batch.iter().zip(decided) {
-                outcomes[*i] = o;
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(|e| Failed::from_pg("committing the batch", e))?;
-        Ok(outcomes)
-    }
-
-    /// Inbox rows, last-writer-wins, the writes, versions and conflicts for
-    /// events to apply. Returns Applied / Lost / Duplicate per event.
-    async fn apply_events<C: GenericClient + Sync>(
-        &self,
-        tx: &C,
-        shape: &OutboxShape,
-        batch: &[(usize, &Event, &Route, &MappedRow)],
-        careful: bool,
-    ) -> Result<Vec<Outcome>, Failed> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let refs: Vec<(&Event, &str)> = batch.iter().map(|(_, e, ..)| (*e, "applied")).collect();
-        let new = insert_inbox(tx, &self.prepared, &refs, careful).await?;
-        let fresh: Vec<&(usize, &Event, &Route, &MappedRow)> = batch
-            .iter()
-            .filter(|(_, e, ..)| new.contains(&e.id))
-            .collect();
-
-        let entities: Vec<&Entity> = {
-            let mut seen = HashSet::new();
-            fresh
-                .iter()
-                .map(|(.., row)| &row.entity)
-                .filter(|e| seen.insert(*e))
-                .collect()
-        };
-        // Lock the rows first: a local write in flight on one of them
-        // commits before we look for local writes, or waits until we are done.
-
-        let (stored, local) = tokio::join!(
-            load_versions(tx, &self.prepared, &entities),
-            self.local_writes(tx, shape, &entities),
-        );
-        let (stored, local) = (stored?, local?);
-        let pairs: Vec<(&Event, &Entity)> = fresh
-            .iter()
-            .map(|(_, e, _, row)| (*e, &row.entity))
-            .collect();
-        let decided = decide(&pairs, &stored, &local);
-
-        // The writes, in order; an entity at most once per statement.
-        let mut wave: Vec<(&Route, &MappedRow)> = Vec::new();
-        let mut in_wave: HashSet<&Entity> = HashSet::new();
-        for ((.., route, row), applied) in fresh.iter().zip(&decided.applied) {
-            if !applied {
-                continue;
-            }
-            if !in_wave.insert(&row.entity) {
-                write_wave(tx, &self.prepared, &wave).await?;
-                wave.clear();
-                in_wave.clear();
-                in_wave.insert(&row.entity);
-            }
-            wave.push((route, row));
-        }
-        let versions: Vec<(Entity, Version, Uuid)> = decided
-            .versions
-            .iter()
-            .map(|(e, (v, id))| (e.clone(), v.clone(), *id))
-            .collect();
-        let lost: Vec<Uuid> = fresh
-            .iter()
-            .zip(&decided.applied)
-            .filter(|(_, a)| !**a)
-            .map(|((_, e, ..), _)| e.id)
-            .collect();
-        let record_lost = async {
-            if lost.is_empty() {
-                return Ok(());
-            }
-            self.prepared
-                .execute(
-                    tx,
-                    "UPDATE sitesync_inbox SET outcome = 'lost' WHERE event_id = ANY($1)",
-                    &[&lost],
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| Failed::from_pg("recording lost events", e))
-        };
-        // The last wave, the versions, the conflicts and the lost events in
-        // one round trip; the first error in order is the cause.
-        let (written, versioned, recorded, marked) = tokio::join!(
-            write_wave(tx, &self.prepared, &wave),
-            upsert_versions(tx, &self.prepared, &versions, &stored),
-            insert_conflicts(tx, &self.prepared, &decided.conflicts),
-            record_lost,
-        );
-        written?;
-        versioned?;
-        recorded?;
-        marked?;
-
-        Ok(crate::sink::rules::outcomes(
-            batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
-            &decided.applied,
-        ))
-    }
-
-    /// Events of this site back round: each becomes its entity's version if
-    /// it is the newest. One that supersedes a version written by another
-    /// site's event must also be what the row holds: a local write that
-    /// raced the sink (a DELETE that found no row while the sink inserted
-    /// one) can have lost on this site's table while winning everywhere
-    /// else. Such a row is written again from the event.
-    async fn own_back_round(
-        &self,
-        tx: &Transaction<'_>,
-        shape: &OutboxShape,
-        own: &[(&Event, &MappedRow)],
-    ) -> Result<(), Failed> {
-        let entities: Vec<&Entity> = own.iter().map(|(_, row)| &row.entity).collect();
-        let before = load_versions(tx, &self.prepared, &entities).await?;
-        let mut newest: BTreeMap<&Entity, (&Event, &MappedRow)> = BTreeMap::new();
-        for (ev, row) in own {
-            let v = (ev.timestamp, ev.origin.as_str());
-            match newest.get(&row.entity) {
-                Some((old, _)) if (old.timestamp, old.origin.as_str()) >= v => {}
-                _ => {
-                    newest.insert(&row.entity, (ev, row));
-                }
-            }
-        }
-        // Suspects: an entity whose version another site's event wrote,
-        // older than this write of ours. Only their rows are locked, and
-        // only then are this site's later writes still in the outbox read
-        // (with such a write, the row holds it, not this event's write).
-        // Most events back round supersede a version of their own site or
-        // none: they need neither the lock nor the lookup.
-        let mut candidates: Vec<(&Entity, Version, &Route, &MappedRow)> = Vec::new();
-        for (entity, (ev, row)) in &newest {
-            let version = Version {
-                ts: ev.timestamp,
-                origin: ev.origin.clone(),
-            };
-            if let Some((prev, _)) = before.get(*entity)
-                && *prev < version
-                && prev.origin != self.site
-                && let Some(route) = self.sink.route(&ev.kind)
-            {
-                candidates.push((entity, version, route, row));
-            }
-        }
-        let mut suspects: Vec<(&Route, &MappedRow)> = Vec::new();
-        // Candidates with a later write of this site still in the outbox:
-        // that write's return decides. Their version stays the other
-        // site's meanwhile, so that it is a candidate too, with the row and
-        // the version still written by one sink transaction (the check
-        // compares their xmin). Moved to this event, it would make the
-        // later write look safe: two local DELETEs that both found no row
-        // while the sink inserted one left the row in place for good. A
-        // remote event arriving meanwhile still loses to the pending write.
-        let mut deferred: HashSet<&Entity> = HashSet::new();
-        if !candidates.is_empty() {
-            let rows: Vec<(&Route, &MappedRow)> = candidates
-                .iter()
-                .map(|(_, _, route, row)| (*route, *row))
-                .collect();
-            lock_rows(tx, &self.prepared, &rows).await?;
-            let entities: Vec<&Entity> = candidates.iter().map(|(e, ..)| *e).collect();
-            let pending = self.local_writes(tx, shape, &entities).await?;
-            for (entity, version, route, row) in &candidates {
-                let superseded_locally = pending
-                    .get(*entity)
-                    .is_some_and(|writes| writes.iter().any(|w| w.version > *version));
-                if superseded_locally {
-                    deferred.insert(*entity);
-                } else {
-                    suspects.push((*route, *row));
-                }
-            }
-        }
-        let versions: Vec<(Entity, Version, Uuid)> = newest
-            .values()
-            .filter(|(_, row)| !deferred.contains(&row.entity))
-            .map(|(ev, row)| {
-                (
-                    row.entity.clone(),
-                    Version {
-                        ts: ev.timestamp,
-                        origin: ev.origin.clone(),
-                    },
-                    ev.id,
-                )
-            })
-            .collect();
-        // Before the versions move: the check compares with their xmin.
-        let astray = rows_not_as_written(tx, &suspects).await?;
-        upsert_versions(tx, &self.prepared, &versions, &before).await?;
-        for (_, row) in &astray {
-            tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
-        }
-        write_wave(tx, &self.prepared, &astray).await
-    }
-
+impl PgSession {
     /// This site's writes still in the outbox, for the entities of the batch.
-    async fn local_writes<C: GenericClient + Sync>(
-        &self,
-        tx: &C,
-        shape: &OutboxShape,
-        entities: &[&Entity],
-    ) -> Result<HashMap<Entity, Vec<LocalWrite>>, Failed> {
-        let mut out: HashMap<Entity, Vec<LocalWrite>> = HashMap::new();
+    async fn read_local_writes(&self, entities: &[&Entity]) -> Result<Local, Failed> {
+        let mut out = Local::new();
+        let shape = &self.shape;
         let Some(ts) = &shape.version_ts else {
             return Ok(out);
         };
@@ -848,35 +483,222 @@ impl PostgresTarget {
         };
         let rows = self
             .prepared
-            .query(tx, &sql, &[&types, &keys])
+            .query(&self.client, &sql, &[&types, &keys])
             .await
-            .map_err(|e| Failed::from_pg("looking for local writes not yet propagated", e))?;
+            .map_err(|e| failed("looking for local writes not yet propagated", e))?;
         let wanted: HashSet<&Entity> = entities.iter().copied().collect();
         for row in rows {
             let (id, kind, data, ts): (String, String, Option<String>, Option<DateTime<Utc>>) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
-            let (Ok(id), Some(route), Some(data), Some(ts)) =
-                (Uuid::parse_str(&id), self.sink.route(&kind), data, ts)
-            else {
+            let (Some(data), Some(ts)) = (data, ts) else {
                 continue;
             };
-            let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&data) else {
-                continue;
-            };
-            if let Ok(mapped) = mapping::map_row(route, &map)
-                && wanted.contains(&mapped.entity)
+            if let Some((entity, write)) =
+                batch::local_write(&self.sink, &self.site, &wanted, (&id, &kind, &data, ts))
             {
-                out.entry(mapped.entity).or_default().push(LocalWrite {
-                    version: Version {
-                        ts,
-                        origin: self.site.clone(),
-                    },
-                    id,
-                    payload: Value::Object(map),
-                });
+                out.entry(entity).or_default().push(write);
             }
         }
         Ok(out)
+    }
+}
+
+impl Session for PgSession {
+    const CHECKS_OWN_ROWS: bool = true;
+
+    fn closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+        if self.in_transaction {
+            // An attempt that never ended (it was cancelled): end it first.
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        // READ COMMITTED whatever the database's default: every statement
+        // sees what committed before it (see `delete_own`).
+        self.client
+            .batch_execute("START TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await
+            .map_err(|e| failed("starting the batch", e))?;
+        self.in_transaction = true;
+        let (c, p) = (&self.client, &self.prepared);
+        if start.isolate {
+            c.batch_execute(BATCH_SETTINGS)
+                .await
+                .map_err(|e| failed("marking the transaction", e))?;
+            // Every failure must belong to one message: deferred
+            // constraints are checked at each statement, not at COMMIT, and
+            // rows are locked message by message (a key value that does
+            // not fit its column fails its own message only).
+            c.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+                .await
+                .map_err(|e| failed("making constraints immediate", e))?;
+            read_origins(c, p, start.origins).await
+        } else {
+            // One round trip for the three (tokio-postgres pipelines
+            // statements polled together; the server runs them in order).
+            // After a failure the later ones fail as the transaction is
+            // aborted: the first error in order is the cause.
+            let (marked, locked, origins) = tokio::join!(
+                c.batch_execute(BATCH_SETTINGS),
+                lock_rows(c, p, start.lock),
+                read_origins(c, p, start.origins),
+            );
+            marked.map_err(|e| failed("marking the transaction", e))?;
+            locked?;
+            origins
+        }
+    }
+
+    async fn record_progress(
+        &mut self,
+        changed: &[(&str, u64, u64)],
+        gaps: &[Gap],
+    ) -> Result<(), Failed> {
+        write_progress(&self.client, &self.prepared, changed, gaps).await
+    }
+
+    async fn insert_inbox(
+        &mut self,
+        events: &[(&Event, &'static str)],
+        careful: bool,
+    ) -> Result<HashSet<Uuid>, Failed> {
+        insert_inbox(&self.client, &self.prepared, events, careful).await
+    }
+
+    async fn delete_own(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        delete_own(&self.client, &self.prepared, &self.shape, ids).await
+    }
+
+    async fn lock_rows(&mut self, rows: &[Write<'_>]) -> Result<(), Failed> {
+        lock_rows(&self.client, &self.prepared, rows).await
+    }
+
+    async fn load_versions(&mut self, entities: &[&Entity]) -> Result<Stored, Failed> {
+        load_versions(&self.client, &self.prepared, entities).await
+    }
+
+    async fn local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
+        self.read_local_writes(entities).await
+    }
+
+    async fn lookup(&mut self, entities: &[&Entity]) -> Result<(Stored, Local), Failed> {
+        // One round trip for both.
+        let (stored, local) = tokio::join!(
+            load_versions(&self.client, &self.prepared, entities),
+            self.read_local_writes(entities),
+        );
+        Ok((stored?, local?))
+    }
+
+    async fn write(&mut self, wave: &[Write<'_>]) -> Result<(), Failed> {
+        write_wave(&self.client, &self.prepared, wave).await
+    }
+
+    async fn upsert_versions(
+        &mut self,
+        versions: &[(Entity, Version, Uuid)],
+        stored: &Stored,
+    ) -> Result<(), Failed> {
+        upsert_versions(&self.client, &self.prepared, versions, stored).await
+    }
+
+    async fn insert_conflicts(&mut self, conflicts: &[Conflict]) -> Result<(), Failed> {
+        insert_conflicts(&self.client, &self.prepared, conflicts).await
+    }
+
+    async fn mark_lost(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        mark_lost(&self.client, &self.prepared, ids).await
+    }
+
+    async fn finish(&mut self, f: Finish<'_>) -> Result<(), Failed> {
+        let (c, p) = (&self.client, &self.prepared);
+        // The last wave, the versions, the conflicts and the lost events in
+        // one round trip; the first error in order is the cause.
+        let (written, versioned, recorded, marked) = tokio::join!(
+            write_wave(c, p, f.wave),
+            upsert_versions(c, p, f.versions, f.stored),
+            insert_conflicts(c, p, f.conflicts),
+            mark_lost(c, p, f.lost),
+        );
+        written?;
+        versioned?;
+        recorded?;
+        marked
+    }
+
+    async fn rows_not_as_written<'w>(
+        &mut self,
+        writes: &[Write<'w>],
+    ) -> Result<Vec<Write<'w>>, Failed> {
+        rows_not_as_written(&self.client, writes).await
+    }
+
+    async fn savepoint(&mut self) -> Result<(), Failed> {
+        self.client
+            .batch_execute("SAVEPOINT sitesync_item")
+            .await
+            .map_err(|e| failed("savepoint", e))
+    }
+
+    async fn release_savepoint(&mut self) -> Result<(), Failed> {
+        self.client
+            .batch_execute("RELEASE SAVEPOINT sitesync_item")
+            .await
+            .map_err(|e| failed("releasing a savepoint", e))
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), Failed> {
+        self.client
+            .batch_execute("ROLLBACK TO SAVEPOINT sitesync_item")
+            .await
+            .map_err(|e| failed("rolling back a savepoint", e))
+    }
+
+    async fn commit(&mut self) -> Result<(), Failed> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| failed("committing the batch", e))?;
+        self.in_transaction = false;
+        Ok(())
+    }
+
+    async fn rollback(&mut self) {
+        if !self.client.is_closed() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        self.in_transaction = false;
+    }
+
+    async fn usable(&mut self) -> bool {
+        // Prepared again on the next try: a statement may be what failed
+        // (its table changed under it, or the server lost it).
+        self.prepared.clear();
+        !self.client.is_closed()
+    }
+
+    async fn sweep_own(&mut self) -> Result<u64, TargetError> {
+        let shape = &self.shape;
+        // A text id is cast for the inbox's index, and only when it reads
+        // as a UUID (an id that does not is no event of ours).
+        let matches = if shape.uuid_id {
+            "i.event_id = o.id"
+        } else {
+            "i.event_id = CASE WHEN o.id::text ~* '^\\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\\}?$' THEN o.id::text::uuid END"
+        };
+        // Driven by the outbox (small), one inbox lookup per row: a
+        // correlated subquery is never turned into a join, which had the
+        // planner scan every 'own' row of the inbox (it only grows).
+        let sql = format!(
+            "DELETE FROM {} o WHERE (SELECT i.outcome FROM sitesync_inbox i WHERE {matches}) = 'own'",
+            shape.table
+        );
+        self.client
+            .execute(&sql, &[])
+            .await
+            .map_err(|e| transient("sweeping outbox rows that came back", e))
     }
 }
 
@@ -885,10 +707,10 @@ impl PostgresTarget {
 /// sink transaction that recorded the entity's current version (same
 /// `xmin`), or an upsert's row is gone. A row the application changed since
 /// (other columns, a trigger, constants of the route) is left alone.
-async fn rows_not_as_written<'a, C: GenericClient + Sync>(
-    tx: &C,
-    writes: &[(&'a Route, &'a MappedRow)],
-) -> Result<Vec<(&'a Route, &'a MappedRow)>, Failed> {
+async fn rows_not_as_written<'a>(
+    tx: &Client,
+    writes: &[Write<'a>],
+) -> Result<Vec<Write<'a>>, Failed> {
     let mut astray = Vec::new();
     for (route, row) in writes {
         let t = quote_table(&route.table);
@@ -913,7 +735,7 @@ async fn rows_not_as_written<'a, C: GenericClient + Sync>(
         let differs: bool = tx
             .query_one(&sql, &[&json, &row.entity.table, &row.entity.key])
             .await
-            .map_err(|e| Failed::from_pg(&format!("checking {}", route.table), e))?
+            .map_err(|e| failed(&format!("checking {}", route.table), e))?
             .get(0);
         if differs {
             astray.push((*route, *row));
@@ -921,10 +743,6 @@ async fn rows_not_as_written<'a, C: GenericClient + Sync>(
     }
     Ok(astray)
 }
-
-/// How many times a batch meets rows held by applications before it counts
-/// as a failure (and backs off).
-const BUSY_RETRIES: u32 = 40;
 
 /// The settings of every batch transaction, sent in one round trip:
 ///
@@ -949,26 +767,11 @@ const BATCH_SETTINGS: &str = "SET LOCAL sitesync.applying = 'on'; \
      SET LOCAL enable_hashjoin = off; \
      SET LOCAL enable_mergejoin = off";
 
-/// The rows a batch writes for other sites' events.
-fn applied_rows<'a>(items: &'a [Item<'a>]) -> Vec<(&'a Route, &'a MappedRow)> {
-    items
-        .iter()
-        .filter_map(|i| match &i.plan {
-            Plan::Apply(route, row) => Some((*route, row)),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Locks those of `rows` that exist (`FOR UPDATE`), waiting at most
 /// `lock_timeout` (see [`BATCH_SETTINGS`]) for an application holding one:
 /// then the sink yields (the batch is tried again a moment later) rather
 /// than make the application wait on it in turn, or deadlock with it.
-async fn lock_rows(
-    tx: &Transaction<'_>,
-    p: &Prepared,
-    rows: &[(&Route, &MappedRow)],
-) -> Result<(), Failed> {
+async fn lock_rows(tx: &Client, p: &Prepared, rows: &[Write<'_>]) -> Result<(), Failed> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -998,34 +801,9 @@ async fn lock_rows(
             &[&Value::Array(keys)],
         )
         .await
-        .map_err(|e| Failed::from_pg("locking the batch's rows", e))?;
+        .map_err(|e| failed("locking the batch's rows", e))?;
     }
     Ok(())
-}
-
-/// Why an attempt at a batch failed.
-enum Failed {
-    /// A message's data: the statement can be retried message by message.
-    Data(String),
-    /// An application holds one of the batch's rows: try again in a moment.
-    Busy,
-    /// The plain inbox insert met an event the inbox holds already.
-    Seen,
-    Transient(TargetError),
-}
-
-impl Failed {
-    fn from_pg(context: &str, e: tokio_postgres::Error) -> Failed {
-        use tokio_postgres::error::SqlState;
-        if matches!(e.code(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED)
-        {
-            Failed::Busy
-        } else if per_message(&e) {
-            Failed::Data(describe(&e))
-        } else {
-            Failed::Transient(transient(context, e))
-        }
-    }
 }
 
 /// Inserts inbox rows; returns the events that are new (or come back from
@@ -1040,7 +818,7 @@ impl Failed {
 async fn insert_inbox<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
-    events: &[(&Event, &str)],
+    events: &[(&Event, &'static str)],
     careful: bool,
 ) -> Result<HashSet<Uuid>, Failed> {
     if events.is_empty() {
@@ -1061,7 +839,7 @@ async fn insert_inbox<C: GenericClient + Sync>(
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 Err(Failed::Seen)
             }
-            Err(e) => Err(Failed::from_pg("writing the inbox", e)),
+            Err(e) => Err(failed("writing the inbox", e)),
         };
     }
     let rows = p
@@ -1075,22 +853,15 @@ async fn insert_inbox<C: GenericClient + Sync>(
             &params,
         )
         .await
-        .map_err(|e| Failed::from_pg("writing the inbox", e))?;
+        .map_err(|e| failed("writing the inbox", e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Highest `seq` per origin, and the gaps above it.
-async fn progress(tx: &Transaction<'_>, p: &Prepared, items: &[Item<'_>]) -> Result<(), Failed> {
-    let seen: Vec<&Seen> = items.iter().filter_map(|i| i.seen.as_ref()).collect();
-    if seen.is_empty() {
-        return Ok(());
+/// Each origin's progress, read and locked (`FOR UPDATE`) for the batch.
+async fn read_origins(tx: &Client, p: &Prepared, origins: &[&str]) -> Result<Origins, Failed> {
+    if origins.is_empty() {
+        return Ok(Origins::new());
     }
-    let origins: Vec<&str> = {
-        let mut set: Vec<&str> = seen.iter().map(|s| s.origin.as_str()).collect();
-        set.sort_unstable();
-        set.dedup();
-        set
-    };
     let rows = p
         .query(
             tx,
@@ -1098,29 +869,34 @@ async fn progress(tx: &Transaction<'_>, p: &Prepared, items: &[Item<'_>]) -> Res
             &[&origins],
         )
         .await
-        .map_err(|e| Failed::from_pg("reading origin progress", e))?;
-    let mut state: BTreeMap<String, (u64, u64)> = rows
+        .map_err(|e| failed("reading origin progress", e))?;
+    Ok(rows
         .iter()
         .map(|r| {
             let (o, e, s): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
             (o, (e as u64, s as u64))
         })
-        .collect();
-    let (changed, gaps) = track(&mut state, &seen);
+        .collect())
+}
+
+/// The origins' new progress and the gaps found.
+async fn write_progress(
+    tx: &Client,
+    p: &Prepared,
+    changed: &[(&str, u64, u64)],
+    gaps: &[Gap],
+) -> Result<(), Failed> {
     if !changed.is_empty() {
-        let o: Vec<&str> = changed.iter().map(String::as_str).collect();
-        let e: Vec<i64> = changed.iter().map(|k| state[k].0 as i64).collect();
-        let s: Vec<i64> = changed.iter().map(|k| state[k].1 as i64).collect();
+        let o: Vec<&str> = changed.iter().map(|(o, ..)| *o).collect();
+        let e: Vec<i64> = changed.iter().map(|(_, e, _)| *e as i64).collect();
+        let s: Vec<i64> = changed.iter().map(|(.., s)| *s as i64).collect();
         p.execute(tx,
             "INSERT INTO sitesync_origins (origin, epoch, seq) SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[]) \
              ON CONFLICT (origin) DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq, updated_at = now()",
             &[&o, &e, &s],
         )
         .await
-        .map_err(|e| Failed::from_pg("writing origin progress", e))?;
-    }
-    for gap in &gaps {
-        tracing::warn!(origin = %gap.origin, epoch = gap.epoch, from = gap.from, to = gap.to, "gap: events of this origin never arrived");
+        .map_err(|e| failed("writing origin progress", e))?;
     }
     if !gaps.is_empty() {
         let o: Vec<&str> = gaps.iter().map(|g| g.origin.as_str()).collect();
@@ -1132,33 +908,24 @@ async fn progress(tx: &Transaction<'_>, p: &Prepared, items: &[Item<'_>]) -> Res
             &[&o, &e, &f, &t],
         )
         .await
-        .map_err(|e| Failed::from_pg("recording gaps", e))?;
+        .map_err(|e| failed("recording gaps", e))?;
     }
     Ok(())
 }
 
-/// Ends a savepoint after the work done under it: kept when the work
-/// succeeded, rolled back when it failed on one message's data (that error
-/// is returned inside `Ok`), and any other failure fails the batch.
-async fn keep_or_undo<T>(
-    sp: Transaction<'_>,
-    work: Result<T, Failed>,
-) -> Result<Result<T, String>, Failed> {
-    match work {
-        Ok(value) => {
-            sp.commit()
-                .await
-                .map_err(|e| Failed::from_pg("releasing a savepoint", e))?;
-            Ok(Ok(value))
-        }
-        Err(Failed::Data(reason)) => {
-            sp.rollback()
-                .await
-                .map_err(|e| Failed::from_pg("rolling back a savepoint", e))?;
-            Ok(Err(reason))
-        }
-        Err(e) => Err(e),
+/// Marks events that lost to a newer write.
+async fn mark_lost(tx: &Client, p: &Prepared, lost: &[Uuid]) -> Result<(), Failed> {
+    if lost.is_empty() {
+        return Ok(());
     }
+    p.execute(
+        tx,
+        "UPDATE sitesync_inbox SET outcome = 'lost' WHERE event_id = ANY($1)",
+        &[&lost],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| failed("recording lost events", e))
 }
 
 /// Pauses before looking again for outbox rows of events that came back
@@ -1175,7 +942,7 @@ const OWN_ROW_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 /// fresh snapshot (READ COMMITTED), before it counts as already gone
 /// (deleted by hand). Without this, a row could stay in the outbox for good.
 async fn delete_own(
-    tx: &Transaction<'_>,
+    tx: &Client,
     p: &Prepared,
     shape: &OutboxShape,
     ids: &[Uuid],
@@ -1216,7 +983,7 @@ async fn delete_own(
                     .collect()
             })
         }
-        .map_err(|e| Failed::from_pg("deleting outbox rows that came back", e))?;
+        .map_err(|e| failed("deleting outbox rows that came back", e))?;
         missing.retain(|id| !deleted.contains(id));
     }
     // Already gone (deleted by hand), or still not visible: the idle sweep
@@ -1232,9 +999,9 @@ async fn load_versions<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
     entities: &[&Entity],
-) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
+) -> Result<Stored, Failed> {
     if entities.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(Stored::new());
     }
     let tables: Vec<&str> = entities.iter().map(|e| e.table.as_str()).collect();
     let keys: Vec<&str> = entities.iter().map(|e| e.key.as_str()).collect();
@@ -1244,7 +1011,7 @@ async fn load_versions<C: GenericClient + Sync>(
             &[&tables, &keys],
         )
         .await
-        .map_err(|e| Failed::from_pg("reading entity versions", e))?;
+        .map_err(|e| failed("reading entity versions", e))?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -1275,7 +1042,7 @@ async fn upsert_versions<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
     versions: &[(Entity, Version, Uuid)],
-    stored: &HashMap<Entity, (Version, Uuid)>,
+    stored: &Stored,
 ) -> Result<(), Failed> {
     let (known, new): (Vec<_>, Vec<_>) = versions
         .iter()
@@ -1289,7 +1056,7 @@ async fn upsert_versions<C: GenericClient + Sync>(
             &[&tables, &keys, &ts, &origins, &ids],
         )
         .await
-        .map_err(|e| Failed::from_pg("writing entity versions", e))?;
+        .map_err(|e| failed("writing entity versions", e))?;
     }
     if !known.is_empty() {
         let (tables, keys, ts, origins, ids) = version_columns(&known);
@@ -1301,7 +1068,7 @@ async fn upsert_versions<C: GenericClient + Sync>(
             &[&tables, &keys, &ts, &origins, &ids],
         )
         .await
-        .map_err(|e| Failed::from_pg("writing entity versions", e))?;
+        .map_err(|e| failed("writing entity versions", e))?;
     }
     Ok(())
 }
@@ -1355,10 +1122,7 @@ async fn insert_conflicts<C: GenericClient + Sync>(
         &[&losers, &entities, &keys, &loser_origins, &loser_ts, &payloads, &winners, &winner_origins, &winner_ts],
     )
     .await
-    .map_err(|e| Failed::from_pg("recording conflicts", e))?;
-    for c in conflicts {
-        tracing::info!(entity = %c.entity.table, key = %c.entity.key, loser = %c.loser, loser_origin = %c.loser_version.origin, winner = %c.winner, winner_origin = %c.winner_version.origin, "conflict resolved by last-writer-wins");
-    }
+    .map_err(|e| failed("recording conflicts", e))?;
     Ok(())
 }
 
@@ -1373,7 +1137,7 @@ type StatementRows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Value>>);
 async fn write_wave<C: GenericClient + Sync>(
     tx: &C,
     p: &Prepared,
-    wave: &[(&Route, &MappedRow)],
+    wave: &[Write<'_>],
 ) -> Result<(), Failed> {
     let mut groups: BTreeMap<StatementShape<'_>, StatementRows<'_>> = BTreeMap::new();
     for (route, row) in wave {
@@ -1442,60 +1206,9 @@ async fn write_wave<C: GenericClient + Sync>(
     )
     .await;
     for ((table, ..), result) in statements.iter().zip(results) {
-        result.map_err(|e| Failed::from_pg(&format!("writing {table}"), e))?;
+        result.map_err(|e| failed(&format!("writing {table}"), e))?;
     }
     Ok(())
-}
-
-impl Target for PostgresTarget {
-    async fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> Result<Vec<Outcome>, TargetError> {
-        let mut guard = self.conn.lock().await;
-        if guard.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            *guard = Some(self.connect().await?);
-        }
-        let (client, shape) = guard.as_mut().expect("connected above");
-        let shape = shape.clone();
-        let result = self.apply_batch(client, &shape, items).await;
-        if result.is_err() {
-            // Prepared again on the next try: a statement may be what
-            // failed (its table changed under it, or the server lost it).
-            self.prepared.clear();
-            if client.is_closed() {
-                *guard = None;
-            }
-        }
-        result
-    }
-
-    async fn sweep_own(&self) -> Result<u64, TargetError> {
-        let mut guard = self.conn.lock().await;
-        if guard.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            *guard = Some(self.connect().await?);
-        }
-        let (client, shape) = guard.as_mut().expect("connected above");
-        // A text id is cast for the inbox's index, and only when it reads
-        // as a UUID (an id that does not is no event of ours).
-        let matches = if shape.uuid_id {
-            "i.event_id = o.id"
-        } else {
-            "i.event_id = CASE WHEN o.id::text ~* '^\\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\\}?$' THEN o.id::text::uuid END"
-        };
-        // Driven by the outbox (small), one inbox lookup per row: a
-        // correlated subquery is never turned into a join, which had the
-        // planner scan every 'own' row of the inbox (it only grows).
-        let sql = format!(
-            "DELETE FROM {} o WHERE (SELECT i.outcome FROM sitesync_inbox i WHERE {matches}) = 'own'",
-            shape.table
-        );
-        let result = client
-            .execute(&sql, &[])
-            .await
-            .map_err(|e| transient("sweeping outbox rows that came back", e));
-        if result.is_err() && client.is_closed() {
-            *guard = None;
-        }
-        result
-    }
 }
 
 /// Whether a route's table exists with the columns it writes and, for an

@@ -35,12 +35,12 @@
 //!
 //! # Per-message failures
 //!
-//! A statement that fails on one message's data (constraint, conversion,
-//! truncation, a trigger's `THROW`) rolls the batch back; the batch is then
-//! applied again with each message under its own savepoint
-//! (`save_transaction` + `ROLLBACK TRANSACTION`): the failing message is
-//! rolled back alone, later messages of its entity are held, the rest
-//! commits. Deadlocks (1205) and lock timeouts (1222) retry the batch.
+//! The steps of a batch, its retries and the isolation of a failing
+//! message are the sink's ([`crate::sink::batch`]); this file says them in
+//! T-SQL ([`MssqlSession`]) and classifies SQL Server's errors: one
+//! message's data (constraint, conversion, truncation, a trigger's
+//! `THROW`), busy (deadlock 1205, lock timeout 1222), or the batch as a
+//! whole. A savepoint is `save_transaction` + `ROLLBACK TRANSACTION`.
 //!
 //! # Not done yet (see the README)
 //!
@@ -56,15 +56,15 @@ use super::types::cell_text;
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, DatabaseConfig, Operation, Route, SinkConfig, redact_url};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::mapping::{self, Entity, MappedRow};
-use crate::sink::rules::{Conflict, LocalWrite, Version, decide, track};
-use crate::sink::{Item, Outcome, Plan, Seen, Target, TargetError};
-use crate::source::ErrorKind;
+use crate::sink::TargetError;
+use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
+use crate::sink::mapping::{Entity, MappedRow};
+use crate::sink::rules::{Conflict, Gap, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
 use tiberius::{IsolationLevel, ToSql};
-use tokio::sync::Mutex;
 use uuid::Uuid;
 
 /// The sink's tables (idempotent). Origins compare byte-wise
@@ -297,15 +297,6 @@ pub fn conflict_statement(c: &Conflict) -> Statement {
     }
 }
 
-/// Why an attempt at a batch failed.
-enum Failed {
-    /// A message's data: retry message by message.
-    Data(String),
-    /// Deadlock or lock timeout: try the batch again.
-    Busy,
-    Transient(TargetError),
-}
-
 /// Errors that belong to one message's data: constraints (2627, 2601, 547,
 /// 515), conversions (241, 242, 245, 8114, 8115, 8152, 2628, 220, 232,
 /// 8169 text to uniqueidentifier, 517 date overflow, 8134 divide by zero in
@@ -341,7 +332,7 @@ fn failed(context: &str, e: tiberius::error::Error) -> Failed {
         ByNumber::Data => Failed::Data(e.to_string()),
         ByNumber::Other => {
             let se = conn::classify(context, &e);
-            Failed::Transient(TargetError {
+            Failed::Batch(TargetError {
                 kind: se.kind,
                 message: se.message,
             })
@@ -382,24 +373,17 @@ async fn rows(
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            Failed::Transient(TargetError {
-                kind: ErrorKind::Transient,
-                message: format!("{context}: {e}"),
-            })
-        })
+        .map_err(|e| Failed::Batch(TargetError::transient(format!("{context}: {e}"))))
 }
 
-const BUSY_RETRIES: u32 = 40;
-
+/// The SQL Server side of the sink: connections, `init` and `check`.
 pub struct SqlServerTarget {
     site: String,
     db: DatabaseConfig,
-    sink: SinkConfig,
+    sink: Arc<SinkConfig>,
     /// `[schema].[outbox]`.
     outbox: String,
     application: String,
-    conn: Mutex<Option<MssqlClient>>,
 }
 
 impl SqlServerTarget {
@@ -409,10 +393,9 @@ impl SqlServerTarget {
         Ok(SqlServerTarget {
             site: cfg.site.clone(),
             db: cfg.database.clone(),
-            sink: cfg.sink.clone(),
+            sink: Arc::new(cfg.sink.clone()),
             outbox: format!("{}.{}", quote(schema), quote(table)),
             application: format!("sitesync-{}-sink", cfg.name),
-            conn: Mutex::new(None),
         })
     }
 
@@ -425,23 +408,6 @@ impl SqlServerTarget {
             })
     }
 
-    /// A marked connection (see the module doc).
-    async fn connect(&self) -> Result<MssqlClient, TargetError> {
-        let mut client = self.open().await?;
-        let mark = Statement {
-            sql: MARK_SESSION.into(),
-            params: vec![],
-        };
-        match run(&mut client, &mark, "marking the sink's session").await {
-            Ok(()) => Ok(client),
-            Err(Failed::Transient(e)) => Err(e),
-            Err(_) => Err(TargetError {
-                kind: ErrorKind::Transient,
-                message: "marking the sink's session failed".into(),
-            }),
-        }
-    }
-
     /// Creates the sink's tables.
     pub async fn init(&self) -> Result<Vec<String>, TargetError> {
         let mut client = self.open().await?;
@@ -451,18 +417,14 @@ impl SqlServerTarget {
         };
         match run(&mut client, &st, "creating the sink tables").await {
             Ok(()) => {}
-            Err(Failed::Transient(e)) => return Err(e),
-            Err(Failed::Data(m)) => {
-                return Err(TargetError {
-                    kind: ErrorKind::Operator,
-                    message: format!("creating the sink tables: {m}"),
-                });
+            Err(Failed::Batch(e)) => return Err(e),
+            Err(Failed::Data(m) | Failed::Gone(m)) => {
+                return Err(TargetError::operator(format!(
+                    "creating the sink tables: {m}"
+                )));
             }
-            Err(Failed::Busy) => {
-                return Err(TargetError {
-                    kind: ErrorKind::Transient,
-                    message: "creating the sink tables: locked".into(),
-                });
+            Err(Failed::Busy | Failed::Seen) => {
+                return Err(TargetError::transient("creating the sink tables: locked"));
             }
         }
         Ok(vec![
@@ -477,7 +439,7 @@ impl SqlServerTarget {
             Err(e) => {
                 return vec![Check::fail(
                     "sink database",
-                    e.message,
+                    e.to_string(),
                     "check database.url",
                 )];
             }
@@ -522,266 +484,236 @@ impl SqlServerTarget {
         }
         checks
     }
+}
 
-    async fn apply_batch(
-        &self,
-        client: &mut MssqlClient,
-        items: &[Item<'_>],
-    ) -> Result<Vec<Outcome>, TargetError> {
-        let mut isolate = false;
-        let mut busy = 0u32;
-        loop {
-            let result = self.attempt(client, items, isolate).await;
-            if result.is_err() {
-                // Whatever failed, nothing of this attempt stays.
-                let _ = client.rollback_transaction().await;
-            }
-            match result {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(Failed::Transient(e)) => return Err(e),
-                Err(Failed::Busy) if busy < BUSY_RETRIES => {
-                    busy += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy)))
-                        .await;
-                }
-                Err(Failed::Busy) => {
-                    return Err(TargetError {
-                        kind: ErrorKind::Transient,
-                        message: format!("deadlocks or lock timeouts through {BUSY_RETRIES} tries"),
-                    });
-                }
-                Err(Failed::Data(e)) if !isolate => {
-                    tracing::debug!(error = %e, "a batch statement failed on a message's data; applying one message at a time");
-                    isolate = true;
-                }
-                Err(Failed::Data(e)) => {
-                    return Err(TargetError {
-                        kind: ErrorKind::Transient,
-                        message: format!("a statement outside any one message failed: {e}"),
-                    });
-                }
-            }
-        }
-    }
+impl Dialect for SqlServerTarget {
+    type Session = MssqlSession;
 
-    async fn attempt(
-        &self,
-        client: &mut MssqlClient,
-        items: &[Item<'_>],
-        isolate: bool,
-    ) -> Result<Vec<Outcome>, Failed> {
-        client
-            .begin_transaction_with_isolation(IsolationLevel::ReadCommitted)
-            .await
-            .map_err(|e| failed("starting the batch", e))?;
-        progress(client, items).await?;
+    const BUSY_RETRIES: u32 = 40;
 
-        let crate::sink::Sorted {
-            mut outcomes,
-            others,
-            to_apply,
-        } = crate::sink::sort_items(items);
-
-        let mut own: Vec<(&Event, Option<&MappedRow>)> = Vec::new();
-        for (i, ev, outcome) in &others {
-            if !insert_inbox(client, ev, outcome).await? {
-                outcomes[*i] = Outcome::Duplicate;
-            } else if let Plan::Own(row) = &items[*i].plan {
-                own.push((*ev, row.as_ref()));
-            }
-        }
-        for (ev, _) in &own {
-            let st = Statement {
-                sql: format!("DELETE FROM {} WHERE [id] = @P1;", self.outbox),
-                params: vec![Param::Guid(ev.id)],
-            };
-            run(client, &st, "deleting outbox rows that came back").await?;
-        }
-        // An event of ours back round: its write is now its entity's version.
-        let mut newest: BTreeMap<&Entity, &Event> = BTreeMap::new();
-        for (ev, row) in &own {
-            if let Some(row) = row {
-                let v = (ev.timestamp, ev.origin.as_str());
-                if newest
-                    .get(&row.entity)
-                    .is_none_or(|old| (old.timestamp, old.origin.as_str()) < v)
-                {
-                    newest.insert(&row.entity, ev);
-                }
-            }
-        }
-        for (entity, ev) in newest {
-            let v = Version {
-                ts: ev.timestamp,
-                origin: ev.origin.clone(),
-            };
-            run(
-                client,
-                &version_statement(entity, &v, ev.id),
-                "writing entity versions",
-            )
-            .await?;
-        }
-
-        let batch: Vec<(usize, &Event, &Route, &MappedRow)> = to_apply
-            .iter()
-            .map(|&i| {
-                let Plan::Apply(route, row) = &items[i].plan else {
-                    unreachable!()
-                };
-                (
-                    i,
-                    items[i].event.expect("applied events exist"),
-                    *route,
-                    row,
-                )
-            })
-            .collect();
-        if isolate {
-            let mut blocked: HashSet<Entity> = HashSet::new();
-            for one in &batch {
-                let (i, _, _, row) = one;
-                if blocked.contains(&row.entity) {
-                    outcomes[*i] = Outcome::Held;
-                    continue;
-                }
-                client
-                    .save_transaction("sitesync_item")
-                    .await
-                    .map_err(|e| failed("savepoint", e))?;
-                match self.apply_events(client, std::slice::from_ref(one)).await {
-                    Ok(o) => outcomes[*i] = o.into_iter().next().expect("one outcome"),
-                    Err(Failed::Data(reason)) => {
-                        let undo = Statement {
-                            sql: "ROLLBACK TRANSACTION sitesync_item".into(),
-                            params: vec![],
-                        };
-                        run(client, &undo, "rolling back to a savepoint").await?;
-                        blocked.insert(row.entity.clone());
-                        outcomes[*i] = Outcome::Failed(reason);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        } else {
-            let decided = self.apply_events(client, &batch).await?;
-            for ((i, ..), o) in batch.iter().zip(decided) {
-                outcomes[*i] = o;
-            }
-        }
-        client
-            .commit_transaction()
-            .await
-            .map_err(|e| failed("committing the batch", e))?;
-        Ok(outcomes)
-    }
-
-    /// Inbox rows, last-writer-wins, the writes, versions and conflicts.
-    async fn apply_events(
-        &self,
-        client: &mut MssqlClient,
-        batch: &[(usize, &Event, &Route, &MappedRow)],
-    ) -> Result<Vec<Outcome>, Failed> {
-        let mut fresh: Vec<&(usize, &Event, &Route, &MappedRow)> = Vec::new();
-        let mut new: HashSet<Uuid> = HashSet::new();
-        for b in batch {
-            if insert_inbox(client, b.1, "applied").await? {
-                new.insert(b.1.id);
-                fresh.push(b);
-            }
-        }
-        let entities: Vec<&Entity> = {
-            let mut seen = HashSet::new();
-            fresh
-                .iter()
-                .map(|(.., row)| &row.entity)
-                .filter(|e| seen.insert(*e))
-                .collect()
+    /// A marked connection (see the module doc).
+    async fn connect(&self) -> Result<MssqlSession, TargetError> {
+        let mut client = self.open().await?;
+        let mark = Statement {
+            sql: MARK_SESSION.into(),
+            params: vec![],
         };
-        let stored = load_versions(client, &entities).await?;
-        let local = self.local_writes(client, &entities).await?;
-        let pairs: Vec<(&Event, &Entity)> =
-            fresh.iter().map(|(_, e, _, r)| (*e, &r.entity)).collect();
-        let decided = decide(&pairs, &stored, &local);
-        for ((_, _, route, row), applied) in fresh.iter().zip(&decided.applied) {
-            if !applied {
-                continue;
-            }
-            let st = match route.operation {
-                Operation::Upsert => upsert_statement(route, row),
-                _ => delete_statement(route, row),
-            };
-            run(client, &st, &format!("writing {}", route.table)).await?;
-        }
-        for (entity, (v, id)) in &decided.versions {
-            run(
+        match run(&mut client, &mark, "marking the sink's session").await {
+            Ok(()) => Ok(MssqlSession {
                 client,
-                &version_statement(entity, v, *id),
-                "writing entity versions",
-            )
-            .await?;
+                site: self.site.clone(),
+                sink: self.sink.clone(),
+                outbox: self.outbox.clone(),
+            }),
+            Err(Failed::Batch(e)) => Err(e),
+            Err(_) => Err(TargetError::transient("marking the sink's session failed")),
         }
-        for c in &decided.conflicts {
-            run(client, &conflict_statement(c), "recording conflicts").await?;
-            tracing::info!(entity = %c.entity.table, key = %c.entity.key, loser = %c.loser, winner = %c.winner, "conflict resolved by last-writer-wins");
-        }
-        for ((_, e, ..), applied) in fresh.iter().zip(&decided.applied) {
-            if !applied {
-                let st = Statement {
-                    sql: "UPDATE dbo.sitesync_inbox SET outcome = N'lost' WHERE event_id = @P1;"
-                        .into(),
-                    params: vec![Param::Guid(e.id)],
-                };
-                run(client, &st, "recording lost events").await?;
-            }
-        }
-        Ok(crate::sink::rules::outcomes(
-            batch.iter().map(|(_, e, ..)| new.contains(&e.id)),
-            &decided.applied,
-        ))
     }
+}
 
+/// One marked connection of the SQL Server sink.
+pub struct MssqlSession {
+    client: MssqlClient,
+    site: String,
+    sink: Arc<SinkConfig>,
+    /// `[schema].[outbox]`.
+    outbox: String,
+}
+
+impl MssqlSession {
     /// This site's writes still in the outbox, for the batch's entities,
     /// versioned by their `created_at`.
-    async fn local_writes(
-        &self,
-        client: &mut MssqlClient,
-        entities: &[&Entity],
-    ) -> Result<HashMap<Entity, Vec<LocalWrite>>, Failed> {
-        let mut out: HashMap<Entity, Vec<LocalWrite>> = HashMap::new();
+    async fn read_local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
+        let mut out = Local::new();
         let st = match local_writes_statement(&self.outbox, &self.sink, entities) {
             Some(st) => st,
             None => return Ok(out),
         };
         let wanted: HashSet<&Entity> = entities.iter().copied().collect();
-        for r in rows(client, &st, "looking for local writes not yet propagated").await? {
-            let (Some(Ok(id)), Some(kind), Some(data), Some(ts)) = (
-                r[0].as_deref().map(Uuid::parse_str),
+        for r in rows(
+            &mut self.client,
+            &st,
+            "looking for local writes not yet propagated",
+        )
+        .await?
+        {
+            let (Some(id), Some(kind), Some(data), Some(ts)) = (
+                r[0].as_deref(),
                 r[1].as_deref(),
                 r[2].as_deref(),
                 r[3].as_deref().and_then(parse_timestamp),
             ) else {
                 continue;
             };
-            let (Some(route), Ok(Value::Object(map))) =
-                (self.sink.route(kind), serde_json::from_str::<Value>(data))
-            else {
-                continue;
-            };
-            if let Ok(mapped) = mapping::map_row(route, &map)
-                && wanted.contains(&mapped.entity)
+            if let Some((entity, write)) =
+                batch::local_write(&self.sink, &self.site, &wanted, (id, kind, data, ts))
             {
-                out.entry(mapped.entity).or_default().push(LocalWrite {
-                    version: Version {
-                        ts,
-                        origin: self.site.clone(),
-                    },
-                    id,
-                    payload: Value::Object(map),
-                });
+                out.entry(entity).or_default().push(write);
             }
         }
         Ok(out)
+    }
+}
+
+impl Session for MssqlSession {
+    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+        self.client
+            .begin_transaction_with_isolation(IsolationLevel::ReadCommitted)
+            .await
+            .map_err(|e| failed("starting the batch", e))?;
+        read_origins(&mut self.client, start.origins).await
+    }
+
+    async fn record_progress(
+        &mut self,
+        changed: &[(&str, u64, u64)],
+        gaps: &[Gap],
+    ) -> Result<(), Failed> {
+        write_progress(&mut self.client, changed, gaps).await
+    }
+
+    async fn insert_inbox(
+        &mut self,
+        events: &[(&Event, &'static str)],
+        _careful: bool,
+    ) -> Result<HashSet<Uuid>, Failed> {
+        // MERGE: an event the inbox holds is never an error here.
+        let mut new = HashSet::new();
+        for (ev, outcome) in events {
+            if insert_inbox(&mut self.client, ev, outcome).await? {
+                new.insert(ev.id);
+            }
+        }
+        Ok(new)
+    }
+
+    async fn delete_own(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        for id in ids {
+            let st = Statement {
+                sql: format!("DELETE FROM {} WHERE [id] = @P1;", self.outbox),
+                params: vec![Param::Guid(*id)],
+            };
+            run(&mut self.client, &st, "deleting outbox rows that came back").await?;
+        }
+        Ok(())
+    }
+
+    async fn load_versions(&mut self, entities: &[&Entity]) -> Result<Stored, Failed> {
+        load_versions(&mut self.client, entities).await
+    }
+
+    async fn local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
+        self.read_local_writes(entities).await
+    }
+
+    async fn write(&mut self, wave: &[Write<'_>]) -> Result<(), Failed> {
+        for (route, row) in wave {
+            let st = match route.operation {
+                Operation::Upsert => upsert_statement(route, row),
+                Operation::Delete => delete_statement(route, row),
+            };
+            run(&mut self.client, &st, &format!("writing {}", route.table)).await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_versions(
+        &mut self,
+        versions: &[(Entity, Version, Uuid)],
+        _stored: &Stored,
+    ) -> Result<(), Failed> {
+        // MERGE on the key, forward only: what was read does not matter.
+        for (entity, v, id) in versions {
+            run(
+                &mut self.client,
+                &version_statement(entity, v, *id),
+                "writing entity versions",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_conflicts(&mut self, conflicts: &[Conflict]) -> Result<(), Failed> {
+        for c in conflicts {
+            run(
+                &mut self.client,
+                &conflict_statement(c),
+                "recording conflicts",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_lost(&mut self, ids: &[Uuid]) -> Result<(), Failed> {
+        for id in ids {
+            let st = Statement {
+                sql: "UPDATE dbo.sitesync_inbox SET outcome = N'lost' WHERE event_id = @P1;".into(),
+                params: vec![Param::Guid(*id)],
+            };
+            run(&mut self.client, &st, "recording lost events").await?;
+        }
+        Ok(())
+    }
+
+    async fn savepoint(&mut self) -> Result<(), Failed> {
+        self.client
+            .save_transaction("sitesync_item")
+            .await
+            .map_err(|e| failed("savepoint", e))
+    }
+
+    /// SQL Server has no RELEASE SAVEPOINT: a savepoint ends with its
+    /// transaction.
+    async fn release_savepoint(&mut self) -> Result<(), Failed> {
+        Ok(())
+    }
+
+    async fn rollback_to_savepoint(&mut self) -> Result<(), Failed> {
+        let undo = Statement {
+            sql: "ROLLBACK TRANSACTION sitesync_item".into(),
+            params: vec![],
+        };
+        run(&mut self.client, &undo, "rolling back to a savepoint").await
+    }
+
+    async fn commit(&mut self) -> Result<(), Failed> {
+        self.client
+            .commit_transaction()
+            .await
+            .map_err(|e| failed("committing the batch", e))
+    }
+
+    async fn rollback(&mut self) {
+        let _ = self.client.rollback_transaction().await;
+    }
+
+    /// A failed round trip can leave the connection mid-response: after a
+    /// batch failed, the next one starts on a new connection.
+    async fn usable(&mut self) -> bool {
+        false
+    }
+
+    async fn sweep_own(&mut self) -> Result<u64, TargetError> {
+        let st = Statement {
+            sql: format!(
+                "DELETE o FROM {} AS o JOIN dbo.sitesync_inbox AS i ON i.event_id = o.[id] WHERE i.outcome = N'own'; SELECT @@ROWCOUNT;",
+                self.outbox
+            ),
+            params: vec![],
+        };
+        match rows(&mut self.client, &st, "sweeping outbox rows back round").await {
+            Ok(r) => Ok(r
+                .first()
+                .and_then(|c| c.first().cloned().flatten())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0)),
+            Err(Failed::Batch(e)) => Err(e),
+            Err(_) => Err(TargetError::transient(
+                "sweeping outbox rows back round failed",
+            )),
+        }
     }
 }
 
@@ -839,11 +771,8 @@ async fn insert_inbox(client: &mut MssqlClient, ev: &Event, outcome: &str) -> Re
     )
 }
 
-async fn load_versions(
-    client: &mut MssqlClient,
-    entities: &[&Entity],
-) -> Result<HashMap<Entity, (Version, Uuid)>, Failed> {
-    let mut out = HashMap::new();
+async fn load_versions(client: &mut MssqlClient, entities: &[&Entity]) -> Result<Stored, Failed> {
+    let mut out = Stored::new();
     for e in entities {
         let st = Statement {
             sql: "SELECT ts, origin, CONVERT(nvarchar(36), event_id) FROM dbo.sitesync_versions WITH (UPDLOCK, HOLDLOCK) WHERE entity = @P1 AND [key] = @P2".into(),
@@ -868,17 +797,10 @@ async fn load_versions(
     Ok(out)
 }
 
-/// Highest `seq` per origin, and the gaps above it ([`rules::track`]).
-async fn progress(client: &mut MssqlClient, items: &[Item<'_>]) -> Result<(), Failed> {
-    let seen: Vec<&Seen> = items.iter().filter_map(|i| i.seen.as_ref()).collect();
-    if seen.is_empty() {
-        return Ok(());
-    }
-    let mut origins: Vec<&str> = seen.iter().map(|s| s.origin.as_str()).collect();
-    origins.sort_unstable();
-    origins.dedup();
-    let mut state: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for o in &origins {
+/// Each origin's progress, read and locked (`UPDLOCK, HOLDLOCK`).
+async fn read_origins(client: &mut MssqlClient, origins: &[&str]) -> Result<Origins, Failed> {
+    let mut state = Origins::new();
+    for o in origins {
         let st = Statement {
             sql: "SELECT epoch, seq FROM dbo.sitesync_origins WITH (UPDLOCK, HOLDLOCK) WHERE origin = @P1".into(),
             params: vec![Param::Text(Some(o.to_string()))],
@@ -896,24 +818,30 @@ async fn progress(client: &mut MssqlClient, items: &[Item<'_>]) -> Result<(), Fa
             state.insert(o.to_string(), (n(0), n(1)));
         }
     }
-    let (changed, gaps) = track(&mut state, &seen);
-    for o in &changed {
-        let (epoch, seq) = state[o];
+    Ok(state)
+}
+
+/// The origins' new progress and the gaps found.
+async fn write_progress(
+    client: &mut MssqlClient,
+    changed: &[(&str, u64, u64)],
+    gaps: &[Gap],
+) -> Result<(), Failed> {
+    for (o, epoch, seq) in changed {
         let st = Statement {
             sql: "MERGE dbo.sitesync_origins WITH (HOLDLOCK) AS t USING (SELECT @P1 AS origin) AS s ON t.origin = s.origin \
                   WHEN MATCHED THEN UPDATE SET epoch = @P2, seq = @P3, updated_at = SYSUTCDATETIME() \
                   WHEN NOT MATCHED THEN INSERT (origin, epoch, seq) VALUES (@P1, @P2, @P3);"
                 .into(),
             params: vec![
-                Param::Text(Some(o.clone())),
-                Param::Int(epoch as i64),
-                Param::Int(seq as i64),
+                Param::Text(Some(o.to_string())),
+                Param::Int(*epoch as i64),
+                Param::Int(*seq as i64),
             ],
         };
         run(client, &st, "writing origin progress").await?;
     }
-    for g in &gaps {
-        tracing::warn!(origin = %g.origin, epoch = g.epoch, from = g.from, to = g.to, "gap: events of this origin never arrived");
+    for g in gaps {
         let st = Statement {
             sql: "INSERT INTO dbo.sitesync_gaps (origin, epoch, from_seq, to_seq) VALUES (@P1, @P2, @P3, @P4);".into(),
             params: vec![
@@ -926,52 +854,6 @@ async fn progress(client: &mut MssqlClient, items: &[Item<'_>]) -> Result<(), Fa
         run(client, &st, "recording gaps").await?;
     }
     Ok(())
-}
-
-impl Target for SqlServerTarget {
-    async fn apply<'a>(&'a self, items: &'a [Item<'a>]) -> Result<Vec<Outcome>, TargetError> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.connect().await?);
-        }
-        let client = guard.as_mut().expect("connected above");
-        let result = self.apply_batch(client, items).await;
-        if result.is_err() {
-            // A failed round trip can leave the connection mid-response.
-            *guard = None;
-        }
-        result
-    }
-
-    async fn sweep_own(&self) -> Result<u64, TargetError> {
-        let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            *guard = Some(self.connect().await?);
-        }
-        let client = guard.as_mut().expect("connected above");
-        let st = Statement {
-            sql: format!(
-                "DELETE o FROM {} AS o JOIN dbo.sitesync_inbox AS i ON i.event_id = o.[id] WHERE i.outcome = N'own'; SELECT @@ROWCOUNT;",
-                self.outbox
-            ),
-            params: vec![],
-        };
-        match rows(client, &st, "sweeping outbox rows back round").await {
-            Ok(r) => Ok(r
-                .first()
-                .and_then(|c| c.first().cloned().flatten())
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(0)),
-            Err(Failed::Transient(e)) => {
-                *guard = None;
-                Err(e)
-            }
-            Err(_) => Err(TargetError {
-                kind: ErrorKind::Transient,
-                message: "sweeping outbox rows back round failed".into(),
-            }),
-        }
-    }
 }
 
 impl std::fmt::Debug for SqlServerTarget {
