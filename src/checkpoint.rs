@@ -1,6 +1,7 @@
 //! The checkpoint store: where a connector resumes, kept in sled.
 //!
-//! One record under one key: the resume [`Position`], the origin's `epoch`
+//! One record under one key: the resume position (the engine's
+//! [`LogPosition`]), the origin's `epoch`
 //! and the `seq` the next event will carry. The record is written only with
 //! a position the broker has confirmed everything before, and it is flushed
 //! (fsync) before the position is reported to the database (for PostgreSQL,
@@ -16,7 +17,7 @@
 //! sidecar out with a clear message.
 
 use crate::event::Clock;
-use crate::position::Position;
+use crate::position::{LogPosition, engine_of, same_engine};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -30,12 +31,12 @@ const LIVE_FILE: &str = "live.json";
 
 /// Where a connector resumes, and how its next event is numbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
+pub struct Checkpoint<P> {
     /// Record layout version.
     pub format: u32,
     /// Everything before this position is confirmed; `None` before the first
     /// event: start where the database's log position for us is (the slot).
-    pub resume: Option<Position>,
+    pub resume: Option<P>,
     /// Starts anew with each reset (milliseconds since 1970 when the epoch
     /// began, so a recreated store still moves forward).
     pub epoch: u64,
@@ -47,9 +48,9 @@ pub struct Checkpoint {
     pub written_at: DateTime<Utc>,
 }
 
-impl Checkpoint {
+impl<P: LogPosition> Checkpoint<P> {
     /// A new epoch at `resume`, numbering from 1.
-    pub fn new_epoch(resume: Option<Position>, previous_epoch: Option<u64>) -> Checkpoint {
+    pub fn new_epoch(resume: Option<P>, previous_epoch: Option<u64>) -> Checkpoint<P> {
         let now = Utc::now();
         let millis = now.timestamp_millis().max(0) as u64;
         Checkpoint {
@@ -63,7 +64,7 @@ impl Checkpoint {
     }
 
     /// The same epoch, moved to `resume` with `clock`.
-    pub fn advanced(&self, resume: Position, clock: Clock) -> Checkpoint {
+    pub fn advanced(&self, resume: P, clock: Clock) -> Checkpoint<P> {
         Checkpoint {
             format: FORMAT,
             resume: Some(resume),
@@ -90,31 +91,49 @@ impl Checkpoint {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
+    fn decode(bytes: &[u8]) -> Result<Checkpoint<P>, Unreadable> {
         if bytes.len() < 4 {
-            return Err(format!(
+            return Err(Unreadable::Corrupt(format!(
                 "record is {} bytes, too short to hold its crc32",
                 bytes.len()
-            ));
+            )));
         }
         let (crc, json) = bytes.split_at(4);
         let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
         let actual = crc32fast::hash(json);
         if stored != actual {
-            return Err(format!(
+            return Err(Unreadable::Corrupt(format!(
                 "crc32 mismatch: the record says {stored:08x}, its bytes give {actual:08x}"
-            ));
+            )));
         }
-        let ck: Checkpoint = serde_json::from_slice(json)
-            .map_err(|e| format!("record passes its crc32 but does not parse: {e}"))?;
+        let ck: Checkpoint<P> = serde_json::from_slice(json).map_err(|e| {
+            // A record of another engine is whole: say so, not "corrupt".
+            let found = serde_json::from_slice::<serde_json::Value>(json)
+                .ok()
+                .and_then(|v| v.get("resume").and_then(engine_of).map(str::to_string));
+            match found {
+                Some(engine) if !same_engine(&engine, P::ENGINE) => Unreadable::OtherEngine(engine),
+                _ => {
+                    Unreadable::Corrupt(format!("record passes its crc32 but does not parse: {e}"))
+                }
+            }
+        })?;
         if ck.format != FORMAT {
-            return Err(format!(
+            return Err(Unreadable::Corrupt(format!(
                 "record format {} is not the {FORMAT} this sitesync reads",
                 ck.format
-            ));
+            )));
         }
         Ok(ck)
     }
+}
+
+/// Why a stored record cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum Unreadable {
+    Corrupt(String),
+    /// A whole record of this engine (the engine's name in it).
+    OtherEngine(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +144,13 @@ pub enum CheckpointError {
     Corrupt {
         dir: PathBuf,
         detail: String,
+        reset_hint: String,
+    },
+    #[error("checkpoint store {} holds a position of `{found}`, and this connector reads {expected}: point checkpoint.dir at a store of its own, or reset this one: {reset_hint}", dir.display())]
+    OtherEngine {
+        dir: PathBuf,
+        found: String,
+        expected: &'static str,
         reset_hint: String,
     },
     #[error("refusing to move checkpoint {} backward from {current} to {proposed} (only `sitesync checkpoint reset` may do that)", dir.display())]
@@ -248,19 +274,23 @@ impl CheckpointStore {
     }
 
     /// The stored checkpoint, verified; `None` if none was ever written.
-    pub fn load(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+    pub fn load<P: LogPosition>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
         let raw = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))?;
         match raw {
             None => Ok(None),
-            Some(bytes) => {
-                Checkpoint::decode(&bytes)
-                    .map(Some)
-                    .map_err(|detail| CheckpointError::Corrupt {
-                        dir: self.dir.clone(),
-                        detail,
-                        reset_hint: self.reset_hint.clone(),
-                    })
-            }
+            Some(bytes) => Checkpoint::decode(&bytes).map(Some).map_err(|e| match e {
+                Unreadable::Corrupt(detail) => CheckpointError::Corrupt {
+                    dir: self.dir.clone(),
+                    detail,
+                    reset_hint: self.reset_hint.clone(),
+                },
+                Unreadable::OtherEngine(found) => CheckpointError::OtherEngine {
+                    dir: self.dir.clone(),
+                    found,
+                    expected: P::ENGINE,
+                    reset_hint: self.reset_hint.clone(),
+                },
+            }),
         }
     }
 
@@ -280,15 +310,15 @@ impl CheckpointStore {
     }
 
     /// Stores `next` durably. Refuses a position behind the stored one, a
-    /// change of epoch, or a position of another engine.
-    pub async fn commit(&self, next: &Checkpoint) -> Result<(), CheckpointError> {
-        if let Some(current) = self.load()? {
+    /// change of epoch, or a store holding a position of another engine.
+    pub async fn commit<P: LogPosition>(
+        &self,
+        next: &Checkpoint<P>,
+    ) -> Result<(), CheckpointError> {
+        if let Some(current) = self.load::<P>()? {
             let backward = match (&current.resume, &next.resume) {
                 (Some(_), None) => true,
-                (Some(c), Some(n)) => !matches!(
-                    n.partial_cmp(c),
-                    Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
-                ),
+                (Some(c), Some(n)) => n < c,
                 (None, _) => false,
             };
             if backward
@@ -307,11 +337,11 @@ impl CheckpointStore {
     }
 
     /// Replaces the checkpoint, whatever it was (the explicit reset).
-    pub async fn reset(&self, next: &Checkpoint) -> Result<(), CheckpointError> {
+    pub async fn reset<P: LogPosition>(&self, next: &Checkpoint<P>) -> Result<(), CheckpointError> {
         self.write(next).await
     }
 
-    async fn write(&self, ck: &Checkpoint) -> Result<(), CheckpointError> {
+    async fn write<P: LogPosition>(&self, ck: &Checkpoint<P>) -> Result<(), CheckpointError> {
         self.db
             .insert(RECORD_KEY, ck.encode())
             .map_err(|e| self.sled_error(e))?;
@@ -324,7 +354,7 @@ impl CheckpointStore {
 
     /// Writes `live.json` beside the store: what `checkpoint show` prints
     /// while a sidecar holds the lock. Not authoritative, not fsynced.
-    pub fn write_live(&self, ck: &Checkpoint) {
+    pub fn write_live<P: LogPosition>(&self, ck: &Checkpoint<P>) {
         let live = serde_json::json!({ "pid": std::process::id(), "checkpoint": ck });
         let tmp = self.dir.join(format!("{LIVE_FILE}.tmp"));
         if std::fs::write(&tmp, live.to_string()).is_ok() {
@@ -333,9 +363,9 @@ impl CheckpointStore {
     }
 
     /// Flips one byte of the stored record without fixing its crc, as a torn
-    /// write would. For tests and drills only.
-    #[doc(hidden)]
-    pub fn corrupt_for_tests(&self) -> Result<(), CheckpointError> {
+    /// write would.
+    #[cfg(test)]
+    fn corrupt_for_tests(&self) -> Result<(), CheckpointError> {
         if let Some(bytes) = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))? {
             let mut bytes = bytes.to_vec();
             let last = bytes.len() - 2;
@@ -350,7 +380,7 @@ impl CheckpointStore {
 }
 
 /// What a running sidecar last wrote to `live.json`: `(pid, checkpoint)`.
-pub fn read_live(dir: &Path) -> Option<(u64, Checkpoint)> {
+pub fn read_live<P: LogPosition>(dir: &Path) -> Option<(u64, Checkpoint<P>)> {
     let text = std::fs::read_to_string(dir.join(LIVE_FILE)).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let pid = v.get("pid")?.as_u64()?;
@@ -370,12 +400,13 @@ pub fn set_aside(dir: &Path) -> Result<PathBuf, CheckpointError> {
 }
 
 /// One line: position, epoch, next seq.
-pub fn describe(ck: &Checkpoint) -> String {
+pub fn describe<P: LogPosition>(ck: &Checkpoint<P>) -> String {
     format!(
         "{} (epoch {}, next seq {})",
-        ck.resume
-            .as_ref()
-            .map_or_else(|| "the start of the slot".to_string(), |p| p.to_string()),
+        ck.resume.as_ref().map_or_else(
+            || "the start (where the database keeps our place)".to_string(),
+            |p| p.to_string()
+        ),
         ck.epoch,
         ck.next_seq
     )
@@ -395,8 +426,68 @@ mod tests {
         d
     }
 
-    fn pg(lsn: u64, index: u32) -> Position {
-        Position::Postgres { lsn, index }
+    /// A position of an engine "one", as engines write theirs.
+    #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(tag = "engine", rename_all = "snake_case")]
+    enum One {
+        One { at: u64, index: u32 },
+    }
+
+    impl std::fmt::Display for One {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let One::One { at, index } = self;
+            write!(f, "one:{at}#{index}")
+        }
+    }
+
+    impl std::str::FromStr for One {
+        type Err = String;
+        fn from_str(_: &str) -> Result<One, String> {
+            Err("not needed".into())
+        }
+    }
+
+    impl LogPosition for One {
+        const ENGINE: &'static str = "one";
+        fn next_row(&self) -> One {
+            let One::One { at, index } = self;
+            One::One {
+                at: *at,
+                index: index + 1,
+            }
+        }
+    }
+
+    /// A position of another engine, "two".
+    #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(tag = "engine", rename_all = "snake_case")]
+    enum Two {
+        Two { scn: u64 },
+    }
+
+    impl std::fmt::Display for Two {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let Two::Two { scn } = self;
+            write!(f, "two:{scn}")
+        }
+    }
+
+    impl std::str::FromStr for Two {
+        type Err = String;
+        fn from_str(_: &str) -> Result<Two, String> {
+            Err("not needed".into())
+        }
+    }
+
+    impl LogPosition for Two {
+        const ENGINE: &'static str = "two";
+        fn next_row(&self) -> Two {
+            self.clone()
+        }
+    }
+
+    fn pg(at: u64, index: u32) -> One {
+        One::One { at, index }
     }
 
     fn clk(next_seq: u64) -> Clock {
@@ -410,7 +501,7 @@ mod tests {
     async fn commit_and_reload() {
         let d = dir("reload");
         let store = CheckpointStore::open(&d, "hint".into()).unwrap();
-        assert_eq!(store.load().unwrap(), None);
+        assert_eq!(store.load::<One>().unwrap(), None);
         let ck = Checkpoint::new_epoch(None, None);
         store.reset(&ck).await.unwrap();
         let next = ck.advanced(pg(100, 2), clk(5));
@@ -433,15 +524,15 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, CheckpointError::Regression { .. }), "{err}");
         assert!(err.to_string().contains("backward"), "{err}");
-        let other_engine = ck.advanced(
-            Position::Oracle {
-                scn: 1000,
-                index: 0,
-                mine_from: None,
-            },
-            clk(2),
+        // A store of another engine is refused by name.
+        let other_engine = Checkpoint::new_epoch(Some(Two::Two { scn: 1000 }), None);
+        let err = store.commit(&other_engine).await.unwrap_err();
+        assert!(matches!(err, CheckpointError::OtherEngine { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("holds a position of `one`, and this connector reads two"),
+            "{err}"
         );
-        assert!(store.commit(&other_engine).await.is_err());
         let mut new_epoch = ck.advanced(pg(200, 0), clk(2));
         new_epoch.epoch += 1;
         assert!(store.commit(&new_epoch).await.is_err());
@@ -470,7 +561,7 @@ mod tests {
         drop(store);
         let store =
             CheckpointStore::open(&d, reset_hint(Path::new("connectors/paris.toml"))).unwrap();
-        let err = store.load().unwrap_err();
+        let err = store.load::<One>().unwrap_err();
         let text = err.to_string();
         assert!(text.contains(&d.display().to_string()), "{text}");
         assert!(text.contains("crc32 mismatch"), "{text}");
@@ -498,9 +589,13 @@ mod tests {
 
     #[test]
     fn decode_rejects_short_and_garbled_records() {
-        assert!(Checkpoint::decode(b"ab").unwrap_err().contains("too short"));
-        let mut bytes = Checkpoint::new_epoch(None, None).encode();
+        let corrupt = |r: Result<Checkpoint<One>, Unreadable>| match r {
+            Err(Unreadable::Corrupt(detail)) => detail,
+            other => panic!("{other:?}"),
+        };
+        assert!(corrupt(Checkpoint::decode(b"ab")).contains("too short"));
+        let mut bytes = Checkpoint::<One>::new_epoch(None, None).encode();
         bytes[6] ^= 1;
-        assert!(Checkpoint::decode(&bytes).unwrap_err().contains("crc32"));
+        assert!(corrupt(Checkpoint::decode(&bytes)).contains("crc32"));
     }
 }

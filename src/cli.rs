@@ -6,15 +6,13 @@
 use crate::bus::{self, topology};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::checks::{Check, Status};
-use crate::config::{ConfigErrors, ConnectorConfig, DatabaseKind, TopologyConfig, redact_url};
-use crate::engine::oracle::{OracleSource, OracleTarget};
-use crate::engine::postgres::{PostgresSource, PostgresTarget};
-use crate::engine::sqlserver::{SqlServerSource, SqlServerTarget};
-use crate::position::Position;
+use crate::config::{ConfigErrors, ConnectorConfig, TopologyConfig, redact_url};
+use crate::engine::{Connector, Driver, Task};
+use crate::error::{SourceError, TargetError};
+use crate::position::LogPosition;
 use crate::runner::Shutdown;
 use crate::sidecar;
-use crate::sink::Target;
-use crate::sink::batch::Batches;
+use crate::sink::batch::{Batches, Dialect};
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
@@ -63,7 +61,7 @@ enum Command {
     /// Validate the connector file, then check the database, the broker, the topology and the checkpoint.
     #[command(after_help = "Example:\n  sitesync check --connector connectors/paris.toml")]
     Check(ConnectorArg),
-    /// Create the outbox table, the publication and the replication slot (idempotent).
+    /// Create the outbox table, what the change log needs (PostgreSQL: publication and slot) and the sink's tables (idempotent).
     #[command(after_help = "Example:\n  sitesync init --connector connectors/paris.toml")]
     Init(ConnectorArg),
     /// Broker topology commands.
@@ -163,13 +161,14 @@ enum CheckpointCommand {
 #[group(required = true, multiple = false)]
 struct ResetTarget {
     /// Resume from the oldest position the database still holds for us
-    /// (PostgreSQL: the slot's confirmed_flush_lsn; a slot cannot rewind).
+    /// (PostgreSQL: the slot's confirmed_flush_lsn; a slot cannot rewind;
+    /// SQL Server: Change Tracking's minimum valid version).
     #[arg(long)]
     to_start: bool,
     /// Resume at this position, e.g. postgres:0/16B3748 or postgres:0/16B3748#5.
     #[arg(long, value_name = "POSITION")]
     to_position: Option<String>,
-    /// Skip everything not yet published: move to the end of the log (advances the slot).
+    /// Skip everything not yet published: move to the end of the log (PostgreSQL: advances the slot).
     #[arg(long)]
     to_latest: bool,
 }
@@ -198,12 +197,15 @@ impl From<CheckpointError> for Failure {
     }
 }
 
-impl From<crate::source::SourceError> for Failure {
-    fn from(e: crate::source::SourceError) -> Self {
-        Failure {
-            message: e.message,
-            code: 1,
-        }
+impl From<SourceError> for Failure {
+    fn from(e: SourceError) -> Self {
+        fail(e.to_string())
+    }
+}
+
+impl From<TargetError> for Failure {
+    fn from(e: TargetError) -> Self {
+        fail(e.to_string())
     }
 }
 
@@ -252,7 +254,7 @@ pub fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,lapin=off,tokio_postgres=warn")
+        tracing_subscriber::EnvFilter::new(format!("info,lapin=off,{}", crate::engine::QUIET_LOGS))
     });
     // Colours only on a terminal: log files and journald get plain text.
     // A line that cannot be written (the log collector went away: EPIPE)
@@ -269,101 +271,108 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs `$body` with the connector's source (and, with the second form,
-/// its target type as `$target`), one arm per database kind.
-macro_rules! with_source {
-    ($cfg:expr, $source:ident => $body:expr) => {
-        with_source!($cfg, $source, _T => $body)
-    };
-    ($cfg:expr, $source:ident, $target:ident => $body:expr) => {
-        match $cfg.database.kind {
-            DatabaseKind::Postgres => {
-                #[allow(dead_code)]
-                type $target = PostgresTarget;
-                let $source = PostgresSource::new(&$cfg)?;
-                $body
-            }
-            DatabaseKind::SqlServer => {
-                #[allow(dead_code)]
-                type $target = SqlServerTarget;
-                let $source = SqlServerSource::new(&$cfg)?;
-                $body
-            }
-            DatabaseKind::Oracle => {
-                #[allow(dead_code)]
-                type $target = OracleTarget;
-                let $source = OracleSource::new(&$cfg)?;
-                $body
-            }
-        }
-    };
-}
-
 async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
-        Command::Run(c) => {
-            let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source, T => {
-                let target = match cfg.sink.enabled {
-                    true => Some(Batches::new(T::new(&cfg).map_err(fail)?, &cfg.site, &cfg.sink)),
-                    false => None,
-                };
-                run(&cfg, source, target).await
-            })
-        }
+        Command::Run(c) => on_engine(&c.connector, Act::Run).await,
         Command::Check(c) => check(&c.connector).await,
-        Command::Init(c) => {
-            let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source, T => {
-                let target = T::new(&cfg).map_err(fail)?;
-                init(&cfg, source, target.init()).await
-            })
-        }
+        Command::Init(c) => on_engine(&c.connector, Act::Init).await,
         Command::Topology(TopologyCommand::Declare {
             connector,
             topology,
             broker,
         }) => declare(connector, topology, broker).await,
-        Command::Checkpoint(CheckpointCommand::Show(c)) => {
-            let cfg = ConnectorConfig::load(&c.connector)?;
-            with_source!(cfg, source => show(&cfg, source).await)
-        }
-        Command::Status(c) => {
-            let cfg = ConnectorConfig::load(&c.connector)?;
-            match cfg.database.kind {
-                DatabaseKind::Postgres => status(&cfg, PostgresSource::new(&cfg)?).await,
-                DatabaseKind::SqlServer => Err(Failure {
-                    message: "`sitesync status` reads PostgreSQL only so far; on SQL Server, query sitesync_origins, sitesync_gaps, sitesync_conflicts and sitesync_inbox directly (see README, SQL Server)".into(),
-                    code: 2,
-                }),
-                DatabaseKind::Oracle => Err(Failure {
-                    message: "`sitesync status` reads PostgreSQL only so far; on Oracle, use `sitesync checkpoint show` and query SITESYNC_ORIGINS, SITESYNC_GAPS, SITESYNC_CONFLICTS and SITESYNC_INBOX directly (see README, Oracle)".into(),
-                    code: 2,
-                }),
-            }
-        }
-        Command::Dlq(DlqCommand::List(c)) => {
-            let cfg = ConnectorConfig::load(&c.connector)?;
-            dlq_list(&cfg).await
-        }
-        Command::Dlq(DlqCommand::Requeue { connector, which }) => {
-            let cfg = ConnectorConfig::load(&connector.connector)?;
-            dlq_requeue(&cfg, which).await
-        }
-        Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
-        Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
+        Command::Checkpoint(CheckpointCommand::Show(c)) => on_engine(&c.connector, Act::Show).await,
         Command::Checkpoint(CheckpointCommand::Reset {
             connector,
             target,
             yes,
-        }) => {
-            let cfg = ConnectorConfig::load(&connector.connector)?;
-            with_source!(cfg, source => reset(&cfg, source, target, yes).await)
+        }) => on_engine(&connector.connector, Act::Reset { target, yes }).await,
+        Command::Status(c) => on_engine(&c.connector, Act::Status).await,
+        Command::Dlq(DlqCommand::List(c)) => {
+            let connector = Connector::load(&c.connector)?;
+            dlq_list(&connector.config).await
+        }
+        Command::Dlq(DlqCommand::Requeue { connector, which }) => {
+            let connector = Connector::load(&connector.connector)?;
+            dlq_requeue(&connector.config, which).await
+        }
+        Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
+        Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
+    }
+}
+
+/// A command that needs the connector's engine.
+enum Act {
+    Run,
+    Init,
+    Show,
+    Status,
+    Reset { target: ResetTarget, yes: bool },
+}
+
+/// Loads the connector and runs `act` with its engine.
+async fn on_engine(file: &Path, act: Act) -> Result<ExitCode, Failure> {
+    let connector = Connector::load(file)?;
+    let cfg = &connector.config;
+    connector.engine.run(OnEngine { cfg, act }).await
+}
+
+/// `act` for one connector, whatever its engine.
+struct OnEngine<'a> {
+    cfg: &'a ConnectorConfig,
+    act: Act,
+}
+
+impl Task for OnEngine<'_> {
+    type Output = Result<ExitCode, Failure>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Result<ExitCode, Failure> {
+        let cfg = self.cfg;
+        match self.act {
+            Act::Run => {
+                let source = D::source(cfg, db)?;
+                let target = match cfg.sink.enabled {
+                    true => Some(Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink)),
+                    false => None,
+                };
+                run(cfg, source, target).await
+            }
+            Act::Init => init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await,
+            Act::Show => show(cfg, D::source(cfg, db)?).await,
+            Act::Status => status(cfg, D::status(cfg, db).await?).await,
+            Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
         }
     }
 }
 
-async fn run<S: Source, T: Target + 'static>(
+/// What `sitesync check` verifies of the database and the store, whatever
+/// the engine.
+struct EngineChecks<'a>(&'a ConnectorConfig);
+
+impl Task for EngineChecks<'_> {
+    type Output = Vec<Check>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Vec<Check> {
+        let cfg = self.0;
+        let mut checks = Vec::new();
+        match D::source(cfg, db) {
+            Ok(source) => {
+                checks.extend(source.preflight().await);
+                checks.push(check_store::<<D::Source as Source>::Position>(cfg));
+            }
+            Err(e) => checks.push(Check::fail("database", e.to_string(), "check database.url")),
+        }
+        if cfg.sink.enabled {
+            match D::target(cfg, db) {
+                Ok(target) => checks.extend(target.preflight().await),
+                Err(e) => checks.push(Check::fail("sink", e.to_string(), "check database.url")),
+            }
+        }
+        checks
+    }
+}
+
+async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
@@ -403,20 +412,20 @@ async fn run<S: Source, T: Target + 'static>(
     );
     sidecar::run(cfg, source, target, shutdown)
         .await
-        .map_err(fail)?;
+        .map_err(|e| fail(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source>(
+async fn init<S: Source, T: Dialect>(
     cfg: &ConnectorConfig,
     source: S,
-    target_init: impl std::future::Future<Output = Result<Vec<String>, crate::sink::TargetError>>,
+    target: T,
 ) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
         println!("  {line}");
     }
-    for line in target_init.await.map_err(|e| fail(e.message))? {
+    for line in target.init().await? {
         println!("  {line}");
     }
     println!(
@@ -434,7 +443,7 @@ async fn declare(
 ) -> Result<ExitCode, Failure> {
     let (urls, topology, timeout) = match (connector, topology_file, broker) {
         (Some(c), _, _) => {
-            let cfg = ConnectorConfig::load(&c)?;
+            let cfg = Connector::load(&c)?.config;
             (cfg.broker.urls, cfg.topology, cfg.broker.connect_timeout)
         }
         (None, Some(t), Some(b)) => (
@@ -472,15 +481,16 @@ async fn broker(cfg: &ConnectorConfig, what: &str) -> Result<bus::Link, Failure>
     .map_err(|e| fail(e.to_string()))
 }
 
-async fn status(cfg: &ConnectorConfig, source: PostgresSource) -> Result<ExitCode, Failure> {
+async fn status(
+    cfg: &ConnectorConfig,
+    site: crate::status::SiteStatus,
+) -> Result<ExitCode, Failure> {
     println!(
         "connector   {} ({}), site {}",
         cfg.name,
         cfg.file.display(),
         cfg.site
     );
-    let client = source.client().await?;
-    let site = crate::engine::postgres::status::read(cfg, &client).await?;
     let queued = match broker(cfg, "status").await {
         Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
             .await
@@ -557,32 +567,25 @@ async fn dlq_requeue(cfg: &ConnectorConfig, which: RequeueWhich) -> Result<ExitC
 }
 
 async fn check(file: &Path) -> Result<ExitCode, Failure> {
-    let cfg = match ConnectorConfig::load(file) {
-        Ok(cfg) => cfg,
+    let connector = match Connector::load(file) {
+        Ok(connector) => connector,
         Err(e) => {
             println!("[FAIL] config: {}", e.to_string().trim_end());
             return Ok(ExitCode::from(2));
         }
     };
+    let cfg = &connector.config;
     let mut checks = vec![Check::pass(
         "config",
         format!(
-            "{} (site {}, topology {})",
+            "{} (site {}, {} database, topology {})",
             cfg.file.display(),
             cfg.site,
+            connector.engine.name(),
             cfg.topology.file.display()
         ),
     )];
-    checks.extend(with_source!(cfg, source, T => {
-        let mut checks = source.preflight().await;
-        if cfg.sink.enabled {
-            match T::new(&cfg) {
-                Ok(target) => checks.extend(target.preflight().await),
-                Err(e) => checks.push(Check::fail("sink", e, "check database.url")),
-            }
-        }
-        checks
-    }));
+    checks.extend(connector.engine.run(EngineChecks(cfg)).await);
     let mut connection = None;
     for url in &cfg.broker.urls {
         match bus::connect(
@@ -616,7 +619,6 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
             .await,
         );
     }
-    checks.push(check_store(&cfg));
     let mut worst = Status::Pass;
     for c in &checks {
         println!("{c}");
@@ -631,7 +633,7 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
     })
 }
 
-fn check_store(cfg: &ConnectorConfig) -> Check {
+fn check_store<P: LogPosition>(cfg: &ConnectorConfig) -> Check {
     let dir = &cfg.checkpoint.dir;
     if !dir.join("sled").exists() {
         return Check::pass(
@@ -640,7 +642,7 @@ fn check_store(cfg: &ConnectorConfig) -> Check {
         );
     }
     match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
-        Ok(store) => match store.load() {
+        Ok(store) => match store.load::<P>() {
             Ok(Some(ck)) => Check::pass(
                 "checkpoint",
                 format!("{}: {}", dir.display(), describe(&ck)),
@@ -663,15 +665,17 @@ async fn show<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, F
     );
     println!("store       {}", dir.display());
     let (ck, live) = if !dir.join("sled").exists() {
-        println!("checkpoint  none yet: the first `run` starts at the slot's position");
+        println!("checkpoint  none yet: the first `run` starts where the database keeps our place");
         (None, None)
     } else {
         match CheckpointStore::open(dir, reset_hint(&cfg.file)) {
-            Ok(store) => (store.load()?, None),
-            Err(CheckpointError::InUse { pid, .. }) => match checkpoint::read_live(dir) {
-                Some((live_pid, ck)) => (Some(ck), Some(live_pid.to_string())),
-                None => (None, Some(pid)),
-            },
+            Ok(store) => (store.load::<S::Position>()?, None),
+            Err(CheckpointError::InUse { pid, .. }) => {
+                match checkpoint::read_live::<S::Position>(dir) {
+                    Some((live_pid, ck)) => (Some(ck), Some(live_pid.to_string())),
+                    None => (None, Some(pid)),
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     };
@@ -684,7 +688,7 @@ async fn show<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, F
         println!(
             "position    {}",
             ck.resume.as_ref().map_or_else(
-                || "none yet (starts at the slot's confirmed_flush_lsn)".to_string(),
+                || "none yet (starts where the database keeps our place)".to_string(),
                 |p| p.to_string()
             )
         );
@@ -705,7 +709,7 @@ async fn show<S: Source>(cfg: &ConnectorConfig, source: S) -> Result<ExitCode, F
     }
     match source.bounds().await {
         Ok(LogBounds { detail, .. }) => println!("database    {detail}"),
-        Err(e) => println!("database    unavailable: {}", e.message),
+        Err(e) => println!("database    unavailable: {}", e.message()),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -728,7 +732,7 @@ async fn reset<S: Source>(
         Err(e) => return Err(e.into()),
     };
     let current = match (&store, &unopenable) {
-        (Some(store), _) => store.load(),
+        (Some(store), _) => store.load::<S::Position>(),
         (None, Some(detail)) => Err(CheckpointError::Corrupt {
             dir: dir.clone(),
             detail: detail.clone(),
@@ -754,33 +758,28 @@ async fn reset<S: Source>(
     println!("database    {}", bounds.detail);
     let oldest = bounds.oldest.clone();
     let (resume, plan) = if target.to_start {
-        let from = oldest
-            .as_ref()
-            .map_or_else(|| "the slot's position".to_string(), |p| p.to_string());
+        let from = oldest.as_ref().map_or_else(
+            || "where the database keeps our place".to_string(),
+            |p| p.to_string(),
+        );
         (
             None,
             format!(
-                "resume from {from}, the oldest position the slot can stream: everything the slot still holds is published again. \
-                 PostgreSQL cannot rewind a slot, so events confirmed before it can only come back from the archive queue"
+                "resume from {from}: everything from there is published again ({})",
+                bounds.oldest_note
             ),
         )
     } else if let Some(text) = &target.to_position {
-        let p: Position = text.parse().map_err(|e: String| Failure {
+        let p: S::Position = text.parse().map_err(|e: String| Failure {
             message: e,
             code: 2,
         })?;
-        if p.engine() != bounds.latest.engine() {
-            return Err(fail(format!(
-                "{p} is a {} position; this connector reads {}",
-                p.engine(),
-                bounds.latest.engine()
-            )));
-        }
         if let Some(o) = &oldest
             && p < *o
         {
             return Err(fail(format!(
-                "{p} is before {o}, the oldest position the slot can stream (its confirmed_flush_lsn); the slot cannot go back further"
+                "{p} is before {o}: it cannot go back further ({})",
+                bounds.oldest_note
             )));
         }
         if p > bounds.latest {
@@ -800,7 +799,7 @@ async fn reset<S: Source>(
         (
             Some(bounds.latest.clone()),
             format!(
-                "skip everything not yet published: advance the slot to the end of the log ({}) and resume there",
+                "skip everything not yet published: move to the end of the log ({}) and resume there",
                 bounds.latest
             ),
         )

@@ -8,35 +8,45 @@
 //!
 //! # Layout
 //!
+//! The engine-free core, then the engines, then the tooling (see
+//! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
+//!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `demo`, `topology declare`, `checkpoint show|reset`); `main.rs`
-//!   only calls [`cli::main`].
+//!   `dlq`, `topology declare`, `checkpoint show|reset`, `demo`, `bench`);
+//!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
+//!   them through [`engine::Engine::run`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
-//!   error reported at once with file and key.
+//!   error reported at once with file and key; the `[database]` table is
+//!   read by the engine.
+//! - [`error`]: [`error::SourceError`] and [`error::TargetError`], each a
+//!   kind (transient or operator) and a cause.
 //! - [`event`]: the outbox row and the event it becomes; why a row is refused.
-//! - [`position`]: log positions, one variant per engine, ordered.
+//! - [`position`]: [`position::LogPosition`], what every engine's position
+//!   offers (ordered, text, JSON tagged with the engine).
 //! - [`checkpoint`]: the sled store with crc32 records, a process lock and a
 //!   no-going-back rule.
-//! - [`source`]: the [`source::Source`] trait and one file per engine
-//!   ([`source::postgres`], with the pgoutput decoder in [`source::pgoutput`];
-//!   [`source::oracle`], LogMiner, with its `SQL_REDO` parser, XID buffering
-//!   and log selection).
+//! - [`source`]: the [`source::Source`] and [`source::ChangeStream`] traits.
 //! - [`bus`]: RabbitMQ connections with failover, [`bus::topology`]
 //!   (declare, verify), [`bus::management`] (bindings, through the
-//!   management API) and [`bus::publisher`] (confirms, dead letters).
+//!   management API), [`bus::publisher`] (confirms, dead letters) and
+//!   [`bus::dlq`] (`sitesync dlq list|requeue`).
 //! - [`runner`]: the run loop: source → publisher → checkpointer, sessions
 //!   restarted from the checkpoint after any failure, clean drain on SIGTERM.
+//! - [`sink`]: this site's queue applied to its database: [`sink::plan`]
+//!   (each message's plan), [`sink::batch`] (the transaction, written once
+//!   for every engine), [`sink::rules`] (last-writer-wins, gaps),
+//!   [`sink::mapping`] (routes).
 //! - [`sidecar`]: the source and the sink of one site, run side by side.
-//! - [`sink`]: this site's queue applied to its database (batches, inbox,
-//!   last-writer-wins, gaps, dead letters), [`sink::postgres`] for PostgreSQL,
-//!   [`sink::oracle`] for Oracle and [`sink::mapping`] for routes.
 //! - [`status`]: what `sitesync status` reports.
-//! - [`bus::dlq`]: `sitesync dlq list|requeue`.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
-//! - [`demo`]: `sitesync demo`, three sites on private clusters, end to end.
-//! - [`bench`]: `sitesync bench`, the figures against the broker's own ceiling.
-//! - [`lab`]: private PostgreSQL clusters for the demo and the benchmark.
+//! - [`engine`]: one folder per database engine ([`engine::postgres`],
+//!   [`engine::sqlserver`], [`engine::oracle`]), each with its settings,
+//!   connection, source, positions, sink dialect and status; the
+//!   `engines!` list in [`engine`] is the one place that names them.
+//! - [`lab`]: `sitesync demo`, `sitesync bench` and the private PostgreSQL
+//!   clusters they start (the integration tests reuse them); nothing of the
+//!   product depends on it.
 
 pub mod bus;
 pub mod checkpoint;
@@ -44,6 +54,7 @@ pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod event;
 pub mod lab;
 pub mod position;

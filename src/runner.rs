@@ -27,10 +27,11 @@ use crate::bus::topology::{TopologyError, Verifier};
 use crate::bus::{self, BusError, Link};
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::config::ConnectorConfig;
+use crate::error::{ErrorKind, SourceError};
 use crate::event::{Clock, RowError};
-use crate::position::Position;
+use crate::position::LogPosition;
 use crate::retry::Backoff;
-use crate::source::{Change, ChangeStream, ErrorKind, Source, SourceError};
+use crate::source::{Change, ChangeStream, Source};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use std::future::Future;
@@ -90,8 +91,8 @@ impl SessionError {
 impl From<SourceError> for SessionError {
     fn from(e: SourceError) -> Self {
         SessionError {
-            kind: e.kind,
-            message: e.message,
+            kind: e.kind(),
+            message: e.to_string(),
         }
     }
 }
@@ -138,15 +139,19 @@ impl From<PublishFailure> for SessionError {
 }
 
 /// A published (or position-only) item waiting for its confirm.
-struct Settled {
+struct Settled<P> {
     result: Result<(), PublishFailure>,
     /// Resume point once this item is done.
-    resume: Position,
+    resume: P,
     /// The origin's clock once this item is done.
     clock: Clock,
 }
 
-type Pending = Pin<Box<dyn Future<Output = Settled> + Send>>;
+type Pending<P> = Pin<Box<dyn Future<Output = Settled<P>> + Send>>;
+
+/// How the checkpointer task ended: the last checkpoint it wrote, or why
+/// it stopped.
+type CheckpointerEnd<P> = Result<Result<Checkpoint<P>, SessionError>, tokio::task::JoinError>;
 
 /// Runs the connector until `shutdown` fires or an error needs a person.
 pub async fn run<S: Source>(
@@ -159,15 +164,15 @@ pub async fn run<S: Source>(
         return Ok(());
     };
     let store = Arc::new(store);
-    if store.load()?.is_none() {
-        let first = Checkpoint::new_epoch(None, None);
+    if store.load::<S::Position>()?.is_none() {
+        let first = Checkpoint::<S::Position>::new_epoch(None, None);
         store.reset(&first).await?;
         tracing::info!(store = %store.dir().display(), epoch = first.epoch, "new checkpoint store");
     }
     let mut backoff = Backoff::new(&cfg.retry);
     let mut shutdown_wait = shutdown.clone();
     loop {
-        let before = store.load()?;
+        let before = store.load::<S::Position>()?;
         let outcome = session(cfg, &source, &store, shutdown.clone()).await;
         match outcome {
             Ok(()) => {
@@ -179,7 +184,7 @@ pub async fn run<S: Source>(
                 return Err(RunError::NeedsOperator(e.message));
             }
             Err(e) => {
-                if store.load()? != before {
+                if store.load::<S::Position>()? != before {
                     backoff.reset();
                 }
                 if shutdown.requested() {
@@ -239,7 +244,9 @@ async fn session<S: Source>(
     store: &Arc<CheckpointStore>,
     mut shutdown: Shutdown,
 ) -> Result<(), SessionError> {
-    let base = store.load()?.expect("written before the first session");
+    let base = store
+        .load::<S::Position>()?
+        .expect("written before the first session");
     let conn = bus::connect(
         &cfg.broker.urls,
         cfg.broker.connect_timeout,
@@ -272,8 +279,8 @@ async fn session<S: Source>(
         "streaming"
     );
 
-    let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(Position, Clock)>>(None);
-    let (durable_tx, mut durable_rx) = watch::channel::<Option<Position>>(None);
+    let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(S::Position, Clock)>>(None);
+    let (durable_tx, mut durable_rx) = watch::channel::<Option<S::Position>>(None);
     let mut checkpointer = tokio::spawn(checkpointer(
         store.clone(),
         base.clone(),
@@ -294,15 +301,13 @@ async fn session<S: Source>(
         tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS_EVERY, LIVENESS_EVERY);
     let mut last_change = Instant::now();
     let blocked_log = tokio::spawn(log_flow_control(conn.events_listener(), cfg.name.clone()));
-    let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut inflight: FuturesOrdered<Pending<S::Position>> = FuturesOrdered::new();
     let mut clock = base.clock();
     let window = cfg.broker.publisher_window;
     let mut counters = Counters::default();
     let mut report =
         tokio::time::interval_at(tokio::time::Instant::now() + REPORT_EVERY, REPORT_EVERY);
-    let mut checkpointer_done: Option<
-        Result<Result<Checkpoint, SessionError>, tokio::task::JoinError>,
-    > = None;
+    let mut checkpointer_done: Option<CheckpointerEnd<S::Position>> = None;
 
     // `drain`: whether the confirms already in flight are worth waiting for
     // (they are after a source error or a shutdown, not after a broker failure).
@@ -421,12 +426,12 @@ async fn session<S: Source>(
 }
 
 /// What a pending confirm is for, in error messages.
-enum Published {
-    Event(uuid::Uuid, Position),
-    DeadLetter(Position),
+enum Published<P> {
+    Event(uuid::Uuid, P),
+    DeadLetter(P),
 }
 
-impl std::fmt::Display for Published {
+impl<P: LogPosition> std::fmt::Display for Published<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Published::Event(id, at) => write!(f, "event {id} at {at}"),
@@ -436,13 +441,13 @@ impl std::fmt::Display for Published {
 }
 
 /// Publishes one change (or queues its position) and returns its pending confirm.
-async fn dispatch(
-    change: Change,
+async fn dispatch<P: LogPosition>(
+    change: Change<P>,
     publisher: &Publisher,
     ctx: &Numbering<'_>,
     clock: &mut Clock,
     counters: &mut Counters,
-) -> Result<Pending, SessionError> {
+) -> Result<Pending<P>, SessionError> {
     let resume = change.resume_after();
     let Change::Row { position, row } = change else {
         let after = *clock;
@@ -556,16 +561,16 @@ const LIVE_EVERY: Duration = Duration::from_millis(250);
 /// verifies on its own every `check_every` while idle. Returns the last
 /// checkpoint written once `confirmed` is closed.
 #[allow(clippy::too_many_arguments)]
-async fn checkpointer(
+async fn checkpointer<P: LogPosition>(
     store: Arc<CheckpointStore>,
-    base: Checkpoint,
+    base: Checkpoint<P>,
     conn: Link,
     mut verifier: Verifier,
     check_every: Duration,
     interval: Duration,
-    mut confirmed: watch::Receiver<Option<(Position, Clock)>>,
-    durable: watch::Sender<Option<Position>>,
-) -> Result<Checkpoint, SessionError> {
+    mut confirmed: watch::Receiver<Option<(P, Clock)>>,
+    durable: watch::Sender<Option<P>>,
+) -> Result<Checkpoint<P>, SessionError> {
     let mut written = base;
     let mut live_at = Instant::now();
     let mut live_dirty = false;

@@ -8,10 +8,24 @@
 //! its source reads the slot.
 
 use crate::config::ConnectorConfig;
-use crate::runner::{self, Shutdown};
+use crate::error::TargetError;
+use crate::runner::{self, RunError, Shutdown};
 use crate::sink::{self, Target};
 use crate::source::Source;
 use std::sync::Arc;
+
+/// Why a sidecar stopped with an error: its source half or its sink half
+/// needs a person (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Source(#[from] RunError),
+    #[error("sink: {0}")]
+    Sink(#[from] TargetError),
+    /// The sink's thread or runtime could not start, or it panicked.
+    #[error("sink: {0}")]
+    SinkThread(String),
+}
 
 /// Runs the source and, if given, the sink until `shutdown` fires or one
 /// of them meets an error that needs a person (then both stop).
@@ -20,7 +34,7 @@ pub async fn run<S: Source, T: Target + 'static>(
     source: S,
     target: Option<T>,
     mut shutdown: Shutdown,
-) -> Result<(), String> {
+) -> Result<(), SidecarError> {
     let (stop_tx, stop) = Shutdown::new();
     let stop_tx = Arc::new(stop_tx);
     let relay = {
@@ -34,7 +48,7 @@ pub async fn run<S: Source, T: Target + 'static>(
     let source_half = async {
         let r = runner::run(cfg, source, stop.clone())
             .await
-            .map_err(|e| e.to_string());
+            .map_err(SidecarError::from);
         if r.is_err() {
             let _ = stop_tx.send(true);
         }
@@ -65,7 +79,7 @@ async fn sink_on_its_own_thread<T: Target + 'static>(
     cfg: ConnectorConfig,
     target: T,
     stop: Shutdown,
-) -> Result<(), String> {
+) -> Result<(), SidecarError> {
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("sitesync-sink".into())
@@ -74,13 +88,19 @@ async fn sink_on_its_own_thread<T: Target + 'static>(
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(sink::run(&cfg, &target, stop)),
-                Err(e) => Err(format!("cannot start the sink's runtime: {e}")),
+                Ok(rt) => rt
+                    .block_on(sink::run(&cfg, &target, stop))
+                    .map_err(SidecarError::from),
+                Err(e) => Err(SidecarError::SinkThread(format!(
+                    "cannot start the sink's runtime: {e}"
+                ))),
             };
             let _ = done.send(r);
         })
-        .map_err(|e| format!("cannot start the sink's thread: {e}"))?;
-    result
-        .await
-        .unwrap_or_else(|_| Err("the sink's thread panicked".to_string()))
+        .map_err(|e| SidecarError::SinkThread(format!("cannot start the sink's thread: {e}")))?;
+    result.await.unwrap_or_else(|_| {
+        Err(SidecarError::SinkThread(
+            "the sink's thread panicked".to_string(),
+        ))
+    })
 }

@@ -1,6 +1,7 @@
 //! `sitesync status`: what this site has received from each origin, the gaps,
 //! the dead letters, the conflicts, and how far behind its source is.
 
+use crate::event::parse_timestamp;
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
 
@@ -30,8 +31,62 @@ pub struct SiteStatus {
     pub conflicts: i64,
     pub dead_lettered_here: i64,
     pub outbox_backlog: i64,
-    /// Bytes of WAL between the slot's confirmed position and the server's.
-    pub source_lag_bytes: Option<i64>,
+    /// How far the source is behind its log, in the engine's words (a
+    /// slot's WAL bytes behind the server, a Change Tracking version).
+    pub source_lag: String,
+}
+
+/// One column of a row read as text, parsed.
+fn field<T: std::str::FromStr>(row: &[Option<String>], i: usize, what: &str) -> Result<T, String> {
+    row.get(i)
+        .and_then(|c| c.as_deref())
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or_else(|| format!("{what} is missing or not readable in {row:?}"))
+}
+
+/// A time column read as text (ISO 8601; without a zone, UTC).
+fn time(row: &[Option<String>], i: usize, what: &str) -> Result<DateTime<Utc>, String> {
+    row.get(i)
+        .and_then(|c| c.as_deref())
+        .and_then(parse_timestamp)
+        .ok_or_else(|| format!("{what} is missing or not a time in {row:?}"))
+}
+
+impl OriginProgress {
+    /// From a row of `sitesync_origins` read as text: origin, epoch, seq,
+    /// updated at (engines whose driver reads every column as text).
+    pub fn from_text(row: &[Option<String>]) -> Result<OriginProgress, String> {
+        Ok(OriginProgress {
+            origin: field(row, 0, "origin")?,
+            epoch: field(row, 1, "epoch")?,
+            seq: field(row, 2, "seq")?,
+            at: time(row, 3, "updated_at")?,
+        })
+    }
+}
+
+impl GapRecord {
+    /// From a row of `sitesync_gaps` read as text: origin, epoch, from seq,
+    /// to seq, detected at.
+    pub fn from_text(row: &[Option<String>]) -> Result<GapRecord, String> {
+        Ok(GapRecord {
+            origin: field(row, 0, "origin")?,
+            epoch: field(row, 1, "epoch")?,
+            from_seq: field(row, 2, "from_seq")?,
+            to_seq: field(row, 3, "to_seq")?,
+            at: time(row, 4, "detected_at")?,
+        })
+    }
+}
+
+/// The counts of a status read as one text row: conflicts, dead letters
+/// recorded here, outbox rows.
+pub fn counts_from_text(row: &[Option<String>]) -> Result<(i64, i64, i64), String> {
+    Ok((
+        field(row, 0, "the conflicts count")?,
+        field(row, 1, "the dead letters count")?,
+        field(row, 2, "the outbox count")?,
+    ))
 }
 
 impl SiteStatus {
@@ -83,15 +138,62 @@ impl SiteStatus {
             self.dead_lettered_here
         );
         let _ = writeln!(out, "conflicts recorded: {}", self.conflicts);
-        let lag = self.source_lag_bytes.map_or_else(
-            || "no slot".to_string(),
-            |b| format!("{b} bytes of WAL behind the server"),
-        );
         let _ = writeln!(
             out,
-            "source: {} outbox row(s) not yet back round; slot {lag}",
-            self.outbox_backlog
+            "source: {} outbox row(s) not yet back round; {}",
+            self.outbox_backlog, self.source_lag
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(cells: &[&str]) -> Vec<Option<String>> {
+        cells.iter().map(|c| Some(c.to_string())).collect()
+    }
+
+    #[test]
+    fn rows_read_as_text_become_progress_gaps_and_counts() {
+        let o = OriginProgress::from_text(&row(&["PARIS", "17", "42", "2026-11-23T10:00:00.123"]))
+            .unwrap();
+        assert_eq!((o.origin.as_str(), o.epoch, o.seq), ("PARIS", 17, 42));
+        assert_eq!(o.at.to_rfc3339(), "2026-11-23T10:00:00.123+00:00");
+        let g =
+            GapRecord::from_text(&row(&["LONDON", "1", "3", "4", "2026-11-23T10:00:00Z"])).unwrap();
+        assert_eq!((g.from_seq, g.to_seq), (3, 4));
+        assert_eq!(counts_from_text(&row(&["2", "0", "5"])).unwrap(), (2, 0, 5));
+        let e = OriginProgress::from_text(&row(&["PARIS", "x", "1", "2026-11-23T10:00:00"]))
+            .unwrap_err();
+        assert!(e.contains("epoch"), "{e}");
+        let e = GapRecord::from_text(&[Some("L".into()), None]).unwrap_err();
+        assert!(e.contains("epoch"), "{e}");
+    }
+
+    #[test]
+    fn the_report_shows_gaps_and_the_source_in_the_engine_s_words() {
+        let status = SiteStatus {
+            gaps: vec![
+                GapRecord::from_text(&row(&["PARIS", "1", "3", "4", "2026-11-23T10:00:00Z"]))
+                    .unwrap(),
+            ],
+            outbox_backlog: 2,
+            source_lag: "slot 12 bytes of WAL behind the server".into(),
+            ..SiteStatus::default()
+        };
+        let text = status.render(Some(1));
+        assert!(
+            text.contains("PARIS") && text.contains("seq 3..=4"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "source: 2 outbox row(s) not yet back round; slot 12 bytes of WAL behind the server"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("1 in the dead-letter queue"), "{text}");
     }
 }

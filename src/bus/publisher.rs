@@ -9,7 +9,6 @@
 
 use crate::config::TopologyConfig;
 use crate::event::{Event, OutboxRow, RowError};
-use crate::position::Position;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -18,7 +17,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-/// Header with the source position of the event (text form of [`Position`]).
+/// Header with the source position of the event (the text form of the
+/// engine's position, e.g. `postgres:0/16B3748#3`).
 pub const HEADER_POSITION: &str = "x-sitesync-position";
 pub const HEADER_EPOCH: &str = "x-sitesync-epoch";
 pub const HEADER_SEQ: &str = "x-sitesync-seq";
@@ -102,7 +102,7 @@ impl Publisher {
         &self,
         event: &Event,
         body: Vec<u8>,
-        position: &Position,
+        position: &(dyn std::fmt::Display + Sync),
     ) -> Pin<Box<dyn Future<Output = Result<PublisherConfirm, lapin::Error>> + Send>> {
         let mut headers = FieldTable::default();
         headers.insert(
@@ -134,7 +134,7 @@ impl Publisher {
         &self,
         row: Option<&OutboxRow>,
         reason: &RowError,
-        position: &Position,
+        position: &(dyn std::fmt::Display + Sync),
         max_bytes: usize,
     ) -> Result<PublisherConfirm, lapin::Error> {
         let mut headers = FieldTable::default();

@@ -48,6 +48,7 @@ use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
 use crate::config::{ManagementApi, redact_url};
+use crate::engine::postgres::position::Position;
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -567,7 +568,7 @@ impl Bench {
         let target = sizes.source + 1;
         let mut first_checkpoint = None;
         self.poll_while_running("PARIS", Duration::from_secs(900), async || {
-            let next = read_live(&ck).map_or(0, |(_, c)| c.next_seq);
+            let next = read_live::<Position>(&ck).map_or(0, |(_, c)| c.next_seq);
             if next > 1 && first_checkpoint.is_none() {
                 first_checkpoint = Some(began.elapsed());
             }

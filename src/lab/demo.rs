@@ -6,7 +6,7 @@
 //! and friends). It writes a topology file with names of its own
 //! (`demo-<hex>.events`, `demo-<hex>_SITE_PARIS`, …, so the real `SITE_*`
 //! queues are never touched) and one connector file per site, loads them
-//! through [`ConnectorConfig::load`] like `sitesync run` does, creates a
+//! through [`Connector::load`] like `sitesync run` does, creates a
 //! small business schema (`customer`, `orders`), runs `init` and `topology
 //! declare` in-process, and starts the three sidecars as tasks.
 //!
@@ -31,10 +31,12 @@ use super::host::{create_owned_dir, random_hex};
 use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
 use crate::bus::{self, BusError, management::Management, topology};
 use crate::config::{ConnectorConfig, ManagementApi, redact_url};
+use crate::engine::postgres::settings::Settings as PgSettings;
 use crate::engine::postgres::{PostgresSource, PostgresTarget};
+use crate::engine::{Connector, Engine};
 use crate::runner::Shutdown;
 use crate::sidecar;
-use crate::sink::batch::Batches;
+use crate::sink::batch::{Batches, Dialect};
 use crate::source::Source;
 use chrono::{DateTime, Utc};
 use clap::Args;
@@ -300,6 +302,8 @@ struct Site {
     /// The database URL in use.
     url: String,
     cfg: Option<ConnectorConfig>,
+    /// Its `[database]` settings (the demo's sites are PostgreSQL ones).
+    db: Option<PgSettings>,
     /// The demo's objects exist in a database given by URL (dropped at the end).
     created: bool,
     /// The demo's own connection (writes, polling, the report).
@@ -354,6 +358,7 @@ impl Demo {
                 cluster: None,
                 url: String::new(),
                 cfg: None,
+                db: None,
                 created: false,
                 client: None,
             })
@@ -616,8 +621,9 @@ impl Demo {
                 slot: &format!("demo_{}_{}", self.token, site.db()),
             });
             std::fs::write(&file, text).map_err(|e| format!("writing {}: {e}", file.display()))?;
-            let cfg = ConnectorConfig::load(&file).map_err(|e| e.to_string())?;
+            let (cfg, db) = load_site(&file)?;
             self.sites[i].cfg = Some(cfg);
+            self.sites[i].db = Some(db);
         }
         self.say(format!(
             "wrote {} and a connector per site (exchange {}, queues {}*)",
@@ -639,16 +645,17 @@ impl Demo {
                 .batch_execute(BUSINESS)
                 .await
                 .map_err(|e| format!("{}: creating the business tables: {e}", site.name))?;
-            let source = PostgresSource::new(cfg).map_err(|e| e.message)?;
+            let db = site.db.as_ref().expect("loaded");
+            let source = PostgresSource::new(cfg, db).map_err(|e| e.to_string())?;
             source
                 .init()
                 .await
-                .map_err(|e| format!("{}: init: {}", site.name, e.message))?;
-            let target = PostgresTarget::new(cfg)?;
+                .map_err(|e| format!("{}: init: {e}", site.name))?;
+            let target = PostgresTarget::new(cfg, db).map_err(|e| e.to_string())?;
             target
                 .init()
                 .await
-                .map_err(|e| format!("{}: init: {}", site.name, e.message))?;
+                .map_err(|e| format!("{}: init: {}", site.name, e.message()))?;
             // Checksums compare JSON texts of timestamps: the same zone everywhere.
             client
                 .batch_execute("SET TimeZone = 'UTC'")
@@ -684,13 +691,16 @@ impl Demo {
         self.trigger = Some(trigger);
         for site in &self.sites {
             let cfg = site.cfg.clone().expect("loaded");
-            let source = PostgresSource::new(&cfg).map_err(|e| e.message)?;
-            let target = Batches::new(PostgresTarget::new(&cfg)?, &cfg.site, &cfg.sink);
+            let db = site.db.as_ref().expect("loaded");
+            let source = PostgresSource::new(&cfg, db).map_err(|e| e.to_string())?;
+            let target = PostgresTarget::new(&cfg, db).map_err(|e| e.to_string())?;
+            let target = Batches::new(target, &cfg.site, &cfg.sink);
             let shutdown = shutdown.clone();
-            let task =
-                tokio::spawn(
-                    async move { sidecar::run(&cfg, source, Some(target), shutdown).await },
-                );
+            let task = tokio::spawn(async move {
+                sidecar::run(&cfg, source, Some(target), shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            });
             self.sidecars.push((site.name, task));
         }
         self.say(
@@ -1038,13 +1048,13 @@ impl Demo {
         for site in &self.sites {
             if site.created
                 && site.cluster.is_none()
-                && let Some(cfg) = &site.cfg
+                && let Some(db) = &site.db
             {
                 self.say(format!(
                     "{}: dropping the demo's slot, publication and tables",
                     site.name
                 ));
-                if let Err(e) = drop_demo_objects(&site.url, cfg).await {
+                if let Err(e) = drop_demo_objects(&site.url, db).await {
                     problems.push(format!("{}: {e}", site.name));
                 }
             }
@@ -1506,10 +1516,23 @@ async fn check_given(site: &str, url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A site's connector file, loaded as `sitesync run` loads it.
+fn load_site(file: &Path) -> Result<(ConnectorConfig, PgSettings), String> {
+    let connector = Connector::load(file).map_err(|e| e.to_string())?;
+    match connector.engine {
+        Engine::Postgres(db) => Ok((connector.config, db)),
+        other => Err(format!(
+            "{}: the demo runs PostgreSQL sites, not {}",
+            file.display(),
+            other.name()
+        )),
+    }
+}
+
 /// Drops what the demo created in a database given by URL.
-async fn drop_demo_objects(url: &str, cfg: &ConnectorConfig) -> Result<(), String> {
+async fn drop_demo_objects(url: &str, db: &PgSettings) -> Result<(), String> {
     let client = connect(url).await?;
-    let slot = &cfg.database.slot;
+    let slot = &db.slot;
     // The walsender of a stopped sidecar may take a moment to go.
     let dropped = tokio::time::timeout(
         Duration::from_secs(10),
@@ -1542,7 +1565,7 @@ async fn drop_demo_objects(url: &str, cfg: &ConnectorConfig) -> Result<(), Strin
     }
     let sql = format!(
         "DROP PUBLICATION IF EXISTS \"{}\"; DROP TABLE IF EXISTS {};",
-        cfg.database.publication,
+        db.publication,
         DEMO_TABLES.join(", ")
     );
     if let Err(e) = client.batch_execute(&sql).await {
@@ -1658,11 +1681,11 @@ mod tests {
             "amqp://guest:guest@127.0.0.1:5672/%2f",
             Some("http://127.0.0.1:15672"),
         );
-        let cfg = ConnectorConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let (cfg, db) = load_site(&file).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.site, "PARIS");
         assert_eq!(cfg.name, "paris");
-        assert_eq!(cfg.database.slot, "demo_0123abcd_paris");
-        assert_eq!(cfg.database.publication, "demo_0123abcd_paris");
+        assert_eq!(db.slot, "demo_0123abcd_paris");
+        assert_eq!(db.publication, "demo_0123abcd_paris");
         assert_eq!(cfg.checkpoint.dir, dir.join("checkpoints").join("paris"));
         assert_eq!(
             cfg.broker.management.as_ref().map(|api| api.base.as_str()),
@@ -1697,7 +1720,7 @@ mod tests {
         let dir = scratch("dollar");
         let broker = "amqp://app:pa$${x}\"\\@127.0.0.1:5672/%2f";
         let (_, file) = write_site(&dir, "MADRID", broker, None);
-        let cfg = ConnectorConfig::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let (cfg, _) = load_site(&file).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.broker.urls, [broker]);
         assert_eq!(cfg.broker.management, None);
         assert_eq!(cfg.site, "MADRID");

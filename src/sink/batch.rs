@@ -33,8 +33,10 @@
 
 use super::mapping::{self, Entity, MappedRow};
 use super::rules::{self, Conflict, Gap, LocalWrite, Version, decide, track};
-use super::{Item, Outcome, Plan, Seen, Sorted, Target, TargetError, sort_items};
+use super::{Item, Outcome, Plan, Seen, Sorted, Target, sort_items};
+use crate::checks::Check;
 use crate::config::{Route, SinkConfig};
+use crate::error::{Cause, TargetError};
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -119,6 +121,13 @@ pub trait Dialect: Send + Sync + 'static {
     /// triggers, knowing the outbox; refuses a database `sitesync init` has
     /// not prepared.
     fn connect(&self) -> impl Future<Output = Result<Self::Session, TargetError>> + Send;
+
+    /// Creates the sink's tables (idempotent); one line per thing done.
+    fn init(&self) -> impl Future<Output = Result<Vec<String>, TargetError>> + Send;
+
+    /// What `sitesync check` verifies for the sink: its tables, and each
+    /// route's table.
+    fn preflight(&self) -> impl Future<Output = Vec<Check>> + Send;
 }
 
 /// One connection of a [`Dialect`]: the SQL of each step of a batch.
@@ -389,7 +398,8 @@ async fn apply_batch<S: Session>(
             }
             Err(Stop::Failed(Failed::Seen)) => {
                 return Err(TargetError::transient(
-                    "the inbox refused an event it did not hold".to_string(),
+                    Cause::Query,
+                    "the inbox refused an event it did not hold",
                 ));
             }
             // Applications are writing the batch's rows: let them finish,
@@ -399,10 +409,13 @@ async fn apply_batch<S: Session>(
                 tokio::time::sleep(std::time::Duration::from_millis(5 + 5 * u64::from(busy))).await;
             }
             Err(Stop::Failed(Failed::Busy)) => {
-                return Err(TargetError::transient(format!(
-                    "the batch's rows stayed locked by applications through {} tries",
-                    cx.busy_retries
-                )));
+                return Err(TargetError::transient(
+                    Cause::Busy,
+                    format!(
+                        "the batch's rows stayed locked by applications through {} tries",
+                        cx.busy_retries
+                    ),
+                ));
             }
             // One message's data broke a statement of the whole batch (or
             // ended its transaction): find it, one message at a time.
@@ -411,9 +424,10 @@ async fn apply_batch<S: Session>(
                 mode.isolate = true;
             }
             Err(Stop::Failed(Failed::Data(e) | Failed::Gone(e))) => {
-                return Err(TargetError::transient(format!(
-                    "a statement outside any one message failed: {e}"
-                )));
+                return Err(TargetError::transient(
+                    Cause::Query,
+                    format!("a statement outside any one message failed: {e}"),
+                ));
             }
         }
     }
@@ -1187,8 +1201,8 @@ mod tests {
         let e = apply(&mut fake, &items(&events, &r, "PARIS"))
             .await
             .unwrap_err();
-        assert_eq!(e.kind, crate::source::ErrorKind::Transient);
-        assert!(e.message.contains("stayed locked"), "{}", e.message);
+        assert_eq!(e.kind(), crate::error::ErrorKind::Transient);
+        assert!(e.message().contains("stayed locked"), "{}", e.message());
         assert!(fake.committed.rows.is_empty());
     }
 

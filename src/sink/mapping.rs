@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 /// Which row an event is about: its schema-qualified table and its key
 /// values as text ([`key_text`]; a composite key's values joined with `,`,
 /// each with `\` and `,` escaped by a `\`). Versions and conflicts
-/// are kept per entity, and the entity lock (see `sink::postgres`) is taken
+/// are kept per entity, and an engine's row locks (the PostgreSQL target) are taken
 /// on `table:key`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entity {

@@ -35,10 +35,10 @@ pub use plan::{Item, Outcome, Plan, Seen, Sorted, sort_items};
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::bus::{self, BusError};
 use crate::config::ConnectorConfig;
+use crate::error::{Cause, ErrorKind, TargetError};
 use crate::event::Event;
 use crate::retry::Backoff;
 use crate::runner::Shutdown;
-use crate::source::ErrorKind;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -47,32 +47,6 @@ use plan::Message;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
-
-/// A failure of the whole batch: retried.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct TargetError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl TargetError {
-    /// Worth retrying: the database went away, a lock, a timeout.
-    pub fn transient(message: impl Into<String>) -> TargetError {
-        TargetError {
-            kind: ErrorKind::Transient,
-            message: message.into(),
-        }
-    }
-
-    /// Needs a person: say what to do.
-    pub fn operator(message: impl Into<String>) -> TargetError {
-        TargetError {
-            kind: ErrorKind::Operator,
-            message: message.into(),
-        }
-    }
-}
 
 /// A database that events are applied to.
 pub trait Target: Send + Sync {
@@ -151,19 +125,19 @@ pub async fn run<T: Target>(
     cfg: &ConnectorConfig,
     target: &T,
     shutdown: Shutdown,
-) -> Result<(), String> {
+) -> Result<(), TargetError> {
     let mut backoff = Backoff::new(&cfg.retry);
     let mut waiting = shutdown.clone();
     loop {
         match session(cfg, target, shutdown.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind == ErrorKind::Operator => return Err(e.message),
+            Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
             Err(e) => {
                 if shutdown.requested() {
                     return Ok(());
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e.message, retry_in = ?delay, "sink session ended; retrying");
+                tracing::warn!(error = %e.message(), retry_in = ?delay, "sink session ended; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = waiting.wait() => return Ok(()),
@@ -174,19 +148,13 @@ pub async fn run<T: Target>(
 }
 
 fn broker(e: impl std::fmt::Display) -> TargetError {
-    TargetError {
-        kind: ErrorKind::Transient,
-        message: format!("broker: {e}"),
-    }
+    TargetError::transient(Cause::Unreachable, format!("broker: {e}"))
 }
 
 impl From<BusError> for TargetError {
     fn from(e: BusError) -> Self {
         match e {
-            BusError::Refused { .. } => TargetError {
-                kind: ErrorKind::Operator,
-                message: e.to_string(),
-            },
+            BusError::Refused { .. } => TargetError::operator(Cause::AuthRefused, e.to_string()),
             other => broker(other),
         }
     }
@@ -247,7 +215,7 @@ async fn session<T: Target>(
                     match target.sweep_own().await {
                         Ok(0) => {}
                         Ok(n) => tracing::warn!(rows = n, "deleted outbox rows whose events had come back but were missed then"),
-                        Err(e) => tracing::debug!(error = %e.message, "sweeping the outbox failed; trying again later"),
+                        Err(e) => tracing::debug!(error = %e.message(), "sweeping the outbox failed; trying again later"),
                     }
                     continue;
                 }
@@ -313,10 +281,10 @@ async fn session<T: Target>(
                     backoff.reset();
                     break outcomes;
                 }
-                Err(e) if e.kind == ErrorKind::Operator => return Err(e),
+                Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e.message, retry_in = ?delay, messages = items.len(), "applying the batch failed; retrying it, nothing acked");
+                    tracing::warn!(error = %e.message(), retry_in = ?delay, messages = items.len(), "applying the batch failed; retrying it, nothing acked");
                     tokio::select! {
                         _ = shutdown.wait() => return Ok(()),
                         _ = tokio::time::sleep(delay) => {}

@@ -1,16 +1,16 @@
 //! Sources: a database's change log, read as a stream of outbox inserts in
 //! commit order.
 //!
-//! Each engine implements [`Source`] in one file (PostgreSQL in
-//! [`postgres`], SQL Server Change Tracking in [`sqlserver`]; MariaDB and
-//! Oracle follow the same shape). The
-//! trait is small on purpose:
+//! Each engine implements [`Source`] in its folder under `crate::engine`
+//! (PostgreSQL logical replication, SQL Server Change Tracking, Oracle
+//! LogMiner). The trait is small on purpose:
 //!
-//! - [`Source::preflight`] checks what streaming needs (wal_level, binlog
-//!   format, Change Tracking, LogMiner grants…) and says how to fix each gap;
+//! - [`Source::preflight`] checks what streaming needs (`wal_level`, Change
+//!   Tracking, LogMiner grants…) and says how to fix each gap;
 //! - [`Source::init`] creates what it can (outbox table, publication, slot),
 //!   idempotently, and reports what it did;
-//! - [`Source::open`] starts a [`ChangeStream`] at a resume [`Position`];
+//! - [`Source::open`] starts a [`ChangeStream`] at a resume position (the
+//!   engine's [`LogPosition`]);
 //! - [`ChangeStream::durable`] tells the database how far the checkpoint is
 //!   durable, so that it may release its log (PostgreSQL's flush LSN).
 //!
@@ -20,31 +20,32 @@
 //! opening a new stream.
 
 use crate::checks::Check;
+use crate::error::SourceError;
 use crate::event::{OutboxRow, RowError};
-use crate::position::Position;
+use crate::position::LogPosition;
 use std::future::Future;
 
 /// One item of a change stream, in commit order.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub enum Change<P> {
     /// An outbox row inserted by a committed transaction. `position` is the
     /// row's own position; once it is done, the resume point is
     /// `position.next_row()`. `row` is `Err` when the log entry could not be
     /// decoded into outbox columns (it goes to the dead-letter queue).
     Row {
-        position: Position,
+        position: P,
         row: Result<OutboxRow, RowError>,
     },
     /// The transaction ended; everything before `resume` has been streamed.
-    Commit { resume: Position },
+    Commit { resume: P },
     /// No transaction of ours is open and the log has moved on to `resume`:
     /// checkpointing it lets the database release its log while we are idle.
-    Heartbeat { resume: Position },
+    Heartbeat { resume: P },
 }
 
-impl Change {
+impl<P: LogPosition> Change<P> {
     /// Where to resume once this change is done.
-    pub fn resume_after(&self) -> Position {
+    pub fn resume_after(&self) -> P {
         match self {
             Change::Row { position, .. } => position.next_row(),
             Change::Commit { resume } | Change::Heartbeat { resume } => resume.clone(),
@@ -52,56 +53,27 @@ impl Change {
     }
 }
 
-/// What a source error asks of us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The database went away, restarted, or the slot is busy: reconnect
-    /// with backoff and resume from the checkpoint.
-    Transient,
-    /// Needs a person (slot missing, WAL removed, permission denied): stop
-    /// and say what to do.
-    Operator,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct SourceError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl SourceError {
-    pub fn transient(message: impl Into<String>) -> Self {
-        SourceError {
-            kind: ErrorKind::Transient,
-            message: message.into(),
-        }
-    }
-
-    pub fn operator(message: impl Into<String>) -> Self {
-        SourceError {
-            kind: ErrorKind::Operator,
-            message: message.into(),
-        }
-    }
-}
-
 /// How far back and forward a checkpoint reset may go, as the database
 /// sees it.
 #[derive(Debug, Clone)]
-pub struct LogBounds {
+pub struct LogBounds<P> {
     /// The oldest position the log can still stream from (PostgreSQL: the
     /// slot's `confirmed_flush_lsn`; a slot cannot rewind).
-    pub oldest: Option<Position>,
+    pub oldest: Option<P>,
     /// The current end of the log.
-    pub latest: Position,
+    pub latest: P,
+    /// What `oldest` is and why the log cannot go back further, in the
+    /// engine's words (for `checkpoint reset`).
+    pub oldest_note: String,
     /// The database's own record of our progress, for display.
     pub detail: String,
 }
 
 /// A database whose change log sitesync reads.
 pub trait Source: Send + Sync {
-    type Stream: ChangeStream;
+    /// Where this engine's log can be resumed.
+    type Position: LogPosition;
+    type Stream: ChangeStream<Position = Self::Position>;
 
     /// Checks before streaming, each with its fix.
     fn preflight(&self) -> impl Future<Output = Vec<Check>> + Send;
@@ -114,11 +86,12 @@ pub trait Source: Send + Sync {
     /// of our progress is).
     fn open(
         &self,
-        resume: Option<&Position>,
+        resume: Option<&Self::Position>,
     ) -> impl Future<Output = Result<Self::Stream, SourceError>> + Send;
 
     /// The log's bounds, for `checkpoint show` and `checkpoint reset`.
-    fn bounds(&self) -> impl Future<Output = Result<LogBounds, SourceError>> + Send;
+    fn bounds(&self)
+    -> impl Future<Output = Result<LogBounds<Self::Position>, SourceError>> + Send;
 
     /// Whether the database still streams to us, asked on an ordinary
     /// connection: a replication connection lost to a silent network
@@ -127,17 +100,20 @@ pub trait Source: Send + Sync {
 
     /// Moves the database's own record of our progress to the end of the log
     /// (`checkpoint reset --to-latest`) and returns that position.
-    fn advance_to_latest(&self) -> impl Future<Output = Result<Position, SourceError>> + Send;
+    fn advance_to_latest(&self)
+    -> impl Future<Output = Result<Self::Position, SourceError>> + Send;
 }
 
 /// An open change stream.
 pub trait ChangeStream: Send {
+    type Position: LogPosition;
+
     /// The next change, in commit order.
-    fn next(&mut self) -> impl Future<Output = Result<Change, SourceError>> + Send;
+    fn next(&mut self) -> impl Future<Output = Result<Change<Self::Position>, SourceError>> + Send;
 
     /// Everything before `resume` is durably checkpointed: the database may
     /// release it.
-    fn durable(&mut self, resume: &Position);
+    fn durable(&mut self, resume: &Self::Position);
 
     /// Ends the stream cleanly, after reporting the last durable position.
     fn close(self) -> impl Future<Output = ()> + Send;

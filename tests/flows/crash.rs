@@ -2,7 +2,7 @@
 //! unconfirmed, and every event keeps its `seq` when it is republished.
 
 use crate::support::sidecar::{Options, Received, Site, insert_tx, spawn_writer};
-use sitesync::position::Position;
+use sitesync::engine::postgres::position::Position;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -93,7 +93,7 @@ async fn a_huge_transaction_interrupted_halfway_resumes_after_its_confirmed_half
         .await;
     sidecar.kill9();
     let crashed_at = site.stored().expect("a checkpoint");
-    let Some(Position::Postgres { index, .. }) = crashed_at.resume else {
+    let Some(Position { index, .. }) = crashed_at.resume else {
         panic!("{crashed_at:?}")
     };
     assert!(

@@ -3,7 +3,7 @@
 
 use crate::support::sidecar::{Options, Site, insert_tx};
 use crate::support::wait_for;
-use sitesync::position::Position;
+use sitesync::engine::postgres::position::Position;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -99,9 +99,9 @@ async fn ten_thousand_rows_from_four_writers_arrive_everywhere_in_commit_order()
     // The checkpoint reaches the last commit, and the slot follows it.
     wait_for(
         async || {
-            site.live().and_then(|ck| ck.resume).is_some_and(
-                |p| matches!(p, Position::Postgres { lsn, .. } if lsn >= last_commit_end),
-            )
+            site.live()
+                .and_then(|ck| ck.resume)
+                .is_some_and(|p| matches!(p, Position { lsn, .. } if lsn >= last_commit_end))
         },
         Duration::from_secs(30),
     )
@@ -123,7 +123,7 @@ async fn ten_thousand_rows_from_four_writers_arrive_everywhere_in_commit_order()
     );
     let stored = site.stored().unwrap();
     assert_eq!(stored.next_seq, 10_001);
-    let Some(Position::Postgres { lsn, .. }) = stored.resume else {
+    let Some(Position { lsn, .. }) = stored.resume else {
         panic!("{stored:?}")
     };
     assert!(lsn >= last_commit_end);
@@ -223,7 +223,7 @@ async fn an_idle_sidecar_answers_keepalives_and_keeps_its_slot_moving() {
         .await
         .unwrap()
         .get(0);
-    let wal = sitesync::position::parse_lsn(&wal).unwrap();
+    let wal = sitesync::engine::postgres::position::parse_lsn(&wal).unwrap();
     wait_for(
         async || site.confirmed_flush(&client).await >= wal,
         Duration::from_secs(30),
@@ -234,7 +234,7 @@ async fn an_idle_sidecar_answers_keepalives_and_keeps_its_slot_moving() {
         async || {
             site.live()
                 .and_then(|ck| ck.resume)
-                .is_some_and(|p| p >= Position::Postgres { lsn: wal, index: 0 })
+                .is_some_and(|p| p >= Position { lsn: wal, index: 0 })
         },
         Duration::from_secs(30),
     )

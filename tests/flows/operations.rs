@@ -2,8 +2,7 @@
 //! show` and `checkpoint reset`.
 
 use crate::support::sidecar::{Options, Site, insert_tx};
-use sitesync::checkpoint::CheckpointStore;
-use sitesync::position::Position;
+use sitesync::engine::postgres::position::{Position, format_lsn};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -108,10 +107,7 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
     let old_epoch = site.stored().unwrap().epoch;
     let while_down: HashSet<String> = insert_tx(&client, 50, "down").await.into_iter().collect();
 
-    CheckpointStore::open(&site.store_dir(), "test".into())
-        .unwrap()
-        .corrupt_for_tests()
-        .unwrap();
+    site.corrupt_checkpoint();
     let mut refused = site.spawn();
     let status = refused.wait_exit(Duration::from_secs(30)).await;
     assert!(!status.success(), "started on a corrupt checkpoint");
@@ -193,7 +189,7 @@ async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
     let shown = site.ok(&["checkpoint", "show"]).await;
     assert!(shown.contains("position    postgres:"), "{shown}");
     let before = site.stored().unwrap();
-    let Some(Position::Postgres {
+    let Some(Position {
         lsn: before_lsn, ..
     }) = before.resume.clone()
     else {
@@ -201,10 +197,7 @@ async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
     };
 
     // Behind the slot: refused with how far back it can go.
-    let back = format!(
-        "postgres:{}",
-        sitesync::position::format_lsn(before_lsn - 1)
-    );
+    let back = format!("postgres:{}", format_lsn(before_lsn - 1));
     let out = site
         .sitesync(&["checkpoint", "reset", "--to-position", &back, "--yes"])
         .await;
@@ -222,7 +215,7 @@ async fn checkpoint_show_and_reset_to_latest_or_to_a_position() {
     assert!(after.resume > before.resume);
     assert_eq!(after.next_seq, 1);
     let slot = site.confirmed_flush(&client).await;
-    let Some(Position::Postgres { lsn, .. }) = after.resume else {
+    let Some(Position { lsn, .. }) = after.resume else {
         panic!()
     };
     assert_eq!(

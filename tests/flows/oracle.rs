@@ -285,8 +285,10 @@ async fn a_kill_9_mid_stream_at_the_oracle_site_loses_and_duplicates_nothing() {
             oracle.upsert(id, id).await;
         }
     };
+    // Mid-stream: once MADRID's first events have reached PARIS, while
+    // the writer goes on.
     let killer = async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        mesh.wait_inbox("PARIS", 50, Duration::from_secs(180)).await;
         sidecar.kill9();
     };
     tokio::join!(writer, killer);

@@ -8,8 +8,8 @@ use super::{TestDir, tail_file, wait_for};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use sitesync::checkpoint::{Checkpoint, CheckpointStore};
+use sitesync::engine::postgres::position::{Position, parse_lsn};
 use sitesync::event::Event;
-use sitesync::position::Position;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -269,7 +269,7 @@ impl Site {
     }
 
     /// The checkpoint a running sidecar last wrote (its `live.json`).
-    pub fn live(&self) -> Option<Checkpoint> {
+    pub fn live(&self) -> Option<Checkpoint<Position>> {
         sitesync::checkpoint::read_live(&self.store_dir()).map(|(_, ck)| ck)
     }
 
@@ -290,11 +290,26 @@ impl Site {
     }
 
     /// The durable checkpoint (the sidecar must be stopped).
-    pub fn stored(&self) -> Option<Checkpoint> {
+    pub fn stored(&self) -> Option<Checkpoint<Position>> {
         CheckpointStore::open(&self.store_dir(), "test".into())
             .expect("open the checkpoint store")
             .load()
             .expect("load the checkpoint")
+    }
+
+    /// Flips one byte of the stored checkpoint record without fixing its
+    /// crc32, as a torn write would (the sidecar must be stopped).
+    pub fn corrupt_checkpoint(&self) {
+        let db = sled::open(self.store_dir().join("sled")).expect("open sled");
+        let mut record = db
+            .get("checkpoint")
+            .expect("read the record")
+            .expect("a checkpoint was written")
+            .to_vec();
+        let last = record.len() - 2;
+        record[last] ^= 0x20;
+        db.insert("checkpoint", record).expect("write the record");
+        db.flush().expect("flush sled");
     }
 
     /// Creates an independent test_decoding slot: after the writes, its
@@ -325,7 +340,7 @@ impl Site {
                 let at = data.find("id[uuid]:'").expect("id column") + "id[uuid]:'".len();
                 ids.push(data[at..at + 36].to_string());
             } else if data.starts_with("COMMIT") {
-                last_commit = sitesync::position::parse_lsn(&lsn).unwrap();
+                last_commit = parse_lsn(&lsn).unwrap();
             }
         }
         (ids, last_commit)
@@ -341,7 +356,7 @@ impl Site {
             .await
             .unwrap()
             .get(0);
-        sitesync::position::parse_lsn(&text).unwrap()
+        parse_lsn(&text).unwrap()
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {

@@ -3,8 +3,9 @@
 //! by the source and the sink.
 
 use super::miner::SESSION_NLS;
-use crate::config::{DatabaseConfig, OracleUrl, parse_oracle_url, redact_url};
-use crate::source::SourceError;
+use super::settings::{OracleUrl, Settings, parse_oracle_url};
+use crate::config::redact_url;
+use crate::error::{Cause, SourceError};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -43,9 +44,13 @@ pub(crate) fn db_error(context: &str, e: &oracle::Error) -> SourceError {
 
 pub(crate) fn classify(context: &str, message: &str) -> SourceError {
     if code(message, "DPI-").is_some_and(|c| c == 1047 || c == 1072) {
-        return SourceError::operator(format!("{context}: {}", client_missing(message, None)));
+        return SourceError::operator(
+            Cause::ClientLibrary,
+            format!("{context}: {}", client_missing(message, None)),
+        );
     }
     let text = format!("{context}: {message}");
+    let cause = cause_of(message);
     match code(message, "ORA-") {
         // Connection lost, instance starting or stopping, listener issues,
         // resource busy, log switch races while mining.
@@ -53,16 +58,40 @@ pub(crate) fn classify(context: &str, message: &str) -> SourceError {
             28 | 54 | 60 | 1012 | 1033 | 1034 | 1089 | 1090 | 1092 | 3113 | 3114 | 3135 | 12170
             | 12514 | 12516 | 12519 | 12520 | 12528 | 12537 | 12541 | 12543 | 12547 | 12560 | 25408
             | 1291 | 308 | 310 | 334 | 1284 | 4030 | 4031,
-        ) => SourceError::transient(text),
-        Some(1017) => SourceError::operator(format!(
-            "{text} (check the user and password in database.url)"
-        )),
+        ) => SourceError::transient(cause, text),
+        Some(1017) => SourceError::operator(
+            cause,
+            format!("{text} (check the user and password in database.url)"),
+        ),
         Some(942) | Some(1031) | Some(1035) | Some(1045) | Some(6550) => SourceError::operator(
+            cause,
             format!("{text} (a privilege is missing: run `sitesync check` for the grants)"),
         ),
-        Some(_) => SourceError::operator(text),
+        Some(_) => SourceError::operator(cause, text),
         // DPI errors (not connected, connection closed) and anything else.
-        None => SourceError::transient(text),
+        None => SourceError::transient(cause, text),
+    }
+}
+
+/// What an ORA-/DPI- error message says went wrong.
+pub(crate) fn cause_of(message: &str) -> Cause {
+    if code(message, "DPI-").is_some_and(|c| c == 1047 || c == 1072) {
+        return Cause::ClientLibrary;
+    }
+    match code(message, "ORA-") {
+        Some(1017) => Cause::AuthRefused,
+        Some(1031 | 1035 | 1045 | 6550) => Cause::PermissionDenied,
+        Some(942) => Cause::NotInitialised,
+        Some(54 | 60 | 8177) => Cause::Busy,
+        // Redo needed by the window is gone (archived log removed).
+        Some(1291 | 308 | 310 | 334 | 1284) => Cause::LogPurged,
+        Some(4030 | 4031) => Cause::Limit,
+        Some(
+            28 | 1012 | 1033 | 1034 | 1089 | 1090 | 1092 | 3113 | 3114 | 3135 | 12170 | 12514
+            | 12516 | 12519 | 12520 | 12528 | 12537 | 12541 | 12543 | 12547 | 12560 | 25408,
+        ) => Cause::Unreachable,
+        Some(_) => Cause::Query,
+        None => Cause::Unreachable,
     }
 }
 
@@ -79,7 +108,7 @@ pub(crate) fn init_client(dir: Option<&PathBuf>) -> Result<(), SourceError> {
         params.init().map(|_| ()).map_err(|e| e.to_string())
     })
     .clone()
-    .map_err(|e| SourceError::operator(client_missing(&e, dir)))
+    .map_err(|e| SourceError::operator(Cause::ClientLibrary, client_missing(&e, dir)))
 }
 
 /// Runs blocking driver work off the async threads.
@@ -87,7 +116,10 @@ pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
 ) -> Result<T, SourceError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
-        SourceError::transient(format!("an Oracle call panicked or was cancelled: {e}"))
+        SourceError::transient(
+            Cause::Query,
+            format!("an Oracle call panicked or was cancelled: {e}"),
+        )
     })?
 }
 
@@ -110,11 +142,11 @@ pub struct OracleConnect {
 }
 
 impl OracleConnect {
-    pub fn new(cfg: &DatabaseConfig) -> Result<OracleConnect, SourceError> {
+    pub fn new(cfg: &Settings) -> Result<OracleConnect, SourceError> {
         Ok(OracleConnect {
-            url: parse_oracle_url(&cfg.url).map_err(SourceError::operator)?,
+            url: parse_oracle_url(&cfg.url).map_err(|e| SourceError::operator(Cause::Config, e))?,
             shown: redact_url(&cfg.url),
-            client_lib_dir: cfg.oracle.client_lib_dir.clone(),
+            client_lib_dir: cfg.client_lib_dir.clone(),
         })
     }
 
@@ -130,7 +162,10 @@ impl OracleConnect {
         .map_err(|e| {
             let m = e.to_string();
             if code(&m, "DPI-").is_some_and(|c| c == 1047 || c == 1072) {
-                SourceError::operator(client_missing(&m, self.client_lib_dir.as_ref()))
+                SourceError::operator(
+                    Cause::ClientLibrary,
+                    client_missing(&m, self.client_lib_dir.as_ref()),
+                )
             } else {
                 classify(&format!("connecting to {}", self.shown), &m)
             }
@@ -153,7 +188,7 @@ pub fn outbox_names(outbox_table: &str, user: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::ErrorKind;
+    use crate::error::ErrorKind;
 
     #[test]
     fn a_missing_client_library_says_how_to_install_it() {
@@ -161,7 +196,7 @@ mod tests {
             "connecting",
             "DPI Error: DPI-1047: Cannot locate a 64-bit Oracle Client library: \"libclntsh.so: cannot open shared object file: No such file or directory\"",
         );
-        assert_eq!(e.kind, ErrorKind::Operator);
+        assert_eq!(e.kind(), ErrorKind::Operator);
         for needle in [
             "Instant Client",
             "client_lib_dir",
@@ -169,13 +204,13 @@ mod tests {
             "DPI-1047",
             "libaio",
         ] {
-            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+            assert!(e.message().contains(needle), "{needle}: {}", e.message());
         }
     }
 
     #[test]
     fn oracle_errors_are_classified() {
-        let t = |m: &str| classify("x", m).kind;
+        let t = |m: &str| classify("x", m).kind();
         assert_eq!(
             t("ORA-03113: end-of-file on communication channel"),
             ErrorKind::Transient
@@ -196,7 +231,7 @@ mod tests {
         );
         assert!(
             classify("x", "ORA-00942: table or view does not exist")
-                .message
+                .message()
                 .contains("sitesync check")
         );
     }
@@ -213,12 +248,12 @@ mod tests {
         match connect.connect() {
             // A machine with Instant Client installed gets a connection
             // error instead (nothing listens on port 1).
-            Err(e) if e.message.contains("libclntsh") => {
-                eprintln!("{}", e.message);
-                assert_eq!(e.kind, ErrorKind::Operator);
-                assert!(e.message.contains("Instant Client"), "{}", e.message);
+            Err(e) if e.message().contains("libclntsh") => {
+                eprintln!("{}", e.message());
+                assert_eq!(e.kind(), ErrorKind::Operator);
+                assert!(e.message().contains("Instant Client"), "{}", e.message());
             }
-            Err(e) => assert!(e.message.contains("connecting to"), "{}", e.message),
+            Err(e) => assert!(e.message().contains("connecting to"), "{}", e.message()),
             Ok(_) => panic!("nothing listens on port 1"),
         }
     }

@@ -6,8 +6,10 @@
 //! a [`LogMiner`] inside `tokio::task::spawn_blocking`.
 
 use super::logs::{self, LogFile, WindowSizer};
+use super::position::Position;
 use super::transactions::{MinedRow, Transactions};
-use crate::source::{Change, SourceError};
+use crate::error::{Cause, SourceError};
+use crate::source::Change;
 
 /// The mining session's formats: `SQL_REDO` writes dates and timestamps in
 /// them, and [`super::redo`] reads them.
@@ -96,7 +98,7 @@ pub fn read_window<M: LogMiner + ?Sized>(
     tx: &mut Transactions,
     sizer: &mut WindowSizer,
     settled: &mut SettledScn,
-) -> Result<Vec<Change>, SourceError> {
+) -> Result<Vec<Change<Position>>, SourceError> {
     let reading = miner.current_scn()?;
     let Some(current) = settled.push(reading, std::time::Instant::now()) else {
         return Ok(Vec::new());
@@ -105,7 +107,8 @@ pub fn read_window<M: LogMiner + ?Sized>(
         return Ok(Vec::new());
     };
     let available = miner.list_logs(lo.saturating_add(1))?;
-    let files = logs::select(&available, lo, hi).map_err(|m| SourceError::operator(m.message()))?;
+    let files = logs::select(&available, lo, hi)
+        .map_err(|m| SourceError::operator(Cause::LogPurged, m.message()))?;
     let rows = miner.mine(&files, lo, hi, &mut |row| tx.feed(row))?;
     sizer.record(rows, hi == current);
     tracing::debug!(
@@ -160,10 +163,13 @@ impl LogMiner for RecordedLogMiner {
                 .iter()
                 .any(|f| f.first_scn <= row.scn && row.scn < f.next_scn)
             {
-                return Err(SourceError::transient(format!(
-                    "ORA-01291: missing log file (SCN {} not in the files added)",
-                    row.scn
-                )));
+                return Err(SourceError::transient(
+                    Cause::LogPurged,
+                    format!(
+                        "ORA-01291: missing log file (SCN {} not in the files added)",
+                        row.scn
+                    ),
+                ));
             }
             each(row.clone())?;
             n += 1;
@@ -236,7 +242,7 @@ impl LogMiner for OracleLogMiner {
                 .map_err(|e| {
                     let m = e.to_string();
                     if m.contains("ORA-00942") {
-                        SourceError::operator(format!(
+                        SourceError::operator(Cause::NotInitialised, format!(
                             "{FLUSH_TABLE} is missing ({m}): run `sitesync init`, which creates it (sitesync updates it before each window so that the log writer flushes the redo LogMiner reads)"
                         ))
                     } else {
@@ -362,8 +368,8 @@ impl OracleLogMiner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::oracle::position::Position;
     use crate::engine::oracle::transactions::tests::{commit, describe, ins, rollback};
-    use crate::position::Position;
 
     fn log(seq: u64, first: u64, next: u64, archived: bool) -> LogFile {
         LogFile {
@@ -408,7 +414,11 @@ mod tests {
     }
 
     /// Reads until caught up; returns every change.
-    fn drain(miner: &mut RecordedLogMiner, tx: &mut Transactions, width: u64) -> Vec<Change> {
+    fn drain(
+        miner: &mut RecordedLogMiner,
+        tx: &mut Transactions,
+        width: u64,
+    ) -> Vec<Change<Position>> {
         let mut sizer = WindowSizer::new(width, width, 1_000_000);
         let mut settled = SettledScn::new(std::time::Duration::ZERO);
         let mut out = Vec::new();
@@ -421,7 +431,7 @@ mod tests {
         }
     }
 
-    fn rows(changes: &[Change]) -> Vec<String> {
+    fn rows(changes: &[Change<Position>]) -> Vec<String> {
         changes
             .iter()
             .filter(|c| matches!(c, Change::Row { .. }))
@@ -484,8 +494,8 @@ mod tests {
         let mut sizer = WindowSizer::new(40, 40, 1000);
         let mut settled = SettledScn::new(std::time::Duration::ZERO);
         let e = read_window(&mut m, &mut machine(None), &mut sizer, &mut settled).unwrap_err();
-        assert_eq!(e.kind, crate::source::ErrorKind::Operator);
-        assert!(e.message.contains("SCN 100..139"), "{}", e.message);
+        assert_eq!(e.kind(), crate::error::ErrorKind::Operator);
+        assert!(e.message().contains("SCN 100..139"), "{}", e.message());
         assert!(m.mined.is_empty(), "nothing is mined past a hole");
     }
 
@@ -535,7 +545,7 @@ mod tests {
             (miner, expected)
         }
 
-        fn kinds(changes: &[Change]) -> Vec<String> {
+        fn kinds(changes: &[Change<Position>]) -> Vec<String> {
             changes
                 .iter()
                 .filter_map(|c| match c {

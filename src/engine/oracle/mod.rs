@@ -1,14 +1,62 @@
 //! Oracle: LogMiner over SCN windows as the source, and a target that
 //! applies batches with `MERGE` on a blocking connection.
+//!
+//! - [`settings`]: the `[database]` keys (URL, client library, windows).
+//! - [`conn`]: connections (the `oracle` crate over ODPI-C), error
+//!   classification, quoting, shared by the source and the sink.
+//! - [`source`]: the LogMiner stream, `init`, `check`; [`miner`] reads a
+//!   window, [`logs`] picks its redo files, [`transactions`] buffers rows
+//!   by XID until their commit, [`redo`] parses `SQL_REDO`, [`types`] maps
+//!   values to the outbox's fields.
+//! - [`position`]: `oracle:<commit SCN>#<index>@<mine_from>`.
+//! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
+//!   reads.
 
 pub mod conn;
 pub mod logs;
 pub mod miner;
+pub mod position;
 pub mod redo;
+pub mod settings;
 pub mod source;
+pub mod status;
 pub mod target;
 pub mod transactions;
 pub mod types;
 
 pub use source::OracleSource;
 pub use target::OracleTarget;
+
+use crate::config::{ConnectorConfig, Reader};
+use crate::error::{SourceError, TargetError};
+use crate::status::SiteStatus;
+
+/// The Oracle engine.
+pub struct Oracle;
+
+impl super::Driver for Oracle {
+    const NAME: &'static str = "oracle";
+
+    type Settings = settings::Settings;
+    type Source = OracleSource;
+    type Target = OracleTarget;
+
+    fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
+        settings::Settings::read(d)
+    }
+
+    fn source(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleSource, SourceError> {
+        OracleSource::new(cfg, db)
+    }
+
+    fn target(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleTarget, TargetError> {
+        OracleTarget::new(cfg, db)
+    }
+
+    async fn status(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<SiteStatus, SourceError> {
+        status::read(db).await
+    }
+}

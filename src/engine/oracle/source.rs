@@ -4,7 +4,7 @@
 //!   build needs no Oracle software). The Oracle Client libraries are loaded
 //!   at run time, from `database.client_lib_dir` or the system's library
 //!   path; when they are missing, `check` and `run` say so and how to
-//!   install Instant Client ([`client_missing`]). Its API is blocking: every
+//!   install Instant Client ([`super::conn::client_missing`]). Its API is blocking: every
 //!   call runs on `spawn_blocking`, and the stream's reader is one blocking
 //!   task feeding a bounded channel, so `next()` is cancellation-safe.
 //! - Before each window the reader updates and commits a row of
@@ -19,9 +19,9 @@
 //!   ([`logs::WindowSizer`]).
 //! - Transactions are buffered by XID and emitted at their COMMIT in
 //!   `(commit SCN, XID)` order ([`transactions`]); `SQL_REDO` is parsed by
-//!   [`redo`] and mapped to the outbox fields by [`types`].
+//!   [`super::redo`] and mapped to the outbox fields by [`super::types`].
 //! - Positions: `oracle:<commit SCN>#<index>@<mine_from>`: see
-//!   [`crate::position::Position::Oracle`]. Nothing is reported back to the
+//!   [`super::position::Position`]. Nothing is reported back to the
 //!   database ([`ChangeStream::durable`] is a no-op): the redo we still need
 //!   is the archived logs from `mine_from` on, which `checkpoint show`
 //!   prints, and which the DBA's retention (RMAN) must keep.
@@ -34,18 +34,20 @@
 //! LOB writes). `init` creates `data` as `VARCHAR2(4000)` for that reason.
 
 use super::conn::{OracleConnect, blocking, db_error, ident, literal, outbox_names};
+use super::position::Position;
+use super::settings::Settings;
 use super::{logs, miner, transactions};
 use crate::checks::Check;
-use crate::config::{ConnectorConfig, DatabaseConfig};
-use crate::position::Position;
-use crate::source::{Change, ChangeStream, LogBounds, Source, SourceError};
+use crate::config::ConnectorConfig;
+use crate::error::{Cause, SourceError};
+use crate::source::{Change, ChangeStream, LogBounds, Source};
 use logs::WindowSizer;
 use miner::{FLUSH_DDL, FLUSH_TABLE, LogMiner, OracleLogMiner, SettledScn, read_window};
 use tokio::sync::mpsc;
 use transactions::Transactions;
 
 pub struct OracleSource {
-    cfg: DatabaseConfig,
+    cfg: Settings,
     site: String,
     connect: OracleConnect,
     /// The outbox as LogMiner names it: `(SEG_OWNER, TABLE_NAME)`.
@@ -54,11 +56,11 @@ pub struct OracleSource {
 }
 
 impl OracleSource {
-    pub fn new(connector: &ConnectorConfig) -> Result<OracleSource, SourceError> {
-        let connect = OracleConnect::new(&connector.database)?;
-        let (owner, table) = outbox_names(&connector.database.outbox_table, &connect.url.user);
+    pub fn new(connector: &ConnectorConfig, db: &Settings) -> Result<OracleSource, SourceError> {
+        let connect = OracleConnect::new(db)?;
+        let (owner, table) = outbox_names(&db.outbox_table, &connect.url.user);
         Ok(OracleSource {
-            cfg: connector.database.clone(),
+            cfg: db.clone(),
             site: connector.site.clone(),
             connect,
             owner,
@@ -121,15 +123,20 @@ pub fn dba_statements(user: &str, outbox: &str) -> Vec<String> {
 
 /// The stream: a blocking reader task feeding a bounded channel.
 pub struct OracleStream {
-    rx: mpsc::Receiver<Result<Change, SourceError>>,
+    rx: mpsc::Receiver<Result<Change<Position>, SourceError>>,
     reader: tokio::task::JoinHandle<()>,
 }
 
 impl ChangeStream for OracleStream {
-    async fn next(&mut self) -> Result<Change, SourceError> {
+    type Position = Position;
+
+    async fn next(&mut self) -> Result<Change<Position>, SourceError> {
         match self.rx.recv().await {
             Some(item) => item,
-            None => Err(SourceError::transient("the LogMiner reader stopped")),
+            None => Err(SourceError::transient(
+                Cause::Query,
+                "the LogMiner reader stopped",
+            )),
         }
     }
 
@@ -180,7 +187,7 @@ fn read_loop(
     mut miner: OracleLogMiner,
     mut tx: Transactions,
     mut sizer: WindowSizer,
-    out: mpsc::Sender<Result<Change, SourceError>>,
+    out: mpsc::Sender<Result<Change<Position>, SourceError>>,
     poll: std::time::Duration,
 ) {
     let mut settled = SettledScn::new(SETTLE);
@@ -216,6 +223,7 @@ fn read_loop(
 }
 
 impl Source for OracleSource {
+    type Position = Position;
     type Stream = OracleStream;
 
     async fn preflight(&self) -> Vec<Check> {
@@ -226,12 +234,12 @@ impl Source for OracleSource {
             let conn = match connect.connect() {
                 Ok(c) => c,
                 Err(e) => {
-                    let (name, fix) = if e.message.contains("libclntsh") {
+                    let (name, fix) = if e.message().contains("libclntsh") {
                         ("Oracle client library", "install Oracle Instant Client (see the message) and set database.client_lib_dir")
                     } else {
                         ("connection", "check database.url, that Oracle is running and that the listener knows the service")
                     };
-                    return Ok(vec![Check::fail(name, e.message, fix)]);
+                    return Ok(vec![Check::fail(name, e.message(), fix)]);
                 }
             };
             let mut checks = vec![Check::pass("connection", connect.shown.clone())];
@@ -241,7 +249,7 @@ impl Source for OracleSource {
         .await
         {
             Ok(checks) => checks,
-            Err(e) => vec![Check::fail("preflight", e.message, "see the message")],
+            Err(e) => vec![Check::fail("preflight", e.message(), "see the message")],
         }
     }
 
@@ -312,19 +320,10 @@ impl Source for OracleSource {
     }
 
     async fn open(&self, resume: Option<&Position>) -> Result<OracleStream, SourceError> {
-        let resume = match resume {
-            None => None,
-            Some(p @ Position::Oracle { .. }) => Some(p.clone()),
-            Some(other) => {
-                return Err(SourceError::operator(format!(
-                    "the checkpoint holds a {} position ({other}) but this connector reads Oracle; reset the checkpoint",
-                    other.engine()
-                )));
-            }
-        };
+        let resume = resume.cloned();
         let connect = self.connect.clone();
         let (owner, table) = (self.owner.clone(), self.table.clone());
-        let settings = self.cfg.oracle.clone();
+        let settings = self.cfg.clone();
         let (out, rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let reader = tokio::task::spawn_blocking(move || {
@@ -333,7 +332,9 @@ impl Source for OracleSource {
                 let add_files = match container(&conn)? {
                     Container::NonCdb => true,
                     Container::Pdb(_) => false,
-                    Container::Root => return Err(SourceError::operator(ROOT_REFUSED)),
+                    Container::Root => {
+                        return Err(SourceError::operator(Cause::Config, ROOT_REFUSED));
+                    }
                 };
                 let mut miner = OracleLogMiner {
                     conn,
@@ -373,12 +374,13 @@ impl Source for OracleSource {
             Ok(Ok(())) => Ok(OracleStream { rx, reader }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(SourceError::transient(
+                Cause::Query,
                 "the LogMiner reader stopped while starting",
             )),
         }
     }
 
-    async fn bounds(&self) -> Result<LogBounds, SourceError> {
+    async fn bounds(&self) -> Result<LogBounds<Position>, SourceError> {
         let connect = self.connect.clone();
         blocking(move || {
             let conn = connect.connect()?;
@@ -393,16 +395,17 @@ impl Source for OracleSource {
             let available = miner.list_logs(0)?;
             let oldest = available.iter().min_by_key(|f| f.first_scn);
             Ok(LogBounds {
-                oldest: oldest.map(|f| Position::Oracle {
+                oldest: oldest.map(|f| Position {
                     scn: f.first_scn,
                     index: 0,
                     mine_from: Some(f.first_scn),
                 }),
-                latest: Position::Oracle {
+                latest: Position {
                     scn: current + 1,
                     index: 0,
                     mine_from: Some(current + 1),
                 },
+                oldest_note: "the start of the oldest redo log still on disk: older redo is gone, so events confirmed before it can only come back from the archive queue".into(),
                 detail: match oldest {
                     Some(f) => format!(
                         "redo on disk from SCN {} ({} log sequence {} of thread {}); current SCN {current}. The checkpoint's @SCN is where mining restarts: archived logs from there on must be kept",
@@ -485,7 +488,7 @@ fn preflight_queries(
             ),
         )),
         Ok(Container::Root) => checks.push(Check::fail("container", "CDB$ROOT", ROOT_REFUSED)),
-        Err(e) => checks.push(Check::fail("container", e.message, "see the message")),
+        Err(e) => checks.push(Check::fail("container", e.message(), "see the message")),
     }
     let one = |sql: &str| -> Result<Option<String>, String> {
         conn.query_row_as::<Option<String>>(sql, &[])

@@ -1,13 +1,13 @@
 //! Applying events to Oracle.
 //!
-//! The same batch–transaction–inbox logic as [`super::postgres`]: one
-//! transaction per batch holds the inbox rows (`SITESYNC_INBOX`), the
-//! per-origin progress and gaps ([`rules::track`]), the deletion of this
-//! site's outbox rows whose events came back round, the writes (`MERGE`
-//! for upserts, `DELETE` for deletes), the entities' versions and the
-//! conflicts; last-writer-wins is [`rules::decide`], fed with the stored
-//! versions and this site's writes still in its outbox (compared by their
-//! `CREATED_AT`: Oracle keeps no commit time per row).
+//! The batch is the sink's ([`crate::sink::batch`], the same for every
+//! engine): one transaction per batch holds the inbox rows
+//! (`SITESYNC_INBOX`), the per-origin progress and gaps, the deletion of
+//! this site's outbox rows whose events came back round, the writes
+//! (`MERGE` for upserts, `DELETE` for deletes), the entities' versions and
+//! the conflicts; last-writer-wins ([`crate::sink::rules::decide`]) is fed
+//! with the stored versions and this site's writes still in its outbox
+//! (compared by their `CREATED_AT`: Oracle keeps no commit time per row).
 //!
 //! Statements are sent one row at a time with binds. The `oracle` crate is
 //! blocking: each step of a batch runs on `spawn_blocking`, on the
@@ -31,15 +31,17 @@
 //! ISO with or without a zone, read as UTC) through `TO_TIMESTAMP_TZ`, and
 //! store it in UTC (with its zone for TIMESTAMP WITH TIME ZONE).
 //!
-//! Not done here (PostgreSQL does them): locking the batch's rows before
-//! looking for local writes, and rewriting a row whose local write lost a
-//! race with the sink on this site's table.
+//! Not done here (PostgreSQL's session does them): locking the batch's
+//! rows before looking for local writes, and rewriting a row whose local
+//! write lost a race with the sink on this site's table
+//! (`Session::CHECKS_OWN_ROWS` is false).
 
 use super::conn::{OracleConnect, outbox_names};
+use super::settings::Settings;
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
+use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::TargetError;
 use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
 use crate::sink::mapping::{Entity, MappedRow};
 use crate::sink::rules::{Conflict, Gap, Version};
@@ -280,15 +282,22 @@ fn failed(context: &str, e: oracle::Error) -> Failed {
         // whole batch is rolled back and tried again.
         Some(54 | 60 | 8177) => Failed::Busy,
         Some(c) if per_message(c) => Failed::Data(m),
-        _ => Failed::Batch(TargetError::transient(format!("{context}: {m}"))),
+        _ => Failed::Batch(TargetError::transient(
+            super::conn::cause_of(&m),
+            format!("{context}: {m}"),
+        )),
     }
 }
 
-fn transient(e: crate::source::SourceError) -> TargetError {
-    TargetError {
-        kind: e.kind,
-        message: e.message,
-    }
+/// An error outside a batch's statements (init, the sweep): retried.
+fn failed_outside_batch(context: &str, e: oracle::Error) -> TargetError {
+    let m = e.to_string();
+    TargetError::transient(super::conn::cause_of(&m), format!("{context}: {m}"))
+}
+
+/// A blocking task that panicked or was cancelled.
+fn task_failed(e: tokio::task::JoinError) -> TargetError {
+    TargetError::transient(Cause::Query, format!("the Oracle sink task failed: {e}"))
 }
 
 /// The Oracle side of the sink: connections, `init` and `check`.
@@ -300,9 +309,9 @@ pub struct OracleTarget {
 }
 
 impl OracleTarget {
-    pub fn new(cfg: &ConnectorConfig) -> Result<OracleTarget, String> {
-        let connect = OracleConnect::new(&cfg.database).map_err(|e| e.message)?;
-        let (owner, table) = outbox_names(&cfg.database.outbox_table, &connect.url.user);
+    pub fn new(cfg: &ConnectorConfig, db: &Settings) -> Result<OracleTarget, TargetError> {
+        let connect = OracleConnect::new(db)?;
+        let (owner, table) = outbox_names(&db.outbox_table, &connect.url.user);
         Ok(OracleTarget {
             site: cfg.site.clone(),
             sink: Arc::new(cfg.sink.clone()),
@@ -310,21 +319,98 @@ impl OracleTarget {
             connect,
         })
     }
+}
+
+/// What the blocking side needs besides the connection.
+struct Ctx {
+    site: String,
+    sink: Arc<SinkConfig>,
+    outbox: String,
+    /// Route tables' column types (see [`column_types`]), for this
+    /// connection (a new connection may see changed tables).
+    columns: Mutex<HashMap<String, HashMap<String, Bind>>>,
+}
+
+impl Dialect for OracleTarget {
+    type Session = OracleSession;
+
+    const BUSY_RETRIES: u32 = 5;
+
+    /// A connection with the trigger marker set. Every statement the sink
+    /// sends runs on it: a connection opened without the marker (the idle
+    /// sweep once opened one) would let application triggers copy the
+    /// sink's writes into the outbox.
+    async fn connect(&self) -> Result<OracleSession, TargetError> {
+        let connect = self.connect.clone();
+        let conn = tokio::task::spawn_blocking(move || {
+            let conn = connect.connect()?;
+            conn.execute(MARKER_SQL, &[]).map_err(|e| {
+                TargetError::transient(
+                    Cause::Query,
+                    format!("setting the trigger marker (DBMS_SESSION.SET_IDENTIFIER): {e}"),
+                )
+            })?;
+            Ok::<_, TargetError>(conn)
+        })
+        .await
+        .map_err(task_failed)??;
+        Ok(OracleSession {
+            conn: Arc::new(Mutex::new(conn)),
+            ctx: Arc::new(Ctx {
+                site: self.site.clone(),
+                sink: self.sink.clone(),
+                outbox: self.outbox.clone(),
+                columns: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Creates the sink's tables that are missing; one line per table.
+    async fn init(&self) -> Result<Vec<String>, TargetError> {
+        let connect = self.connect.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = connect.connect()?;
+            let mut done = Vec::new();
+            for (name, ddl) in TABLES {
+                let n: i64 = conn
+                    .query_row_as("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1", &[&name])
+                    .map_err(|e| failed_outside_batch(&format!("looking for {name}"), e))?;
+                if n > 0 {
+                    done.push(format!("sink table {name}: already there"));
+                } else {
+                    conn.execute(ddl, &[])
+                        .map_err(|e| {
+                            TargetError::operator(
+                                super::conn::cause_of(&e.to_string()),
+                                format!("creating {name}: {e}"),
+                            )
+                        })?;
+                    done.push(format!("sink table {name}: created"));
+                }
+            }
+            done.push(format!(
+                "trigger marker: the sink's session sets CLIENT_IDENTIFIER = '{CLIENT_IDENTIFIER}'; an outbox trigger skips it with IF SYS_CONTEXT('USERENV', 'CLIENT_IDENTIFIER') = '{CLIENT_IDENTIFIER}' THEN RETURN; END IF;"
+            ));
+            Ok(done)
+        })
+        .await
+        .map_err(task_failed)?
+    }
 
     /// Checks the sink's tables and each route's table.
-    pub async fn preflight(&self) -> Vec<Check> {
+    async fn preflight(&self) -> Vec<Check> {
         let connect = self.connect.clone();
         let routes = self.sink.routes.clone();
         let run = tokio::task::spawn_blocking(move || {
             let conn = match connect.connect() {
                 Ok(c) => c,
                 Err(e) => {
-                    let fix = if e.message.contains("libclntsh") {
+                    let fix = if e.message().contains("libclntsh") {
                         "install Oracle Instant Client (see the message) and set database.client_lib_dir"
                     } else {
                         "check database.url"
                     };
-                    return vec![Check::fail("sink database", e.message, fix)];
+                    return vec![Check::fail("sink database", e.message(), fix)];
                 }
             };
             let mut checks = Vec::new();
@@ -374,77 +460,6 @@ impl OracleTarget {
             )]
         })
     }
-
-    /// Creates the sink's tables that are missing; one line per table.
-    pub async fn init(&self) -> Result<Vec<String>, TargetError> {
-        let connect = self.connect.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = connect.connect().map_err(transient)?;
-            let mut done = Vec::new();
-            for (name, ddl) in TABLES {
-                let n: i64 = conn
-                    .query_row_as("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1", &[&name])
-                    .map_err(|e| TargetError::transient(format!("looking for {name}: {e}")))?;
-                if n > 0 {
-                    done.push(format!("sink table {name}: already there"));
-                } else {
-                    conn.execute(ddl, &[])
-                        .map_err(|e| TargetError::operator(format!("creating {name}: {e}")))?;
-                    done.push(format!("sink table {name}: created"));
-                }
-            }
-            done.push(format!(
-                "trigger marker: the sink's session sets CLIENT_IDENTIFIER = '{CLIENT_IDENTIFIER}'; an outbox trigger skips it with IF SYS_CONTEXT('USERENV', 'CLIENT_IDENTIFIER') = '{CLIENT_IDENTIFIER}' THEN RETURN; END IF;"
-            ));
-            Ok(done)
-        })
-        .await
-        .map_err(|e| TargetError::transient(e.to_string()))?
-    }
-}
-
-/// What the blocking side needs besides the connection.
-struct Ctx {
-    site: String,
-    sink: Arc<SinkConfig>,
-    outbox: String,
-    /// Route tables' column types (see [`column_types`]), for this
-    /// connection (a new connection may see changed tables).
-    columns: Mutex<HashMap<String, HashMap<String, Bind>>>,
-}
-
-impl Dialect for OracleTarget {
-    type Session = OracleSession;
-
-    const BUSY_RETRIES: u32 = 5;
-
-    /// A connection with the trigger marker set. Every statement the sink
-    /// sends runs on it: a connection opened without the marker (the idle
-    /// sweep once opened one) would let application triggers copy the
-    /// sink's writes into the outbox.
-    async fn connect(&self) -> Result<OracleSession, TargetError> {
-        let connect = self.connect.clone();
-        let conn = tokio::task::spawn_blocking(move || {
-            let conn = connect.connect().map_err(transient)?;
-            conn.execute(MARKER_SQL, &[]).map_err(|e| {
-                TargetError::transient(format!(
-                    "setting the trigger marker (DBMS_SESSION.SET_IDENTIFIER): {e}"
-                ))
-            })?;
-            Ok::<_, TargetError>(conn)
-        })
-        .await
-        .map_err(|e| TargetError::transient(format!("the Oracle sink task failed: {e}")))??;
-        Ok(OracleSession {
-            conn: Arc::new(Mutex::new(conn)),
-            ctx: Arc::new(Ctx {
-                site: self.site.clone(),
-                sink: self.sink.clone(),
-                outbox: self.outbox.clone(),
-                columns: Mutex::new(HashMap::new()),
-            }),
-        })
-    }
 }
 
 /// Sets the marker application triggers test (`CLIENT_IDENTIFIER`).
@@ -468,11 +483,7 @@ impl OracleSession {
             f(&conn, &ctx)
         })
         .await
-        .map_err(|e| {
-            Failed::Batch(TargetError::transient(format!(
-                "the Oracle sink task failed: {e}"
-            )))
-        })?
+        .map_err(|e| Failed::Batch(task_failed(e)))?
     }
 }
 
@@ -668,9 +679,7 @@ impl Session for OracleSession {
                     ctx.outbox
                 );
                 let fail = |e: oracle::Error| {
-                    Failed::Batch(TargetError::transient(format!(
-                        "sweeping outbox rows that came back: {e}"
-                    )))
+                    Failed::Batch(failed_outside_batch("sweeping outbox rows that came back", e))
                 };
                 let n = conn
                     .execute(&sql, &[])
@@ -685,6 +694,7 @@ impl Session for OracleSession {
             Ok(n) => Ok(n),
             Err(Failed::Batch(e)) => Err(e),
             Err(_) => Err(TargetError::transient(
+                Cause::Query,
                 "sweeping outbox rows that came back failed",
             )),
         }

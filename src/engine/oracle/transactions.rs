@@ -37,11 +37,13 @@
 //! operator raises the cap or splits the transaction. (Spilling to the sled
 //! store would lift the limit; it is not done.)
 
+use super::position::Position;
 use super::redo::{Fragments, parse_insert};
 use super::types::to_text;
+use crate::error::{Cause, SourceError};
 use crate::event::{OutboxRow, RowError};
-use crate::position::Position;
-use crate::source::{Change, SourceError};
+use crate::position::LogPosition;
+use crate::source::Change;
 use std::collections::{BTreeMap, HashMap};
 
 /// `OPERATION_CODE` values of `V$LOGMNR_CONTENTS`.
@@ -122,8 +124,8 @@ impl Transactions {
         max_bytes: usize,
     ) -> Transactions {
         let first = match &resume {
-            Some(Position::Oracle { mine_from, scn, .. }) => mine_from.unwrap_or(*scn),
-            _ => start_scn,
+            Some(p) => p.mine_from.unwrap_or(p.scn),
+            None => start_scn,
         };
         Transactions {
             owner: outbox.0,
@@ -176,10 +178,13 @@ impl Transactions {
             op::COMMIT => {
                 if let Some(tx) = self.open.remove(&row.xid) {
                     if tx.fragments.is_pending() {
-                        return Err(SourceError::transient(format!(
-                            "transaction {} committed while a split SQL_REDO (CSF = 1) was unfinished at RS_ID {} SSN {}; re-reading the window",
-                            row.xid, row.rs_id, row.ssn
-                        )));
+                        return Err(SourceError::transient(
+                            Cause::Query,
+                            format!(
+                                "transaction {} committed while a split SQL_REDO (CSF = 1) was unfinished at RS_ID {} SSN {}; re-reading the window",
+                                row.xid, row.rs_id, row.ssn
+                            ),
+                        ));
                     }
                     self.committed.insert((row.scn, row.xid), tx);
                 }
@@ -278,14 +283,17 @@ impl Transactions {
                 .max_by_key(|(_, t)| t.bytes)
                 .map(|(x, t)| (x.clone(), t))
                 .expect("a transaction was just added");
-            return Err(SourceError::operator(format!(
-                "open transactions hold {} MiB of outbox inserts, over database.max_buffered_mib ({} MiB); the largest is XID {xid} with {} rows ({} MiB) since SCN {}. Raise database.max_buffered_mib (memory permitting) and restart, or split such transactions in the application",
-                self.bytes >> 20,
-                self.max_bytes >> 20,
-                biggest.rows.len(),
-                biggest.bytes >> 20,
-                biggest.first_scn
-            )));
+            return Err(SourceError::operator(
+                Cause::Limit,
+                format!(
+                    "open transactions hold {} MiB of outbox inserts, over database.max_buffered_mib ({} MiB); the largest is XID {xid} with {} rows ({} MiB) since SCN {}. Raise database.max_buffered_mib (memory permitting) and restart, or split such transactions in the application",
+                    self.bytes >> 20,
+                    self.max_bytes >> 20,
+                    biggest.rows.len(),
+                    biggest.bytes >> 20,
+                    biggest.first_scn
+                ),
+            ));
         }
         Ok(())
     }
@@ -309,7 +317,7 @@ impl Transactions {
 
     /// Ends the window: every row with `SCN <= hi` has been fed. Returns
     /// the window's changes in commit order, then a heartbeat.
-    pub fn end_window(&mut self, hi: u64) -> Vec<Change> {
+    pub fn end_window(&mut self, hi: u64) -> Vec<Change<Position>> {
         let mut out = Vec::new();
         let committed = std::mem::take(&mut self.committed);
         let oldest_open = self.oldest_open();
@@ -354,7 +362,7 @@ impl Transactions {
             let from = mine_from(group_start[i]);
             let n = tx.rows.len();
             for row in tx.rows {
-                let position = Position::Oracle {
+                let position = Position {
                     scn,
                     index,
                     mine_from: Some(from),
@@ -369,7 +377,7 @@ impl Transactions {
                     row: self.decode(&row.sql),
                 });
             }
-            let resume = Position::Oracle {
+            let resume = Position {
                 scn,
                 index,
                 mine_from: Some(after(i)),
@@ -380,7 +388,7 @@ impl Transactions {
             }
         }
         self.mined_to = self.mined_to.max(hi);
-        let beat = Position::Oracle {
+        let beat = Position {
             scn: hi.saturating_add(1),
             index: 0,
             mine_from: Some(mine_from(keys.len())),
@@ -447,10 +455,7 @@ fn no_sequence_prefix(xid: &str) -> Option<&str> {
 
 /// What a position says is done: `(commit SCN, index)`.
 fn key(p: &Position) -> (u64, u32) {
-    match p {
-        Position::Oracle { scn, index, .. } => (*scn, *index),
-        _ => (0, 0),
-    }
+    (p.scn, p.index)
 }
 
 #[cfg(test)]
@@ -513,7 +518,7 @@ pub(crate) mod tests {
     }
 
     fn pos(scn: u64, index: u32, from: u64) -> Position {
-        Position::Oracle {
+        Position {
             scn,
             index,
             mine_from: Some(from),
@@ -531,7 +536,7 @@ pub(crate) mod tests {
         t.end_window(hi).iter().map(describe).collect()
     }
 
-    pub(crate) fn describe(c: &Change) -> String {
+    pub(crate) fn describe(c: &Change<Position>) -> String {
         match c {
             Change::Row { position, row } => match row {
                 Ok(r) => format!("row {position} {}", r.kind.as_deref().unwrap_or("?")),
@@ -813,9 +818,9 @@ pub(crate) mod tests {
             }
         }
         let e = err.expect("the cap is hit");
-        assert_eq!(e.kind, crate::source::ErrorKind::Operator);
-        assert!(e.message.contains("XID BIG"), "{}", e.message);
-        assert!(e.message.contains("max_buffered_mib"), "{}", e.message);
+        assert_eq!(e.kind(), crate::error::ErrorKind::Operator);
+        assert!(e.message().contains("XID BIG"), "{}", e.message());
+        assert!(e.message().contains("max_buffered_mib"), "{}", e.message());
     }
 
     #[test]
@@ -827,7 +832,7 @@ pub(crate) mod tests {
     }
 
     impl Transactions {
-        fn decoded_for_test(&self) -> Change {
+        fn decoded_for_test(&self) -> Change<Position> {
             Change::Row {
                 position: pos(1, 0, 1),
                 row: self.decode(&insert_sql("t")),

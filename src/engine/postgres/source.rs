@@ -23,11 +23,14 @@
 //! keeps moving instead of retaining WAL written by other tables.
 
 use super::pgoutput::{self, Column, PgOutput};
+use super::position::{Position, format_lsn, parse_lsn};
+use super::settings::Settings;
 use crate::checks::Check;
-use crate::config::{ConnectorConfig, DatabaseConfig, redact_url};
+use crate::config::{ConnectorConfig, redact_url};
+use crate::error::{Cause, ErrorKind, SourceError};
 use crate::event::{OutboxRow, RowError};
-use crate::position::{Position, format_lsn, parse_lsn};
-use crate::source::{Change, ChangeStream, ErrorKind, LogBounds, Source, SourceError};
+use crate::position::LogPosition;
+use crate::source::{Change, ChangeStream, LogBounds, Source};
 use chrono::{DateTime, Utc};
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
@@ -40,7 +43,7 @@ use tokio_postgres::error::SqlState;
 const MIN_SERVER_VERSION: i32 = 140000;
 
 pub struct PostgresSource {
-    cfg: DatabaseConfig,
+    cfg: Settings,
     /// Site name: the default `origin` of the outbox table `init` creates.
     site: String,
     /// Shown as `application_name` in `pg_stat_replication`.
@@ -108,10 +111,31 @@ fn query_error(context: &str, e: tokio_postgres::Error) -> SourceError {
         None => e.to_string(),
     };
     let message = format!("{context}: {detail}");
+    let cause = match e.code() {
+        None => Cause::Unreachable,
+        Some(code) => sqlstate_cause(code.code(), &detail),
+    };
     if transient {
-        SourceError::transient(message)
+        SourceError::transient(cause, message)
     } else {
-        SourceError::operator(message)
+        SourceError::operator(cause, message)
+    }
+}
+
+/// What a SQLSTATE says went wrong.
+fn sqlstate_cause(code: &str, message: &str) -> Cause {
+    match code {
+        "42501" => Cause::PermissionDenied,
+        "42P01" | "42704" | "3D000" => Cause::NotInitialised,
+        "55006" => Cause::Busy,
+        "55000" if message.contains("is active") => Cause::Busy,
+        "55000" if message.contains("wal_level") => Cause::ServerSettings,
+        "58P01" => Cause::LogPurged,
+        c if c.starts_with("08") || c.starts_with("57") => Cause::Unreachable,
+        c if c.starts_with("28") => Cause::AuthRefused,
+        c if c.starts_with("40") => Cause::Busy,
+        c if c.starts_with("53") => Cause::Limit,
+        _ => Cause::Query,
     }
 }
 
@@ -129,38 +153,50 @@ fn replication_error(e: PgWireError, slot: &str) -> SourceError {
                 || code == "55006"
                 || code == "55000" && msg.contains("is active");
             if code == "42704" && msg.contains("publication") {
-                SourceError::operator(format!(
-                    "the publication is missing: {msg}. Run `sitesync init` to create it"
-                ))
+                SourceError::operator(
+                    Cause::NotInitialised,
+                    format!("the publication is missing: {msg}. Run `sitesync init` to create it"),
+                )
             } else if code == "42704" {
-                SourceError::operator(format!(
-                    "replication slot `{slot}` is missing: {msg}. Run `sitesync init` to create it (events written before it exists are not in the stream)"
-                ))
+                SourceError::operator(
+                    Cause::NotInitialised,
+                    format!(
+                        "replication slot `{slot}` is missing: {msg}. Run `sitesync init` to create it (events written before it exists are not in the stream)"
+                    ),
+                )
             } else if transient {
-                SourceError::transient(format!("replication connection: {msg}"))
+                SourceError::transient(
+                    sqlstate_cause(&code, msg),
+                    format!("replication connection: {msg}"),
+                )
             } else {
-                SourceError::operator(format!(
-                    "replication connection refused by the server: {msg}"
-                ))
+                SourceError::operator(
+                    sqlstate_cause(&code, msg),
+                    format!("replication connection refused by the server: {msg}"),
+                )
             }
         }
-        PgWireError::Auth(msg) => SourceError::operator(format!(
-            "replication connection: authentication failed: {msg}"
-        )),
-        _ => SourceError::transient(format!("replication connection: {e}")),
+        PgWireError::Auth(msg) => SourceError::operator(
+            Cause::AuthRefused,
+            format!("replication connection: authentication failed: {msg}"),
+        ),
+        _ => SourceError::transient(Cause::Unreachable, format!("replication connection: {e}")),
     }
 }
 
 impl PostgresSource {
-    pub fn new(connector: &ConnectorConfig) -> Result<PostgresSource, SourceError> {
-        let pg: tokio_postgres::Config = connector.database.url.parse().map_err(|e| {
-            SourceError::operator(format!(
-                "database.url `{}` is not a PostgreSQL URL: {e}",
-                redact_url(&connector.database.url)
-            ))
+    pub fn new(connector: &ConnectorConfig, db: &Settings) -> Result<PostgresSource, SourceError> {
+        let pg: tokio_postgres::Config = db.url.parse().map_err(|e| {
+            SourceError::operator(
+                Cause::Config,
+                format!(
+                    "database.url `{}` is not a PostgreSQL URL: {e}",
+                    redact_url(&db.url)
+                ),
+            )
         })?;
         Ok(PostgresSource {
-            cfg: connector.database.clone(),
+            cfg: db.clone(),
             site: connector.site.clone(),
             application_name: format!("sitesync-{}", connector.name),
             pg,
@@ -194,7 +230,12 @@ impl PostgresSource {
         let host = match self.pg.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             Some(Host::Unix(p)) => p.display().to_string(),
-            None => return Err(SourceError::operator("database.url names no host")),
+            None => {
+                return Err(SourceError::operator(
+                    Cause::Config,
+                    "database.url names no host",
+                ));
+            }
         };
         let port = self.pg.get_ports().first().copied().unwrap_or(5432);
         let user = self.pg.get_user().unwrap_or("postgres").to_string();
@@ -236,17 +277,23 @@ impl PostgresSource {
     async fn check_slot_before_streaming(&self, start: Lsn) -> Result<(), SourceError> {
         let client = self.client().await?;
         let Some(row) = self.slot_row(&client).await? else {
-            return Err(SourceError::operator(format!(
-                "replication slot `{}` is missing: run `sitesync init` to create it (outbox rows committed before it exists are not in the stream)",
-                self.cfg.slot
-            )));
+            return Err(SourceError::operator(
+                Cause::NotInitialised,
+                format!(
+                    "replication slot `{}` is missing: run `sitesync init` to create it (outbox rows committed before it exists are not in the stream)",
+                    self.cfg.slot
+                ),
+            ));
         };
         let wal_status: Option<String> = row.get(5);
         if wal_status.as_deref() == Some("lost") {
-            return Err(SourceError::operator(format!(
-                "replication slot `{}` lost the WAL it needed (wal_status = lost): outbox rows were lost at the source. Drop and recreate the slot (`sitesync init`), reset the checkpoint (`sitesync checkpoint reset --to-start`), and resynchronise the other sites from the archive",
-                self.cfg.slot
-            )));
+            return Err(SourceError::operator(
+                Cause::LogPurged,
+                format!(
+                    "replication slot `{}` lost the WAL it needed (wal_status = lost): outbox rows were lost at the source. Drop and recreate the slot (`sitesync init`), reset the checkpoint (`sitesync checkpoint reset --to-start`), and resynchronise the other sites from the archive",
+                    self.cfg.slot
+                ),
+            ));
         }
         let confirmed: Option<String> = row.get(2);
         if let Some(confirmed) = confirmed.as_deref().and_then(|t| parse_lsn(t).ok())
@@ -257,25 +304,31 @@ impl PostgresSource {
             // means the slot was recreated or advanced by someone else, or
             // the checkpoint store was restored from an older copy. The
             // server would silently start at the slot's position.
-            return Err(SourceError::operator(format!(
-                "replication slot `{}` is at {} but the checkpoint is at {}: PostgreSQL would start at the slot and skip what lies between                  (was the slot recreated, advanced by another tool, or the checkpoint store restored from an older copy?).                  If skipping is acceptable, run `sitesync checkpoint reset --to-start`; otherwise resynchronise the sites from the archive first",
-                self.cfg.slot,
-                format_lsn(confirmed),
-                format_lsn(start.as_u64())
-            )));
+            return Err(SourceError::operator(
+                Cause::LogPurged,
+                format!(
+                    "replication slot `{}` is at {} but the checkpoint is at {}: PostgreSQL would start at the slot and skip what lies between                  (was the slot recreated, advanced by another tool, or the checkpoint store restored from an older copy?).                  If skipping is acceptable, run `sitesync checkpoint reset --to-start`; otherwise resynchronise the sites from the archive first",
+                    self.cfg.slot,
+                    format_lsn(confirmed),
+                    format_lsn(start.as_u64())
+                ),
+            ));
         }
         let current: String = client
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
             .map_err(|e| query_error("reading pg_current_wal_lsn()", e))?
             .get(0);
-        let current = parse_lsn(&current).map_err(SourceError::operator)?;
+        let current = parse_lsn(&current).map_err(|e| SourceError::operator(Cause::Query, e))?;
         if current < start.as_u64() {
-            return Err(SourceError::operator(format!(
-                "the server's WAL ends at {} but the checkpoint is at {}: this is not the server the checkpoint was written against                  (restored to an earlier point, or failed over to a replica that lags). New commits below the checkpoint would be skipped.                  Reset the checkpoint (`sitesync checkpoint reset --to-start`) once you know which events the other sites have",
-                format_lsn(current),
-                format_lsn(start.as_u64())
-            )));
+            return Err(SourceError::operator(
+                Cause::LogPurged,
+                format!(
+                    "the server's WAL ends at {} but the checkpoint is at {}: this is not the server the checkpoint was written against                  (restored to an earlier point, or failed over to a replica that lags). New commits below the checkpoint would be skipped.                  Reset the checkpoint (`sitesync checkpoint reset --to-start`) once you know which events the other sites have",
+                    format_lsn(current),
+                    format_lsn(start.as_u64())
+                ),
+            ));
         }
         Ok(())
     }
@@ -394,7 +447,7 @@ impl Decoder {
     }
 
     /// One replication event in, at most one change out.
-    fn feed(&mut self, ev: ReplicationEvent) -> Result<Option<Change>, SourceError> {
+    fn feed(&mut self, ev: ReplicationEvent) -> Result<Option<Change<Position>>, SourceError> {
         match ev {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -411,7 +464,7 @@ impl Decoder {
             ReplicationEvent::XLogData { data, .. } => self.xlog(data),
             ReplicationEvent::Commit { end_lsn, .. } => {
                 self.tx = None;
-                let resume = Position::Postgres {
+                let resume = Position {
                     lsn: end_lsn.as_u64(),
                     index: 0,
                 };
@@ -426,7 +479,7 @@ impl Decoder {
                 if self.tx.is_some() {
                     return Ok(None);
                 }
-                let resume = Position::Postgres {
+                let resume = Position {
                     lsn: wal_end.as_u64(),
                     index: 0,
                 };
@@ -439,14 +492,17 @@ impl Decoder {
                 }
             }
             ReplicationEvent::Message { .. } => Ok(None),
-            ReplicationEvent::StoppedAt { reached } => Err(SourceError::transient(format!(
-                "replication stream stopped at {}",
-                format_lsn(reached.as_u64())
-            ))),
+            ReplicationEvent::StoppedAt { reached } => Err(SourceError::transient(
+                Cause::Unreachable,
+                format!(
+                    "replication stream stopped at {}",
+                    format_lsn(reached.as_u64())
+                ),
+            )),
         }
     }
 
-    fn xlog(&mut self, data: bytes::Bytes) -> Result<Option<Change>, SourceError> {
+    fn xlog(&mut self, data: bytes::Bytes) -> Result<Option<Change<Position>>, SourceError> {
         let decoded = pgoutput::decode(data.clone());
         let (relation_id, tuple) = match decoded {
             Ok(PgOutput::Relation(rel)) => {
@@ -466,9 +522,10 @@ impl Decoder {
                 match rel {
                     Some(id) => (id, Err(RowError::Undecodable(e.to_string()))),
                     None => {
-                        return Err(SourceError::operator(format!(
-                            "{e}; the replication stream cannot be read past it"
-                        )));
+                        return Err(SourceError::operator(
+                            Cause::Query,
+                            format!("{e}; the replication stream cannot be read past it"),
+                        ));
                     }
                 }
             }
@@ -477,17 +534,21 @@ impl Decoder {
             Some(Some(map)) => map,
             Some(None) => return Ok(None),
             None => {
-                return Err(SourceError::transient(format!(
-                    "insert for relation {relation_id} arrived before its Relation message; reconnecting"
-                )));
+                return Err(SourceError::transient(
+                    Cause::Query,
+                    format!(
+                        "insert for relation {relation_id} arrived before its Relation message; reconnecting"
+                    ),
+                ));
             }
         };
         let Some(tx) = self.tx.as_mut() else {
             return Err(SourceError::transient(
+                Cause::Query,
                 "insert outside a transaction; reconnecting",
             ));
         };
-        let position = Position::Postgres {
+        let position = Position {
             lsn: tx.commit_lsn,
             index: tx.next_index,
         };
@@ -511,11 +572,18 @@ pub struct PostgresStream {
 }
 
 impl ChangeStream for PostgresStream {
-    async fn next(&mut self) -> Result<Change, SourceError> {
+    type Position = Position;
+
+    async fn next(&mut self) -> Result<Change<Position>, SourceError> {
         loop {
             let ev = match self.client.recv().await {
                 Ok(Some(ev)) => ev,
-                Ok(None) => return Err(SourceError::transient("the replication stream ended")),
+                Ok(None) => {
+                    return Err(SourceError::transient(
+                        Cause::Unreachable,
+                        "the replication stream ended",
+                    ));
+                }
                 Err(e) => return Err(replication_error(e, &self.slot)),
             };
             if let Some(change) = self.decoder.feed(ev)? {
@@ -525,11 +593,9 @@ impl ChangeStream for PostgresStream {
     }
 
     fn durable(&mut self, resume: &Position) {
-        if let Position::Postgres { lsn, .. } = resume {
-            let lsn = Lsn::from_u64(*lsn);
-            self.client.update_applied_lsn(lsn);
-            self.acked = Some(lsn);
-        }
+        let lsn = Lsn::from_u64(resume.lsn);
+        self.client.update_applied_lsn(lsn);
+        self.acked = Some(lsn);
     }
 
     async fn close(mut self) {
@@ -555,7 +621,11 @@ impl ChangeStream for PostgresStream {
     }
 }
 
+/// What the oldest position of a slot is, for `checkpoint reset`.
+const SLOT_NOTE: &str = "the oldest position the slot can stream (its confirmed_flush_lsn): PostgreSQL cannot rewind a slot, so events confirmed before it can only come back from the archive queue";
+
 impl Source for PostgresSource {
+    type Position = Position;
     type Stream = PostgresStream;
 
     async fn preflight(&self) -> Vec<Check> {
@@ -568,7 +638,7 @@ impl Source for PostgresSource {
             Err(e) => {
                 checks.push(Check::fail(
                     "connection",
-                    e.message,
+                    e.message(),
                     "check database.url, that PostgreSQL is running and that pg_hba.conf lets this host in",
                 ));
                 return checks;
@@ -576,7 +646,7 @@ impl Source for PostgresSource {
         };
         match preflight_queries(self, &client, &mut checks).await {
             Ok(()) => {}
-            Err(e) => checks.push(Check::fail("preflight", e.message, "see the error above")),
+            Err(e) => checks.push(Check::fail("preflight", e.message(), "see the error above")),
         }
         checks
     }
@@ -602,7 +672,7 @@ impl Source for PostgresSource {
                 Ok(()) => done.push(format!("function {schema}.sitesync_uuid7: ready")),
                 Err(e) => done.push(format!(
                     "function {schema}.sitesync_uuid7: not created ({}); the outbox's ids stay as its default makes them",
-                    query_error("creating it", e).message
+                    query_error("creating it", e).message()
                 )),
             }
         } else {
@@ -653,10 +723,13 @@ impl Source for PostgresSource {
             Some(row) => {
                 let all_tables: bool = row.get(4);
                 if all_tables {
-                    return Err(SourceError::operator(format!(
-                        "publication {} exists and is FOR ALL TABLES; sitesync needs one on the outbox only: drop it or set database.publication to another name",
-                        self.cfg.publication
-                    )));
+                    return Err(SourceError::operator(
+                        Cause::Config,
+                        format!(
+                            "publication {} exists and is FOR ALL TABLES; sitesync needs one on the outbox only: drop it or set database.publication to another name",
+                            self.cfg.publication
+                        ),
+                    ));
                 }
                 let covers: bool = client
                     .query_one(
@@ -705,10 +778,13 @@ impl Source for PostgresSource {
             Some(row) => {
                 let plugin: Option<String> = row.get(0);
                 if plugin.as_deref() != Some("pgoutput") {
-                    return Err(SourceError::operator(format!(
-                        "replication slot {} exists with plugin {:?}, not pgoutput: drop it (SELECT pg_drop_replication_slot('{}')) or set database.slot to another name",
-                        self.cfg.slot, plugin, self.cfg.slot
-                    )));
+                    return Err(SourceError::operator(
+                        Cause::Config,
+                        format!(
+                            "replication slot {} exists with plugin {:?}, not pgoutput: drop it (SELECT pg_drop_replication_slot('{}')) or set database.slot to another name",
+                            self.cfg.slot, plugin, self.cfg.slot
+                        ),
+                    ));
                 }
                 done.push(format!("replication slot {}: already there", self.cfg.slot));
             }
@@ -731,20 +807,8 @@ impl Source for PostgresSource {
     }
 
     async fn open(&self, resume: Option<&Position>) -> Result<PostgresStream, SourceError> {
-        let resume = match resume {
-            None => None,
-            Some(p @ Position::Postgres { .. }) => Some(p.clone()),
-            Some(other) => {
-                return Err(SourceError::operator(format!(
-                    "the checkpoint holds a {} position ({other}) but this connector reads PostgreSQL; reset the checkpoint",
-                    other.engine()
-                )));
-            }
-        };
-        let start = match &resume {
-            Some(Position::Postgres { lsn, .. }) => Lsn::from_u64(*lsn),
-            _ => Lsn::ZERO,
-        };
+        let resume = resume.cloned();
+        let start = resume.as_ref().map_or(Lsn::ZERO, |p| Lsn::from_u64(p.lsn));
         self.check_slot_before_streaming(start).await?;
         let ack = resume.as_ref().map(|_| start);
         let cfg = self.replication_config(start, ack)?;
@@ -761,21 +825,22 @@ impl Source for PostgresSource {
         })
     }
 
-    async fn bounds(&self) -> Result<LogBounds, SourceError> {
+    async fn bounds(&self) -> Result<LogBounds<Position>, SourceError> {
         let client = self.client().await?;
         let current: String = client
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
             .map_err(|e| query_error("reading pg_current_wal_lsn()", e))?
             .get(0);
-        let latest = Position::Postgres {
-            lsn: parse_lsn(&current).map_err(SourceError::operator)?,
+        let latest = Position {
+            lsn: parse_lsn(&current).map_err(|e| SourceError::operator(Cause::Query, e))?,
             index: 0,
         };
         let Some(row) = self.slot_row(&client).await? else {
             return Ok(LogBounds {
                 oldest: None,
                 latest,
+                oldest_note: SLOT_NOTE.into(),
                 detail: format!(
                     "slot {} does not exist (run `sitesync init`)",
                     self.cfg.slot
@@ -787,8 +852,8 @@ impl Source for PostgresSource {
         let active: Option<i32> = row.get(4);
         let wal_status: Option<String> = row.get(5);
         let oldest = match &confirmed {
-            Some(text) => Some(Position::Postgres {
-                lsn: parse_lsn(text).map_err(SourceError::operator)?,
+            Some(text) => Some(Position {
+                lsn: parse_lsn(text).map_err(|e| SourceError::operator(Cause::Query, e))?,
                 index: 0,
             }),
             None => None,
@@ -796,6 +861,7 @@ impl Source for PostgresSource {
         Ok(LogBounds {
             oldest,
             latest,
+            oldest_note: SLOT_NOTE.into(),
             detail: format!(
                 "slot {}: confirmed_flush_lsn {}, restart_lsn {}, wal_status {}, {}; server WAL at {current}",
                 self.cfg.slot,
@@ -824,10 +890,13 @@ impl Source for PostgresSource {
         if streaming {
             Ok(())
         } else {
-            Err(SourceError::transient(format!(
-                "the server no longer streams slot {} to us: reconnecting",
-                self.cfg.slot
-            )))
+            Err(SourceError::transient(
+                Cause::Unreachable,
+                format!(
+                    "the server no longer streams slot {} to us: reconnecting",
+                    self.cfg.slot
+                ),
+            ))
         }
     }
 
@@ -841,8 +910,8 @@ impl Source for PostgresSource {
             .await
             .map_err(|e| query_error(&format!("advancing slot {}", self.cfg.slot), e))?;
         let lsn: String = row.get(0);
-        Ok(Position::Postgres {
-            lsn: parse_lsn(&lsn).map_err(SourceError::operator)?,
+        Ok(Position {
+            lsn: parse_lsn(&lsn).map_err(|e| SourceError::operator(Cause::Query, e))?,
             index: 0,
         })
     }
@@ -1064,11 +1133,11 @@ async fn preflight_queries(
 
 impl From<SourceError> for Check {
     fn from(e: SourceError) -> Check {
-        let fix = match e.kind {
+        let fix = match e.kind() {
             ErrorKind::Transient => "retry; check that the database is up",
             ErrorKind::Operator => "see the message",
         };
-        Check::fail("database", e.message, fix)
+        Check::fail("database", e.message(), fix)
     }
 }
 
@@ -1127,7 +1196,7 @@ mod tests {
         ))
     }
 
-    fn run(decoder: &mut Decoder, events: Vec<ReplicationEvent>) -> Vec<Change> {
+    fn run(decoder: &mut Decoder, events: Vec<ReplicationEvent>) -> Vec<Change<Position>> {
         events
             .into_iter()
             .filter_map(|e| decoder.feed(e).unwrap())
@@ -1135,7 +1204,7 @@ mod tests {
     }
 
     fn pos(lsn: u64, index: u32) -> Position {
-        Position::Postgres { lsn, index }
+        Position { lsn, index }
     }
 
     fn decoder(resume: Option<Position>) -> Decoder {
@@ -1282,25 +1351,25 @@ mod tests {
             PgWireError::Server("replication slot \"s\" does not exist (SQLSTATE 42704)".into()),
             "s",
         );
-        assert_eq!(e.kind, ErrorKind::Operator);
-        assert!(e.message.contains("sitesync init"), "{}", e.message);
+        assert_eq!(e.kind(), ErrorKind::Operator);
+        assert!(e.message().contains("sitesync init"), "{}", e.message());
         let e = replication_error(
             PgWireError::Server(
                 "replication slot \"s\" is active for PID 42 (SQLSTATE 55006)".into(),
             ),
             "s",
         );
-        assert_eq!(e.kind, ErrorKind::Transient);
+        assert_eq!(e.kind(), ErrorKind::Transient);
         let e = replication_error(
             PgWireError::Server("the database system is starting up (SQLSTATE 57P03)".into()),
             "s",
         );
-        assert_eq!(e.kind, ErrorKind::Transient);
+        assert_eq!(e.kind(), ErrorKind::Transient);
         let e = replication_error(
             PgWireError::Auth("password authentication failed".into()),
             "s",
         );
-        assert_eq!(e.kind, ErrorKind::Operator);
+        assert_eq!(e.kind(), ErrorKind::Operator);
     }
 
     #[test]

@@ -1,16 +1,16 @@
 //! What `sitesync status` reads from a PostgreSQL site.
 
-use crate::config::ConnectorConfig;
-use crate::source::SourceError;
+use super::settings::Settings;
+use crate::error::{Cause, SourceError};
 use crate::status::{GapRecord, OriginProgress, SiteStatus};
 
 fn query(context: &str) -> impl Fn(tokio_postgres::Error) -> SourceError + '_ {
-    move |e| SourceError::transient(format!("{context}: {e}"))
+    move |e| SourceError::transient(Cause::Query, format!("{context}: {e}"))
 }
 
 /// Reads the status of a PostgreSQL site.
 pub async fn read(
-    cfg: &ConnectorConfig,
+    db: &Settings,
     client: &tokio_postgres::Client,
 ) -> Result<SiteStatus, SourceError> {
     let mut status = SiteStatus::default();
@@ -21,6 +21,7 @@ pub async fn read(
         .get(0);
     if !ready {
         return Err(SourceError::operator(
+            Cause::NotInitialised,
             "the sink tables do not exist: run `sitesync init`",
         ));
     }
@@ -65,7 +66,7 @@ pub async fn read(
         .map_err(query("counting conflicts and dead letters"))?;
     status.conflicts = row.get(0);
     status.dead_lettered_here = row.get(1);
-    let (schema, table) = cfg.database.outbox_parts();
+    let (schema, table) = db.outbox_parts();
     status.outbox_backlog = client
         .query_one(
             &format!("SELECT count(*) FROM \"{schema}\".\"{table}\""),
@@ -74,13 +75,17 @@ pub async fn read(
         .await
         .map_err(query("counting the outbox"))?
         .get(0);
-    status.source_lag_bytes = client
+    let lag: Option<i64> = client
         .query_opt(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.database.slot],
+            &[&db.slot],
         )
         .await
         .map_err(query("reading the slot"))?
         .and_then(|r| r.get(0));
+    status.source_lag = match lag {
+        Some(bytes) => format!("slot {bytes} bytes of WAL behind the server"),
+        None => format!("slot {} does not exist", db.slot),
+    };
     Ok(status)
 }

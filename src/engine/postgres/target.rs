@@ -12,7 +12,7 @@
 //! The order of the steps, the retries and the isolation of a message
 //! whose data fails are the sink's ([`crate::sink::batch`]); this file is
 //! the SQL of each step ([`PgSession`]) and how PostgreSQL's errors are
-//! classified ([`failed`]).
+//! classified (`failed`).
 //!
 //! Local writes: before it looks for this site's writes still in the
 //! outbox, the sink locks the rows it looks at that exist (`FOR UPDATE`,
@@ -34,10 +34,11 @@
 //! otherwise, or when it displaces a local write that has not gone round
 //! yet, the losing write is recorded in `sitesync_conflicts`.
 
+use super::settings::Settings;
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
+use crate::error::{Cause, TargetError};
 use crate::event::Event;
-use crate::sink::TargetError;
 use crate::sink::batch::{
     self, Dialect, Failed, Finish, Local, Origins, Session, Start, Stored, Write,
 };
@@ -145,7 +146,17 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 fn transient(context: &str, e: tokio_postgres::Error) -> TargetError {
-    TargetError::transient(format!("{context}: {}", describe(&e)))
+    let cause = match e.code() {
+        None => Cause::Unreachable,
+        Some(code) if code.code().starts_with("08") || code.code().starts_with("57") => {
+            Cause::Unreachable
+        }
+        Some(code) if code.code().starts_with("28") => Cause::AuthRefused,
+        Some(code) if code.code() == "42501" => Cause::PermissionDenied,
+        Some(code) if code.code().starts_with("40") || code.code() == "55P03" => Cause::Busy,
+        Some(_) => Cause::Query,
+    };
+    TargetError::transient(cause, format!("{context}: {}", describe(&e)))
 }
 
 /// How an error fails a batch: an application holding a row (busy), one
@@ -247,16 +258,17 @@ pub struct PostgresTarget {
 }
 
 impl PostgresTarget {
-    pub fn new(cfg: &ConnectorConfig) -> Result<PostgresTarget, String> {
-        let pg = cfg
-            .database
-            .url
-            .parse()
-            .map_err(|e| format!("database.url `{}`: {e}", redact_url(&cfg.database.url)))?;
-        let (schema, table) = cfg.database.outbox_parts();
+    pub fn new(cfg: &ConnectorConfig, db: &Settings) -> Result<PostgresTarget, TargetError> {
+        let pg = db.url.parse().map_err(|e| {
+            TargetError::operator(
+                Cause::Config,
+                format!("database.url `{}`: {e}", redact_url(&db.url)),
+            )
+        })?;
+        let (schema, table) = db.outbox_parts();
         Ok(PostgresTarget {
             site: cfg.site.clone(),
-            url: cfg.database.url.clone(),
+            url: db.url.clone(),
             pg,
             sink: Arc::new(cfg.sink.clone()),
             outbox: format!("{schema}.{table}"),
@@ -301,10 +313,13 @@ impl PostgresTarget {
             .map_err(|e| transient("looking for the sink tables", e))?
             .get(0);
         if !ready {
-            return Err(TargetError::operator(format!(
-                "the sink tables are missing in {}: run `sitesync init`",
-                redact_url(&self.url)
-            )));
+            return Err(TargetError::operator(
+                Cause::NotInitialised,
+                format!(
+                    "the sink tables are missing in {}: run `sitesync init`",
+                    redact_url(&self.url)
+                ),
+            ));
         }
         let commit_ts: String = client
             .query_one("SHOW track_commit_timestamp", &[])
@@ -341,11 +356,42 @@ impl PostgresTarget {
             in_transaction: false,
         })
     }
+}
+
+impl Dialect for PostgresTarget {
+    type Session = PgSession;
+
+    /// Applications hold rows for a short while: a batch waits for them
+    /// (5 ms more each time) up to 40 times before it backs off.
+    const BUSY_RETRIES: u32 = 40;
+
+    async fn connect(&self) -> Result<PgSession, TargetError> {
+        self.session().await
+    }
+
+    /// Creates the sink's tables; returns one line per table.
+    async fn init(&self) -> Result<Vec<String>, TargetError> {
+        let client = self.open().await?;
+        client
+            .batch_execute(SCHEMA)
+            .await
+            .map_err(|e| transient("creating the sink tables", e))?;
+        let outbox = quote_table(&self.outbox);
+        // Local writes not yet round are looked up by type and entity key.
+        let _ = client
+            .batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS sitesync_outbox_entity ON {outbox} (type, entity_key)"
+            ))
+            .await;
+        Ok(vec![
+            "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".to_string(),
+        ])
+    }
 
     /// What `sitesync check` verifies for the sink: its tables, the commit
     /// timestamps that make last-writer-wins fair to local writes, and that
     /// every route's table has the columns and the unique key it names.
-    pub async fn preflight(&self) -> Vec<Check> {
+    async fn preflight(&self) -> Vec<Check> {
         let client = match self.open().await {
             Ok(c) => c,
             Err(e) => {
@@ -389,37 +435,6 @@ impl PostgresTarget {
             checks.push(route_check(&client, route).await);
         }
         checks
-    }
-
-    /// Creates the sink's tables; returns one line per table.
-    pub async fn init(&self) -> Result<Vec<String>, TargetError> {
-        let client = self.open().await?;
-        client
-            .batch_execute(SCHEMA)
-            .await
-            .map_err(|e| transient("creating the sink tables", e))?;
-        let outbox = quote_table(&self.outbox);
-        // Local writes not yet round are looked up by type and entity key.
-        let _ = client
-            .batch_execute(&format!(
-                "CREATE INDEX IF NOT EXISTS sitesync_outbox_entity ON {outbox} (type, entity_key)"
-            ))
-            .await;
-        Ok(vec![
-            "sink tables sitesync_inbox, sitesync_origins, sitesync_gaps, sitesync_versions, sitesync_conflicts: ready".to_string(),
-        ])
-    }
-}
-
-impl Dialect for PostgresTarget {
-    type Session = PgSession;
-
-    /// Applications hold rows for a short while: a batch waits for them
-    /// (5 ms more each time) up to 40 times before it backs off.
-    const BUSY_RETRIES: u32 = 40;
-
-    async fn connect(&self) -> Result<PgSession, TargetError> {
-        self.session().await
     }
 }
 

@@ -10,8 +10,9 @@
 //! defaults to `required`; `trust_server_certificate` accepts any
 //! certificate; `ca_file` pins the CA.
 
-use crate::config::{DatabaseConfig, SqlServerEncrypt, redact_url};
-use crate::source::{ErrorKind, SourceError};
+use super::settings::{Encrypt, Settings};
+use crate::config::redact_url;
+use crate::error::{Cause, ErrorKind, SourceError};
 use tiberius::error::Error;
 use tiberius::{Client, Config, EncryptionLevel};
 use tokio::net::TcpStream;
@@ -37,16 +38,19 @@ pub fn literal(text: &str) -> String {
 }
 
 /// The tiberius configuration for a connector's `[database]`.
-pub fn config(db: &DatabaseConfig, application: &str) -> Result<Config, SourceError> {
+pub fn config(db: &Settings, application: &str) -> Result<Config, SourceError> {
     let mut config = Config::from_ado_string(&db.url).map_err(|e| {
-        SourceError::operator(format!("database.url `{}`: {e}", redact_url(&db.url)))
+        SourceError::operator(
+            Cause::Config,
+            format!("database.url `{}`: {e}", redact_url(&db.url)),
+        )
     })?;
-    let s = &db.sqlserver;
+    let s = db;
     config.application_name(application);
     config.encryption(match s.encrypt {
-        SqlServerEncrypt::Required => EncryptionLevel::Required,
-        SqlServerEncrypt::Strict => EncryptionLevel::Strict,
-        SqlServerEncrypt::LoginOnly => EncryptionLevel::Off,
+        Encrypt::Required => EncryptionLevel::Required,
+        Encrypt::Strict => EncryptionLevel::Strict,
+        Encrypt::LoginOnly => EncryptionLevel::Off,
     });
     if s.trust_server_certificate {
         config.trust_cert();
@@ -61,13 +65,13 @@ pub fn config(db: &DatabaseConfig, application: &str) -> Result<Config, SourceEr
 
 /// Opens a connection, following one routing redirect (Azure SQL,
 /// availability group listeners).
-pub async fn connect(db: &DatabaseConfig, application: &str) -> Result<MssqlClient, SourceError> {
+pub async fn connect(db: &Settings, application: &str) -> Result<MssqlClient, SourceError> {
     let mut config = config(db, application)?;
     let context = format!("connecting to {}", redact_url(&db.url));
     for _ in 0..2 {
         let tcp = TcpStream::connect(config.get_addr())
             .await
-            .map_err(|e| SourceError::transient(format!("{context}: {e}")))?;
+            .map_err(|e| SourceError::transient(Cause::Unreachable, format!("{context}: {e}")))?;
         let _ = tcp.set_nodelay(true);
         match Client::connect(config.clone(), tcp.compat_write()).await {
             Ok(client) => return Ok(client),
@@ -78,9 +82,10 @@ pub async fn connect(db: &DatabaseConfig, application: &str) -> Result<MssqlClie
             Err(e) => return Err(classify(&context, &e)),
         }
     }
-    Err(SourceError::transient(format!(
-        "{context}: redirected more than once"
-    )))
+    Err(SourceError::transient(
+        Cause::Unreachable,
+        format!("{context}: redirected more than once"),
+    ))
 }
 
 /// SQL Server error numbers that mean "try again" (the server, the
@@ -122,7 +127,7 @@ fn operator_hint(number: u32) -> Option<&'static str> {
 /// Whether an error is worth retrying, with its message.
 pub fn classify(context: &str, e: &Error) -> SourceError {
     match e {
-        Error::Io { .. } => SourceError::transient(format!("{context}: {e}")),
+        Error::Io { .. } => SourceError::transient(Cause::Unreachable, format!("{context}: {e}")),
         Error::Server(token) => {
             let n = token.code();
             let text = format!(
@@ -130,25 +135,47 @@ pub fn classify(context: &str, e: &Error) -> SourceError {
                 token.message(),
                 token.class()
             );
+            let cause = cause_of(n);
             if TRANSIENT.contains(&n) || token.class() >= 20 {
-                SourceError::transient(text)
+                SourceError::transient(cause, text)
             } else if let Some(hint) = operator_hint(n) {
-                SourceError::operator(format!("{text}: {hint}"))
+                SourceError::operator(cause, format!("{text}: {hint}"))
             } else {
-                SourceError::operator(text)
+                SourceError::operator(cause, text)
             }
         }
-        Error::Tls(_) => SourceError::operator(format!(
-            "{context}: {e}: check database.encrypt, database.ca_file (or, on a trusted network only, database.trust_server_certificate)"
-        )),
-        Error::Routing { .. } => SourceError::transient(format!("{context}: {e}")),
-        _ => SourceError::operator(format!("{context}: {e}")),
+        Error::Tls(_) => SourceError::operator(
+            Cause::AuthRefused,
+            format!(
+                "{context}: {e}: check database.encrypt, database.ca_file (or, on a trusted network only, database.trust_server_certificate)"
+            ),
+        ),
+        Error::Routing { .. } => {
+            SourceError::transient(Cause::Unreachable, format!("{context}: {e}"))
+        }
+        _ => SourceError::operator(Cause::Query, format!("{context}: {e}")),
+    }
+}
+
+/// What a server error number says went wrong.
+fn cause_of(number: u32) -> Cause {
+    match number {
+        18456 => Cause::AuthRefused,
+        229 | 230 | 262 | 297 | 300 => Cause::PermissionDenied,
+        208 | 207 | 4998 | 22105 | 22106 => Cause::NotInitialised,
+        3952 => Cause::ServerSettings,
+        1205 | 1222 | 3960 | 3961 => Cause::Busy,
+        701 | 1204 | 10928 | 10929 => Cause::Limit,
+        233 | 4060 | 10053 | 10054 | 10060 | 40197 | 40501 | 40613 | 49918 | 49919 | 49920 => {
+            Cause::Unreachable
+        }
+        _ => Cause::Query,
     }
 }
 
 /// The error kind of a tiberius error, for the sink.
 pub fn kind_of(e: &Error) -> ErrorKind {
-    classify("", e).kind
+    classify("", e).kind()
 }
 
 /// The server error number, if the server raised it.
@@ -177,11 +204,11 @@ mod tests {
             kind: std::io::ErrorKind::ConnectionReset,
             message: "reset".into(),
         };
-        assert_eq!(classify("x", &io).kind, ErrorKind::Transient);
+        assert_eq!(classify("x", &io).kind(), ErrorKind::Transient);
         let tls = Error::Tls("invalid peer certificate".into());
         let e = classify("x", &tls);
-        assert_eq!(e.kind, ErrorKind::Operator);
-        assert!(e.message.contains("ca_file"), "{}", e.message);
+        assert_eq!(e.kind(), ErrorKind::Operator);
+        assert!(e.message().contains("ca_file"), "{}", e.message());
     }
 
     #[test]

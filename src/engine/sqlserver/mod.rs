@@ -1,10 +1,63 @@
 //! SQL Server: Change Tracking on the outbox as the source, and a target
 //! that applies batches with `MERGE … WITH (HOLDLOCK)`.
+//!
+//! - [`settings`]: the `[database]` keys (an ADO.NET string, TLS, polling).
+//! - [`conn`]: connections (tiberius over TCP), quoting, error
+//!   classification, shared by the source and the sink.
+//! - [`source`]: Change Tracking read by query, `init`, `check`;
+//!   [`types`] turns SQL Server values into the outbox's fields.
+//! - [`position`]: `sqlserver:<version>#<index>@<last key done>`.
+//! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
+//!   reads.
 
 pub mod conn;
+pub mod position;
+pub mod settings;
 pub mod source;
+pub mod status;
 pub mod target;
 pub mod types;
 
 pub use source::SqlServerSource;
 pub use target::SqlServerTarget;
+
+use crate::config::{ConnectorConfig, Reader};
+use crate::error::{SourceError, TargetError};
+use crate::status::SiteStatus;
+
+/// The SQL Server engine.
+pub struct SqlServer;
+
+impl super::Driver for SqlServer {
+    const NAME: &'static str = "sqlserver";
+    const ALIASES: &'static [&'static str] = &["mssql"];
+
+    type Settings = settings::Settings;
+    type Source = SqlServerSource;
+    type Target = SqlServerTarget;
+
+    fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
+        settings::Settings::read(d)
+    }
+
+    fn source(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<SqlServerSource, SourceError> {
+        SqlServerSource::new(cfg, db)
+    }
+
+    fn target(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<SqlServerTarget, TargetError> {
+        SqlServerTarget::new(cfg, db)
+    }
+
+    async fn status(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<SiteStatus, SourceError> {
+        status::read(cfg, db).await
+    }
+}

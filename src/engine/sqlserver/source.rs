@@ -82,12 +82,14 @@
 //! `FakeChangeTracking`.
 
 use super::conn;
+use super::position::Position;
+use super::settings::Settings;
 use super::types;
 use crate::checks::Check;
-use crate::config::{ConnectorConfig, DatabaseConfig, redact_url};
+use crate::config::{ConnectorConfig, redact_url};
+use crate::error::{Cause, SourceError};
 use crate::event::{OutboxRow, RowError};
-use crate::position::Position;
-use crate::source::{Change, ChangeStream, LogBounds, Source, SourceError};
+use crate::source::{Change, ChangeStream, LogBounds, Source};
 use conn::{MssqlClient, classify, literal, quote};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -95,6 +97,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tiberius::{IsolationLevel, ToSql};
+
+/// The server answered what cannot be read: reading again may help.
+fn query(message: impl Into<String>) -> SourceError {
+    SourceError::transient(Cause::Query, message)
+}
 
 /// The shortest pause of an idle stream.
 pub const POLL_MIN: Duration = Duration::from_millis(20);
@@ -213,23 +220,16 @@ impl Cursor {
         }
     }
 
-    pub fn from_position(p: &Position) -> Option<Cursor> {
-        match p {
-            Position::SqlServer {
-                version,
-                index,
-                after,
-            } => Some(Cursor {
-                version: *version,
-                index: *index,
-                after: after.clone(),
-            }),
-            _ => None,
+    pub fn from_position(p: &Position) -> Cursor {
+        Cursor {
+            version: p.version,
+            index: p.index,
+            after: p.after.clone(),
         }
     }
 
     pub fn position(&self) -> Position {
-        Position::SqlServer {
+        Position {
             version: self.version,
             index: self.index,
             after: self.after.clone(),
@@ -264,27 +264,37 @@ pub enum Step {
 pub fn check_versions(cursor: &Cursor, v: Versions, outbox: &str) -> Result<Step, SourceError> {
     let Some(current) = v.current else {
         return Err(SourceError::operator(
+            Cause::NotInitialised,
             "Change Tracking is not enabled on the database (CHANGE_TRACKING_CURRENT_VERSION() is NULL): run `sitesync init`, or ALTER DATABASE CURRENT SET CHANGE_TRACKING = ON (CHANGE_RETENTION = 4 DAYS, AUTO_CLEANUP = ON)",
         ));
     };
     let Some(min_valid) = v.min_valid else {
-        return Err(SourceError::operator(format!(
-            "Change Tracking is not enabled on {outbox}, or this login may not see it (CHANGE_TRACKING_MIN_VALID_VERSION is NULL): run `sitesync init`, and GRANT VIEW CHANGE TRACKING ON {outbox} to the connector's user"
-        )));
+        return Err(SourceError::operator(
+            Cause::NotInitialised,
+            format!(
+                "Change Tracking is not enabled on {outbox}, or this login may not see it (CHANGE_TRACKING_MIN_VALID_VERSION is NULL): run `sitesync init`, and GRANT VIEW CHANGE TRACKING ON {outbox} to the connector's user"
+            ),
+        ));
     };
     let last = cursor.last_sync();
     if last < min_valid {
-        return Err(SourceError::operator(format!(
-            "outbox changes were lost to Change Tracking retention: the checkpoint resumes after version {last}, but SQL Server only keeps changes to {outbox} after version {min_valid} (the retention cleanup ran while this connector was stopped or behind for longer than CHANGE_RETENTION). \
+        return Err(SourceError::operator(
+            Cause::LogPurged,
+            format!(
+                "outbox changes were lost to Change Tracking retention: the checkpoint resumes after version {last}, but SQL Server only keeps changes to {outbox} after version {min_valid} (the retention cleanup ran while this connector was stopped or behind for longer than CHANGE_RETENTION). \
              Outbox rows inserted in between were never published. Resynchronise the other sites from the archive (or a snapshot of this site), then move on with `sitesync checkpoint reset --to-latest`; \
              raise CHANGE_RETENTION above database.max_downtime_hours so that it does not happen again"
-        )));
+            ),
+        ));
     }
     if last > current {
-        return Err(SourceError::operator(format!(
-            "the database's Change Tracking version is {current} but the checkpoint resumes after version {last}: this is not the database the checkpoint was written against (restored from a backup, or another server). \
+        return Err(SourceError::operator(
+            Cause::LogPurged,
+            format!(
+                "the database's Change Tracking version is {current} but the checkpoint resumes after version {last}: this is not the database the checkpoint was written against (restored from a backup, or another server). \
              Rows committed below the checkpoint would be skipped: reset the checkpoint (`sitesync checkpoint reset --to-start`) once you know which events the other sites have"
-        )));
+            ),
+        ));
     }
     if last == current {
         Ok(Step::UpToDate)
@@ -302,16 +312,19 @@ pub fn absorb(
     upto: i64,
     full_page: bool,
     outbox: &str,
-) -> Result<(Vec<Change>, Cursor, u64), SourceError> {
+) -> Result<(Vec<Change<Position>>, Cursor, u64), SourceError> {
     let mut out = Vec::with_capacity(rows.len() + 1);
     let mut cur = cursor;
     let mut lost = 0u64;
     for r in rows {
         if r.version < cur.version || r.version > upto {
-            return Err(SourceError::transient(format!(
-                "Change Tracking returned version {} outside the read's range ({}..={upto}): reading again",
-                r.version, cur.version
-            )));
+            return Err(SourceError::transient(
+                Cause::Query,
+                format!(
+                    "Change Tracking returned version {} outside the read's range ({}..={upto}): reading again",
+                    r.version, cur.version
+                ),
+            ));
         }
         if r.version > cur.version {
             if cur.index > 0 || cur.after.is_some() {
@@ -397,7 +410,7 @@ pub struct SqlServerStream<Q: ChangeTracking> {
     cursor: Option<Cursor>,
     /// The last resume point yielded: nothing goes backward.
     last: Option<Position>,
-    buffer: VecDeque<Change>,
+    buffer: VecDeque<Change<Position>>,
     poll: Poll,
     wait: Duration,
     limit: u32,
@@ -418,7 +431,7 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
         SqlServerStream {
             q,
             outbox,
-            cursor: resume.and_then(Cursor::from_position),
+            cursor: resume.map(Cursor::from_position),
             last: resume.cloned(),
             buffer: VecDeque::new(),
             poll: Poll::new(poll_max),
@@ -518,7 +531,9 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
 }
 
 impl<Q: ChangeTracking> ChangeStream for SqlServerStream<Q> {
-    async fn next(&mut self) -> Result<Change, SourceError> {
+    type Position = Position;
+
+    async fn next(&mut self) -> Result<Change<Position>, SourceError> {
         loop {
             if let Some(change) = self.buffer.pop_front() {
                 return Ok(change);
@@ -572,11 +587,9 @@ fn text_at(row: &tiberius::Row, i: usize) -> Result<Option<String>, String> {
 fn tracked(row: &tiberius::Row) -> Result<Tracked, SourceError> {
     let version: i64 = row
         .try_get::<i64, _>(0)
-        .map_err(|e| SourceError::transient(format!("reading SYS_CHANGE_VERSION: {e}")))?
-        .ok_or_else(|| SourceError::transient("SYS_CHANGE_VERSION is NULL"))?;
-    let key = text_at(row, 1)
-        .map_err(SourceError::transient)?
-        .unwrap_or_default();
+        .map_err(|e| query(format!("reading SYS_CHANGE_VERSION: {e}")))?
+        .ok_or_else(|| query("SYS_CHANGE_VERSION is NULL"))?;
+    let key = text_at(row, 1).map_err(query)?.unwrap_or_default();
     let payload = (|| -> Result<Payload, String> {
         // o.[id] NULL: the join found no outbox row.
         if text_at(row, 2)?.is_none() {
@@ -615,10 +628,10 @@ impl ChangeTracking for TiberiusChangeTracking {
             .into_row()
             .await
             .map_err(|e| classify("reading the Change Tracking versions", &e))?
-            .ok_or_else(|| SourceError::transient("the versions query returned no row"))?;
+            .ok_or_else(|| query("the versions query returned no row"))?;
         let get = |i: usize| {
             row.try_get::<i64, _>(i)
-                .map_err(|e| SourceError::transient(format!("reading a version: {e}")))
+                .map_err(|e| query(format!("reading a version: {e}")))
         };
         Ok(Versions {
             current: get(0)?,
@@ -652,12 +665,15 @@ impl ChangeTracking for TiberiusChangeTracking {
         // A key that does not convert to the id column's type fails the
         // read, whether when it starts or while its rows stream.
         let failed = |e: tiberius::error::Error| match (after, conn::number(&e)) {
-            (Some(key), Some(245 | 248 | 8114 | 8115 | 8169)) => SourceError::operator(format!(
-                "{}: the resume key `{key}` (the last outbox row done) does not convert to the type of the outbox's id column: was the outbox recreated with another key type? \
+            (Some(key), Some(245 | 248 | 8114 | 8115 | 8169)) => SourceError::operator(
+                Cause::Config,
+                format!(
+                    "{}: the resume key `{key}` (the last outbox row done) does not convert to the type of the outbox's id column: was the outbox recreated with another key type? \
                  `sitesync checkpoint reset --to-position sqlserver:{}#<index>` (without @key) resumes in that version by count",
-                classify("reading CHANGETABLE(CHANGES …)", &e).message,
-                last_sync + 1
-            )),
+                    classify("reading CHANGETABLE(CHANGES …)", &e).message(),
+                    last_sync + 1
+                ),
+            ),
             _ => classify("reading CHANGETABLE(CHANGES …)", &e),
         };
         let rows = result
@@ -693,16 +709,16 @@ impl ChangeTracking for TiberiusChangeTracking {
 pub const END_ANY_TRANSACTION_SQL: &str = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION";
 
 pub struct SqlServerSource {
-    cfg: DatabaseConfig,
+    cfg: Settings,
     site: String,
     application: String,
 }
 
 impl SqlServerSource {
-    pub fn new(connector: &ConnectorConfig) -> Result<SqlServerSource, SourceError> {
-        conn::config(&connector.database, "sitesync")?;
+    pub fn new(connector: &ConnectorConfig, db: &Settings) -> Result<SqlServerSource, SourceError> {
+        conn::config(db, "sitesync")?;
         Ok(SqlServerSource {
-            cfg: connector.database.clone(),
+            cfg: db.clone(),
             site: connector.site.clone(),
             application: format!("sitesync-{}", connector.name),
         })
@@ -728,7 +744,7 @@ impl SqlServerSource {
             .into_row()
             .await
             .map_err(|e| classify("reading the Change Tracking versions", &e))?
-            .ok_or_else(|| SourceError::transient("the versions query returned no row"))?;
+            .ok_or_else(|| query("the versions query returned no row"))?;
         Ok(Versions {
             current: row.try_get::<i64, _>(0).ok().flatten(),
             min_valid: row.try_get::<i64, _>(1).ok().flatten(),
@@ -755,7 +771,7 @@ async fn first_row(
         Some(row) => {
             let mut out = Vec::new();
             for (_, cell) in row.cells() {
-                out.push(types::cell_text(cell).map_err(SourceError::transient)?);
+                out.push(types::cell_text(cell).map_err(query)?);
             }
             Ok(Some(out))
         }
@@ -783,12 +799,12 @@ pub fn retention_hours(period: i64, units: &str) -> i64 {
 }
 
 /// The retention `init` sets: the configured downtime plus a day, in hours.
-pub fn init_retention_hours(cfg: &DatabaseConfig) -> u64 {
-    cfg.sqlserver.max_downtime.as_secs().div_ceil(3600) + 24
+pub fn init_retention_hours(cfg: &Settings) -> u64 {
+    cfg.max_downtime.as_secs().div_ceil(3600) + 24
 }
 
 /// The statements `init` may run, in order (each only when needed).
-pub fn init_sql(cfg: &DatabaseConfig, site: &str) -> InitSql {
+pub fn init_sql(cfg: &Settings, site: &str) -> InitSql {
     let (schema, table) = cfg.outbox_parts();
     let outbox = format!("{}.{}", quote(schema), quote(table));
     InitSql {
@@ -882,7 +898,7 @@ pub const GRANTS_SQL: &str = "SELECT HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'SELECT'),
     HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'DELETE'), SUSER_SNAME()";
 
 /// The checks of `sitesync check` from the state read.
-pub fn state_checks(cfg: &DatabaseConfig, s: &DbState, outbox: &str) -> Vec<Check> {
+pub fn state_checks(cfg: &Settings, s: &DbState, outbox: &str) -> Vec<Check> {
     let mut checks = Vec::new();
     checks.push(Check::pass(
         "server",
@@ -897,7 +913,7 @@ pub fn state_checks(cfg: &DatabaseConfig, s: &DbState, outbox: &str) -> Vec<Chec
             "ALTER DATABASE CURRENT SET ALLOW_SNAPSHOT_ISOLATION ON; (or `sitesync init`)",
         )
     });
-    let want = cfg.sqlserver.max_downtime.as_secs().div_ceil(3600) as i64;
+    let want = cfg.max_downtime.as_secs().div_ceil(3600) as i64;
     match s.retention_hours {
         None => checks.push(Check::fail(
             "change tracking (database)",
@@ -989,6 +1005,7 @@ pub fn grant_checks(cells: &[Option<String>], outbox: &str, sink: bool) -> Vec<C
 }
 
 impl Source for SqlServerSource {
+    type Position = Position;
     type Stream = SqlServerStream<TiberiusChangeTracking>;
 
     async fn preflight(&self) -> Vec<Check> {
@@ -1001,7 +1018,7 @@ impl Source for SqlServerSource {
             Err(e) => {
                 checks.push(Check::fail(
                     "connection",
-                    e.message,
+                    e.message(),
                     "check database.url, database.encrypt / ca_file, that SQL Server listens on TCP and that the login exists",
                 ));
                 return checks;
@@ -1023,12 +1040,16 @@ impl Source for SqlServerSource {
                 &outbox,
             )),
             Ok(None) => {}
-            Err(e) => checks.push(Check::fail("database state", e.message, "see the message")),
+            Err(e) => checks.push(Check::fail(
+                "database state",
+                e.message(),
+                "see the message",
+            )),
         }
         match first_row(&mut client, GRANTS_SQL, &params, "reading the grants").await {
             Ok(Some(cells)) => checks.extend(grant_checks(&cells, &outbox, true)),
             Ok(None) => {}
-            Err(e) => checks.push(Check::fail("grants", e.message, "see the message")),
+            Err(e) => checks.push(Check::fail("grants", e.message(), "see the message")),
         }
         checks
     }
@@ -1103,33 +1124,29 @@ impl Source for SqlServerSource {
         &self,
         resume: Option<&Position>,
     ) -> Result<SqlServerStream<TiberiusChangeTracking>, SourceError> {
-        if let Some(other) = resume.filter(|p| !matches!(p, Position::SqlServer { .. })) {
-            return Err(SourceError::operator(format!(
-                "the checkpoint holds a {} position ({other}) but this connector reads SQL Server; reset the checkpoint",
-                other.engine()
-            )));
-        }
         let client = self.client().await?;
         Ok(SqlServerStream::new(
             TiberiusChangeTracking::new(client, self.outbox()),
             self.outbox(),
             resume,
-            self.cfg.sqlserver.poll_max,
-            self.cfg.sqlserver.read_batch,
+            self.cfg.poll_max,
+            self.cfg.read_batch,
         ))
     }
 
-    async fn bounds(&self) -> Result<LogBounds, SourceError> {
+    async fn bounds(&self) -> Result<LogBounds<Position>, SourceError> {
         let mut client = self.client().await?;
         let v = self.versions(&mut client).await?;
         let Some(current) = v.current else {
             return Err(SourceError::operator(
+                Cause::NotInitialised,
                 "Change Tracking is off on the database: run `sitesync init`",
             ));
         };
         Ok(LogBounds {
             oldest: v.min_valid.map(|m| Cursor::at(m + 1).position()),
             latest: Cursor::at(current + 1).position(),
+            oldest_note: "the oldest version Change Tracking still holds (its minimum valid version): changes before it were cleaned up, so events confirmed before it can only come back from the archive queue".into(),
             detail: format!(
                 "Change Tracking: current version {current}, minimum valid version for {} {}",
                 self.outbox(),

@@ -1,13 +1,11 @@
 //! Applying events to SQL Server.
 //!
-//! The same batch semantics as [`super::postgres`]: one READ COMMITTED
-//! transaction per batch holds the inbox rows (`sitesync_inbox`, keyed by
-//! event id), the per-origin progress and gaps ([`rules::track`]), the
-//! deletion of this site's outbox rows whose events came back round, the
-//! changes, the entities' versions and the conflicts; the messages are
-//! acked only after it commits. Last-writer-wins is [`rules::decide`],
-//! shared with every engine, over the stored versions and this site's
-//! writes still in its outbox.
+//! The batch is the sink's ([`crate::sink::batch`], the same for every
+//! engine): one READ COMMITTED transaction per batch holds the inbox rows
+//! (`sitesync_inbox`, keyed by event id), the per-origin progress and gaps,
+//! the deletion of this site's outbox rows whose events came back round,
+//! the changes, the entities' versions and the conflicts; the messages are
+//! acked only after it commits. This file is its T-SQL.
 //!
 //! # Upserts: `MERGE … WITH (HOLDLOCK)`
 //!
@@ -49,14 +47,16 @@
 //!   `varbinary` column does not accept the base64 text of an event.
 //! - An event of this site back round records its version but does not
 //!   repair a local write that lost a race with the sink on this site's
-//!   table (PostgreSQL's `rows_not_as_written`).
+//!   table: the session cannot tell who wrote a row last
+//!   (`Session::CHECKS_OWN_ROWS` is false; PostgreSQL compares `xmin`).
 
 use super::conn::{self, MssqlClient, quote, quote_table};
+use super::settings::Settings;
 use super::types::cell_text;
 use crate::checks::Check;
-use crate::config::{ConnectorConfig, DatabaseConfig, Operation, Route, SinkConfig, redact_url};
+use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
+use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::TargetError;
 use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
 use crate::sink::mapping::{Entity, MappedRow};
 use crate::sink::rules::{Conflict, Gap, Version};
@@ -330,13 +330,7 @@ fn failed(context: &str, e: tiberius::error::Error) -> Failed {
     match by_number(conn::number(&e)) {
         ByNumber::Busy => Failed::Busy,
         ByNumber::Data => Failed::Data(e.to_string()),
-        ByNumber::Other => {
-            let se = conn::classify(context, &e);
-            Failed::Batch(TargetError {
-                kind: se.kind,
-                message: se.message,
-            })
-        }
+        ByNumber::Other => Failed::Batch(conn::classify(context, &e).into()),
     }
 }
 
@@ -373,13 +367,18 @@ async fn rows(
                 .collect::<Result<Vec<_>, _>>()
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failed::Batch(TargetError::transient(format!("{context}: {e}"))))
+        .map_err(|e| {
+            Failed::Batch(TargetError::transient(
+                Cause::Query,
+                format!("{context}: {e}"),
+            ))
+        })
 }
 
 /// The SQL Server side of the sink: connections, `init` and `check`.
 pub struct SqlServerTarget {
     site: String,
-    db: DatabaseConfig,
+    db: Settings,
     sink: Arc<SinkConfig>,
     /// `[schema].[outbox]`.
     outbox: String,
@@ -387,12 +386,12 @@ pub struct SqlServerTarget {
 }
 
 impl SqlServerTarget {
-    pub fn new(cfg: &ConnectorConfig) -> Result<SqlServerTarget, String> {
-        conn::config(&cfg.database, "sitesync").map_err(|e| e.message)?;
-        let (schema, table) = cfg.database.outbox_parts();
+    pub fn new(cfg: &ConnectorConfig, db: &Settings) -> Result<SqlServerTarget, TargetError> {
+        conn::config(db, "sitesync")?;
+        let (schema, table) = db.outbox_parts();
         Ok(SqlServerTarget {
             site: cfg.site.clone(),
-            db: cfg.database.clone(),
+            db: db.clone(),
             sink: Arc::new(cfg.sink.clone()),
             outbox: format!("{}.{}", quote(schema), quote(table)),
             application: format!("sitesync-{}-sink", cfg.name),
@@ -400,16 +399,39 @@ impl SqlServerTarget {
     }
 
     async fn open(&self) -> Result<MssqlClient, TargetError> {
-        conn::connect(&self.db, &self.application)
-            .await
-            .map_err(|e| TargetError {
-                kind: e.kind,
-                message: e.message,
-            })
+        Ok(conn::connect(&self.db, &self.application).await?)
+    }
+}
+
+impl Dialect for SqlServerTarget {
+    type Session = MssqlSession;
+
+    const BUSY_RETRIES: u32 = 40;
+
+    /// A marked connection (see the module doc).
+    async fn connect(&self) -> Result<MssqlSession, TargetError> {
+        let mut client = self.open().await?;
+        let mark = Statement {
+            sql: MARK_SESSION.into(),
+            params: vec![],
+        };
+        match run(&mut client, &mark, "marking the sink's session").await {
+            Ok(()) => Ok(MssqlSession {
+                client,
+                site: self.site.clone(),
+                sink: self.sink.clone(),
+                outbox: self.outbox.clone(),
+            }),
+            Err(Failed::Batch(e)) => Err(e),
+            Err(_) => Err(TargetError::transient(
+                Cause::Query,
+                "marking the sink's session failed",
+            )),
+        }
     }
 
     /// Creates the sink's tables.
-    pub async fn init(&self) -> Result<Vec<String>, TargetError> {
+    async fn init(&self) -> Result<Vec<String>, TargetError> {
         let mut client = self.open().await?;
         let st = Statement {
             sql: SCHEMA.into(),
@@ -419,12 +441,16 @@ impl SqlServerTarget {
             Ok(()) => {}
             Err(Failed::Batch(e)) => return Err(e),
             Err(Failed::Data(m) | Failed::Gone(m)) => {
-                return Err(TargetError::operator(format!(
-                    "creating the sink tables: {m}"
-                )));
+                return Err(TargetError::operator(
+                    Cause::Query,
+                    format!("creating the sink tables: {m}"),
+                ));
             }
             Err(Failed::Busy | Failed::Seen) => {
-                return Err(TargetError::transient("creating the sink tables: locked"));
+                return Err(TargetError::transient(
+                    Cause::Busy,
+                    "creating the sink tables: locked",
+                ));
             }
         }
         Ok(vec![
@@ -433,7 +459,7 @@ impl SqlServerTarget {
     }
 
     /// The sink's tables exist, and every route's table does.
-    pub async fn preflight(&self) -> Vec<Check> {
+    async fn preflight(&self) -> Vec<Check> {
         let mut client = match self.open().await {
             Ok(c) => c,
             Err(e) => {
@@ -483,31 +509,6 @@ impl SqlServerTarget {
             });
         }
         checks
-    }
-}
-
-impl Dialect for SqlServerTarget {
-    type Session = MssqlSession;
-
-    const BUSY_RETRIES: u32 = 40;
-
-    /// A marked connection (see the module doc).
-    async fn connect(&self) -> Result<MssqlSession, TargetError> {
-        let mut client = self.open().await?;
-        let mark = Statement {
-            sql: MARK_SESSION.into(),
-            params: vec![],
-        };
-        match run(&mut client, &mark, "marking the sink's session").await {
-            Ok(()) => Ok(MssqlSession {
-                client,
-                site: self.site.clone(),
-                sink: self.sink.clone(),
-                outbox: self.outbox.clone(),
-            }),
-            Err(Failed::Batch(e)) => Err(e),
-            Err(_) => Err(TargetError::transient("marking the sink's session failed")),
-        }
     }
 }
 
@@ -711,6 +712,7 @@ impl Session for MssqlSession {
                 .unwrap_or(0)),
             Err(Failed::Batch(e)) => Err(e),
             Err(_) => Err(TargetError::transient(
+                Cause::Query,
                 "sweeping outbox rows back round failed",
             )),
         }

@@ -2,7 +2,7 @@
 //! `FakeChangeTracking`, and the SQL text it sends.
 
 use super::*;
-use crate::source::ErrorKind;
+use crate::error::ErrorKind;
 
 /// Change Tracking as a list of tracked inserts and two versions; records
 /// the reads it was asked for, and checks the transaction discipline.
@@ -144,7 +144,7 @@ impl ChangeTracking for FakeChangeTracking {
 /// A resume point without a key: as typed by hand, or a checkpoint
 /// written before the key was kept.
 fn pos(version: i64, index: u32) -> Position {
-    Position::SqlServer {
+    Position {
         version,
         index,
         after: None,
@@ -154,7 +154,7 @@ fn pos(version: i64, index: u32) -> Position {
 /// A position with the key of the last row done (a row's own position
 /// carries its own key).
 fn posk(version: i64, index: u32, key: &str) -> Position {
-    Position::SqlServer {
+    Position {
         version,
         index,
         after: Some(key.into()),
@@ -176,7 +176,7 @@ fn stream(
 }
 
 /// Reads until the stream has nothing more without waiting.
-async fn drain(s: &mut SqlServerStream<FakeChangeTracking>) -> Vec<Change> {
+async fn drain(s: &mut SqlServerStream<FakeChangeTracking>) -> Vec<Change<Position>> {
     let mut out = Vec::new();
     loop {
         if let Some(c) = s.buffer.pop_front() {
@@ -190,7 +190,7 @@ async fn drain(s: &mut SqlServerStream<FakeChangeTracking>) -> Vec<Change> {
     }
 }
 
-fn describe(changes: &[Change]) -> Vec<String> {
+fn describe(changes: &[Change<Position>]) -> Vec<String> {
     changes
         .iter()
         .map(|c| match c {
@@ -283,7 +283,7 @@ const D: &str = "90000000-0000-0000-0000-000000000004";
 const E: &str = "00000000-0000-0000-0000-000000000005";
 
 /// The rows' keys among `changes`.
-fn keys(changes: &[Change]) -> Vec<String> {
+fn keys(changes: &[Change<Position>]) -> Vec<String> {
     changes
         .iter()
         .filter_map(|c| match c {
@@ -303,7 +303,7 @@ async fn a_restart_after_rows_of_the_checkpointed_version_were_deleted_loses_and
     // checkpoint reaches the resume point after the second.
     let mut first = stream(fake, Some(pos(1, 0)), 2);
     assert!(first.read_once().await.unwrap());
-    let done: Vec<Change> = first.buffer.drain(..).collect();
+    let done: Vec<Change<Position>> = first.buffer.drain(..).collect();
     assert_eq!(
         describe(&done),
         vec![row_at(3, 0, A), row_at(3, 1, B)],
@@ -478,14 +478,14 @@ async fn below_the_min_valid_version_is_an_operator_error_that_says_what_to_do()
     let fake = FakeChangeTracking::new(500, 120);
     let mut s = stream(fake, Some(pos(100, 0)), 100);
     let e = s.read_once().await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Operator);
+    assert_eq!(e.kind(), ErrorKind::Operator);
     assert!(
-        e.message.contains("lost to Change Tracking retention"),
+        e.message().contains("lost to Change Tracking retention"),
         "{}",
-        e.message
+        e.message()
     );
-    assert!(e.message.contains("checkpoint reset"), "{}", e.message);
-    assert!(e.message.contains("120"), "{}", e.message);
+    assert!(e.message().contains("checkpoint reset"), "{}", e.message());
+    assert!(e.message().contains("120"), "{}", e.message());
     // Nothing was read, and the transaction was ended.
     assert!(s.q.reads.is_empty());
     assert!(!s.q.in_tx);
@@ -504,7 +504,7 @@ fn the_version_decisions() {
         Step::Read { upto: 20 }
     );
     assert_eq!(
-        check_versions(&c(10), v(20, 10), "t").unwrap_err().kind,
+        check_versions(&c(10), v(20, 10), "t").unwrap_err().kind(),
         ErrorKind::Operator
     );
     assert_eq!(
@@ -513,8 +513,8 @@ fn the_version_decisions() {
     );
     // A checkpoint ahead of the database: restored from an older backup.
     let e = check_versions(&c(30), v(20, 10), "t").unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Operator);
-    assert!(e.message.contains("not the database"), "{}", e.message);
+    assert_eq!(e.kind(), ErrorKind::Operator);
+    assert!(e.message().contains("not the database"), "{}", e.message());
     // Change Tracking off on the database, or on the table.
     let off = Versions {
         current: None,
@@ -523,7 +523,7 @@ fn the_version_decisions() {
     assert!(
         check_versions(&c(1), off, "t")
             .unwrap_err()
-            .message
+            .message()
             .contains("not enabled on the database")
     );
     let untracked = Versions {
@@ -533,7 +533,7 @@ fn the_version_decisions() {
     assert!(
         check_versions(&c(1), untracked, "t")
             .unwrap_err()
-            .message
+            .message()
             .contains("VIEW CHANGE TRACKING")
     );
 }
@@ -560,7 +560,7 @@ async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counte
     fake.insert(6, "c");
     let mut s = stream(fake, Some(pos(1, 0)), 100);
     let got = drain(&mut s).await;
-    let lost: Vec<&Change> = got
+    let lost: Vec<&Change<Position>> = got
         .iter()
         .filter(|c| matches!(c, Change::Row { row: Err(_), .. }))
         .collect();
@@ -639,16 +639,17 @@ fn the_change_query_is_changetable_joined_to_the_outbox_never_a_key_scan() {
     assert!(VERSIONS_SQL.contains("CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(@P1))"));
 }
 
-fn db_config() -> DatabaseConfig {
-    DatabaseConfig {
-        kind: crate::config::DatabaseKind::SqlServer,
+fn db_config() -> Settings {
+    Settings {
         url: "server=tcp:localhost,1433;user=sa;password=x".into(),
         outbox_table: "app.out]box".into(),
-        slot: String::new(),
-        publication: String::new(),
-        status_interval: Duration::from_secs(10),
-        sqlserver: crate::config::SqlServerSettings::default(),
-        oracle: crate::config::OracleSettings::default(),
+        encrypt: super::super::settings::Encrypt::Required,
+        trust_server_certificate: false,
+        ca_file: None,
+        poll_max: Duration::from_millis(1_000),
+        max_downtime: Duration::from_secs(72 * 3600),
+        command_timeout: Duration::from_secs(60),
+        read_batch: 5_000,
     }
 }
 
