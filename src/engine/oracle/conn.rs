@@ -2,7 +2,6 @@
 //! libraries loaded at run time), error classification and quoting, shared
 //! by the source and the sink.
 
-use super::miner::SESSION_NLS;
 use super::settings::{OracleUrl, Settings, parse_oracle_url};
 use crate::config::redact_url;
 use crate::error::{Cause, SourceError};
@@ -132,6 +131,13 @@ pub(crate) fn ident(name: &str) -> String {
 pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
+
+/// The mining session's formats: `SQL_REDO` writes dates and timestamps in
+/// them, and [`super::redo`] reads them.
+pub const SESSION_NLS: &str = "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD HH24:MI:SS' \
+     NLS_TIMESTAMP_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6' \
+     NLS_TIMESTAMP_TZ_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6 TZH:TZM' \
+     NLS_NUMERIC_CHARACTERS = '.,' TIME_ZONE = '+00:00'";
 
 /// Connection settings, shared by the source and the sink.
 #[derive(Debug, Clone)]

@@ -11,13 +11,6 @@ use super::transactions::{MinedRow, Transactions};
 use crate::error::{Cause, SourceError};
 use crate::source::Change;
 
-/// The mining session's formats: `SQL_REDO` writes dates and timestamps in
-/// them, and [`super::redo`] reads them.
-pub const SESSION_NLS: &str = "ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD HH24:MI:SS' \
-     NLS_TIMESTAMP_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6' \
-     NLS_TIMESTAMP_TZ_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6 TZH:TZM' \
-     NLS_NUMERIC_CHARACTERS = '.,' TIME_ZONE = '+00:00'";
-
 /// The table whose update and commit, before each reading of the current
 /// SCN, makes the log writer flush the redo buffer (a COMMIT returns once
 /// LGWR has written the redo up to it). LogMiner reads the redo files,

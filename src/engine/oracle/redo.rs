@@ -14,7 +14,7 @@
 //! `TO_TIMESTAMP`, `TO_TIMESTAMP_TZ`, `HEXTORAW`, `UNISTR`, `EMPTY_CLOB()`
 //! and `EMPTY_BLOB()`, possibly joined with `||`. Dates and timestamps are
 //! read in the formats the mining session sets (see
-//! [`super::miner::SESSION_NLS`]): `YYYY-MM-DD HH24:MI:SS[.FF]` and, with a
+//! [`super::conn::SESSION_NLS`]): `YYYY-MM-DD HH24:MI:SS[.FF]` and, with a
 //! zone, `… TZH:TZM` or a region name.
 //!
 //! A statement longer than 4,000 bytes comes in several rows of
@@ -530,7 +530,7 @@ fn chrono_format(oracle: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// Session formats (see [`super::miner::SESSION_NLS`]).
+/// Session formats (see [`super::conn::SESSION_NLS`]).
 const DATE_FORMAT: &str = "YYYY-MM-DD HH24:MI:SS";
 const TIMESTAMP_FORMAT: &str = "YYYY-MM-DD HH24:MI:SS.FF";
 
