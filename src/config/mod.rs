@@ -628,8 +628,30 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Connector and topology files written for tests.
+#[cfg(test)]
+pub(crate) mod test_files {
+    use std::path::{Path, PathBuf};
+
+    /// Writes `text` to `dir/name`.
+    pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// A directory of this test run's own.
+    pub(crate) fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sitesync-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_files::{scratch, write};
     use super::*;
 
     #[test]
@@ -649,19 +671,6 @@ mod tests {
         );
         assert_eq!(redact_url("db://u@h/db"), "db://u@h/db");
         assert_eq!(redact_url("db://u:p@h/db?x=@"), "db://u:***@h/db?x=@");
-    }
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("sitesync-config-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 
     #[test]

@@ -187,22 +187,10 @@ pub(crate) fn read_outbox_table(d: &mut Reader<'_>, default: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_PUBLISHER_WINDOW;
+    use crate::config::test_files::{scratch, write};
     use crate::engine::oracle::settings::{OracleUrl, parse_oracle_url};
     use std::path::PathBuf;
     use std::time::Duration;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("sitesync-config-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 
     #[test]
     fn a_sqlserver_connector_takes_an_ado_string_and_its_own_keys() {

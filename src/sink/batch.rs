@@ -1107,8 +1107,9 @@ mod tests {
         assert_eq!(fake.begun, [false], "one attempt, not isolated");
     }
 
-    #[tokio::test]
-    async fn a_message_whose_data_fails_is_rolled_back_alone_and_holds_its_entity() {
+    /// Four events of LONDON: `a`, `b` twice, `c`; writing `b` fails with
+    /// `fault`. Returns the outcomes and the fake after the batch.
+    async fn with_a_bad_entity(fault: Fault) -> (Vec<Outcome>, Fake) {
         let events = [
             event(1, "LONDON", "a", 10),
             event(2, "LONDON", "b", 10),
@@ -1117,12 +1118,18 @@ mod tests {
         ];
         let r = route();
         let mut fake = Fake {
-            faults: HashMap::from([("b".to_string(), Fault::Data)]),
+            faults: HashMap::from([("b".to_string(), fault)]),
             ..Fake::default()
         };
         let outcomes = apply(&mut fake, &items(&events, &r, "PARIS"))
             .await
             .unwrap();
+        (outcomes, fake)
+    }
+
+    #[tokio::test]
+    async fn a_message_whose_data_fails_is_rolled_back_alone_and_holds_its_entity() {
+        let (outcomes, fake) = with_a_bad_entity(Fault::Data).await;
         assert_eq!(
             outcomes,
             vec![
@@ -1145,20 +1152,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_whose_error_ends_the_transaction_is_left_out_and_the_rest_commits() {
-        let events = [
-            event(1, "LONDON", "a", 10),
-            event(2, "LONDON", "b", 10),
-            event(3, "LONDON", "b", 11),
-            event(4, "LONDON", "c", 10),
-        ];
-        let r = route();
-        let mut fake = Fake {
-            faults: HashMap::from([("b".to_string(), Fault::Gone)]),
-            ..Fake::default()
-        };
-        let outcomes = apply(&mut fake, &items(&events, &r, "PARIS"))
-            .await
-            .unwrap();
+        let (outcomes, fake) = with_a_bad_entity(Fault::Gone).await;
         assert_eq!(
             outcomes,
             vec![
