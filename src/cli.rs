@@ -339,7 +339,7 @@ impl Task for OnEngine<'_> {
             }
             Act::Init => init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await,
             Act::Show => show(cfg, D::source(cfg, db)?).await,
-            Act::Status => status(cfg, D::status(cfg, db).await?).await,
+            Act::Status => status(cfg, D::status(cfg, db)).await,
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
         }
     }
@@ -483,7 +483,7 @@ async fn broker(cfg: &ConnectorConfig, what: &str) -> Result<bus::Link, Failure>
 
 async fn status(
     cfg: &ConnectorConfig,
-    site: crate::status::SiteStatus,
+    site: impl std::future::Future<Output = Result<crate::status::SiteStatus, SourceError>>,
 ) -> Result<ExitCode, Failure> {
     println!(
         "connector   {} ({}), site {}",
@@ -491,6 +491,7 @@ async fn status(
         cfg.file.display(),
         cfg.site
     );
+    let site = site.await?;
     let queued = match broker(cfg, "status").await {
         Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
             .await

@@ -197,6 +197,13 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Takes every key of this table as read: when what would read them
+    /// cannot (a `[database]` of an unknown `kind`), they are not reported
+    /// as unknown on top of the real problem.
+    pub fn skip_rest(&mut self) {
+        self.seen.extend(self.table.keys().cloned());
+    }
+
     pub fn boolean(&mut self, key: &str) -> Option<bool> {
         match self.get(key)? {
             Value::Boolean(b) => Some(*b),

@@ -116,13 +116,18 @@ impl Engine {
     /// Reads `[database]`: `kind` picks the engine, which reads the rest.
     pub fn read(d: &mut Reader<'_>, connector: &str) -> Option<Engine> {
         let names = Engine::NAMES.join(", ");
-        let kind = d.string("kind", true, &names)?;
+        let Some(kind) = d.string("kind", true, &names) else {
+            // Which keys are right depends on the kind: name only it.
+            d.skip_rest();
+            return None;
+        };
         let engine = Engine::settings(&kind, d, connector);
         if engine.is_none() {
             d.problem(
                 "kind",
                 format!("`{kind}` is not a supported database kind; expected one of: {names}"),
             );
+            d.skip_rest();
         }
         engine
     }

@@ -27,6 +27,9 @@
 //! - [`Failed::Gone`]: one message's error ended the whole transaction (SQL
 //!   Server aborts it on a conversion error, whatever the savepoints): the
 //!   batch is applied again without that message, which fails on its own.
+//!   No engine classifies an error so yet: SQL Server's session is to
+//!   (after a data error, by `XACT_STATE()`); until then such an error
+//!   fails the batch as a whole.
 //! - [`Failed::Batch`]: the connection, the server, a statement outside
 //!   any one message: returned to the sink, which backs off (transient) or
 //!   stops (operator).
@@ -88,10 +91,49 @@ pub struct Start<'a> {
     pub isolate: bool,
     /// The rows of other sites' events (the whole batch's when not
     /// isolating; none otherwise): an engine that looks for this site's
-    /// writes in flight locks those that exist first.
+    /// writes in flight locks those that exist first (PostgreSQL's does;
+    /// the others ignore it).
     pub lock: &'a [Write<'a>],
-    /// The origins whose progress the transaction reads (and locks).
+    /// The origins whose progress the transaction reads (and locks),
+    /// sorted, each once.
     pub origins: &'a [&'a str],
+    /// Each message's `(origin, epoch, seq)`, in queue order, for
+    /// [`advance`].
+    pub seen: &'a [&'a Seen],
+}
+
+/// What moved in the origins' progress over a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// `(origin, epoch, highest seq)` of each origin that moved.
+    pub changed: Vec<(String, u64, u64)>,
+    /// Ranges of an origin's `seq` that never arrived (logged).
+    pub gaps: Vec<Gap>,
+}
+
+impl Progress {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.gaps.is_empty()
+    }
+}
+
+/// Moves the origins' progress (as the transaction read it) over the
+/// batch's messages ([`rules::track`]); logs the gaps found.
+pub fn advance(state: &mut Origins, seen: &[&Seen]) -> Progress {
+    let (changed, gaps) = track(state, seen);
+    for gap in &gaps {
+        tracing::warn!(origin = %gap.origin, epoch = gap.epoch, from = gap.from, to = gap.to, "gap: events of this origin never arrived");
+    }
+    Progress {
+        changed: changed
+            .into_iter()
+            .map(|o| {
+                let (epoch, seq) = state[&o];
+                (o, epoch, seq)
+            })
+            .collect(),
+        gaps,
+    }
 }
 
 /// The last writes of a batch, which an engine may send in one round trip.
@@ -132,8 +174,9 @@ pub trait Dialect: Send + Sync + 'static {
 
 /// One connection of a [`Dialect`]: the SQL of each step of a batch.
 ///
-/// Every method runs inside the transaction [`Session::begin`] opened.
-/// Errors are classified as [`Failed`].
+/// The methods from `begin` to `commit` run inside the transaction
+/// [`Session::begin`] opened; their errors are classified as [`Failed`].
+/// `rollback`, `usable` and `sweep_own` run outside a batch.
 pub trait Session: Send {
     /// Whether this engine checks that this site's own writes, back round,
     /// are what the rows hold ([`Session::rows_not_as_written`]).
@@ -146,15 +189,10 @@ pub trait Session: Send {
 
     /// Opens the batch's transaction (READ COMMITTED), marks it for
     /// application triggers, locks `start.lock` where the engine does, and
-    /// reads (and locks) the progress of `start.origins`.
-    fn begin(&mut self, start: Start<'_>) -> impl Future<Output = Result<Origins, Failed>> + Send;
-
-    /// Writes the origins' new progress and the gaps found.
-    fn record_progress(
-        &mut self,
-        changed: &[(&str, u64, u64)],
-        gaps: &[Gap],
-    ) -> impl Future<Output = Result<(), Failed>> + Send;
+    /// moves the origins' progress: reads (and locks) that of
+    /// `start.origins`, [`advance`]s it over `start.seen`, and writes what
+    /// moved and the gaps.
+    fn begin(&mut self, start: Start<'_>) -> impl Future<Output = Result<(), Failed>> + Send;
 
     /// Inserts inbox rows with their outcome; returns the events that are
     /// new (or come back from the dead-letter queue). Not `careful`, an
@@ -291,11 +329,6 @@ impl<D: Dialect> Batches<D> {
             sink: sink.clone(),
             session: Mutex::new(None),
         }
-    }
-
-    /// The engine's side, for what is not a batch (init, preflight).
-    pub fn dialect(&self) -> &D {
-        &self.dialect
     }
 }
 
@@ -451,24 +484,13 @@ async fn attempt<S: Session>(
     } else {
         applied_rows(items)
     };
-    let mut state = s
-        .begin(Start {
-            isolate: mode.isolate,
-            lock: &lock,
-            origins: &origins,
-        })
-        .await?;
-    let (changed, gaps) = track(&mut state, &seen);
-    for gap in &gaps {
-        tracing::warn!(origin = %gap.origin, epoch = gap.epoch, from = gap.from, to = gap.to, "gap: events of this origin never arrived");
-    }
-    if !changed.is_empty() || !gaps.is_empty() {
-        let changed: Vec<(&str, u64, u64)> = changed
-            .iter()
-            .map(|o| (o.as_str(), state[o].0, state[o].1))
-            .collect();
-        s.record_progress(&changed, &gaps).await?;
-    }
+    s.begin(Start {
+        isolate: mode.isolate,
+        lock: &lock,
+        origins: &origins,
+        seen: &seen,
+    })
+    .await?;
 
     let Sorted {
         mut outcomes,
@@ -853,29 +875,23 @@ mod tests {
     }
 
     impl Session for Fake {
-        async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+        async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
             self.begun.push(start.isolate);
             self.tx = Some(self.committed.clone());
             self.doomed = false;
-            let origins = &self.committed.origins;
-            Ok(start
+            let committed = &self.committed.origins;
+            let mut state: Origins = start
                 .origins
                 .iter()
-                .filter_map(|o| origins.get(*o).map(|v| (o.to_string(), *v)))
-                .collect())
-        }
-
-        async fn record_progress(
-            &mut self,
-            changed: &[(&str, u64, u64)],
-            gaps: &[Gap],
-        ) -> Result<(), Failed> {
+                .filter_map(|o| committed.get(*o).map(|v| (o.to_string(), *v)))
+                .collect();
+            let progress = advance(&mut state, start.seen);
             let tx = self.tx()?;
-            for (o, e, s) in changed {
-                tx.origins.insert(o.to_string(), (*e, *s));
+            for (o, e, s) in progress.changed {
+                tx.origins.insert(o, (e, s));
             }
-            for g in gaps {
-                tx.gaps.push((g.origin.clone(), g.from, g.to));
+            for g in progress.gaps {
+                tx.gaps.push((g.origin, g.from, g.to));
             }
             Ok(())
         }

@@ -42,9 +42,12 @@ use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
 use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
+use crate::sink::Seen;
+use crate::sink::batch::{
+    self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
+};
 use crate::sink::mapping::{Entity, MappedRow};
-use crate::sink::rules::{Conflict, Gap, Version};
+use crate::sink::rules::{Conflict, Version};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -503,24 +506,16 @@ fn owned_writes(writes: &[Write<'_>]) -> Vec<(Route, MappedRow)> {
 impl Session for OracleSession {
     /// Oracle opens a transaction with the first statement; reading the
     /// origins (`FOR UPDATE`) is that statement.
-    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+    async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
         let origins: Vec<String> = start.origins.iter().map(|o| o.to_string()).collect();
-        self.blocking(move |conn, _| read_origins(conn, &origins))
-            .await
-    }
-
-    async fn record_progress(
-        &mut self,
-        changed: &[(&str, u64, u64)],
-        gaps: &[Gap],
-    ) -> Result<(), Failed> {
-        let changed: Vec<(String, i64, i64)> = changed
-            .iter()
-            .map(|(o, e, s)| (o.to_string(), *e as i64, *s as i64))
-            .collect();
-        let gaps = gaps.to_vec();
-        self.blocking(move |conn, _| write_progress(conn, &changed, &gaps))
-            .await
+        let seen: Vec<Seen> = start.seen.iter().map(|s| (*s).clone()).collect();
+        self.blocking(move |conn, _| {
+            let mut state = read_origins(conn, &origins)?;
+            let seen: Vec<&Seen> = seen.iter().collect();
+            let moved = batch::advance(&mut state, &seen);
+            write_progress(conn, &moved)
+        })
+        .await
     }
 
     async fn insert_inbox(
@@ -785,22 +780,19 @@ fn read_origins(conn: &oracle::Connection, origins: &[String]) -> Result<Origins
 }
 
 /// The origins' new progress and the gaps found.
-fn write_progress(
-    conn: &oracle::Connection,
-    changed: &[(String, i64, i64)],
-    gaps: &[Gap],
-) -> Result<(), Failed> {
-    for (origin, e, s) in changed {
+fn write_progress(conn: &oracle::Connection, moved: &Progress) -> Result<(), Failed> {
+    for (origin, e, s) in &moved.changed {
+        let (e, s) = (*e as i64, *s as i64);
         exec(
             conn,
             "writing origin progress",
             "MERGE INTO SITESYNC_ORIGINS o USING (SELECT :1 ORIGIN, :2 EPOCH, :3 SEQ FROM DUAL) s ON (o.ORIGIN = s.ORIGIN) \
              WHEN MATCHED THEN UPDATE SET o.EPOCH = s.EPOCH, o.SEQ = s.SEQ, o.UPDATED_AT = SYSTIMESTAMP \
              WHEN NOT MATCHED THEN INSERT (ORIGIN, EPOCH, SEQ) VALUES (s.ORIGIN, s.EPOCH, s.SEQ)",
-            &[origin, e, s],
+            &[origin, &e, &s],
         )?;
     }
-    for g in gaps {
+    for g in &moved.gaps {
         let (e, f, t) = (g.epoch as i64, g.from as i64, g.to as i64);
         exec(
             conn,

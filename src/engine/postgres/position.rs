@@ -21,12 +21,6 @@ pub struct Position {
     pub index: u32,
 }
 
-impl Position {
-    pub fn new(lsn: u64, index: u32) -> Position {
-        Position { lsn, index }
-    }
-}
-
 impl LogPosition for Position {
     const ENGINE: &'static str = "postgres";
 

@@ -40,10 +40,10 @@ use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::event::Event;
 use crate::sink::batch::{
-    self, Dialect, Failed, Finish, Local, Origins, Session, Start, Stored, Write,
+    self, Dialect, Failed, Finish, Local, Origins, Progress, Session, Start, Stored, Write,
 };
 use crate::sink::mapping::Entity;
-use crate::sink::rules::{Conflict, Gap, Version};
+use crate::sink::rules::{Conflict, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -518,6 +518,18 @@ impl PgSession {
     }
 }
 
+impl PgSession {
+    /// Rolls back a transaction this session left open (an attempt that
+    /// failed, or was cancelled); the flag clears only once it is gone.
+    async fn end_leftover(&mut self) -> Result<(), tokio_postgres::Error> {
+        if self.in_transaction && !self.client.is_closed() {
+            self.client.batch_execute("ROLLBACK").await?;
+        }
+        self.in_transaction = false;
+        Ok(())
+    }
+}
+
 impl Session for PgSession {
     const CHECKS_OWN_ROWS: bool = true;
 
@@ -525,11 +537,11 @@ impl Session for PgSession {
         self.client.is_closed()
     }
 
-    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
-        if self.in_transaction {
-            // An attempt that never ended (it was cancelled): end it first.
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
+    async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
+        // An attempt that never ended (it was cancelled): end it first.
+        self.end_leftover()
+            .await
+            .map_err(|e| failed("ending an unfinished batch", e))?;
         // READ COMMITTED whatever the database's default: every statement
         // sees what committed before it (see `delete_own`).
         self.client
@@ -549,29 +561,21 @@ impl Session for PgSession {
             c.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
                 .await
                 .map_err(|e| failed("making constraints immediate", e))?;
-            read_origins(c, p, start.origins).await
+            progress(c, p, &start).await
         } else {
             // One round trip for the three (tokio-postgres pipelines
             // statements polled together; the server runs them in order).
             // After a failure the later ones fail as the transaction is
             // aborted: the first error in order is the cause.
-            let (marked, locked, origins) = tokio::join!(
+            let (marked, locked, progressed) = tokio::join!(
                 c.batch_execute(BATCH_SETTINGS),
                 lock_rows(c, p, start.lock),
-                read_origins(c, p, start.origins),
+                progress(c, p, &start),
             );
             marked.map_err(|e| failed("marking the transaction", e))?;
             locked?;
-            origins
+            progressed
         }
-    }
-
-    async fn record_progress(
-        &mut self,
-        changed: &[(&str, u64, u64)],
-        gaps: &[Gap],
-    ) -> Result<(), Failed> {
-        write_progress(&self.client, &self.prepared, changed, gaps).await
     }
 
     async fn insert_inbox(
@@ -681,20 +685,22 @@ impl Session for PgSession {
     }
 
     async fn rollback(&mut self) {
-        if !self.client.is_closed() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        self.in_transaction = false;
+        // A ROLLBACK that fails leaves the flag set: the session is then
+        // not reused (`usable`).
+        let _ = self.end_leftover().await;
     }
 
     async fn usable(&mut self) -> bool {
         // Prepared again on the next try: a statement may be what failed
         // (its table changed under it, or the server lost it).
         self.prepared.clear();
-        !self.client.is_closed()
+        !self.client.is_closed() && !self.in_transaction
     }
 
     async fn sweep_own(&mut self) -> Result<u64, TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
         let shape = &self.shape;
         // A text id is cast for the inbox's index, and only when it reads
         // as a UUID (an id that does not is no event of ours).
@@ -894,15 +900,19 @@ async fn read_origins(tx: &Client, p: &Prepared, origins: &[&str]) -> Result<Ori
         .collect())
 }
 
+/// Moves the origins' progress: read (and locked), advanced over the
+/// batch, the changes and gaps written.
+async fn progress(tx: &Client, p: &Prepared, start: &Start<'_>) -> Result<(), Failed> {
+    let mut state = read_origins(tx, p, start.origins).await?;
+    let moved = batch::advance(&mut state, start.seen);
+    write_progress(tx, p, &moved).await
+}
+
 /// The origins' new progress and the gaps found.
-async fn write_progress(
-    tx: &Client,
-    p: &Prepared,
-    changed: &[(&str, u64, u64)],
-    gaps: &[Gap],
-) -> Result<(), Failed> {
+async fn write_progress(tx: &Client, p: &Prepared, moved: &Progress) -> Result<(), Failed> {
+    let (changed, gaps) = (&moved.changed, &moved.gaps);
     if !changed.is_empty() {
-        let o: Vec<&str> = changed.iter().map(|(o, ..)| *o).collect();
+        let o: Vec<&str> = changed.iter().map(|(o, ..)| o.as_str()).collect();
         let e: Vec<i64> = changed.iter().map(|(_, e, _)| *e as i64).collect();
         let s: Vec<i64> = changed.iter().map(|(.., s)| *s as i64).collect();
         p.execute(tx,

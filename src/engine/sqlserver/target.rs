@@ -57,9 +57,11 @@ use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
-use crate::sink::batch::{self, Dialect, Failed, Local, Origins, Session, Start, Stored, Write};
+use crate::sink::batch::{
+    self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
+};
 use crate::sink::mapping::{Entity, MappedRow};
-use crate::sink::rules::{Conflict, Gap, Version};
+use crate::sink::rules::{Conflict, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -557,20 +559,14 @@ impl MssqlSession {
 }
 
 impl Session for MssqlSession {
-    async fn begin(&mut self, start: Start<'_>) -> Result<Origins, Failed> {
+    async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
         self.client
             .begin_transaction_with_isolation(IsolationLevel::ReadCommitted)
             .await
             .map_err(|e| failed("starting the batch", e))?;
-        read_origins(&mut self.client, start.origins).await
-    }
-
-    async fn record_progress(
-        &mut self,
-        changed: &[(&str, u64, u64)],
-        gaps: &[Gap],
-    ) -> Result<(), Failed> {
-        write_progress(&mut self.client, changed, gaps).await
+        let mut state = read_origins(&mut self.client, start.origins).await?;
+        let moved = batch::advance(&mut state, start.seen);
+        write_progress(&mut self.client, &moved).await
     }
 
     async fn insert_inbox(
@@ -824,12 +820,8 @@ async fn read_origins(client: &mut MssqlClient, origins: &[&str]) -> Result<Orig
 }
 
 /// The origins' new progress and the gaps found.
-async fn write_progress(
-    client: &mut MssqlClient,
-    changed: &[(&str, u64, u64)],
-    gaps: &[Gap],
-) -> Result<(), Failed> {
-    for (o, epoch, seq) in changed {
+async fn write_progress(client: &mut MssqlClient, moved: &Progress) -> Result<(), Failed> {
+    for (o, epoch, seq) in &moved.changed {
         let st = Statement {
             sql: "MERGE dbo.sitesync_origins WITH (HOLDLOCK) AS t USING (SELECT @P1 AS origin) AS s ON t.origin = s.origin \
                   WHEN MATCHED THEN UPDATE SET epoch = @P2, seq = @P3, updated_at = SYSUTCDATETIME() \
@@ -843,7 +835,7 @@ async fn write_progress(
         };
         run(client, &st, "writing origin progress").await?;
     }
-    for g in gaps {
+    for g in &moved.gaps {
         let st = Statement {
             sql: "INSERT INTO dbo.sitesync_gaps (origin, epoch, from_seq, to_seq) VALUES (@P1, @P2, @P3, @P4);".into(),
             params: vec![
