@@ -12,7 +12,7 @@
 
 use super::settings::{Encrypt, Settings};
 use crate::config::redact_url;
-use crate::error::{Cause, ErrorKind, SourceError};
+use crate::error::{Cause, SourceError};
 use tiberius::error::Error;
 use tiberius::{Client, Config, EncryptionLevel};
 use tokio::net::TcpStream;
@@ -173,11 +173,6 @@ fn cause_of(number: u32) -> Cause {
     }
 }
 
-/// The error kind of a tiberius error, for the sink.
-pub fn kind_of(e: &Error) -> ErrorKind {
-    classify("", e).kind()
-}
-
 /// The server error number, if the server raised it.
 pub fn number(e: &Error) -> Option<u32> {
     match e {
@@ -189,6 +184,7 @@ pub fn number(e: &Error) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn identifiers_are_bracketed_and_escaped() {
