@@ -111,12 +111,6 @@ pub struct Progress {
     pub gaps: Vec<Gap>,
 }
 
-impl Progress {
-    pub fn is_empty(&self) -> bool {
-        self.changed.is_empty() && self.gaps.is_empty()
-    }
-}
-
 /// Moves the origins' progress (as the transaction read it) over the
 /// batch's messages ([`rules::track`]); logs the gaps found.
 pub fn advance(state: &mut Origins, seen: &[&Seen]) -> Progress {

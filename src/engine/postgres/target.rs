@@ -519,6 +519,14 @@ impl PgSession {
 }
 
 impl PgSession {
+    /// One statement without parameters (transaction control).
+    async fn simple(&self, sql: &str, context: &str) -> Result<(), Failed> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| failed(context, e))
+    }
+
     /// Rolls back a transaction this session left open (an attempt that
     /// failed, or was cancelled); the flag clears only once it is gone.
     async fn end_leftover(&mut self) -> Result<(), tokio_postgres::Error> {
@@ -544,10 +552,11 @@ impl Session for PgSession {
             .map_err(|e| failed("ending an unfinished batch", e))?;
         // READ COMMITTED whatever the database's default: every statement
         // sees what committed before it (see `delete_own`).
-        self.client
-            .batch_execute("START TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .await
-            .map_err(|e| failed("starting the batch", e))?;
+        self.simple(
+            "START TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "starting the batch",
+        )
+        .await?;
         self.in_transaction = true;
         let (c, p) = (&self.client, &self.prepared);
         if start.isolate {
@@ -655,31 +664,24 @@ impl Session for PgSession {
     }
 
     async fn savepoint(&mut self) -> Result<(), Failed> {
-        self.client
-            .batch_execute("SAVEPOINT sitesync_item")
-            .await
-            .map_err(|e| failed("savepoint", e))
+        self.simple("SAVEPOINT sitesync_item", "savepoint").await
     }
 
     async fn release_savepoint(&mut self) -> Result<(), Failed> {
-        self.client
-            .batch_execute("RELEASE SAVEPOINT sitesync_item")
+        self.simple("RELEASE SAVEPOINT sitesync_item", "releasing a savepoint")
             .await
-            .map_err(|e| failed("releasing a savepoint", e))
     }
 
     async fn rollback_to_savepoint(&mut self) -> Result<(), Failed> {
-        self.client
-            .batch_execute("ROLLBACK TO SAVEPOINT sitesync_item")
-            .await
-            .map_err(|e| failed("rolling back a savepoint", e))
+        self.simple(
+            "ROLLBACK TO SAVEPOINT sitesync_item",
+            "rolling back a savepoint",
+        )
+        .await
     }
 
     async fn commit(&mut self) -> Result<(), Failed> {
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| failed("committing the batch", e))?;
+        self.simple("COMMIT", "committing the batch").await?;
         self.in_transaction = false;
         Ok(())
     }
