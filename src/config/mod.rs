@@ -193,6 +193,13 @@ impl Route {
             None => ("public", self.table.as_str()),
         }
     }
+
+    /// The table as entities name it: `schema.table`, whatever the route
+    /// wrote.
+    pub fn entity_table(&self) -> String {
+        let (schema, table) = self.table_parts();
+        format!("{schema}.{table}")
+    }
 }
 
 impl SinkConfig {

@@ -27,9 +27,8 @@
 //! - [`Failed::Gone`]: one message's error ended the whole transaction (SQL
 //!   Server aborts it on a conversion error, whatever the savepoints): the
 //!   batch is applied again without that message, which fails on its own.
-//!   No engine classifies an error so yet: SQL Server's session is to
-//!   (after a data error, by `XACT_STATE()`); until then such an error
-//!   fails the batch as a whole.
+//!   SQL Server's session tells it apart by `XACT_STATE()` after a data
+//!   error.
 //! - [`Failed::Batch`]: the connection, the server, a statement outside
 //!   any one message: returned to the sink, which backs off (transient) or
 //!   stops (operator).
@@ -252,6 +251,19 @@ pub trait Session: Send {
 
     /// Marks these events' inbox rows `lost`.
     fn mark_lost(&mut self, ids: &[Uuid]) -> impl Future<Output = Result<(), Failed>> + Send;
+
+    /// Of these events (this site's, back round), those `sitesync_conflicts`
+    /// records as losers here.
+    fn recorded_losers(
+        &mut self,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<HashSet<Uuid>, Failed>> + Send;
+
+    /// Deletes the conflict records whose loser is one of these events.
+    fn withdraw_conflicts(
+        &mut self,
+        losers: &[Uuid],
+    ) -> impl Future<Output = Result<(), Failed>> + Send;
 
     /// The last writes, the versions, the conflicts and the lost events, in
     /// that order (an engine may send them in one round trip).
@@ -681,12 +693,23 @@ async fn apply_events<S: Session>(
 /// Events of this site back round: each becomes its entity's version if it
 /// is the newest.
 ///
-/// Where the engine can check rows ([`Session::CHECKS_OWN_ROWS`]), one that
-/// supersedes a version written by another site's event must also be what
-/// the row holds: a local write that raced the sink (a DELETE that found
-/// no row while the sink inserted one) can have lost on this site's table
-/// while winning everywhere else. Such a row is written again from the
-/// event.
+/// One that supersedes a version written by another site's event must also
+/// be what the row holds, in two cases:
+///
+/// - **Decided on a provisional time.** While a write of this site waits in
+///   the outbox, a remote event is compared with the write's own time (its
+///   commit time or `created_at`), not yet with the timestamp its event is
+///   published under: the source pushes that above the origin's previous
+///   event, so it can be later. When the remote event won here on the
+///   provisional time (the write is recorded as the loser of a conflict)
+///   but the published timestamp is newer than that event, every other
+///   site keeps this write: the row is written again from its event and
+///   the conflict record, which was untrue, is withdrawn. Every engine.
+/// - **A race on the table** (engines that can check rows,
+///   [`Session::CHECKS_OWN_ROWS`]): a local write that raced the sink (a
+///   DELETE that found no row while the sink inserted one) can have lost
+///   on this site's table while winning everywhere else. Such a row is
+///   written again from the event.
 async fn own_back_round<S: Session>(
     s: &mut S,
     cx: &Context<'_>,
@@ -706,13 +729,6 @@ async fn own_back_round<S: Session>(
         ts: ev.timestamp,
         origin: ev.origin.clone(),
     };
-    if !S::CHECKS_OWN_ROWS {
-        let versions: Vec<(Entity, Version, Uuid)> = newest
-            .values()
-            .map(|(ev, row)| (row.entity.clone(), version_of(ev), ev.id))
-            .collect();
-        return s.upsert_versions(&versions, &Stored::new()).await;
-    }
     let entities: Vec<&Entity> = own.iter().map(|(_, row)| &row.entity).collect();
     let before = s.load_versions(&entities).await?;
     // Candidates: an entity whose version another site's event wrote,
@@ -720,8 +736,8 @@ async fn own_back_round<S: Session>(
     // then are this site's later writes still in the outbox read (with
     // such a write, the row holds it, not this event's write). Most events
     // back round supersede a version of their own site or none: they need
-    // neither the lock nor the lookup.
-    let mut candidates: Vec<(&Entity, Version, &Route, &MappedRow)> = Vec::new();
+    // neither the lock nor the lookups.
+    let mut candidates: Vec<(&Entity, Version, &Route, &MappedRow, Uuid)> = Vec::new();
     for (entity, (ev, row)) in &newest {
         let version = version_of(ev);
         if let Some((prev, _)) = before.get(*entity)
@@ -729,10 +745,12 @@ async fn own_back_round<S: Session>(
             && prev.origin != cx.site
             && let Some(route) = cx.sink.route(&ev.kind)
         {
-            candidates.push((entity, version, route, row));
+            candidates.push((entity, version, route, row, ev.id));
         }
     }
     let mut suspects: Vec<Write<'_>> = Vec::new();
+    let mut astray: Vec<Write<'_>> = Vec::new();
+    let mut withdrawn: Vec<Uuid> = Vec::new();
     // Candidates with a later write of this site still in the outbox: that
     // write's return decides. Their version stays the other site's
     // meanwhile, so that it is a candidate too, with the row and the
@@ -745,18 +763,30 @@ async fn own_back_round<S: Session>(
     if !candidates.is_empty() {
         let rows: Vec<Write<'_>> = candidates
             .iter()
-            .map(|(_, _, route, row)| (*route, *row))
+            .map(|(_, _, route, row, _)| (*route, *row))
             .collect();
         s.lock_rows(&rows).await?;
         let entities: Vec<&Entity> = candidates.iter().map(|(e, ..)| *e).collect();
         let pending = s.local_writes(&entities).await?;
-        for (entity, version, route, row) in &candidates {
-            let superseded_locally = pending
-                .get(*entity)
-                .is_some_and(|writes| writes.iter().any(|w| w.version > *version));
+        let ids: Vec<Uuid> = candidates.iter().map(|(.., id)| *id).collect();
+        let lost_here = s.recorded_losers(&ids).await?;
+        for (entity, version, route, row, id) in &candidates {
+            let later = pending.get(*entity);
+            let superseded_locally =
+                later.is_some_and(|writes| writes.iter().any(|w| w.version > *version));
             if superseded_locally {
                 deferred.insert(*entity);
-            } else {
+            } else if lost_here.contains(id) {
+                // Decided here on the write's provisional time: its
+                // published time wins. Unless a later write of this site
+                // holds the row: its return decides.
+                if later.is_some_and(|w| !w.is_empty()) {
+                    deferred.insert(*entity);
+                } else {
+                    astray.push((*route, *row));
+                    withdrawn.push(*id);
+                }
+            } else if S::CHECKS_OWN_ROWS {
                 suspects.push((*route, *row));
             }
         }
@@ -767,14 +797,15 @@ async fn own_back_round<S: Session>(
         .map(|(ev, row)| (row.entity.clone(), version_of(ev), ev.id))
         .collect();
     // Before the versions move: the check compares with them.
-    let astray = if suspects.is_empty() {
-        Vec::new()
-    } else {
-        s.rows_not_as_written(&suspects).await?
-    };
+    if !suspects.is_empty() {
+        astray.extend(s.rows_not_as_written(&suspects).await?);
+    }
     s.upsert_versions(&versions, &before).await?;
+    if !withdrawn.is_empty() {
+        s.withdraw_conflicts(&withdrawn).await?;
+    }
     for (_, row) in &astray {
-        tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a local write lost a race with the sink on this site's table: written again from its event");
+        tracing::info!(entity = %row.entity.table, key = %row.entity.key, "a write of this site lost here, on its own time or in a race with the sink, but won everywhere else: written again from its event");
     }
     if astray.is_empty() {
         return Ok(());
@@ -819,8 +850,8 @@ mod tests {
     //! transactions and savepoints, whose writes can be made to fail the
     //! way engines' errors are classified.
     use super::*;
-    use crate::config::{Operation, Unrouted};
-    use serde_json::value::RawValue;
+    use crate::config::Operation;
+    use crate::sink::testing::{event_with, items, sink_with};
     use std::collections::BTreeMap as Map;
 
     /// What the fake database holds.
@@ -833,6 +864,8 @@ mod tests {
         versions: Map<Entity, (Version, Uuid)>,
         conflicts: Vec<Uuid>,
         outbox: Vec<Uuid>,
+        /// The writes of this site's outbox rows, by entity.
+        writes: Vec<(Entity, LocalWrite)>,
     }
 
     /// How writing one entity key fails.
@@ -924,9 +957,15 @@ mod tests {
                 .collect())
         }
 
-        async fn local_writes(&mut self, _entities: &[&Entity]) -> Result<Local, Failed> {
-            self.tx()?;
-            Ok(Local::new())
+        async fn local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
+            let tx = self.tx()?;
+            let mut out = Local::new();
+            for (e, w) in &tx.writes {
+                if entities.contains(&e) && tx.outbox.contains(&w.id) {
+                    out.entry(e.clone()).or_default().push(w.clone());
+                }
+            }
+            Ok(out)
         }
 
         async fn write(&mut self, wave: &[Write<'_>]) -> Result<(), Failed> {
@@ -980,6 +1019,20 @@ mod tests {
             Ok(())
         }
 
+        async fn recorded_losers(&mut self, ids: &[Uuid]) -> Result<HashSet<Uuid>, Failed> {
+            let tx = self.tx()?;
+            Ok(ids
+                .iter()
+                .filter(|id| tx.conflicts.contains(id))
+                .copied()
+                .collect())
+        }
+
+        async fn withdraw_conflicts(&mut self, losers: &[Uuid]) -> Result<(), Failed> {
+            self.tx()?.conflicts.retain(|id| !losers.contains(id));
+            Ok(())
+        }
+
         async fn savepoint(&mut self) -> Result<(), Failed> {
             self.savepoint = Some(self.tx()?.clone());
             Ok(())
@@ -1030,52 +1083,18 @@ mod tests {
     }
 
     fn sink() -> SinkConfig {
-        SinkConfig {
-            enabled: true,
-            prefetch: 100,
-            batch_size: 100,
-            batch_timeout: std::time::Duration::from_millis(20),
-            batch_idle: std::time::Duration::from_millis(2),
-            max_attempts: 3,
-            unrouted: Unrouted::DeadLetter,
-            routes: vec![route()],
-        }
+        sink_with(vec![route()])
     }
 
     /// An event of `origin` about customer `key`, at second `ts`.
     fn event(n: u128, origin: &str, key: &str, ts: i64) -> Event {
-        Event {
-            id: Uuid::from_u128(n),
-            timestamp: DateTime::from_timestamp(ts, 0).unwrap(),
-            origin: origin.into(),
-            kind: "customer.upsert".into(),
-            entity_key: Some(key.into()),
-            data: RawValue::from_string(format!("{{\"id\": \"{key}\", \"n\": {n}}}")).unwrap(),
-            epoch: 1,
-            seq: n as u64,
-        }
-    }
-
-    fn items<'a>(events: &'a [Event], route: &'a Route, site: &str) -> Vec<Item<'a>> {
-        events
-            .iter()
-            .map(|e| {
-                let row = mapping::map_row(route, &mapping::data_object(e).unwrap()).unwrap();
-                Item {
-                    event: Some(e),
-                    seen: Some(Seen {
-                        origin: e.origin.clone(),
-                        epoch: e.epoch,
-                        seq: e.seq,
-                    }),
-                    plan: if e.origin == site {
-                        Plan::Own(Some(row))
-                    } else {
-                        Plan::Apply(route, row)
-                    },
-                }
-            })
-            .collect()
+        event_with(
+            n,
+            origin,
+            key,
+            ts,
+            &format!("{{\"id\": \"{key}\", \"n\": {n}}}"),
+        )
     }
 
     async fn apply(fake: &mut Fake, items: &[Item<'_>]) -> Result<Vec<Outcome>, TargetError> {
@@ -1260,6 +1279,81 @@ mod tests {
         assert_eq!(t.inbox[&events[1].id], "own");
         assert!(t.outbox.is_empty(), "the own event's outbox row is deleted");
         assert_eq!(t.versions[&entity("b")].1, events[1].id);
+    }
+
+    /// PARIS wrote customer `a` at second 10 (its outbox row waits), then
+    /// LONDON's write of `a` at second 11 arrives: on the write's own time
+    /// it wins here. Then PARIS's event comes back round, published at
+    /// second `published`. Returns the fake after both batches.
+    async fn local_write_then_remote_then_back_round(published: i64) -> Fake {
+        let r = route();
+        let a = Entity {
+            table: "public.customer".into(),
+            key: "a".into(),
+        };
+        let mine = event(7, "PARIS", "a", published);
+        let mut fake = Fake::default();
+        fake.committed.outbox = vec![mine.id];
+        fake.committed.writes = vec![(
+            a.clone(),
+            LocalWrite {
+                version: Version {
+                    ts: DateTime::from_timestamp(10, 0).unwrap(),
+                    origin: "PARIS".into(),
+                },
+                id: mine.id,
+                payload: serde_json::json!({"id": "a", "n": 7}),
+            },
+        )];
+        fake.committed
+            .rows
+            .insert("a".into(), serde_json::json!({"id": "a", "n": 7}));
+        let remote = [event(1, "LONDON", "a", 11)];
+        let outcomes = apply(&mut fake, &items(&remote, &r, "PARIS"))
+            .await
+            .unwrap();
+        assert_eq!(outcomes, [Outcome::Applied]);
+        assert_eq!(fake.committed.rows["a"]["n"], 1, "LONDON's write won here");
+        assert_eq!(fake.committed.conflicts, [mine.id], "PARIS's write lost");
+
+        let back = [mine];
+        let outcomes = apply(&mut fake, &items(&back, &r, "PARIS")).await.unwrap();
+        assert_eq!(outcomes, [Outcome::Own]);
+        fake
+    }
+
+    #[tokio::test]
+    async fn defect_3_a_local_write_published_later_than_the_remote_write_wins_here_too() {
+        // The source pushed PARIS's event to second 12, above its previous
+        // event: every other site keeps PARIS's write over LONDON's (11).
+        let fake = local_write_then_remote_then_back_round(12).await;
+        let t = &fake.committed;
+        let a = Entity {
+            table: "public.customer".into(),
+            key: "a".into(),
+        };
+        assert_eq!(t.rows["a"]["n"], 7, "the row is PARIS's write again");
+        assert_eq!(t.versions[&a].1, Uuid::from_u128(7));
+        assert!(
+            t.conflicts.is_empty(),
+            "the record that PARIS's write lost is withdrawn"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_local_write_published_before_the_remote_write_stays_lost() {
+        let fake = local_write_then_remote_then_back_round(10).await;
+        let t = &fake.committed;
+        assert_eq!(t.rows["a"]["n"], 1, "LONDON's write stays");
+        assert_eq!(t.conflicts, [Uuid::from_u128(7)]);
+        assert_eq!(
+            t.versions[&Entity {
+                table: "public.customer".into(),
+                key: "a".into(),
+            }]
+                .1,
+            Uuid::from_u128(1)
+        );
     }
 
     #[test]

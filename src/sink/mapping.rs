@@ -87,10 +87,7 @@ pub fn map_row(route: &Route, data: &Map<String, Value>) -> Result<MappedRow, St
     }
     Ok(MappedRow {
         entity: Entity {
-            table: {
-                let (schema, table) = route.table_parts();
-                format!("{schema}.{table}")
-            },
+            table: route.entity_table(),
             key: join_key(&parts),
         },
         columns,

@@ -29,6 +29,8 @@ pub mod batch;
 pub mod mapping;
 pub mod plan;
 pub mod rules;
+#[cfg(test)]
+pub mod testing;
 
 pub use plan::{Item, Outcome, Plan, Seen, Sorted, sort_items};
 

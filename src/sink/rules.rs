@@ -29,7 +29,7 @@ enum Holder {
 }
 
 /// A write of this site still in its outbox (its event has not come back).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LocalWrite {
     /// Its commit time (or created_at) and this site.
     pub version: Version,

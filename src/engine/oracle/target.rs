@@ -622,6 +622,47 @@ impl Session for OracleSession {
         .await
     }
 
+    async fn recorded_losers(&mut self, ids: &[Uuid]) -> Result<HashSet<Uuid>, Failed> {
+        let ids = ids.to_vec();
+        self.blocking(move |conn, _| {
+            let mut out = HashSet::new();
+            for id in &ids {
+                let text = id.to_string();
+                match conn.query_row_as::<i64>(
+                    "SELECT 1 FROM SITESYNC_CONFLICTS WHERE LOSER_EVENT_ID = :1",
+                    &[&text],
+                ) {
+                    Ok(_) => {
+                        out.insert(*id);
+                    }
+                    Err(err) if no_data(&err) => {}
+                    Err(err) => {
+                        return Err(failed("looking for this site's writes that lost here", err));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn withdraw_conflicts(&mut self, losers: &[Uuid]) -> Result<(), Failed> {
+        let ids = losers.to_vec();
+        self.blocking(move |conn, _| {
+            for id in &ids {
+                let id = id.to_string();
+                exec(
+                    conn,
+                    "withdrawing conflict records",
+                    "DELETE FROM SITESYNC_CONFLICTS WHERE LOSER_EVENT_ID = :1",
+                    &[&id],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn savepoint(&mut self) -> Result<(), Failed> {
         self.blocking(|conn, _| exec(conn, "savepoint", "SAVEPOINT sitesync_item", &[]).map(|_| ()))
             .await
@@ -805,6 +846,14 @@ fn write_progress(conn: &oracle::Connection, moved: &Progress) -> Result<(), Fai
 }
 
 /// This site's writes still in the outbox, for these entities.
+/// The routes that write `entity`'s table (a route may name it with or
+/// without its schema).
+fn routes_of<'s>(sink: &'s SinkConfig, entity: &Entity) -> impl Iterator<Item = &'s Route> {
+    sink.routes
+        .iter()
+        .filter(move |r| r.entity_table() == entity.table)
+}
+
 fn local_writes(
     conn: &oracle::Connection,
     ctx: &Ctx,
@@ -813,13 +862,7 @@ fn local_writes(
     let mut out = Local::new();
     let wanted: HashSet<&Entity> = entities.iter().collect();
     for e in entities {
-        let types: Vec<&Route> = ctx
-            .sink
-            .routes
-            .iter()
-            .filter(|r| r.table == e.table)
-            .collect();
-        for route in types {
+        for route in routes_of(&ctx.sink, e) {
             let rows = conn
                 .query_as::<(String, String, String)>(
                     &format!(
@@ -985,6 +1028,28 @@ mod tests {
             drop: vec![],
             constants: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_local_write_is_looked_for_under_a_route_that_names_its_table_without_a_schema() {
+        let mut bare = route(Operation::Upsert, &["id"]);
+        bare.table = "CUSTOMER".into();
+        let mut other = route(Operation::Upsert, &["id"]);
+        other.kind = "order.upsert".into();
+        other.table = "app.orders".into();
+        let sink =
+            crate::sink::testing::sink_with(vec![bare, route(Operation::Upsert, &["id"]), other]);
+        // The entity a route's event maps to names the table with its schema.
+        let entity = mapped(&sink.routes[0], r#"{"id": 1}"#).entity;
+        let kinds: Vec<&str> = routes_of(&sink, &entity)
+            .map(|r| r.table.as_str())
+            .collect();
+        assert_eq!(kinds, ["CUSTOMER"]);
+        let entity = mapped(&sink.routes[1], r#"{"id": 1}"#).entity;
+        let kinds: Vec<&str> = routes_of(&sink, &entity)
+            .map(|r| r.table.as_str())
+            .collect();
+        assert_eq!(kinds, ["app.customer"]);
     }
 
     #[test]

@@ -640,6 +640,31 @@ impl Session for PgSession {
         mark_lost(&self.client, &self.prepared, ids).await
     }
 
+    async fn recorded_losers(&mut self, ids: &[Uuid]) -> Result<HashSet<Uuid>, Failed> {
+        let rows = self
+            .prepared
+            .query(
+                &self.client,
+                "SELECT loser_event_id FROM sitesync_conflicts WHERE loser_event_id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(|e| failed("looking for this site's writes that lost here", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn withdraw_conflicts(&mut self, losers: &[Uuid]) -> Result<(), Failed> {
+        self.prepared
+            .execute(
+                &self.client,
+                "DELETE FROM sitesync_conflicts WHERE loser_event_id = ANY($1)",
+                &[&losers],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| failed("withdrawing conflict records", e))
+    }
+
     async fn finish(&mut self, f: Finish<'_>) -> Result<(), Failed> {
         let (c, p) = (&self.client, &self.prepared);
         // The last wave, the versions, the conflicts and the lost events in

@@ -38,7 +38,14 @@
 //! T-SQL ([`MssqlSession`]) and classifies SQL Server's errors: one
 //! message's data (constraint, conversion, truncation, a trigger's
 //! `THROW`), busy (deadlock 1205, lock timeout 1222), or the batch as a
-//! whole. A savepoint is `save_transaction` + `ROLLBACK TRANSACTION`.
+//! whole. A savepoint is `save_transaction` + `ROLLBACK TRANSACTION`. A
+//! data error that ended the transaction (a conversion, a trigger's error:
+//! SQL Server ends those whatever `XACT_ABORT` says) is told apart by
+//! `XACT_STATE()`: the batch is redone without that message
+//! ([`MssqlSession`]).
+//!
+//! The session talks to the server through [`Tds`]: tiberius's client, or
+//! in tests a fake server with SQL Server's transaction semantics.
 //!
 //! # Not done yet (see the README)
 //!
@@ -65,6 +72,7 @@ use crate::sink::rules::{Conflict, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use tiberius::{IsolationLevel, ToSql};
 use uuid::Uuid;
@@ -302,11 +310,12 @@ pub fn conflict_statement(c: &Conflict) -> Statement {
 /// Errors that belong to one message's data: constraints (2627, 2601, 547,
 /// 515), conversions (241, 242, 245, 8114, 8115, 8152, 2628, 220, 232,
 /// 8169 text to uniqueidentifier, 517 date overflow, 8134 divide by zero in
-/// a trigger), invalid columns (207), JSON (13609) and a trigger's THROW /
-/// RAISERROR (50000 and up).
+/// a trigger), invalid columns (207), JSON (13609), a trigger's THROW /
+/// RAISERROR (50000 and up) and the batch a trigger's error aborted
+/// (3616). Some of them also end the transaction: [`MssqlSession`] asks.
 const DATA_ERRORS: &[u32] = &[
-    207, 220, 232, 241, 242, 245, 515, 517, 547, 2601, 2627, 2628, 8114, 8115, 8134, 8152, 8169,
-    13609,
+    207, 220, 232, 241, 242, 245, 515, 517, 547, 2601, 2627, 2628, 3616, 8114, 8115, 8134, 8152,
+    8169, 13609,
 ];
 
 /// What a server error number means for a batch.
@@ -328,54 +337,144 @@ fn by_number(n: Option<u32>) -> ByNumber {
     }
 }
 
-fn failed(context: &str, e: tiberius::error::Error) -> Failed {
-    match by_number(conn::number(&e)) {
-        ByNumber::Busy => Failed::Busy,
-        ByNumber::Data => Failed::Data(e.to_string()),
-        ByNumber::Other => Failed::Batch(conn::classify(context, &e).into()),
+/// How a statement failed: the server's error number when the server
+/// raised it, its text, and what it means for the batch as a whole.
+#[derive(Debug)]
+pub struct TdsError {
+    pub number: Option<u32>,
+    pub message: String,
+    pub batch: TargetError,
+}
+
+impl TdsError {
+    fn new(context: &str, e: tiberius::error::Error) -> TdsError {
+        TdsError {
+            number: conn::number(&e),
+            message: e.to_string(),
+            batch: conn::classify(context, &e).into(),
+        }
     }
 }
 
-async fn run(client: &mut MssqlClient, st: &Statement, context: &str) -> Result<(), Failed> {
-    let params: Vec<&dyn ToSql> = st.params.iter().map(Param::as_sql).collect();
-    client
-        .query(st.sql.as_str(), &params)
-        .await
-        .map_err(|e| failed(context, e))?
-        .into_results()
-        .await
-        .map_err(|e| failed(context, e))?;
-    Ok(())
+/// What a failed statement means for the batch, by its error number alone
+/// (a data error may still have ended the transaction:
+/// [`MssqlSession`] asks the server).
+fn failed(e: TdsError) -> Failed {
+    match by_number(e.number) {
+        ByNumber::Busy => Failed::Busy,
+        ByNumber::Data => Failed::Data(e.message),
+        ByNumber::Other => Failed::Batch(e.batch),
+    }
 }
 
-async fn rows(
-    client: &mut MssqlClient,
-    st: &Statement,
-    context: &str,
-) -> Result<Vec<Vec<Option<String>>>, Failed> {
-    let params: Vec<&dyn ToSql> = st.params.iter().map(Param::as_sql).collect();
-    let result = client
-        .query(st.sql.as_str(), &params)
-        .await
-        .map_err(|e| failed(context, e))?
-        .into_first_result()
-        .await
-        .map_err(|e| failed(context, e))?;
-    result
-        .iter()
-        .map(|r| {
-            r.cells()
-                .map(|(_, c)| cell_text(c))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            Failed::Batch(TargetError::transient(
-                Cause::Query,
-                format!("{context}: {e}"),
-            ))
-        })
+/// Rows as text, one `Vec` per row.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// The calls the sink makes on a SQL Server connection: tiberius's client,
+/// or in tests a fake that models the server's transaction semantics.
+pub trait Tds: Send {
+    /// Runs a statement, discarding what it returns.
+    fn execute(
+        &mut self,
+        st: &Statement,
+        context: &str,
+    ) -> impl Future<Output = Result<(), TdsError>> + Send;
+
+    /// Runs a statement and returns its first result set as text.
+    fn select(
+        &mut self,
+        st: &Statement,
+        context: &str,
+    ) -> impl Future<Output = Result<Rows, TdsError>> + Send;
+
+    /// Starts a READ COMMITTED transaction.
+    fn begin(&mut self) -> impl Future<Output = Result<(), TdsError>> + Send;
+
+    /// A savepoint named `name` in the transaction.
+    fn save(&mut self, name: &str) -> impl Future<Output = Result<(), TdsError>> + Send;
+
+    fn commit(&mut self) -> impl Future<Output = Result<(), TdsError>> + Send;
+
+    fn rollback(&mut self) -> impl Future<Output = Result<(), TdsError>> + Send;
 }
+
+impl Tds for MssqlClient {
+    async fn execute(&mut self, st: &Statement, context: &str) -> Result<(), TdsError> {
+        let params: Vec<&dyn ToSql> = st.params.iter().map(Param::as_sql).collect();
+        self.query(st.sql.as_str(), &params)
+            .await
+            .map_err(|e| TdsError::new(context, e))?
+            .into_results()
+            .await
+            .map_err(|e| TdsError::new(context, e))?;
+        Ok(())
+    }
+
+    async fn select(&mut self, st: &Statement, context: &str) -> Result<Rows, TdsError> {
+        let params: Vec<&dyn ToSql> = st.params.iter().map(Param::as_sql).collect();
+        let result = self
+            .query(st.sql.as_str(), &params)
+            .await
+            .map_err(|e| TdsError::new(context, e))?
+            .into_first_result()
+            .await
+            .map_err(|e| TdsError::new(context, e))?;
+        result
+            .iter()
+            .map(|r| {
+                r.cells()
+                    .map(|(_, c)| cell_text(c))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TdsError {
+                number: None,
+                message: e.to_string(),
+                batch: TargetError::transient(Cause::Query, format!("{context}: {e}")),
+            })
+    }
+
+    async fn begin(&mut self) -> Result<(), TdsError> {
+        self.begin_transaction_with_isolation(IsolationLevel::ReadCommitted)
+            .await
+            .map_err(|e| TdsError::new("starting the batch", e))
+    }
+
+    async fn save(&mut self, name: &str) -> Result<(), TdsError> {
+        self.save_transaction(name.to_string())
+            .await
+            .map_err(|e| TdsError::new("savepoint", e))
+    }
+
+    async fn commit(&mut self) -> Result<(), TdsError> {
+        self.commit_transaction()
+            .await
+            .map_err(|e| TdsError::new("committing the batch", e))
+    }
+
+    async fn rollback(&mut self) -> Result<(), TdsError> {
+        self.rollback_transaction()
+            .await
+            .map_err(|e| TdsError::new("rolling back the batch", e))
+    }
+}
+
+async fn run<C: Tds>(client: &mut C, st: &Statement, context: &str) -> Result<(), Failed> {
+    client.execute(st, context).await.map_err(failed)
+}
+
+async fn rows<C: Tds>(client: &mut C, st: &Statement, context: &str) -> Result<Rows, Failed> {
+    client.select(st, context).await.map_err(failed)
+}
+
+/// The transaction's state after an error: `XACT_STATE()` is 1 while it
+/// can go on, -1 when it is doomed (it can only be rolled back), 0 when
+/// there is none (the server rolled it back).
+pub const XACT_STATE_SQL: &str = "SELECT XACT_STATE(), @@TRANCOUNT";
+
+/// `ROLLBACK TRANSACTION <savepoint>` with no transaction (3903) or in a
+/// doomed one (3931): the error before it ended the transaction.
+const TRANSACTION_ENDED: &[u32] = &[3903, 3931];
 
 /// The SQL Server side of the sink: connections, `init` and `check`.
 pub struct SqlServerTarget {
@@ -515,15 +614,70 @@ impl Dialect for SqlServerTarget {
 }
 
 /// One marked connection of the SQL Server sink.
-pub struct MssqlSession {
-    client: MssqlClient,
+///
+/// # When a message's error ends the transaction
+///
+/// Most errors of one message's data (a duplicate key, a constraint) end
+/// the statement only: the batch rolls back to the message's savepoint and
+/// goes on. Others end the whole transaction whatever `XACT_ABORT` says: a
+/// conversion error (245, 8114…) is batch-aborting, an error raised in a
+/// trigger aborts the batch (3616), and a transaction may be left doomed
+/// (`XACT_STATE() = -1`: it can only be rolled back). Rolling back to the
+/// savepoint then fails (3903, 3931). So after any data error the session
+/// reads `XACT_STATE()` and `@@TRANCOUNT`: a transaction that cannot go on
+/// makes the error [`Failed::Gone`], and the batch is redone without that
+/// message, which fails alone (it goes to the dead-letter queue once it
+/// has failed `sink.max_attempts` times).
+pub struct MssqlSession<C: Tds = MssqlClient> {
+    client: C,
     site: String,
     sink: Arc<SinkConfig>,
     /// `[schema].[outbox]`.
     outbox: String,
 }
 
-impl MssqlSession {
+impl<C: Tds> MssqlSession<C> {
+    /// Runs a statement of the batch.
+    async fn exec(&mut self, st: &Statement, context: &str) -> Result<(), Failed> {
+        match self.client.execute(st, context).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.after(e).await),
+        }
+    }
+
+    /// Runs a statement of the batch that returns rows.
+    async fn select(&mut self, st: &Statement, context: &str) -> Result<Rows, Failed> {
+        match self.client.select(st, context).await {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.after(e).await),
+        }
+    }
+
+    /// What an error means for the batch: a data error whose transaction
+    /// cannot go on is [`Failed::Gone`] (see the type's doc).
+    async fn after(&mut self, e: TdsError) -> Failed {
+        match failed(e) {
+            Failed::Data(reason) => {
+                let probe = Statement {
+                    sql: XACT_STATE_SQL.into(),
+                    params: vec![],
+                };
+                match self
+                    .client
+                    .select(&probe, "reading the transaction's state")
+                    .await
+                {
+                    Ok(r) if r.first().and_then(|c| c[0].as_deref()) == Some("1") => {
+                        Failed::Data(reason)
+                    }
+                    Ok(_) => Failed::Gone(reason),
+                    Err(e) => Failed::Batch(e.batch),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// This site's writes still in the outbox, for the batch's entities,
     /// versioned by their `created_at`.
     async fn read_local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
@@ -533,12 +687,9 @@ impl MssqlSession {
             None => return Ok(out),
         };
         let wanted: HashSet<&Entity> = entities.iter().copied().collect();
-        for r in rows(
-            &mut self.client,
-            &st,
-            "looking for local writes not yet propagated",
-        )
-        .await?
+        for r in self
+            .select(&st, "looking for local writes not yet propagated")
+            .await?
         {
             let (Some(id), Some(kind), Some(data), Some(ts)) = (
                 r[0].as_deref(),
@@ -558,15 +709,12 @@ impl MssqlSession {
     }
 }
 
-impl Session for MssqlSession {
+impl<C: Tds> Session for MssqlSession<C> {
     async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
-        self.client
-            .begin_transaction_with_isolation(IsolationLevel::ReadCommitted)
-            .await
-            .map_err(|e| failed("starting the batch", e))?;
-        let mut state = read_origins(&mut self.client, start.origins).await?;
+        self.client.begin().await.map_err(failed)?;
+        let mut state = read_origins(self, start.origins).await?;
         let moved = batch::advance(&mut state, start.seen);
-        write_progress(&mut self.client, &moved).await
+        write_progress(self, &moved).await
     }
 
     async fn insert_inbox(
@@ -577,7 +725,8 @@ impl Session for MssqlSession {
         // MERGE: an event the inbox holds is never an error here.
         let mut new = HashSet::new();
         for (ev, outcome) in events {
-            if insert_inbox(&mut self.client, ev, outcome).await? {
+            let st = inbox_statement(ev, outcome);
+            if !self.select(&st, "writing the inbox").await?.is_empty() {
                 new.insert(ev.id);
             }
         }
@@ -590,13 +739,37 @@ impl Session for MssqlSession {
                 sql: format!("DELETE FROM {} WHERE [id] = @P1;", self.outbox),
                 params: vec![Param::Guid(*id)],
             };
-            run(&mut self.client, &st, "deleting outbox rows that came back").await?;
+            self.exec(&st, "deleting outbox rows that came back")
+                .await?;
         }
         Ok(())
     }
 
     async fn load_versions(&mut self, entities: &[&Entity]) -> Result<Stored, Failed> {
-        load_versions(&mut self.client, entities).await
+        let mut out = Stored::new();
+        for e in entities {
+            let st = Statement {
+                sql: "SELECT ts, origin, CONVERT(nvarchar(36), event_id) FROM dbo.sitesync_versions WITH (UPDLOCK, HOLDLOCK) WHERE entity = @P1 AND [key] = @P2".into(),
+                params: vec![
+                    Param::Text(Some(e.table.clone())),
+                    Param::Text(Some(e.key.clone())),
+                ],
+            };
+            if let Some(r) = self
+                .select(&st, "reading entity versions")
+                .await?
+                .into_iter()
+                .next()
+                && let (Some(ts), Some(origin), Some(Ok(id))) = (
+                    r[0].as_deref().and_then(parse_timestamp),
+                    r[1].clone(),
+                    r[2].as_deref().map(Uuid::parse_str),
+                )
+            {
+                out.insert((*e).clone(), (Version { ts, origin }, id));
+            }
+        }
+        Ok(out)
     }
 
     async fn local_writes(&mut self, entities: &[&Entity]) -> Result<Local, Failed> {
@@ -609,7 +782,7 @@ impl Session for MssqlSession {
                 Operation::Upsert => upsert_statement(route, row),
                 Operation::Delete => delete_statement(route, row),
             };
-            run(&mut self.client, &st, &format!("writing {}", route.table)).await?;
+            self.exec(&st, &format!("writing {}", route.table)).await?;
         }
         Ok(())
     }
@@ -621,8 +794,7 @@ impl Session for MssqlSession {
     ) -> Result<(), Failed> {
         // MERGE on the key, forward only: what was read does not matter.
         for (entity, v, id) in versions {
-            run(
-                &mut self.client,
+            self.exec(
                 &version_statement(entity, v, *id),
                 "writing entity versions",
             )
@@ -633,12 +805,8 @@ impl Session for MssqlSession {
 
     async fn insert_conflicts(&mut self, conflicts: &[Conflict]) -> Result<(), Failed> {
         for c in conflicts {
-            run(
-                &mut self.client,
-                &conflict_statement(c),
-                "recording conflicts",
-            )
-            .await?;
+            self.exec(&conflict_statement(c), "recording conflicts")
+                .await?;
         }
         Ok(())
     }
@@ -649,16 +817,42 @@ impl Session for MssqlSession {
                 sql: "UPDATE dbo.sitesync_inbox SET outcome = N'lost' WHERE event_id = @P1;".into(),
                 params: vec![Param::Guid(*id)],
             };
-            run(&mut self.client, &st, "recording lost events").await?;
+            self.exec(&st, "recording lost events").await?;
+        }
+        Ok(())
+    }
+
+    async fn recorded_losers(&mut self, ids: &[Uuid]) -> Result<HashSet<Uuid>, Failed> {
+        let mut out = HashSet::new();
+        for id in ids {
+            let st = Statement {
+                sql: "SELECT 1 FROM dbo.sitesync_conflicts WHERE loser_event_id = @P1".into(),
+                params: vec![Param::Guid(*id)],
+            };
+            if !self
+                .select(&st, "looking for this site's writes that lost here")
+                .await?
+                .is_empty()
+            {
+                out.insert(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn withdraw_conflicts(&mut self, losers: &[Uuid]) -> Result<(), Failed> {
+        for id in losers {
+            let st = Statement {
+                sql: "DELETE FROM dbo.sitesync_conflicts WHERE loser_event_id = @P1;".into(),
+                params: vec![Param::Guid(*id)],
+            };
+            self.exec(&st, "withdrawing conflict records").await?;
         }
         Ok(())
     }
 
     async fn savepoint(&mut self) -> Result<(), Failed> {
-        self.client
-            .save_transaction("sitesync_item")
-            .await
-            .map_err(|e| failed("savepoint", e))
+        self.client.save(SAVEPOINT).await.map_err(failed)
     }
 
     /// SQL Server has no RELEASE SAVEPOINT: a savepoint ends with its
@@ -667,23 +861,32 @@ impl Session for MssqlSession {
         Ok(())
     }
 
+    /// Fails with [`Failed::Gone`] when the error before it ended the
+    /// transaction (no transaction, or a doomed one).
     async fn rollback_to_savepoint(&mut self) -> Result<(), Failed> {
         let undo = Statement {
-            sql: "ROLLBACK TRANSACTION sitesync_item".into(),
+            sql: format!("ROLLBACK TRANSACTION {SAVEPOINT}"),
             params: vec![],
         };
-        run(&mut self.client, &undo, "rolling back to a savepoint").await
+        match self
+            .client
+            .execute(&undo, "rolling back to a savepoint")
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.number.is_some_and(|n| TRANSACTION_ENDED.contains(&n)) => {
+                Err(Failed::Gone(e.message))
+            }
+            Err(e) => Err(failed(e)),
+        }
     }
 
     async fn commit(&mut self) -> Result<(), Failed> {
-        self.client
-            .commit_transaction()
-            .await
-            .map_err(|e| failed("committing the batch", e))
+        self.client.commit().await.map_err(failed)
     }
 
     async fn rollback(&mut self) {
-        let _ = self.client.rollback_transaction().await;
+        let _ = self.client.rollback().await;
     }
 
     /// A failed round trip can leave the connection mid-response: after a
@@ -715,6 +918,9 @@ impl Session for MssqlSession {
     }
 }
 
+/// The savepoint each message of an isolated batch runs under.
+const SAVEPOINT: &str = "sitesync_item";
+
 /// `SELECT id, type, data, created_at` of the outbox rows that may be
 /// local writes of the entities (by route type and entity key).
 pub fn local_writes_statement(
@@ -726,11 +932,7 @@ pub fn local_writes_statement(
     let mut types: Vec<&str> = sink
         .routes
         .iter()
-        .filter(|r| {
-            let (schema, table) = r.table_parts();
-            tables.contains(format!("{schema}.{table}").as_str())
-                || tables.contains(r.table.as_str())
-        })
+        .filter(|r| tables.contains(r.entity_table().as_str()))
         .map(|r| r.kind.as_str())
         .collect();
     types.sort_unstable();
@@ -761,49 +963,19 @@ pub fn local_writes_statement(
     })
 }
 
-async fn insert_inbox(client: &mut MssqlClient, ev: &Event, outcome: &str) -> Result<bool, Failed> {
-    Ok(
-        !rows(client, &inbox_statement(ev, outcome), "writing the inbox")
-            .await?
-            .is_empty(),
-    )
-}
-
-async fn load_versions(client: &mut MssqlClient, entities: &[&Entity]) -> Result<Stored, Failed> {
-    let mut out = Stored::new();
-    for e in entities {
-        let st = Statement {
-            sql: "SELECT ts, origin, CONVERT(nvarchar(36), event_id) FROM dbo.sitesync_versions WITH (UPDLOCK, HOLDLOCK) WHERE entity = @P1 AND [key] = @P2".into(),
-            params: vec![
-                Param::Text(Some(e.table.clone())),
-                Param::Text(Some(e.key.clone())),
-            ],
-        };
-        if let Some(r) = rows(client, &st, "reading entity versions")
-            .await?
-            .into_iter()
-            .next()
-            && let (Some(ts), Some(origin), Some(Ok(id))) = (
-                r[0].as_deref().and_then(parse_timestamp),
-                r[1].clone(),
-                r[2].as_deref().map(Uuid::parse_str),
-            )
-        {
-            out.insert((*e).clone(), (Version { ts, origin }, id));
-        }
-    }
-    Ok(out)
-}
-
 /// Each origin's progress, read and locked (`UPDLOCK, HOLDLOCK`).
-async fn read_origins(client: &mut MssqlClient, origins: &[&str]) -> Result<Origins, Failed> {
+async fn read_origins<C: Tds>(
+    s: &mut MssqlSession<C>,
+    origins: &[&str],
+) -> Result<Origins, Failed> {
     let mut state = Origins::new();
     for o in origins {
         let st = Statement {
             sql: "SELECT epoch, seq FROM dbo.sitesync_origins WITH (UPDLOCK, HOLDLOCK) WHERE origin = @P1".into(),
             params: vec![Param::Text(Some(o.to_string()))],
         };
-        if let Some(r) = rows(client, &st, "reading origin progress")
+        if let Some(r) = s
+            .select(&st, "reading origin progress")
             .await?
             .into_iter()
             .next()
@@ -820,7 +992,7 @@ async fn read_origins(client: &mut MssqlClient, origins: &[&str]) -> Result<Orig
 }
 
 /// The origins' new progress and the gaps found.
-async fn write_progress(client: &mut MssqlClient, moved: &Progress) -> Result<(), Failed> {
+async fn write_progress<C: Tds>(s: &mut MssqlSession<C>, moved: &Progress) -> Result<(), Failed> {
     for (o, epoch, seq) in &moved.changed {
         let st = Statement {
             sql: "MERGE dbo.sitesync_origins WITH (HOLDLOCK) AS t USING (SELECT @P1 AS origin) AS s ON t.origin = s.origin \
@@ -833,7 +1005,7 @@ async fn write_progress(client: &mut MssqlClient, moved: &Progress) -> Result<()
                 Param::Int(*seq as i64),
             ],
         };
-        run(client, &st, "writing origin progress").await?;
+        s.exec(&st, "writing origin progress").await?;
     }
     for g in &moved.gaps {
         let st = Statement {
@@ -845,7 +1017,7 @@ async fn write_progress(client: &mut MssqlClient, moved: &Progress) -> Result<()
                 Param::Int(g.to as i64),
             ],
         };
-        run(client, &st, "recording gaps").await?;
+        s.exec(&st, "recording gaps").await?;
     }
     Ok(())
 }
@@ -861,12 +1033,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_errors_fail_one_message_and_lock_errors_retry_the_batch() {
+    fn data_errors_are_one_messages_and_lock_errors_retry_the_batch() {
         // Duplicate key, unique index, FK/CHECK, NULL into NOT NULL,
         // conversions, overflow, truncation (2019+ and older), bad GUID
-        // text, bad JSON, a trigger's THROW.
+        // text, bad JSON, a trigger's THROW and the batch it aborted.
+        // Whether the transaction survived is asked of the server after
+        // (see the defect_1 tests below).
         for n in [
-            2627, 2601, 547, 515, 245, 8114, 8115, 220, 2628, 8152, 8169, 13609, 50000, 51234,
+            2627, 2601, 547, 515, 245, 8114, 8115, 220, 2628, 8152, 8169, 13609, 50000, 51234, 3616,
         ] {
             assert_eq!(by_number(Some(n)), ByNumber::Data, "{n}");
         }
@@ -878,7 +1052,292 @@ mod tests {
         }
         assert_eq!(by_number(None), ByNumber::Other);
     }
+
+    /// A fake SQL Server (the real one cannot run here): statements are
+    /// recorded, not interpreted, in a transaction with savepoints, and
+    /// fail as Microsoft documents. A parameter `not a number` is a
+    /// conversion error (245), which ends the transaction whatever
+    /// `XACT_ABORT` says: the server rolls it back, or (`dooms`) leaves it
+    /// doomed, `XACT_STATE() = -1`, able only to roll back. A parameter
+    /// `taken` is a duplicate key (2627), which ends the statement only.
+    #[derive(Debug, Default)]
+    struct Server {
+        committed: Vec<Statement>,
+        tx: Option<Vec<Statement>>,
+        /// The transaction's length at each `SAVE TRANSACTION`.
+        savepoints: Vec<usize>,
+        doomed: bool,
+        dooms: bool,
+        begun: usize,
+    }
+
+    fn server_error(number: u32, text: &str) -> TdsError {
+        let message = format!("{text} (error {number})");
+        TdsError {
+            number: Some(number),
+            batch: TargetError::operator(Cause::Query, message.clone()),
+            message,
+        }
+    }
+
+    impl Server {
+        fn run(&mut self, st: &Statement) -> Result<Rows, TdsError> {
+            if st.sql == XACT_STATE_SQL {
+                let (state, count) = match (&self.tx, self.doomed) {
+                    (None, _) => ("0", "0"),
+                    (Some(_), true) => ("-1", "1"),
+                    (Some(_), false) => ("1", "1"),
+                };
+                return Ok(vec![vec![Some(state.into()), Some(count.into())]]);
+            }
+            if st.sql.starts_with("ROLLBACK TRANSACTION ") {
+                let Some(tx) = self.tx.as_mut() else {
+                    return Err(server_error(
+                        3903,
+                        "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION",
+                    ));
+                };
+                if self.doomed {
+                    return Err(server_error(
+                        3931,
+                        "The current transaction cannot be committed and cannot be rolled back to a savepoint",
+                    ));
+                }
+                let at = *self.savepoints.last().expect("a savepoint");
+                tx.truncate(at);
+                return Ok(vec![]);
+            }
+            if self.doomed && !st.sql.starts_with("SELECT") {
+                return Err(server_error(
+                    3930,
+                    "The current transaction cannot be committed and cannot support operations that write to the log file",
+                ));
+            }
+            if st
+                .params
+                .contains(&Param::Text(Some("not a number".into())))
+            {
+                if self.dooms {
+                    self.doomed = true;
+                } else {
+                    self.tx = None;
+                    self.savepoints.clear();
+                }
+                return Err(server_error(
+                    245,
+                    "Conversion failed when converting the nvarchar value 'not a number' to data type int",
+                ));
+            }
+            if st.params.contains(&Param::Text(Some("taken".into()))) {
+                return Err(server_error(2627, "Violation of UNIQUE KEY constraint"));
+            }
+            match &mut self.tx {
+                Some(tx) => tx.push(st.clone()),
+                None => self.committed.push(st.clone()),
+            }
+            // The inbox's MERGE outputs the id of an event new here.
+            Ok(
+                match (st.sql.contains("OUTPUT inserted.event_id"), &st.params[..]) {
+                    (true, [Param::Guid(id), ..]) => vec![vec![Some(id.to_string())]],
+                    _ => vec![],
+                },
+            )
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeServer(Arc<std::sync::Mutex<Server>>);
+
+    impl FakeServer {
+        fn with<T>(
+            &self,
+            f: impl FnOnce(&mut Server) -> Result<T, TdsError>,
+        ) -> Result<T, TdsError> {
+            f(&mut self.0.lock().unwrap())
+        }
+    }
+
+    impl Tds for FakeServer {
+        async fn execute(&mut self, st: &Statement, _: &str) -> Result<(), TdsError> {
+            self.with(|s| s.run(st).map(|_| ()))
+        }
+
+        async fn select(&mut self, st: &Statement, _: &str) -> Result<Rows, TdsError> {
+            self.with(|s| s.run(st))
+        }
+
+        async fn begin(&mut self) -> Result<(), TdsError> {
+            self.with(|s| {
+                s.tx = Some(Vec::new());
+                s.savepoints.clear();
+                s.doomed = false;
+                s.begun += 1;
+                Ok(())
+            })
+        }
+
+        async fn save(&mut self, _: &str) -> Result<(), TdsError> {
+            self.with(|s| match (&s.tx, s.doomed) {
+                (None, _) => Err(server_error(628, "Cannot issue SAVE TRANSACTION when there is no active transaction")),
+                (Some(_), true) => Err(server_error(3931, "The current transaction cannot be committed and cannot be rolled back to a savepoint")),
+                (Some(tx), false) => {
+                    let at = tx.len();
+                    s.savepoints.push(at);
+                    Ok(())
+                }
+            })
+        }
+
+        async fn commit(&mut self) -> Result<(), TdsError> {
+            self.with(|s| match (s.tx.take(), s.doomed) {
+                (None, _) => Err(server_error(
+                    3902,
+                    "The COMMIT TRANSACTION request has no corresponding BEGIN TRANSACTION",
+                )),
+                (Some(_), true) => Err(server_error(
+                    3930,
+                    "The current transaction cannot be committed",
+                )),
+                (Some(tx), false) => {
+                    s.committed.extend(tx);
+                    Ok(())
+                }
+            })
+        }
+
+        async fn rollback(&mut self) -> Result<(), TdsError> {
+            self.with(|s| {
+                s.doomed = false;
+                match s.tx.take() {
+                    Some(_) => Ok(()),
+                    None => Err(server_error(
+                        3903,
+                        "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION",
+                    )),
+                }
+            })
+        }
+    }
+
+    struct FakeDialect(FakeServer);
+
+    impl Dialect for FakeDialect {
+        type Session = MssqlSession<FakeServer>;
+        const BUSY_RETRIES: u32 = 3;
+
+        async fn connect(&self) -> Result<Self::Session, TargetError> {
+            Ok(MssqlSession {
+                client: self.0.clone(),
+                site: "PARIS".into(),
+                sink: Arc::new(sink_with(vec![route(Operation::Upsert)])),
+                outbox: "[dbo].[outbox]".into(),
+            })
+        }
+
+        async fn init(&self) -> Result<Vec<String>, TargetError> {
+            Ok(Vec::new())
+        }
+
+        async fn preflight(&self) -> Vec<Check> {
+            Vec::new()
+        }
+    }
+
+    /// LONDON's customers 1, 2, 3 applied at PARIS in one batch, customer
+    /// 2's age being `age2`: the outcomes, and the fake server after.
+    async fn three_customers(age2: &str, dooms: bool) -> (Vec<Outcome>, Server) {
+        let r = route(Operation::Upsert);
+        let events = [
+            event_with(1, "LONDON", "1", 10, r#"{"id": 1, "age": "30"}"#),
+            event_with(
+                2,
+                "LONDON",
+                "2",
+                10,
+                &format!(r#"{{"id": 2, "age": "{age2}"}}"#),
+            ),
+            event_with(3, "LONDON", "3", 10, r#"{"id": 3, "age": "41"}"#),
+        ];
+        let server = FakeServer::default();
+        server.0.lock().unwrap().dooms = dooms;
+        let target = Batches::new(
+            FakeDialect(server.clone()),
+            "PARIS",
+            &sink_with(vec![r.clone()]),
+        );
+        let outcomes = target
+            .apply(&items(&events, &r, "PARIS"))
+            .await
+            .expect("one bad message does not fail the batch");
+        let state = std::mem::take(&mut *server.0.lock().unwrap());
+        (outcomes, state)
+    }
+
+    /// The customers' ids the committed MERGEs wrote, and the events the
+    /// committed inbox rows hold.
+    fn committed(s: &Server) -> (Vec<i64>, Vec<Uuid>) {
+        let mut rows = Vec::new();
+        let mut inbox = Vec::new();
+        for st in &s.committed {
+            // A customer's columns are `age`, `id`; the inbox's first is
+            // the event id.
+            match &st.params[..] {
+                [_, Param::Int(id)] if st.sql.starts_with("MERGE [dbo].[customers]") => {
+                    rows.push(*id)
+                }
+                [Param::Guid(id), ..] if st.sql.starts_with("MERGE dbo.sitesync_inbox") => {
+                    inbox.push(*id)
+                }
+                _ => {}
+            }
+        }
+        (rows, inbox)
+    }
+
+    fn assert_one_message_failed(outcomes: &[Outcome], s: &Server, error: &str) {
+        assert_eq!(outcomes[0], Outcome::Applied);
+        assert!(
+            matches!(&outcomes[1], Outcome::Failed(e) if e.contains(error)),
+            "{:?}",
+            outcomes[1]
+        );
+        assert_eq!(outcomes[2], Outcome::Applied);
+        let (rows, inbox) = committed(s);
+        assert_eq!(rows, [1, 3], "customers 1 and 3 are written, 2 is not");
+        assert_eq!(inbox, [Uuid::from_u128(1), Uuid::from_u128(3)]);
+    }
+
+    #[tokio::test]
+    async fn defect_1_a_conversion_error_the_server_rolled_back_fails_one_message_not_the_site() {
+        let (outcomes, s) = three_customers("not a number", false).await;
+        assert_one_message_failed(&outcomes, &s, "Conversion failed");
+        assert_eq!(
+            s.begun, 3,
+            "the batch, then one message at a time, then without the message that ended it"
+        );
+    }
+
+    #[tokio::test]
+    async fn defect_1_a_doomed_transaction_is_redone_without_the_message_that_doomed_it() {
+        let (outcomes, s) = three_customers("not a number", true).await;
+        assert_one_message_failed(&outcomes, &s, "Conversion failed");
+        assert_eq!(s.begun, 3);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_key_ends_its_statement_only_and_the_batch_goes_on_past_it() {
+        let (outcomes, s) = three_customers("taken", false).await;
+        assert_one_message_failed(&outcomes, &s, "UNIQUE KEY");
+        assert_eq!(
+            s.begun, 2,
+            "rolled back to the message's savepoint: no third attempt"
+        );
+    }
+
     use crate::config::Operation;
+    use crate::sink::batch::Batches;
+    use crate::sink::testing::{event_with, items, sink_with};
+    use crate::sink::{Outcome, Target};
     use serde_json::json;
     use std::collections::BTreeMap as Map;
 
