@@ -34,6 +34,9 @@ pub struct SiteStatus {
     /// How far the source is behind its log, in the engine's words (a
     /// slot's WAL bytes behind the server, a Change Tracking version).
     pub source_lag: String,
+    /// More about the source, one line each, printed under it (Oracle:
+    /// the transactions it abandoned).
+    pub source_notes: Vec<String>,
 }
 
 /// One column of a row read as text, parsed.
@@ -143,6 +146,9 @@ impl SiteStatus {
             "source: {} outbox row(s) not yet back round; {}",
             self.outbox_backlog, self.source_lag
         );
+        for note in &self.source_notes {
+            let _ = writeln!(out, "  {note}");
+        }
         out
     }
 }
@@ -181,6 +187,7 @@ mod tests {
             ],
             outbox_backlog: 2,
             source_lag: "slot 12 bytes of WAL behind the server".into(),
+            source_notes: vec!["a note on the source".into()],
             ..SiteStatus::default()
         };
         let text = status.render(Some(1));
@@ -195,5 +202,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1 in the dead-letter queue"), "{text}");
+        assert!(
+            text.ends_with("behind the server\n  a note on the source\n"),
+            "{text}"
+        );
     }
 }

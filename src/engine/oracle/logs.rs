@@ -4,9 +4,19 @@
 //! files itself (`DBMS_LOGMNR.ADD_LOGFILE`). The candidates are the online
 //! logs (`V$LOG` joined to `V$LOGFILE`, one member per group) and the
 //! archived logs still on disk (`V$ARCHIVED_LOG` with `STATUS = 'A'`, not
-//! deleted, local destinations). [`select`] is a pure function over that
-//! list, tested here without a server:
+//! deleted, local destinations) of the database's current incarnation.
+//! [`select`] is a pure function over that list, tested here without a
+//! server:
 //!
+//! - only logs of the current incarnation count ([`Incarnation`]): after an
+//!   `OPEN RESETLOGS` (flashback, incomplete recovery) sequences start again
+//!   at 1 and SCNs after the reset point are reused, so an older
+//!   incarnation's archived log can carry the same thread and sequence, or
+//!   the same SCNs, as a current one. The listing query filters on
+//!   `V$DATABASE`'s `RESETLOGS_CHANGE#` and `RESETLOGS_TIME` already;
+//!   [`select`] checks again, so that an older log can never be chosen;
+//!   a window starting before the current incarnation's reset point is an
+//!   operator error;
 //! - a log covers `[FIRST_CHANGE#, NEXT_CHANGE#)`; the current online log's
 //!   `NEXT_CHANGE#` is the largest SCN;
 //! - per redo thread, the logs overlapping the window `(lo, hi]` are taken,
@@ -24,6 +34,28 @@
 
 use std::collections::BTreeMap;
 
+/// A database incarnation, as `V$DATABASE` and `V$ARCHIVED_LOG` name it:
+/// `RESETLOGS_CHANGE#` and `RESETLOGS_TIME` (two flashbacks to one SCN make
+/// two incarnations with the same `RESETLOGS_CHANGE#`; the time tells them
+/// apart). Online logs always belong to the current one: `OPEN RESETLOGS`
+/// reinitialises them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Incarnation {
+    pub resetlogs_scn: u64,
+    /// `TO_CHAR(RESETLOGS_TIME, 'YYYY-MM-DD HH24:MI:SS')`.
+    pub resetlogs_time: String,
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RESETLOGS at SCN {} ({})",
+            self.resetlogs_scn, self.resetlogs_time
+        )
+    }
+}
+
 /// One redo log file, online or archived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogFile {
@@ -35,6 +67,23 @@ pub struct LogFile {
     /// the current online log).
     pub next_scn: u64,
     pub archived: bool,
+    /// The incarnation whose redo it holds.
+    pub incarnation: Incarnation,
+}
+
+/// What [`super::miner::LogMiner::list_logs`] returns: the database's
+/// current incarnation and the log files listed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogCatalogue {
+    pub current: Incarnation,
+    pub files: Vec<LogFile>,
+}
+
+impl LogCatalogue {
+    /// The files of the current incarnation.
+    pub fn current_files(&self) -> impl Iterator<Item = &LogFile> {
+        self.files.iter().filter(|f| f.incarnation == self.current)
+    }
 }
 
 /// The redo for part of a window is not on disk any more.
@@ -46,11 +95,20 @@ pub struct MissingRedo {
     pub to: u64,
     /// What is there instead.
     pub detail: String,
+    /// Set when the window starts before the current incarnation's reset
+    /// point: restoring archived logs does not help then.
+    pub before_reset: bool,
 }
 
 impl MissingRedo {
     /// The operator's message.
     pub fn message(&self) -> String {
+        if self.before_reset {
+            return format!(
+                "the redo for SCN {}..{} cannot be mined: {}",
+                self.from, self.to, self.detail
+            );
+        }
         format!(
             "the redo for SCN {}..{} (thread {}) is not available: {}. Outbox rows committed in that range cannot be read. \
              Restore the archived logs (RMAN: RESTORE ARCHIVELOG FROM SCN {} UNTIL SCN {} THREAD {}) and restart sitesync; \
@@ -62,11 +120,29 @@ impl MissingRedo {
 }
 
 /// The files to add for the window `(lo, hi]`, in (thread, sequence)
-/// order.
-pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, MissingRedo> {
+/// order, from the current incarnation's logs only.
+pub fn select(catalogue: &LogCatalogue, lo: u64, hi: u64) -> Result<Vec<LogFile>, MissingRedo> {
     let want_from = lo.saturating_add(1);
+    let current = &catalogue.current;
+    if want_from < current.resetlogs_scn {
+        return Err(MissingRedo {
+            before_reset: true,
+            thread: 0,
+            from: want_from,
+            to: current.resetlogs_scn - 1,
+            detail: format!(
+                "the database was opened with RESETLOGS at SCN {} ({}: flashback or incomplete recovery), and redo before that point belongs to an older incarnation, which sitesync does not mine. \
+                 Changes committed before the reset and not yet read are in that incarnation's archived logs; if the other sites have them or they may be dropped, \
+                 move the checkpoint to the reset point: `sitesync checkpoint reset --to-position oracle:{}#0@{}`",
+                current.resetlogs_scn,
+                current.resetlogs_time,
+                current.resetlogs_scn,
+                current.resetlogs_scn
+            ),
+        });
+    }
     let mut threads: BTreeMap<u32, BTreeMap<u64, &LogFile>> = BTreeMap::new();
-    for f in files {
+    for f in catalogue.current_files() {
         let seqs = threads.entry(f.thread).or_default();
         match seqs.get(&f.sequence) {
             Some(existing) if existing.archived => {}
@@ -91,6 +167,7 @@ pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, Missi
             let after = seqs.values().find(|f| f.first_scn > hi);
             if let (None, Some(after)) = (before, after) {
                 return Err(MissingRedo {
+                    before_reset: false,
                     thread,
                     from: want_from,
                     to: after.first_scn.saturating_sub(1).min(hi),
@@ -104,6 +181,7 @@ pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, Missi
         };
         if first.first_scn > want_from {
             return Err(MissingRedo {
+                before_reset: false,
                 thread,
                 from: want_from,
                 to: first.first_scn - 1,
@@ -116,6 +194,7 @@ pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, Missi
         for pair in needed.windows(2) {
             if pair[1].sequence != pair[0].sequence + 1 {
                 return Err(MissingRedo {
+                    before_reset: false,
                     thread,
                     from: pair[0].next_scn,
                     to: pair[1].first_scn.saturating_sub(1).max(pair[0].next_scn),
@@ -130,6 +209,75 @@ pub fn select(files: &[LogFile], lo: u64, hi: u64) -> Result<Vec<LogFile>, Missi
         out.extend(needed.into_iter().cloned());
     }
     Ok(out)
+}
+
+/// One enabled redo thread (`V$THREAD`): the redo of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedoThread {
+    pub thread: u32,
+    /// `INSTANCE`: the instance that writes it (empty when unknown).
+    pub instance: String,
+    /// `STATUS`: `OPEN` or `CLOSED`.
+    pub status: String,
+    /// `ENABLED`: `PUBLIC` or `PRIVATE`.
+    pub enabled: String,
+}
+
+impl RedoThread {
+    /// From a row read as text: `THREAD#`, `INSTANCE`, `STATUS`, `ENABLED`.
+    pub fn from_text(row: &[Option<String>]) -> RedoThread {
+        let text = |i: usize| {
+            row.get(i)
+                .and_then(|c| c.as_deref())
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        RedoThread {
+            thread: text(0).parse().unwrap_or(0),
+            instance: text(1),
+            status: text(2),
+            enabled: text(3),
+        }
+    }
+}
+
+/// Whether sitesync can mine this database: one enabled redo thread.
+///
+/// With several (Oracle RAC), each instance's log writer writes its own
+/// thread, and the commit sitesync makes before each window flushes only
+/// the connected instance's. Another instance may hold an open
+/// transaction's INSERT in its log buffer for up to 3 s, past the end of
+/// the window that covers the INSERT's SCN; the COMMIT, read later, then
+/// finds nothing buffered and the event is lost. Flushing every instance
+/// (as Debezium's RAC flush strategy does, over one connection per node) is
+/// not implemented, so such a database is refused with this message: a
+/// documented limit.
+pub fn single_redo_thread(threads: &[RedoThread]) -> Result<(), String> {
+    if threads.len() <= 1 {
+        return Ok(());
+    }
+    let named: Vec<String> = threads
+        .iter()
+        .map(|t| {
+            let mut s = format!("thread {}", t.thread);
+            let details: Vec<&str> = [t.instance.as_str(), t.status.as_str(), t.enabled.as_str()]
+                .into_iter()
+                .filter(|d| !d.is_empty())
+                .collect();
+            if !details.is_empty() {
+                s.push_str(&format!(" ({})", details.join(", ")));
+            }
+            s
+        })
+        .collect();
+    Err(format!(
+        "the database has {} enabled redo threads ({}): it is a RAC database, or was one. sitesync does not mine more than one redo thread, a documented limit (README, Oracle site): \
+         before each window it flushes the connected instance's log writer only, and another instance's redo can reach disk after the window that covers it, losing events. \
+         Run sitesync against a single-instance database; if the extra threads are left over from a former RAC, a DBA disables them (ALTER DATABASE DISABLE THREAD n) and `sitesync check` passes",
+        threads.len(),
+        named.join(", ")
+    ))
 }
 
 /// Adaptive window width, in SCNs.
@@ -180,7 +328,7 @@ impl WindowSizer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn log(seq: u64, first: u64, next: u64, archived: bool) -> LogFile {
@@ -191,6 +339,14 @@ mod tests {
             first_scn: first,
             next_scn: next,
             archived,
+            incarnation: Incarnation::default(),
+        }
+    }
+
+    fn cat(files: &[LogFile]) -> LogCatalogue {
+        LogCatalogue {
+            current: Incarnation::default(),
+            files: files.to_vec(),
         }
     }
 
@@ -208,21 +364,21 @@ mod tests {
             log(9, 0, 100, true),
         ];
         assert_eq!(
-            names(&select(&files, 150, 250).unwrap()),
+            names(&select(&cat(&files), 150, 250).unwrap()),
             vec!["/u01/arch/10.log", "/u01/arch/11.log"]
         );
         assert_eq!(
-            names(&select(&files, 250, 1000).unwrap()),
+            names(&select(&cat(&files), 250, 1000).unwrap()),
             vec!["/u01/arch/11.log", "/u01/redo/12.log"]
         );
         // (199, 200]: SCN 200 is in sequence 11 only.
         assert_eq!(
-            names(&select(&files, 199, 200).unwrap()),
+            names(&select(&cat(&files), 199, 200).unwrap()),
             vec!["/u01/arch/11.log"]
         );
         // (99, 100]: SCN 100 starts sequence 10.
         assert_eq!(
-            names(&select(&files, 99, 100).unwrap()),
+            names(&select(&cat(&files), 99, 100).unwrap()),
             vec!["/u01/arch/10.log"]
         );
     }
@@ -230,20 +386,20 @@ mod tests {
     #[test]
     fn a_log_switch_is_a_window_over_two_logs() {
         let files = vec![log(11, 200, 300, false), log(12, 300, u64::MAX, false)];
-        assert_eq!(select(&files, 290, 310).unwrap().len(), 2);
+        assert_eq!(select(&cat(&files), 290, 310).unwrap().len(), 2);
     }
 
     #[test]
     fn a_gone_archived_log_is_an_error_naming_the_scn_range() {
         let files = vec![log(12, 300, 400, true), log(13, 400, u64::MAX, false)];
-        let e = select(&files, 150, 350).unwrap_err();
+        let e = select(&cat(&files), 150, 350).unwrap_err();
         assert_eq!((e.from, e.to), (151, 299));
         let m = e.message();
         assert!(m.contains("SCN 151..299"), "{m}");
         assert!(m.contains("RESTORE ARCHIVELOG"), "{m}");
         assert!(m.contains("checkpoint reset --to-latest"), "{m}");
         // The whole window before the oldest log.
-        let e = select(&files, 150, 250).unwrap_err();
+        let e = select(&cat(&files), 150, 250).unwrap_err();
         assert_eq!((e.from, e.to), (151, 250));
     }
 
@@ -254,7 +410,7 @@ mod tests {
             log(12, 300, 400, true),
             log(13, 400, u64::MAX, false),
         ];
-        let e = select(&files, 150, 350).unwrap_err();
+        let e = select(&cat(&files), 150, 350).unwrap_err();
         assert_eq!((e.from, e.to), (200, 299));
         assert!(e.detail.contains("11..11"), "{}", e.detail);
     }
@@ -264,9 +420,69 @@ mod tests {
         let mut t2 = log(5, 120, u64::MAX, false);
         t2.thread = 2;
         let files = vec![log(10, 100, u64::MAX, false), t2];
-        assert_eq!(select(&files, 150, 250).unwrap().len(), 2);
-        let e = select(&files, 110, 250).unwrap_err();
+        assert_eq!(select(&cat(&files), 150, 250).unwrap().len(), 2);
+        let e = select(&cat(&files), 110, 250).unwrap_err();
         assert_eq!(e.thread, 2);
+    }
+
+    /// Two incarnations of thread 1: the old one ran to SCN 900; a
+    /// flashback to SCN 450 and `OPEN RESETLOGS` started the current one
+    /// at 451, with its sequences numbered from 1 again.
+    pub(crate) fn two_incarnations() -> LogCatalogue {
+        let old = Incarnation {
+            resetlogs_scn: 1,
+            resetlogs_time: "2026-01-01 00:00:00".into(),
+        };
+        let new = Incarnation {
+            resetlogs_scn: 451,
+            resetlogs_time: "2026-02-01 00:00:00".into(),
+        };
+        let file = |inc: &Incarnation, tag: &str, seq, first, next, archived| LogFile {
+            name: format!("{tag}/{seq}"),
+            thread: 1,
+            sequence: seq,
+            first_scn: first,
+            next_scn: next,
+            archived,
+            incarnation: inc.clone(),
+        };
+        LogCatalogue {
+            current: new.clone(),
+            files: vec![
+                file(&old, "old", 1, 1, 300, true),
+                file(&old, "old", 2, 300, 600, true),
+                file(&old, "old", 3, 600, 900, true),
+                file(&new, "new", 1, 451, 700, true),
+                file(&new, "new", 2, 700, u64::MAX, false),
+            ],
+        }
+    }
+
+    #[test]
+    fn defect_6_an_older_incarnations_archived_log_is_never_selected() {
+        let catalogue = two_incarnations();
+        // Same thread and sequence in both incarnations: only the current
+        // one's log is mined, never the older archived copy.
+        assert_eq!(names(&select(&catalogue, 460, 520).unwrap()), vec!["new/1"]);
+        // SCNs the older incarnation also used (600..900): the current
+        // incarnation's logs, across its log switch.
+        assert_eq!(
+            names(&select(&catalogue, 650, 750).unwrap()),
+            vec!["new/1", "new/2"]
+        );
+        // A window starting before the reset point cannot be mined from
+        // the current incarnation: an operator error naming the fix, not
+        // the older incarnation's redo.
+        let e = select(&catalogue, 400, 500).unwrap_err();
+        assert!(e.before_reset);
+        assert_eq!((e.from, e.to), (401, 450));
+        let m = e.message();
+        assert!(m.contains("RESETLOGS at SCN 451"), "{m}");
+        assert!(
+            m.contains("checkpoint reset --to-position oracle:451#0@451"),
+            "{m}"
+        );
+        assert!(!m.contains("RESTORE ARCHIVELOG"), "{m}");
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! The `oracle` crate is blocking (ODPI-C): the source runs every call of
 //! a [`LogMiner`] inside `tokio::task::spawn_blocking`.
 
-use super::logs::{self, LogFile, WindowSizer};
+use super::logs::{self, Incarnation, LogCatalogue, LogFile, RedoThread, WindowSizer};
 use super::position::Position;
-use super::transactions::{MinedRow, Transactions};
+use super::transactions::{Abandoned, MinedRow, OpenAtStart, Transactions};
 use crate::error::{Cause, SourceError};
 use crate::source::Change;
 
@@ -18,7 +18,10 @@ use crate::source::Change;
 /// still open can sit in the buffer (LGWR writes at commits, when a third
 /// full, or every 3 s) past the end of the window that covers its SCN, and
 /// be missed for good. Debezium does the same with `LOG_MINING_FLUSH`.
-/// `sitesync init` creates it in the connecting user's schema.
+/// The commit flushes the connected instance's log writer only: that is
+/// why a database with more than one redo thread (RAC) is refused
+/// ([`logs::single_redo_thread`]). `sitesync init` creates it in the
+/// connecting user's schema.
 pub const FLUSH_TABLE: &str = "SITESYNC_LOGMNR_FLUSH";
 pub const FLUSH_DDL: &str =
     "CREATE TABLE SITESYNC_LOGMNR_FLUSH (ID NUMBER(1) PRIMARY KEY, N NUMBER NOT NULL)";
@@ -26,19 +29,60 @@ pub const FLUSH_SQL: &str = "MERGE INTO SITESYNC_LOGMNR_FLUSH f USING DUAL ON (f
      WHEN MATCHED THEN UPDATE SET f.N = MOD(f.N + 1, 1000000) \
      WHEN NOT MATCHED THEN INSERT (ID, N) VALUES (1, 0)";
 
+/// The transactions the source abandoned past `database.transaction_retention`
+/// ([`super::transactions`]), one row per XID, for `sitesync status` and
+/// for the next session (which ignores their later rows). `sitesync init`
+/// creates it; an operator may delete rows once handled.
+pub const ABANDONED_TABLE: &str = "SITESYNC_ABANDONED_TX";
+pub const ABANDONED_DDL: &str = "CREATE TABLE SITESYNC_ABANDONED_TX (\
+     XID VARCHAR2(16) PRIMARY KEY, \
+     START_SCN NUMBER NOT NULL, \
+     ROWS_DROPPED NUMBER NOT NULL, \
+     ABANDONED_AT_SCN NUMBER NOT NULL, \
+     OUTCOME VARCHAR2(12) NOT NULL, \
+     ENDED_AT_SCN NUMBER, \
+     RECORDED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)";
+const ABANDONED_MERGE: &str = "MERGE INTO SITESYNC_ABANDONED_TX t \
+     USING (SELECT :1 XID, :2 START_SCN, :3 ROWS_DROPPED, :4 ABANDONED_AT_SCN, :5 OUTCOME, :6 ENDED_AT_SCN FROM DUAL) s \
+     ON (t.XID = s.XID) \
+     WHEN MATCHED THEN UPDATE SET t.ROWS_DROPPED = s.ROWS_DROPPED, t.OUTCOME = s.OUTCOME, t.ENDED_AT_SCN = s.ENDED_AT_SCN, t.RECORDED_AT = SYSTIMESTAMP \
+     WHEN NOT MATCHED THEN INSERT (XID, START_SCN, ROWS_DROPPED, ABANDONED_AT_SCN, OUTCOME, ENDED_AT_SCN) \
+     VALUES (s.XID, s.START_SCN, s.ROWS_DROPPED, s.ABANDONED_AT_SCN, s.OUTCOME, s.ENDED_AT_SCN)";
+/// The columns [`Abandoned::from_text`] reads, newest first.
+pub const ABANDONED_SELECT: &str = "SELECT XID, TO_CHAR(START_SCN), TO_CHAR(ROWS_DROPPED), TO_CHAR(ABANDONED_AT_SCN), OUTCOME, TO_CHAR(ENDED_AT_SCN) \
+     FROM SITESYNC_ABANDONED_TX ORDER BY RECORDED_AT DESC, XID";
+
 /// What the window loop needs from LogMiner.
 pub trait LogMiner: Send {
     /// `V$DATABASE.CURRENT_SCN`, read after the redo buffer was flushed
     /// (see [`FLUSH_TABLE`]): every change up to it is on disk.
     fn current_scn(&mut self) -> Result<u64, SourceError>;
 
-    /// The online logs and the archived logs on disk whose redo ends after
+    /// The database's current incarnation, its online logs, and the
+    /// archived logs on disk of that incarnation whose redo ends after
     /// `from_scn`.
-    fn list_logs(&mut self, from_scn: u64) -> Result<Vec<LogFile>, SourceError>;
+    fn list_logs(&mut self, from_scn: u64) -> Result<LogCatalogue, SourceError>;
+
+    /// The redo threads that are enabled (`V$THREAD`): one per instance
+    /// that can write redo.
+    fn redo_threads(&mut self) -> Result<Vec<RedoThread>, SourceError>;
+
+    /// The transactions open now (`V$TRANSACTION`) and an SCN read after
+    /// them; `None` when the view is not readable.
+    fn open_transactions(&mut self) -> Result<Option<OpenAtStart>, SourceError>;
+
+    /// The transactions abandoned by earlier sessions
+    /// ([`ABANDONED_TABLE`]); empty when the table does not exist.
+    fn abandoned(&mut self) -> Result<Vec<Abandoned>, SourceError>;
+
+    /// Records abandoned transactions, or their end, in
+    /// [`ABANDONED_TABLE`].
+    fn record_abandoned(&mut self, notes: &[Abandoned]) -> Result<(), SourceError>;
 
     /// Mines `files` for the window `(lo, hi]` and feeds each row of the
-    /// outbox's inserts (and rollback deletes) and of every commit and
-    /// rollback to `each`, in LogMiner's order. Returns the row count.
+    /// outbox's inserts, out-of-line writes and updates (and rollback
+    /// deletes) and of every start, commit and rollback to `each`, in
+    /// LogMiner's order. Returns the row count.
     fn mine(
         &mut self,
         files: &[LogFile],
@@ -84,6 +128,34 @@ impl SettledScn {
     }
 }
 
+/// What the stream checks and reads once, before its first window:
+///
+/// - a database with more than one enabled redo thread (RAC) is refused
+///   with an operator error naming the threads (see
+///   [`logs::single_redo_thread`]): the flush before each window reaches
+///   the connected instance's log writer only, and another instance's
+///   redo could be written after a window passed over it, losing events;
+/// - the transactions earlier sessions abandoned, whose later rows are
+///   ignored;
+/// - the transactions open now, so that a commit of one never seen
+///   starting can be told from one that started before the session.
+pub fn prepare<M: LogMiner + ?Sized>(
+    miner: &mut M,
+    tx: &mut Transactions,
+) -> Result<(), SourceError> {
+    let threads = miner.redo_threads()?;
+    logs::single_redo_thread(&threads).map_err(|m| SourceError::operator(Cause::Config, m))?;
+    tx.set_abandoned(miner.abandoned()?);
+    let open = miner.open_transactions()?;
+    if open.is_none() {
+        tracing::warn!(
+            "V$TRANSACTION is not readable: a commit whose start was never mined cannot be told from one that started before this session, so such commits are not counted. GRANT SELECT ON V_$TRANSACTION to sitesync's user (`sitesync check` prints the statement)"
+        );
+    }
+    tx.set_open_at_start(open);
+    Ok(())
+}
+
 /// Reads one window: picks its logs, mines it and returns its changes (an
 /// empty list when the database has not moved since the last window).
 pub fn read_window<M: LogMiner + ?Sized>(
@@ -112,17 +184,38 @@ pub fn read_window<M: LogMiner + ?Sized>(
         open = tx.open_count(),
         "LogMiner window"
     );
-    Ok(tx.end_window(hi))
+    let changes = tx.end_window(hi);
+    let notes = tx.take_notes();
+    if !notes.is_empty() {
+        miner.record_abandoned(&notes)?;
+    }
+    Ok(changes)
 }
 
 /// A LogMiner that replays recorded `V$LOGMNR_CONTENTS` rows: the named
 /// fake of the unit tests. It keeps what was asked of it.
+///
+/// It models what the tests need of the server: a log catalogue that, like
+/// `V$ARCHIVED_LOG` itself, also lists the logs of older incarnations;
+/// enabled redo threads (`V$THREAD`); and redo written late (`late`: rows
+/// readable only once that many windows have been mined, as when another
+/// RAC instance's log writer writes its buffer after the window that
+/// covered its SCNs).
 #[derive(Debug, Default, Clone)]
 pub struct RecordedLogMiner {
     pub current_scn: u64,
+    pub incarnation: Incarnation,
     pub logs: Vec<LogFile>,
     /// In LogMiner's order.
     pub rows: Vec<MinedRow>,
+    /// `(n, row)`: the row is in the redo files once `n` windows have been
+    /// mined.
+    pub late: Vec<(usize, MinedRow)>,
+    /// Empty: one thread, as a single instance.
+    pub threads: Vec<RedoThread>,
+    pub open_at_start: Option<OpenAtStart>,
+    /// What [`ABANDONED_TABLE`] holds.
+    pub abandoned: Vec<Abandoned>,
     /// The windows mined, `(lo, hi)`, and the files each added.
     pub mined: Vec<(u64, u64, Vec<String>)>,
 }
@@ -132,13 +225,46 @@ impl LogMiner for RecordedLogMiner {
         Ok(self.current_scn)
     }
 
-    fn list_logs(&mut self, from_scn: u64) -> Result<Vec<LogFile>, SourceError> {
-        Ok(self
-            .logs
-            .iter()
-            .filter(|f| !f.archived || f.next_scn > from_scn)
-            .cloned()
-            .collect())
+    fn list_logs(&mut self, from_scn: u64) -> Result<LogCatalogue, SourceError> {
+        Ok(LogCatalogue {
+            current: self.incarnation.clone(),
+            files: self
+                .logs
+                .iter()
+                .filter(|f| !f.archived || f.next_scn > from_scn)
+                .cloned()
+                .collect(),
+        })
+    }
+
+    fn redo_threads(&mut self) -> Result<Vec<RedoThread>, SourceError> {
+        if self.threads.is_empty() {
+            return Ok(vec![RedoThread {
+                thread: 1,
+                instance: "FREE".into(),
+                status: "OPEN".into(),
+                enabled: "PUBLIC".into(),
+            }]);
+        }
+        Ok(self.threads.clone())
+    }
+
+    fn open_transactions(&mut self) -> Result<Option<OpenAtStart>, SourceError> {
+        Ok(self.open_at_start.clone())
+    }
+
+    fn abandoned(&mut self) -> Result<Vec<Abandoned>, SourceError> {
+        Ok(self.abandoned.clone())
+    }
+
+    fn record_abandoned(&mut self, notes: &[Abandoned]) -> Result<(), SourceError> {
+        for n in notes {
+            match self.abandoned.iter_mut().find(|a| a.xid == n.xid) {
+                Some(a) => *a = n.clone(),
+                None => self.abandoned.insert(0, n.clone()),
+            }
+        }
+        Ok(())
     }
 
     fn mine(
@@ -148,10 +274,23 @@ impl LogMiner for RecordedLogMiner {
         hi: u64,
         each: &mut dyn FnMut(MinedRow) -> Result<(), SourceError>,
     ) -> Result<usize, SourceError> {
+        let written = self.mined.len();
         self.mined
             .push((lo, hi, files.iter().map(|f| f.name.clone()).collect()));
+        let mut visible: Vec<&MinedRow> = self
+            .rows
+            .iter()
+            .chain(
+                self.late
+                    .iter()
+                    .filter(|(n, _)| *n <= written)
+                    .map(|(_, r)| r),
+            )
+            .filter(|r| r.scn > lo && r.scn <= hi)
+            .collect();
+        visible.sort_by_key(|r| r.scn);
         let mut n = 0;
-        for row in self.rows.iter().filter(|r| r.scn > lo && r.scn <= hi) {
+        for row in visible {
             if !files
                 .iter()
                 .any(|f| f.first_scn <= row.scn && row.scn < f.next_scn)
@@ -184,6 +323,8 @@ pub struct OracleLogMiner {
     /// Flush the redo buffer before reading the current SCN (the stream;
     /// not `bounds`).
     pub flush: bool,
+    /// [`ABANDONED_TABLE`] was found missing (said once).
+    pub abandoned_table_missing: bool,
 }
 
 /// Parses an SCN fetched as text (`TO_CHAR`); the current log's
@@ -194,17 +335,34 @@ fn scn(text: Option<String>) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// The online logs (one member per group) and the archived logs on disk.
-pub const LIST_LOGS_SQL: &str = "SELECT MIN(F.MEMBER), L.THREAD#, L.SEQUENCE#, TO_CHAR(L.FIRST_CHANGE#), TO_CHAR(L.NEXT_CHANGE#), 'NO' \
-     FROM V$LOG L JOIN V$LOGFILE F ON F.GROUP# = L.GROUP# \
+/// The current incarnation, as [`Incarnation`] holds it.
+pub const INCARNATION_SQL: &str = "SELECT TO_CHAR(RESETLOGS_CHANGE#), TO_CHAR(RESETLOGS_TIME, 'YYYY-MM-DD HH24:MI:SS') FROM V$DATABASE";
+
+/// The online logs (one member per group; they always belong to the
+/// current incarnation) and the archived logs on disk of the current
+/// incarnation: an older incarnation's archived log can carry the same
+/// thread and sequence, or the same SCNs, after `OPEN RESETLOGS`.
+pub const LIST_LOGS_SQL: &str = "SELECT MIN(F.MEMBER), L.THREAD#, L.SEQUENCE#, TO_CHAR(L.FIRST_CHANGE#), TO_CHAR(L.NEXT_CHANGE#), 'NO', \
+       TO_CHAR(D.RESETLOGS_CHANGE#), TO_CHAR(D.RESETLOGS_TIME, 'YYYY-MM-DD HH24:MI:SS') \
+     FROM V$LOG L JOIN V$LOGFILE F ON F.GROUP# = L.GROUP# CROSS JOIN V$DATABASE D \
      WHERE L.STATUS <> 'UNUSED' AND (F.STATUS IS NULL OR F.STATUS <> 'INVALID') \
-     GROUP BY L.THREAD#, L.SEQUENCE#, L.FIRST_CHANGE#, L.NEXT_CHANGE# \
+     GROUP BY L.THREAD#, L.SEQUENCE#, L.FIRST_CHANGE#, L.NEXT_CHANGE#, D.RESETLOGS_CHANGE#, D.RESETLOGS_TIME \
      UNION ALL \
-     SELECT MIN(A.NAME), A.THREAD#, A.SEQUENCE#, TO_CHAR(A.FIRST_CHANGE#), TO_CHAR(A.NEXT_CHANGE#), 'YES' \
-     FROM V$ARCHIVED_LOG A \
+     SELECT MIN(A.NAME), A.THREAD#, A.SEQUENCE#, TO_CHAR(A.FIRST_CHANGE#), TO_CHAR(A.NEXT_CHANGE#), 'YES', \
+       TO_CHAR(A.RESETLOGS_CHANGE#), TO_CHAR(A.RESETLOGS_TIME, 'YYYY-MM-DD HH24:MI:SS') \
+     FROM V$ARCHIVED_LOG A JOIN V$DATABASE D \
+       ON A.RESETLOGS_CHANGE# = D.RESETLOGS_CHANGE# AND A.RESETLOGS_TIME = D.RESETLOGS_TIME \
      WHERE A.NAME IS NOT NULL AND A.ARCHIVED = 'YES' AND A.STATUS = 'A' AND A.DELETED = 'NO' \
        AND A.STANDBY_DEST = 'NO' AND A.NEXT_CHANGE# > :1 \
-     GROUP BY A.THREAD#, A.SEQUENCE#, A.FIRST_CHANGE#, A.NEXT_CHANGE#";
+     GROUP BY A.THREAD#, A.SEQUENCE#, A.FIRST_CHANGE#, A.NEXT_CHANGE#, A.RESETLOGS_CHANGE#, A.RESETLOGS_TIME";
+
+/// The enabled redo threads and their instances.
+pub const THREADS_SQL: &str = "SELECT THREAD#, INSTANCE, STATUS, ENABLED FROM V$THREAD WHERE ENABLED <> 'DISABLED' ORDER BY THREAD#";
+
+/// Without `SELECT` on `V$THREAD`: the threads that have log groups (a
+/// disabled thread's groups count too, so this errs on refusing).
+pub const THREADS_FROM_LOGS_SQL: &str =
+    "SELECT DISTINCT THREAD#, NULL, NULL, NULL FROM V$LOG ORDER BY THREAD#";
 
 /// Starts LogMiner on the files added, with the online catalog as
 /// dictionary and without `COMMITTED_DATA_ONLY` (we buffer by XID
@@ -212,19 +370,79 @@ pub const LIST_LOGS_SQL: &str = "SELECT MIN(F.MEMBER), L.THREAD#, L.SEQUENCE#, T
 pub const START_SQL: &str = "BEGIN DBMS_LOGMNR.START_LOGMNR(STARTSCN => :1, ENDSCN => :2, \
      OPTIONS => DBMS_LOGMNR.DICT_FROM_ONLINE_CATALOG); END;";
 
-/// The rows we read: the outbox's inserts, the changes to it LogMiner
-/// could not decode (255, reported loudly), undo-deletes (`ROLLBACK =
-/// 1`; the sink's sweeps of outbox rows that came back are other deletes,
-/// not read), and every commit and rollback (their XIDs close our
-/// transactions). The SCN range is repeated in the query so that a window
-/// is exactly `(lo, hi]`.
+/// The rows we read: every start, commit and rollback (their XIDs open and
+/// close our transactions); of the outbox, the inserts, the changes
+/// LogMiner could not decode (255, reported loudly), the updates, LOB
+/// operations (9, 10, 11, 29) and extended-string operations (91–93) that
+/// make an insert unreadable, and undo-deletes (`ROLLBACK = 1`; the sink's
+/// sweeps of outbox rows that came back are other deletes, not read). The
+/// SCN range is repeated in the query so that a window is exactly
+/// `(lo, hi]`.
 pub const CONTENTS_SQL: &str = "SELECT TO_CHAR(SCN), RAWTOHEX(XID), OPERATION_CODE, CSF, ROLLBACK, \
-     SEG_OWNER, TABLE_NAME, ROW_ID, SQL_REDO, RS_ID, SSN \
+     SEG_OWNER, TABLE_NAME, ROW_ID, SQL_REDO, RS_ID, SSN, TO_CHAR(TIMESTAMP, 'YYYY-MM-DD HH24:MI:SS') \
      FROM V$LOGMNR_CONTENTS \
      WHERE SCN > :1 AND SCN <= :2 \
-       AND (OPERATION_CODE IN (7, 36) \
+       AND (OPERATION_CODE IN (6, 7, 36) \
             OR (SEG_OWNER = :3 AND TABLE_NAME = :4 \
-                AND (OPERATION_CODE IN (1, 255) OR (OPERATION_CODE = 2 AND ROLLBACK = 1))))";
+                AND (OPERATION_CODE IN (1, 3, 9, 10, 11, 29, 91, 92, 93, 255) \
+                     OR (OPERATION_CODE = 2 AND ROLLBACK = 1))))";
+
+/// `TIMESTAMP` as text → seconds, read as UTC.
+fn redo_time(text: Option<String>) -> Option<i64> {
+    let t = text?;
+    chrono::NaiveDateTime::parse_from_str(t.trim(), "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|d| d.and_utc().timestamp())
+}
+
+/// The enabled redo threads, from `V$THREAD`, or from `V$LOG` when that
+/// is not readable (`false`: not exact, errs on more threads).
+pub fn read_redo_threads(
+    conn: &oracle::Connection,
+) -> Result<(Vec<RedoThread>, bool), SourceError> {
+    let what = "reading the redo threads (V$THREAD)";
+    let (rows, exact) = match texts(conn, THREADS_SQL, &[]) {
+        Ok(rows) => (rows, true),
+        Err(e) if e.to_string().contains("ORA-00942") => (
+            texts(conn, THREADS_FROM_LOGS_SQL, &[]).map_err(|e| super::conn::db_error(what, &e))?,
+            false,
+        ),
+        Err(e) => return Err(super::conn::db_error(what, &e)),
+    };
+    Ok((
+        rows.iter().map(|r| RedoThread::from_text(r)).collect(),
+        exact,
+    ))
+}
+
+/// Runs `sql` and reads every row's columns as text.
+fn texts(
+    conn: &oracle::Connection,
+    sql: &str,
+    params: &[&dyn oracle::sql_type::ToSql],
+) -> Result<Vec<Vec<Option<String>>>, oracle::Error> {
+    let rows = conn.query(sql, params)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row?;
+        let cells = (0..row.sql_values().len())
+            .map(|i| row.get::<usize, Option<String>>(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(cells);
+    }
+    Ok(out)
+}
+
+impl OracleLogMiner {
+    /// Runs `sql` and reads every row's columns as text.
+    fn texts(
+        &self,
+        sql: &str,
+        params: &[&dyn oracle::sql_type::ToSql],
+    ) -> Result<Vec<Vec<Option<String>>>, oracle::Error> {
+        texts(&self.conn, sql, params)
+    }
+}
 
 impl LogMiner for OracleLogMiner {
     fn current_scn(&mut self) -> Result<u64, SourceError> {
@@ -250,33 +468,128 @@ impl LogMiner for OracleLogMiner {
         Ok(scn(text))
     }
 
-    fn list_logs(&mut self, from_scn: u64) -> Result<Vec<LogFile>, SourceError> {
+    fn list_logs(&mut self, from_scn: u64) -> Result<LogCatalogue, SourceError> {
+        let what = "listing redo logs (V$DATABASE, V$LOG, V$LOGFILE, V$ARCHIVED_LOG)";
+        let current = self
+            .texts(INCARNATION_SQL, &[])
+            .map_err(|e| super::conn::db_error(what, &e))?;
+        let current = current
+            .first()
+            .map(|r| Incarnation {
+                resetlogs_scn: scn(r[0].clone()),
+                resetlogs_time: r[1].clone().unwrap_or_default(),
+            })
+            .unwrap_or_default();
         let from = from_scn.min(i64::MAX as u64) as i64;
-        let rows = self.conn.query(LIST_LOGS_SQL, &[&from]).map_err(|e| {
-            super::conn::db_error("listing redo logs (V$LOG, V$LOGFILE, V$ARCHIVED_LOG)", &e)
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let row = row.map_err(|e| super::conn::db_error("listing redo logs", &e))?;
-            let get = |i: usize| -> Result<Option<String>, SourceError> {
-                row.get::<usize, Option<String>>(i)
-                    .map_err(|e| super::conn::db_error("listing redo logs", &e))
-            };
-            let num = |i: usize| -> Result<u64, SourceError> {
-                row.get::<usize, Option<i64>>(i)
-                    .map(|n| n.unwrap_or(0).max(0) as u64)
-                    .map_err(|e| super::conn::db_error("listing redo logs", &e))
-            };
-            out.push(LogFile {
-                name: get(0)?.unwrap_or_default(),
-                thread: num(1)? as u32,
-                sequence: num(2)?,
-                first_scn: scn(get(3)?),
-                next_scn: scn(get(4)?),
-                archived: get(5)?.as_deref() == Some("YES"),
-            });
+        let rows = self
+            .texts(LIST_LOGS_SQL, &[&from])
+            .map_err(|e| super::conn::db_error(what, &e))?;
+        let files = rows
+            .into_iter()
+            .map(|r| {
+                let num = |i: usize| {
+                    r[i].as_deref()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                LogFile {
+                    name: r[0].clone().unwrap_or_default(),
+                    thread: num(1) as u32,
+                    sequence: num(2),
+                    first_scn: scn(r[3].clone()),
+                    next_scn: scn(r[4].clone()),
+                    archived: r[5].as_deref() == Some("YES"),
+                    incarnation: Incarnation {
+                        resetlogs_scn: scn(r[6].clone()),
+                        resetlogs_time: r[7].clone().unwrap_or_default(),
+                    },
+                }
+            })
+            .collect();
+        Ok(LogCatalogue { current, files })
+    }
+
+    fn redo_threads(&mut self) -> Result<Vec<RedoThread>, SourceError> {
+        let (threads, exact) = read_redo_threads(&self.conn)?;
+        if !exact {
+            tracing::warn!(
+                "V$THREAD is not readable: the redo threads are taken from V$LOG (a disabled thread's log groups count too); GRANT SELECT ON V_$THREAD to sitesync's user"
+            );
         }
-        Ok(out)
+        Ok(threads)
+    }
+
+    fn open_transactions(&mut self) -> Result<Option<OpenAtStart>, SourceError> {
+        let what = "reading the open transactions (V$TRANSACTION)";
+        let xids = match self.texts("SELECT RAWTOHEX(XID) FROM V$TRANSACTION", &[]) {
+            Ok(rows) => rows,
+            Err(e) if e.to_string().contains("ORA-00942") => return Ok(None),
+            Err(e) => return Err(super::conn::db_error(what, &e)),
+        };
+        // The SCN is read after the list: a transaction missing from it
+        // had committed before this SCN, or starts after the list.
+        let text: Option<String> = self
+            .conn
+            .query_row_as("SELECT TO_CHAR(CURRENT_SCN) FROM V$DATABASE", &[])
+            .map_err(|e| super::conn::db_error("reading V$DATABASE.CURRENT_SCN", &e))?;
+        Ok(Some(OpenAtStart {
+            scn: scn(text),
+            xids: xids
+                .into_iter()
+                .filter_map(|r| r.into_iter().next().flatten())
+                .collect(),
+        }))
+    }
+
+    fn abandoned(&mut self) -> Result<Vec<Abandoned>, SourceError> {
+        let what = "reading SITESYNC_ABANDONED_TX";
+        match self.texts(ABANDONED_SELECT, &[]) {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| Abandoned::from_text(r))
+                .collect::<Result<_, _>>()
+                .map_err(|e| SourceError::transient(Cause::Query, format!("{what}: {e}"))),
+            Err(e) if e.to_string().contains("ORA-00942") => {
+                self.abandoned_table_missing = true;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(super::conn::db_error(what, &e)),
+        }
+    }
+
+    fn record_abandoned(&mut self, notes: &[Abandoned]) -> Result<(), SourceError> {
+        if self.abandoned_table_missing {
+            tracing::error!(
+                "{ABANDONED_TABLE} is missing, so `sitesync status` cannot name the abandoned transactions (the log above does): run `sitesync init`, which creates it"
+            );
+            return Ok(());
+        }
+        let what = "recording abandoned transactions (SITESYNC_ABANDONED_TX)";
+        for n in notes {
+            let ended = n.ended_scn().map(|s| s.min(i64::MAX as u64) as i64);
+            let result = self.conn.execute(
+                ABANDONED_MERGE,
+                &[
+                    &n.xid,
+                    &(n.first_scn.min(i64::MAX as u64) as i64),
+                    &(n.rows.min(i64::MAX as u64) as i64),
+                    &(n.at_scn.min(i64::MAX as u64) as i64),
+                    &n.outcome_text(),
+                    &ended,
+                ],
+            );
+            match result {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("ORA-00942") => {
+                    self.abandoned_table_missing = true;
+                    return self.record_abandoned(notes);
+                }
+                Err(e) => return Err(super::conn::db_error(what, &e)),
+            }
+        }
+        self.conn
+            .commit()
+            .map_err(|e| super::conn::db_error(what, &e))
     }
 
     fn mine(
@@ -351,6 +664,7 @@ impl OracleLogMiner {
                 sql_redo: text(8)?,
                 rs_id: text(9)?.unwrap_or_default(),
                 ssn: num(10)?.max(0) as u64,
+                time: redo_time(text(11)?),
             })?;
             n += 1;
         }
@@ -362,7 +676,8 @@ impl OracleLogMiner {
 mod tests {
     use super::*;
     use crate::engine::oracle::position::Position;
-    use crate::engine::oracle::transactions::tests::{commit, describe, ins, rollback};
+    use crate::engine::oracle::transactions::tests::{commit, describe, ins, rollback, start};
+    use crate::engine::oracle::transactions::{OpenAtStart, Outcome};
 
     fn log(seq: u64, first: u64, next: u64, archived: bool) -> LogFile {
         LogFile {
@@ -372,6 +687,7 @@ mod tests {
             first_scn: first,
             next_scn: next,
             archived,
+            incarnation: Incarnation::default(),
         }
     }
 
@@ -398,7 +714,7 @@ mod tests {
                 ins(260, "E", "e1"),
                 commit(300, "E"),
             ],
-            mined: Vec::new(),
+            ..RecordedLogMiner::default()
         }
     }
 
@@ -533,7 +849,7 @@ mod tests {
                 current_scn: current,
                 logs: vec![log(1, 1, u64::MAX, false)],
                 rows,
-                mined: Vec::new(),
+                ..RecordedLogMiner::default()
             };
             (miner, expected)
         }
@@ -580,6 +896,258 @@ mod tests {
                 prop_assert_eq!(got, expected, "resumed at {}", resume);
             }
         }
+    }
+
+    /// A two-instance RAC database: thread 1 (ORCL1, the instance sitesync
+    /// is connected to) and thread 2 (ORCL2). Transaction R on ORCL2
+    /// starts and inserts an outbox row at SCNs 105-106, but ORCL2's log
+    /// writer writes that redo only after the first window (up to 139)
+    /// was mined; its COMMIT at 150 is on disk in time.
+    fn rac() -> RecordedLogMiner {
+        let mut t2 = log(1, 1, u64::MAX, false);
+        t2.thread = 2;
+        t2.name = "thread2/redo1".into();
+        let thread = |n: u32, instance: &str| RedoThread {
+            thread: n,
+            instance: instance.into(),
+            status: "OPEN".into(),
+            enabled: "PUBLIC".into(),
+        };
+        RecordedLogMiner {
+            current_scn: 200,
+            logs: vec![log(1, 1, u64::MAX, false), t2],
+            rows: vec![
+                start(101, "A"),
+                ins(102, "A", "a1"),
+                commit(110, "A"),
+                // Open before the session started: its start is older.
+                commit(120, "P"),
+                commit(150, "R"),
+            ],
+            late: vec![(1, start(105, "R")), (1, ins(106, "R", "lost"))],
+            threads: vec![thread(1, "ORCL1"), thread(2, "ORCL2")],
+            open_at_start: Some(OpenAtStart {
+                scn: 100,
+                xids: ["P".to_string()].into_iter().collect(),
+            }),
+            ..RecordedLogMiner::default()
+        }
+    }
+
+    #[test]
+    fn defect_5_a_database_with_two_redo_threads_is_refused_before_any_window() {
+        let mut m = rac();
+        let mut tx = machine(None);
+        let e = prepare(&mut m, &mut tx).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Operator);
+        let msg = e.message();
+        for needle in [
+            "2 enabled redo threads",
+            "thread 1 (ORCL1, OPEN, PUBLIC)",
+            "thread 2 (ORCL2, OPEN, PUBLIC)",
+            "documented limit",
+            "ALTER DATABASE DISABLE THREAD",
+        ] {
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+        assert!(m.mined.is_empty(), "nothing is mined: {:?}", m.mined);
+        // One thread (a single instance) is accepted.
+        let mut single = rac();
+        single.threads.truncate(1);
+        prepare(&mut single, &mut machine(None)).unwrap();
+    }
+
+    #[test]
+    fn defect_5_a_commit_whose_late_written_start_was_never_mined_is_counted() {
+        // What the refusal prevents: mined anyway, window by window, R's
+        // insert is passed over (its redo was not on disk yet) and its
+        // COMMIT finds nothing buffered. That must not go unnoticed.
+        let mut m = rac();
+        let mut tx = machine(None);
+        tx.set_open_at_start(m.open_at_start.clone());
+        let out = drain(&mut m, &mut tx, 40);
+        assert_eq!(rows(&out), vec!["row oracle:110#0@102 a1"]);
+        assert_eq!(tx.unmatched_commits(), 1, "R's commit is counted");
+        // P was open when the session started, A was seen starting: only R
+        // counts. Without V$TRANSACTION nothing can be told apart.
+        let mut blind = rac();
+        blind.open_at_start = None;
+        let mut tx = machine(None);
+        drain(&mut blind, &mut tx, 40);
+        assert_eq!(tx.unmatched_commits(), 0);
+        // With the redo on disk in time (one window over all of it), R's
+        // event comes out and nothing is counted.
+        let mut m = rac();
+        let mut tx = machine(None);
+        tx.set_open_at_start(m.open_at_start.clone());
+        m.rows.extend(m.late.drain(..).map(|(_, r)| r));
+        let out = drain(&mut m, &mut tx, 1000);
+        assert_eq!(
+            rows(&out),
+            vec!["row oracle:110#0@102 a1", "row oracle:150#0@106 lost"]
+        );
+        assert_eq!(tx.unmatched_commits(), 0);
+    }
+
+    #[test]
+    fn defect_6_windows_mine_only_the_current_incarnations_logs() {
+        let catalogue = crate::engine::oracle::logs::tests::two_incarnations();
+        let mut m = RecordedLogMiner {
+            current_scn: 800,
+            incarnation: catalogue.current.clone(),
+            logs: catalogue.files,
+            rows: vec![
+                ins(470, "A", "a1"),
+                commit(480, "A"),
+                ins(720, "B", "b1"),
+                commit(730, "B"),
+            ],
+            ..RecordedLogMiner::default()
+        };
+        let mut tx = Transactions::new(("SITESYNC".into(), "OUTBOX".into()), None, 451, 1 << 20);
+        let out = drain(&mut m, &mut tx, 100);
+        assert_eq!(
+            rows(&out),
+            vec!["row oracle:480#0@470 a1", "row oracle:730#0@720 b1"]
+        );
+        for (lo, hi, files) in &m.mined {
+            assert!(
+                files.iter().all(|f| f.starts_with("new/")),
+                "window ({lo}, {hi}] added {files:?}"
+            );
+        }
+    }
+
+    /// `SITESYNC_ABANDONED_TX` as `sitesync status` reads it.
+    fn as_table(recorded: &[Abandoned]) -> Vec<Vec<Option<String>>> {
+        recorded
+            .iter()
+            .map(|a| {
+                vec![
+                    Some(a.xid.clone()),
+                    Some(a.first_scn.to_string()),
+                    Some(a.rows.to_string()),
+                    Some(a.at_scn.to_string()),
+                    Some(a.outcome_text().to_string()),
+                    a.ended_scn().map(|s| s.to_string()),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn defect_8_an_abandoned_transaction_stops_pinning_the_restart_scn_and_status_names_it() {
+        // Redo time is one second per SCN (the fake's rows): STUCK starts
+        // at SCN 110 and never ends; the retention is one minute.
+        const STUCK: &str = "0A0001000000AB01";
+        let recorded = || RecordedLogMiner {
+            current_scn: 400,
+            logs: vec![log(1, 1, u64::MAX, false)],
+            rows: vec![
+                ins(110, STUCK, "stuck"),
+                ins(120, "B", "b1"),
+                commit(125, "B"),
+                commit(200, "F1"),
+                ins(260, STUCK, "stuck-again"),
+                ins(300, "C", "c1"),
+                commit(310, "C"),
+            ],
+            ..RecordedLogMiner::default()
+        };
+        let restart_scn =
+            |out: &[Change<Position>]| out.last().unwrap().resume_after().mine_from.unwrap();
+        // Without a retention, STUCK holds the restart SCN at 110 for good.
+        let mut m = recorded();
+        let out = drain(&mut m, &mut machine(None), 50);
+        assert_eq!(restart_scn(&out), 110);
+        assert!(m.abandoned.is_empty());
+
+        let mut m = recorded();
+        let mut tx = machine(None).with_retention(std::time::Duration::from_secs(60));
+        let out = drain(&mut m, &mut tx, 50);
+        assert_eq!(
+            rows(&out),
+            vec!["row oracle:125#0@110 b1", "row oracle:310#0@300 c1"]
+        );
+        assert_eq!(restart_scn(&out), 401, "STUCK no longer pins it");
+        assert_eq!(tx.abandoned_total(), 1);
+        assert_eq!(
+            m.abandoned,
+            vec![Abandoned {
+                xid: STUCK.into(),
+                first_scn: 110,
+                // Its buffered row, and the one it wrote after.
+                rows: 2,
+                at_scn: 249,
+                outcome: Outcome::Open,
+            }]
+        );
+        let status = crate::status::SiteStatus {
+            source_notes: crate::engine::oracle::status::abandoned_notes(&as_table(&m.abandoned))
+                .unwrap(),
+            ..Default::default()
+        }
+        .render(Some(0));
+        assert!(
+            status.contains(&format!(
+                "abandoned transaction XID {STUCK}: 2 outbox row(s) since SCN 110, dropped at SCN 249"
+            )),
+            "{status}"
+        );
+        assert!(
+            status.contains("if it commits, its events are lost"),
+            "{status}"
+        );
+
+        // A later session reads the record: STUCK's rows are ignored, and
+        // its COMMIT, should it come, is an error and recorded.
+        let mut again = recorded();
+        again.abandoned = m.abandoned.clone();
+        again.rows.push(ins(420, STUCK, "third"));
+        again.rows.push(commit(450, STUCK));
+        again.current_scn = 500;
+        let resume = out.last().unwrap().resume_after();
+        let mut tx = machine(Some(resume));
+        prepare(&mut again, &mut tx).unwrap();
+        assert!(rows(&drain(&mut again, &mut tx, 50)).is_empty());
+        assert_eq!(tx.abandoned_committed(), 1);
+        assert_eq!(again.abandoned[0].outcome, Outcome::Committed(450));
+        assert_eq!(again.abandoned[0].rows, 3);
+        let line = again.abandoned[0].status_line();
+        assert!(
+            line.contains("COMMITTED at SCN 450: its events were lost"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn defect_6_the_log_listing_sql_keeps_to_the_current_incarnation() {
+        // The archived logs are joined to V$DATABASE's incarnation on both
+        // columns (two flashbacks to one SCN share RESETLOGS_CHANGE#).
+        assert!(
+            LIST_LOGS_SQL.contains(
+                "FROM V$ARCHIVED_LOG A JOIN V$DATABASE D \
+                   ON A.RESETLOGS_CHANGE# = D.RESETLOGS_CHANGE# AND A.RESETLOGS_TIME = D.RESETLOGS_TIME"
+            ),
+            "{LIST_LOGS_SQL}"
+        );
+        assert!(INCARNATION_SQL.contains("RESETLOGS_CHANGE#), TO_CHAR(RESETLOGS_TIME"));
+    }
+
+    #[test]
+    fn defect_7_the_contents_sql_reads_what_makes_an_outbox_insert_unreadable() {
+        // Updates, LOB operations and 32K operations on the outbox, and
+        // every transaction's START (defect 5's unmatched commits).
+        assert!(
+            CONTENTS_SQL.contains("OPERATION_CODE IN (1, 3, 9, 10, 11, 29, 91, 92, 93, 255)"),
+            "{CONTENTS_SQL}"
+        );
+        assert!(
+            CONTENTS_SQL.contains("OPERATION_CODE IN (6, 7, 36)"),
+            "{CONTENTS_SQL}"
+        );
+        assert_eq!(redo_time(Some("1970-01-02 00:00:01".into())), Some(86_401));
+        assert_eq!(redo_time(Some("not a time".into())), None);
     }
 
     #[test]

@@ -181,6 +181,13 @@ impl Fragments {
     pub fn is_pending(&self) -> bool {
         self.pending.is_some()
     }
+
+    /// The text of a statement whose last part never came (its
+    /// transaction ended, or another change of it came first), leaving
+    /// nothing pending.
+    pub fn take_pending(&mut self) -> Option<String> {
+        self.pending.take()
+    }
 }
 
 fn excerpt(s: &str, at: usize) -> String {

@@ -30,6 +30,59 @@ pub struct Settings {
     /// `max_buffered_mib`: the cap on outbox inserts of open transactions
     /// held in memory (the stream stops with an operator error past it).
     pub max_buffered_mib: usize,
+    /// `transaction_retention` (`"4h"`, `"90m"`, `"2d"`; `"0"` never): how
+    /// long, by the redo's clock, a transaction with outbox rows may stay
+    /// open before the source abandons it so that it stops holding back the
+    /// SCN mining restarts from (see [`super::transactions`]). Default
+    /// [`DEFAULT_TRANSACTION_RETENTION`]; zero when disabled.
+    pub transaction_retention: Duration,
+}
+
+/// Four hours. An outbox row is written by an application transaction,
+/// which lasts milliseconds to minutes; one open for hours is in doubt
+/// (a distributed transaction waiting for its coordinator) or was lost
+/// track of, and meanwhile every restart re-mines from its first SCN and
+/// the archived logs from there must stay on disk. Four hours keeps that
+/// within a typical archived-log backup-and-delete cycle (a day) with room
+/// to spare, while leaving any ordinary batch transaction alone. A site
+/// whose batches run longer raises it, or sets `"0"` to never abandon.
+pub const DEFAULT_TRANSACTION_RETENTION: Duration = Duration::from_secs(4 * 3600);
+
+/// Parses `"4h"`, `"90m"`, `"45s"`, `"2d"` (a whole number and a unit), or
+/// `"0"` (never).
+pub fn parse_retention(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("`{t}` has no unit: expected e.g. \"4h\", \"90m\", \"2d\" or \"0\"")
+    })?;
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{t}` does not start with a whole number: expected e.g. \"4h\""))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "`{t}`: unknown unit `{unit}`; expected s, m, h or d (e.g. \"4h\"), or \"0\" to never abandon"
+            ));
+        }
+    };
+    let total = n
+        .checked_mul(secs)
+        .filter(|&s| s <= 366 * 86_400)
+        .ok_or_else(|| format!("`{t}` is over a year"))?;
+    if total < 60 {
+        return Err(format!(
+            "`{t}` is under a minute: a live transaction would be abandoned and its events lost; use minutes or more, or \"0\" to never abandon"
+        ));
+    }
+    Ok(Duration::from_secs(total))
 }
 
 impl Settings {
@@ -73,6 +126,17 @@ impl Settings {
             .integer("max_buffered_mib", 1..=1_048_576, "a size in MiB")
             .map(|n| n as usize)
             .unwrap_or(256);
+        let transaction_retention = match d.string(
+            "transaction_retention",
+            false,
+            "a duration such as \"4h\", or \"0\"",
+        ) {
+            None => DEFAULT_TRANSACTION_RETENTION,
+            Some(text) => parse_retention(&text).unwrap_or_else(|e| {
+                d.problem("transaction_retention", e);
+                DEFAULT_TRANSACTION_RETENTION
+            }),
+        };
         Settings {
             url,
             outbox_table,
@@ -82,6 +146,7 @@ impl Settings {
             window_target_rows,
             poll_interval,
             max_buffered_mib,
+            transaction_retention,
         }
     }
 }
@@ -151,4 +216,28 @@ pub fn parse_oracle_url(url: &str) -> Result<OracleUrl, String> {
         password: decode(password)?,
         connect_string: format!("//{hostport}/{service}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defect_8_transaction_retention_parses_units_and_refuses_nonsense() {
+        assert_eq!(parse_retention("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert_eq!(parse_retention(" 90m "), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_retention("2d"), Ok(Duration::from_secs(2 * 86_400)));
+        assert_eq!(parse_retention("0"), Ok(Duration::ZERO));
+        for (bad, says) in [
+            ("4", "no unit"),
+            ("4 hours", "unknown unit"),
+            ("h", "whole number"),
+            ("30s", "under a minute"),
+            ("400d", "over a year"),
+        ] {
+            let e = parse_retention(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(DEFAULT_TRANSACTION_RETENTION, Duration::from_secs(14_400));
+    }
 }

@@ -11,12 +11,16 @@
 //!   `SITESYNC_LOGMNR_FLUSH` (created by `init`) so that the log writer has
 //!   written every change up to the SCN it then reads ([`miner::FLUSH_TABLE`]).
 //! - Windows: [`miner::read_window`] picks the redo logs covering `(lo, hi]`
-//!   ([`logs::select`]; a needed archived log that is gone is an operator
-//!   error naming the SCN range), adds them with `DBMS_LOGMNR.ADD_LOGFILE`,
-//!   starts LogMiner with the online catalog as dictionary and without
-//!   `COMMITTED_DATA_ONLY`, and reads `V$LOGMNR_CONTENTS` for the outbox's
-//!   INSERTs and every COMMIT and ROLLBACK. The width adapts
-//!   ([`logs::WindowSizer`]).
+//!   from the current incarnation ([`logs::select`]; a needed archived log
+//!   that is gone is an operator error naming the SCN range), adds them
+//!   with `DBMS_LOGMNR.ADD_LOGFILE`, starts LogMiner with the online
+//!   catalog as dictionary and without `COMMITTED_DATA_ONLY`, and reads
+//!   `V$LOGMNR_CONTENTS` for the outbox's INSERTs (and the changes that
+//!   make one unreadable) and every START, COMMIT and ROLLBACK. The width
+//!   adapts ([`logs::WindowSizer`]). Transactions abandoned past
+//!   `database.transaction_retention` are recorded in
+//!   `SITESYNC_ABANDONED_TX` ([`miner::ABANDONED_TABLE`]); the stream's
+//!   [`Counters`] count them and the other losses it cannot prevent.
 //! - Transactions are buffered by XID and emitted at their COMMIT in
 //!   `(commit SCN, XID)` order ([`transactions`]); `SQL_REDO` is parsed by
 //!   [`super::redo`] and mapped to the outbox fields by [`super::types`].
@@ -29,9 +33,17 @@
 //!   created at (or the oldest redo still on disk, if later): rows written
 //!   between `init` and the first `run` are not lost.
 //!
-//! Not handled (the row goes to the dead-letter queue, never silently
-//! dropped): a `data` CLOB written out of row (`EMPTY_CLOB()` followed by
-//! LOB writes). `init` creates `data` as `VARCHAR2(4000)` for that reason.
+//! - Before the first window ([`miner::prepare`]): a database with more
+//!   than one enabled redo thread (RAC) is refused (a documented limit,
+//!   [`logs::single_redo_thread`]); the transactions abandoned by earlier
+//!   sessions and those open now (`V$TRANSACTION`) are read.
+//!
+//! Limits, refused loudly rather than published malformed: `DATA` must be
+//! `VARCHAR2(4000 BYTE)` (or `NVARCHAR2(2000)`); `init` creates it so and
+//! `check` fails on a LOB or a longer (extended) VARCHAR2. LogMiner writes
+//! longer values out of line (LOB or `32K` operations), which sitesync
+//! does not reassemble: such a row goes to the dead-letter queue with the
+//! reason ([`transactions`]).
 
 use super::conn::{OracleConnect, blocking, db_error, ident, literal, outbox_names};
 use super::position::Position;
@@ -41,8 +53,13 @@ use crate::checks::Check;
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, SourceError};
 use crate::source::{Change, ChangeStream, LogBounds, Source};
-use logs::WindowSizer;
-use miner::{FLUSH_DDL, FLUSH_TABLE, LogMiner, OracleLogMiner, SettledScn, read_window};
+use logs::{WindowSizer, single_redo_thread};
+use miner::{
+    ABANDONED_DDL, ABANDONED_TABLE, FLUSH_DDL, FLUSH_TABLE, LogMiner, OracleLogMiner, SettledScn,
+    read_window,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use transactions::Transactions;
 
@@ -78,10 +95,13 @@ impl OracleSource {
     }
 }
 
-/// The outbox table. `data` is `VARCHAR2(4000)` so that LogMiner always
-/// writes its value in the INSERT's `SQL_REDO` (see the module docs); on a
-/// database with `MAX_STRING_SIZE = EXTENDED` it can be widened to
-/// `VARCHAR2(32767)`. `id` defaults to a `SYS_GUID()` in UUID form.
+/// The outbox table. `data` is `VARCHAR2(4000 BYTE)` so that LogMiner
+/// always writes its value in the INSERT's `SQL_REDO` (see the module
+/// docs): in bytes, because `VARCHAR2(4000 CHAR)` under `MAX_STRING_SIZE
+/// = EXTENDED` holds up to 16,000 bytes, which LogMiner writes out of
+/// line. A payload over 4,000 bytes is refused by the database (ORA-12899)
+/// when the application inserts it. `id` defaults to a `SYS_GUID()` in
+/// UUID form.
 pub fn outbox_ddl(name: &str, site: &str) -> String {
     format!(
         "CREATE TABLE {name} (\n\
@@ -90,7 +110,7 @@ pub fn outbox_ddl(name: &str, site: &str) -> String {
          \x20 ORIGIN VARCHAR2(64) DEFAULT {site} NOT NULL,\n\
          \x20 TYPE VARCHAR2(200) NOT NULL,\n\
          \x20 ENTITY_KEY VARCHAR2(400),\n\
-         \x20 DATA VARCHAR2(4000) NOT NULL CONSTRAINT {check} CHECK (DATA IS JSON)\n\
+         \x20 DATA VARCHAR2(4000 BYTE) NOT NULL CONSTRAINT {check} CHECK (DATA IS JSON)\n\
          )",
         site = literal(site),
         check = ident(&format!(
@@ -116,6 +136,8 @@ pub fn dba_statements(user: &str, outbox: &str) -> Vec<String> {
         format!("GRANT SELECT ON V_$LOG TO {u};"),
         format!("GRANT SELECT ON V_$LOGFILE TO {u};"),
         format!("GRANT SELECT ON V_$ARCHIVED_LOG TO {u};"),
+        format!("GRANT SELECT ON V_$THREAD TO {u};"),
+        format!("GRANT SELECT ON V_$TRANSACTION TO {u};"),
         format!("GRANT SELECT ON V_$LOGMNR_CONTENTS TO {u};"),
         format!("GRANT EXECUTE ON DBMS_LOGMNR TO {u};"),
     ]
@@ -125,6 +147,43 @@ pub fn dba_statements(user: &str, outbox: &str) -> Vec<String> {
 pub struct OracleStream {
     rx: mpsc::Receiver<Result<Change<Position>, SourceError>>,
     reader: tokio::task::JoinHandle<()>,
+    counters: Arc<Counters>,
+}
+
+/// What the reader counts, for metrics: each a total since the stream
+/// opened, updated after every window.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Transactions abandoned past `database.transaction_retention`.
+    pub abandoned: AtomicU64,
+    /// Abandoned transactions that then committed (their events lost).
+    pub abandoned_committed: AtomicU64,
+    /// Commits of transactions whose start was never mined (redo written
+    /// late; see [`transactions`]).
+    pub unmatched_commits: AtomicU64,
+    /// Outbox rows sent to the dead-letter queue because their `DATA` was
+    /// not whole in the INSERT's redo.
+    pub unreadable_rows: AtomicU64,
+}
+
+impl Counters {
+    fn update(&self, tx: &Transactions) {
+        self.abandoned
+            .store(tx.abandoned_total(), Ordering::Relaxed);
+        self.abandoned_committed
+            .store(tx.abandoned_committed(), Ordering::Relaxed);
+        self.unmatched_commits
+            .store(tx.unmatched_commits(), Ordering::Relaxed);
+        self.unreadable_rows
+            .store(tx.unreadable_rows(), Ordering::Relaxed);
+    }
+}
+
+impl OracleStream {
+    /// The reader's counters (see [`Counters`]).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
 }
 
 impl ChangeStream for OracleStream {
@@ -189,10 +248,13 @@ fn read_loop(
     mut sizer: WindowSizer,
     out: mpsc::Sender<Result<Change<Position>, SourceError>>,
     poll: std::time::Duration,
+    counters: Arc<Counters>,
 ) {
     let mut settled = SettledScn::new(SETTLE);
     loop {
-        match read_window(&mut miner, &mut tx, &mut sizer, &mut settled) {
+        let window = read_window(&mut miner, &mut tx, &mut sizer, &mut settled);
+        counters.update(&tx);
+        match window {
             Ok(changes) if changes.is_empty() => {
                 if out.is_closed() {
                     return;
@@ -293,20 +355,23 @@ impl Source for OracleSource {
                     )),
                 }
             }
-            let flush: i64 = conn
-                .query_row_as(
-                    "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
-                    &[&FLUSH_TABLE],
-                )
-                .map_err(|e| db_error("looking for the flush table", &e))?;
-            if flush > 0 {
-                done.push(format!("log writer flush table {FLUSH_TABLE}: already there"));
-            } else {
-                conn.execute(FLUSH_DDL, &[])
-                    .map_err(|e| db_error(&format!("creating {FLUSH_TABLE}"), &e))?;
-                done.push(format!(
-                    "log writer flush table {FLUSH_TABLE}: created (updated before each LogMiner window)"
-                ));
+            for (name, ddl, what) in [
+                (FLUSH_TABLE, FLUSH_DDL, "log writer flush table", ),
+                (ABANDONED_TABLE, ABANDONED_DDL, "abandoned transactions table"),
+            ] {
+                let there: i64 = conn
+                    .query_row_as(
+                        "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
+                        &[&name],
+                    )
+                    .map_err(|e| db_error(&format!("looking for {name}"), &e))?;
+                if there > 0 {
+                    done.push(format!("{what} {name}: already there"));
+                } else {
+                    conn.execute(ddl, &[])
+                        .map_err(|e| db_error(&format!("creating {name}"), &e))?;
+                    done.push(format!("{what} {name}: created"));
+                }
             }
             done.push(
                 "a DBA runs these once (sitesync cannot; `sitesync check` tells which are still needed):".into(),
@@ -326,6 +391,8 @@ impl Source for OracleSource {
         let settings = self.cfg.clone();
         let (out, rx) = mpsc::channel(1024);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let counters = Arc::new(Counters::default());
+        let shared = counters.clone();
         let reader = tokio::task::spawn_blocking(move || {
             let setup = (|| {
                 let conn = connect.connect()?;
@@ -342,17 +409,20 @@ impl Source for OracleSource {
                     table: table.clone(),
                     add_files,
                     flush: true,
+                    abandoned_table_missing: false,
                 };
                 let start = match &resume {
                     Some(_) => 0,
                     None => first_scn(&mut miner)?,
                 };
-                let tx = Transactions::new(
+                let mut tx = Transactions::new(
                     (owner, table),
                     resume,
                     start,
                     settings.max_buffered_mib << 20,
-                );
+                )
+                .with_retention(settings.transaction_retention);
+                miner::prepare(&mut miner, &mut tx)?;
                 Ok((miner, tx))
             })();
             match setup {
@@ -363,7 +433,7 @@ impl Source for OracleSource {
                         settings.window_max_scn,
                         settings.window_target_rows,
                     );
-                    read_loop(miner, tx, sizer, out, settings.poll_interval);
+                    read_loop(miner, tx, sizer, out, settings.poll_interval, shared);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -371,7 +441,11 @@ impl Source for OracleSource {
             }
         });
         match ready_rx.await {
-            Ok(Ok(())) => Ok(OracleStream { rx, reader }),
+            Ok(Ok(())) => Ok(OracleStream {
+                rx,
+                reader,
+                counters,
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(SourceError::transient(
                 Cause::Query,
@@ -390,10 +464,11 @@ impl Source for OracleSource {
                 table: String::new(),
                 add_files: false,
                 flush: false,
+                abandoned_table_missing: false,
             };
             let current = miner.current_scn()?;
             let available = miner.list_logs(0)?;
-            let oldest = available.iter().min_by_key(|f| f.first_scn);
+            let oldest = available.current_files().min_by_key(|f| f.first_scn);
             Ok(LogBounds {
                 oldest: oldest.map(|f| Position {
                     scn: f.first_scn,
@@ -453,7 +528,7 @@ fn first_scn(miner: &mut OracleLogMiner) -> Result<u64, SourceError> {
         .flatten();
     let oldest = miner
         .list_logs(0)?
-        .iter()
+        .current_files()
         .map(|f| f.first_scn)
         .min()
         .unwrap_or(0);
@@ -544,6 +619,39 @@ fn preflight_queries(
         )),
         Err(e) => checks.push(Check::fail("outbox table", e, "see the message")),
     }
+    match conn.query_row_as::<(Option<String>, Option<i64>)>(
+        "SELECT DATA_TYPE, DATA_LENGTH FROM ALL_TAB_COLUMNS WHERE OWNER = :1 AND TABLE_NAME = :2 AND COLUMN_NAME = 'DATA'",
+        &[&owner, &table],
+    ) {
+        Ok((Some(data_type), length)) => checks.push(data_column_check(
+            outbox,
+            &data_type,
+            length.unwrap_or(0),
+        )),
+        // No DATA column: the outbox table check above says so.
+        Ok((None, _)) => {}
+        Err(e) if e.to_string().contains("ORA-01403") => {}
+        Err(e) => checks.push(Check::fail("outbox DATA column", e.to_string(), "see the message")),
+    }
+    match super::miner::read_redo_threads(conn) {
+        Ok((threads, exact)) => match single_redo_thread(&threads) {
+            Ok(()) if exact => checks.push(Check::pass(
+                "redo threads",
+                "one enabled redo thread (a single instance)",
+            )),
+            Ok(()) => checks.push(Check::warn(
+                "redo threads",
+                "one thread in V$LOG (V$THREAD is not readable)",
+                format!("GRANT SELECT ON V_$THREAD TO {};", ident(&user.to_uppercase())),
+            )),
+            Err(m) => checks.push(Check::fail(
+                "redo threads",
+                m,
+                "mine a single-instance database; disable threads left over from a former RAC (ALTER DATABASE DISABLE THREAD n)",
+            )),
+        },
+        Err(e) => checks.push(Check::fail("redo threads", e.message(), "see the message")),
+    }
     match count(
         "SELECT COUNT(*) FROM ALL_LOG_GROUPS WHERE OWNER = :1 AND TABLE_NAME = :2 AND LOG_GROUP_TYPE = 'ALL COLUMN LOGGING'",
         owner,
@@ -583,18 +691,46 @@ fn preflight_queries(
             ));
         }
     }
-    for view in ["V$DATABASE", "V$LOG", "V$LOGFILE", "V$ARCHIVED_LOG"] {
+    // Without V$THREAD the threads are read from V$LOG, and without
+    // V$TRANSACTION commits never seen starting are not counted: both work,
+    // less well.
+    for (view, needed) in [
+        ("V$DATABASE", true),
+        ("V$LOG", true),
+        ("V$LOGFILE", true),
+        ("V$ARCHIVED_LOG", true),
+        ("V$THREAD", false),
+        ("V$TRANSACTION", false),
+    ] {
+        let name = format!("SELECT on {view}");
+        let grant = format!("GRANT SELECT ON {} TO {u};", view.replace("V$", "V_$"));
         match conn.query_row(
             &format!("SELECT COUNT(*) FROM {view} WHERE ROWNUM = 1"),
             &[],
         ) {
-            Ok(_) => checks.push(Check::pass(format!("SELECT on {view}"), "granted")),
-            Err(e) => checks.push(Check::fail(
-                format!("SELECT on {view}"),
-                e.to_string(),
-                format!("GRANT SELECT ON {} TO {u};", view.replace("V$", "V_$")),
-            )),
+            Ok(_) => checks.push(Check::pass(name, "granted")),
+            Err(e) if needed => checks.push(Check::fail(name, e.to_string(), grant)),
+            Err(e) => checks.push(Check::warn(name, e.to_string(), grant)),
         }
+    }
+    match conn.query_row_as::<i64>(
+        "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
+        &[&ABANDONED_TABLE],
+    ) {
+        Ok(n) if n > 0 => checks.push(Check::pass(
+            "abandoned transactions table",
+            format!("{ABANDONED_TABLE} (what `sitesync status` lists)"),
+        )),
+        Ok(_) => checks.push(Check::fail(
+            "abandoned transactions table",
+            format!("{ABANDONED_TABLE} is missing: `sitesync status` could not name a transaction abandoned past database.transaction_retention"),
+            "run `sitesync init`",
+        )),
+        Err(e) => checks.push(Check::fail(
+            "abandoned transactions table",
+            e.to_string(),
+            "see the message",
+        )),
     }
     match conn.query_row_as::<i64>(
         "SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = :1",
@@ -634,7 +770,7 @@ fn preflight_queries(
         )),
     }
     // Where archived logs start: what a checkpoint can still resume from.
-    match one("SELECT TO_CHAR(MIN(FIRST_CHANGE#)) FROM V$ARCHIVED_LOG WHERE STATUS = 'A' AND DELETED = 'NO'") {
+    match one("SELECT TO_CHAR(MIN(A.FIRST_CHANGE#)) FROM V$ARCHIVED_LOG A JOIN V$DATABASE D ON A.RESETLOGS_CHANGE# = D.RESETLOGS_CHANGE# AND A.RESETLOGS_TIME = D.RESETLOGS_TIME WHERE A.STATUS = 'A' AND A.DELETED = 'NO'") {
         Ok(Some(scn)) => checks.push(Check::pass(
             "archived redo",
             format!("on disk from SCN {scn}: a checkpoint older than that cannot be resumed"),
@@ -648,9 +784,79 @@ fn preflight_queries(
     }
 }
 
+/// The most `DATA` may hold, in bytes: LogMiner writes a longer value out
+/// of line (a LOB, or an extended VARCHAR2 over 4,000 bytes, as LOB-like
+/// `32K` operations), and sitesync reads `DATA` from the INSERT only.
+pub const DATA_MAX_BYTES: i64 = 4000;
+
+/// The `check` of the outbox's `DATA` column, from `ALL_TAB_COLUMNS`'
+/// `DATA_TYPE` and `DATA_LENGTH` (bytes).
+pub fn data_column_check(outbox: &str, data_type: &str, data_length: i64) -> Check {
+    let name = "outbox DATA column";
+    let kind = data_type.trim().to_ascii_uppercase();
+    match kind.as_str() {
+        "VARCHAR2" | "NVARCHAR2" if data_length <= DATA_MAX_BYTES => Check::pass(
+            name,
+            format!("{kind}, {data_length} bytes at most: LogMiner carries it whole in the INSERT"),
+        ),
+        "VARCHAR2" | "NVARCHAR2" => Check::fail(
+            name,
+            format!(
+                "{kind} of {data_length} bytes (MAX_STRING_SIZE = EXTENDED): LogMiner writes a value over {DATA_MAX_BYTES} bytes out of line, which sitesync does not read, so such an event would go to the dead-letter queue instead of the other sites"
+            ),
+            format!(
+                "ALTER TABLE {outbox} MODIFY (DATA VARCHAR2(4000 BYTE)); (fails while a longer value is in the outbox: let sitesync drain it first). Keep payloads under 4,000 bytes"
+            ),
+        ),
+        _ => Check::fail(
+            name,
+            format!(
+                "{kind}: LogMiner writes a {kind} value over about 4,000 bytes out of line, which sitesync does not read, so such an event would go to the dead-letter queue instead of the other sites"
+            ),
+            format!(
+                "DATA must be VARCHAR2(4000 BYTE) (or NVARCHAR2(2000)); a {kind} column cannot be modified into one: once sitesync has drained the outbox, rename it, run `sitesync init` to create {outbox} anew, and move the application to it. Keep payloads under 4,000 bytes"
+            ),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defect_7_check_refuses_a_lob_or_over_4000_byte_data_column() {
+        let outbox = "\"APP\".\"OUTBOX\"";
+        let pass = data_column_check(outbox, "VARCHAR2", 4000);
+        assert_eq!(pass.status, crate::checks::Status::Pass, "{pass:?}");
+        let pass = data_column_check(outbox, "NVARCHAR2", 4000);
+        assert_eq!(pass.status, crate::checks::Status::Pass, "{pass:?}");
+        // VARCHAR2(32767), or VARCHAR2(4000 CHAR) in AL32UTF8 under
+        // MAX_STRING_SIZE = EXTENDED (16,000 bytes).
+        for length in [32767, 16000] {
+            let c = data_column_check(outbox, "VARCHAR2", length);
+            assert_eq!(c.status, crate::checks::Status::Fail, "{c:?}");
+            assert!(c.detail.contains("out of line"), "{c:?}");
+            assert!(
+                c.fix
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("MODIFY (DATA VARCHAR2(4000 BYTE))"),
+                "{c:?}"
+            );
+        }
+        for lob in ["CLOB", "NCLOB", "BLOB", "JSON"] {
+            let c = data_column_check(outbox, lob, 4000);
+            assert_eq!(c.status, crate::checks::Status::Fail, "{c:?}");
+            assert!(
+                c.fix
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("VARCHAR2(4000 BYTE)"),
+                "{c:?}"
+            );
+        }
+    }
 
     #[test]
     fn outbox_names_and_ddl() {
@@ -670,7 +876,7 @@ mod tests {
         assert!(ddl.contains("DEFAULT 'MAD''RID' NOT NULL"), "{ddl}");
         assert!(
             ddl.contains(
-                "DATA VARCHAR2(4000) NOT NULL CONSTRAINT \"OUTBOX_DATA_JSON\" CHECK (DATA IS JSON)"
+                "DATA VARCHAR2(4000 BYTE) NOT NULL CONSTRAINT \"OUTBOX_DATA_JSON\" CHECK (DATA IS JSON)"
             ),
             "{ddl}"
         );
@@ -682,6 +888,8 @@ mod tests {
             "GRANT CREATE SESSION, LOGMINING, SELECT ANY TRANSACTION TO \"SITESYNC\"",
             "GRANT EXECUTE ON DBMS_LOGMNR TO \"SITESYNC\"",
             "V_$ARCHIVED_LOG",
+            "GRANT SELECT ON V_$THREAD TO \"SITESYNC\"",
+            "GRANT SELECT ON V_$TRANSACTION TO \"SITESYNC\"",
         ] {
             assert!(dba.contains(needle), "{needle}: {dba}");
         }

@@ -1,7 +1,9 @@
 //! What `sitesync status` reads from an Oracle site.
 
 use super::conn::{OracleConnect, blocking, db_error, outbox_names};
+use super::miner::{ABANDONED_SELECT, ABANDONED_TABLE};
 use super::settings::Settings;
+use super::transactions::Abandoned;
 use crate::error::{Cause, SourceError};
 use crate::status::{GapRecord, OriginProgress, SiteStatus, counts_from_text};
 
@@ -93,7 +95,40 @@ pub async fn read(db: &Settings) -> Result<SiteStatus, SourceError> {
             ),
             None => "the database's SCN is not readable".to_string(),
         };
+        let recorded = texts(
+            &conn,
+            &format!("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = '{ABANDONED_TABLE}'"),
+            "looking for SITESYNC_ABANDONED_TX",
+        )?;
+        status.source_notes = if recorded.first().and_then(|r| r[0].as_deref()) == Some("1") {
+            abandoned_notes(&texts(&conn, ABANDONED_SELECT, "reading SITESYNC_ABANDONED_TX")?)
+                .map_err(unreadable("reading SITESYNC_ABANDONED_TX"))?
+        } else {
+            vec![format!(
+                "{ABANDONED_TABLE} is missing: transactions abandoned past database.transaction_retention cannot be listed (run `sitesync init`)"
+            )]
+        };
         Ok(status)
     })
     .await
+}
+
+/// At most this many abandoned transactions are listed, newest first.
+const ABANDONED_SHOWN: usize = 20;
+
+/// The status lines for the rows of `SITESYNC_ABANDONED_TX` (newest
+/// first), read as text.
+pub fn abandoned_notes(rows: &[Vec<Option<String>>]) -> Result<Vec<String>, String> {
+    let mut notes = rows
+        .iter()
+        .take(ABANDONED_SHOWN)
+        .map(|r| Abandoned::from_text(r).map(|a| a.status_line()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if rows.len() > ABANDONED_SHOWN {
+        notes.push(format!(
+            "… and {} older abandoned transaction(s) in {ABANDONED_TABLE}",
+            rows.len() - ABANDONED_SHOWN
+        ));
+    }
+    Ok(notes)
 }
