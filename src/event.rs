@@ -12,6 +12,7 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::BTreeSet;
 use uuid::Uuid;
 
 /// One change of one entity, as it travels between sites.
@@ -67,6 +68,22 @@ impl Clock {
         match self.last_ts {
             Some(last) if written <= last => last + chrono::Duration::microseconds(1),
             _ => written,
+        }
+    }
+
+    /// Moves past the numbers in `taken` that the next event would get
+    /// (see [`crate::source::ChangeStream::taken`]), and forgets those
+    /// already behind: a number is taken by an earlier event of the same
+    /// epoch, which the log no longer shows.
+    pub fn skip_taken(&mut self, taken: &mut BTreeSet<u64>) {
+        while let Some(&first) = taken.first() {
+            if first > self.next_seq {
+                break;
+            }
+            if first == self.next_seq {
+                self.next_seq += 1;
+            }
+            taken.pop_first();
         }
     }
 
@@ -349,6 +366,26 @@ mod tests {
             c = c.after(&e);
         }
         assert_eq!(c.next_seq, 5);
+    }
+
+    #[test]
+    fn numbers_taken_by_events_not_read_again_are_skipped_in_order() {
+        // 10 and 11 went to events whose rows the log forgot, 13 too;
+        // 7 is behind the clock already.
+        let mut taken = BTreeSet::from([7, 10, 11, 13]);
+        let mut c = clock(10);
+        c.skip_taken(&mut taken);
+        assert_eq!(c.next_seq, 12, "10 and 11 are skipped");
+        assert_eq!(taken, BTreeSet::from([13]), "and 7 forgotten");
+        let e = row().to_event("PARIS", 1, &c).unwrap();
+        assert_eq!(e.seq, 12);
+        c = c.after(&e);
+        c.skip_taken(&mut taken);
+        assert_eq!(c.next_seq, 14);
+        assert!(taken.is_empty());
+        // Nothing taken: nothing moves.
+        c.skip_taken(&mut taken);
+        assert_eq!(c.next_seq, 14);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::retry::Backoff;
 use crate::source::{Change, ChangeStream, Source};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -272,6 +273,7 @@ async fn session<S: Source>(
         .await
         .map_err(BusError::amqp("opening the publisher channel"))?;
     let mut stream = source.open(base.resume.as_ref()).await?;
+    stream.numbering(base.epoch, base.clock().next_seq);
     tracing::info!(
         connector = %cfg.name,
         resume = %describe(&base),
@@ -303,6 +305,8 @@ async fn session<S: Source>(
     let blocked_log = tokio::spawn(log_flow_control(conn.events_listener(), cfg.name.clone()));
     let mut inflight: FuturesOrdered<Pending<S::Position>> = FuturesOrdered::new();
     let mut clock = base.clock();
+    // Numbers taken before a restart by events whose rows the log forgot.
+    let mut taken = BTreeSet::new();
     let window = cfg.broker.publisher_window;
     let mut counters = Counters::default();
     let mut report =
@@ -359,10 +363,11 @@ async fn session<S: Source>(
                     Err(e) => break (Err(e.into()), true),
                 };
                 last_change = Instant::now();
+                taken.extend(stream.taken());
                 // A publish waits while the broker blocks the connection
                 // (a memory or disk alarm): stay responsive to SIGTERM.
                 let published = tokio::select! {
-                    published = dispatch(change, &publisher, &numbering, &mut clock, &mut counters) => published,
+                    published = dispatch(change, &publisher, &numbering, &mut clock, &mut taken, &mut counters) => published,
                     _ = shutdown.wait() => break (Ok(()), true),
                 };
                 match published {
@@ -446,6 +451,7 @@ async fn dispatch<P: LogPosition>(
     publisher: &Publisher,
     ctx: &Numbering<'_>,
     clock: &mut Clock,
+    taken: &mut BTreeSet<u64>,
     counters: &mut Counters,
 ) -> Result<Pending<P>, SessionError> {
     let resume = change.resume_after();
@@ -460,7 +466,10 @@ async fn dispatch<P: LogPosition>(
         }));
     };
     let event = match &row {
-        Ok(r) => r.to_event(ctx.site, ctx.epoch, clock),
+        Ok(r) => {
+            clock.skip_taken(taken);
+            r.to_event(ctx.site, ctx.epoch, clock)
+        }
         Err(e) => Err(e.clone()),
     }
     .and_then(|event| {

@@ -117,4 +117,22 @@ pub trait ChangeStream: Send {
 
     /// Ends the stream cleanly, after reporting the last durable position.
     fn close(self) -> impl Future<Output = ()> + Send;
+
+    /// How the runner numbers the events of this stream: the checkpoint's
+    /// epoch and the `seq` its next event gets. Told once, before the first
+    /// [`ChangeStream::next`]. Only a log that forgets rows (see
+    /// [`ChangeStream::taken`]) needs it.
+    fn numbering(&mut self, _epoch: u64, _next_seq: u64) {}
+
+    /// Numbers of the epoch given to [`ChangeStream::numbering`], at or
+    /// above its `next_seq`, that events published before a restart already
+    /// took, whose rows the log no longer shows: the runner skips them when
+    /// it numbers the rows read again, so that each event republished after
+    /// a crash keeps its `seq`. Asked after every [`ChangeStream::next`];
+    /// a stream hands each number out once or more (the runner keeps a set).
+    /// A log that shows every committed row again (PostgreSQL's slot,
+    /// LogMiner) has none.
+    fn taken(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
 }

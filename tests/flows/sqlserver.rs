@@ -59,7 +59,7 @@ impl SqlSite {
         std::fs::write(
             &connector,
             format!(
-                "site = \"MADRID\"\n\n[database]\nkind = \"sqlserver\"\nurl = \"server=tcp:{host},{port};database=madrid;user=sa;password={}\"\ntrust_server_certificate = true\npoll_max_ms = 200\nmax_downtime_hours = 1\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"dbo.item\"\nkey = [\"id\"]\noperation = \"upsert\"\n",
+                "site = \"MADRID\"\n\n[database]\nkind = \"sqlserver\"\nurl = \"server=tcp:{host},{port};database=madrid;user=sa;password={}\"\ntrust_server_certificate = true\npoll_max_ms = 200\nmax_downtime_hours = 1\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\nmax_attempts = 2\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"dbo.item\"\nkey = [\"id\"]\noperation = \"upsert\"\n",
                 MssqlServer::DEFAULT_SA_PASSWORD,
                 mesh.amqp_url,
                 mesh.dir.path().join("topology.toml").display(),
@@ -291,4 +291,117 @@ async fn sqlserver_a_checkpoint_older_than_change_tracking_retention_stops_with_
     let log = sidecar.log_text();
     assert!(log.contains("lost to Change Tracking retention"), "{log}");
     assert!(log.contains("checkpoint reset"), "{log}");
+}
+
+/// Defect 2, against a real server: one MADRID transaction writes item 7
+/// twice, with outbox ids that SQL Server orders the other way round
+/// (a uniqueidentifier compares its last six bytes first). Change Tracking
+/// gives both rows one version; the outbox's `[ordinal]` keeps them in
+/// insert order, so every site ends on the second write, as MADRID did.
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_two_events_of_one_entity_in_one_transaction_end_on_the_same_row_everywhere() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let _pg = mesh.spawn_all();
+    let _madrid = madrid.spawn(&mesh);
+    let mut m = madrid.client().await;
+    let first = Uuid::parse_str("00000000-0000-0000-0000-0000000000ff").unwrap();
+    let second = Uuid::parse_str("ffffffff-0000-0000-0000-000000000001").unwrap();
+    let data = |n: i32| {
+        serde_json::json!({"id": 7, "n": n, "rev": Uuid::new_v4(), "site": "MADRID"}).to_string()
+    };
+    let (one, two) = (data(1), data(2));
+    m.execute(
+        "BEGIN TRANSACTION;
+         INSERT INTO dbo.item (id, n, rev, site) VALUES (7, 1, NEWID(), N'MADRID');
+         INSERT INTO dbo.outbox (id, type, entity_key, data) VALUES (@P1, N'item.upsert', N'7', @P2);
+         UPDATE dbo.item SET n = 2 WHERE id = 7;
+         INSERT INTO dbo.outbox (id, type, entity_key, data) VALUES (@P3, N'item.upsert', N'7', @P4);
+         COMMIT;",
+        &[&first, &one.as_str(), &second, &two.as_str()],
+    )
+    .await
+    .expect("the transaction commits");
+    for site in ["PARIS", "LONDON"] {
+        wait_for(
+            async || {
+                mesh.client(site)
+                    .await
+                    .query_opt("SELECT n FROM item WHERE id = 7", &[])
+                    .await
+                    .unwrap()
+                    .is_some_and(|r| r.get::<_, i32>(0) == 2)
+            },
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("item 7 at {site} ends on the second write: {e}"));
+    }
+    assert_eq!(
+        mssql_count(&mut m, "SELECT n FROM dbo.item WHERE id = 7").await,
+        2
+    );
+}
+
+/// Defect 1, against a real server: an event from PARIS whose `rev` is not
+/// a uniqueidentifier fails at MADRID with a conversion error, which ends
+/// the transaction (XACT_STATE() = 0) even with XACT_ABORT OFF. It goes to
+/// the dead-letter queue after `max_attempts`; the events after it apply
+/// and the sidecar keeps running.
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_an_event_that_does_not_convert_is_dead_lettered_and_the_events_after_it_apply() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let _pg = mesh.spawn_all();
+    let mut sidecar = madrid.spawn(&mesh);
+    let paris = mesh.client("PARIS").await;
+    for id in 0..5 {
+        upsert(&paris, "PARIS", id, id).await;
+    }
+    paris
+        .execute(
+            "INSERT INTO outbox (type, entity_key, data) VALUES ('item.upsert', '50', '{\"id\": 50, \"n\": 1, \"rev\": \"not-a-uuid\", \"site\": \"PARIS\"}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    for id in 5..10 {
+        upsert(&paris, "PARIS", id, id).await;
+    }
+    let mut m = madrid.client().await;
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT COUNT(*) FROM dbo.item WHERE site = N'PARIS'",
+            )
+            .await
+                == 10
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("PARIS's good rows at MADRID: {e}\n{}", sidecar.log_tail()));
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT COUNT(*) FROM dbo.sitesync_inbox WHERE outcome = N'dead_letter'",
+            )
+            .await
+                == 1
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the bad event recorded as dead-lettered");
+    assert_eq!(
+        mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.item WHERE id = 50").await,
+        0
+    );
+    // Still running: it stops cleanly when asked.
+    let status = sidecar.terminate().await;
+    assert!(status.success(), "{}", sidecar.log_tail());
 }

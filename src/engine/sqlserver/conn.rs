@@ -112,7 +112,7 @@ fn operator_hint(number: u32) -> Option<&'static str> {
         }
         208 => "an object is missing: run `sitesync init`",
         207 => {
-            "a column is missing: the outbox needs id, created_at, origin, type, entity_key and data (see `sitesync init`)"
+            "a column is missing: the outbox needs id, created_at, origin, type, entity_key, data and ordinal (see `sitesync init`)"
         }
         3952 => {
             "snapshot isolation is not allowed in this database: ALTER DATABASE … SET ALLOW_SNAPSHOT_ISOLATION ON (`sitesync init` does it)"

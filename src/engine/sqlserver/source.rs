@@ -23,37 +23,76 @@
 //! 3. the inserts since then, up to the current version, joined to the
 //!    outbox rows ([`changes_sql`]): `CHANGETABLE(CHANGES outbox, @last)
 //!    LEFT JOIN outbox`, `SYS_CHANGE_OPERATION = 'I'`, ordered by
-//!    `SYS_CHANGE_VERSION` and the key, a page at a time (`OFFSET … FETCH`).
-//!    The outbox is never read with `WHERE id > x`.
+//!    `SYS_CHANGE_VERSION` and the outbox's `[ordinal]`, a page at a time
+//!    (`TOP (@n)`, continued by keyset: never `OFFSET`, whose cost grows
+//!    with the rows skipped). The outbox is never read with `WHERE id > x`;
+//! 4. during catch-up, in the same snapshot, the numbers this site's events
+//!    took that the read cannot show again ([`TAKEN_SQL`], see below).
+//!
+//! A catch-up (a read cut at the page size) keeps the version it started
+//! with as its upper bound until it reaches it: each page continues where
+//! the previous one stopped, over the same range, and a busy database does
+//! not move the end away while the backlog is read.
+//!
+//! # Order inside a transaction
+//!
+//! Change Tracking gives every row of a transaction the same
+//! `SYS_CHANGE_VERSION` and no order among them. The outbox's `[ordinal]`
+//! column (`bigint IDENTITY`, filled by SQL Server in insert order) gives
+//! it: two outbox rows of one entity written in one transaction (the
+//! outbox-filling trigger makes that common) are published in the order
+//! they were written, so last-writer-wins everywhere keeps what the origin
+//! kept. `sitesync init` creates the column (or adds it to an outbox
+//! without it), `check` fails an outbox without it with the statement that
+//! adds it, and a stream refuses to start without it.
 //!
 //! # Positions
 //!
 //! A row's position is `(SYS_CHANGE_VERSION, index among the rows of that
-//! version in key order, the row's key)`; once the row is done the resume
-//! point is `next_row()` of it: the same key, one row further. A resume
-//! point `(v, i, k)` reads with `last_sync_version = v - 1` and, inside
-//! version `v`, only the rows whose key is above `k` (`ct.[id] > @key`,
-//! compared by SQL Server after converting the text to the column's type:
-//! uniqueidentifier order is not text order). So a restart in the middle of
-//! a large transaction resumes after the last confirmed row, and pages of a
-//! running stream continue after the previous page's last key, in the same
-//! way. Why a key and not a count: this site's outbox rows are deleted once
-//! their events came back round, Change Tracking then reports such a row
-//! once, at the version of its delete, and a count of rows done would skip
-//! as many rows never read. The index only orders positions, and resumes a
-//! position without a key: a checkpoint written before the key was kept, or
-//! one typed without it (`sqlserver:9876#2`), skips its first `index` rows
-//! of that version by count (then continues by key); only there can rows
-//! of that version deleted since the stop still shift what is skipped.
-//! A message's `x-sitesync-position` names its own row, key included: given
-//! to `checkpoint reset --to-position` it resumes *after* that row (leave
-//! out the `@key` part to resume at the row, by count).
+//! version, the row's ordinal)`; once the row is done the resume point is
+//! `next_row()` of it: the same ordinal, one row further. A resume point
+//! `(v, i, o)` reads with `last_sync_version = v - 1` and, inside version
+//! `v`, only the rows whose ordinal is above `o`. So a restart in the
+//! middle of a large transaction resumes after the last confirmed row, and
+//! pages of a running stream continue after the previous page's last
+//! ordinal, in the same way. Why an ordinal and not a count: this site's
+//! outbox rows are deleted once their events came back round, Change
+//! Tracking then reports such a row once, at the version of its delete,
+//! and a count of rows done would skip as many rows never read. The index
+//! only orders positions, and resumes a position typed without an ordinal
+//! (`sqlserver:9876#2`): it skips its first `index` rows of that version by
+//! count (then continues by ordinal); only there can rows of that version
+//! deleted since the stop shift what is skipped. A message's
+//! `x-sitesync-position` names its own row, ordinal included: given to
+//! `checkpoint reset --to-position` it resumes *after* that row (leave out
+//! the `/ordinal` part to resume at the row, by count).
 //! After a read that reached the current version `c`, the resume point is
 //! `(c + 1, 0)`. With no checkpoint, the stream starts at the table's
 //! minimum valid version: everything Change Tracking still holds is
 //! published (the other sites' inboxes drop what they already have).
 //! Outbox rows are written once and never updated: an UPDATE of an outbox
 //! row would move its `SYS_CHANGE_VERSION`.
+//!
+//! # The same `seq` after a crash
+//!
+//! Events are numbered by the runner in the order the stream yields them,
+//! from the checkpoint's clock. After a crash the rows after the checkpoint
+//! are read again, but not all of them: an event published before the
+//! crash whose row came back round was deleted from the outbox by this
+//! site's sink, and Change Tracking's net changes no longer show its
+//! insert. Numbering the rest from the checkpoint would give each of them
+//! the number of an event before it, and receivers (which ignore a `seq`
+//! at or below the highest they have) would miss real gaps in that range.
+//! The sink records each event of this site that comes back round in its
+//! inbox (`outcome = 'own'`, with its epoch and seq) in the transaction
+//! that deletes its outbox row: while catching up, the stream reads those
+//! numbers (of the checkpoint's epoch, from its next seq) in the same
+//! snapshot as the rows, and hands them to the runner
+//! ([`ChangeStream::taken`]), which skips them. What is still not restored:
+//! an event's timestamp is `max(created_at, previous + 1 µs)`, and the
+//! previous event may be one the read no longer shows; a row whose
+//! `created_at` is not above that deleted event's timestamp can come out a
+//! few microseconds earlier than it first did.
 //!
 //! # Lost payloads
 //!
@@ -110,30 +149,43 @@ pub const POLL_MIN: Duration = Duration::from_millis(20);
 pub const VERSIONS_SQL: &str =
     "SELECT CHANGE_TRACKING_CURRENT_VERSION(), CHANGE_TRACKING_MIN_VALID_VERSION(OBJECT_ID(@P1))";
 
-/// The inserts into `outbox` (quoted) after `@P1` up to `@P2`, skipping
-/// `@P3` and returning at most `@P4`. With `after_key`, the rows of version
-/// `@P1 + 1` are those whose key is above `@P5` (the last key done: of the
-/// previous page, or the checkpoint's): a read resumes after a key, not
-/// after a count, so that rows of that version deleted since (this site's
-/// events that came back round; Change Tracking then reports them once, at
-/// the version of their delete) do not shift the rest. `@P5` is nvarchar:
-/// SQL Server converts it to the key column's type (uniqueidentifier and
-/// the integer types rank above nvarchar) and compares in that type.
-pub fn changes_sql(outbox: &str, after_key: bool) -> String {
-    let after = if after_key {
-        "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ct.[id] > @P5) "
+/// The inserts into `outbox` (quoted) after version `@P1` up to `@P2`,
+/// at most `@P3` of them, in (version, ordinal) order. With `after`, the
+/// rows of version `@P1 + 1` are those whose ordinal is above `@P4` (the
+/// last one done: of the previous page, or the checkpoint's): a read
+/// resumes after an ordinal, not after a count, so that rows of that
+/// version deleted since (this site's events that came back round; Change
+/// Tracking then reports them once, at the version of their delete) do not
+/// shift the rest. A row the join does not find (deleted before it was
+/// read) has ordinal 0: ordinals start at 1.
+pub fn changes_sql(outbox: &str, after: bool) -> String {
+    let after = if after {
+        "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ISNULL(o.[ordinal], 0) > @P4) "
     } else {
         ""
     };
     format!(
-        "SELECT ct.SYS_CHANGE_VERSION, ct.[id], o.[id], o.[created_at], o.[origin], o.[type], o.[entity_key], o.[data] \
+        "SELECT TOP (@P3) ct.SYS_CHANGE_VERSION, ct.[id], ISNULL(o.[ordinal], 0) AS ordinal, o.[id], o.[created_at], o.[origin], o.[type], o.[entity_key], o.[data] \
          FROM CHANGETABLE(CHANGES {outbox}, @P1) AS ct \
          LEFT JOIN {outbox} AS o ON o.[id] = ct.[id] \
          WHERE ct.SYS_CHANGE_OPERATION = 'I' AND ct.SYS_CHANGE_VERSION <= @P2 \
          {after}\
-         ORDER BY ct.SYS_CHANGE_VERSION, ct.[id] \
-         OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"
+         ORDER BY ct.SYS_CHANGE_VERSION, ordinal"
     )
+}
+
+/// The numbers this site's events of epoch `@P2` took, from `@P3` on, that
+/// came back round: the sink deleted their outbox rows in the transaction
+/// that wrote these inbox rows. None while the sink's tables do not exist.
+pub const TAKEN_SQL: &str = "IF OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NOT NULL \
+    SELECT seq FROM dbo.sitesync_inbox WHERE origin = @P1 AND epoch = @P2 AND seq >= @P3 AND outcome = N'own' ORDER BY seq";
+
+/// The column that orders the rows of one transaction.
+pub const ORDINAL: &str = "ordinal";
+
+/// The statement that adds [`ORDINAL`] to an outbox without it.
+pub fn add_ordinal_sql(outbox: &str) -> String {
+    format!("ALTER TABLE {outbox} ADD [ordinal] bigint IDENTITY(1,1) NOT NULL")
 }
 
 /// What a snapshot transaction sees first.
@@ -153,6 +205,8 @@ pub struct Tracked {
     pub version: i64,
     /// The outbox key as Change Tracking has it (text).
     pub key: String,
+    /// The outbox row's `[ordinal]`; 0 when the row is gone.
+    pub ordinal: i64,
     pub payload: Payload,
 }
 
@@ -170,18 +224,26 @@ pub enum Payload {
 /// `versions` opens it, `changes` reads in it, `finish` ends it.
 pub trait ChangeTracking: Send {
     fn versions(&mut self) -> impl Future<Output = Result<Versions, SourceError>> + Send;
-    /// The inserts after `last_sync` up to `upto`, in (version, key) order:
-    /// with `after`, only the rows of version `last_sync + 1` whose key is
-    /// above it (and every later version); then `skip` rows are skipped and
-    /// at most `limit` returned.
+    /// The inserts after `last_sync` up to `upto`, in (version, ordinal)
+    /// order: with `after`, only the rows of version `last_sync + 1` whose
+    /// ordinal is above it (and every later version); then `skip` rows are
+    /// skipped and at most `limit` returned.
     fn changes(
         &mut self,
         last_sync: i64,
         upto: i64,
-        after: Option<&str>,
+        after: Option<i64>,
         skip: u32,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Tracked>, SourceError>> + Send;
+    /// The numbers of `origin`'s events of `epoch`, from `from` on, that
+    /// came back round ([`TAKEN_SQL`]), in the same snapshot.
+    fn taken(
+        &mut self,
+        origin: &str,
+        epoch: u64,
+        from: u64,
+    ) -> impl Future<Output = Result<Vec<u64>, SourceError>> + Send;
     /// Ends the transaction: commits it after a read that went through,
     /// otherwise rolls back whatever is open (a failed read, or one whose
     /// future was dropped half-way: `next` runs inside `select!`).
@@ -189,25 +251,24 @@ pub trait ChangeTracking: Send {
 }
 
 /// Where the next read starts: every version before `version` is done, and
-/// in `version` the rows up to the key `after` (when there is one; else the
-/// first `index` rows).
+/// in `version` the rows up to the ordinal `after` (when there is one; else
+/// the first `index` rows).
 ///
-/// Why a key and not only a count: this site's sink deletes the outbox rows
-/// whose events came back round, and Change Tracking then reports such a
-/// row once, at the version of its delete, no longer as an insert at
-/// `version`. Skipping `index` rows of `version` by count would then skip
-/// as many rows never read, silently. Skipping the keys up to `after`
-/// skips exactly the rows done, whatever was deleted since. The count
-/// remains only for a position without a key: a checkpoint written before
-/// the key was kept, or one typed without it (`sqlserver:9876#2`); then
-/// rows of that version deleted since it was written shift the count, as
-/// before.
+/// Why an ordinal and not only a count: this site's sink deletes the outbox
+/// rows whose events came back round, and Change Tracking then reports
+/// such a row once, at the version of its delete, no longer as an insert
+/// at `version`. Skipping `index` rows of `version` by count would then
+/// skip as many rows never read, silently. Skipping the ordinals up to
+/// `after` skips exactly the rows done, whatever was deleted since. The
+/// count remains only for a position typed without an ordinal
+/// (`sqlserver:9876#2`); then rows of that version deleted since shift the
+/// count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub version: i64,
     pub index: u32,
-    /// The key of the last row of `version` done.
-    pub after: Option<String>,
+    /// The ordinal of the last row of `version` done.
+    pub after: Option<i64>,
 }
 
 impl Cursor {
@@ -224,7 +285,7 @@ impl Cursor {
         Cursor {
             version: p.version,
             index: p.index,
-            after: p.after.clone(),
+            after: p.after,
         }
     }
 
@@ -232,7 +293,7 @@ impl Cursor {
         Position {
             version: self.version,
             index: self.index,
-            after: self.after.clone(),
+            after: self.after,
         }
     }
 
@@ -241,11 +302,11 @@ impl Cursor {
         self.version - 1
     }
 
-    /// How the next read starts inside `version`: after the key when there
-    /// is one (skipping nothing by count), else skipping `index` rows.
-    pub fn resume_in_version(&self) -> (Option<&str>, u32) {
-        match &self.after {
-            Some(key) => (Some(key.as_str()), 0),
+    /// How the next read starts inside `version`: after the ordinal when
+    /// there is one (skipping nothing by count), else skipping `index` rows.
+    pub fn resume_in_version(&self) -> (Option<i64>, u32) {
+        match self.after {
+            Some(ordinal) => (Some(ordinal), 0),
             None => (None, self.index),
         }
     }
@@ -334,9 +395,9 @@ pub fn absorb(
             }
             cur = Cursor::at(r.version);
         }
-        // The row's own position carries its key: `next_row()` of it, the
-        // resume point once it is done, resumes after that key.
-        cur.after = Some(r.key.clone());
+        // The row's own position carries its ordinal: `next_row()` of it,
+        // the resume point once it is done, resumes after that ordinal.
+        cur.after = Some(r.ordinal);
         let position = cur.position();
         let row = match r.payload {
             Payload::Row(row) => Ok(row),
@@ -418,17 +479,35 @@ pub struct SqlServerStream<Q: ChangeTracking> {
     /// A transaction was begun and not yet ended (a read failed to end it,
     /// or was dropped half-way): the next read rolls it back first.
     tx_open: bool,
+    /// This site: the origin of the events the runner numbers.
+    origin: String,
+    /// The runner's epoch and first `seq` ([`ChangeStream::numbering`]).
+    numbering: Option<(u64, u64)>,
+    /// Until a read reaches the end of the log: the rows read may be
+    /// re-read rows, and numbers taken by deleted ones are looked up.
+    catching_up: bool,
+    /// Numbers found taken, not yet handed to the runner.
+    taken: Vec<u64>,
+    /// The end of a catch-up cut into pages: the version the first page
+    /// read up to, kept until a page reaches it.
+    catch_up_end: Option<i64>,
 }
 
 impl<Q: ChangeTracking> SqlServerStream<Q> {
     pub fn new(
         q: Q,
         outbox: String,
+        origin: String,
         resume: Option<&Position>,
         poll_max: Duration,
         limit: u32,
     ) -> Self {
         SqlServerStream {
+            origin,
+            numbering: None,
+            catching_up: true,
+            taken: Vec::new(),
+            catch_up_end: None,
             q,
             outbox,
             cursor: resume.map(Cursor::from_position),
@@ -484,13 +563,20 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             Step::UpToDate => {
                 self.yield_resume(cursor.position(), true);
                 self.cursor = Some(cursor);
+                self.catching_up = false;
+                self.catch_up_end = None;
                 return Ok(false);
             }
             Step::Read { upto } => upto,
         };
-        // Inside `version`, after the last key done: the previous page's
-        // last key, or the checkpoint's. Only a position without a key
-        // (an old checkpoint) skips by count; see [`Cursor`].
+        // A catch-up in pages keeps the end it started with.
+        let upto = match self.catch_up_end {
+            Some(end) if end >= cursor.version && end <= upto => end,
+            _ => upto,
+        };
+        // Inside `version`, after the last ordinal done: the previous
+        // page's, or the checkpoint's. Only a position typed without one
+        // skips by count; see [`Cursor`].
         let (after, skip) = cursor.resume_in_version();
         let rows = self
             .q
@@ -498,9 +584,22 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             .await?;
         let full_page = rows.len() >= self.limit as usize;
         let found = !rows.is_empty();
+        // Read before anything changes: a read dropped half-way changes
+        // nothing.
+        let taken = match self.numbering {
+            Some((epoch, next_seq)) if self.catching_up && found => {
+                self.q.taken(&self.origin, epoch, next_seq).await?
+            }
+            _ => Vec::new(),
+        };
         let (changes, next, lost) = absorb(cursor, rows, upto, full_page, &self.outbox)?;
+        self.taken.extend(taken);
         self.lost.fetch_add(lost, Ordering::Relaxed);
         self.cursor = Some(next);
+        self.catch_up_end = full_page.then_some(upto);
+        if !full_page {
+            self.catching_up = false;
+        }
         for change in changes {
             match &change {
                 Change::Row { .. } => {
@@ -552,6 +651,14 @@ impl<Q: ChangeTracking> ChangeStream for SqlServerStream<Q> {
     }
 
     async fn close(self) {}
+
+    fn numbering(&mut self, epoch: u64, next_seq: u64) {
+        self.numbering = Some((epoch, next_seq));
+    }
+
+    fn taken(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.taken)
+    }
 }
 
 /// The real queries, over one tiberius connection.
@@ -590,18 +697,22 @@ fn tracked(row: &tiberius::Row) -> Result<Tracked, SourceError> {
         .map_err(|e| query(format!("reading SYS_CHANGE_VERSION: {e}")))?
         .ok_or_else(|| query("SYS_CHANGE_VERSION is NULL"))?;
     let key = text_at(row, 1).map_err(query)?.unwrap_or_default();
+    let ordinal: i64 = row
+        .try_get::<i64, _>(2)
+        .map_err(|e| query(format!("reading the outbox's [ordinal]: {e}")))?
+        .unwrap_or(0);
     let payload = (|| -> Result<Payload, String> {
         // o.[id] NULL: the join found no outbox row.
-        if text_at(row, 2)?.is_none() {
+        if text_at(row, 3)?.is_none() {
             return Ok(Payload::Gone);
         }
         Ok(Payload::Row(OutboxRow {
-            id: text_at(row, 2)?,
-            created_at: text_at(row, 3)?,
-            origin: text_at(row, 4)?,
-            kind: text_at(row, 5)?,
-            entity_key: text_at(row, 6)?,
-            data: text_at(row, 7)?,
+            id: text_at(row, 3)?,
+            created_at: text_at(row, 4)?,
+            origin: text_at(row, 5)?,
+            kind: text_at(row, 6)?,
+            entity_key: text_at(row, 7)?,
+            data: text_at(row, 8)?,
             commit_time: None,
         }))
     })()
@@ -609,6 +720,7 @@ fn tracked(row: &tiberius::Row) -> Result<Tracked, SourceError> {
     Ok(Tracked {
         version,
         key,
+        ordinal,
         payload,
     })
 }
@@ -643,35 +755,34 @@ impl ChangeTracking for TiberiusChangeTracking {
         &mut self,
         last_sync: i64,
         upto: i64,
-        after: Option<&str>,
+        after: Option<i64>,
         skip: u32,
         limit: u32,
     ) -> Result<Vec<Tracked>, SourceError> {
-        let (skip, limit) = (i64::from(skip), i64::from(limit));
+        // A count to skip (a position typed without an ordinal) is read and
+        // dropped here, once: pages after it continue by ordinal.
+        let top = i64::from(skip) + i64::from(limit);
         let result = match after {
             None => {
-                let params: [&dyn ToSql; 4] = [&last_sync, &upto, &skip, &limit];
+                let params: [&dyn ToSql; 3] = [&last_sync, &upto, &top];
                 self.client.query(self.changes_sql.as_str(), &params).await
             }
-            Some(key) => {
-                // nvarchar, converted by SQL Server to the key column's type
-                // (uniqueidentifier and the integer types rank above it).
-                let params: [&dyn ToSql; 5] = [&last_sync, &upto, &skip, &limit, &key];
+            Some(ordinal) => {
+                let params: [&dyn ToSql; 4] = [&last_sync, &upto, &top, &ordinal];
                 self.client
                     .query(self.changes_after_sql.as_str(), &params)
                     .await
             }
         };
-        // A key that does not convert to the id column's type fails the
-        // read, whether when it starts or while its rows stream.
-        let failed = |e: tiberius::error::Error| match (after, conn::number(&e)) {
-            (Some(key), Some(245 | 248 | 8114 | 8115 | 8169)) => SourceError::operator(
-                Cause::Config,
+        let outbox = &self.outbox;
+        let failed = |e: tiberius::error::Error| match conn::number(&e) {
+            // Invalid column name: an outbox from before the ordinal column.
+            Some(207) => SourceError::operator(
+                Cause::NotInitialised,
                 format!(
-                    "{}: the resume key `{key}` (the last outbox row done) does not convert to the type of the outbox's id column: was the outbox recreated with another key type? \
-                 `sitesync checkpoint reset --to-position sqlserver:{}#<index>` (without @key) resumes in that version by count",
+                    "{}: the outbox {outbox} has no [ordinal] column, which orders the rows of one transaction: run `sitesync init`, or {}",
                     classify("reading CHANGETABLE(CHANGES …)", &e).message(),
-                    last_sync + 1
+                    add_ordinal_sql(outbox)
                 ),
             ),
             _ => classify("reading CHANGETABLE(CHANGES …)", &e),
@@ -681,7 +792,35 @@ impl ChangeTracking for TiberiusChangeTracking {
             .into_first_result()
             .await
             .map_err(failed)?;
-        rows.iter().map(tracked).collect()
+        rows.iter().skip(skip as usize).map(tracked).collect()
+    }
+
+    async fn taken(
+        &mut self,
+        origin: &str,
+        epoch: u64,
+        from: u64,
+    ) -> Result<Vec<u64>, SourceError> {
+        let (epoch, from) = (epoch as i64, from as i64);
+        let params: [&dyn ToSql; 3] = [&origin, &epoch, &from];
+        let context =
+            "reading the numbers of this site's events that came back round (dbo.sitesync_inbox)";
+        let rows = self
+            .client
+            .query(TAKEN_SQL, &params)
+            .await
+            .map_err(|e| classify(context, &e))?
+            .into_first_result()
+            .await
+            .map_err(|e| classify(context, &e))?;
+        rows.iter()
+            .map(|r| {
+                r.try_get::<i64, _>(0)
+                    .map_err(|e| query(format!("{context}: {e}")))?
+                    .map(|seq| seq as u64)
+                    .ok_or_else(|| query(format!("{context}: a NULL seq")))
+            })
+            .collect()
     }
 
     async fn finish(&mut self, ok: bool) -> Result<(), SourceError> {
@@ -825,7 +964,8 @@ pub fn init_sql(cfg: &Settings, site: &str) -> InitSql {
              \x20   [origin] nvarchar(64) NOT NULL DEFAULT {site},\n\
              \x20   [type] nvarchar(200) NOT NULL,\n\
              \x20   [entity_key] nvarchar(450) NULL,\n\
-             \x20   [data] nvarchar(max) NOT NULL CONSTRAINT {ck} CHECK (ISJSON([data]) = 1)\n\
+             \x20   [data] nvarchar(max) NOT NULL CONSTRAINT {ck} CHECK (ISJSON([data]) = 1),\n\
+             \x20   [ordinal] bigint IDENTITY(1,1) NOT NULL\n\
              )",
             pk = quote(&format!("PK_{table}")),
             ck = quote(&format!("CK_{table}_data")),
@@ -834,6 +974,7 @@ pub fn init_sql(cfg: &Settings, site: &str) -> InitSql {
         track_table: format!(
             "ALTER TABLE {outbox} ENABLE CHANGE_TRACKING WITH (TRACK_COLUMNS_UPDATED = OFF)"
         ),
+        add_ordinal: add_ordinal_sql(&outbox),
     }
 }
 
@@ -845,6 +986,8 @@ pub struct InitSql {
     pub schema: String,
     pub outbox: String,
     pub track_table: String,
+    /// For an outbox created before the ordinal column.
+    pub add_ordinal: String,
 }
 
 /// The state `init` and `check` look at, in one query.
@@ -856,7 +999,28 @@ pub const STATE_SQL: &str = "SELECT \
     OBJECT_ID(@P1, 'U'), \
     (SELECT COUNT(*) FROM sys.change_tracking_tables WHERE object_id = OBJECT_ID(@P1)), \
     DB_NAME(), \
-    CAST(SERVERPROPERTY('ProductVersion') AS nvarchar(128))";
+    CAST(SERVERPROPERTY('ProductVersion') AS nvarchar(128)), \
+    COLUMNPROPERTY(OBJECT_ID(@P1), 'ordinal', 'IsIdentity')";
+
+/// Whether the outbox's `[ordinal]` is what orders the rows of one
+/// transaction, from `COLUMNPROPERTY(…, 'ordinal', 'IsIdentity')`: 1 an
+/// identity column, 0 a column that is not one, NULL no such column.
+pub fn ordinal_problem(outbox: &str, is_identity: Option<i64>) -> Option<String> {
+    match is_identity {
+        Some(1) => None,
+        Some(_) => Some(format!(
+            "{outbox}.[ordinal] is not an IDENTITY column: SQL Server must number the outbox rows in insert order (drop the column, then {})",
+            add_ordinal_sql(outbox)
+        )),
+        None => Some(format!(
+            "{outbox} has no [ordinal] column: Change Tracking gives the rows of one transaction no order, and this column does. Run `sitesync init`, or {}",
+            add_ordinal_sql(outbox)
+        )),
+    }
+}
+
+/// The query that reads it alone.
+pub const ORDINAL_SQL: &str = "SELECT COLUMNPROPERTY(OBJECT_ID(@P1), 'ordinal', 'IsIdentity')";
 
 /// What [`STATE_SQL`] returns.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -870,6 +1034,8 @@ pub struct DbState {
     pub outbox_tracked: bool,
     pub database: String,
     pub version: String,
+    /// `COLUMNPROPERTY(outbox, 'ordinal', 'IsIdentity')`.
+    pub ordinal: Option<i64>,
 }
 
 impl DbState {
@@ -887,15 +1053,19 @@ impl DbState {
             outbox_tracked: num(5).unwrap_or(0) > 0,
             database: at(6).unwrap_or_default(),
             version: at(7).unwrap_or_default(),
+            ordinal: num(8),
         }
     }
 }
 
 /// The grants the connector's login needs on the outbox: reading it and its
-/// changes (source), deleting rows whose events came back (sink).
+/// changes (source), deleting rows whose events came back (sink); and
+/// reading the sink's inbox, where a restart finds the numbers of events
+/// whose rows came back round ([`TAKEN_SQL`]; NULL while it does not exist).
 pub const GRANTS_SQL: &str = "SELECT HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'SELECT'), \
     HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'VIEW CHANGE TRACKING'), \
-    HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'DELETE'), SUSER_SNAME()";
+    HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'DELETE'), SUSER_SNAME(), \
+    HAS_PERMS_BY_NAME(N'dbo.sitesync_inbox', 'OBJECT', 'SELECT')";
 
 /// The checks of `sitesync check` from the state read.
 pub fn state_checks(cfg: &Settings, s: &DbState, outbox: &str) -> Vec<Check> {
@@ -963,6 +1133,19 @@ pub fn state_checks(cfg: &Settings, s: &DbState, outbox: &str) -> Vec<Check> {
             format!("ALTER TABLE {outbox} ENABLE CHANGE_TRACKING; (or `sitesync init`)"),
         ));
     }
+    if s.outbox_exists {
+        checks.push(match ordinal_problem(outbox, s.ordinal) {
+            None => Check::pass(
+                "outbox order",
+                format!("{outbox}.[ordinal] numbers rows in insert order"),
+            ),
+            Some(problem) => Check::fail(
+                "outbox order",
+                problem,
+                format!("{}; (or `sitesync init`)", add_ordinal_sql(outbox)),
+            ),
+        });
+    }
     checks
 }
 
@@ -979,7 +1162,15 @@ pub fn grant_checks(cells: &[Option<String>], outbox: &str, sink: bool) -> Vec<C
         .filter(|(i, _)| !has(*i))
         .map(|(_, p)| *p)
         .collect();
-    if missing.is_empty() {
+    let mut checks = Vec::new();
+    if cells.get(4).cloned().flatten().as_deref() == Some("0") {
+        checks.push(Check::fail(
+            "grants (inbox)",
+            format!("{login} lacks SELECT on dbo.sitesync_inbox: after a crash, the events read again could not keep their seq"),
+            format!("GRANT SELECT ON dbo.sitesync_inbox TO {};", quote(&login)),
+        ));
+    }
+    checks.extend(if missing.is_empty() {
         vec![Check::pass(
             "grants",
             format!(
@@ -1001,7 +1192,8 @@ pub fn grant_checks(cells: &[Option<String>], outbox: &str, sink: bool) -> Vec<C
                 quote(&login)
             ),
         )]
-    }
+    });
+    checks
 }
 
 impl Source for SqlServerSource {
@@ -1099,6 +1291,26 @@ impl Source for SqlServerSource {
         }
         if state.outbox_exists {
             done.push(format!("outbox table {outbox}: already there"));
+            match state.ordinal {
+                Some(1) => {}
+                None => {
+                    exec(
+                        &mut client,
+                        &sql.add_ordinal,
+                        "adding the [ordinal] column to the outbox",
+                    )
+                    .await?;
+                    done.push(format!(
+                        "outbox table {outbox}: [ordinal] added (orders the rows of one transaction)"
+                    ));
+                }
+                Some(_) => {
+                    return Err(SourceError::operator(
+                        Cause::Config,
+                        ordinal_problem(&outbox, state.ordinal).unwrap_or_default(),
+                    ));
+                }
+            }
         } else {
             exec(&mut client, &sql.schema, "creating the outbox's schema").await?;
             exec(&mut client, &sql.outbox, "creating the outbox table").await?;
@@ -1124,10 +1336,25 @@ impl Source for SqlServerSource {
         &self,
         resume: Option<&Position>,
     ) -> Result<SqlServerStream<TiberiusChangeTracking>, SourceError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let outbox = self.outbox();
+        let params: [&dyn ToSql; 1] = [&outbox];
+        let is_identity = first_row(
+            &mut client,
+            ORDINAL_SQL,
+            &params,
+            "reading the outbox's [ordinal] column",
+        )
+        .await?
+        .and_then(|c| c.first().cloned().flatten())
+        .and_then(|v| v.parse::<i64>().ok());
+        if let Some(problem) = ordinal_problem(&outbox, is_identity) {
+            return Err(SourceError::operator(Cause::NotInitialised, problem));
+        }
         Ok(SqlServerStream::new(
             TiberiusChangeTracking::new(client, self.outbox()),
             self.outbox(),
+            self.site.clone(),
             resume,
             self.cfg.poll_max,
             self.cfg.read_batch,

@@ -3,17 +3,28 @@
 
 use super::*;
 use crate::error::ErrorKind;
+use crate::event::Clock;
+use std::collections::BTreeSet;
 
-/// Change Tracking as a list of tracked inserts and two versions; records
-/// the reads it was asked for, and checks the transaction discipline.
+/// Change Tracking as a list of tracked inserts and two versions, over an
+/// outbox whose `[ordinal]` SQL Server fills in insert order, and the sink's
+/// inbox rows of this site's events that came back round; records the
+/// reads it was asked for, and checks the transaction discipline.
 #[derive(Default)]
 struct FakeChangeTracking {
     current: Option<i64>,
     min_valid: Option<i64>,
     rows: Vec<Tracked>,
+    /// The last `[ordinal]` handed out (IDENTITY(1,1)).
+    identity: i64,
+    /// `dbo.sitesync_inbox` rows with `outcome = 'own'`: (origin, epoch, seq).
+    own: Vec<(String, u64, u64)>,
+    /// (last_sync, upto, skip, limit) of each read.
     reads: Vec<(i64, i64, u32, u32)>,
-    /// The `after` key of each read.
-    afters: Vec<Option<String>>,
+    /// The `after` ordinal of each read.
+    afters: Vec<Option<i64>>,
+    /// The `from` of each lookup of taken numbers.
+    taken_reads: Vec<u64>,
     in_tx: bool,
     transactions: u32,
     /// Rollbacks of a transaction left open by a read that did not finish.
@@ -31,10 +42,10 @@ impl FakeChangeTracking {
         }
     }
 
-    /// The outbox row `key` is deleted at `version` (this site's sink, once
-    /// its event came back round). Change Tracking keeps net changes: the
-    /// row is now reported once, as a delete at `version`, and no longer
-    /// as an insert at the version it was inserted at.
+    /// The outbox row `key` is deleted at `version`. Change Tracking keeps
+    /// net changes: the row is now reported once, as a delete at
+    /// `version`, and no longer as an insert at the version it was
+    /// inserted at.
     fn delete(&mut self, version: i64, key: &str) {
         let before = self.rows.len();
         self.rows.retain(|r| r.key != key);
@@ -42,38 +53,25 @@ impl FakeChangeTracking {
         self.current = Some(self.current.unwrap_or(0).max(version));
     }
 
+    /// This site's sink, once the event `seq` of the row `key` came back
+    /// round: the inbox row and the outbox delete in one transaction.
+    fn came_back(&mut self, version: i64, key: &str, epoch: u64, seq: u64) {
+        self.own.push(("PARIS".into(), epoch, seq));
+        self.delete(version, key);
+    }
+
+    /// An outbox insert in the transaction of `version`; its ordinal is
+    /// the next identity value.
     fn insert(&mut self, version: i64, key: &str) {
+        self.identity += 1;
         self.rows.push(Tracked {
             version,
             key: key.into(),
+            ordinal: self.identity,
             payload: Payload::Row(row(key)),
         });
         self.current = Some(self.current.unwrap_or(0).max(version));
     }
-}
-
-/// A key as SQL Server orders the `id` column: integers as numbers, and
-/// uniqueidentifier by its byte groups, the last six bytes first (SqlGuid's
-/// order: bytes 10..=15, 8, 9, 6, 7, 4, 5, 0..=3 of the stored value), not
-/// as text. The source never compares keys: the fake does it as the server
-/// would.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum SqlKey {
-    Int(i64),
-    Text(String),
-    Guid([u8; 16]),
-}
-
-fn sql_key(key: &str) -> SqlKey {
-    if let Ok(n) = key.parse::<i64>() {
-        return SqlKey::Int(n);
-    }
-    if let Ok(g) = uuid::Uuid::parse_str(key) {
-        let stored = g.to_bytes_le();
-        const ORDER: [usize; 16] = [10, 11, 12, 13, 14, 15, 8, 9, 6, 7, 4, 5, 0, 1, 2, 3];
-        return SqlKey::Guid(ORDER.map(|i| stored[i]));
-    }
-    SqlKey::Text(key.to_string())
 }
 
 fn row(key: &str) -> OutboxRow {
@@ -103,7 +101,7 @@ impl ChangeTracking for FakeChangeTracking {
         &mut self,
         last_sync: i64,
         upto: i64,
-        after: Option<&str>,
+        after: Option<i64>,
         skip: u32,
         limit: u32,
     ) -> Result<Vec<Tracked>, SourceError> {
@@ -112,23 +110,37 @@ impl ChangeTracking for FakeChangeTracking {
             std::future::pending::<()>().await;
         }
         self.reads.push((last_sync, upto, skip, limit));
-        self.afters.push(after.map(str::to_string));
-        // What the real query does: > last, <= upto, after the key inside
-        // version last + 1, ordered, OFFSET, FETCH.
+        self.afters.push(after);
+        // What the real query does: > last, <= upto, after the ordinal
+        // inside version last + 1, ordered by (version, ordinal), TOP.
         let mut rows: Vec<Tracked> = self
             .rows
             .iter()
             .filter(|r| r.version > last_sync && r.version <= upto)
-            .filter(|r| {
-                after.is_none_or(|k| r.version > last_sync + 1 || sql_key(&r.key) > sql_key(k))
-            })
+            .filter(|r| after.is_none_or(|o| r.version > last_sync + 1 || r.ordinal > o))
             .cloned()
             .collect();
-        rows.sort_by_key(|r| (r.version, sql_key(&r.key)));
+        rows.sort_by_key(|r| (r.version, r.ordinal));
         Ok(rows
             .into_iter()
+            .take(skip as usize + limit as usize)
             .skip(skip as usize)
-            .take(limit as usize)
+            .collect())
+    }
+
+    async fn taken(
+        &mut self,
+        origin: &str,
+        epoch: u64,
+        from: u64,
+    ) -> Result<Vec<u64>, SourceError> {
+        assert!(self.in_tx, "taken numbers read outside the snapshot");
+        self.taken_reads.push(from);
+        Ok(self
+            .own
+            .iter()
+            .filter(|(o, e, seq)| o == origin && *e == epoch && *seq >= from)
+            .map(|(_, _, seq)| *seq)
             .collect())
     }
 
@@ -141,8 +153,7 @@ impl ChangeTracking for FakeChangeTracking {
     }
 }
 
-/// A resume point without a key: as typed by hand, or a checkpoint
-/// written before the key was kept.
+/// A resume point without an ordinal, as typed by hand.
 fn pos(version: i64, index: u32) -> Position {
     Position {
         version,
@@ -151,13 +162,13 @@ fn pos(version: i64, index: u32) -> Position {
     }
 }
 
-/// A position with the key of the last row done (a row's own position
-/// carries its own key).
-fn posk(version: i64, index: u32, key: &str) -> Position {
+/// A position with the ordinal of the last row done (a row's own position
+/// carries its own ordinal).
+fn poso(version: i64, index: u32, ordinal: i64) -> Position {
     Position {
         version,
         index,
-        after: Some(key.into()),
+        after: Some(ordinal),
     }
 }
 
@@ -169,6 +180,7 @@ fn stream(
     SqlServerStream::new(
         fake,
         "[dbo].[outbox]".into(),
+        "PARIS".into(),
         resume.as_ref(),
         Duration::from_millis(1000),
         limit,
@@ -208,79 +220,11 @@ fn p(version: i64, index: u32) -> String {
     pos(version, index).to_string()
 }
 
-/// How `describe` shows the row `key`, the `index`th of `version`.
-fn row_at(version: i64, index: u32, key: &str) -> String {
-    format!("row {} {key}", posk(version, index, key))
+/// How `describe` shows the row `key`, the `index`th of `version`, with
+/// its ordinal.
+fn row_at(version: i64, index: u32, ordinal: i64, key: &str) -> String {
+    format!("row {} {key}", poso(version, index, ordinal))
 }
-
-#[tokio::test]
-async fn rows_come_in_version_then_key_order_with_their_index() {
-    let mut fake = FakeChangeTracking::new(10, 0);
-    fake.insert(7, "b");
-    fake.insert(5, "z");
-    fake.insert(7, "a");
-    let mut s = stream(fake, Some(pos(1, 0)), 100);
-    let got = describe(&drain(&mut s).await);
-    assert_eq!(
-        got,
-        vec![
-            row_at(5, 0, "z"),
-            format!("commit {}", p(6, 0)),
-            row_at(7, 0, "a"),
-            row_at(7, 1, "b"),
-            format!("commit {}", p(11, 0)),
-        ]
-    );
-    // One snapshot transaction per read; the read asked for versions after 0.
-    assert_eq!(s.q.reads[0], (0, 10, 0, 100));
-    assert!(!s.q.in_tx);
-}
-
-#[tokio::test]
-async fn a_resumed_stream_skips_the_rows_already_done_by_key() {
-    let mut fake = FakeChangeTracking::new(9, 0);
-    for k in ["a", "b", "c"] {
-        fake.insert(8, k);
-    }
-    fake.insert(9, "d");
-    // Two rows of version 8 were confirmed before the crash, the last b.
-    let mut s = stream(fake, Some(posk(8, 2, "b")), 100);
-    let got = describe(&drain(&mut s).await);
-    assert_eq!(
-        got,
-        vec![
-            row_at(8, 2, "c"),
-            format!("commit {}", p(9, 0)),
-            row_at(9, 0, "d"),
-            format!("commit {}", p(10, 0)),
-        ]
-    );
-    // last_sync_version = 7, after b, skipping nothing by count.
-    assert_eq!(s.q.reads[0], (7, 9, 0, 100));
-    assert_eq!(s.q.afters[0].as_deref(), Some("b"));
-}
-
-#[test]
-fn the_fake_orders_keys_as_sql_server_does() {
-    // uniqueidentifier: the last group first, whatever the text says.
-    assert!(
-        sql_key("ffffffff-0000-0000-0000-000000000001")
-            < sql_key("00000000-0000-0000-0000-000000000002")
-    );
-    assert!(
-        sql_key("00000000-0000-0000-0000-010000000000")
-            > sql_key("00000000-0000-0000-0000-00ffffffffff")
-    );
-    assert!(sql_key("9") < sql_key("10"));
-}
-
-/// Version 3's outbox rows, in SQL Server's key order; their text order
-/// is another (C < E < A textually, among others).
-const A: &str = "ffffffff-0000-0000-0000-000000000001";
-const B: &str = "80000000-0000-0000-0000-000000000002";
-const C: &str = "10000000-0000-0000-0000-000000000003";
-const D: &str = "90000000-0000-0000-0000-000000000004";
-const E: &str = "00000000-0000-0000-0000-000000000005";
 
 /// The rows' keys among `changes`.
 fn keys(changes: &[Change<Position>]) -> Vec<String> {
@@ -294,9 +238,97 @@ fn keys(changes: &[Change<Position>]) -> Vec<String> {
 }
 
 #[tokio::test]
+async fn rows_come_in_version_then_ordinal_order_with_their_index() {
+    let mut fake = FakeChangeTracking::new(10, 0);
+    fake.insert(7, "b"); // ordinal 1
+    fake.insert(5, "z"); // 2
+    fake.insert(7, "a"); // 3
+    let mut s = stream(fake, Some(pos(1, 0)), 100);
+    let got = describe(&drain(&mut s).await);
+    assert_eq!(
+        got,
+        vec![
+            row_at(5, 0, 2, "z"),
+            format!("commit {}", p(6, 0)),
+            row_at(7, 0, 1, "b"),
+            row_at(7, 1, 3, "a"),
+            format!("commit {}", p(11, 0)),
+        ]
+    );
+    // One snapshot transaction per read; the read asked for versions after 0.
+    assert_eq!(s.q.reads[0], (0, 10, 0, 100));
+    assert!(!s.q.in_tx);
+}
+
+/// Two outbox rows of one transaction, as SQL Server orders their
+/// uniqueidentifier keys: the second written sorts first.
+const FIRST: &str = "00000000-0000-0000-0000-0000000000ff";
+const SECOND: &str = "ffffffff-0000-0000-0000-000000000001";
+
+#[tokio::test]
+async fn defect_2_rows_of_one_transaction_go_out_in_insert_order() {
+    // One transaction writes customer 7 twice (the outbox-filling trigger
+    // does this on an INSERT then UPDATE): the origin keeps the second
+    // write. Change Tracking gives both rows version 4 and no order; by
+    // key, SQL Server orders SECOND first (a uniqueidentifier compares its
+    // last six bytes first), and every other site would end on the first
+    // write: the one published last wins last-writer-wins.
+    let mut fake = FakeChangeTracking::new(4, 0);
+    fake.insert(4, FIRST);
+    fake.insert(4, SECOND);
+    let mut s = stream(fake, Some(pos(1, 0)), 100);
+    let got = drain(&mut s).await;
+    assert_eq!(
+        keys(&got),
+        vec![FIRST, SECOND],
+        "insert order, not key order"
+    );
+    // Their events' timestamps follow that order, so the second write wins
+    // at every site as it did at the origin.
+    let mut clock = Clock {
+        next_seq: 1,
+        last_ts: None,
+    };
+    let mut stamps = Vec::new();
+    for change in &got {
+        if let Change::Row { row: Ok(r), .. } = change {
+            let e = r.to_event("PARIS", 1, &clock).unwrap();
+            clock = clock.after(&e);
+            stamps.push((e.timestamp, e.id.to_string()));
+        }
+    }
+    assert!(stamps[0].0 < stamps[1].0);
+    assert_eq!(stamps[1].1, SECOND);
+}
+
+#[tokio::test]
+async fn a_resumed_stream_skips_the_rows_already_done_by_ordinal() {
+    let mut fake = FakeChangeTracking::new(9, 0);
+    for k in ["a", "b", "c"] {
+        fake.insert(8, k);
+    }
+    fake.insert(9, "d");
+    // Two rows of version 8 were confirmed before the crash, the last b.
+    let mut s = stream(fake, Some(poso(8, 2, 2)), 100);
+    let got = describe(&drain(&mut s).await);
+    assert_eq!(
+        got,
+        vec![
+            row_at(8, 2, 3, "c"),
+            format!("commit {}", p(9, 0)),
+            row_at(9, 0, 4, "d"),
+            format!("commit {}", p(10, 0)),
+        ]
+    );
+    // last_sync_version = 7, after ordinal 2, skipping nothing by count.
+    assert_eq!(s.q.reads[0], (7, 9, 0, 100));
+    assert_eq!(s.q.afters[0], Some(2));
+}
+
+#[tokio::test]
 async fn a_restart_after_rows_of_the_checkpointed_version_were_deleted_loses_and_repeats_nothing() {
     let mut fake = FakeChangeTracking::new(3, 0);
-    for k in [E, D, C, B, A] {
+    for k in ["a", "b", "c", "d", "e"] {
         fake.insert(3, k);
     }
     // The first run reads a page of two rows of version 3, and the
@@ -306,17 +338,16 @@ async fn a_restart_after_rows_of_the_checkpointed_version_were_deleted_loses_and
     let done: Vec<Change<Position>> = first.buffer.drain(..).collect();
     assert_eq!(
         describe(&done),
-        vec![row_at(3, 0, A), row_at(3, 1, B)],
-        "SQL Server's key order"
+        vec![row_at(3, 0, 1, "a"), row_at(3, 1, 2, "b")]
     );
     let checkpoint = done.last().unwrap().resume_after();
-    assert_eq!(checkpoint, posk(3, 2, B));
-    // Stopped there; meanwhile A came back round and the sink deleted its
-    // outbox row: Change Tracking reports A as a delete at version 4 and
-    // version 3's inserts are now B, C, D, E. Skipping two by count would
-    // lose C; comparing keys as text (`> B`) would lose C and E.
+    assert_eq!(checkpoint, poso(3, 2, 2));
+    // Stopped there; meanwhile a came back round and the sink deleted its
+    // outbox row: Change Tracking reports a as a delete at version 4 and
+    // version 3's inserts are now b, c, d, e. Skipping two by count would
+    // lose c.
     let mut fake = first.q;
-    fake.delete(4, A);
+    fake.delete(4, "a");
     fake.reads.clear();
     fake.afters.clear();
     // The checkpoint goes through its store's JSON and back.
@@ -327,66 +358,63 @@ async fn a_restart_after_rows_of_the_checkpointed_version_were_deleted_loses_and
     assert_eq!(
         describe(&again),
         vec![
-            row_at(3, 2, C),
-            row_at(3, 3, D),
-            row_at(3, 4, E),
+            row_at(3, 2, 3, "c"),
+            row_at(3, 3, 4, "d"),
+            row_at(3, 4, 5, "e"),
             format!("commit {}", p(5, 0)),
         ]
     );
-    // After B by key in SQL, nothing skipped by count.
+    // After ordinal 2, nothing skipped by count.
     assert_eq!(second.q.reads[0], (2, 4, 0, 2));
-    assert_eq!(second.q.afters[0].as_deref(), Some(B));
-    assert_eq!(second.q.afters[1].as_deref(), Some(D));
+    assert_eq!(second.q.afters[..2], [Some(2), Some(4)]);
     // Every row exactly once over the two runs.
     let mut all = keys(&done);
     all.extend(keys(&again));
-    assert_eq!(all, vec![A, B, C, D, E]);
+    assert_eq!(all, vec!["a", "b", "c", "d", "e"]);
 }
 
 #[tokio::test]
-async fn an_old_checkpoint_without_a_key_loads_and_resumes_by_count_then_by_key() {
-    // Written before positions kept the key.
-    let stored: Position =
-        serde_json::from_str(r#"{"engine":"sql_server","version":3,"index":2}"#).unwrap();
-    assert_eq!(stored, pos(3, 2));
+async fn a_position_typed_without_an_ordinal_resumes_by_count_then_by_ordinal() {
+    let typed: Position = "sqlserver:3#2".parse().unwrap();
+    assert_eq!(typed, pos(3, 2));
     let mut fake = FakeChangeTracking::new(3, 0);
-    for k in [A, B, C, D, E] {
+    for k in ["a", "b", "c", "d", "e"] {
         fake.insert(3, k);
     }
-    let mut s = stream(fake, Some(stored), 2);
+    let mut s = stream(fake, Some(typed), 2);
     let got = drain(&mut s).await;
     assert_eq!(
         describe(&got),
         vec![
-            row_at(3, 2, C),
-            row_at(3, 3, D),
-            row_at(3, 4, E),
+            row_at(3, 2, 3, "c"),
+            row_at(3, 3, 4, "d"),
+            row_at(3, 4, 5, "e"),
             format!("commit {}", p(4, 0)),
         ]
     );
-    // The count only for the first page; then after the last key read.
+    // The count only for the first page; then after the last ordinal read.
     let skips: Vec<u32> = s.q.reads.iter().map(|r| r.2).collect();
     assert_eq!(skips, vec![2, 0]);
-    assert_eq!(s.q.afters, vec![None, Some(D.to_string())]);
+    assert_eq!(s.q.afters, vec![None, Some(4)]);
 }
 
 #[tokio::test]
 async fn a_checkpoint_at_the_end_of_a_version_moves_on_to_the_next() {
     let mut fake = FakeChangeTracking::new(3, 0);
-    for k in [A, B] {
+    for k in ["a", "b"] {
         fake.insert(3, k);
     }
-    fake.insert(4, C);
+    fake.insert(4, "c");
     // Both rows of version 3 done, then both deleted (gone round).
-    fake.delete(5, A);
-    fake.delete(5, B);
-    let mut s = stream(fake, Some(posk(3, 2, B)), 10);
+    fake.delete(5, "a");
+    fake.delete(5, "b");
+    let mut s = stream(fake, Some(poso(3, 2, 2)), 10);
     let got = describe(&drain(&mut s).await);
     assert_eq!(
         got,
         vec![
             format!("commit {}", p(4, 0)),
-            row_at(4, 0, C),
+            row_at(4, 0, 3, "c"),
             format!("commit {}", p(6, 0)),
         ]
     );
@@ -402,19 +430,139 @@ async fn pages_continue_inside_a_large_transaction() {
     let got = describe(&drain(&mut s).await);
     let rows: Vec<&String> = got.iter().filter(|g| g.starts_with("row")).collect();
     assert_eq!(rows.len(), 5, "{got:?}");
-    assert_eq!(rows[4], &row_at(3, 4, "e"));
+    assert_eq!(rows[4], &row_at(3, 4, 5, "e"));
     assert_eq!(got.last().unwrap(), &format!("commit {}", p(4, 0)));
-    // Each page starts after the previous page's last key, skipping nothing.
+    // Each page starts after the previous page's last ordinal, skipping
+    // nothing.
     let skips: Vec<u32> = s.q.reads.iter().map(|r| r.2).collect();
     assert_eq!(skips, vec![0, 0, 0]);
-    assert_eq!(
-        s.q.afters,
-        vec![None, Some("b".to_string()), Some("d".to_string())]
-    );
+    assert_eq!(s.q.afters, vec![None, Some(2), Some(4)]);
 }
 
 #[tokio::test]
-async fn a_page_resumes_after_a_key_so_rows_deleted_meanwhile_shift_nothing() {
+async fn defect_9_catch_up_pages_by_key_not_offset() {
+    // A backlog of 3 versions × 4 rows, read 3 rows a page while the
+    // database keeps committing (other tables: the version moves on).
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for v in 1..=3 {
+        for k in ["a", "b", "c", "d"] {
+            fake.insert(v, &format!("{k}{v}"));
+        }
+    }
+    let mut s = stream(fake, Some(pos(1, 0)), 3);
+    let mut got = Vec::new();
+    loop {
+        if let Some(c) = s.buffer.pop_front() {
+            got.push(c);
+            continue;
+        }
+        // A new write elsewhere before every page.
+        let moved = s.q.current.unwrap() + 1;
+        s.q.current = Some(moved);
+        if !s.read_once().await.unwrap() {
+            break;
+        }
+    }
+    assert_eq!(keys(&got).len(), 12, "{:?}", describe(&got));
+    // Never a count to skip: each page continues from the last row read,
+    // by version and ordinal, and no page re-reads what a page before it
+    // read (OFFSET would make page n cost n pages).
+    assert!(s.q.reads.iter().all(|r| r.2 == 0), "{:?}", s.q.reads);
+    let lasts: Vec<i64> = s.q.reads.iter().map(|r| r.0).collect();
+    assert!(lasts.windows(2).all(|w| w[0] <= w[1]), "{lasts:?}");
+    assert_eq!(s.q.afters[1..4], [Some(3), Some(6), Some(9)]);
+    // The catch-up keeps the end it started with (4), though the database
+    // moved on before every page; the read after it goes to the new end.
+    let ends: Vec<i64> = s.q.reads.iter().map(|r| r.1).collect();
+    assert_eq!(ends, [4, 4, 4, 4, 4], "{ends:?}");
+    s.q.insert(9, "z");
+    assert!(s.read_once().await.unwrap());
+    assert_eq!(s.q.reads[5].1, 9);
+}
+
+#[tokio::test]
+async fn defect_4_replay_after_deletes_keeps_each_events_seq() {
+    // Outbox ids are UUIDs; the test names them by a letter.
+    fn id(name: &str) -> String {
+        format!(
+            "00000000-0000-0000-0000-0000000000{:02x}",
+            name.as_bytes()[0]
+        )
+    }
+    fn name(id: &str) -> String {
+        let byte = u8::from_str_radix(&id[id.len() - 2..], 16).unwrap();
+        (byte as char).to_string()
+    }
+    // Five outbox rows in three transactions; the runner numbers them
+    // from the clock, as its dispatch does.
+    fn number(
+        changes: &[Change<Position>],
+        clock: &mut Clock,
+        taken: &mut BTreeSet<u64>,
+    ) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for c in changes {
+            if let Change::Row { row: Ok(r), .. } = c {
+                clock.skip_taken(taken);
+                let e = r.to_event("PARIS", 7, clock).unwrap();
+                *clock = clock.after(&e);
+                out.push((name(r.id.as_deref().unwrap()), e.seq));
+            }
+        }
+        out
+    }
+    let mut fake = FakeChangeTracking::new(3, 0);
+    for (v, k) in [(1, "a"), (1, "b"), (2, "c"), (3, "d"), (3, "e")] {
+        fake.insert(v, &id(k));
+    }
+    let start = Clock {
+        next_seq: 40,
+        last_ts: None,
+    };
+    let mut first = stream(fake, Some(pos(1, 0)), 100);
+    first.numbering(7, start.next_seq);
+    let published = drain(&mut first).await;
+    let mut clock = start;
+    let mut taken = BTreeSet::new();
+    let before = number(&published, &mut clock, &mut taken);
+    assert_eq!(
+        before,
+        [("a", 40), ("b", 41), ("c", 42), ("d", 43), ("e", 44)].map(|(k, s)| (k.to_string(), s))
+    );
+    // The checkpoint stayed at the start (the crash came before it was
+    // written), while a, c and e came back round: the sink recorded them
+    // in its inbox and deleted their outbox rows.
+    let mut fake = first.q;
+    fake.came_back(4, &id("a"), 7, 40);
+    fake.came_back(4, &id("c"), 7, 42);
+    fake.came_back(5, &id("e"), 7, 44);
+    // Another epoch's and an older number of this one change nothing.
+    fake.own.push(("PARIS".into(), 6, 41));
+    fake.own.push(("PARIS".into(), 7, 12));
+    fake.own.push(("LONDON".into(), 7, 43));
+    fake.taken_reads.clear();
+    let mut second = stream(fake, Some(pos(1, 0)), 100);
+    second.numbering(7, start.next_seq);
+    let again = drain(&mut second).await;
+    let mut clock = start;
+    let mut taken: BTreeSet<u64> = second.taken().into_iter().collect();
+    let after = number(&again, &mut clock, &mut taken);
+    // b and d are published again with the numbers they had.
+    assert_eq!(after, [("b".to_string(), 41), ("d".to_string(), 43)]);
+    // The next new event follows e's number.
+    clock.skip_taken(&mut taken);
+    assert_eq!(clock.next_seq, 45);
+    // Looked up while catching up, from the checkpoint's number.
+    assert_eq!(second.q.taken_reads, vec![40]);
+    // Once caught up, no more lookups.
+    second.q.insert(6, &id("f"));
+    drain(&mut second).await;
+    assert_eq!(second.q.taken_reads.len(), 1);
+    assert!(second.taken().is_empty());
+}
+
+#[tokio::test]
+async fn a_page_resumes_after_an_ordinal_so_rows_deleted_meanwhile_shift_nothing() {
     let mut fake = FakeChangeTracking::new(3, 0);
     for k in ["a", "b", "c", "d", "e"] {
         fake.insert(3, k);
@@ -429,11 +577,11 @@ async fn a_page_resumes_after_a_key_so_rows_deleted_meanwhile_shift_nothing() {
     assert_eq!(
         got,
         vec![
-            row_at(3, 0, "a"),
-            row_at(3, 1, "b"),
-            row_at(3, 2, "c"),
-            row_at(3, 3, "d"),
-            row_at(3, 4, "e"),
+            row_at(3, 0, 1, "a"),
+            row_at(3, 1, 2, "b"),
+            row_at(3, 2, 3, "c"),
+            row_at(3, 3, 4, "d"),
+            row_at(3, 4, 5, "e"),
             format!("commit {}", p(4, 0)),
         ]
     );
@@ -452,7 +600,7 @@ async fn a_read_dropped_half_way_has_its_transaction_rolled_back_before_the_next
     s.q.hang = false;
     // The fake's `versions` asserts that no transaction is open.
     let got = describe(&drain(&mut s).await);
-    assert_eq!(got[0], row_at(3, 0, "a"));
+    assert_eq!(got[0], row_at(3, 0, 1, "a"));
     assert_eq!(s.q.rollbacks, 1);
     assert_eq!(s.q.transactions, 3);
     assert!(!s.q.in_tx);
@@ -544,7 +692,7 @@ async fn with_no_checkpoint_the_stream_starts_at_the_min_valid_version() {
     fake.insert(41, "a");
     let mut s = stream(fake, None, 100);
     let got = describe(&drain(&mut s).await);
-    assert_eq!(got[0], row_at(41, 0, "a"));
+    assert_eq!(got[0], row_at(41, 0, 1, "a"));
     assert_eq!(s.q.reads[0].0, 40);
 }
 
@@ -552,9 +700,11 @@ async fn with_no_checkpoint_the_stream_starts_at_the_min_valid_version() {
 async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counted() {
     let mut fake = FakeChangeTracking::new(6, 0);
     fake.insert(5, "a");
+    // The join found no outbox row: the query gives it ordinal 0.
     fake.rows.push(Tracked {
         version: 5,
         key: "b0b0b0b0-0000-0000-0000-000000000001".into(),
+        ordinal: 0,
         payload: Payload::Gone,
     });
     fake.insert(6, "c");
@@ -573,10 +723,7 @@ async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counte
         unreachable!()
     };
     // Its own position: the rows after it keep theirs.
-    assert_eq!(
-        *position,
-        posk(5, 1, "b0b0b0b0-0000-0000-0000-000000000001")
-    );
+    assert_eq!(*position, poso(5, 0, 0));
     assert!(e.to_string().contains("lost payload"), "{e}");
     assert!(
         e.to_string()
@@ -584,7 +731,8 @@ async fn a_lost_payload_goes_to_the_dead_letter_queue_with_its_key_and_is_counte
         "{e}"
     );
     assert_eq!(s.lost_payloads(), 1);
-    assert!(describe(&got).contains(&row_at(6, 0, "c")));
+    assert!(describe(&got).contains(&row_at(5, 1, 1, "a")));
+    assert!(describe(&got).contains(&row_at(6, 0, 2, "c")));
 }
 
 #[tokio::test]
@@ -616,21 +764,25 @@ fn polling_is_immediate_while_there_is_work_and_backs_off_to_the_maximum() {
 }
 
 #[test]
-fn the_change_query_is_changetable_joined_to_the_outbox_never_a_key_scan() {
+fn the_change_query_pages_by_version_and_ordinal_with_top_and_no_offset() {
     let sql = changes_sql("[dbo].[outbox]", false);
+    assert!(sql.starts_with("SELECT TOP (@P3) ct.SYS_CHANGE_VERSION"));
     assert!(sql.contains("FROM CHANGETABLE(CHANGES [dbo].[outbox], @P1) AS ct"));
     assert!(sql.contains("LEFT JOIN [dbo].[outbox] AS o ON o.[id] = ct.[id]"));
     assert!(sql.contains("ct.SYS_CHANGE_OPERATION = 'I'"));
     assert!(sql.contains("ct.SYS_CHANGE_VERSION <= @P2"));
-    assert!(sql.contains("ORDER BY ct.SYS_CHANGE_VERSION, ct.[id]"));
-    assert!(sql.contains("OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"));
+    assert!(sql.contains("ISNULL(o.[ordinal], 0) AS ordinal"));
+    assert!(sql.ends_with("ORDER BY ct.SYS_CHANGE_VERSION, ordinal"));
+    assert!(!sql.contains("OFFSET"));
     assert!(!sql.contains("id] >"));
     let after = changes_sql("[dbo].[outbox]", true);
-    // Only inside the first version, and the key a parameter.
+    // Only inside the first version, and the ordinal a parameter.
     assert!(after.contains(
-        "ct.SYS_CHANGE_VERSION <= @P2 AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ct.[id] > @P5) ORDER BY"
+        "ct.SYS_CHANGE_VERSION <= @P2 AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ISNULL(o.[ordinal], 0) > @P4) ORDER BY"
     ));
-    assert!(after.ends_with("OFFSET @P3 ROWS FETCH NEXT @P4 ROWS ONLY"));
+    assert!(!after.contains("OFFSET"));
+    assert!(TAKEN_SQL.contains("FROM dbo.sitesync_inbox WHERE origin = @P1 AND epoch = @P2 AND seq >= @P3 AND outcome = N'own'"));
+    assert!(TAKEN_SQL.starts_with("IF OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NOT NULL"));
     assert_eq!(
         END_ANY_TRANSACTION_SQL,
         "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION"
@@ -672,6 +824,14 @@ fn init_sql_enables_change_tracking_and_snapshot_isolation_and_quotes_names() {
     );
     assert!(sql.outbox.contains("DEFAULT N'PA''RIS'"));
     assert!(sql.outbox.contains("CHECK (ISJSON([data]) = 1)"));
+    assert!(
+        sql.outbox
+            .contains("[ordinal] bigint IDENTITY(1,1) NOT NULL")
+    );
+    assert_eq!(
+        sql.add_ordinal,
+        "ALTER TABLE [app].[out]]box] ADD [ordinal] bigint IDENTITY(1,1) NOT NULL"
+    );
     assert_eq!(
         sql.track_table,
         "ALTER TABLE [app].[out]]box] ENABLE CHANGE_TRACKING WITH (TRACK_COLUMNS_UPDATED = OFF)"
@@ -693,6 +853,7 @@ fn check_compares_retention_with_the_allowed_downtime() {
         outbox_tracked: true,
         database: "paris".into(),
         version: "16.0".into(),
+        ordinal: Some(1),
     };
     let status = |s: &DbState| {
         state_checks(&cfg, s, "[dbo].[outbox]")
@@ -740,6 +901,41 @@ fn check_compares_retention_with_the_allowed_downtime() {
         ]
     );
     assert_eq!(retention_hours(2, "DAYS"), 48);
+}
+
+#[test]
+fn check_fails_an_outbox_without_its_ordering_column_with_the_statement_that_adds_it() {
+    use crate::checks::Status;
+    let cfg = db_config();
+    for (ordinal, says) in [
+        (None, "has no [ordinal] column"),
+        (Some(0), "is not an IDENTITY"),
+    ] {
+        let old = DbState {
+            snapshot: true,
+            retention_hours: Some(96),
+            auto_cleanup: true,
+            outbox_exists: true,
+            outbox_tracked: true,
+            ordinal,
+            ..Default::default()
+        };
+        let checks = state_checks(&cfg, &old, "[dbo].[outbox]");
+        let order = checks.iter().find(|c| c.name == "outbox order").unwrap();
+        assert_eq!(order.status, Status::Fail);
+        assert!(order.detail.contains(says), "{}", order.detail);
+        assert!(
+            order.fix.as_deref().unwrap().starts_with(
+                "ALTER TABLE [dbo].[outbox] ADD [ordinal] bigint IDENTITY(1,1) NOT NULL"
+            ),
+            "{:?}",
+            order.fix
+        );
+    }
+    // The stream's own refusal says the same.
+    let e = ordinal_problem("[dbo].[outbox]", None).unwrap();
+    assert!(e.contains("sitesync init"), "{e}");
+    assert!(ordinal_problem("[dbo].[outbox]", Some(1)).is_none());
     assert_eq!(retention_hours(90, "MINUTES"), 1);
 }
 
@@ -764,4 +960,16 @@ fn grants_name_what_is_missing_and_the_grant_to_run() {
     // A source-only connector does not need DELETE.
     let source_only = grant_checks(&cells("1", "1", "0"), "[dbo].[outbox]", false);
     assert_eq!(source_only[0].status, crate::checks::Status::Pass);
+    // The inbox, where a restart finds the numbers already taken: NULL
+    // while the sink's tables do not exist, 0 when it may not be read.
+    let mut no_inbox = cells("1", "1", "1");
+    no_inbox.push(Some("0".into()));
+    let checks = grant_checks(&no_inbox, "[dbo].[outbox]", true);
+    assert_eq!(checks[0].name, "grants (inbox)");
+    assert_eq!(checks[0].status, crate::checks::Status::Fail);
+    assert_eq!(
+        checks[0].fix.as_deref(),
+        Some("GRANT SELECT ON dbo.sitesync_inbox TO [sitesync];")
+    );
+    assert_eq!(checks[1].status, crate::checks::Status::Pass);
 }
