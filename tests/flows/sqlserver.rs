@@ -6,6 +6,7 @@
 use crate::support::mesh::{Mesh, MeshOptions, upsert};
 use crate::support::sidecar::Sidecar;
 use crate::support::wait_for;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use testcontainers_modules::mssql_server::MssqlServer;
@@ -173,13 +174,31 @@ fn two_pg_sites() -> MeshOptions {
     }
 }
 
+/// PARIS and LONDON on PostgreSQL, MADRID on SQL Server, every sidecar
+/// running (fields drop in order: the sidecars before their servers).
+struct Running {
+    sidecar: Sidecar,
+    _pg: BTreeMap<&'static str, Sidecar>,
+    madrid: SqlSite,
+    mesh: Mesh,
+}
+
+async fn three_sites_running() -> Running {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    Running {
+        _pg: mesh.spawn_all(),
+        sidecar: madrid.spawn(&mesh),
+        madrid,
+        mesh,
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
 async fn sqlserver_three_sites_with_one_on_sql_server_converge() {
-    let mesh = Mesh::start(two_pg_sites()).await;
-    let madrid = SqlSite::start(&mesh).await;
-    let _pg = mesh.spawn_all();
-    let _madrid = madrid.spawn(&mesh);
+    let r = three_sites_running().await;
+    let (mesh, madrid) = (&r.mesh, &r.madrid);
     let mut m = madrid.client().await;
     for id in 0..20 {
         madrid_upsert(&mut m, 1000 + id, id).await;
@@ -190,7 +209,7 @@ async fn sqlserver_three_sites_with_one_on_sql_server_converge() {
     }
     for site in ["PARIS", "LONDON"] {
         wait_for(
-            async || pg_count(&mesh, site, "MADRID").await == 20,
+            async || pg_count(mesh, site, "MADRID").await == 20,
             Duration::from_secs(90),
         )
         .await
@@ -235,25 +254,23 @@ async fn sqlserver_three_sites_with_one_on_sql_server_converge() {
 #[tokio::test]
 #[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
 async fn sqlserver_kill_9_mid_stream_loses_nothing() {
-    let mesh = Mesh::start(two_pg_sites()).await;
-    let madrid = SqlSite::start(&mesh).await;
-    let _pg = mesh.spawn_all();
-    let mut sidecar = madrid.spawn(&mesh);
+    let mut r = three_sites_running().await;
+    let (mesh, madrid) = (&r.mesh, &r.madrid);
     let mut m = madrid.client().await;
     for id in 0..300 {
         madrid_upsert(&mut m, id, 1).await;
         if id == 150 {
-            sidecar.kill9();
-            sidecar = madrid.spawn(&mesh);
+            r.sidecar.kill9();
+            r.sidecar = madrid.spawn(mesh);
         }
     }
     for site in ["PARIS", "LONDON"] {
         wait_for(
-            async || pg_count(&mesh, site, "MADRID").await == 300,
+            async || pg_count(mesh, site, "MADRID").await == 300,
             Duration::from_secs(120),
         )
         .await
-        .unwrap_or_else(|e| panic!("MADRID's rows at {site}: {e}\n{}", sidecar.log_tail()));
+        .unwrap_or_else(|e| panic!("MADRID's rows at {site}: {e}\n{}", r.sidecar.log_tail()));
     }
     // Each event applied once: the inbox has one row per event.
     let applied: i64 = mesh
@@ -301,10 +318,8 @@ async fn sqlserver_a_checkpoint_older_than_change_tracking_retention_stops_with_
 #[tokio::test]
 #[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
 async fn sqlserver_two_events_of_one_entity_in_one_transaction_end_on_the_same_row_everywhere() {
-    let mesh = Mesh::start(two_pg_sites()).await;
-    let madrid = SqlSite::start(&mesh).await;
-    let _pg = mesh.spawn_all();
-    let _madrid = madrid.spawn(&mesh);
+    let r = three_sites_running().await;
+    let (mesh, madrid) = (&r.mesh, &r.madrid);
     let mut m = madrid.client().await;
     let first = Uuid::parse_str("00000000-0000-0000-0000-0000000000ff").unwrap();
     let second = Uuid::parse_str("ffffffff-0000-0000-0000-000000000001").unwrap();
@@ -352,10 +367,8 @@ async fn sqlserver_two_events_of_one_entity_in_one_transaction_end_on_the_same_r
 #[tokio::test]
 #[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
 async fn sqlserver_an_event_that_does_not_convert_is_dead_lettered_and_the_events_after_it_apply() {
-    let mesh = Mesh::start(two_pg_sites()).await;
-    let madrid = SqlSite::start(&mesh).await;
-    let _pg = mesh.spawn_all();
-    let mut sidecar = madrid.spawn(&mesh);
+    let mut r = three_sites_running().await;
+    let (mesh, madrid) = (&r.mesh, &r.madrid);
     let paris = mesh.client("PARIS").await;
     for id in 0..5 {
         upsert(&paris, "PARIS", id, id).await;
@@ -383,7 +396,7 @@ async fn sqlserver_an_event_that_does_not_convert_is_dead_lettered_and_the_event
         Duration::from_secs(90),
     )
     .await
-    .unwrap_or_else(|e| panic!("PARIS's good rows at MADRID: {e}\n{}", sidecar.log_tail()));
+    .unwrap_or_else(|e| panic!("PARIS's good rows at MADRID: {e}\n{}", r.sidecar.log_tail()));
     wait_for(
         async || {
             mssql_count(
@@ -402,6 +415,6 @@ async fn sqlserver_an_event_that_does_not_convert_is_dead_lettered_and_the_event
         0
     );
     // Still running: it stops cleanly when asked.
-    let status = sidecar.terminate().await;
-    assert!(status.success(), "{}", sidecar.log_tail());
+    let status = r.sidecar.terminate().await;
+    assert!(status.success(), "{}", r.sidecar.log_tail());
 }
