@@ -51,7 +51,7 @@ impl LogPosition for Position {
 
 /// What a position written before the ordinal column says instead of one.
 const KEYED: &str = "this position resumes after an outbox key (`@key`), as sitesync did before the outbox had its `[ordinal]` column; keys do not give the order of the rows of one transaction, ordinals do. \
-     Run `sitesync init` (it adds the column), then `sitesync checkpoint reset --to-position sqlserver:<version>#<index>` with the same version and index: the rows of that version are then skipped by count";
+     Run `sitesync init` (it adds the column), then `sitesync checkpoint reset --to-position sqlserver:<version>` with the same version: that version's rows are sent again from its start (the other sites' inboxes drop those they have, by event id); an index would count rows in another order than the one it was written in";
 
 /// The JSON form: `{"engine":"sql_server","version":10,"index":2,"after_ordinal":42}`.
 /// `after` (a key) is what earlier releases wrote: it is read, to refuse it
@@ -221,7 +221,7 @@ mod tests {
         .to_string();
         assert!(e.contains("sqlserver:10#2@7f1d8a5e"), "{e}");
         assert!(
-            e.contains("checkpoint reset --to-position sqlserver:<version>#<index>"),
+            e.contains("checkpoint reset --to-position sqlserver:<version>` with the same version"),
             "{e}"
         );
         let e = "sqlserver:10#2@42".parse::<Position>().unwrap_err();

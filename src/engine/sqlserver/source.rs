@@ -27,7 +27,7 @@
 //!    (`TOP (@n)`, continued by keyset: never `OFFSET`, whose cost grows
 //!    with the rows skipped). The outbox is never read with `WHERE id > x`;
 //! 4. during catch-up, in the same snapshot, the numbers this site's events
-//!    took that the read cannot show again ([`TAKEN_SQL`], see below).
+//!    took that the read cannot show again ([`taken_sql`], see below).
 //!
 //! A catch-up (a read cut at the page size) keeps the version it started
 //! with as its upper bound until it reaches it: each page continues where
@@ -160,12 +160,12 @@ pub const VERSIONS_SQL: &str =
 /// read) has ordinal 0: ordinals start at 1.
 pub fn changes_sql(outbox: &str, after: bool) -> String {
     let after = if after {
-        "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR ISNULL(o.[ordinal], 0) > @P4) "
+        "AND (ct.SYS_CHANGE_VERSION > @P1 + 1 OR CAST(ISNULL(o.[ordinal], 0) AS bigint) > @P4) "
     } else {
         ""
     };
     format!(
-        "SELECT TOP (@P3) ct.SYS_CHANGE_VERSION, ct.[id], ISNULL(o.[ordinal], 0) AS ordinal, o.[id], o.[created_at], o.[origin], o.[type], o.[entity_key], o.[data] \
+        "SELECT TOP (@P3) ct.SYS_CHANGE_VERSION, ct.[id], CAST(ISNULL(o.[ordinal], 0) AS bigint) AS ordinal, o.[id], o.[created_at], o.[origin], o.[type], o.[entity_key], o.[data] \
          FROM CHANGETABLE(CHANGES {outbox}, @P1) AS ct \
          LEFT JOIN {outbox} AS o ON o.[id] = ct.[id] \
          WHERE ct.SYS_CHANGE_OPERATION = 'I' AND ct.SYS_CHANGE_VERSION <= @P2 \
@@ -176,9 +176,17 @@ pub fn changes_sql(outbox: &str, after: bool) -> String {
 
 /// The numbers this site's events of epoch `@P2` took, from `@P3` on, that
 /// came back round: the sink deleted their outbox rows in the transaction
-/// that wrote these inbox rows. None while the sink's tables do not exist.
-pub const TAKEN_SQL: &str = "IF OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NOT NULL \
-    SELECT seq FROM dbo.sitesync_inbox WHERE origin = @P1 AND epoch = @P2 AND seq >= @P3 AND outcome = N'own' ORDER BY seq";
+/// that wrote these inbox rows (an inbox row whose outbox row is still
+/// there, left for `sweep_own`, is not one: its row is still to be read).
+/// None while the sink's tables do not exist. The inbox's
+/// `(origin, epoch, seq)` index serves it.
+pub fn taken_sql(outbox: &str) -> String {
+    format!(
+        "IF OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NOT NULL \
+         SELECT i.seq FROM dbo.sitesync_inbox AS i WHERE i.origin = @P1 AND i.epoch = @P2 AND i.seq >= @P3 AND i.outcome = N'own' \
+         AND NOT EXISTS (SELECT 1 FROM {outbox} AS o WHERE o.[id] = i.event_id) ORDER BY i.seq"
+    )
+}
 
 /// The column that orders the rows of one transaction.
 pub const ORDINAL: &str = "ordinal";
@@ -237,7 +245,7 @@ pub trait ChangeTracking: Send {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Tracked>, SourceError>> + Send;
     /// The numbers of `origin`'s events of `epoch`, from `from` on, that
-    /// came back round ([`TAKEN_SQL`]), in the same snapshot.
+    /// came back round ([`taken_sql`]), in the same snapshot.
     fn taken(
         &mut self,
         origin: &str,
@@ -559,8 +567,21 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             // check_versions says what is missing.
             (None, None) => Cursor::at(0),
         };
-        let upto = match check_versions(&cursor, v, &self.outbox)? {
+        let step = check_versions(&cursor, v, &self.outbox)?;
+        // The numbers taken are looked up on every read until the stream
+        // has caught up, found rows or not: when every row after the
+        // checkpoint came back round, the read finds none, and the next new
+        // row must still not take their numbers. Read before anything
+        // changes, so that a read dropped half-way changes nothing.
+        let taken = match self.numbering {
+            Some((epoch, next_seq)) if self.catching_up => {
+                self.q.taken(&self.origin, epoch, next_seq).await?
+            }
+            _ => Vec::new(),
+        };
+        let upto = match step {
             Step::UpToDate => {
+                self.taken.extend(taken);
                 self.yield_resume(cursor.position(), true);
                 self.cursor = Some(cursor);
                 self.catching_up = false;
@@ -584,14 +605,6 @@ impl<Q: ChangeTracking> SqlServerStream<Q> {
             .await?;
         let full_page = rows.len() >= self.limit as usize;
         let found = !rows.is_empty();
-        // Read before anything changes: a read dropped half-way changes
-        // nothing.
-        let taken = match self.numbering {
-            Some((epoch, next_seq)) if self.catching_up && found => {
-                self.q.taken(&self.origin, epoch, next_seq).await?
-            }
-            _ => Vec::new(),
-        };
         let (changes, next, lost) = absorb(cursor, rows, upto, full_page, &self.outbox)?;
         self.taken.extend(taken);
         self.lost.fetch_add(lost, Ordering::Relaxed);
@@ -668,6 +681,7 @@ pub struct TiberiusChangeTracking {
     outbox: String,
     changes_sql: String,
     changes_after_sql: String,
+    taken_sql: String,
 }
 
 impl TiberiusChangeTracking {
@@ -675,6 +689,7 @@ impl TiberiusChangeTracking {
         TiberiusChangeTracking {
             changes_sql: changes_sql(&outbox, false),
             changes_after_sql: changes_sql(&outbox, true),
+            taken_sql: taken_sql(&outbox),
             client,
             outbox,
         }
@@ -776,11 +791,11 @@ impl ChangeTracking for TiberiusChangeTracking {
         };
         let outbox = &self.outbox;
         let failed = |e: tiberius::error::Error| match conn::number(&e) {
-            // Invalid column name: an outbox from before the ordinal column.
+            // Invalid column name (the server's message names it).
             Some(207) => SourceError::operator(
                 Cause::NotInitialised,
                 format!(
-                    "{}: the outbox {outbox} has no [ordinal] column, which orders the rows of one transaction: run `sitesync init`, or {}",
+                    "{}: the outbox {outbox} lacks a column sitesync reads (id, created_at, origin, type, entity_key, data, ordinal): `sitesync check` names it; `sitesync init` adds [ordinal] ({})",
                     classify("reading CHANGETABLE(CHANGES …)", &e).message(),
                     add_ordinal_sql(outbox)
                 ),
@@ -807,7 +822,7 @@ impl ChangeTracking for TiberiusChangeTracking {
             "reading the numbers of this site's events that came back round (dbo.sitesync_inbox)";
         let rows = self
             .client
-            .query(TAKEN_SQL, &params)
+            .query(self.taken_sql.as_str(), &params)
             .await
             .map_err(|e| classify(context, &e))?
             .into_first_result()
@@ -1061,7 +1076,7 @@ impl DbState {
 /// The grants the connector's login needs on the outbox: reading it and its
 /// changes (source), deleting rows whose events came back (sink); and
 /// reading the sink's inbox, where a restart finds the numbers of events
-/// whose rows came back round ([`TAKEN_SQL`]; NULL while it does not exist).
+/// whose rows came back round ([`taken_sql`]; NULL while it does not exist).
 pub const GRANTS_SQL: &str = "SELECT HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'SELECT'), \
     HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'VIEW CHANGE TRACKING'), \
     HAS_PERMS_BY_NAME(@P1, 'OBJECT', 'DELETE'), SUSER_SNAME(), \

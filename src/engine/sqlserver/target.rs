@@ -90,6 +90,8 @@ IF OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NULL CREATE TABLE dbo.sitesync_inbo
     applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
     outcome nvarchar(16) NOT NULL
 );
+IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'sitesync_inbox_origin_seq' AND object_id = OBJECT_ID(N'dbo.sitesync_inbox'))
+    CREATE INDEX sitesync_inbox_origin_seq ON dbo.sitesync_inbox (origin, epoch, seq) INCLUDE (outcome);
 IF OBJECT_ID(N'dbo.sitesync_origins', N'U') IS NULL CREATE TABLE dbo.sitesync_origins (
     origin nvarchar(64) COLLATE Latin1_General_BIN2 NOT NULL PRIMARY KEY,
     epoch bigint NOT NULL,
