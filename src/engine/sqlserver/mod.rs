@@ -6,7 +6,7 @@
 //!   classification, shared by the source and the sink.
 //! - [`source`]: Change Tracking read by query, `init`, `check`;
 //!   [`types`] turns SQL Server values into the outbox's fields.
-//! - [`position`]: `sqlserver:<version>#<index>@<last key done>`.
+//! - [`position`]: `sqlserver:<version>#<index>/<last ordinal done>`.
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
