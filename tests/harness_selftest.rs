@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use mysql_async::prelude::Queryable;
 
 use support::mariadb::MariaDb;
 use support::pg::PgCluster;
@@ -197,6 +198,23 @@ async fn mariadb_server_starts_with_row_binlog_settings() {
             && grants.contains("IDENTIFIED BY PASSWORD"),
         "{grants}"
     );
+    // The user logs in with its password, and not without it.
+    let as_reader = |password: &str| {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(db.port())
+            .user(Some("reader"))
+            .pass(Some(password))
+            .db_name(Some("app"))
+    };
+    let mut conn = mysql_async::Conn::new(as_reader("s3cret")).await.unwrap();
+    let me: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
+    assert_eq!(me.as_deref(), Some("reader@127.0.0.1"));
+    conn.disconnect().await.unwrap();
+    match mysql_async::Conn::new(as_reader("wrong")).await {
+        Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1045, "{e}"),
+        other => panic!("a wrong password must be refused with 1045: {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -26,6 +26,8 @@ use super::host::{
     create_owned_dir, describe_output, free_port, is_root, process_cmdline_contains, random_hex,
     signal_and_wait_blocking, sweep_orphans as sweep_dirs, tail_file,
 };
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Row, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -40,6 +42,9 @@ pub const PORT_ATTEMPTS: usize = 5;
 /// How long a start waits for the server to accept connections (crash
 /// recovery after [`Server::kill9`] included).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long [`Server::stop`] waits for the server to exit after SIGTERM
 /// before it kills it.
@@ -96,8 +101,6 @@ pub struct Binaries {
     pub server: PathBuf,
     /// `mariadb-install-db`, which creates a data directory.
     pub install_db: PathBuf,
-    /// `mariadb`, the command-line client (admin SQL).
-    pub client: PathBuf,
 }
 
 /// Finds the binaries in `PATH`, or where Debian installs them.
@@ -113,7 +116,6 @@ pub fn find_binaries() -> Result<Binaries, String> {
     Ok(Binaries {
         server: find("mariadbd", "/usr/sbin").ok_or(MISSING_BINARIES)?,
         install_db: find("mariadb-install-db", "/usr/bin").ok_or(MISSING_BINARIES)?,
-        client: find("mariadb", "/usr/bin").ok_or(MISSING_BINARIES)?,
     })
 }
 
@@ -403,39 +405,42 @@ impl Server {
         }
     }
 
-    /// Runs `sql` (one or more statements) as root over TCP and returns
-    /// what it prints (tab-separated rows, no header).
-    pub async fn sql(&self, sql: &str) -> Result<String, String> {
-        let out = tokio::process::Command::new(&self.bin.client)
-            .arg("--no-defaults")
-            .arg("--protocol=TCP")
-            .arg("--host=127.0.0.1")
-            .arg(format!("--port={}", self.port))
-            .arg("--user=root")
-            .arg("--batch")
-            .arg("--skip-column-names")
-            .arg("--connect-timeout=5")
-            .arg("-e")
-            .arg(sql)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| {
-                format!(
-                    "{}: cannot run {}: {e}",
-                    self.name(),
-                    self.bin.client.display()
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!(
-                "{}: `{sql}` failed: {}",
+    /// A connection as root to database `db` (`None`: no default
+    /// database), over TCP as the sidecars connect; cut off after
+    /// [`CONNECT_TIMEOUT`].
+    pub async fn conn(&self, db: Option<&str>) -> Result<Conn, String> {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some("root"))
+            .db_name(db)
+            .prefer_socket(false);
+        match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(format!(
+                "{}: connecting to {}: {e}",
                 self.name(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+                self.url(db.unwrap_or(""))
+            )),
+            Err(_) => Err(format!(
+                "{}: connecting to {}: no answer within {CONNECT_TIMEOUT:?}",
+                self.name(),
+                self.url(db.unwrap_or(""))
+            )),
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sql` (one statement) as root on a new connection and returns
+    /// its rows as text: one line per row, values separated by tabs,
+    /// `NULL` for a null (the `mariadb --batch` client's format).
+    pub async fn sql(&self, sql: &str) -> Result<String, String> {
+        let mut conn = self.conn(None).await?;
+        let rows: Vec<Row> = conn
+            .query(sql)
+            .await
+            .map_err(|e| format!("{}: `{sql}` failed: {e}", self.name()))?;
+        let _ = conn.disconnect().await;
+        Ok(rows_as_text(rows))
     }
 
     /// Creates database `name`.
@@ -456,11 +461,13 @@ impl Server {
     ) -> Result<(), String> {
         let account = format!("{}@'127.0.0.1'", quote_string(user));
         self.sql(&format!(
-            "CREATE USER {account} IDENTIFIED BY {}; GRANT {privileges} ON {on} TO {account}",
+            "CREATE USER {account} IDENTIFIED BY {}",
             quote_string(password)
         ))
-        .await
-        .map(drop)
+        .await?;
+        self.sql(&format!("GRANT {privileges} ON {on} TO {account}"))
+            .await
+            .map(drop)
     }
 
     /// A clean shutdown: SIGTERM, then waits until the server has exited
@@ -529,6 +536,25 @@ fn signal(pid: u32, signal: i32) {
     unsafe {
         libc::kill(pid as i32, signal);
     }
+}
+
+/// Rows in the `mariadb --batch` client's text format.
+fn rows_as_text(rows: Vec<Row>) -> String {
+    let mut text = String::new();
+    for row in rows {
+        let values: Vec<String> = row
+            .unwrap()
+            .into_iter()
+            .map(|v| match v {
+                Value::NULL => "NULL".to_string(),
+                Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
+                other => other.as_sql(true).trim_matches('\'').to_string(),
+            })
+            .collect();
+        text.push_str(&values.join("\t"));
+        text.push('\n');
+    }
+    text
 }
 
 /// `name` as a quoted identifier.

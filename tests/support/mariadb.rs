@@ -80,7 +80,16 @@ impl MariaDb {
         tail_file(&self.server.log_path(), lines)
     }
 
-    /// Runs `sql` as root and returns its output (tab-separated rows).
+    /// A connection as root to `db` (`None`: no default database).
+    pub async fn conn(&self, db: Option<&str>) -> mysql_async::Conn {
+        self.server
+            .conn(db)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n--- error log ---\n{}", self.log_tail(20)))
+    }
+
+    /// Runs `sql` (one statement) as root and returns its rows as text
+    /// (tab-separated values, a line per row).
     pub async fn sql(&self, sql: &str) -> String {
         self.server
             .sql(sql)
