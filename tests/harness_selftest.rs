@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use mysql_async::prelude::Queryable;
 
+use support::mariadb::MariaDb;
 use support::pg::PgCluster;
 use support::rabbit::{self, PrivateRabbit};
-use support::{TestDir, wait_for, wait_for_value};
+use support::{TestDir, process_alive, wait_for, wait_for_value};
 
 #[tokio::test]
 async fn pg_cluster_starts_with_logical_replication_settings() {
@@ -139,6 +141,154 @@ async fn two_pg_clusters_run_side_by_side() {
     a.stop_immediate().await;
     let one: i32 = cb.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
+}
+
+/// `SELECT @@gtid_binlog_pos` and the binary logs with their sizes.
+async fn binlog_state(db: &MariaDb) -> (String, Vec<(String, u64)>) {
+    let pos = db.sql("SELECT @@gtid_binlog_pos").await.trim().to_string();
+    let logs = db
+        .sql("SHOW BINARY LOGS")
+        .await
+        .lines()
+        .map(|l| {
+            let (name, size) = l.split_once('\t').expect("name<TAB>size");
+            (name.to_string(), size.parse().expect("a size"))
+        })
+        .collect();
+    (pos, logs)
+}
+
+#[tokio::test]
+async fn mariadb_server_starts_with_row_binlog_settings() {
+    let began = Instant::now();
+    let db = MariaDb::start().await;
+    eprintln!("MariaDB start took {:?}", began.elapsed());
+    assert_ne!(db.port(), 3306, "never the machine's server");
+    assert_eq!(
+        db.url("app"),
+        format!("mysql://root@127.0.0.1:{}/app", db.port())
+    );
+
+    let settings = db
+        .sql(
+            "SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, \
+             @@port, @@bind_address, @@server_id, @@gtid_domain_id, @@skip_name_resolve, \
+             @@datadir",
+        )
+        .await;
+    let expected = format!(
+        "1\tROW\tFULL\tFULL\t{}\t127.0.0.1\t{}\t0\t1\t{}/\n",
+        db.port(),
+        db.server().server_id(),
+        db.data_dir().display()
+    );
+    assert_eq!(settings, expected);
+
+    db.create_database("app").await;
+    db.create_user("reader", "s3cret", "SELECT, REPLICATION SLAVE", "*.*")
+        .await;
+    assert_eq!(
+        db.sql("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'app'")
+            .await,
+        "app\n"
+    );
+    let grants = db.sql("SHOW GRANTS FOR 'reader'@'127.0.0.1'").await;
+    assert!(
+        grants.contains("GRANT SELECT, REPLICATION SLAVE ON *.* TO `reader`@`127.0.0.1`")
+            && grants.contains("IDENTIFIED BY PASSWORD"),
+        "{grants}"
+    );
+    // The user logs in with its password, and not without it.
+    let as_reader = |password: &str| {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(db.port())
+            .user(Some("reader"))
+            .pass(Some(password))
+            .db_name(Some("app"))
+    };
+    let mut conn = mysql_async::Conn::new(as_reader("s3cret")).await.unwrap();
+    let me: Option<String> = conn.query_first("SELECT CURRENT_USER()").await.unwrap();
+    assert_eq!(me.as_deref(), Some("reader@127.0.0.1"));
+    conn.disconnect().await.unwrap();
+    match mysql_async::Conn::new(as_reader("wrong")).await {
+        Err(mysql_async::Error::Server(e)) => assert_eq!(e.code, 1045, "{e}"),
+        other => panic!("a wrong password must be refused with 1045: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn mariadb_binlog_moves_and_data_survives_restart_and_kill() {
+    let db = MariaDb::start().await;
+    db.create_database("app").await;
+    db.sql("CREATE TABLE app.t (id INT PRIMARY KEY, v TEXT)")
+        .await;
+    let (pos_before, logs_before) = binlog_state(&db).await;
+    db.sql("INSERT INTO app.t VALUES (1, 'committed')").await;
+    let (pos_after, logs_after) = binlog_state(&db).await;
+    let sid = db.server().server_id();
+    // Three transactions, in domain 0: CREATE DATABASE, CREATE TABLE, INSERT.
+    assert_eq!(pos_before, format!("0-{sid}-2"));
+    assert_eq!(pos_after, format!("0-{sid}-3"));
+    assert_eq!(logs_after.len(), 1, "{logs_after:?}");
+    assert_eq!(logs_after[0].0, "mysql-bin.000001");
+    assert!(
+        logs_after[0].1 > logs_before[0].1,
+        "{logs_before:?} {logs_after:?}"
+    );
+
+    // A clean restart: same port, the data and the GTID state kept, a new
+    // binary log.
+    let pid = db.server().pid().expect("runs");
+    let began = Instant::now();
+    db.restart().await;
+    eprintln!("MariaDB restart took {:?}", began.elapsed());
+    assert!(!process_alive(pid as i32), "the old server exited");
+    assert_eq!(
+        db.sql("SELECT v FROM app.t WHERE id = 1").await,
+        "committed\n"
+    );
+    let (pos, logs) = binlog_state(&db).await;
+    assert_eq!(pos, format!("0-{sid}-3"));
+    assert_eq!(logs.len(), 2, "{logs:?}");
+
+    // SIGKILL: a committed row survives crash recovery.
+    db.sql("INSERT INTO app.t VALUES (2, 'before the kill')")
+        .await;
+    let pid = db.server().pid().expect("runs");
+    db.kill9().await;
+    assert!(!process_alive(pid as i32), "killed");
+    assert!(!db.server().running());
+    assert!(
+        db.server().sql("SELECT 1").await.is_err(),
+        "down after kill9"
+    );
+    db.start_again().await;
+    assert_eq!(db.sql("SELECT count(*) FROM app.t").await, "2\n");
+    assert_eq!(binlog_state(&db).await.0, format!("0-{sid}-4"));
+
+    // Dropping the handle kills the server and removes its directory.
+    let pid = db.server().pid().expect("runs");
+    let dir = db.server().dir().to_path_buf();
+    drop(db);
+    assert!(!process_alive(pid as i32), "drop kills the server");
+    assert!(!dir.exists() || support::keep_dirs());
+}
+
+#[tokio::test]
+async fn two_mariadb_servers_run_side_by_side() {
+    let (a, b) = tokio::join!(MariaDb::start(), MariaDb::start());
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.server().server_id(), b.server().server_id());
+    a.sql("CREATE DATABASE only_in_a").await;
+    assert_eq!(
+        b.sql("SELECT count(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = 'only_in_a'")
+            .await,
+        "0\n",
+        "servers must not share data"
+    );
+    a.kill9().await;
+    assert_eq!(b.sql("SELECT 1").await, "1\n");
 }
 
 /// Declares a durable quorum queue and publishes one persistent message with

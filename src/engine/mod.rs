@@ -7,6 +7,7 @@
 //! only place that names them. See `docs/ARCHITECTURE.md`, "Adding an
 //! engine".
 
+pub mod mariadb;
 pub mod oracle;
 pub mod postgres;
 pub mod sqlserver;

@@ -1,7 +1,8 @@
 //! Tooling beside the product: `sitesync demo`, `sitesync bench`, the
-//! private PostgreSQL clusters they start ([`pg`]) and the helpers those
-//! need of the machine ([`host`]: users, free ports, processes, the `/tmp`
-//! directories of runs that were killed).
+//! private PostgreSQL clusters they start ([`pg`]), private MariaDB servers
+//! ([`mariadb`], the tests' for now) and the helpers those need of the
+//! machine ([`host`]: users, free ports, processes, the `/tmp` directories
+//! of runs that were killed).
 //!
 //! Nothing of the product depends on this module: only the command line
 //! reaches it, and the integration tests' harness (`tests/support/`) reuses
@@ -11,6 +12,7 @@
 pub mod bench;
 pub mod demo;
 pub mod host;
+pub mod mariadb;
 pub mod pg;
 
 use clap::Args;

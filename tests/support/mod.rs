@@ -10,6 +10,9 @@
 //! * [`pg::PgCluster`]: a private PostgreSQL cluster (`wal_level=logical`)
 //!   on a random port, which can be stopped immediately (crash) and started
 //!   again on the same data directory and port.
+//! * [`mariadb::MariaDb`]: a private MariaDB server (ROW binlog with full
+//!   row metadata) on a random port, which can be stopped, killed and
+//!   started again on the same data directory and port.
 //! * [`rabbit`]: helpers for the machine's shared RabbitMQ broker (unique
 //!   names, queue length, draining) and [`rabbit::PrivateRabbit`], a private
 //!   RabbitMQ node for tests that stop and start the broker.
@@ -30,6 +33,7 @@
 
 #![allow(dead_code)]
 
+pub mod mariadb;
 pub mod mesh;
 pub mod pg;
 pub mod proxy;
@@ -208,14 +212,16 @@ pub fn chown_recursive(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
 }
 
 /// Cleans up after dead test processes, once per test process: stops the
-/// PostgreSQL clusters and RabbitMQ nodes they left behind and removes their
-/// directories (see [`TestDir::sweep_orphans`]).  Called by
-/// [`pg::PgCluster::start`] and [`rabbit::PrivateRabbit::start`], so that
-/// orphans of both kinds go away whichever server a later run starts.
+/// PostgreSQL clusters, MariaDB servers and RabbitMQ nodes they left behind
+/// and removes their directories (see [`TestDir::sweep_orphans`]).  Called
+/// by [`pg::PgCluster::start`], [`mariadb::MariaDb::start`] and
+/// [`rabbit::PrivateRabbit::start`], so that orphans of every kind go away
+/// whichever server a later run starts.
 pub fn sweep_orphans_once() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         pg::sweep_orphans();
+        mariadb::sweep_orphans();
         rabbit::sweep_orphans();
     });
 }
