@@ -12,6 +12,25 @@
 //! sled cannot open, stops the sidecar with a message naming the store and
 //! the reset command — never a silent restart from zero.
 //!
+//! # The witness
+//!
+//! sled checks its own log: a damaged entry is taken for a torn tail and
+//! dropped, so damage on disk can leave sled holding no record at all, or
+//! an older one, and the record's crc32 never sees it. So every record
+//! written is also written, after sled has flushed it, to a small file
+//! beside the store (`checkpoint.witness`: the same bytes, crc32 included;
+//! written to a temporary file, fsynced, renamed over the old one, and the
+//! directory fsynced). Loading compares the two: a store that holds no
+//! record, or one behind the witness (an earlier epoch, or the same epoch
+//! with a lower `seq` or an earlier position), is refused as corrupt or
+//! replaced by an older copy ([`CheckpointError::Lost`]), with what was
+//! expected and what was found. A record ahead of the witness is what a
+//! crash between the two writes leaves, and is taken. A store written
+//! before the witness existed has none, and gets one at its next write.
+//! The witness lives in the store's directory: replacing that whole
+//! directory with an older copy, or deleting it, takes the witness too
+//! (PostgreSQL's slot still catches a store behind it, see its source).
+//!
 //! The store refuses to move backward except through [`CheckpointStore::reset`],
 //! and a process lock (`sitesync.lock`, holding the pid) keeps a second
 //! sidecar out with a clear message.
@@ -28,6 +47,7 @@ const RECORD_KEY: &[u8] = b"checkpoint";
 const FORMAT: u32 = 1;
 const LOCK_FILE: &str = "sitesync.lock";
 const LIVE_FILE: &str = "live.json";
+const WITNESS_FILE: &str = "checkpoint.witness";
 
 /// Where a connector resumes, and how its next event is numbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +173,13 @@ pub enum CheckpointError {
         expected: &'static str,
         reset_hint: String,
     },
+    #[error("checkpoint store {} holds {found}, but the last checkpoint written there was {expected} (its witness, {}): sled lost or rolled back its record. The store is corrupt, or was replaced by an older copy; sitesync will not silently restart from there. See `sitesync checkpoint show`, then reset it explicitly: {reset_hint}", dir.display(), dir.join(WITNESS_FILE).display())]
+    Lost {
+        dir: PathBuf,
+        expected: String,
+        found: String,
+        reset_hint: String,
+    },
     #[error("refusing to move checkpoint {} backward from {current} to {proposed} (only `sitesync checkpoint reset` may do that)", dir.display())]
     Regression {
         dir: PathBuf,
@@ -273,24 +300,66 @@ impl CheckpointStore {
         &self.dir
     }
 
-    /// The stored checkpoint, verified; `None` if none was ever written.
+    /// The stored checkpoint, verified, and checked against its witness
+    /// (see the module doc); `None` if none was ever written.
     pub fn load<P: LogPosition>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
         let raw = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))?;
-        match raw {
-            None => Ok(None),
-            Some(bytes) => Checkpoint::decode(&bytes).map(Some).map_err(|e| match e {
-                Unreadable::Corrupt(detail) => CheckpointError::Corrupt {
-                    dir: self.dir.clone(),
-                    detail,
-                    reset_hint: self.reset_hint.clone(),
-                },
-                Unreadable::OtherEngine(found) => CheckpointError::OtherEngine {
-                    dir: self.dir.clone(),
-                    found,
-                    expected: P::ENGINE,
-                    reset_hint: self.reset_hint.clone(),
-                },
+        let stored = match raw {
+            None => None,
+            Some(bytes) => {
+                Some(Checkpoint::decode(&bytes).map_err(|e| self.unreadable::<P>(e, "record"))?)
+            }
+        };
+        let Some(witness) = self.witness::<P>()? else {
+            return Ok(stored);
+        };
+        match &stored {
+            Some(ck) if !behind(ck, &witness) => Ok(stored),
+            _ => Err(CheckpointError::Lost {
+                dir: self.dir.clone(),
+                expected: describe(&witness),
+                found: stored.as_ref().map_or_else(
+                    || "no checkpoint".to_string(),
+                    |ck| format!("the checkpoint {}", describe(ck)),
+                ),
+                reset_hint: self.reset_hint.clone(),
             }),
+        }
+    }
+
+    /// The witness's record, if there is one.
+    fn witness<P: LogPosition>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
+        let path = self.dir.join(WITNESS_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&self.dir, "reading the checkpoint's witness")(e)),
+        };
+        Checkpoint::decode(&bytes)
+            .map(Some)
+            .map_err(|e| self.unreadable::<P>(e, "witness"))
+    }
+
+    fn unreadable<P: LogPosition>(&self, e: Unreadable, what: &str) -> CheckpointError {
+        match e {
+            Unreadable::Corrupt(detail) => CheckpointError::Corrupt {
+                dir: self.dir.clone(),
+                detail: if what == "record" {
+                    detail
+                } else {
+                    format!(
+                        "its {what} {} is damaged: {detail}",
+                        self.dir.join(WITNESS_FILE).display()
+                    )
+                },
+                reset_hint: self.reset_hint.clone(),
+            },
+            Unreadable::OtherEngine(found) => CheckpointError::OtherEngine {
+                dir: self.dir.clone(),
+                found,
+                expected: P::ENGINE,
+                reset_hint: self.reset_hint.clone(),
+            },
         }
     }
 
@@ -342,14 +411,24 @@ impl CheckpointStore {
     }
 
     async fn write<P: LogPosition>(&self, ck: &Checkpoint<P>) -> Result<(), CheckpointError> {
+        let bytes = ck.encode();
         self.db
-            .insert(RECORD_KEY, ck.encode())
+            .insert(RECORD_KEY, bytes.clone())
             .map_err(|e| self.sled_error(e))?;
         self.db
             .flush_async()
             .await
             .map_err(|e| self.sled_error(e))?;
-        Ok(())
+        // Only once sled holds it: a crash in between leaves sled ahead of
+        // the witness, which loads.
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_witness(&dir, &bytes))
+            .await
+            .map_err(|e| CheckpointError::Io {
+                dir: self.dir.clone(),
+                action: "writing the checkpoint's witness",
+                source: std::io::Error::other(e.to_string()),
+            })?
     }
 
     /// Writes `live.json` beside the store: what `checkpoint show` prints
@@ -377,6 +456,36 @@ impl CheckpointStore {
         }
         Ok(())
     }
+}
+
+/// Whether `ck` is behind the last checkpoint written (`witness`): an
+/// earlier epoch, or in the same epoch an earlier position or a lower
+/// `seq`. A later epoch is a reset whose witness was not written yet.
+fn behind<P: LogPosition>(ck: &Checkpoint<P>, witness: &Checkpoint<P>) -> bool {
+    if ck.epoch != witness.epoch {
+        return ck.epoch < witness.epoch;
+    }
+    let position_behind = match (&ck.resume, &witness.resume) {
+        (None, Some(_)) => true,
+        (Some(c), Some(w)) => c < w,
+        (_, None) => false,
+    };
+    position_behind || ck.next_seq < witness.next_seq
+}
+
+/// Replaces the witness atomically and durably: a temporary file, fsynced,
+/// renamed over the old one, and the directory fsynced.
+fn write_witness(dir: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let action = "writing the checkpoint's witness";
+    let tmp = dir.join(format!("{WITNESS_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(io(dir, action))?;
+    file.write_all(bytes).map_err(io(dir, action))?;
+    file.sync_all().map_err(io(dir, action))?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join(WITNESS_FILE)).map_err(io(dir, action))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, action))
 }
 
 /// What a running sidecar last wrote to `live.json`: `(pid, checkpoint)`.
@@ -569,6 +678,140 @@ mod tests {
             text.contains("sitesync checkpoint reset --connector connectors/paris.toml"),
             "{text}"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// What sled's own log checks leave of a damaged store: the record
+    /// gone (a torn tail dropped) or an older one (the newest entry
+    /// dropped), written straight into sled, past the witness.
+    fn sled_holds(store: &CheckpointStore, record: Option<&Checkpoint<One>>) {
+        match record {
+            None => store.db.remove(RECORD_KEY).unwrap(),
+            Some(ck) => store.db.insert(RECORD_KEY, ck.encode()).unwrap(),
+        };
+        store.db.flush().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_that_lost_its_record_is_refused_not_taken_for_a_new_one() {
+        let d = dir("lost");
+        let hint = reset_hint(Path::new("connectors/paris.toml"));
+        let store = CheckpointStore::open(&d, hint.clone()).unwrap();
+        let ck = Checkpoint::new_epoch(None, None);
+        store.reset(&ck).await.unwrap();
+        let written = ck.advanced(pg(597, 0), clk(597));
+        store.commit(&written).await.unwrap();
+        assert!(d.join(WITNESS_FILE).exists());
+        sled_holds(&store, None);
+        drop(store);
+        let store = CheckpointStore::open(&d, hint.clone()).unwrap();
+        let err = store.load::<One>().unwrap_err();
+        assert!(matches!(err, CheckpointError::Lost { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&d.display().to_string()), "{text}");
+        assert!(text.contains("holds no checkpoint"), "{text}");
+        assert!(
+            text.contains(&format!("one:597#0 (epoch {}, next seq 597)", ck.epoch)),
+            "{text}"
+        );
+        assert!(
+            text.contains("corrupt, or was replaced by an older copy"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sitesync checkpoint reset --connector connectors/paris.toml"),
+            "{text}"
+        );
+        // The explicit reset recovers.
+        let fresh = Checkpoint::new_epoch(Some(pg(600, 0)), Some(ck.epoch));
+        store.reset(&fresh).await.unwrap();
+        assert_eq!(store.load().unwrap(), Some(fresh));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_that_fell_back_to_an_older_record_is_refused() {
+        let d = dir("older");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        let ck = Checkpoint::new_epoch(None, None);
+        store.reset(&ck).await.unwrap();
+        let older = ck.advanced(pg(588, 0), clk(588));
+        store.commit(&older).await.unwrap();
+        store
+            .commit(&older.advanced(pg(597, 0), clk(597)))
+            .await
+            .unwrap();
+        sled_holds(&store, Some(&older));
+        let text = store.load::<One>().unwrap_err().to_string();
+        assert!(
+            text.contains(&format!(
+                "holds the checkpoint one:588#0 (epoch {}, next seq 588)",
+                ck.epoch
+            )),
+            "{text}"
+        );
+        assert!(text.contains("next seq 597"), "{text}");
+        // An older epoch is behind whatever its numbers.
+        let mut old_epoch = older.advanced(pg(900, 0), clk(900));
+        old_epoch.epoch -= 1;
+        sled_holds(&store, Some(&old_epoch));
+        assert!(matches!(
+            store.load::<One>(),
+            Err(CheckpointError::Lost { .. })
+        ));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_ahead_of_its_witness_loads_as_a_crash_between_the_two_writes_leaves_it() {
+        let d = dir("ahead");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        let ck = Checkpoint::new_epoch(None, None);
+        store.reset(&ck).await.unwrap();
+        let ahead = ck.advanced(pg(10, 1), clk(11));
+        sled_holds(&store, Some(&ahead));
+        assert_eq!(store.load().unwrap(), Some(ahead.clone()));
+        // A reset whose witness was not written: a later epoch.
+        let reset = Checkpoint::new_epoch(Some(pg(1, 0)), Some(ck.epoch));
+        sled_holds(&store, Some(&reset));
+        assert_eq!(store.load().unwrap(), Some(reset));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_written_before_the_witness_loads_and_gets_one_at_its_next_write() {
+        let d = dir("nowitness");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        let ck = Checkpoint::new_epoch(Some(pg(5, 0)), None);
+        sled_holds(&store, Some(&ck));
+        assert!(!d.join(WITNESS_FILE).exists());
+        assert_eq!(store.load().unwrap(), Some(ck.clone()));
+        let next = ck.advanced(pg(6, 0), clk(2));
+        store.commit(&next).await.unwrap();
+        assert_eq!(
+            Checkpoint::<One>::decode(&std::fs::read(d.join(WITNESS_FILE)).unwrap()).unwrap(),
+            next
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_damaged_witness_is_reported_as_such() {
+        let d = dir("badwitness");
+        let store = CheckpointStore::open(&d, "hint".into()).unwrap();
+        store
+            .reset(&Checkpoint::<One>::new_epoch(Some(pg(5, 0)), None))
+            .await
+            .unwrap();
+        let path = d.join(WITNESS_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x20;
+        std::fs::write(&path, bytes).unwrap();
+        let text = store.load::<One>().unwrap_err().to_string();
+        assert!(text.contains("is corrupt"), "{text}");
+        assert!(text.contains("its witness"), "{text}");
+        assert!(text.contains("crc32 mismatch"), "{text}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -2,6 +2,7 @@
 //! show` and `checkpoint reset`.
 
 use crate::support::sidecar::{Options, Site, insert_tx};
+use crate::support::wait_for;
 use sitesync::engine::postgres::position::{Position, format_lsn};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -160,6 +161,109 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
     assert!(
         got.iter()
             .all(|r| first.contains(&r.event().id.to_string()) || r.event().epoch == after.epoch)
+    );
+}
+
+/// Damage under sled, as a failing disk does it: sled's own log checks
+/// drop the damaged entries as a torn tail, so the store opens holding no
+/// record (every copy damaged) or an older one (only the newest). Either
+/// way the checkpoint's witness says what was written last, and the
+/// sidecar refuses to start, as `check` does, until an explicit reset.
+#[tokio::test]
+async fn a_checkpoint_damaged_under_sled_is_refused_not_taken_for_a_new_store() {
+    // (only the newest copy damaged, a sled snapshot file written first):
+    // each on a site of its own, as any opening of sled may write a
+    // snapshot file, which changes how sled reads its log.
+    for (round, (newest_only, snapshot)) in [(true, false), (false, false), (false, true)]
+        .into_iter()
+        .enumerate()
+    {
+        damaged_under_sled(round, newest_only, snapshot).await;
+    }
+}
+
+async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
+    let site = Site::start(Options::default()).await;
+    let london = site.names.site("LONDON");
+    let client = site.client().await;
+    let mut written: HashSet<String> = HashSet::new();
+    let mut sidecar = site.spawn();
+    // Two checkpoints at least, so that sled's log holds two copies.
+    written.extend(insert_tx(&client, 40, &format!("r{round}a")).await);
+    site.wait_checkpointed(40, Duration::from_secs(60)).await;
+    written.extend(insert_tx(&client, 40, &format!("r{round}b")).await);
+    site.wait_checkpointed(80, Duration::from_secs(60)).await;
+    assert!(sidecar.terminate().await.success());
+    // The live file, not sled (see above).
+    let before = site.live().unwrap();
+    if snapshot {
+        site.stored().unwrap();
+    }
+    let has_snapshot = std::fs::read_dir(site.store_dir().join("sled"))
+        .unwrap()
+        .any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("snap.")
+        });
+    assert_eq!(has_snapshot, snapshot, "round {round}");
+    let damaged = site.damage_checkpoint_on_disk(newest_only);
+    assert!(damaged >= 1, "no copy of the record found under sled");
+
+    let mut refused = site.spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        !status.success(),
+        "started on a damaged store (newest only: {newest_only})"
+    );
+    let log = refused.log_text();
+    assert!(
+        log.contains(&site.store_dir().display().to_string()),
+        "{log}"
+    );
+    assert!(log.contains("corrupt"), "{log}");
+    assert!(!log.contains("new checkpoint store"), "{log}");
+    if !snapshot {
+        // sled dropped the damaged entries as a torn tail and opened:
+        // only the witness knows what was written last.
+        assert!(log.contains("sled lost or rolled back its record"), "{log}");
+        assert!(
+            log.contains(&format!("next seq {}", before.next_seq)),
+            "{log}"
+        );
+    }
+    let check = site.sitesync(&["check"]).await;
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains("[FAIL] checkpoint"));
+
+    // The reset recovers; the slot never ran ahead of the checkpoint.
+    let out = site
+        .ok(&["checkpoint", "reset", "--to-start", "--yes"])
+        .await;
+    assert!(out.contains("reset"), "{out}");
+    let mut sidecar = site.spawn();
+    written.extend(insert_tx(&client, 10, &format!("r{round}c")).await);
+    // A new epoch (a reset starts one), numbering the new events.
+    wait_for(
+        async || {
+            site.live()
+                .is_some_and(|ck| ck.epoch > before.epoch && ck.next_seq == 11)
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the new events checkpointed in a new epoch");
+    assert!(sidecar.terminate().await.success());
+    // Every event written reached LONDON's queue, whatever the damage.
+    let total = site.queue_len(&london).await as usize;
+    let got = site.drain(&london, total, Duration::from_secs(30)).await;
+    let ids: HashSet<String> = got.iter().map(|r| r.event().id.to_string()).collect();
+    assert!(
+        written.is_subset(&ids),
+        "{} of {} reached LONDON",
+        written.intersection(&ids).count(),
+        written.len()
     );
 }
 

@@ -312,6 +312,44 @@ impl Site {
         db.flush().expect("flush sled");
     }
 
+    /// Damages the checkpoint on disk as a failing disk would, under sled:
+    /// flips the byte right after `"next_seq":` in every copy of the
+    /// record sled's files hold (`newest_only`: in the last copy of its log
+    /// only). Returns how many copies were damaged (the sidecar must be
+    /// stopped).
+    pub fn damage_checkpoint_on_disk(&self, newest_only: bool) -> usize {
+        let needle = b"\"next_seq\":";
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.store_dir().join("sled"))
+            .expect("list the sled directory")
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        let mut damaged = 0;
+        for file in files {
+            let is_log = file.file_name().is_some_and(|n| n == "db");
+            if newest_only && !is_log {
+                continue;
+            }
+            let mut bytes = std::fs::read(&file).unwrap();
+            let mut at: Vec<usize> = bytes
+                .windows(needle.len())
+                .enumerate()
+                .filter(|(_, w)| *w == needle)
+                .map(|(i, _)| i + needle.len())
+                .collect();
+            if newest_only {
+                at = at.split_off(at.len().saturating_sub(1));
+            }
+            for i in &at {
+                bytes[*i] ^= 0x01;
+            }
+            damaged += at.len();
+            std::fs::write(&file, bytes).unwrap();
+        }
+        damaged
+    }
+
     /// Creates an independent test_decoding slot: after the writes, its
     /// changes give the server's own commit order of the outbox inserts.
     pub async fn start_oracle(&self, client: &Client) {

@@ -302,12 +302,13 @@ impl PostgresSource {
         {
             // The slot only moves after our checkpoint is durable, so this
             // means the slot was recreated or advanced by someone else, or
-            // the checkpoint store was restored from an older copy. The
+            // the checkpoint store was restored from an older copy (or
+            // damaged with its witness: see `checkpoint`). The
             // server would silently start at the slot's position.
             return Err(SourceError::operator(
                 Cause::LogPurged,
                 format!(
-                    "replication slot `{}` is at {} but the checkpoint is at {}: PostgreSQL would start at the slot and skip what lies between                  (was the slot recreated, advanced by another tool, or the checkpoint store restored from an older copy?).                  If skipping is acceptable, run `sitesync checkpoint reset --to-start`; otherwise resynchronise the sites from the archive first",
+                    "replication slot `{}` is at {} but the checkpoint is at {}: PostgreSQL would start at the slot and skip what lies between                  (was the slot recreated, advanced by another tool, or the checkpoint store restored from an older copy, or damaged so that it fell back to an older record?).                  If skipping is acceptable, run `sitesync checkpoint reset --to-start`; otherwise resynchronise the sites from the archive first",
                     self.cfg.slot,
                     format_lsn(confirmed),
                     format_lsn(start.as_u64())
