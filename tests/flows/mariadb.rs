@@ -466,3 +466,43 @@ async fn binlog_reader_reports_a_stopped_or_killed_server_as_transient() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn binlog_reader_names_a_missing_grant_and_a_server_id_in_use() {
+    let db = MariaDb::start().await;
+    let _conn = setup(&db).await;
+    db.create_user("nogrant", "pw", "SELECT", "*.*").await;
+    let end = current_position(&mut db.conn(None).await).await.unwrap();
+
+    let no_grant = Opts::from_url(&format!("mysql://nogrant:pw@127.0.0.1:{}", db.port())).unwrap();
+    let e = match BinlogReader::open(no_grant, &options(&db), outbox(), &end).await {
+        Err(e) => e,
+        Ok(mut reader) => until_error(&mut reader).await,
+    };
+    assert_eq!(
+        (e.kind(), e.cause()),
+        (ErrorKind::Operator, Cause::PermissionDenied),
+        "{e}"
+    );
+    assert!(e.message().contains("REPLICATION SLAVE"), "{e}");
+
+    // Two readers with one server id: the server ends one of them.
+    let mut first = BinlogReader::open(reader_opts(&db), &options(&db), outbox(), &end)
+        .await
+        .unwrap();
+    assert!(matches!(first.next().await, Ok(Change::Heartbeat { .. })));
+    let mut second = BinlogReader::open(reader_opts(&db), &options(&db), outbox(), &end)
+        .await
+        .unwrap();
+    let e = tokio::select! {
+        e = until_error(&mut first) => e,
+        e = until_error(&mut second) => e,
+    };
+    eprintln!("server id in use: {e}");
+    assert_eq!(
+        (e.kind(), e.cause()),
+        (ErrorKind::Operator, Cause::Busy),
+        "{e}"
+    );
+    assert!(e.message().contains("server id"), "{e}");
+}
