@@ -355,6 +355,8 @@ impl Server {
             .arg("--binlog-row-image=FULL")
             .arg("--binlog-row-metadata=FULL")
             .arg(format!("--server-id={}", self.options.server_id))
+            // The server's own default is latin1 (before 11.6).
+            .arg("--character-set-server=utf8mb4")
             .arg(INNODB_LOG_FILE_SIZE)
             .arg(INNODB_BUFFER_POOL_SIZE)
             .args(&self.options.extra_args)

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod crash;
 mod delivery;
+mod mariadb;
 mod operations;
 mod oracle;
 mod outages;
