@@ -6,3 +6,4 @@
 pub mod conn;
 pub mod position;
 pub mod settings;
+pub mod target;
