@@ -7,3 +7,4 @@ pub mod binlog;
 pub mod conn;
 pub mod position;
 pub mod settings;
+pub mod target;
