@@ -111,6 +111,7 @@ engines! {
     Postgres => postgres::Postgres,
     SqlServer => sqlserver::SqlServer,
     Oracle => oracle::Oracle,
+    MariaDb => mariadb::MariaDb,
 }
 
 impl Engine {

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod mariadb;
+mod mixed;
 mod operations;
 mod oracle;
 mod outages;

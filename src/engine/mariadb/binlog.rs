@@ -73,6 +73,9 @@ const FL_STANDALONE: u8 = 1;
 /// position in the file.
 const LOG_EVENT_ARTIFICIAL_F: u16 = 0x20;
 
+/// How long [`BinlogReader::close`] waits for the connection's goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// `@mariadb_slave_capability`: MARIA_SLAVE_CAPABILITY_GTID, the server sends
 /// GTID events (and every other event of its own) unchanged.
 const SLAVE_CAPABILITY_GTID: u32 = 4;
@@ -235,9 +238,11 @@ impl BinlogReader {
         }
     }
 
-    /// Ends the stream.
+    /// Ends the stream. A dump connection does not answer a goodbye while
+    /// the server streams to it: the close is given [`CLOSE_TIMEOUT`], then
+    /// the connection is dropped (the server notices the socket close).
     pub async fn close(self) {
-        let _ = self.stream.close().await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.stream.close()).await;
     }
 
     fn handle(&mut self, event: &Event) -> Result<(), SourceError> {

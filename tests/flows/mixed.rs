@@ -1,0 +1,375 @@
+//! Mixed engines: PARIS and MADRID on PostgreSQL (the mesh's private
+//! cluster), LONDON on a private MariaDB server, each with its sidecar as
+//! a process. LONDON's source reads its binlog; its sink applies the other
+//! sites' events with `INSERT … ON DUPLICATE KEY UPDATE`.
+
+use crate::support::mariadb::MariaDb;
+use crate::support::mesh::{Mesh, MeshOptions, delete, upsert};
+use crate::support::sidecar::Sidecar;
+use crate::support::wait_for;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, TxOpts};
+use sitesync::checkpoint::read_live;
+use sitesync::engine::mariadb::position::Position;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// LONDON's business table, and a trigger that logs every write with
+/// whether the sink made it (`@sitesync_applying`).
+const BUSINESS: &[&str] = &[
+    "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL, rev char(36) NOT NULL, site varchar(32) NOT NULL, note varchar(200) NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE item_log (seq bigint AUTO_INCREMENT PRIMARY KEY, id int NOT NULL, op varchar(8) NOT NULL, by_sink bool NOT NULL) ENGINE=InnoDB",
+    "CREATE TRIGGER item_ins AFTER INSERT ON item FOR EACH ROW INSERT INTO item_log (id, op, by_sink) VALUES (NEW.id, 'INSERT', IFNULL(@sitesync_applying = 1, 0))",
+    "CREATE TRIGGER item_upd AFTER UPDATE ON item FOR EACH ROW INSERT INTO item_log (id, op, by_sink) VALUES (NEW.id, 'UPDATE', IFNULL(@sitesync_applying = 1, 0))",
+    "CREATE TRIGGER item_del AFTER DELETE ON item FOR EACH ROW INSERT INTO item_log (id, op, by_sink) VALUES (OLD.id, 'DELETE', IFNULL(@sitesync_applying = 1, 0))",
+];
+
+/// LONDON on MariaDB, next to the mesh's PostgreSQL sites.
+struct MariaSite {
+    server: MariaDb,
+    connector: PathBuf,
+}
+
+impl MariaSite {
+    /// Starts MariaDB, creates the `london` database with its business
+    /// table, writes LONDON's connector next to the mesh's and runs
+    /// `sitesync init` for it.
+    async fn start(mesh: &Mesh) -> MariaSite {
+        let server = MariaDb::start().await;
+        server.create_database("london").await;
+        let mut c = server.conn(Some("london")).await;
+        for sql in BUSINESS {
+            c.query_drop(*sql).await.unwrap();
+        }
+        let connector = mesh.dir.path().join("london.toml");
+        std::fs::write(
+            &connector,
+            format!(
+                "site = \"LONDON\"\n\n[database]\nkind = \"mariadb\"\nurl = \"{}\"\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\nmax_attempts = 2\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"upsert\"\n\n[[sink.routes]]\ntype = \"item.delete\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"delete\"\n",
+                server.url("london"),
+                mesh.amqp_url,
+                mesh.dir.path().join("topology.toml").display(),
+                mesh.dir.path().join("checkpoints").join("london").display(),
+            ),
+        )
+        .unwrap();
+        let site = MariaSite { server, connector };
+        let out = site.sitesync(&["init"]);
+        assert!(
+            out.status.success(),
+            "init: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        site
+    }
+
+    fn sitesync(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(crate::support::sidecar::binary())
+            .args(args)
+            .arg("--connector")
+            .arg(&self.connector)
+            .output()
+            .expect("run sitesync")
+    }
+
+    fn spawn(&self, mesh: &Mesh) -> Sidecar {
+        Sidecar::spawn(&self.connector, mesh.dir.path())
+    }
+
+    async fn conn(&self) -> Conn {
+        self.server.conn(Some("london")).await
+    }
+}
+
+/// An application write at LONDON: the row and its outbox row in one
+/// transaction (`delete`: the row goes, with an `item.delete` event).
+async fn london_write(c: &mut Conn, id: i32, n: i32, delete: bool) -> Uuid {
+    let event = Uuid::new_v4();
+    let rev = Uuid::new_v4();
+    let mut tx = c.start_transaction(TxOpts::default()).await.unwrap();
+    if delete {
+        tx.exec_drop("DELETE FROM item WHERE id = ?", (id,))
+            .await
+            .unwrap();
+        tx.exec_drop(
+            "INSERT INTO outbox (id, type, entity_key, data) VALUES (?, 'item.delete', ?, JSON_OBJECT('id', ?))",
+            (event.to_string(), id.to_string(), id),
+        )
+        .await
+        .unwrap();
+    } else {
+        tx.exec_drop(
+            "INSERT INTO item (id, n, rev, site) VALUES (?, ?, ?, 'LONDON') ON DUPLICATE KEY UPDATE n = VALUES(n), rev = VALUES(rev), site = 'LONDON'",
+            (id, n, rev.to_string()),
+        )
+        .await
+        .unwrap();
+        tx.exec_drop(
+            "INSERT INTO outbox (id, type, entity_key, data) VALUES (?, 'item.upsert', ?, JSON_OBJECT('id', ?, 'n', ?, 'rev', ?, 'site', 'LONDON'))",
+            (event.to_string(), id.to_string(), id, n, rev.to_string()),
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    event
+}
+
+/// `(id, n, rev)` of every item at LONDON, by id.
+async fn london_items(c: &mut Conn) -> Vec<(i32, i32, String)> {
+    c.query("SELECT id, n, rev FROM item ORDER BY id")
+        .await
+        .unwrap()
+}
+
+async fn london_count(c: &mut Conn, sql: &str) -> i64 {
+    c.query_first::<i64, _>(sql).await.unwrap().unwrap_or(0)
+}
+
+/// PARIS and MADRID on PostgreSQL, LONDON on MariaDB, every sidecar
+/// running (fields drop in order: the sidecars before their servers).
+struct Running {
+    london_sidecar: Sidecar,
+    _pg: BTreeMap<&'static str, Sidecar>,
+    london: MariaSite,
+    mesh: Mesh,
+}
+
+async fn three_sites_running() -> Running {
+    let mesh = Mesh::start(MeshOptions {
+        sites: vec!["PARIS", "MADRID"],
+        ..MeshOptions::default()
+    })
+    .await;
+    let london = MariaSite::start(&mesh).await;
+    Running {
+        _pg: mesh.spawn_all(),
+        london_sidecar: london.spawn(&mesh),
+        london,
+        mesh,
+    }
+}
+
+/// Every site's `(id, n, rev)`, PostgreSQL's `rev` as text.
+async fn pg_items(mesh: &Mesh, site: &str) -> Vec<(i32, i32, String)> {
+    mesh.items(site)
+        .await
+        .into_iter()
+        .map(|(id, n, rev)| (id, n, rev.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn mixed_sites_postgres_mariadb_postgres_converge_with_each_event_applied_once() {
+    let r = three_sites_running().await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let mut l = london.conn().await;
+    let paris = mesh.client("PARIS").await;
+    let madrid = mesh.client("MADRID").await;
+    // Own keys at each site, then the same keys written everywhere
+    // (conflicts), then deletes from every engine.
+    for k in 0..30 {
+        upsert(&paris, "PARIS", k, k).await;
+        london_write(&mut l, 100 + k, k, false).await;
+        upsert(&madrid, "MADRID", 200 + k, k).await;
+    }
+    for k in 0..10 {
+        upsert(&paris, "PARIS", 1000 + k, 1).await;
+        london_write(&mut l, 1000 + k, 2, false).await;
+        upsert(&madrid, "MADRID", 1000 + k, 3).await;
+    }
+    for k in 0..5 {
+        delete(&paris, k).await;
+        london_write(&mut l, 100 + k, 0, true).await;
+        delete(&madrid, 200 + k).await;
+    }
+    // 100 keys, 15 deleted. Converged: the same rows everywhere, every
+    // outbox empty (every event went round and was deleted by its
+    // origin's sink).
+    let mut c = london.conn().await;
+    let settled = wait_for(
+        async || {
+            let p = pg_items(mesh, "PARIS").await;
+            let m = pg_items(mesh, "MADRID").await;
+            let lo = london_items(&mut c).await;
+            let outboxes = london_count(&mut c, "SELECT COUNT(*) FROM outbox").await
+                + paris
+                    .query_one("SELECT count(*) FROM outbox", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+                + madrid
+                    .query_one("SELECT count(*) FROM outbox", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0);
+            p.len() == 85 && p == m && p == lo && outboxes == 0
+        },
+        Duration::from_secs(120),
+    )
+    .await;
+    if let Err(e) = settled {
+        panic!(
+            "not converged: {e}\nPARIS {}\nMADRID {}\nLONDON {}\nLONDON's sidecar:\n{}",
+            pg_items(mesh, "PARIS").await.len(),
+            pg_items(mesh, "MADRID").await.len(),
+            london_items(&mut l).await.len(),
+            r.london_sidecar.log_tail()
+        );
+    }
+    // The conflicts went to the last writer: MADRID wrote last.
+    let lo = london_items(&mut l).await;
+    assert!(
+        lo.iter()
+            .filter(|(id, _, _)| *id >= 1000)
+            .all(|(_, n, _)| *n == 3),
+        "{lo:?}"
+    );
+    // Exactly once at LONDON: each foreign event applied by the sink once
+    // (its trigger logs the marker), and LONDON's own writes never by it.
+    // PARIS and MADRID wrote 30 + 10 rows and 5 deletes each.
+    let by_sink = london_count(
+        &mut l,
+        "SELECT COUNT(*) FROM item_log WHERE by_sink AND id < 1000",
+    )
+    .await;
+    assert_eq!(
+        by_sink,
+        2 * (30 + 5),
+        "foreign writes of own keys, once each"
+    );
+    let inbox = london_count(
+        &mut l,
+        "SELECT COUNT(*) FROM sitesync_inbox WHERE origin <> 'LONDON'",
+    )
+    .await;
+    assert_eq!(inbox, 2 * (30 + 10 + 5));
+    let own = london_count(
+        &mut l,
+        "SELECT COUNT(*) FROM sitesync_inbox WHERE origin = 'LONDON'",
+    )
+    .await;
+    assert_eq!(
+        own,
+        30 + 10 + 5,
+        "LONDON's own events came back round once each"
+    );
+    // PostgreSQL applied LONDON's events once each too.
+    let paris_from_london: i64 = paris
+        .query_one(
+            "SELECT count(*) FROM sitesync_inbox WHERE origin = 'LONDON'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(paris_from_london, 30 + 10 + 5);
+}
+
+#[tokio::test]
+async fn a_mariadb_sidecar_killed_mid_stream_loses_nothing_and_keeps_each_seq() {
+    let mut r = three_sites_running().await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let mut l = london.conn().await;
+    for k in 0..300 {
+        london_write(&mut l, k, 1, false).await;
+        if k == 150 {
+            r.london_sidecar.kill9();
+            r.london_sidecar = london.spawn(mesh);
+        }
+    }
+    let paris = mesh.client("PARIS").await;
+    wait_for(
+        async || {
+            paris
+                .query_one(
+                    "SELECT count(*) FROM sitesync_inbox WHERE origin = 'LONDON' AND outcome = 'applied'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 300
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON's events at PARIS: {e}\n{}", r.london_sidecar.log_tail()));
+    // The seqs PARIS saw are 1..=300 in one epoch: nothing renumbered by
+    // the re-sends after the kill, and no gap recorded.
+    let (min, max, distinct): (i64, i64, i64) = {
+        let row = paris
+            .query_one(
+                "SELECT min(seq), max(seq), count(DISTINCT seq) FROM sitesync_inbox WHERE origin = 'LONDON'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!((min, max, distinct), (1, 300, 300));
+    let gaps: i64 = paris
+        .query_one(
+            "SELECT count(*) FROM sitesync_gaps WHERE origin = 'LONDON'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gaps, 0);
+}
+
+#[tokio::test]
+async fn a_mariadb_checkpoint_past_a_purged_binlog_stops_with_what_to_do() {
+    let mut r = three_sites_running().await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let mut l = london.conn().await;
+    london_write(&mut l, 1, 1, false).await;
+    // Its event checkpointed (the live file the sidecar writes).
+    let store = mesh.dir.path().join("checkpoints").join("london");
+    wait_for(
+        async || read_live::<Position>(&store).is_some_and(|(_, ck)| ck.next_seq == 2),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("LONDON's first event checkpointed");
+    r.london_sidecar.terminate().await;
+    // While it is stopped: a write, then the binlog file holding it
+    // purged. MariaDB keeps a file until its binlog checkpoint has moved
+    // past it: a new file, a transaction in it, and PURGE until it took.
+    let first: String = l
+        .query::<(String, u64), _>("SHOW BINARY LOGS")
+        .await
+        .unwrap()
+        .last()
+        .unwrap()
+        .0
+        .clone();
+    london_write(&mut l, 2, 1, false).await;
+    l.query_drop("FLUSH BINARY LOGS").await.unwrap();
+    london_write(&mut l, 3, 1, false).await;
+    wait_for(
+        async || {
+            let logs: Vec<(String, u64)> = l.query("SHOW BINARY LOGS").await.unwrap();
+            let last = logs.last().unwrap().0.clone();
+            l.query_drop(format!("PURGE BINARY LOGS TO '{last}'"))
+                .await
+                .unwrap();
+            let logs: Vec<(String, u64)> = l.query("SHOW BINARY LOGS").await.unwrap();
+            !logs.iter().any(|(name, _)| *name == first)
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the first binlog file purged");
+    let mut sidecar = london.spawn(mesh);
+    let status = sidecar.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let log = sidecar.log_text();
+    assert!(log.contains("no longer holds"), "{log}");
+    assert!(log.contains("ERROR 1236"), "{log}");
+    assert!(log.contains("checkpoint reset"), "{log}");
+}
