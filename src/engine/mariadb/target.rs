@@ -1779,6 +1779,30 @@ mod tests {
         let outcomes = apply(&paris, &events).await;
         assert_eq!(outcomes, vec![Outcome::Duplicate; 4]);
         assert_eq!(state(&lab).await, before);
+
+        // An event dead-lettered here, then requeued: applied this time.
+        let requeued = [event_with(
+            9,
+            "LONDON",
+            "9",
+            20,
+            r#"{"id": 9, "name": "Requeued"}"#,
+        )];
+        lab.sql(&format!(
+            "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) VALUES ('{}', 'LONDON', 'customer.upsert', 1, 9, 'dead_letter')",
+            requeued[0].id
+        ))
+        .await;
+        assert_eq!(apply(&paris, &requeued).await, [Outcome::Applied]);
+        assert_eq!(
+            lab.sql("SELECT name FROM customers WHERE id = 9").await,
+            "Requeued"
+        );
+        assert_eq!(
+            lab.sql("SELECT outcome FROM sitesync_inbox WHERE seq = 9")
+                .await,
+            "applied"
+        );
     }
 
     /// An outbox row of PARIS (a local write not yet round) about
