@@ -2172,6 +2172,61 @@ mod tests {
         assert_eq!(lab.sql("SELECT seq FROM sitesync_origins").await, "2");
     }
 
+    /// A deadlock while the batch goes message by message (a bad message
+    /// made it): InnoDB rolled the transaction back with its savepoints,
+    /// and the whole batch is redone, not the message.
+    #[tokio::test]
+    async fn a_deadlock_among_savepoints_redoes_the_whole_batch() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [
+                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+                event_with(
+                    2,
+                    "LONDON",
+                    "5",
+                    10,
+                    r#"{"id": 5, "name": "bad", "age": "x"}"#,
+                ),
+                event_with(3, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+            ];
+            apply(&sink, &events).await
+        });
+        // One message at a time: customer 1 written under its savepoint,
+        // customer 5 failed and rolled back to its own, customer 2 waits.
+        until(&lab, WAITING).await;
+        app.query_drop("UPDATE customers SET name = 'app' WHERE id = 1")
+            .await
+            .expect("the application is not the deadlock's victim");
+        app.query_drop("COMMIT").await.unwrap();
+        let outcomes = batch.await.unwrap();
+        assert_eq!(outcomes[0], Outcome::Applied);
+        assert!(
+            matches!(&outcomes[1], Outcome::Failed(r) if r.contains("(error 1366,")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[2], Outcome::Applied);
+        assert!(
+            lab.sql("SHOW ENGINE INNODB STATUS")
+                .await
+                .contains("LATEST DETECTED DEADLOCK")
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(id, ':', name ORDER BY id) FROM customers")
+                .await,
+            "1:London 1,2:London 2",
+            "customer 1, undone by the deadlock, was written again"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "1,3"
+        );
+    }
+
     #[tokio::test]
     async fn a_lock_wait_timeout_tries_the_batch_again() {
         let lab = Lab::start().await;
