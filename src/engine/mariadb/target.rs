@@ -2426,6 +2426,40 @@ mod tests {
             "{e}"
         );
 
+        // A savepoint that is gone: the error before ended the transaction.
+        let root = MariaDbTarget::with("PARIS", &lab.settings("root"), &sink()).unwrap();
+        let mut session = root.connect().await.unwrap();
+        session
+            .begin(Start {
+                isolate: true,
+                lock: &[],
+                origins: &[],
+                seen: &[],
+            })
+            .await
+            .unwrap();
+        let gone = session.rollback_to_savepoint().await;
+        assert!(
+            matches!(&gone, Err(Failed::Gone(m)) if m.contains("(error 1305,")),
+            "{gone:?}"
+        );
+        session.rollback().await;
+        assert!(session.usable().await);
+
+        // The outbox missing: not one message's fault, `sitesync init`'s.
+        lab.sql("DROP TABLE outbox").await;
+        let root = Batches::new(root, "PARIS", &sink());
+        let e = root.apply(&items(&events, &r, "PARIS")).await.unwrap_err();
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Operator, Cause::NotInitialised),
+            "{e}"
+        );
+        assert!(
+            e.message().contains("(error 1146,") && e.message().contains("run `sitesync init`"),
+            "{e}"
+        );
+
         // A wrong password: the login is refused, not retried.
         let mut bad = lab.settings("root");
         bad.url = bad.url.replace("root@", "root:wrong@");
