@@ -1,4 +1,5 @@
-//! Applying events to MariaDB (10.6+) and MySQL (8.0.20+).
+//! Applying events to MariaDB (tested on 10.11) and MySQL (8.0.20+, by
+//! its documentation: no MySQL server runs here).
 //!
 //! The batch is the sink's ([`crate::sink::batch`], the same for every
 //! engine): one READ COMMITTED transaction per batch holds the inbox rows,
@@ -38,10 +39,17 @@
 //! PostgreSQL target's. `VALUES(c)` is what both servers accept: MySQL
 //! 8.0.20+ deprecates it (a warning) in favour of a row alias
 //! (`INSERT … AS new … UPDATE c = new.c`), which MariaDB does not have, and
-//! MariaDB's `VALUE(c)` is MariaDB's only. `ON DUPLICATE KEY` fires on any
-//! unique index, not only the route's key: a table with another unique
-//! index would see an event that collides on it update the other row, so
-//! `sitesync check` warns about such a route.
+//! MariaDB's `VALUE(c)` is MariaDB's only.
+//!
+//! `ON DUPLICATE KEY` fires on any unique index, not only the route's key:
+//! into a table with another unique index, an event whose values collide
+//! with another row's there would update that row. Such a table is
+//! written by key instead (its rows locked, found ones updated one by one,
+//! the others inserted plainly, so that a collision fails its message with
+//! 1062 as on PostgreSQL), and `sitesync check` warns about it. A table's
+//! columns and unique indexes are read once per connection (again after a
+//! failed batch): an index added meanwhile is seen from the next
+//! connection on.
 //!
 //! # Values
 //!
