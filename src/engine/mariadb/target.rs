@@ -314,6 +314,7 @@ impl Dialect for MariaDbTarget {
             outbox: self.outbox.clone(),
             columns: HashMap::new(),
             broken: false,
+            in_batch: false,
         })
     }
 
@@ -445,6 +446,13 @@ pub struct MariaDbSession {
     /// The connection failed (not the server's refusal of a statement):
     /// the next batch opens another.
     broken: bool,
+    /// A batch began and neither committed nor rolled back: when the sink
+    /// finds a session so, the attempt was abandoned (its future dropped,
+    /// maybe with a statement in flight, which leaves the protocol
+    /// mid-answer), and the next batch opens another connection. Going on
+    /// would be worse than slow: `START TRANSACTION` commits what an open
+    /// transaction did.
+    in_batch: bool,
 }
 
 impl MariaDbSession {
@@ -872,10 +880,11 @@ impl MariaDbSession {
 
 impl Session for MariaDbSession {
     fn closed(&self) -> bool {
-        self.broken
+        self.broken || self.in_batch
     }
 
     async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
+        self.in_batch = true;
         self.exec(BEGIN, Vec::new(), "starting the batch", Scope::Sink)
             .await?;
         let mut state = self.read_origins(start.origins).await?;
@@ -1175,13 +1184,15 @@ impl Session for MariaDbSession {
 
     async fn commit(&mut self) -> Result<(), Failed> {
         self.exec("COMMIT", Vec::new(), "committing the batch", Scope::Sink)
-            .await
-            .map(drop)
+            .await?;
+        self.in_batch = false;
+        Ok(())
     }
 
     async fn rollback(&mut self) {
-        if self.conn.query_drop("ROLLBACK").await.is_err() {
-            self.broken = true;
+        match self.conn.query_drop("ROLLBACK").await {
+            Ok(()) => self.in_batch = false,
+            Err(_) => self.broken = true,
         }
     }
 
@@ -1189,7 +1200,7 @@ impl Session for MariaDbSession {
     /// fine); the columns are read again on the next batch.
     async fn usable(&mut self) -> bool {
         self.columns.clear();
-        !self.broken
+        !self.closed()
     }
 
     async fn sweep_own(&mut self) -> Result<u64, TargetError> {
@@ -2232,6 +2243,46 @@ mod tests {
             lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
                 .await,
             "1,3"
+        );
+    }
+
+    /// A batch whose future is dropped while it waits for a row: the next
+    /// batch on the same connection does not commit what it had done.
+    #[tokio::test]
+    async fn an_abandoned_attempt_is_rolled_back_not_committed() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [
+                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+                event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+            ];
+            apply(&sink, &events).await
+        });
+        until(&lab, WAITING).await;
+        batch.abort();
+        assert!(batch.await.unwrap_err().is_cancelled());
+        app.query_drop("COMMIT").await.unwrap();
+        let next = [event_with(
+            3,
+            "LONDON",
+            "3",
+            10,
+            r#"{"id": 3, "name": "London 3"}"#,
+        )];
+        assert_eq!(apply(&paris, &next).await, [Outcome::Applied]);
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "3",
+            "the abandoned batch's inbox rows were not committed"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(id, ':', name ORDER BY id) FROM customers")
+                .await,
+            "1:a,2:app,3:London 3"
         );
     }
 
