@@ -28,7 +28,8 @@
 //! ```
 //!
 //! (`IF @sitesync_applying = 1 THEN … ELSE …` reads the same.) The same
-//! batch settings make the session's `time_zone` UTC (see "Values") and its
+//! batch settings make the session strict (`STRICT_ALL_TABLES`, see
+//! [`BEGIN`]), its `time_zone` UTC (see "Values") and its
 //! lock waits 1 s (`innodb_lock_wait_timeout`; the sink yields to
 //! applications, see [`MariaDbTarget`]'s `BUSY_RETRIES`): a trigger fired
 //! by the sink sees `NOW()` in UTC.
@@ -72,7 +73,7 @@
 //!
 //! Binary columns get the event's text as it is (not base64-decoded).
 //!
-//! # Not done (see the README)
+//! # Not done
 //!
 //! - This site's rows are not locked before local writes are looked up,
 //!   and [`Session::CHECKS_OWN_ROWS`] is false (nothing like PostgreSQL's
