@@ -1,4 +1,5 @@
-//! Applying events to MariaDB (10.6+) and MySQL (8.0.20+).
+//! Applying events to MariaDB (tested on 10.11) and MySQL (8.0.20+, by
+//! its documentation: no MySQL server runs here).
 //!
 //! The batch is the sink's ([`crate::sink::batch`], the same for every
 //! engine): one READ COMMITTED transaction per batch holds the inbox rows,
@@ -27,7 +28,8 @@
 //! ```
 //!
 //! (`IF @sitesync_applying = 1 THEN … ELSE …` reads the same.) The same
-//! batch settings make the session's `time_zone` UTC (see "Values") and its
+//! batch settings make the session strict (`STRICT_ALL_TABLES`, see
+//! [`BEGIN`]), its `time_zone` UTC (see "Values") and its
 //! lock waits 1 s (`innodb_lock_wait_timeout`; the sink yields to
 //! applications, see [`MariaDbTarget`]'s `BUSY_RETRIES`): a trigger fired
 //! by the sink sees `NOW()` in UTC.
@@ -38,10 +40,17 @@
 //! PostgreSQL target's. `VALUES(c)` is what both servers accept: MySQL
 //! 8.0.20+ deprecates it (a warning) in favour of a row alias
 //! (`INSERT … AS new … UPDATE c = new.c`), which MariaDB does not have, and
-//! MariaDB's `VALUE(c)` is MariaDB's only. `ON DUPLICATE KEY` fires on any
-//! unique index, not only the route's key: a table with another unique
-//! index would see an event that collides on it update the other row, so
-//! `sitesync check` warns about such a route.
+//! MariaDB's `VALUE(c)` is MariaDB's only.
+//!
+//! `ON DUPLICATE KEY` fires on any unique index, not only the route's key:
+//! into a table with another unique index, an event whose values collide
+//! with another row's there would update that row. Such a table is
+//! written by key instead (its rows locked, found ones updated one by one,
+//! the others inserted plainly, so that a collision fails its message with
+//! 1062 as on PostgreSQL), and `sitesync check` warns about it. A table's
+//! columns and unique indexes are read once per connection (again after a
+//! failed batch): an index added meanwhile is seen from the next
+//! connection on.
 //!
 //! # Values
 //!
@@ -64,7 +73,7 @@
 //!
 //! Binary columns get the event's text as it is (not base64-decoded).
 //!
-//! # Not done (see the README)
+//! # Not done
 //!
 //! - This site's rows are not locked before local writes are looked up,
 //!   and [`Session::CHECKS_OWN_ROWS`] is false (nothing like PostgreSQL's
@@ -80,7 +89,7 @@ use crate::event::{Event, parse_timestamp};
 use crate::sink::batch::{
     self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
 };
-use crate::sink::mapping::Entity;
+use crate::sink::mapping::{self, Entity};
 use crate::sink::rules::{Conflict, Version};
 use chrono::{DateTime, Utc};
 use mysql_async::prelude::Queryable;
@@ -190,7 +199,12 @@ pub fn outbox_ddl(table: &str, site: &str) -> String {
 
 /// The settings of every batch, sent with its `START TRANSACTION` in one
 /// round trip (see the module doc).
-pub const BEGIN: &str = "SET @sitesync_applying = 1, time_zone = '+00:00', innodb_lock_wait_timeout = 1; \
+///
+/// Strict mode (`STRICT_ALL_TABLES`, added to the server's modes) makes a
+/// value that does not fit its column an error of its message: without it
+/// the server would store a truncated or zeroed value with a warning.
+pub const BEGIN: &str = "SET @sitesync_applying = 1, time_zone = '+00:00', innodb_lock_wait_timeout = 1, \
+     sql_mode = CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES'); \
      SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
 
 /// The savepoint each message of an isolated batch runs under.
@@ -301,6 +315,7 @@ impl Dialect for MariaDbTarget {
             outbox: self.outbox.clone(),
             columns: HashMap::new(),
             broken: false,
+            in_batch: false,
         })
     }
 
@@ -364,9 +379,34 @@ pub enum Kind {
     Other,
 }
 
-/// A route table's columns (lowercase names: MariaDB's are
-/// case-insensitive) that need more than the plain conversion.
-type Columns = HashMap<String, Kind>;
+/// What the session knows of a route's table.
+#[derive(Debug, Default)]
+struct Columns {
+    /// The columns (lowercase names: MariaDB's are case-insensitive) that
+    /// need more than the plain conversion.
+    kinds: HashMap<String, Kind>,
+    /// Its unique indexes, each as its sorted lowercase column names
+    /// joined with `,`.
+    unique: Vec<String>,
+}
+
+impl Columns {
+    fn kind(&self, column: &str) -> Kind {
+        self.kinds
+            .get(&column.to_lowercase())
+            .copied()
+            .unwrap_or(Kind::Other)
+    }
+
+    /// Whether a unique index other than `key` exists, which `ON DUPLICATE
+    /// KEY UPDATE` would act on too.
+    fn other_unique(&self, key: &[String]) -> bool {
+        let mut key: Vec<String> = key.iter().map(|k| k.to_lowercase()).collect();
+        key.sort();
+        let key = key.join(",");
+        self.unique.iter().any(|u| *u != key)
+    }
+}
 
 /// Whether a statement writes the sink's own tables or a route's: a table
 /// or column missing from the sink's tables needs `sitesync init`, one
@@ -407,6 +447,13 @@ pub struct MariaDbSession {
     /// The connection failed (not the server's refusal of a statement):
     /// the next batch opens another.
     broken: bool,
+    /// A batch began and neither committed nor rolled back: when the sink
+    /// finds a session so, the attempt was abandoned (its future dropped,
+    /// maybe with a statement in flight, which leaves the protocol
+    /// mid-answer), and the next batch opens another connection. Going on
+    /// would be worse than slow: `START TRANSACTION` commits what an open
+    /// transaction did.
+    in_batch: bool,
 }
 
 impl MariaDbSession {
@@ -476,7 +523,7 @@ impl MariaDbSession {
             Some((s, t)) => (Value::from(s), Value::from(t)),
             None => (Value::NULL, Value::from(table)),
         };
-        let mut out = Columns::new();
+        let mut out = Columns::default();
         let rows = self
             .rows(
                 "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?",
@@ -493,8 +540,17 @@ impl MariaDbSession {
                 "datetime" | "timestamp" => Kind::DateTime,
                 _ => continue,
             };
-            out.insert(column.to_lowercase(), kind);
+            out.kinds.insert(column.to_lowercase(), kind);
         }
+        let unique = self
+            .rows(
+                "SELECT GROUP_CONCAT(LOWER(COLUMN_NAME) ORDER BY LOWER(COLUMN_NAME) SEPARATOR ',') FROM information_schema.STATISTICS \
+                 WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND NON_UNIQUE = 0 GROUP BY INDEX_NAME",
+                vec![schema.clone(), name.clone()],
+                &format!("reading the unique indexes of {table}"),
+            )
+            .await?;
+        out.unique = unique.iter().filter_map(|r| text(r.as_ref(0))).collect();
         // MariaDB: JSON is LONGTEXT with a JSON_VALID check. MySQL's
         // CHECK_CONSTRAINTS has no TABLE_NAME: the query fails there, and
         // MySQL's JSON columns say `json` above.
@@ -514,7 +570,7 @@ impl MariaDbSession {
             if let Some(rest) = clause.strip_prefix("json_valid(`")
                 && let Some(column) = rest.strip_suffix("`)")
             {
-                out.insert(column.replace("``", "`"), Kind::Json);
+                out.kinds.insert(column.replace("``", "`"), Kind::Json);
             }
         }
         let out = Arc::new(out);
@@ -540,8 +596,12 @@ impl MariaDbSession {
                 .push(&row.columns);
         }
         for ((table, upsert, cols), (route, rows)) in groups {
-            let kinds = self.columns(table).await?;
-            let kind = |c: &str| kinds.get(&c.to_lowercase()).copied().unwrap_or(Kind::Other);
+            let columns = self.columns(table).await?;
+            if upsert && columns.other_unique(&route.key) {
+                self.upsert_by_key(route, &cols, &rows, &columns).await?;
+                continue;
+            }
+            let kind = |c: &str| columns.kind(c);
             let per_row = cols.len().max(1);
             for chunk in rows.chunks((MAX_PARAMS / per_row).max(1)) {
                 let mut params = Vec::with_capacity(chunk.len() * per_row);
@@ -558,6 +618,126 @@ impl MariaDbSession {
                 self.exec(&sql, params, &format!("writing {table}"), Scope::Route)
                     .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Upserts into a table with a unique index besides the route's key,
+    /// where `ON DUPLICATE KEY UPDATE` would update another row whose
+    /// values collide with an event's on that index: the rows the keys
+    /// find are locked and updated one by one, the others inserted plainly,
+    /// so that such a collision fails its message (1062) as it does on
+    /// PostgreSQL. A key whose text the server prints otherwise than the
+    /// event (`1.50` for `1.5`) is taken as new: its insert fails on the
+    /// key, never updates a wrong row.
+    async fn upsert_by_key(
+        &mut self,
+        route: &Route,
+        cols: &[&str],
+        rows: &[&serde_json::Map<String, Json>],
+        columns: &Columns,
+    ) -> Result<(), Failed> {
+        let context = format!("writing {}", route.table);
+        let key_of = |r: &serde_json::Map<String, Json>| -> Vec<String> {
+            route
+                .key
+                .iter()
+                .map(|k| r.get(k).and_then(mapping::key_text).unwrap_or_default())
+                .collect()
+        };
+        let mut existing: HashSet<Vec<String>> = HashSet::new();
+        for chunk in rows.chunks((MAX_PARAMS / route.key.len().max(1)).max(1)) {
+            let sql = format!(
+                "SELECT {} FROM {} WHERE {} FOR UPDATE",
+                route
+                    .key
+                    .iter()
+                    .map(|k| quote(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                quote_table(&route.table),
+                delete_sql(route, chunk.len())
+                    .split_once(" WHERE ")
+                    .map(|(_, w)| w.to_string())
+                    .unwrap_or_default()
+            );
+            let params: Vec<Value> = chunk
+                .iter()
+                .flat_map(|r| {
+                    route
+                        .key
+                        .iter()
+                        .map(|k| to_value(r.get(k).unwrap_or(&Json::Null), columns.kind(k)))
+                })
+                .collect();
+            let found = match self.conn.exec::<Row, _, _>(sql, params).await {
+                Ok(f) => f,
+                Err(e) => return Err(self.failed(&context, Scope::Route, e)),
+            };
+            for r in found {
+                existing.insert(
+                    (0..route.key.len())
+                        .map(|i| text(r.as_ref(i)).unwrap_or_default())
+                        .collect(),
+                );
+            }
+        }
+        let updates: Vec<&str> = cols
+            .iter()
+            .filter(|c| !route.key.iter().any(|k| k == *c))
+            .copied()
+            .collect();
+        let mut new: Vec<&serde_json::Map<String, Json>> = Vec::new();
+        for r in rows {
+            if !existing.contains(&key_of(r)) {
+                new.push(r);
+                continue;
+            }
+            if updates.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "UPDATE {} SET {} WHERE {}",
+                quote_table(&route.table),
+                updates
+                    .iter()
+                    .map(|c| format!("{} = ?", quote(c)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                route
+                    .key
+                    .iter()
+                    .map(|k| format!("{} = ?", quote(k)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            );
+            let params = updates
+                .iter()
+                .map(|c| to_value(r.get(*c).unwrap_or(&Json::Null), columns.kind(c)))
+                .chain(
+                    route
+                        .key
+                        .iter()
+                        .map(|k| to_value(r.get(k).unwrap_or(&Json::Null), columns.kind(k))),
+                )
+                .collect();
+            self.exec(&sql, params, &context, Scope::Route).await?;
+        }
+        for chunk in new.chunks((MAX_PARAMS / cols.len().max(1)).max(1)) {
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES {}",
+                quote_table(&route.table),
+                cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+                tuples(cols.len(), chunk.len())
+            );
+            let params = chunk
+                .iter()
+                .flat_map(|r| {
+                    cols.iter()
+                        .map(|c| to_value(r.get(*c).unwrap_or(&Json::Null), columns.kind(c)))
+                })
+                .collect();
+            self.exec(&sql, params, &context, Scope::Route).await?;
         }
         Ok(())
     }
@@ -701,10 +881,11 @@ impl MariaDbSession {
 
 impl Session for MariaDbSession {
     fn closed(&self) -> bool {
-        self.broken
+        self.broken || self.in_batch
     }
 
     async fn begin(&mut self, start: Start<'_>) -> Result<(), Failed> {
+        self.in_batch = true;
         self.exec(BEGIN, Vec::new(), "starting the batch", Scope::Sink)
             .await?;
         let mut state = self.read_origins(start.origins).await?;
@@ -759,7 +940,7 @@ impl Session for MariaDbSession {
                     " ON DUPLICATE KEY UPDATE outcome = VALUES(outcome), received_at = CURRENT_TIMESTAMP(6), applied_at = CURRENT_TIMESTAMP(6)",
                 );
             }
-            let params = chunk
+            let params: Vec<Value> = chunk
                 .iter()
                 .flat_map(|(e, outcome)| {
                     [
@@ -772,16 +953,12 @@ impl Session for MariaDbSession {
                     ]
                 })
                 .collect();
-            match self
-                .exec(&sql, params, "writing the inbox", Scope::Sink)
-                .await
-            {
-                Err(Failed::Data(e)) if !careful && e.contains("(error 1062,") => {
+            if let Err(e) = self.conn.exec_drop(sql, params).await {
+                // The primary key is the inbox's only unique index.
+                if !careful && conn::code(&e) == Some(1062) {
                     return Err(Failed::Seen);
                 }
-                other => {
-                    other?;
-                }
+                return Err(self.failed("writing the inbox", Scope::Sink, e));
             }
         }
         Ok(fresh.iter().map(|(e, _)| e.id).collect())
@@ -1008,13 +1185,15 @@ impl Session for MariaDbSession {
 
     async fn commit(&mut self) -> Result<(), Failed> {
         self.exec("COMMIT", Vec::new(), "committing the batch", Scope::Sink)
-            .await
-            .map(drop)
+            .await?;
+        self.in_batch = false;
+        Ok(())
     }
 
     async fn rollback(&mut self) {
-        if self.conn.query_drop("ROLLBACK").await.is_err() {
-            self.broken = true;
+        match self.conn.query_drop("ROLLBACK").await {
+            Ok(()) => self.in_batch = false,
+            Err(_) => self.broken = true,
         }
     }
 
@@ -1022,7 +1201,7 @@ impl Session for MariaDbSession {
     /// fine); the columns are read again on the next batch.
     async fn usable(&mut self) -> bool {
         self.columns.clear();
-        !self.broken
+        !self.closed()
     }
 
     async fn sweep_own(&mut self) -> Result<u64, TargetError> {
@@ -1340,11 +1519,11 @@ async fn route_check(c: &mut Conn, route: &Route) -> Check {
             return Check::warn(
                 name,
                 format!(
-                    "{} has unique indexes besides the key: {}; INSERT … ON DUPLICATE KEY UPDATE acts on them too, so an event whose values collide with another row's there updates that row",
+                    "{} has unique indexes besides the key: {}; its rows are written by key, one statement per updated row (not one INSERT … ON DUPLICATE KEY UPDATE, which would update the row an event collides with there), and an event that collides there fails with error 1062",
                     route.table,
                     others.join(", ")
                 ),
-                "drop those unique indexes, or make sure no two sites' rows can collide on them",
+                "nothing, if those indexes are meant; without them the route is written in one statement per batch",
             );
         }
     }
@@ -1368,13 +1547,16 @@ mod tests {
     //! test, in `/tmp/ssmdbsink-*`.
     use super::*;
     use crate::config::Operation;
+    use crate::error::ErrorKind;
     use crate::lab::host::{create_owned_dir, random_hex};
     use crate::lab::mariadb::{Options, Server, sweep_orphans};
     use crate::sink::batch::Batches;
     use crate::sink::testing::{event_with, items, sink_with};
     use crate::sink::{Outcome, Target};
+    use mysql_async::Error;
     use std::collections::BTreeMap as Map;
     use std::path::PathBuf;
+    use std::time::{Duration, Instant};
 
     const DIR_PREFIX: &str = "ssmdbsink-";
 
@@ -1450,6 +1632,8 @@ mod tests {
                 "CREATE TRIGGER customers_ins BEFORE INSERT ON customers FOR EACH ROW BEGIN \
                    IF NEW.name = 'forbidden' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'customers: the name forbidden is refused'; END IF; \
                    INSERT INTO trigger_log (id, applying) VALUES (NEW.id, @sitesync_applying); END",
+                "CREATE TRIGGER customers_upd AFTER UPDATE ON customers FOR EACH ROW \
+                   INSERT INTO trigger_log (id, applying) VALUES (NEW.id, @sitesync_applying)",
             ] {
                 self.sql(ddl).await;
             }
@@ -1478,6 +1662,24 @@ mod tests {
         t.apply(&items(events, &r, "PARIS")).await.unwrap()
     }
 
+    /// Waits until `sql` (as root) answers something other than `0`,
+    /// asking every 150 ms: InnoDB refreshes what `INNODB_TRX` shows only
+    /// when it was last read over 100 ms before, so a faster poll would
+    /// keep reading the same stale picture.
+    async fn until(lab: &Lab, sql: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = lab.conn().await;
+        loop {
+            let got: Option<String> = c.query_first(sql).await.unwrap();
+            let got = got.unwrap_or_default();
+            if !got.is_empty() && got != "0" {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "`{sql}` still answers `{got}`");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
     /// Everything the sink writes, as text.
     async fn state(lab: &Lab) -> String {
         let mut out = String::new();
@@ -1499,6 +1701,10 @@ mod tests {
     async fn a_batch_applies_once_with_the_marker_and_a_redelivery_changes_nothing() {
         let lab = Lab::start().await;
         let paris = lab.paris().await;
+        // Only the key is unique: the writes are INSERT … ON DUPLICATE KEY
+        // UPDATE (the other tests keep `email` unique, which takes the
+        // other path).
+        lab.sql("ALTER TABLE customers DROP INDEX email").await;
         let again = MariaDbTarget::with("PARIS", &lab.settings("root"), &sink()).unwrap();
         assert_eq!(again.init().await.unwrap().len(), 1, "init is idempotent");
         let events = [
@@ -1584,7 +1790,8 @@ mod tests {
         assert_eq!(
             lab.sql("SELECT id, applying FROM trigger_log ORDER BY id, n")
                 .await,
-            "1\t1\n1\t1\n2\t1\n3\t1\n4\t1\n50\tNULL"
+            "1\t1\n1\t1\n1\t1\n2\t1\n3\t1\n4\t1\n50\tNULL",
+            "customer 1: its insert, then its update's insert attempt and update"
         );
 
         // The same batch again: all duplicates, nothing changed.
@@ -1592,5 +1799,741 @@ mod tests {
         let outcomes = apply(&paris, &events).await;
         assert_eq!(outcomes, vec![Outcome::Duplicate; 4]);
         assert_eq!(state(&lab).await, before);
+
+        // An event dead-lettered here, then requeued: applied this time.
+        let requeued = [event_with(
+            9,
+            "LONDON",
+            "9",
+            20,
+            r#"{"id": 9, "name": "Requeued"}"#,
+        )];
+        lab.sql(&format!(
+            "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) VALUES ('{}', 'LONDON', 'customer.upsert', 1, 9, 'dead_letter')",
+            requeued[0].id
+        ))
+        .await;
+        assert_eq!(apply(&paris, &requeued).await, [Outcome::Applied]);
+        assert_eq!(
+            lab.sql("SELECT name FROM customers WHERE id = 9").await,
+            "Requeued"
+        );
+        assert_eq!(
+            lab.sql("SELECT outcome FROM sitesync_inbox WHERE seq = 9")
+                .await,
+            "applied"
+        );
+    }
+
+    /// An outbox row of PARIS (a local write not yet round) about
+    /// customer `key`, written at `created_at` (`NULL`: now).
+    async fn local_write(lab: &Lab, n: u128, key: &str, data: &str, created_at: &str) {
+        lab.sql(&format!(
+            "INSERT INTO outbox (id, type, entity_key, data, created_at) VALUES ('{}', 'customer.upsert', '{key}', '{data}', COALESCE({created_at}, CURRENT_TIMESTAMP(6)))",
+            Uuid::from_u128(n)
+        ))
+        .await;
+    }
+
+    #[tokio::test]
+    async fn last_writer_wins_both_ways_and_own_events_back_round_delete_their_outbox_rows() {
+        let lab = Lab::start().await;
+        let paris = lab.paris().await;
+        let name_of = |id: u32| format!("SELECT name FROM customers WHERE id = {id}");
+        let version_of = |key: u32| {
+            format!("SELECT origin, event_id FROM sitesync_versions WHERE `key` = '{key}'")
+        };
+        let id = |n: u128| Uuid::from_u128(n).to_string();
+
+        // Remote against remote: the older write loses, whichever arrives last.
+        let london = [event_with(
+            1,
+            "LONDON",
+            "1",
+            20,
+            r#"{"id": 1, "name": "London"}"#,
+        )];
+        assert_eq!(apply(&paris, &london).await, [Outcome::Applied]);
+        let older = [event_with(
+            2,
+            "MADRID",
+            "1",
+            10,
+            r#"{"id": 1, "name": "Madrid old"}"#,
+        )];
+        assert_eq!(apply(&paris, &older).await, [Outcome::Lost]);
+        assert_eq!(lab.sql(&name_of(1)).await, "London");
+        assert_eq!(
+            lab.sql(&format!(
+                "SELECT outcome FROM sitesync_inbox WHERE event_id = '{}'",
+                id(2)
+            ))
+            .await,
+            "lost"
+        );
+        assert_eq!(
+            lab.sql("SELECT loser_event_id, `key`, loser_origin, loser_ts, JSON_VALUE(loser_payload, '$.name'), winner_event_id, winner_origin, winner_ts FROM sitesync_conflicts").await,
+            format!(
+                "{}\t1\tMADRID\t1970-01-01 00:00:10.000000\tMadrid old\t{}\tLONDON\t1970-01-01 00:00:20.000000",
+                id(2),
+                id(1)
+            )
+        );
+        let newer = [event_with(
+            3,
+            "MADRID",
+            "1",
+            30,
+            r#"{"id": 1, "name": "Madrid new"}"#,
+        )];
+        assert_eq!(apply(&paris, &newer).await, [Outcome::Applied]);
+        assert_eq!(lab.sql(&name_of(1)).await, "Madrid new");
+        assert_eq!(lab.sql(&version_of(1)).await, format!("MADRID\t{}", id(3)));
+        assert_eq!(
+            lab.sql("SELECT COUNT(*) FROM sitesync_conflicts").await,
+            "1"
+        );
+
+        // Remote against a local write not yet round: the local write is
+        // newer (now) than LONDON's (1970) and stays.
+        lab.sql("INSERT INTO customers (id, name) VALUES (2, 'local')")
+            .await;
+        local_write(&lab, 7, "2", r#"{"id": 2, "name": "local"}"#, "NULL").await;
+        let remote = [event_with(
+            4,
+            "LONDON",
+            "2",
+            40,
+            r#"{"id": 2, "name": "London"}"#,
+        )];
+        assert_eq!(apply(&paris, &remote).await, [Outcome::Lost]);
+        assert_eq!(lab.sql(&name_of(2)).await, "local");
+        assert_eq!(
+            lab.sql(&format!("SELECT winner_event_id, winner_origin FROM sitesync_conflicts WHERE loser_event_id = '{}'", id(4))).await,
+            format!("{}\tPARIS", id(7))
+        );
+        // … and its event back round: its outbox row goes, its version is the entity's.
+        let now = Utc::now().timestamp() + 5;
+        let back = [event_with(
+            7,
+            "PARIS",
+            "2",
+            now,
+            r#"{"id": 2, "name": "local"}"#,
+        )];
+        assert_eq!(apply(&paris, &back).await, [Outcome::Own]);
+        assert_eq!(lab.sql("SELECT COUNT(*) FROM outbox").await, "0");
+        assert_eq!(lab.sql(&version_of(2)).await, format!("PARIS\t{}", id(7)));
+        assert_eq!(
+            lab.sql(&format!(
+                "SELECT outcome FROM sitesync_inbox WHERE event_id = '{}'",
+                id(7)
+            ))
+            .await,
+            "own"
+        );
+
+        // A newer remote write against an older local write: it wins, and
+        // the local write is recorded as the loser.
+        lab.sql("INSERT INTO customers (id, name) VALUES (3, 'old local')")
+            .await;
+        local_write(
+            &lab,
+            8,
+            "3",
+            r#"{"id": 3, "name": "old local"}"#,
+            "'2001-01-01 00:00:00'",
+        )
+        .await;
+        let later = [event_with(
+            5,
+            "LONDON",
+            "3",
+            now + 100,
+            r#"{"id": 3, "name": "London"}"#,
+        )];
+        assert_eq!(apply(&paris, &later).await, [Outcome::Applied]);
+        assert_eq!(lab.sql(&name_of(3)).await, "London");
+        assert_eq!(
+            lab.sql(&format!("SELECT loser_origin, winner_event_id FROM sitesync_conflicts WHERE loser_event_id = '{}'", id(8))).await,
+            format!("PARIS\t{}", id(5))
+        );
+        // The sweep deletes an outbox row the inbox records as back round.
+        local_write(&lab, 9, "9", r#"{"id": 9, "name": "x"}"#, "NULL").await;
+        lab.sql(&format!(
+            "INSERT INTO sitesync_inbox (event_id, origin, type, epoch, seq, outcome) VALUES ('{}', 'PARIS', 't', 1, 9, 'own')",
+            id(9)
+        ))
+        .await;
+        assert_eq!(paris.sweep_own().await.unwrap(), 1);
+        assert_eq!(
+            lab.sql("SELECT id FROM outbox ORDER BY ord").await,
+            id(8),
+            "only the row whose event came back is swept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_payload_or_a_trigger_signal_fails_one_message_and_the_rest_commits() {
+        let lab = Lab::start().await;
+        let _tables = lab.paris().await;
+        lab.sql("INSERT INTO customers (id, name, email) VALUES (100, 'app', 'taken@example')")
+            .await;
+        // A server that is not strict: the sink's session is, all the same
+        // (a new target: the first one's pooled connection has the old mode).
+        lab.sql("SET GLOBAL sql_mode = ''").await;
+        let paris = Batches::new(
+            MariaDbTarget::with("PARIS", &lab.settings("root"), &sink()).unwrap(),
+            "PARIS",
+            &sink(),
+        );
+        let events = [
+            event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "ok"}"#),
+            event_with(
+                2,
+                "LONDON",
+                "2",
+                10,
+                r#"{"id": 2, "name": "typo", "age": "not a number"}"#,
+            ),
+            event_with(3, "LONDON", "3", 10, r#"{"id": 3, "name": "ok"}"#),
+            event_with(4, "LONDON", "4", 10, r#"{"id": 4, "name": "forbidden"}"#),
+            event_with(
+                5,
+                "LONDON",
+                "5",
+                10,
+                r#"{"id": 5, "name": "negative", "age": -1}"#,
+            ),
+            event_with(
+                6,
+                "LONDON",
+                "6",
+                10,
+                r#"{"id": 6, "name": "dup", "email": "taken@example"}"#,
+            ),
+            event_with(7, "LONDON", "2", 11, r#"{"id": 2, "name": "held"}"#),
+            event_with(8, "LONDON", "8", 10, r#"{"id": 8, "name": "ok"}"#),
+        ];
+        let outcomes = apply(&paris, &events).await;
+        let failed = |i: usize, what: &str| match &outcomes[i] {
+            Outcome::Failed(reason) => assert!(reason.contains(what), "{i}: {reason}"),
+            other => panic!("{i}: {other:?}"),
+        };
+        failed(1, "(error 1366,");
+        failed(
+            3,
+            "the name forbidden is refused (error 1644, SQLSTATE 45000)",
+        );
+        failed(4, "(error 4025,");
+        failed(5, "(error 1062,");
+        assert!(failed_names_the_table(&outcomes[1]), "{:?}", outcomes[1]);
+        assert_eq!(outcomes[0], Outcome::Applied);
+        assert_eq!(outcomes[2], Outcome::Applied);
+        assert_eq!(
+            outcomes[6],
+            Outcome::Held,
+            "behind the failed message of its entity"
+        );
+        assert_eq!(outcomes[7], Outcome::Applied);
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(id ORDER BY id) FROM customers")
+                .await,
+            "1,3,8,100"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "1,3,8"
+        );
+        assert_eq!(
+            lab.sql("SELECT seq FROM sitesync_origins").await,
+            "8",
+            "the progress moves past the failed messages (they are retried by id)"
+        );
+    }
+
+    fn failed_names_the_table(o: &Outcome) -> bool {
+        matches!(o, Outcome::Failed(r) if r.starts_with("writing customers: "))
+    }
+
+    /// Each data error of the list, provoked on the server: one message's
+    /// ([`Fault::Data`]), and it ends the statement only (the savepoint
+    /// before it is still there).
+    #[tokio::test]
+    async fn data_errors_end_their_statement_only() {
+        let lab = Lab::start().await;
+        let _paris = lab.paris().await;
+        lab.sql("INSERT INTO customers (id, name, email) VALUES (100, 'app', 'taken@example')")
+            .await;
+        lab.sql("INSERT INTO orders (id, customer_id) VALUES (1, 100)")
+            .await;
+        let mut c = lab.conn().await;
+        c.query_drop("START TRANSACTION").await.unwrap();
+        let cases: [(&str, u16); 15] = [
+            (
+                "INSERT INTO customers (id, name, email) VALUES (1, 'x', 'taken@example')",
+                1062,
+            ),
+            ("INSERT INTO orders (id, customer_id) VALUES (2, 999)", 1452),
+            ("DELETE FROM customers WHERE id = 100", 1451),
+            (
+                "INSERT INTO customers (id, name, age) VALUES (1, 'x', 'abc')",
+                1366,
+            ),
+            (
+                "INSERT INTO customers (id, name, age) VALUES (1, 'x', 99999999999)",
+                1264,
+            ),
+            (
+                "INSERT INTO customers (id, name) VALUES (1, 'a name much too long for it')",
+                1406,
+            ),
+            ("INSERT INTO customers (id, name) VALUES (1, NULL)", 1048),
+            (
+                "INSERT INTO customers (id, name, age) VALUES (1, 'x', -1)",
+                4025,
+            ),
+            (
+                "INSERT INTO customers (id, name, profile) VALUES (1, 'x', '{not json')",
+                4025,
+            ),
+            (
+                "INSERT INTO customers (id, name, born) VALUES (1, 'x', 'not a date')",
+                1292,
+            ),
+            (
+                "INSERT INTO customers (id, name, age) VALUES (1, 'x', 1/0)",
+                1365,
+            ),
+            (
+                "INSERT INTO customers (id, name, nope) VALUES (1, 'x', 1)",
+                1054,
+            ),
+            ("INSERT INTO nope (id) VALUES (1)", 1146),
+            (
+                "INSERT INTO customers (id, name) VALUES (1, 'forbidden')",
+                1644,
+            ),
+            ("UPDATE customers SET id = 'x' WHERE id = 100", 1366),
+        ];
+        for (sql, code) in cases {
+            c.query_drop("SAVEPOINT s").await.unwrap();
+            let e = c.query_drop(sql).await.expect_err(sql);
+            assert_eq!(conn::code(&e), Some(code), "{sql}: {e}");
+            assert_eq!(conn::fault(&e), Fault::Data, "{sql}");
+            c.query_drop("ROLLBACK TO SAVEPOINT s")
+                .await
+                .unwrap_or_else(|e| panic!("{sql} ended the transaction: {e}"));
+        }
+        let open: Option<i64> = c.query_first("SELECT @@in_transaction").await.unwrap();
+        assert_eq!(open, Some(1));
+    }
+
+    /// Customers 1 and 2 exist; an application transaction that changed
+    /// 300 rows (so that InnoDB picks the sink as a deadlock's victim) and
+    /// holds customer 2.
+    async fn application_holding_customer_2(lab: &Lab) -> Conn {
+        lab.sql("INSERT INTO customers (id, name) VALUES (1, 'a'), (2, 'b')")
+            .await;
+        lab.sql("CREATE TABLE filler (id int NOT NULL PRIMARY KEY, n int NOT NULL)")
+            .await;
+        lab.sql("INSERT INTO filler SELECT seq, 0 FROM seq_1_to_300")
+            .await;
+        let mut app = lab.conn().await;
+        app.query_drop("START TRANSACTION").await.unwrap();
+        app.query_drop("UPDATE filler SET n = n + 1").await.unwrap();
+        app.query_drop("UPDATE customers SET name = 'app' WHERE id = 2")
+            .await
+            .unwrap();
+        app
+    }
+
+    const WAITING: &str = "SELECT COALESCE(MAX(trx_id), 0) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT'";
+
+    #[tokio::test]
+    async fn a_deadlock_redoes_the_whole_batch() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [
+                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+                event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+            ];
+            apply(&sink, &events).await
+        });
+        // The sink wrote customer 1 and waits for customer 2: the
+        // application asks for customer 1, a deadlock, and the sink (the
+        // smaller transaction) is rolled back.
+        until(&lab, WAITING).await;
+        app.query_drop("UPDATE customers SET name = 'app' WHERE id = 1")
+            .await
+            .expect("the application is not the deadlock's victim");
+        app.query_drop("COMMIT").await.unwrap();
+        assert_eq!(batch.await.unwrap(), vec![Outcome::Applied; 2]);
+        assert!(
+            lab.sql("SHOW ENGINE INNODB STATUS")
+                .await
+                .contains("LATEST DETECTED DEADLOCK")
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(name ORDER BY id) FROM customers")
+                .await,
+            "London 1,London 2",
+            "the batch was applied again after the application committed"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "1,2"
+        );
+        assert_eq!(lab.sql("SELECT seq FROM sitesync_origins").await, "2");
+    }
+
+    /// A deadlock while the batch goes message by message (a bad message
+    /// made it): InnoDB rolled the transaction back with its savepoints,
+    /// and the whole batch is redone, not the message.
+    #[tokio::test]
+    async fn a_deadlock_among_savepoints_redoes_the_whole_batch() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [
+                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+                event_with(
+                    2,
+                    "LONDON",
+                    "5",
+                    10,
+                    r#"{"id": 5, "name": "bad", "age": "x"}"#,
+                ),
+                event_with(3, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+            ];
+            apply(&sink, &events).await
+        });
+        // One message at a time: customer 1 written under its savepoint,
+        // customer 5 failed and rolled back to its own, customer 2 waits.
+        until(&lab, WAITING).await;
+        app.query_drop("UPDATE customers SET name = 'app' WHERE id = 1")
+            .await
+            .expect("the application is not the deadlock's victim");
+        app.query_drop("COMMIT").await.unwrap();
+        let outcomes = batch.await.unwrap();
+        assert_eq!(outcomes[0], Outcome::Applied);
+        assert!(
+            matches!(&outcomes[1], Outcome::Failed(r) if r.contains("(error 1366,")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[2], Outcome::Applied);
+        assert!(
+            lab.sql("SHOW ENGINE INNODB STATUS")
+                .await
+                .contains("LATEST DETECTED DEADLOCK")
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(id, ':', name ORDER BY id) FROM customers")
+                .await,
+            "1:London 1,2:London 2",
+            "customer 1, undone by the deadlock, was written again"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "1,3"
+        );
+    }
+
+    /// A batch whose future is dropped while it waits for a row: the next
+    /// batch on the same connection does not commit what it had done.
+    #[tokio::test]
+    async fn an_abandoned_attempt_is_rolled_back_not_committed() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [
+                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+                event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+            ];
+            apply(&sink, &events).await
+        });
+        until(&lab, WAITING).await;
+        batch.abort();
+        assert!(batch.await.unwrap_err().is_cancelled());
+        app.query_drop("COMMIT").await.unwrap();
+        let next = [event_with(
+            3,
+            "LONDON",
+            "3",
+            10,
+            r#"{"id": 3, "name": "London 3"}"#,
+        )];
+        assert_eq!(apply(&paris, &next).await, [Outcome::Applied]);
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(seq ORDER BY seq) FROM sitesync_inbox")
+                .await,
+            "3",
+            "the abandoned batch's inbox rows were not committed"
+        );
+        assert_eq!(
+            lab.sql("SELECT GROUP_CONCAT(id, ':', name ORDER BY id) FROM customers")
+                .await,
+            "1:a,2:app,3:London 3"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lock_wait_timeout_tries_the_batch_again() {
+        let lab = Lab::start().await;
+        let paris = Arc::new(lab.paris().await);
+        let mut app = application_holding_customer_2(&lab).await;
+        let sink = paris.clone();
+        let batch = tokio::spawn(async move {
+            let events = [event_with(
+                1,
+                "LONDON",
+                "2",
+                10,
+                r#"{"id": 2, "name": "London"}"#,
+            )];
+            apply(&sink, &events).await
+        });
+        // The first try waits, times out after 1 s, and a second one waits
+        // in a new transaction: then the application lets go.
+        let first = until(&lab, WAITING).await;
+        until(&lab, &format!("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT' AND trx_id <> {first}")).await;
+        app.query_drop("COMMIT").await.unwrap();
+        assert_eq!(batch.await.unwrap(), [Outcome::Applied]);
+        assert_eq!(
+            lab.sql("SELECT name FROM customers WHERE id = 2").await,
+            "London"
+        );
+    }
+
+    /// The two busy errors, provoked between two sessions: both are
+    /// [`Fault::Busy`], and after a deadlock the victim's savepoint is gone
+    /// (1305): InnoDB rolled back its whole transaction.
+    #[tokio::test]
+    async fn deadlock_and_lock_wait_errors_are_busy() {
+        let lab = Lab::start().await;
+        let _paris = lab.paris().await;
+        let mut app = application_holding_customer_2(&lab).await;
+        let mut victim = lab.conn().await;
+        victim
+            .query_drop("SET innodb_lock_wait_timeout = 1; START TRANSACTION; SAVEPOINT s; UPDATE customers SET name = 'v' WHERE id = 1")
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(async move {
+            let e = victim
+                .query_drop("UPDATE customers SET name = 'v' WHERE id = 2")
+                .await
+                .expect_err("a deadlock");
+            (victim, e)
+        });
+        until(&lab, WAITING).await;
+        app.query_drop("UPDATE customers SET name = 'app' WHERE id = 1")
+            .await
+            .unwrap();
+        let (mut victim, e) = waiting.await.unwrap();
+        assert_eq!(conn::code(&e), Some(1213), "{e}");
+        assert_eq!(conn::fault(&e), Fault::Busy);
+        let gone = victim
+            .query_drop("ROLLBACK TO SAVEPOINT s")
+            .await
+            .unwrap_err();
+        assert_eq!(conn::code(&gone), Some(1305), "{gone}");
+
+        // The application still holds both rows: a lock wait timeout.
+        victim.query_drop("START TRANSACTION").await.unwrap();
+        let e: Error = victim
+            .query_drop("UPDATE customers SET name = 'v' WHERE id = 2")
+            .await
+            .unwrap_err();
+        assert_eq!(conn::code(&e), Some(1205), "{e}");
+        assert_eq!(conn::fault(&e), Fault::Busy);
+        app.query_drop("COMMIT").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn preflight_names_each_fix_and_grants_errors_stop_the_sink() {
+        let lab = Lab::start().await;
+        let target = MariaDbTarget::with("PARIS", &lab.settings("root"), &sink()).unwrap();
+        let e = target.connect().await.err().expect("not initialised");
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Operator, Cause::NotInitialised)
+        );
+        assert!(
+            e.message().contains("sitesync_inbox") && e.message().contains("run `sitesync init`"),
+            "{}",
+            e.message()
+        );
+        let checks = target.preflight().await;
+        assert_eq!(
+            checks[0].fix.as_deref(),
+            Some("run `sitesync init`"),
+            "{checks:?}"
+        );
+        assert!(
+            checks[0].detail.contains("sitesync_conflicts"),
+            "{checks:?}"
+        );
+        assert!(
+            checks[2].detail.contains("table customers does not exist"),
+            "{checks:?}"
+        );
+
+        let _paris = lab.paris().await;
+        lab.sql("CREATE TABLE loose (id int NOT NULL, name text)")
+            .await;
+        let routes = vec![
+            route(),
+            Route {
+                kind: "loose.upsert".into(),
+                table: "loose".into(),
+                ..route()
+            },
+            Route {
+                kind: "ghost.delete".into(),
+                table: "shop.ghost".into(),
+                operation: Operation::Delete,
+                ..route()
+            },
+        ];
+        let target =
+            MariaDbTarget::with("PARIS", &lab.settings("root"), &sink_with(routes.clone()))
+                .unwrap();
+        let checks = target.preflight().await;
+        let by_name = |n: &str| {
+            checks
+                .iter()
+                .find(|c| c.name == n)
+                .unwrap_or_else(|| panic!("{n}: {checks:?}"))
+        };
+        assert_eq!(by_name("sink tables").status, crate::checks::Status::Pass);
+        assert_eq!(
+            by_name("sink grants").status,
+            crate::checks::Status::Pass,
+            "{checks:?}"
+        );
+        let customers = by_name("route customer.upsert");
+        assert_eq!(
+            customers.status,
+            crate::checks::Status::Warn,
+            "{customers:?}"
+        );
+        assert!(customers.detail.contains("email"), "{customers:?}");
+        let loose = by_name("route loose.upsert");
+        assert_eq!(loose.status, crate::checks::Status::Fail);
+        assert_eq!(
+            loose.fix.as_deref(),
+            Some("ALTER TABLE `loose` ADD UNIQUE (`id`); or make `key` the primary key")
+        );
+        assert!(
+            by_name("route ghost.delete")
+                .detail
+                .contains("shop.ghost does not exist")
+        );
+
+        // An account that may only read: check says which grant to run,
+        // and a batch stops the sink with the same statement.
+        lab.server
+            .create_user("reader", "", "SELECT", "shop.*")
+            .await
+            .unwrap();
+        let reader = MariaDbTarget::with("PARIS", &lab.settings("reader"), &sink()).unwrap();
+        let checks = reader.preflight().await;
+        let grants = checks.iter().find(|c| c.name == "sink grants").unwrap();
+        assert_eq!(grants.status, crate::checks::Status::Fail, "{grants:?}");
+        assert!(
+            grants
+                .detail
+                .contains("INSERT, UPDATE, DELETE on sitesync_inbox"),
+            "{grants:?}"
+        );
+        assert_eq!(
+            grants.fix.as_deref(),
+            Some("GRANT SELECT, INSERT, UPDATE, DELETE ON `shop`.* TO 'reader'@'<its host>'")
+        );
+        let reader = Batches::new(reader, "PARIS", &sink());
+        let events = [event_with(
+            1,
+            "LONDON",
+            "1",
+            10,
+            r#"{"id": 1, "name": "x"}"#,
+        )];
+        let r = route();
+        let e = reader
+            .apply(&items(&events, &r, "PARIS"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Operator, Cause::PermissionDenied),
+            "{e}"
+        );
+        assert!(
+            e.message().contains("(error 1142,")
+                && e.message().contains(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, INDEX ON `shop`.* TO 'reader'"
+                ),
+            "{e}"
+        );
+
+        // A savepoint that is gone: the error before ended the transaction.
+        let root = MariaDbTarget::with("PARIS", &lab.settings("root"), &sink()).unwrap();
+        let mut session = root.connect().await.unwrap();
+        session
+            .begin(Start {
+                isolate: true,
+                lock: &[],
+                origins: &[],
+                seen: &[],
+            })
+            .await
+            .unwrap();
+        let gone = session.rollback_to_savepoint().await;
+        assert!(
+            matches!(&gone, Err(Failed::Gone(m)) if m.contains("(error 1305,")),
+            "{gone:?}"
+        );
+        session.rollback().await;
+        assert!(session.usable().await);
+
+        // The outbox missing: not one message's fault, `sitesync init`'s.
+        lab.sql("DROP TABLE outbox").await;
+        let root = Batches::new(root, "PARIS", &sink());
+        let e = root.apply(&items(&events, &r, "PARIS")).await.unwrap_err();
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Operator, Cause::NotInitialised),
+            "{e}"
+        );
+        assert!(
+            e.message().contains("(error 1146,") && e.message().contains("run `sitesync init`"),
+            "{e}"
+        );
+
+        // A wrong password: the login is refused, not retried.
+        let mut bad = lab.settings("root");
+        bad.url = bad.url.replace("root@", "root:wrong@");
+        let e = MariaDbTarget::with("PARIS", &bad, &sink())
+            .unwrap()
+            .connect()
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            (e.kind(), e.cause()),
+            (ErrorKind::Operator, Cause::AuthRefused),
+            "{e}"
+        );
+        assert!(!e.message().contains("wrong"), "{e}");
     }
 }
