@@ -5,12 +5,14 @@
 
 use crate::support::mariadb::MariaDb;
 use crate::support::mesh::{Mesh, MeshOptions, delete, upsert};
+use crate::support::rabbit::drain_until;
 use crate::support::sidecar::Sidecar;
 use crate::support::wait_for;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, TxOpts};
 use sitesync::checkpoint::read_live;
 use sitesync::engine::mariadb::position::Position;
+use sitesync::event::Event;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,7 +38,8 @@ impl MariaSite {
     /// Starts MariaDB, creates the `london` database with its business
     /// table, writes LONDON's connector next to the mesh's and runs
     /// `sitesync init` for it.
-    async fn start(mesh: &Mesh) -> MariaSite {
+    /// `broker`, `checkpoint`: extra lines for those tables.
+    async fn start(mesh: &Mesh, broker: &str, checkpoint: &str) -> MariaSite {
         let server = MariaDb::start().await;
         server.create_database("london").await;
         let mut c = server.conn(Some("london")).await;
@@ -47,7 +50,7 @@ impl MariaSite {
         std::fs::write(
             &connector,
             format!(
-                "site = \"LONDON\"\n\n[database]\nkind = \"mariadb\"\nurl = \"{}\"\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\nmax_attempts = 2\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"upsert\"\n\n[[sink.routes]]\ntype = \"item.delete\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"delete\"\n",
+                "site = \"LONDON\"\n\n[database]\nkind = \"mariadb\"\nurl = \"{}\"\n\n[broker]\nmanagement_url = \"http://127.0.0.1:15672\"\nurls = [\"{}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n{broker}\n[checkpoint]\ndir = \"{}\"\n{checkpoint}\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\nmax_attempts = 2\n\n[[sink.routes]]\ntype = \"item.upsert\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"upsert\"\n\n[[sink.routes]]\ntype = \"item.delete\"\ntable = \"item\"\nkey = [\"id\"]\noperation = \"delete\"\n",
                 server.url("london"),
                 mesh.amqp_url,
                 mesh.dir.path().join("topology.toml").display(),
@@ -139,12 +142,17 @@ struct Running {
 }
 
 async fn three_sites_running() -> Running {
+    three_sites_running_with("", "").await
+}
+
+/// With extra lines in LONDON's `[broker]` and `[checkpoint]`.
+async fn three_sites_running_with(broker: &str, checkpoint: &str) -> Running {
     let mesh = Mesh::start(MeshOptions {
         sites: vec!["PARIS", "MADRID"],
         ..MeshOptions::default()
     })
     .await;
-    let london = MariaSite::start(&mesh).await;
+    let london = MariaSite::start(&mesh, broker, checkpoint).await;
     Running {
         _pg: mesh.spawn_all(),
         london_sidecar: london.spawn(&mesh),
@@ -372,4 +380,202 @@ async fn a_mariadb_checkpoint_past_a_purged_binlog_stops_with_what_to_do() {
     assert!(log.contains("no longer holds"), "{log}");
     assert!(log.contains("ERROR 1236"), "{log}");
     assert!(log.contains("checkpoint reset"), "{log}");
+}
+
+/// How many of LONDON's events PARIS applied, and their seqs as
+/// `(min, max, distinct)`.
+async fn london_at_paris(paris: &tokio_postgres::Client) -> (i64, i64, i64, i64) {
+    let row = paris
+        .query_one(
+            "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0), count(DISTINCT seq) FROM sitesync_inbox WHERE origin = 'LONDON'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+#[tokio::test]
+async fn a_mariadb_server_restarted_mid_stream_loses_nothing() {
+    let r = three_sites_running().await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let mut l = london.conn().await;
+    for k in 0..100 {
+        london_write(&mut l, k, 1, false).await;
+    }
+    london.server.restart().await;
+    let mut l = london.conn().await;
+    for k in 100..200 {
+        london_write(&mut l, k, 1, false).await;
+    }
+    let paris = mesh.client("PARIS").await;
+    wait_for(
+        async || london_at_paris(&paris).await.0 == 200,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "LONDON's events at PARIS: {e}\n{}",
+            r.london_sidecar.log_tail()
+        )
+    });
+    assert_eq!(london_at_paris(&paris).await, (200, 1, 200, 200));
+    // And the other way: PARIS's writes reach LONDON after the restart.
+    for k in 1000..1020 {
+        upsert(&paris, "PARIS", k, 7).await;
+    }
+    wait_for(
+        async || london_count(&mut l, "SELECT COUNT(*) FROM item WHERE n = 7").await == 20,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("PARIS's writes at LONDON after the restart");
+}
+
+#[tokio::test]
+async fn a_thousand_row_transaction_interrupted_halfway_is_neither_lost_nor_renumbered() {
+    // Two events in flight at most and a checkpoint every 10 ms: the
+    // transaction takes long enough to publish that checkpoints land
+    // inside it.
+    let mut r = three_sites_running_with("publisher_window = 2\n", "interval_ms = 10\n").await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let mut l = london.conn().await;
+    // One transaction of 1,000 outbox rows (their items exist only at the
+    // other sites).
+    let mut tx = l.start_transaction(TxOpts::default()).await.unwrap();
+    for k in 0..1000 {
+        tx.exec_drop(
+            "INSERT INTO outbox (type, entity_key, data) VALUES ('item.upsert', ?, JSON_OBJECT('id', ?, 'n', 1, 'rev', UUID(), 'site', 'LONDON'))",
+            (k.to_string(), 5000 + k),
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // Killed once part of the transaction is checkpointed.
+    let store = mesh.dir.path().join("checkpoints").join("london");
+    wait_for(
+        async || {
+            read_live::<Position>(&store)
+                .is_some_and(|(_, ck)| ck.resume.as_ref().is_some_and(|p| p.index > 0))
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("a checkpoint in the middle of the transaction");
+    r.london_sidecar.kill9();
+    let (_, mid) = read_live::<Position>(&store).unwrap();
+    r.london_sidecar = london.spawn(mesh);
+    let paris = mesh.client("PARIS").await;
+    wait_for(
+        async || london_at_paris(&paris).await.0 == 1000,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the transaction at PARIS: {e}\n{}",
+            r.london_sidecar.log_tail()
+        )
+    });
+    assert_eq!(london_at_paris(&paris).await, (1000, 1, 1000, 1000));
+    // The restart resumed inside the transaction (a row index above 0),
+    // at the checkpoint the kill left, not at the transaction's start.
+    r.london_sidecar
+        .wait_log("streaming", Duration::from_secs(60))
+        .await;
+    let log = r.london_sidecar.log_text();
+    let resumed: Position = log
+        .lines()
+        .find_map(|l| l.split("resume=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("no resume position in the log:\n{log}"));
+    assert!(resumed.index > 0, "{resumed}");
+    assert!(
+        Some(&resumed) >= mid.resume.as_ref(),
+        "{resumed} before {mid:?}"
+    );
+    // The archive queue holds every event sent, re-sends included: each
+    // event id kept its seq, and the seqs are 1..=1000.
+    // Every delivery is in it once PARIS has every event (one fanout).
+    let held = mesh.queue_len(&mesh.names.archive).await as usize;
+    let archived = drain_until(
+        &mesh.amqp_url,
+        &mesh.names.archive,
+        Duration::from_secs(60),
+        |got| got.len() >= held,
+    )
+    .await;
+    let mut seqs: BTreeMap<Uuid, Vec<u64>> = BTreeMap::new();
+    for d in &archived {
+        let e: Event = serde_json::from_slice(&d.data).unwrap();
+        seqs.entry(e.id).or_default().push(e.seq);
+    }
+    assert_eq!(seqs.len(), 1000);
+    assert_eq!(archived.len(), held);
+    let mut all: Vec<u64> = Vec::new();
+    for (id, s) in &seqs {
+        assert!(s.iter().all(|x| *x == s[0]), "{id} sent with seqs {s:?}");
+        all.push(s[0]);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=1000).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
+async fn a_payload_mariadb_cannot_store_is_dead_lettered_at_london_and_the_rest_flows() {
+    let r = three_sites_running().await;
+    let (mesh, london) = (&r.mesh, &r.london);
+    let paris = mesh.client("PARIS").await;
+    for k in 0..5 {
+        upsert(&paris, "PARIS", k, k).await;
+    }
+    // A note longer than LONDON's varchar(200): data too long (1406) in
+    // strict mode, LONDON only.
+    let long = "x".repeat(300);
+    paris
+        .execute(
+            "INSERT INTO outbox (type, entity_key, data) VALUES ('item.upsert', '50', jsonb_build_object('id', 50, 'n', 1, 'rev', gen_random_uuid(), 'site', 'PARIS', 'note', $1::text))",
+            &[&long],
+        )
+        .await
+        .unwrap();
+    for k in 5..10 {
+        upsert(&paris, "PARIS", k, k).await;
+    }
+    let mut l = london.conn().await;
+    wait_for(
+        async || {
+            london_count(&mut l, "SELECT COUNT(*) FROM item WHERE site = 'PARIS'").await == 10
+                && london_count(
+                    &mut l,
+                    "SELECT COUNT(*) FROM sitesync_inbox WHERE outcome = 'dead_letter'",
+                )
+                .await
+                    == 1
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("at LONDON: {e}\n{}", r.london_sidecar.log_tail()));
+    assert_eq!(
+        london_count(&mut l, "SELECT COUNT(*) FROM item WHERE id = 50").await,
+        0
+    );
+    // MADRID (PostgreSQL, text column) took it.
+    let madrid = mesh.client("MADRID").await;
+    wait_for(
+        async || {
+            madrid
+                .query_opt("SELECT 1 FROM item WHERE id = 50", &[])
+                .await
+                .unwrap()
+                .is_some()
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("item 50 at MADRID");
 }
