@@ -6,7 +6,7 @@
 use crate::support::mariadb::MariaDb;
 use crate::support::mesh::{Mesh, MeshOptions, delete, upsert};
 use crate::support::rabbit::drain_until;
-use crate::support::sidecar::Sidecar;
+use crate::support::sidecar::{Sidecar, init_with};
 use crate::support::wait_for;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, TxOpts};
@@ -59,23 +59,8 @@ impl MariaSite {
         )
         .unwrap();
         let site = MariaSite { server, connector };
-        let out = site.sitesync(&["init"]);
-        assert!(
-            out.status.success(),
-            "init: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_with(&site.connector);
         site
-    }
-
-    fn sitesync(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(crate::support::sidecar::binary())
-            .args(args)
-            .arg("--connector")
-            .arg(&self.connector)
-            .output()
-            .expect("run sitesync")
     }
 
     fn spawn(&self, mesh: &Mesh) -> Sidecar {

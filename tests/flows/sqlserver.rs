@@ -4,7 +4,7 @@
 //! elsewhere: `cargo test --test main sqlserver -- --ignored`.
 
 use crate::support::mesh::{Mesh, MeshOptions, upsert};
-use crate::support::sidecar::Sidecar;
+use crate::support::sidecar::{Sidecar, init_with};
 use crate::support::wait_for;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -74,22 +74,8 @@ impl SqlSite {
             port,
             connector,
         };
-        let out = site.sitesync(&["init"]);
-        assert!(
-            out.status.success(),
-            "init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        init_with(&site.connector);
         site
-    }
-
-    fn sitesync(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(crate::support::sidecar::binary())
-            .args(args)
-            .arg("--connector")
-            .arg(&self.connector)
-            .output()
-            .expect("run sitesync")
     }
 
     fn spawn(&self, mesh: &Mesh) -> Sidecar {

@@ -46,6 +46,29 @@ pub async fn run_ok(prefix: &str, args: &[&str]) -> (String, String) {
     (stdout, stderr)
 }
 
+/// Runs `sitesync <args> --connector <connector>` to completion (for a
+/// site the mesh does not hold: one on another engine).
+pub fn sitesync_with(connector: &Path, args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .arg("--connector")
+        .arg(connector)
+        .output()
+        .expect("run sitesync")
+}
+
+/// `sitesync init` for `connector`; panics with its output unless it
+/// succeeded.
+pub fn init_with(connector: &Path) {
+    let out = sitesync_with(connector, &["init"]);
+    assert!(
+        out.status.success(),
+        "init: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Broker object names of one test.
 #[derive(Debug, Clone)]
 pub struct Names {
