@@ -1657,6 +1657,23 @@ mod tests {
         sink_with(vec![route()])
     }
 
+    /// [`apply`] in a task of its own (while an application holds rows).
+    fn in_background(
+        sink: &Arc<Batches<MariaDbTarget>>,
+        events: Vec<Event>,
+    ) -> tokio::task::JoinHandle<Vec<Outcome>> {
+        let sink = sink.clone();
+        tokio::spawn(async move { apply(&sink, &events).await })
+    }
+
+    /// Customers 1 and 2 written at LONDON.
+    fn london_1_and_2() -> Vec<Event> {
+        vec![
+            event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
+            event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
+        ]
+    }
+
     async fn apply(t: &Batches<MariaDbTarget>, events: &[Event]) -> Vec<Outcome> {
         let r = route();
         t.apply(&items(events, &r, "PARIS")).await.unwrap()
@@ -2156,14 +2173,7 @@ mod tests {
         let lab = Lab::start().await;
         let paris = Arc::new(lab.paris().await);
         let mut app = application_holding_customer_2(&lab).await;
-        let sink = paris.clone();
-        let batch = tokio::spawn(async move {
-            let events = [
-                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
-                event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
-            ];
-            apply(&sink, &events).await
-        });
+        let batch = in_background(&paris, london_1_and_2());
         // The sink wrote customer 1 and waits for customer 2: the
         // application asks for customer 1, a deadlock, and the sink (the
         // smaller transaction) is rolled back.
@@ -2200,9 +2210,9 @@ mod tests {
         let lab = Lab::start().await;
         let paris = Arc::new(lab.paris().await);
         let mut app = application_holding_customer_2(&lab).await;
-        let sink = paris.clone();
-        let batch = tokio::spawn(async move {
-            let events = [
+        let batch = in_background(
+            &paris,
+            vec![
                 event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
                 event_with(
                     2,
@@ -2212,9 +2222,8 @@ mod tests {
                     r#"{"id": 5, "name": "bad", "age": "x"}"#,
                 ),
                 event_with(3, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
-            ];
-            apply(&sink, &events).await
-        });
+            ],
+        );
         // One message at a time: customer 1 written under its savepoint,
         // customer 5 failed and rolled back to its own, customer 2 waits.
         until(&lab, WAITING).await;
@@ -2254,14 +2263,7 @@ mod tests {
         let lab = Lab::start().await;
         let paris = Arc::new(lab.paris().await);
         let mut app = application_holding_customer_2(&lab).await;
-        let sink = paris.clone();
-        let batch = tokio::spawn(async move {
-            let events = [
-                event_with(1, "LONDON", "1", 10, r#"{"id": 1, "name": "London 1"}"#),
-                event_with(2, "LONDON", "2", 10, r#"{"id": 2, "name": "London 2"}"#),
-            ];
-            apply(&sink, &events).await
-        });
+        let batch = in_background(&paris, london_1_and_2());
         until(&lab, WAITING).await;
         batch.abort();
         assert!(batch.await.unwrap_err().is_cancelled());
@@ -2292,17 +2294,16 @@ mod tests {
         let lab = Lab::start().await;
         let paris = Arc::new(lab.paris().await);
         let mut app = application_holding_customer_2(&lab).await;
-        let sink = paris.clone();
-        let batch = tokio::spawn(async move {
-            let events = [event_with(
+        let batch = in_background(
+            &paris,
+            vec![event_with(
                 1,
                 "LONDON",
                 "2",
                 10,
                 r#"{"id": 2, "name": "London"}"#,
-            )];
-            apply(&sink, &events).await
-        });
+            )],
+        );
         // The first try waits, times out after 1 s, and a second one waits
         // in a new transaction: then the application lets go.
         let first = until(&lab, WAITING).await;
