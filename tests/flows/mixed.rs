@@ -6,7 +6,7 @@
 use crate::support::mariadb::MariaDb;
 use crate::support::mesh::{Mesh, MeshOptions, delete, upsert};
 use crate::support::rabbit::drain_until;
-use crate::support::sidecar::{Sidecar, init_with};
+use crate::support::sidecar::{Sidecar, init_with, sitesync_with};
 use crate::support::wait_for;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, TxOpts};
@@ -260,6 +260,24 @@ async fn mixed_sites_postgres_mariadb_postgres_converge_with_each_event_applied_
         .unwrap()
         .get(0);
     assert_eq!(paris_from_london, 30 + 10 + 5);
+    // `status` and `checkpoint show` read LONDON as they read PostgreSQL.
+    let status = sitesync_with(&london.connector, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("binlog at mariadb:"), "{text}");
+    assert!(text.contains("PARIS"), "{text}");
+    let show = sitesync_with(&london.connector, &["checkpoint", "show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert!(text.contains("mariadb:"), "{text}");
 }
 
 #[tokio::test]
