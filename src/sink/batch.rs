@@ -143,6 +143,62 @@ pub struct Finish<'a> {
     pub lost: &'a [Uuid],
 }
 
+/// What `sitesync check` says of a route whose table exists, in the words
+/// every engine uses: the columns the route names (key, renames,
+/// constants) that the table lacks (`has` tells whether the table has a
+/// column, compared as the engine compares names), else `None`.
+pub fn route_missing_columns(
+    name: &str,
+    route: &Route,
+    has: impl Fn(&str) -> bool,
+) -> Option<Check> {
+    let missing: Vec<&str> = route
+        .key
+        .iter()
+        .chain(route.rename.values())
+        .chain(route.constants.keys())
+        .map(String::as_str)
+        .filter(|c| !has(c))
+        .collect();
+    (!missing.is_empty()).then(|| {
+        Check::fail(
+            name,
+            format!("{} has no column(s) {}", route.table, missing.join(", ")),
+            "fix `key`, `rename` or `constants` in the route",
+        )
+    })
+}
+
+/// The failure of an upsert route whose table has no unique index on
+/// exactly its key; `fix` is the engine's statement that adds one.
+pub fn route_without_unique_key(name: &str, route: &Route, fix: String) -> Check {
+    Check::fail(
+        name,
+        format!(
+            "{} has no unique index on exactly ({})",
+            route.table,
+            route.key.join(", ")
+        ),
+        fix,
+    )
+}
+
+/// A route that passed its checks.
+pub fn route_ready(name: &str, route: &Route) -> Check {
+    Check::pass(
+        name,
+        format!(
+            "{} {} on ({})",
+            match route.operation {
+                crate::config::Operation::Upsert => "upsert into",
+                crate::config::Operation::Delete => "delete from",
+            },
+            route.table,
+            route.key.join(", ")
+        ),
+    )
+}
+
 /// A database the sink applies batches to: how to open a [`Session`] on it.
 pub trait Dialect: Send + Sync + 'static {
     type Session: Session;

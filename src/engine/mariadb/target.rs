@@ -88,6 +88,7 @@ use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
 use crate::sink::batch::{
     self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
+    route_missing_columns, route_ready, route_without_unique_key,
 };
 use crate::sink::mapping::{self, Entity};
 use crate::sink::rules::{Conflict, Version};
@@ -1459,21 +1460,10 @@ async fn route_check(c: &mut Conn, route: &Route) -> Check {
             "create the table, or fix `table` in the route",
         );
     }
-    let named = route
-        .key
-        .iter()
-        .chain(route.rename.values())
-        .chain(route.constants.keys());
-    let missing: Vec<&str> = named
-        .filter(|c| !columns.contains(&c.to_lowercase()))
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        return Check::fail(
-            name,
-            format!("{} has no column(s) {}", route.table, missing.join(", ")),
-            "fix `key`, `rename` or `constants` in the route",
-        );
+    if let Some(missing) =
+        route_missing_columns(&name, route, |c| columns.contains(&c.to_lowercase()))
+    {
+        return missing;
     }
     let unique: Vec<(String, String)> = match c
         .exec(
@@ -1497,13 +1487,9 @@ async fn route_check(c: &mut Conn, route: &Route) -> Check {
         .join(", ");
     if route.operation == Operation::Upsert {
         if !unique.iter().any(|(_, cols)| *cols == key) {
-            return Check::fail(
-                name,
-                format!(
-                    "{} has no unique index on exactly ({})",
-                    route.table,
-                    route.key.join(", ")
-                ),
+            return route_without_unique_key(
+                &name,
+                route,
                 format!(
                     "ALTER TABLE {} ADD UNIQUE ({key_list}); or make `key` the primary key",
                     quote_table(&route.table)
@@ -1527,18 +1513,7 @@ async fn route_check(c: &mut Conn, route: &Route) -> Check {
             );
         }
     }
-    Check::pass(
-        name,
-        format!(
-            "{} {} on ({})",
-            match route.operation {
-                Operation::Upsert => "upsert into",
-                Operation::Delete => "delete from",
-            },
-            route.table,
-            route.key.join(", ")
-        ),
-    )
+    route_ready(&name, route)
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use crate::error::{Cause, TargetError};
 use crate::event::Event;
 use crate::sink::batch::{
     self, Dialect, Failed, Finish, Local, Origins, Progress, Session, Start, Stored, Write,
+    route_missing_columns, route_ready, route_without_unique_key,
 };
 use crate::sink::mapping::Entity;
 use crate::sink::rules::{Conflict, Version};
@@ -1296,28 +1297,13 @@ async fn route_check(client: &Client, route: &Route) -> Check {
         Ok(Some(row)) => row,
     };
     let (columns, unique): (Vec<String>, bool) = (row.get(0), row.get(1));
-    let named = route
-        .key
-        .iter()
-        .chain(route.rename.values())
-        .chain(route.constants.keys());
-    let missing: Vec<&String> = named.filter(|c| !columns.contains(c)).collect();
-    if !missing.is_empty() {
-        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-        return Check::fail(
-            name,
-            format!("{} has no column(s) {}", route.table, list.join(", ")),
-            "fix `key`, `rename` or `constants` in the route",
-        );
+    if let Some(missing) = route_missing_columns(&name, route, |c| columns.iter().any(|t| t == c)) {
+        return missing;
     }
     if route.operation == Operation::Upsert && !unique {
-        return Check::fail(
-            name,
-            format!(
-                "{} has no unique index on exactly ({})",
-                route.table,
-                route.key.join(", ")
-            ),
+        return route_without_unique_key(
+            &name,
+            route,
             format!(
                 "CREATE UNIQUE INDEX ON {table} ({}); or make `key` the primary key",
                 route
@@ -1329,18 +1315,7 @@ async fn route_check(client: &Client, route: &Route) -> Check {
             ),
         );
     }
-    Check::pass(
-        name,
-        format!(
-            "{} {} on ({})",
-            match route.operation {
-                Operation::Upsert => "upsert into",
-                Operation::Delete => "delete from",
-            },
-            route.table,
-            route.key.join(", ")
-        ),
-    )
+    route_ready(&name, route)
 }
 
 #[cfg(test)]
