@@ -1,6 +1,7 @@
 //! `sitesync status`: what this site has received from each origin, the gaps,
 //! the dead letters, the conflicts, and how far behind its source is.
 
+use crate::error::{Cause, SourceError};
 use crate::event::parse_timestamp;
 use chrono::{DateTime, Utc};
 use std::fmt::Write;
@@ -79,6 +80,44 @@ impl GapRecord {
             to_seq: field(row, 3, "to_seq")?,
             at: time(row, 4, "detected_at")?,
         })
+    }
+}
+
+impl SiteStatus {
+    /// The sink's part of a status, from its tables read as text (engines
+    /// whose driver reads every column as text): the rows of the origins
+    /// table and of the gaps table (see [`OriginProgress::from_text`],
+    /// [`GapRecord::from_text`]) and the counts row ([`counts_from_text`]).
+    /// `tables` names the origins and gaps tables in errors; the source's
+    /// lag is the engine's to fill.
+    pub fn from_text(
+        origins: &[Vec<Option<String>>],
+        gaps: &[Vec<Option<String>>],
+        counts: &[Option<String>],
+        tables: (&str, &str),
+    ) -> Result<SiteStatus, SourceError> {
+        let unreadable = |what: String| {
+            move |e: String| SourceError::transient(Cause::Query, format!("{what}: {e}"))
+        };
+        let (origins_table, gaps_table) = tables;
+        let mut status = SiteStatus::default();
+        for row in origins {
+            status.origins.push(
+                OriginProgress::from_text(row)
+                    .map_err(unreadable(format!("reading {origins_table}")))?,
+            );
+        }
+        for row in gaps {
+            status.gaps.push(
+                GapRecord::from_text(row).map_err(unreadable(format!("reading {gaps_table}")))?,
+            );
+        }
+        (
+            status.conflicts,
+            status.dead_lettered_here,
+            status.outbox_backlog,
+        ) = counts_from_text(counts).map_err(unreadable("counting".into()))?;
+        Ok(status)
     }
 }
 
@@ -176,6 +215,28 @@ mod tests {
         assert!(e.contains("epoch"), "{e}");
         let e = GapRecord::from_text(&[Some("L".into()), None]).unwrap_err();
         assert!(e.contains("epoch"), "{e}");
+    }
+
+    #[test]
+    fn a_status_from_the_sink_tables_read_as_text_names_the_table_of_a_bad_row() {
+        let origins = vec![row(&["PARIS", "17", "42", "2026-11-23T10:00:00"])];
+        let gaps = vec![row(&["LONDON", "1", "3", "4", "2026-11-23T10:00:00Z"])];
+        let status =
+            SiteStatus::from_text(&origins, &gaps, &row(&["2", "1", "5"]), ("o_t", "g_t")).unwrap();
+        assert_eq!(status.origins[0].seq, 42);
+        assert_eq!(status.gaps[0].to_seq, 4);
+        assert_eq!(
+            (
+                status.conflicts,
+                status.dead_lettered_here,
+                status.outbox_backlog
+            ),
+            (2, 1, 5)
+        );
+        let bad = vec![row(&["LONDON", "x", "3", "4", "2026-11-23T10:00:00Z"])];
+        let e = SiteStatus::from_text(&origins, &bad, &row(&["0", "0", "0"]), ("o_t", "g_t"))
+            .unwrap_err();
+        assert!(e.message().starts_with("reading g_t: "), "{}", e.message());
     }
 
     #[test]

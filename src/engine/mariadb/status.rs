@@ -5,7 +5,7 @@ use super::conn::{self, Account, quote_table};
 use super::settings::Settings;
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, SourceError};
-use crate::status::{GapRecord, OriginProgress, SiteStatus, counts_from_text};
+use crate::status::SiteStatus;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Row, Value};
 
@@ -35,10 +35,6 @@ async fn texts(
         .collect())
 }
 
-fn unreadable(context: &str) -> impl Fn(String) -> SourceError + '_ {
-    move |e| SourceError::transient(Cause::Query, format!("{context}: {e}"))
-}
-
 /// Reads the status of a MariaDB site.
 pub async fn read(_cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, SourceError> {
     let opts = conn::opts(db)?;
@@ -63,31 +59,20 @@ pub async fn read(_cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, S
             "the sink tables do not exist: run `sitesync init`",
         ));
     }
-    let mut status = SiteStatus::default();
-    for row in texts(
+    let origins = texts(
         &mut c,
         "SELECT origin, epoch, seq, DATE_FORMAT(updated_at, '%Y-%m-%dT%H:%i:%s.%f') FROM sitesync_origins ORDER BY origin",
         &account,
         "reading sitesync_origins",
     )
-    .await?
-    {
-        status.origins.push(
-            OriginProgress::from_text(&row).map_err(unreadable("reading sitesync_origins"))?,
-        );
-    }
-    for row in texts(
+    .await?;
+    let gaps = texts(
         &mut c,
         "SELECT origin, epoch, from_seq, to_seq, DATE_FORMAT(detected_at, '%Y-%m-%dT%H:%i:%s.%f') FROM sitesync_gaps ORDER BY detected_at, id",
         &account,
         "reading sitesync_gaps",
     )
-    .await?
-    {
-        status
-            .gaps
-            .push(GapRecord::from_text(&row).map_err(unreadable("reading sitesync_gaps"))?);
-    }
+    .await?;
     let counts = texts(
         &mut c,
         &format!(
@@ -100,12 +85,12 @@ pub async fn read(_cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, S
         "counting conflicts, dead letters and the outbox",
     )
     .await?;
-    let counts = counts.first().map(Vec::as_slice).unwrap_or_default();
-    (
-        status.conflicts,
-        status.dead_lettered_here,
-        status.outbox_backlog,
-    ) = counts_from_text(counts).map_err(unreadable("counting"))?;
+    let mut status = SiteStatus::from_text(
+        &origins,
+        &gaps,
+        counts.first().map(Vec::as_slice).unwrap_or_default(),
+        ("sitesync_origins", "sitesync_gaps"),
+    )?;
     let latest = binlog::current_position(&mut c).await?;
     status.source_lag =
         format!("binlog at {latest} (the checkpoint's position: `sitesync checkpoint show`)");

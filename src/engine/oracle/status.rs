@@ -5,7 +5,7 @@ use super::miner::{ABANDONED_SELECT, ABANDONED_TABLE};
 use super::settings::Settings;
 use super::transactions::Abandoned;
 use crate::error::{Cause, SourceError};
-use crate::status::{GapRecord, OriginProgress, SiteStatus, counts_from_text};
+use crate::status::SiteStatus;
 
 /// Times come back as text in this form (UTC).
 const UTC: &str = "YYYY-MM-DD\"T\"HH24:MI:SS.FF6\"Z\"";
@@ -50,25 +50,16 @@ pub async fn read(db: &Settings) -> Result<SiteStatus, SourceError> {
                 "the sink tables do not exist: run `sitesync init`",
             ));
         }
-        let mut status = SiteStatus::default();
-        for row in texts(
+        let origins = texts(
             &conn,
             &format!("SELECT ORIGIN, EPOCH, SEQ, TO_CHAR(UPDATED_AT AT TIME ZONE 'UTC', '{UTC}') FROM SITESYNC_ORIGINS ORDER BY ORIGIN"),
             "reading SITESYNC_ORIGINS",
-        )? {
-            status.origins.push(
-                OriginProgress::from_text(&row).map_err(unreadable("reading SITESYNC_ORIGINS"))?,
-            );
-        }
-        for row in texts(
+        )?;
+        let gaps = texts(
             &conn,
             &format!("SELECT ORIGIN, EPOCH, FROM_SEQ, TO_SEQ, TO_CHAR(DETECTED_AT AT TIME ZONE 'UTC', '{UTC}') FROM SITESYNC_GAPS ORDER BY DETECTED_AT, ID"),
             "reading SITESYNC_GAPS",
-        )? {
-            status
-                .gaps
-                .push(GapRecord::from_text(&row).map_err(unreadable("reading SITESYNC_GAPS"))?);
-        }
+        )?;
         let counts = texts(
             &conn,
             &format!(
@@ -78,12 +69,12 @@ pub async fn read(db: &Settings) -> Result<SiteStatus, SourceError> {
             ),
             "counting conflicts, dead letters and the outbox",
         )?;
-        let counts = counts.first().map(Vec::as_slice).unwrap_or_default();
-        (
-            status.conflicts,
-            status.dead_lettered_here,
-            status.outbox_backlog,
-        ) = counts_from_text(counts).map_err(unreadable("counting"))?;
+        let mut status = SiteStatus::from_text(
+            &origins,
+            &gaps,
+            counts.first().map(Vec::as_slice).unwrap_or_default(),
+            ("SITESYNC_ORIGINS", "SITESYNC_GAPS"),
+        )?;
         let scn = texts(
             &conn,
             "SELECT CURRENT_SCN FROM V$DATABASE",

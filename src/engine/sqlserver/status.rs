@@ -5,7 +5,7 @@ use super::settings::Settings;
 use super::types::cell_text;
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, SourceError};
-use crate::status::{GapRecord, OriginProgress, SiteStatus, counts_from_text};
+use crate::status::SiteStatus;
 
 /// Every row of `sql`, each column as text.
 async fn texts(
@@ -26,10 +26,6 @@ async fn texts(
         .map_err(|e| SourceError::transient(Cause::Query, format!("{context}: {e}")))
 }
 
-fn unreadable(context: &str) -> impl Fn(String) -> SourceError + '_ {
-    move |e| SourceError::transient(Cause::Query, format!("{context}: {e}"))
-}
-
 /// Reads the status of a SQL Server site.
 pub async fn read(cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, SourceError> {
     let mut client = conn::connect(db, &format!("sitesync-{}-status", cfg.name)).await?;
@@ -45,29 +41,18 @@ pub async fn read(cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, So
             "the sink tables do not exist: run `sitesync init`",
         ));
     }
-    let mut status = SiteStatus::default();
-    for row in texts(
+    let origins = texts(
         &mut client,
         "SELECT origin, epoch, seq, CONVERT(nvarchar(33), updated_at, 126) FROM dbo.sitesync_origins ORDER BY origin",
         "reading sitesync_origins",
     )
-    .await?
-    {
-        status.origins.push(
-            OriginProgress::from_text(&row).map_err(unreadable("reading sitesync_origins"))?,
-        );
-    }
-    for row in texts(
+    .await?;
+    let gaps = texts(
         &mut client,
         "SELECT origin, epoch, from_seq, to_seq, CONVERT(nvarchar(33), detected_at, 126) FROM dbo.sitesync_gaps ORDER BY detected_at, id",
         "reading sitesync_gaps",
     )
-    .await?
-    {
-        status
-            .gaps
-            .push(GapRecord::from_text(&row).map_err(unreadable("reading sitesync_gaps"))?);
-    }
+    .await?;
     let (schema, table) = db.outbox_parts();
     let counts = texts(
         &mut client,
@@ -81,12 +66,12 @@ pub async fn read(cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, So
         "counting conflicts, dead letters and the outbox",
     )
     .await?;
-    let counts = counts.first().map(Vec::as_slice).unwrap_or_default();
-    (
-        status.conflicts,
-        status.dead_lettered_here,
-        status.outbox_backlog,
-    ) = counts_from_text(counts).map_err(unreadable("counting"))?;
+    let mut status = SiteStatus::from_text(
+        &origins,
+        &gaps,
+        counts.first().map(Vec::as_slice).unwrap_or_default(),
+        ("sitesync_origins", "sitesync_gaps"),
+    )?;
     let version = texts(
         &mut client,
         "SELECT CHANGE_TRACKING_CURRENT_VERSION()",
