@@ -95,6 +95,24 @@ async fn bad_outbox_rows_go_to_the_dead_letter_queue_with_their_reason_and_the_r
     assert!(sidecar.log_text().contains("dead-letter queue"));
 }
 
+/// Starts the site's sidecar on a checkpoint store it must refuse: it
+/// exits with a failure whose log names the store, and `check` fails the
+/// checkpoint too. Returns the sidecar's log.
+async fn refused_on_its_checkpoint(site: &Site, what: &str) -> String {
+    let mut refused = site.spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "started on {what}");
+    let log = refused.log_text();
+    assert!(
+        log.contains(&site.store_dir().display().to_string()),
+        "{log}"
+    );
+    let check = site.sitesync(&["check"]).await;
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains("[FAIL] checkpoint"));
+    log
+}
+
 #[tokio::test]
 async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_what_the_slot_holds()
 {
@@ -109,14 +127,7 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
     let while_down: HashSet<String> = insert_tx(&client, 50, "down").await.into_iter().collect();
 
     site.corrupt_checkpoint();
-    let mut refused = site.spawn();
-    let status = refused.wait_exit(Duration::from_secs(30)).await;
-    assert!(!status.success(), "started on a corrupt checkpoint");
-    let log = refused.log_text();
-    assert!(
-        log.contains(&site.store_dir().display().to_string()),
-        "{log}"
-    );
+    let log = refused_on_its_checkpoint(&site, "a corrupt checkpoint").await;
     assert!(log.contains("crc32"), "{log}");
     assert!(
         log.contains(&format!(
@@ -125,9 +136,6 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
         )),
         "{log}"
     );
-    let check = site.sitesync(&["check"]).await;
-    assert!(!check.status.success());
-    assert!(String::from_utf8_lossy(&check.stdout).contains("[FAIL] checkpoint"));
 
     let out = site
         .ok(&["checkpoint", "reset", "--to-start", "--yes"])
@@ -211,17 +219,11 @@ async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
     let damaged = site.damage_checkpoint_on_disk(newest_only);
     assert!(damaged >= 1, "no copy of the record found under sled");
 
-    let mut refused = site.spawn();
-    let status = refused.wait_exit(Duration::from_secs(30)).await;
-    assert!(
-        !status.success(),
-        "started on a damaged store (newest only: {newest_only})"
-    );
-    let log = refused.log_text();
-    assert!(
-        log.contains(&site.store_dir().display().to_string()),
-        "{log}"
-    );
+    let log = refused_on_its_checkpoint(
+        &site,
+        &format!("a damaged store (newest only: {newest_only})"),
+    )
+    .await;
     assert!(log.contains("corrupt"), "{log}");
     assert!(!log.contains("new checkpoint store"), "{log}");
     if !snapshot {
@@ -233,9 +235,6 @@ async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
             "{log}"
         );
     }
-    let check = site.sitesync(&["check"]).await;
-    assert!(!check.status.success());
-    assert!(String::from_utf8_lossy(&check.stdout).contains("[FAIL] checkpoint"));
 
     // The reset recovers; the slot never ran ahead of the checkpoint.
     let out = site
