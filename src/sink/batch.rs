@@ -143,6 +143,34 @@ pub struct Finish<'a> {
     pub lost: &'a [Uuid],
 }
 
+/// One statement's shape: table, upsert (or delete), columns.
+pub type StatementShape<'a> = (&'a str, bool, Vec<&'a str>);
+
+/// The rows of one statement, with their route.
+pub type StatementRows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Value>>);
+
+/// A wave of writes (each entity at most once) grouped into statements:
+/// one per table, operation and column set (an upsert writes the row's
+/// columns, a delete names the key), for engines that write many rows in
+/// one statement.
+pub fn statements<'a>(wave: &'a [Write<'a>]) -> BTreeMap<StatementShape<'a>, StatementRows<'a>> {
+    let mut groups: BTreeMap<StatementShape<'a>, StatementRows<'a>> = BTreeMap::new();
+    for (route, row) in wave {
+        let upsert = route.operation == crate::config::Operation::Upsert;
+        let cols: Vec<&str> = if upsert {
+            row.columns.keys().map(String::as_str).collect()
+        } else {
+            route.key.iter().map(String::as_str).collect()
+        };
+        groups
+            .entry((route.table.as_str(), upsert, cols))
+            .or_insert_with(|| (*route, Vec::new()))
+            .1
+            .push(&row.columns);
+    }
+    groups
+}
+
 /// What `sitesync check` says of a route whose table exists, in the words
 /// every engine uses: the columns the route names (key, renames,
 /// constants) that the table lacks (`has` tells whether the table has a

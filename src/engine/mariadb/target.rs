@@ -96,7 +96,7 @@ use chrono::{DateTime, Utc};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool, Row, Value};
 use serde_json::Value as Json;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -418,12 +418,6 @@ enum Scope {
     Route,
 }
 
-/// One statement's shape: table, upsert (or delete), columns.
-type Shape<'a> = (&'a str, bool, Vec<&'a str>);
-
-/// The rows of one statement, with their route.
-type Rows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Json>>);
-
 /// One pooled connection of the MariaDB/MySQL sink.
 ///
 /// # When a message's error ends the transaction
@@ -582,20 +576,7 @@ impl MariaDbSession {
     /// One wave of writes (each entity at most once): one statement per
     /// table, operation and column set.
     async fn write_wave(&mut self, wave: &[Write<'_>]) -> Result<(), Failed> {
-        let mut groups: BTreeMap<Shape<'_>, Rows<'_>> = BTreeMap::new();
-        for (route, row) in wave {
-            let upsert = route.operation == Operation::Upsert;
-            let cols: Vec<&str> = if upsert {
-                row.columns.keys().map(String::as_str).collect()
-            } else {
-                route.key.iter().map(String::as_str).collect()
-            };
-            groups
-                .entry((route.table.as_str(), upsert, cols))
-                .or_insert_with(|| (*route, Vec::new()))
-                .1
-                .push(&row.columns);
-        }
+        let groups = batch::statements(wave);
         for ((table, upsert, cols), (route, rows)) in groups {
             let columns = self.columns(table).await?;
             if upsert && columns.other_unique(&route.key) {

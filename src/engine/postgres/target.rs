@@ -1179,12 +1179,6 @@ async fn insert_conflicts<C: GenericClient + Sync>(
     Ok(())
 }
 
-/// One statement's shape: table, upsert (or delete), columns.
-type StatementShape<'a> = (&'a str, bool, Vec<&'a str>);
-
-/// The rows of one statement, with their route.
-type StatementRows<'a> = (&'a Route, Vec<&'a serde_json::Map<String, Value>>);
-
 /// Executes one wave of writes (each entity at most once): one statement
 /// per table, operation and column set.
 async fn write_wave<C: GenericClient + Sync>(
@@ -1192,20 +1186,7 @@ async fn write_wave<C: GenericClient + Sync>(
     p: &Prepared,
     wave: &[Write<'_>],
 ) -> Result<(), Failed> {
-    let mut groups: BTreeMap<StatementShape<'_>, StatementRows<'_>> = BTreeMap::new();
-    for (route, row) in wave {
-        let upsert = route.operation == Operation::Upsert;
-        let cols: Vec<&str> = if upsert {
-            row.columns.keys().map(String::as_str).collect()
-        } else {
-            route.key.iter().map(String::as_str).collect()
-        };
-        groups
-            .entry((route.table.as_str(), upsert, cols))
-            .or_insert_with(|| (*route, Vec::new()))
-            .1
-            .push(&row.columns);
-    }
+    let groups = batch::statements(wave);
     let mut statements = Vec::with_capacity(groups.len());
     for ((table, upsert, cols), (route, rows)) in groups {
         let table_q = quote_table(table);
