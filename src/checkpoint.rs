@@ -16,11 +16,16 @@
 //!
 //! sled checks its own log: a damaged entry is taken for a torn tail and
 //! dropped, so damage on disk can leave sled holding no record at all, or
-//! an older one, and the record's crc32 never sees it. So every record
-//! written is also written, after sled has flushed it, to a small file
-//! beside the store (`checkpoint.witness`: the same bytes, crc32 included;
-//! written to a temporary file, fsynced, renamed over the old one, and the
-//! directory fsynced). Loading compares the two: a store that holds no
+//! an older one, and the record's crc32 never sees it. So records are also
+//! written, after sled has flushed them, to a small file beside the store
+//! (`checkpoint.witness`: the same bytes, crc32 included; written to a
+//! temporary file, fsynced, renamed over the old one). A running sidecar
+//! writes it at most once a second and at every stop, not at each of its
+//! checkpoint cycles, and reports a position to the database (the slot's
+//! `confirmed_flush_lsn`) only once the witness holds it: the database
+//! never runs ahead of the witness, so a store that lost records is
+//! reported as such rather than as a slot moved by someone else. Loading
+//! compares the two: a store that holds no
 //! record, or one behind the witness (an earlier epoch, or the same epoch
 //! with a lower `seq` or an earlier position), is refused as corrupt or
 //! replaced by an older copy ([`CheckpointError::Lost`]), with what was
@@ -303,13 +308,7 @@ impl CheckpointStore {
     /// The stored checkpoint, verified, and checked against its witness
     /// (see the module doc); `None` if none was ever written.
     pub fn load<P: LogPosition>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
-        let raw = self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))?;
-        let stored = match raw {
-            None => None,
-            Some(bytes) => {
-                Some(Checkpoint::decode(&bytes).map_err(|e| self.unreadable::<P>(e, "record"))?)
-            }
-        };
+        let stored = self.record::<P>()?;
         let Some(witness) = self.witness::<P>()? else {
             return Ok(stored);
         };
@@ -324,6 +323,16 @@ impl CheckpointStore {
                 ),
                 reset_hint: self.reset_hint.clone(),
             }),
+        }
+    }
+
+    /// sled's record, verified by its crc, without the witness.
+    fn record<P: LogPosition>(&self) -> Result<Option<Checkpoint<P>>, CheckpointError> {
+        match self.db.get(RECORD_KEY).map_err(|e| self.sled_error(e))? {
+            None => Ok(None),
+            Some(bytes) => Checkpoint::decode(&bytes)
+                .map(Some)
+                .map_err(|e| self.unreadable::<P>(e, "record")),
         }
     }
 
@@ -378,13 +387,27 @@ impl CheckpointStore {
         }
     }
 
-    /// Stores `next` durably. Refuses a position behind the stored one, a
-    /// change of epoch, or a store holding a position of another engine.
+    /// Stores `next` durably, and its witness. Refuses a position behind
+    /// the stored one, a change of epoch, or a store holding a position of
+    /// another engine.
     pub async fn commit<P: LogPosition>(
         &self,
         next: &Checkpoint<P>,
     ) -> Result<(), CheckpointError> {
-        if let Some(current) = self.load::<P>()? {
+        self.commit_unwitnessed(next).await?;
+        self.witness_now(next).await
+    }
+
+    /// [`commit`](Self::commit) without the witness: sled holds `next`
+    /// durably, the witness stays where it was until
+    /// [`witness_now`](Self::witness_now). For the sidecar's frequent
+    /// cycles, which write the witness at a slower pace and report a
+    /// position to the database only once the witness holds it.
+    pub async fn commit_unwitnessed<P: LogPosition>(
+        &self,
+        next: &Checkpoint<P>,
+    ) -> Result<(), CheckpointError> {
+        if let Some(current) = self.record::<P>()? {
             let backward = match (&current.resume, &next.resume) {
                 (Some(_), None) => true,
                 (Some(c), Some(n)) => n < c,
@@ -405,23 +428,32 @@ impl CheckpointStore {
         self.write(next).await
     }
 
-    /// Replaces the checkpoint, whatever it was (the explicit reset).
+    /// Replaces the checkpoint, whatever it was (the explicit reset), and
+    /// its witness.
     pub async fn reset<P: LogPosition>(&self, next: &Checkpoint<P>) -> Result<(), CheckpointError> {
-        self.write(next).await
+        self.write(next).await?;
+        self.witness_now(next).await
     }
 
     async fn write<P: LogPosition>(&self, ck: &Checkpoint<P>) -> Result<(), CheckpointError> {
-        let bytes = ck.encode();
         self.db
-            .insert(RECORD_KEY, bytes.clone())
+            .insert(RECORD_KEY, ck.encode())
             .map_err(|e| self.sled_error(e))?;
         self.db
             .flush_async()
             .await
             .map_err(|e| self.sled_error(e))?;
-        // Only once sled holds it: a crash in between leaves sled ahead of
-        // the witness, which loads.
-        let dir = self.dir.clone();
+        Ok(())
+    }
+
+    /// Writes `ck`, which sled already holds durably, as the witness. Only
+    /// once sled holds it: a crash in between leaves sled ahead of the
+    /// witness, which loads.
+    pub async fn witness_now<P: LogPosition>(
+        &self,
+        ck: &Checkpoint<P>,
+    ) -> Result<(), CheckpointError> {
+        let (dir, bytes) = (self.dir.clone(), ck.encode());
         tokio::task::spawn_blocking(move || write_witness(&dir, &bytes))
             .await
             .map_err(|e| CheckpointError::Io {
@@ -473,8 +505,9 @@ fn behind<P: LogPosition>(ck: &Checkpoint<P>, witness: &Checkpoint<P>) -> bool {
     position_behind || ck.next_seq < witness.next_seq
 }
 
-/// Replaces the witness atomically and durably: a temporary file, fsynced,
-/// renamed over the old one, and the directory fsynced.
+/// Replaces the witness atomically: a temporary file, fsynced, renamed over
+/// the old one. The directory is not fsynced: a rename that a power cut
+/// undoes leaves the previous witness, behind sled's record, which loads.
 fn write_witness(dir: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let action = "writing the checkpoint's witness";
     let tmp = dir.join(format!("{WITNESS_FILE}.tmp"));
@@ -482,10 +515,7 @@ fn write_witness(dir: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     file.write_all(bytes).map_err(io(dir, action))?;
     file.sync_all().map_err(io(dir, action))?;
     drop(file);
-    std::fs::rename(&tmp, dir.join(WITNESS_FILE)).map_err(io(dir, action))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, action))
+    std::fs::rename(&tmp, dir.join(WITNESS_FILE)).map_err(io(dir, action))
 }
 
 /// What a running sidecar last wrote to `live.json`: `(pid, checkpoint)`.

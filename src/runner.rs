@@ -561,6 +561,10 @@ impl Counters {
 
 /// How often `live.json` is rewritten at most.
 const LIVE_EVERY: Duration = Duration::from_millis(250);
+/// How often a running sidecar writes its checkpoint's witness (a file
+/// fsynced and renamed) while sled takes a record every
+/// `checkpoint.interval_ms`.
+const WITNESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Verifies the topology, then writes the checkpoint durably, then
 /// publishes the durable position; repeats whenever the confirmed position
@@ -583,13 +587,23 @@ async fn checkpointer<P: LogPosition>(
     let mut written = base;
     let mut live_at = Instant::now();
     let mut live_dirty = false;
+    // The witness and the database's position follow sled at a slower
+    // pace: `unwitnessed` is sled's record when the witness is behind it.
+    let mut witnessed_at = Instant::now();
+    let mut unwitnessed = false;
     loop {
         let live_due = tokio::time::Instant::from_std(live_at + LIVE_EVERY);
+        let witness_due = tokio::time::Instant::from_std(witnessed_at + WITNESS_EVERY);
         let closed = tokio::select! {
             changed = confirmed.changed() => changed.is_err(),
             _ = tokio::time::sleep_until(live_due), if live_dirty => {
                 store.write_live(&written);
                 (live_at, live_dirty) = (Instant::now(), false);
+                continue;
+            }
+            _ = tokio::time::sleep_until(witness_due), if unwitnessed => {
+                witness(&store, &written, &durable).await?;
+                (witnessed_at, unwitnessed) = (Instant::now(), false);
                 continue;
             }
             _ = tokio::time::sleep(check_every) => {
@@ -623,10 +637,14 @@ async fn checkpointer<P: LogPosition>(
                 Ok(()) => {
                     let verified = began.elapsed();
                     let next = written.advanced(resume.clone(), clock);
-                    store.commit(&next).await?;
+                    store.commit_unwitnessed(&next).await?;
                     tracing::trace!(?verified, committed = ?(began.elapsed() - verified), %resume, "checkpoint cycle");
                     written = next;
-                    durable.send_replace(Some(resume));
+                    unwitnessed = true;
+                    if witnessed_at.elapsed() >= WITNESS_EVERY {
+                        witness(&store, &written, &durable).await?;
+                        (witnessed_at, unwitnessed) = (Instant::now(), false);
+                    }
                     live_dirty = true;
                     if !closed {
                         // What is confirmed meanwhile waits for the next
@@ -641,10 +659,27 @@ async fn checkpointer<P: LogPosition>(
             }
         }
         if closed {
+            if unwitnessed {
+                witness(&store, &written, &durable).await?;
+            }
             store.write_live(&written);
             return Ok(written);
         }
     }
+}
+
+/// Writes the witness of `written`, which sled holds, then lets the
+/// database release what comes before its position.
+async fn witness<P: LogPosition>(
+    store: &CheckpointStore,
+    written: &Checkpoint<P>,
+    durable: &watch::Sender<Option<P>>,
+) -> Result<(), SessionError> {
+    store.witness_now(written).await?;
+    if let Some(resume) = &written.resume {
+        durable.send_replace(Some(resume.clone()));
+    }
+    Ok(())
 }
 
 /// Logs when the broker blocks or unblocks publishing on this connection
