@@ -123,11 +123,23 @@ pub fn find_binaries() -> Result<Binaries, String> {
 /// (`mariadb-install-db`, about a second), the same path afterwards. An
 /// installation that failed is reported to every caller.
 pub async fn template(bin: &Binaries) -> Result<PathBuf, String> {
-    static TEMPLATE: OnceCell<Result<PathBuf, String>> = OnceCell::const_new();
     TEMPLATE
         .get_or_init(|| install_template(bin.clone()))
         .await
         .clone()
+}
+
+static TEMPLATE: OnceCell<Result<PathBuf, String>> = OnceCell::const_new();
+
+/// Removes this process's [`template`], if it made one: for a process
+/// that starts no server afterwards (the demo, at its end). Others are
+/// swept by [`sweep_orphans`] once their process is gone.
+pub fn remove_template() {
+    if let Some(Ok(data)) = TEMPLATE.get()
+        && let Some(dir) = data.parent()
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 async fn install_template(bin: Binaries) -> Result<PathBuf, String> {

@@ -368,12 +368,40 @@ async fn two_local_deletes_that_lost_a_race_with_the_sink_win_when_the_first_com
 async fn the_demo_converges_and_cleans_up() {
     let (stdout, _) =
         crate::support::sidecar::run_ok("ssdemo-test", &["demo", "--timeout", "120"]).await;
+    assert_demo_converged_and_gone(&stdout).await;
+}
+
+/// `sitesync demo --engines postgres,mariadb,postgres`: LONDON on a private
+/// MariaDB server (binlog source, `ON DUPLICATE KEY UPDATE` sink) between
+/// two PostgreSQL sites; the same rows hash the same on both engines.
+#[tokio::test]
+async fn the_mixed_demo_with_london_on_mariadb_converges_and_cleans_up() {
+    let (stdout, _) = crate::support::sidecar::run_ok(
+        "ssdemo-test",
+        &[
+            "demo",
+            "--engines",
+            "postgres,mariadb,postgres",
+            "--timeout",
+            "120",
+        ],
+    )
+    .await;
+    assert!(
+        stdout.contains("LONDON on MariaDB") && stdout.contains("private MariaDB server"),
+        "{stdout}"
+    );
+    assert_demo_converged_and_gone(&stdout).await;
+}
+
+/// The demo's verdict is PASS; one table row per site, all with the same
+/// checksums and empty outboxes; its queues and its directory are gone.
+async fn assert_demo_converged_and_gone(stdout: &str) {
     let verdict = stdout.lines().last().unwrap_or_default();
     assert!(
         verdict.starts_with("PASS: the three sites converged"),
         "{stdout}"
     );
-    // One table row per site, all with the same checksums and empty outboxes.
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .filter(|l| {
@@ -399,4 +427,11 @@ async fn the_demo_converges_and_cleans_up() {
             crate::support::rabbit::queue_len(&crate::support::rabbit::shared_amqp_url(), &q).await;
         assert_eq!(left, None, "the demo left {q} behind");
     }
+    let dir = stdout
+        .split(" in /tmp/")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the demo names its directory");
+    let dir = std::path::Path::new("/tmp").join(dir);
+    assert!(!dir.exists(), "the demo left {} behind", dir.display());
 }

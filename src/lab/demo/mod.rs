@@ -3,7 +3,9 @@
 //! The demo starts a private PostgreSQL cluster per site (PARIS, LONDON,
 //! MADRID) from the installed server binaries, on random ports, in a
 //! directory under `/tmp` (or uses the databases given with `--paris-url`
-//! and friends). It writes a topology file with names of its own
+//! and friends). `--engines` puts sites on MariaDB instead: a private
+//! server each, with its binary log as the binlog source needs it; the
+//! demo's own SQL per engine is in [`db`]. It writes a topology file with names of its own
 //! (`demo-<hex>.events`, `demo-<hex>_SITE_PARIS`, …, so the real `SITE_*`
 //! queues are never touched) and one connector file per site, loads them
 //! through [`Connector::load`] like `sitesync run` does, creates a
@@ -32,8 +34,8 @@ use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
 use crate::bus::{self, BusError, management::Management, topology};
 use crate::config::{ConnectorConfig, ManagementApi, redact_url};
 use crate::engine::postgres::settings::Settings as PgSettings;
-use crate::engine::postgres::{PostgresSource, PostgresTarget};
-use crate::engine::{Connector, Engine};
+use crate::engine::{Connector, Driver, Engine, Task};
+use crate::lab::mariadb::{self as maria, Server as MariaServer};
 use crate::runner::Shutdown;
 use crate::sidecar;
 use crate::sink::batch::{Batches, Dialect};
@@ -51,7 +53,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Barrier, watch};
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
+
+mod db;
+use db::{Db, DemoEngine};
 
 /// Options of `sitesync demo`.
 #[derive(Args, Debug, Clone)]
@@ -70,6 +74,15 @@ pub struct DemoArgs {
     /// How long the writes and the sync may take, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 45)]
     pub timeout: u64,
+    /// The engine of each site, in the order PARIS, LONDON, MADRID: e.g.
+    /// `postgres,mariadb,postgres` runs LONDON on a private MariaDB server.
+    #[arg(
+        long,
+        value_name = "ENGINES",
+        value_delimiter = ',',
+        default_value = "postgres,postgres,postgres"
+    )]
+    pub engines: Vec<DemoEngine>,
 }
 
 /// The three sites, in display order.
@@ -95,38 +108,34 @@ const DEMO_TABLES: [&str; 8] = [
     "sitesync_conflicts",
 ];
 
-/// The business schema of every site.
-const BUSINESS: &str = "
-CREATE TABLE customer (id int PRIMARY KEY, name text NOT NULL, city text, updated_at timestamptz NOT NULL);
-CREATE TABLE orders (id int PRIMARY KEY, customer_id int NOT NULL, amount numeric(10,2) NOT NULL, status text NOT NULL);
-";
-
-/// How the events become rows: the same at every site. `order.upsert`
-/// carries the amount as `total`; the route renames it.
-const ROUTES: &str = r#"
+/// How the events become rows: the same at every site but for the
+/// tables' names. `order.upsert` carries the amount as `total`; the route
+/// renames it.
+fn routes(engine: DemoEngine) -> String {
+    let (customer, orders) = engine.tables();
+    format!(
+        r#"
 [[sink.routes]]
 type = "customer.upsert"
-table = "public.customer"
+table = "{customer}"
 key = ["id"]
 operation = "upsert"
 
 [[sink.routes]]
 type = "customer.delete"
-table = "public.customer"
+table = "{customer}"
 key = ["id"]
 operation = "delete"
 
 [[sink.routes]]
 type = "order.upsert"
-table = "public.orders"
+table = "{orders}"
 key = ["id"]
 operation = "upsert"
-rename = { total = "amount" }
-"#;
-
-/// The entity name of customers in `sitesync_versions` and
-/// `sitesync_conflicts` (the route's table).
-const CUSTOMER_ENTITY: &str = "public.customer";
+rename = {{ total = "amount" }}
+"#
+    )
+}
 
 /// A line on stdout. A closed stdout (`sitesync demo | head`) must not
 /// panic half-way: the clean-up still has to run.
@@ -187,7 +196,7 @@ async fn main(args: DemoArgs) -> Result<ExitCode, String> {
     let mut demo = Demo::new(args);
     demo.say(format!(
         "sitesync demo: three sites ({}) kept in sync through RabbitMQ",
-        SITES.join(", ")
+        demo.layout()
     ));
     let outcome = tokio::select! {
         outcome = demo.play() => outcome,
@@ -296,18 +305,21 @@ impl Names {
 
 struct Site {
     name: &'static str,
-    /// The database URL given on the command line, if any.
+    engine: DemoEngine,
+    /// The database URL given on the command line, if any (PostgreSQL).
     given_url: Option<String>,
+    /// Its private PostgreSQL cluster.
     cluster: Option<Cluster>,
+    /// Its private MariaDB server.
+    server: Option<MariaServer>,
     /// The database URL in use.
     url: String,
-    cfg: Option<ConnectorConfig>,
-    /// Its `[database]` settings (the demo's sites are PostgreSQL ones).
-    db: Option<PgSettings>,
+    /// Its connector file, loaded.
+    connector: Option<Connector>,
     /// The demo's objects exist in a database given by URL (dropped at the end).
     created: bool,
     /// The demo's own connection (writes, polling, the report).
-    client: Option<Client>,
+    conn: Option<Db>,
 }
 
 impl Site {
@@ -315,8 +327,22 @@ impl Site {
         self.name.to_lowercase()
     }
 
-    fn client(&self) -> &Client {
-        self.client.as_ref().expect("connected before use")
+    fn cfg(&self) -> &ConnectorConfig {
+        &self.connector.as_ref().expect("loaded before use").config
+    }
+
+    fn conn(&mut self) -> &mut Db {
+        self.conn.as_mut().expect("connected before use")
+    }
+
+    /// The entity of customers in `sitesync_versions` and
+    /// `sitesync_conflicts`, as the sink names it from the route.
+    fn customer_entity(&self) -> String {
+        self.cfg()
+            .sink
+            .route("customer.upsert")
+            .map(|r| r.entity_table())
+            .unwrap_or_default()
     }
 }
 
@@ -352,15 +378,21 @@ impl Demo {
         let sites = SITES
             .iter()
             .zip(urls)
-            .map(|(name, given_url)| Site {
+            .zip(
+                args.engines
+                    .iter()
+                    .chain(std::iter::repeat(&DemoEngine::Postgres)),
+            )
+            .map(|((name, given_url), engine)| Site {
                 name,
+                engine: *engine,
                 given_url,
                 cluster: None,
+                server: None,
                 url: String::new(),
-                cfg: None,
-                db: None,
+                connector: None,
                 created: false,
-                client: None,
+                conn: None,
             })
             .collect();
         Demo {
@@ -388,9 +420,23 @@ impl Demo {
         );
     }
 
+    /// `PARIS on PostgreSQL, LONDON on MariaDB, …`.
+    fn layout(&self) -> String {
+        self.sites
+            .iter()
+            .map(|s| format!("{} on {}", s.name, s.engine.label()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     async fn play(&mut self) -> Result<Outcome, String> {
+        self.check_engines()?;
         self.check_broker().await?;
-        let bin = if self.sites.iter().any(|s| s.given_url.is_none()) {
+        let pg_needed = self
+            .sites
+            .iter()
+            .any(|s| s.given_url.is_none() && s.engine == DemoEngine::Postgres);
+        let bin = if pg_needed {
             Some(find_bin_dir()?)
         } else {
             None
@@ -465,6 +511,34 @@ impl Demo {
         Ok(())
     }
 
+    /// One engine per site; a database given by URL is a PostgreSQL one.
+    fn check_engines(&self) -> Result<(), String> {
+        if self.args.engines.len() != SITES.len() {
+            return Err(format!(
+                "--engines names {} engine(s); the demo has {} sites ({}): give one per site, e.g. postgres,mariadb,postgres",
+                self.args.engines.len(),
+                SITES.len(),
+                SITES.join(", ")
+            ));
+        }
+        for site in &self.sites {
+            if site.given_url.is_some() && site.engine != DemoEngine::Postgres {
+                return Err(format!(
+                    "--{}-url gives a PostgreSQL database, but --engines puts {} on {}: \
+                     a {} site of the demo runs on a private server the demo starts",
+                    site.db(),
+                    site.name,
+                    site.engine.label(),
+                    site.engine.label()
+                ));
+            }
+        }
+        if self.sites.iter().any(|s| s.engine == DemoEngine::Mariadb) {
+            maria::find_binaries()?;
+        }
+        Ok(())
+    }
+
     /// Two sites on one database would share their tables.
     fn check_given_urls(&self) -> Result<(), String> {
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
@@ -508,7 +582,7 @@ impl Demo {
     async fn start_databases(&mut self, bin: Option<PathBuf>) -> Result<(), String> {
         let dir = self.dir().to_path_buf();
         for site in &mut self.sites {
-            if site.given_url.is_some() {
+            if site.given_url.is_some() || site.engine != DemoEngine::Postgres {
                 continue;
             }
             let site_dir = dir.join(site.db());
@@ -566,11 +640,13 @@ impl Demo {
                 site.url = c.url(&site.db());
             }
         }
+        self.start_mariadb().await?;
         let mut lines = Vec::new();
         for site in &self.sites {
-            lines.push(match &site.cluster {
-                Some(c) => format!("{} on port {}", site.name, c.port()),
-                None => format!("{} at {}", site.name, redact_url(&site.url)),
+            lines.push(match (&site.cluster, &site.server) {
+                (Some(c), _) => format!("{} on port {}", site.name, c.port()),
+                (_, Some(m)) => format!("{} on port {} (MariaDB)", site.name, m.port()),
+                _ => format!("{} at {}", site.name, redact_url(&site.url)),
             });
         }
         self.say(format!(
@@ -578,6 +654,40 @@ impl Demo {
             began.elapsed().as_secs_f64(),
             lines.join(", ")
         ));
+        Ok(())
+    }
+
+    /// A private MariaDB server per MariaDB site (binary log in ROW format
+    /// with full row metadata, as the binlog source needs), one at a time.
+    async fn start_mariadb(&mut self) -> Result<(), String> {
+        let dir = self.dir().to_path_buf();
+        let names: Vec<&str> = self
+            .sites
+            .iter()
+            .filter(|s| s.engine == DemoEngine::Mariadb)
+            .map(|s| s.name)
+            .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.say(format!(
+            "starting {} private MariaDB server(s) for {} (log_bin, binlog_format=ROW, binlog_row_metadata=FULL) in {}",
+            names.len(),
+            names.join(", "),
+            dir.display()
+        ));
+        for site in &mut self.sites {
+            if site.engine != DemoEngine::Mariadb {
+                continue;
+            }
+            let site_dir = dir.join(site.db());
+            std::fs::create_dir(&site_dir)
+                .map_err(|e| format!("creating {}: {e}", site_dir.display()))?;
+            let server = MariaServer::start(site_dir, maria::Options::new(site.name)).await?;
+            server.create_database(&site.db()).await?;
+            site.url = server.url(&site.db());
+            site.server = Some(server);
+        }
         Ok(())
     }
 
@@ -613,6 +723,7 @@ impl Demo {
             let file = dir.join(format!("{}.toml", site.db()));
             let text = connector_toml(&ConnectorSpec {
                 site: site.name,
+                engine: site.engine,
                 url: &site.url,
                 broker: &self.args.rabbit.broker,
                 management_url: self.management.as_deref(),
@@ -621,9 +732,8 @@ impl Demo {
                 slot: &format!("demo_{}_{}", self.token, site.db()),
             });
             std::fs::write(&file, text).map_err(|e| format!("writing {}: {e}", file.display()))?;
-            let (cfg, db) = load_site(&file)?;
-            self.sites[i].cfg = Some(cfg);
-            self.sites[i].db = Some(db);
+            let connector = Connector::load(&file).map_err(|e| e.to_string())?;
+            self.sites[i].connector = Some(connector);
         }
         self.say(format!(
             "wrote {} and a connector per site (exchange {}, queues {}*)",
@@ -638,36 +748,27 @@ impl Demo {
     async fn prepare_sites(&mut self) -> Result<(), String> {
         self.say("creating the business tables (customer, orders) and running `sitesync init` at every site");
         for site in &mut self.sites {
-            let cfg = site.cfg.as_ref().expect("loaded");
-            let client = connect(&site.url).await?;
+            let mut conn = match &site.server {
+                Some(server) => Db::MariaDb(server.conn(Some(&site.db())).await?),
+                None => Db::Pg(connect(&site.url).await?),
+            };
             site.created = true;
-            client
-                .batch_execute(BUSINESS)
+            conn.create_business()
                 .await
                 .map_err(|e| format!("{}: creating the business tables: {e}", site.name))?;
-            let db = site.db.as_ref().expect("loaded");
-            let source = PostgresSource::new(cfg, db).map_err(|e| e.to_string())?;
-            source
-                .init()
+            site.conn = Some(conn);
+            let connector = site.connector.as_ref().expect("loaded");
+            connector
+                .engine
+                .run(Init(&connector.config))
                 .await
                 .map_err(|e| format!("{}: init: {e}", site.name))?;
-            let target = PostgresTarget::new(cfg, db).map_err(|e| e.to_string())?;
-            target
-                .init()
-                .await
-                .map_err(|e| format!("{}: init: {}", site.name, e.message()))?;
-            // Checksums compare JSON texts of timestamps: the same zone everywhere.
-            client
-                .batch_execute("SET TimeZone = 'UTC'")
-                .await
-                .map_err(|e| format!("{}: {e}", site.name))?;
-            site.client = Some(client);
         }
         Ok(())
     }
 
     async fn declare_topology(&mut self) -> Result<(), String> {
-        let cfg = self.sites[0].cfg.as_ref().expect("loaded");
+        let cfg = self.sites[0].cfg();
         let conn = bus::connect(
             &cfg.broker.urls,
             cfg.broker.connect_timeout,
@@ -690,16 +791,11 @@ impl Demo {
         let (trigger, shutdown) = Shutdown::new();
         self.trigger = Some(trigger);
         for site in &self.sites {
-            let cfg = site.cfg.clone().expect("loaded");
-            let db = site.db.as_ref().expect("loaded");
-            let source = PostgresSource::new(&cfg, db).map_err(|e| e.to_string())?;
-            let target = PostgresTarget::new(&cfg, db).map_err(|e| e.to_string())?;
-            let target = Batches::new(target, &cfg.site, &cfg.sink);
+            let connector = site.connector.clone().expect("loaded");
             let shutdown = shutdown.clone();
             let task = tokio::spawn(async move {
-                sidecar::run(&cfg, source, Some(target), shutdown)
-                    .await
-                    .map_err(|e| e.to_string())
+                let Connector { config, engine } = connector;
+                engine.run(Sidecar(&config, shutdown)).await
             });
             self.sidecars.push((site.name, task));
         }
@@ -735,9 +831,9 @@ impl Demo {
             .zip(&scripts)
             .map(|(site, writes)| async move {
                 let name = site.name;
-                let client = site.client.as_mut().expect("connected");
+                let conn = site.conn();
                 for w in writes {
-                    apply(client, w, None)
+                    conn.apply(w, None)
                         .await
                         .map_err(|e| format!("{name}: writing {w:?}: {e}"))?;
                 }
@@ -754,7 +850,7 @@ impl Demo {
         }
 
         // The conflict needs the shared customer everywhere first.
-        let (sites, sidecars) = (&self.sites, &self.sidecars);
+        let (sites, sidecars) = (&mut self.sites, &self.sidecars);
         within(deadline, "waiting for the shared customer", async {
             poll(async || {
                 if let Some((name, _)) = sidecars.iter().find(|(_, t)| t.is_finished()) {
@@ -762,13 +858,10 @@ impl Demo {
                         "the {name} sidecar stopped (see its log above)"
                     )));
                 }
-                for site in sites {
-                    let row = site
-                        .client()
-                        .query_opt("SELECT 1 FROM customer WHERE id = $1", &[&SHARED_CUSTOMER])
-                        .await
-                        .ok()?;
-                    row?;
+                for site in sites.iter_mut() {
+                    if !site.conn().has_customer(SHARED_CUSTOMER).await.ok()? {
+                        return None;
+                    }
                 }
                 Some(Ok(()))
             })
@@ -783,8 +876,8 @@ impl Demo {
             let barrier = barrier.clone();
             async move {
                 let w = conflict_write(site.name);
-                let client = site.client.as_mut().expect("connected");
-                apply(client, &w, Some(&barrier))
+                site.conn()
+                    .apply(&w, Some(&barrier))
                     .await
                     .map_err(|e| format!("{}: the conflicting update: {e}", site.name))
             }
@@ -803,7 +896,7 @@ impl Demo {
 
     /// Until every outbox is empty and every inbox holds the others' events.
     async fn wait_settled(
-        &self,
+        &mut self,
         written: &BTreeMap<&'static str, usize>,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
@@ -818,17 +911,14 @@ impl Demo {
         loop {
             let mut settled = true;
             last.clear();
-            for site in &self.sites {
+            for site in &mut self.sites {
                 let want = (total - written[site.name]) as i64;
-                let row = site
-                    .client()
-                    .query_one(
-                        "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM sitesync_inbox WHERE origin <> $1)",
-                        &[&site.name],
-                    )
+                let name = site.name;
+                let (outbox, inbox) = site
+                    .conn()
+                    .pending(name)
                     .await
-                    .map_err(|e| format!("{}: {e}", site.name))?;
-                let (outbox, inbox): (i64, i64) = (row.get(0), row.get(1));
+                    .map_err(|e| format!("{name}: {e}"))?;
                 settled &= outbox == 0 && inbox == want;
                 let _ = write!(
                     last,
@@ -865,58 +955,36 @@ impl Demo {
         }
     }
 
-    async fn report(&self, written: &BTreeMap<&'static str, usize>) -> Result<Outcome, String> {
+    async fn report(&mut self, written: &BTreeMap<&'static str, usize>) -> Result<Outcome, String> {
         let mut rows = Vec::new();
-        let mut conflicts: Vec<(String, DateTime<Utc>, String, DateTime<Utc>)> = Vec::new();
+        let mut conflicts = Vec::new();
         let mut finals = Vec::new();
-        for site in &self.sites {
-            let c = site.client();
-            let err = |e: tokio_postgres::Error| format!("{}: {e}", site.name);
-            let r = c
-                .query_one(
-                    "SELECT (SELECT count(*) FROM customer), (SELECT count(*) FROM orders), \
-                     (SELECT md5(coalesce(string_agg(row_to_json(t)::text, ',' ORDER BY id), '')) FROM customer t), \
-                     (SELECT md5(coalesce(string_agg(row_to_json(t)::text, ',' ORDER BY id), '')) FROM orders t), \
-                     (SELECT count(*) FROM outbox), (SELECT count(*) FROM sitesync_inbox), \
-                     (SELECT count(*) FROM sitesync_conflicts)",
-                    &[],
-                )
-                .await
-                .map_err(err)?;
+        for site in &mut self.sites {
+            let (name, entity) = (site.name, site.customer_entity());
+            let err = |e: String| format!("{name}: {e}");
+            let t = site.conn().tally().await.map_err(err)?;
             rows.push(SiteRow {
-                site: site.name.to_string(),
-                customers: r.get(0),
-                orders: r.get(1),
-                customer_sum: r.get(2),
-                orders_sum: r.get(3),
-                outbox: r.get(4),
-                inbox: r.get(5),
-                conflicts: r.get(6),
+                site: name.to_string(),
+                customers: t.customers,
+                orders: t.orders,
+                customer_sum: t.customer_sum,
+                orders_sum: t.orders_sum,
+                outbox: t.outbox,
+                inbox: t.inbox,
+                conflicts: t.conflicts,
             });
-            for r in c
-                .query(
-                    "SELECT loser_origin, loser_ts, winner_origin, winner_ts FROM sitesync_conflicts \
-                     WHERE entity = $1 AND key = $2",
-                    &[&CUSTOMER_ENTITY, &SHARED_CUSTOMER.to_string()],
-                )
-                .await
-                .map_err(err)?
-            {
-                conflicts.push((r.get(0), r.get(1), r.get(2), r.get(3)));
-            }
-            let r = c
-                .query_opt(
-                    "SELECT c.name, c.city, v.origin FROM customer c \
-                     LEFT JOIN sitesync_versions v ON v.entity = $2 AND v.key = c.id::text WHERE c.id = $1",
-                    &[&SHARED_CUSTOMER, &CUSTOMER_ENTITY],
-                )
-                .await
-                .map_err(err)?;
-            finals.push(r.map(|r| {
-                let (name, city, origin): (String, Option<String>, Option<String>) =
-                    (r.get(0), r.get(1), r.get(2));
-                (name, city.unwrap_or_default(), origin.unwrap_or_default())
-            }));
+            conflicts.extend(
+                site.conn()
+                    .conflicts(&entity, SHARED_CUSTOMER)
+                    .await
+                    .map_err(err)?,
+            );
+            finals.push(
+                site.conn()
+                    .customer(&entity, SHARED_CUSTOMER)
+                    .await
+                    .map_err(err)?,
+            );
         }
 
         out!("");
@@ -1028,7 +1096,7 @@ impl Demo {
             drop(trigger);
         }
         for site in &mut self.sites {
-            site.client = None;
+            site.conn = None;
         }
         if std::mem::take(&mut self.declared) {
             self.say(format!(
@@ -1047,8 +1115,11 @@ impl Demo {
         }
         for site in &self.sites {
             if site.created
-                && site.cluster.is_none()
-                && let Some(db) = &site.db
+                && site.given_url.is_some()
+                && let Some(Connector {
+                    engine: Engine::Postgres(db),
+                    ..
+                }) = &site.connector
             {
                 self.say(format!(
                     "{}: dropping the demo's slot, publication and tables",
@@ -1069,12 +1140,24 @@ impl Demo {
             let stops = futures_util::future::join_all(clusters.iter().map(|c| c.stop())).await;
             problems.extend(stops.into_iter().filter_map(Result::err));
         }
+        let servers: Vec<&MariaServer> = self
+            .sites
+            .iter()
+            .filter_map(|s| s.server.as_ref())
+            .collect();
+        if !servers.is_empty() {
+            self.say("stopping the MariaDB servers");
+            let stops = futures_util::future::join_all(servers.iter().map(|m| m.stop())).await;
+            problems.extend(stops.into_iter().filter_map(Result::err));
+            maria::remove_template();
+        }
         if let Some(dir) = self.dir.take() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 problems.push(format!("removing {}: {e}", dir.display()));
             }
             for site in &mut self.sites {
                 site.cluster = None;
+                site.server = None;
             }
         }
         problems
@@ -1104,6 +1187,12 @@ impl Drop for Demo {
         }
         for cluster in self.sites.iter().filter_map(|s| s.cluster.as_ref()) {
             cluster.stop_blocking();
+        }
+        for site in &mut self.sites {
+            if let Some(server) = site.server.take() {
+                server.kill_blocking();
+                maria::remove_template();
+            }
         }
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -1178,12 +1267,13 @@ fn topology_toml(names: &Names) -> String {
 /// What one site's connector file says.
 struct ConnectorSpec<'a> {
     site: &'a str,
+    engine: DemoEngine,
     url: &'a str,
     broker: &'a str,
     management_url: Option<&'a str>,
     topology: &'a Path,
     checkpoints: &'a Path,
-    /// The slot and publication name.
+    /// The slot and publication name (PostgreSQL).
     slot: &'a str,
 }
 
@@ -1195,16 +1285,23 @@ fn connector_toml(spec: &ConnectorSpec<'_>) -> String {
         .management_url
         .map(|m| format!("management_url = {}\n", toml_str(m)))
         .unwrap_or_default();
+    // PostgreSQL names its slot and publication; MariaDB's binlog reader
+    // takes a server id of its own by default.
+    let database = match spec.engine {
+        DemoEngine::Postgres => format!(
+            "kind = \"postgres\"\nurl = {url}\nslot = {slot}\npublication = {slot}\n",
+            url = toml_str(spec.url),
+            slot = toml_str(spec.slot),
+        ),
+        DemoEngine::Mariadb => format!("kind = \"mariadb\"\nurl = {}\n", toml_str(spec.url)),
+    };
     format!(
         "# The {site} site of `sitesync demo`.\n\
          site = {site_q}\n\
          name = {name_q}\n\
          \n\
          [database]\n\
-         kind = \"postgres\"\n\
-         url = {url}\n\
-         slot = {slot}\n\
-         publication = {slot}\n\
+         {database}\
          \n\
          [broker]\n\
          urls = [{broker}]\n\
@@ -1224,16 +1321,48 @@ fn connector_toml(spec: &ConnectorSpec<'_>) -> String {
          \n\
          [sink]\n\
          batch_timeout_ms = 20\n\
-         {ROUTES}",
+         {routes}",
         site = spec.site,
         site_q = toml_str(spec.site),
         name_q = toml_str(&name),
-        url = toml_str(spec.url),
-        slot = toml_str(spec.slot),
+        routes = routes(spec.engine),
         broker = toml_str(spec.broker),
         topology = toml_str(&spec.topology.to_string_lossy()),
         checkpoint = toml_str(&spec.checkpoints.join(&name).to_string_lossy()),
     )
+}
+
+/// `sitesync init` of one site, whatever its engine: the outbox (and what
+/// the source needs), then the sink's tables.
+struct Init<'a>(&'a ConnectorConfig);
+
+impl Task for Init<'_> {
+    type Output = Result<(), String>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Result<(), String> {
+        let source = D::source(self.0, db).map_err(|e| e.to_string())?;
+        source.init().await.map_err(|e| e.to_string())?;
+        let target = D::target(self.0, db).map_err(|e| e.to_string())?;
+        target.init().await.map_err(|e| e.message().to_string())?;
+        Ok(())
+    }
+}
+
+/// One site's sidecar, whatever its engine, as `sitesync run` runs it.
+struct Sidecar<'a>(&'a ConnectorConfig, Shutdown);
+
+impl Task for Sidecar<'_> {
+    type Output = Result<(), String>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Result<(), String> {
+        let Sidecar(cfg, shutdown) = self;
+        let source = D::source(cfg, db).map_err(|e| e.to_string())?;
+        let target = D::target(cfg, db).map_err(|e| e.to_string())?;
+        let target = Batches::new(target, &cfg.site, &cfg.sink);
+        sidecar::run(cfg, source, Some(target), shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1349,67 +1478,6 @@ fn conflict_write(site: &str) -> Write {
     }
 }
 
-/// Applies one write in one transaction; with `barrier`, commits only once
-/// every writer holding it is ready to.
-async fn apply(
-    client: &mut Client,
-    w: &Write,
-    barrier: Option<&Barrier>,
-) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    match w {
-        Write::Customer { id, name, city } => {
-            tx.execute(
-                "INSERT INTO customer (id, name, city, updated_at) VALUES ($1, $2, $3, now()) \
-                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, city = EXCLUDED.city, updated_at = EXCLUDED.updated_at",
-                &[id, name, city],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO outbox (type, entity_key, data) \
-                 SELECT 'customer.upsert', c.id::text, to_jsonb(c) FROM customer c WHERE c.id = $1",
-                &[id],
-            )
-            .await?;
-        }
-        Write::DeleteCustomer { id } => {
-            tx.execute("DELETE FROM customer WHERE id = $1", &[id])
-                .await?;
-            tx.execute(
-                "INSERT INTO outbox (type, entity_key, data) \
-                 VALUES ('customer.delete', $1::int::text, jsonb_build_object('id', $1::int))",
-                &[id],
-            )
-            .await?;
-        }
-        Write::Order {
-            id,
-            customer_id,
-            amount,
-            status,
-        } => {
-            tx.execute(
-                "INSERT INTO orders (id, customer_id, amount, status) VALUES ($1, $2, $3::text::numeric, $4) \
-                 ON CONFLICT (id) DO UPDATE SET customer_id = EXCLUDED.customer_id, amount = EXCLUDED.amount, status = EXCLUDED.status",
-                &[id, customer_id, amount, status],
-            )
-            .await?;
-            // The event calls the amount `total`: the route renames it.
-            tx.execute(
-                "INSERT INTO outbox (type, entity_key, data) \
-                 SELECT 'order.upsert', o.id::text, to_jsonb(o) - 'amount' || jsonb_build_object('total', o.amount) \
-                 FROM orders o WHERE o.id = $1",
-                &[id],
-            )
-            .await?;
-        }
-    }
-    if let Some(b) = barrier {
-        b.wait().await;
-    }
-    tx.commit().await
-}
-
 // ---------------------------------------------------------------------------
 // The report
 // ---------------------------------------------------------------------------
@@ -1514,19 +1582,6 @@ async fn check_given(site: &str, url: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// A site's connector file, loaded as `sitesync run` loads it.
-fn load_site(file: &Path) -> Result<(ConnectorConfig, PgSettings), String> {
-    let connector = Connector::load(file).map_err(|e| e.to_string())?;
-    match connector.engine {
-        Engine::Postgres(db) => Ok((connector.config, db)),
-        other => Err(format!(
-            "{}: the demo runs PostgreSQL sites, not {}",
-            file.display(),
-            other.name()
-        )),
-    }
 }
 
 /// Drops what the demo created in a database given by URL.
@@ -1639,6 +1694,15 @@ mod tests {
         }
     }
 
+    /// A PostgreSQL site's connector file, loaded as `sitesync run` loads it.
+    fn load_site(file: &Path) -> Result<(ConnectorConfig, PgSettings), String> {
+        let connector = Connector::load(file).map_err(|e| e.to_string())?;
+        match connector.engine {
+            Engine::Postgres(db) => Ok((connector.config, db)),
+            other => Err(format!("{}: {} site", file.display(), other.name())),
+        }
+    }
+
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "sitesync-demo-test-{name}-{}-{}",
@@ -1655,13 +1719,28 @@ mod tests {
         broker: &str,
         management: Option<&str>,
     ) -> (Names, PathBuf) {
+        write_site_on(dir, site, DemoEngine::Postgres, broker, management)
+    }
+
+    fn write_site_on(
+        dir: &Path,
+        site: &str,
+        engine: DemoEngine,
+        broker: &str,
+        management: Option<&str>,
+    ) -> (Names, PathBuf) {
         let names = Names::new("0123abcd");
         let topology = dir.join("topology.toml");
         std::fs::write(&topology, topology_toml(&names)).unwrap();
         let file = dir.join(format!("{}.toml", site.to_lowercase()));
+        let url = match engine {
+            DemoEngine::Postgres => "postgres://postgres@127.0.0.1:12345/paris",
+            DemoEngine::Mariadb => "mysql://root@127.0.0.1:12346/london",
+        };
         let text = connector_toml(&ConnectorSpec {
             site,
-            url: "postgres://postgres@127.0.0.1:12345/paris",
+            engine,
+            url,
             broker,
             management_url: management,
             topology: &topology,
@@ -1707,12 +1786,83 @@ mod tests {
         );
         let delete = cfg.sink.route("customer.delete").unwrap();
         assert_eq!(delete.operation, Operation::Delete);
-        assert_eq!(delete.table, CUSTOMER_ENTITY);
+        assert_eq!(delete.table, "public.customer");
         let order = cfg.sink.route("order.upsert").unwrap();
         assert_eq!(order.table, "public.orders");
         assert_eq!(order.column_of("total"), Some("amount"));
         assert_eq!(order.key, ["id"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mariadb_site_gets_a_mariadb_connector_with_unqualified_tables() {
+        let dir = scratch("mariadb");
+        let (_, file) = write_site_on(
+            &dir,
+            "LONDON",
+            DemoEngine::Mariadb,
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            None,
+        );
+        let connector = Connector::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(connector.engine.name(), "mariadb");
+        let cfg = &connector.config;
+        assert_eq!(cfg.site, "LONDON");
+        let tables: Vec<&str> = cfg.sink.routes.iter().map(|r| r.table.as_str()).collect();
+        assert_eq!(tables, ["customer", "customer", "orders"]);
+        assert_eq!(
+            cfg.sink.route("order.upsert").unwrap().column_of("total"),
+            Some("amount")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The options of `sitesync demo <args>`.
+    fn parse(args: &[&str]) -> Result<DemoArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            demo: DemoArgs,
+        }
+        use clap::Parser as _;
+        Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied())).map(|c| c.demo)
+    }
+
+    fn demo_with(args: &[&str]) -> Demo {
+        Demo::new(parse(args).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    #[test]
+    fn engines_are_one_per_site_and_a_given_url_is_a_postgres_site() {
+        let demo = demo_with(&["--engines", "postgres,mysql,postgres"]);
+        assert_eq!(
+            demo.layout(),
+            "PARIS on PostgreSQL, LONDON on MariaDB, MADRID on PostgreSQL"
+        );
+        assert_eq!(
+            demo_with(&[]).layout(),
+            "PARIS on PostgreSQL, LONDON on PostgreSQL, MADRID on PostgreSQL"
+        );
+        let err = demo_with(&["--engines", "postgres,mariadb"])
+            .check_engines()
+            .unwrap_err();
+        assert!(
+            err.contains("names 2 engine(s)") && err.contains("one per site"),
+            "{err}"
+        );
+        let err = demo_with(&[
+            "--engines",
+            "postgres,mariadb,postgres",
+            "--london-url",
+            "postgres://127.0.0.1/london",
+        ])
+        .check_engines()
+        .unwrap_err();
+        assert!(
+            err.contains("--london-url") && err.contains("LONDON on MariaDB"),
+            "{err}"
+        );
+        assert!(parse(&["--engines", "postgres,oracle,postgres"]).is_err());
     }
 
     #[test]
