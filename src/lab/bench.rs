@@ -38,6 +38,14 @@
 //! 7. `rss_mib_peak` (VmHWM over the whole run), `rss_mib_idle` and
 //!    `cpu_idle_pct` (user + system time over an idle window) of the PARIS
 //!    sidecar.
+//! 8. With MariaDB's server binaries installed (`--no-mariadb` skips it), a
+//!    private MariaDB server stands for LONDON once the PostgreSQL phases
+//!    are over: `mariadb_source_per_s`, outbox rows preloaded there in
+//!    transactions of 100 and read from its binlog by its sidecar (sink
+//!    off), as the PostgreSQL source phase, compared with the same raw
+//!    publish; then `e2e_pg_to_mariadb_per_s`, PARIS's four writers for the
+//!    run's duration with that MariaDB site's sink applying every event
+//!    (MADRID stopped).
 //!
 //! Everything is removed at the end: sidecars stopped, queues and
 //! exchanges deleted, the clusters stopped and their directory removed.
@@ -48,7 +56,9 @@ use crate::bus::publisher::started;
 use crate::bus::{self, management::Management};
 use crate::checkpoint::read_live;
 use crate::config::{ManagementApi, redact_url};
+use crate::engine::mariadb::position::Position as MariaPosition;
 use crate::engine::postgres::position::Position;
+use crate::lab::mariadb::{self as maria, Server as MariaServer};
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -57,6 +67,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
+use mysql_async::prelude::Queryable;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -97,6 +108,10 @@ pub struct BenchArgs {
     /// sidecars and the raw publisher alike.
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub window: u64,
+    /// Skip the MariaDB phases (they run when MariaDB's server binaries are
+    /// installed).
+    #[arg(long)]
+    pub no_mariadb: bool,
 }
 
 /// The counts of one run.
@@ -190,6 +205,17 @@ struct Figures {
     rss_mib_peak: f64,
     rss_mib_idle: f64,
     cpu_idle_pct: f64,
+    /// The MariaDB phases, when they ran.
+    mariadb: Option<MariaFigures>,
+}
+
+/// The MariaDB site's figures.
+#[derive(Debug, Default, Clone, Copy)]
+struct MariaFigures {
+    source_per_s: f64,
+    e2e_per_s: f64,
+    e2e_written_per_s: f64,
+    e2e_held_pct: f64,
 }
 
 const SITES: [&str; 3] = ["PARIS", "LONDON", "MADRID"];
@@ -202,7 +228,13 @@ const BUSINESS: &str =
 const E2E_BASE: i64 = 10_000_000;
 const LATENCY_BASE: i64 = 20_000_000;
 const BULK_BASE: i64 = 30_000_000;
+const MARIADB_E2E_BASE: i64 = 40_000_000;
 const WARM_ID: i64 = 9_999_999;
+const MARIADB_WARM_ID: i64 = 39_999_999;
+/// The MariaDB site's business table.
+const MARIADB_BUSINESS: &str = "CREATE TABLE bench_item (id bigint PRIMARY KEY, n int NOT NULL, payload text NOT NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
+/// The key of the MariaDB site's sidecar among the bench's processes.
+const MARIADB_SITE: &str = "LONDON (MariaDB)";
 /// How far the end-to-end writers may run ahead of the slower sink.
 const E2E_BACKLOG: u64 = 5_000;
 /// Writers of the end-to-end phase (connections to PARIS).
@@ -254,6 +286,18 @@ struct Bench {
     /// The backends of the end-to-end writers at PARIS: the application's
     /// own transactions, told apart from the sink's in the CPU tables.
     writer_backends: Vec<u32>,
+    /// Run the MariaDB phases (when the binaries are there).
+    with_mariadb: bool,
+    /// The MariaDB site, once started.
+    maria: Option<MariaSite>,
+}
+
+/// LONDON on a private MariaDB server, for the MariaDB phases.
+struct MariaSite {
+    server: MariaServer,
+    /// Its connector, and the same without its sink.
+    connector: PathBuf,
+    source_only: PathBuf,
 }
 
 /// The bench's broker names.
@@ -305,6 +349,8 @@ impl Bench {
             statements: args.statements,
             context: String::new(),
             writer_backends: Vec::new(),
+            with_mariadb: !args.no_mariadb,
+            maria: None,
         })
     }
 
@@ -404,9 +450,16 @@ impl Bench {
         }
         self.declared = true;
         self.sitesync("PARIS", &["topology", "declare"]).await?;
+        let maria_version = match self.with_mariadb {
+            true => self.setup_mariadb().await?,
+            false => None,
+        };
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         self.context = format!(
-            "{cores} cores; RabbitMQ {version}; PostgreSQL {pg_version} (a private cluster per site, fsync off); management API {}",
+            "{cores} cores; RabbitMQ {version}; PostgreSQL {pg_version} (a private cluster per site, fsync off){}; management API {}",
+            maria_version
+                .map(|v| format!("; MariaDB {v} (a private server, binlog in ROW format)"))
+                .unwrap_or_default(),
             if self.management.is_some() {
                 "on"
             } else {
@@ -414,6 +467,67 @@ impl Bench {
             }
         );
         Ok(())
+    }
+
+    /// Starts the MariaDB site (a private server with its `london`
+    /// database and business table), writes its connectors and runs
+    /// `sitesync init`; its version. `None` when MariaDB is not installed.
+    async fn setup_mariadb(&mut self) -> Result<Option<String>, String> {
+        if let Err(e) = maria::find_binaries() {
+            say(format!("the MariaDB phases are skipped: {e}"));
+            return Ok(None);
+        }
+        let dir = self.dir.join("london-mariadb");
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        say(format!(
+            "starting a private MariaDB server for the MariaDB phases in {}",
+            dir.display()
+        ));
+        let server = MariaServer::start(dir, maria::Options::new("LONDON")).await?;
+        server.create_database("london").await?;
+        let mut c = server.conn(Some("london")).await?;
+        c.query_drop(MARIADB_BUSINESS)
+            .await
+            .map_err(|e| format!("LONDON (MariaDB): {e}"))?;
+        let version: String = c
+            .query_first("SELECT VERSION()")
+            .await
+            .map_err(|e| format!("LONDON (MariaDB): {e}"))?
+            .unwrap_or_default();
+        drop(c);
+        let management = self
+            .management
+            .as_ref()
+            .map(|m| format!("management_url = \"{m}\"\n"))
+            .unwrap_or_default();
+        let head = format!(
+            "site = \"LONDON\"\nname = \"london_mariadb\"\n\n[database]\nkind = \"mariadb\"\nurl = \"{url}\"\n\n[broker]\nurls = [\"{broker}\"]\ntopology = \"{topology}\"\n{management}publisher_window = {window}\n\n[checkpoint]\ndir = \"{ck}\"\n\n",
+            url = server.url("london"),
+            broker = self.broker.replace('"', "\\\""),
+            topology = self.dir.join("topology.toml").display(),
+            window = self.window,
+            ck = self
+                .dir
+                .join("checkpoints")
+                .join("london_mariadb")
+                .display(),
+        );
+        let connector = self.dir.join("london-mariadb.toml");
+        let text = format!(
+            "{head}[sink]\n\n[[sink.routes]]\ntype = \"{TYPE}\"\ntable = \"bench_item\"\nkey = [\"id\"]\n"
+        );
+        std::fs::write(&connector, text).map_err(|e| format!("{}: {e}", connector.display()))?;
+        let source_only = self.dir.join("london-mariadb-source.toml");
+        std::fs::write(&source_only, format!("{head}[sink]\nenabled = false\n"))
+            .map_err(|e| format!("{}: {e}", source_only.display()))?;
+        self.connectors.insert(MARIADB_SITE, connector.clone());
+        self.maria = Some(MariaSite {
+            server,
+            connector,
+            source_only,
+        });
+        self.sitesync(MARIADB_SITE, &["init"]).await?;
+        Ok(Some(version))
     }
 
     /// A connection to the bench's broker, named `name` in RabbitMQ.
@@ -678,8 +792,14 @@ impl Bench {
         }
         quiesce("end to end", sizes.settle).await;
         let cpu_before = self.cpu_by_part();
-        let (written, elapsed, held_pct) =
-            self.e2e(&london, &madrid, &writers, sizes.seconds).await?;
+        let (written, elapsed, held_pct) = self
+            .e2e(
+                &[(&london).into(), (&madrid).into()],
+                &writers,
+                sizes.seconds,
+                E2E_BASE,
+            )
+            .await?;
         f.e2e_held_pct = held_pct;
         f.e2e_cpu = self.cpu_since("end to end", &cpu_before, written, elapsed);
         drop(writers);
@@ -752,6 +872,10 @@ impl Bench {
         // machine's load drifts over the minutes of a run, and the mean of
         // a measure before and after brackets the sitesync phases.
         self.stop_sidecars().await;
+        if self.maria.is_some() {
+            f.mariadb = Some(self.mariadb_phases(&sizes, &paris).await?);
+            self.stop_sidecars().await;
+        }
         self.raw_phases(&sizes, &mut f, "after the sitesync phases")
             .await?;
         let mean = |runs: &[f64]| runs.iter().sum::<f64>() / runs.len().max(1) as f64;
@@ -902,6 +1026,8 @@ impl Bench {
                 Some("bench (writers, probes)".to_string())
             } else if let Some((site, _)) = self.sidecars.iter().find(|(_, c)| c.id() == pid) {
                 Some(format!("sitesync {site}"))
+            } else if self.maria.as_ref().and_then(|m| m.server.pid()) == Some(pid) {
+                Some("mariadb LONDON".to_string())
             } else {
                 let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
                 if comm.trim() == "beam.smp" {
@@ -1010,6 +1136,96 @@ impl Bench {
         Ok(n as f64 / began.elapsed().as_secs_f64())
     }
 
+    /// The MariaDB site's phases, every other sidecar stopped: its source
+    /// alone on preloaded outbox rows, then PARIS's writers with its sink
+    /// applying every event.
+    async fn mariadb_phases(
+        &mut self,
+        sizes: &Sizes,
+        paris: &Client,
+    ) -> Result<MariaFigures, String> {
+        let mut mf = MariaFigures::default();
+        let m = self.maria.as_ref().expect("started");
+        let (connector, source_only) = (m.connector.clone(), m.source_only.clone());
+        let london = tokio::sync::Mutex::new(m.server.conn(Some("london")).await?);
+        let conn = self.connect_broker("sitesync-bench").await?;
+        self.purge(&conn).await?;
+
+        say(format!(
+            "MariaDB source: {} outbox rows preloaded at LONDON (MariaDB) in transactions of 100",
+            sizes.source
+        ));
+        let mut first = 1u64;
+        while first <= sizes.source {
+            let last = (first + 99).min(sizes.source);
+            // `seq_<a>_to_<b>`: MariaDB's Sequence engine, a table of numbers.
+            london
+                .lock()
+                .await
+                .query_drop(format!(
+                    "INSERT INTO outbox (type, entity_key, data) SELECT '{TYPE}', seq, \
+                     JSON_OBJECT('id', seq, 'n', 0, 'payload', REPEAT('x', 64)) FROM seq_{first}_to_{last}"
+                ))
+                .await
+                .map_err(|e| format!("preloading at LONDON (MariaDB): {e}"))?;
+            first = last + 1;
+        }
+        quiesce("MariaDB source", sizes.settle).await;
+        let cpu_before = self.cpu_by_part();
+        let began = Instant::now();
+        self.spawn_with(MARIADB_SITE, &source_only)?;
+        let ck = self.dir.join("checkpoints").join("london_mariadb");
+        let target = sizes.source + 1;
+        self.poll_while_running(MARIADB_SITE, Duration::from_secs(900), async || {
+            let next = read_live::<MariaPosition>(&ck).map_or(0, |(_, c)| c.next_seq);
+            Ok((next >= target).then_some(()).ok_or(format!(
+                "the LONDON (MariaDB) checkpoint: {next} of {target}"
+            )))
+        })
+        .await?;
+        let elapsed = began.elapsed();
+        mf.source_per_s = sizes.source as f64 / elapsed.as_secs_f64();
+        self.cpu_since("MariaDB source", &cpu_before, sizes.source as i64, elapsed);
+        self.stop_sidecar(MARIADB_SITE).await;
+        self.purge(&conn).await?;
+        drop(conn);
+
+        self.spawn("PARIS")?;
+        self.spawn_with(MARIADB_SITE, &connector)?;
+        say("warming up: one event from PARIS through LONDON (MariaDB)");
+        write_rows(paris, MARIADB_WARM_ID, 1).await?;
+        wait_count(
+            At::MariaDb(&london),
+            &format!("SELECT count(*) FROM bench_item WHERE id = {MARIADB_WARM_ID}"),
+            1,
+            "the warm-up event at LONDON (MariaDB)",
+        )
+        .await?;
+        say(format!(
+            "PostgreSQL to MariaDB: {E2E_WRITERS} writers at PARIS for {} s, LONDON's sink on MariaDB",
+            sizes.seconds
+        ));
+        let mut writers = Vec::new();
+        for _ in 0..E2E_WRITERS {
+            writers.push(Arc::new(connect(&self.url("paris")).await?));
+        }
+        quiesce("PostgreSQL to MariaDB", sizes.settle).await;
+        let cpu_before = self.cpu_by_part();
+        let (written, elapsed, held_pct) = self
+            .e2e(
+                &[At::MariaDb(&london)],
+                &writers,
+                sizes.seconds,
+                MARIADB_E2E_BASE,
+            )
+            .await?;
+        self.cpu_since("PostgreSQL to MariaDB", &cpu_before, written, elapsed);
+        mf.e2e_per_s = written as f64 / elapsed.as_secs_f64();
+        mf.e2e_written_per_s = written as f64 / sizes.seconds as f64;
+        mf.e2e_held_pct = held_pct;
+        Ok(mf)
+    }
+
     /// Nothing consumes the archive queue here: empty it between phases so
     /// that it does not grow into a broker memory alarm.
     async fn purge_archive(&self) -> Result<(), String> {
@@ -1030,16 +1246,21 @@ impl Bench {
     /// pause while more than [`E2E_BACKLOG`] events written are not yet
     /// applied at both other sites. Returns how many events they wrote and
     /// the time until LONDON and MADRID had applied them all.
+    /// `sites`: where the events must be applied; `base`: the first id
+    /// written (the phase's range is `base..base + 10,000,000`).
     async fn e2e(
         &self,
-        london: &Client,
-        madrid: &Client,
+        sites: &[At<'_>],
         writers: &[Arc<Client>],
         seconds: u64,
+        base: i64,
     ) -> Result<(i64, Duration, f64), String> {
         const PER_TX: i64 = 10;
-        let start = [received(london).await?, received(madrid).await?];
-        let next = Arc::new(AtomicU64::new(E2E_BASE as u64));
+        let mut start = Vec::new();
+        for site in sites {
+            start.push(received(*site).await?);
+        }
+        let next = Arc::new(AtomicU64::new(base as u64));
         let applied = Arc::new(AtomicU64::new(0));
         let began = Instant::now();
         let until = began + Duration::from_secs(seconds);
@@ -1051,7 +1272,7 @@ impl Bench {
                 let mut written = 0i64;
                 let mut held = Duration::ZERO;
                 while Instant::now() < until {
-                    let issued = next.load(Ordering::Relaxed) - E2E_BASE as u64;
+                    let issued = next.load(Ordering::Relaxed) - base as u64;
                     if issued > applied.load(Ordering::Relaxed) + E2E_BACKLOG {
                         let paused = Instant::now();
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1067,7 +1288,10 @@ impl Bench {
         }
         // Progress: the events of PARIS each other site has received.
         while Instant::now() < until {
-            let done = (received(london).await? - start[0]).min(received(madrid).await? - start[1]);
+            let mut done = i64::MAX;
+            for (site, from) in sites.iter().zip(&start) {
+                done = done.min(received(*site).await? - from);
+            }
             applied.store(done.max(0) as u64, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1080,11 +1304,12 @@ impl Bench {
         }
         let held_pct = held.as_secs_f64() / (E2E_WRITERS as f64 * seconds as f64).max(1.0) * 100.0;
         let query = format!(
-            "SELECT count(*) FROM bench_item WHERE id >= {E2E_BASE} AND id < {LATENCY_BASE}"
+            "SELECT count(*) FROM bench_item WHERE id >= {base} AND id < {}",
+            base + 10_000_000
         );
-        for (c, from) in [(london, start[0]), (madrid, start[1])] {
-            poll_received(c, from + written).await?;
-            wait_count(c, &query, written, "the end-to-end events").await?;
+        for (site, from) in sites.iter().zip(&start) {
+            poll_received(*site, from + written).await?;
+            wait_count(*site, &query, written, "the end-to-end events").await?;
         }
         Ok((written, began.elapsed(), held_pct))
     }
@@ -1194,6 +1419,12 @@ impl Bench {
             if let Err(e) = cluster.stop().await {
                 say(format!("stopping the {} cluster: {e}", cluster.name()));
             }
+        }
+        if let Some(m) = self.maria.take() {
+            if let Err(e) = m.server.stop().await {
+                say(format!("stopping the MariaDB server: {e}"));
+            }
+            maria::remove_template();
         }
         if std::env::var_os("SITESYNC_KEEP_BENCH_DIR").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -1375,21 +1606,51 @@ async fn commit_times(c: &Client, range: &str) -> Result<HashMap<i64, Option<i64
 
 /// The highest `seq` of PARIS's events a site has received (its sink's
 /// progress, cheap to read).
-async fn received(c: &Client) -> Result<i64, String> {
-    c.query_opt(
-        "SELECT seq FROM sitesync_origins WHERE origin = 'PARIS'",
-        &[],
-    )
-    .await
-    .map(|r| r.map_or(0, |r| r.get(0)))
-    .map_err(|e| format!("reading sitesync_origins: {e}"))
+async fn received<'a>(at: impl Into<At<'a>>) -> Result<i64, String> {
+    at.into()
+        .number("SELECT seq FROM sitesync_origins WHERE origin = 'PARIS'")
+        .await
+        .map(|n| n.unwrap_or(0))
+        .map_err(|e| format!("reading sitesync_origins: {e}"))
+}
+
+/// A site's database, where a phase reads its progress.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Pg(&'a Client),
+    MariaDb(&'a tokio::sync::Mutex<mysql_async::Conn>),
+}
+
+impl<'a> From<&'a Client> for At<'a> {
+    fn from(c: &'a Client) -> At<'a> {
+        At::Pg(c)
+    }
+}
+
+impl At<'_> {
+    /// The one number `sql` selects (the same text on both engines).
+    async fn number(self, sql: &str) -> Result<Option<i64>, String> {
+        match self {
+            At::Pg(c) => c
+                .query_opt(sql, &[])
+                .await
+                .map(|r| r.map(|r| r.get(0)))
+                .map_err(|e| e.to_string()),
+            At::MariaDb(c) => c
+                .lock()
+                .await
+                .query_first(sql)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Waits until a site has received PARIS's events up to `seq`.
-async fn poll_received(c: &Client, seq: i64) -> Result<(), String> {
+async fn poll_received(at: At<'_>, seq: i64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let now = received(c).await?;
+        let now = received(at).await?;
         if now >= seq {
             return Ok(());
         }
@@ -1403,14 +1664,20 @@ async fn poll_received(c: &Client, seq: i64) -> Result<(), String> {
 }
 
 /// Polls `sql` (a count) until it reaches `want` (10 minutes at most).
-async fn wait_count(client: &Client, sql: &str, want: i64, what: &str) -> Result<(), String> {
+async fn wait_count<'a>(
+    at: impl Into<At<'a>>,
+    sql: &str,
+    want: i64,
+    what: &str,
+) -> Result<(), String> {
+    let at = at.into();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let n: i64 = client
-            .query_one(sql, &[])
+        let n = at
+            .number(sql)
             .await
             .map_err(|e| format!("waiting for {what}: {e}"))?
-            .get(0);
+            .unwrap_or(0);
         if n == want {
             return Ok(());
         }
@@ -1640,7 +1907,7 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
-         {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n",
+         {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n{}",
         "raw publish + confirm",
         f.raw_publish_confirm_per_s,
         s.raw,
@@ -1671,6 +1938,21 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         f.rss_mib_peak,
         f.rss_mib_idle,
         f.cpu_idle_pct,
+        match f.mariadb {
+            Some(m) => format!(
+                "{:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8); binlog, the sink off\n\
+                 {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip; written at {:.0}/s, held back {:.0} % of the time\n",
+                format!("MariaDB source ({} rows)", s.source),
+                m.source_per_s,
+                ratio(m.source_per_s, f.raw_publish_confirm_per_s),
+                format!("PostgreSQL → MariaDB ({} s)", s.seconds),
+                m.e2e_per_s,
+                ratio(m.e2e_per_s, f.raw_round_trip_per_s),
+                m.e2e_written_per_s,
+                m.e2e_held_pct,
+            ),
+            None => "MariaDB phases                    not run (--no-mariadb, or MariaDB not installed)\n".into(),
+        },
     )
 }
 
@@ -1686,7 +1968,13 @@ fn json(f: &Figures) -> String {
             .map(|(part, ms)| (part.clone(), serde_json::json!(round(*ms, 0))))
             .collect::<serde_json::Map<String, serde_json::Value>>()
     };
+    let m = f.mariadb.unwrap_or_default();
+    let maria = |x: f64, places| f.mariadb.map(|_| round(x, places));
     serde_json::json!({
+        "mariadb_source_per_s": maria(m.source_per_s, 0),
+        "mariadb_source_ratio": maria(ratio(m.source_per_s, f.raw_publish_confirm_per_s), 3),
+        "e2e_pg_to_mariadb_per_s": maria(m.e2e_per_s, 0),
+        "e2e_pg_to_mariadb_ratio": maria(ratio(m.e2e_per_s, f.raw_round_trip_per_s), 3),
         "raw_publish_confirm_per_s": round(f.raw_publish_confirm_per_s, 0),
         "raw_round_trip_per_s": round(f.raw_round_trip_per_s, 0),
         "raw_publish_runs": f.raw_publish_runs.iter().map(|r| round(*r, 0)).collect::<Vec<_>>(),

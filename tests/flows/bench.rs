@@ -23,11 +23,19 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
         "bulk_100k_s",
         "rss_mib_peak",
         "rss_mib_idle",
+        // MariaDB is installed wherever the tests run (.ci/run installs it).
+        "mariadb_source_per_s",
+        "e2e_pg_to_mariadb_per_s",
     ] {
         let v = figures[key].as_f64().unwrap_or(-1.0);
         assert!(v > 0.0, "{key} = {v} in {last}");
     }
-    for key in ["source_ratio", "e2e_ratio"] {
+    for key in [
+        "source_ratio",
+        "e2e_ratio",
+        "mariadb_source_ratio",
+        "e2e_pg_to_mariadb_ratio",
+    ] {
         let v = figures[key].as_f64().unwrap_or(-1.0);
         assert!(v > 0.0 && v < 10.0, "{key} = {v} in {last}");
     }
@@ -84,6 +92,10 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
     );
     // The human table comes first.
     assert!(stdout.contains("raw publish + confirm"), "{stdout}");
+    assert!(
+        stdout.contains("MariaDB source") && stdout.contains("PostgreSQL → MariaDB"),
+        "{stdout}"
+    );
     // Nothing left: the bench's directory and queues are gone.
     let bench_dir = stderr
         .lines()
