@@ -32,8 +32,24 @@
 //! [`Change::Commit`]; a transaction without outbox inserts and the
 //! server's heartbeats become [`Change::Heartbeat`]s. A rolled-back
 //! transaction writes nothing to the binlog.
+//!
+//! # MySQL
+//!
+//! MySQL writes its own events for the same things, which mysql_async
+//! parses: each transaction starts with a GTID event (`uuid:gno`; an
+//! ANONYMOUS_GTID event where GTIDs are off), a file starts with the set
+//! of GTIDs before it (PREVIOUS_GTIDS), and a DDL statement is a
+//! transaction of one QUERY event with no `BEGIN` before it. A start from
+//! a MySQL GTID set asks with `COM_BINLOG_DUMP_GTID` and the set's
+//! intervals; MySQL itself refuses a set whose transactions it purged
+//! (ERROR 1236). Only MariaDB runs in the tests here: the unit tests check
+//! the set's conversions (the dump request, PREVIOUS_GTIDS, each
+//! transaction added); the reading of MySQL's events has never run against
+//! a MySQL server. Compressed transactions
+//! (`binlog_transaction_compression=ON`, TRANSACTION_PAYLOAD events) are
+//! refused with a message saying so.
 
-use super::position::{BinlogFile, Gtids, MariaDbGtid, MariaDbState, Position};
+use super::position::{BinlogFile, Gtids, MariaDbGtid, MariaDbState, MySqlSet, Position};
 use crate::error::{Cause, SourceError};
 use crate::event::{OutboxRow, RowError};
 use crate::source::Change;
@@ -41,7 +57,7 @@ use chrono::DateTime;
 use futures_util::StreamExt;
 use mysql_async::binlog::EventType;
 use mysql_async::binlog::events::{
-    Event, EventData, OptionalMetadataField, RowsEventData, TableMapEvent,
+    Event, EventData, OptionalMetadataField, PreviousGtidsEvent, RowsEventData, TableMapEvent,
 };
 use mysql_async::binlog::row::BinlogRow;
 use mysql_async::binlog::value::BinlogValue;
@@ -51,6 +67,7 @@ use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Opts, Row, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// MariaDB's event types that mysql_async leaves unparsed.
 mod mariadb_event {
@@ -99,13 +116,31 @@ pub struct ReaderOptions {
     pub heartbeat: Duration,
 }
 
+/// A transaction's GTID, as its server writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxGtid {
+    MariaDb(MariaDbGtid),
+    /// MySQL's `uuid:gno`.
+    MySql(Uuid, u64),
+}
+
+/// Adds a transaction done to the GTIDs done so far (of the same kind:
+/// one server writes one kind).
+fn record(state: &mut Gtids, gtid: TxGtid) {
+    match (state, gtid) {
+        (Gtids::MariaDb(state), TxGtid::MariaDb(g)) => state.record(g),
+        (Gtids::MySql(set), TxGtid::MySql(uuid, gno)) => set.add(uuid, gno, gno),
+        _ => {}
+    }
+}
+
 /// A transaction being read.
 #[derive(Debug)]
 struct Transaction {
     /// Its GTID (none on a server without GTIDs).
-    gtid: Option<MariaDbGtid>,
+    gtid: Option<TxGtid>,
     /// The GTID state before it, when known: its rows' positions carry it.
-    before: Option<MariaDbState>,
+    before: Option<Gtids>,
     /// Where its first event is.
     file: BinlogFile,
     offset: u64,
@@ -115,6 +150,9 @@ struct Transaction {
     skip: u32,
     /// Ends with its single statement (DDL).
     standalone: bool,
+    /// Begun by MySQL's GTID event: a `BEGIN` follows for DML; any other
+    /// statement first is DDL, a transaction of its own.
+    awaiting_begin: bool,
 }
 
 /// A binlog stream turned into [`Change`]s of the outbox.
@@ -124,9 +162,10 @@ pub struct BinlogReader {
     /// Where the stream was asked to start, for error messages.
     from: Position,
     /// The GTID state after the last transaction read, when known: from
-    /// the start position, or from the GTID_LIST event at the start of a
-    /// binlog file when started by file and offset.
-    state: Option<MariaDbState>,
+    /// the start position, or from the GTID_LIST (MariaDB) or
+    /// PREVIOUS_GTIDS (MySQL) event at the start of a binlog file when
+    /// started by file and offset.
+    state: Option<Gtids>,
     /// The binlog file being read (from the ROTATE events).
     file: Option<BinlogFile>,
     tx: Option<Transaction>,
@@ -157,6 +196,7 @@ impl BinlogReader {
         let mut conn = Conn::new(opts)
             .await
             .map_err(|e| classify(e, from).context("connecting for the binlog stream"))?;
+        let mut sids = None;
         let state = match &from.gtid {
             Some(Gtids::MariaDb(state)) => {
                 let binlog_state: String = conn
@@ -167,13 +207,9 @@ impl BinlogReader {
                 check_domains(state, &binlog_state, from)?;
                 Some(state.clone())
             }
-            Some(Gtids::MySql(_)) => {
-                return Err(SourceError::operator(
-                    Cause::Config,
-                    format!(
-                        "{from}: resuming from a MySQL GTID set is not supported yet; only MariaDB GTID states and binlog file positions are"
-                    ),
-                ));
+            Some(Gtids::MySql(set)) => {
+                sids = Some(dump_sids(set));
+                None
             }
             None => None,
         };
@@ -195,7 +231,10 @@ impl BinlogReader {
         }
         let mut request = BinlogStreamRequest::new(options.server_id);
         let file_name = from.file.name().as_bytes().to_vec();
-        if state.is_none() {
+        if let Some(sids) = sids {
+            // COM_BINLOG_DUMP_GTID: MySQL sends what the set lacks.
+            request = request.with_gtid().with_gtid_set(sids);
+        } else if state.is_none() {
             request = request.with_filename(&file_name).with_pos(from.offset);
         }
         let stream = conn
@@ -206,7 +245,7 @@ impl BinlogReader {
             stream,
             outbox,
             from: from.clone(),
-            state,
+            state: from.gtid.clone(),
             file: None,
             tx: None,
             skip_first: from.index,
@@ -258,11 +297,40 @@ impl BinlogReader {
                     server: header.server_id(),
                     seq,
                 };
-                self.begin(start, Some(gtid), flags & FL_STANDALONE != 0)?;
+                self.begin(
+                    start,
+                    Some(TxGtid::MariaDb(gtid)),
+                    flags & FL_STANDALONE != 0,
+                )?;
             }
             // A file's own GTID_LIST, read when the state is not known yet.
             mariadb_event::GTID_LIST if self.state.is_none() && !artificial => {
-                self.state = Some(decode_gtid_list(event.data())?);
+                self.state = Some(Gtids::MariaDb(decode_gtid_list(event.data())?));
+            }
+            t if t == EventType::GTID_EVENT as u8 => {
+                if let Some(EventData::GtidEvent(g)) = self.read(event)? {
+                    let gtid = TxGtid::MySql(Uuid::from_bytes(g.sid()), g.gno());
+                    self.begin(start, Some(gtid), false)?;
+                    self.await_begin();
+                }
+            }
+            t if t == EventType::ANONYMOUS_GTID_EVENT as u8 => {
+                self.begin(start, None, false)?;
+                self.await_begin();
+            }
+            t if t == EventType::PREVIOUS_GTIDS_EVENT as u8
+                && self.state.is_none()
+                && !artificial =>
+            {
+                if let Some(EventData::PreviousGtidsEvent(p)) = self.read(event)? {
+                    self.state = Some(Gtids::MySql(previous_gtids(&p)));
+                }
+            }
+            t if t == EventType::TRANSACTION_PAYLOAD_EVENT as u8 => {
+                return Err(SourceError::operator(
+                    Cause::Config,
+                    "the binlog holds a compressed transaction (MySQL's binlog_transaction_compression=ON): the outbox rows inside it cannot be read; set binlog_transaction_compression=OFF",
+                ));
             }
             mariadb_event::BINLOG_CHECKPOINT | mariadb_event::ANNOTATE_ROWS => {}
             t if t == EventType::ROTATE_EVENT as u8 => {
@@ -299,6 +367,13 @@ impl BinlogReader {
             t if t == EventType::QUERY_EVENT as u8 => {
                 if let Some(EventData::QueryEvent(q)) = self.read(event)? {
                     let query = q.query();
+                    if let Some(tx) = self.tx.as_mut()
+                        && std::mem::take(&mut tx.awaiting_begin)
+                        && !query.eq_ignore_ascii_case("BEGIN")
+                    {
+                        // MySQL's DDL: its GTID, then the statement alone.
+                        tx.standalone = true;
+                    }
                     let standalone = self.tx.as_ref().is_some_and(|tx| tx.standalone);
                     if standalone
                         || query.eq_ignore_ascii_case("COMMIT")
@@ -329,10 +404,18 @@ impl BinlogReader {
         })
     }
 
+    /// A transaction begun by MySQL's GTID event: the next statement says
+    /// whether it is DML (`BEGIN`) or DDL.
+    fn await_begin(&mut self) {
+        if let Some(tx) = self.tx.as_mut() {
+            tx.awaiting_begin = true;
+        }
+    }
+
     fn begin(
         &mut self,
         start: u64,
-        gtid: Option<MariaDbGtid>,
+        gtid: Option<TxGtid>,
         standalone: bool,
     ) -> Result<(), SourceError> {
         let file = self.file.clone().ok_or_else(|| {
@@ -362,6 +445,7 @@ impl BinlogReader {
             rows: 0,
             skip,
             standalone,
+            awaiting_begin: false,
         });
         Ok(())
     }
@@ -401,12 +485,7 @@ impl BinlogReader {
                 continue;
             }
             self.pending.push_back(Change::Row {
-                position: Position::new(
-                    tx.before.clone().map(Gtids::MariaDb),
-                    tx.file.clone(),
-                    tx.offset,
-                    index,
-                ),
+                position: Position::new(tx.before.clone(), tx.file.clone(), tx.offset, index),
                 row: decoded,
             });
         }
@@ -419,7 +498,7 @@ impl BinlogReader {
             return;
         };
         if let (Some(state), Some(gtid)) = (self.state.as_mut(), tx.gtid) {
-            state.record(gtid);
+            record(state, gtid);
         }
         let Some(resume) = self.resume_at(end) else {
             return;
@@ -435,13 +514,37 @@ impl BinlogReader {
     /// transactions.
     fn resume_at(&self, offset: u64) -> Option<Position> {
         let file = self.file.clone()?;
-        Some(Position::new(
-            self.state.clone().map(Gtids::MariaDb),
-            file,
-            offset,
-            0,
-        ))
+        Some(Position::new(self.state.clone(), file, offset, 0))
     }
+}
+
+/// The set a PREVIOUS_GTIDS event holds (its intervals exclude their end).
+fn previous_gtids(p: &PreviousGtidsEvent<'_>) -> MySqlSet {
+    let mut set = MySqlSet::default();
+    for sid in p.sids() {
+        let uuid = Uuid::from_bytes(sid.uuid());
+        for interval in sid.intervals() {
+            if interval.end() > interval.start() {
+                set.add(uuid, interval.start(), interval.end() - 1);
+            }
+        }
+    }
+    set
+}
+
+/// A MySQL GTID set as `COM_BINLOG_DUMP_GTID` takes it: per server uuid,
+/// its intervals with the end excluded.
+fn dump_sids(set: &MySqlSet) -> Vec<mysql_async::Sid<'static>> {
+    set.uuids()
+        .map(|uuid| {
+            let intervals = set
+                .intervals(uuid)
+                .iter()
+                .map(|&(start, end)| mysql_async::GnoInterval::new(start, end.saturating_add(1)))
+                .collect();
+            mysql_async::Sid::new(*uuid.as_bytes()).with_intervals(intervals)
+        })
+        .collect()
 }
 
 /// Refuses a start state naming a domain `@@gtid_binlog_state` does not
@@ -765,6 +868,63 @@ pub async fn current_position(conn: &mut Conn) -> Result<Position, SourceError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const A: &str = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
+    const B: &str = "8a94f357-aab4-11df-86ab-c80aa9429563";
+
+    #[test]
+    fn a_mysql_set_is_asked_for_as_its_intervals_and_grows_by_each_transaction() {
+        let set: MySqlSet = format!("{A}:1-5:7,{B}:1-3").parse().unwrap();
+        // The dump request's Sids print as MySQL prints the set (their
+        // intervals exclude the end; the text does not).
+        let asked: Vec<String> = dump_sids(&set).iter().map(|s| s.to_string()).collect();
+        assert_eq!(asked.join(","), set.to_string());
+        assert_eq!(dump_sids(&set)[0].intervals().len(), 2);
+
+        let mut state = Gtids::MySql(set);
+        let a: Uuid = A.parse().unwrap();
+        record(&mut state, TxGtid::MySql(a, 6));
+        record(&mut state, TxGtid::MySql(a, 8));
+        assert_eq!(state.to_string(), format!("{A}:1-8,{B}:1-3"));
+        // A MariaDB GTID never lands in a MySQL set, nor the other way round.
+        let mariadb = MariaDbGtid {
+            domain: 0,
+            server: 1,
+            seq: 9,
+        };
+        record(&mut state, TxGtid::MariaDb(mariadb));
+        assert_eq!(state.to_string(), format!("{A}:1-8,{B}:1-3"));
+        let mut other = Gtids::MariaDb("0-1-5".parse().unwrap());
+        record(&mut other, TxGtid::MySql(a, 1));
+        record(&mut other, TxGtid::MariaDb(mariadb));
+        assert_eq!(other.to_string(), "0-1-9");
+    }
+
+    #[test]
+    fn a_previous_gtids_event_gives_the_set_before_its_file() {
+        use mysql_async::binlog::events::PreviousGtidsSid;
+        let a: Uuid = A.parse().unwrap();
+        let b: Uuid = B.parse().unwrap();
+        let event = PreviousGtidsEvent::new(vec![
+            PreviousGtidsSid::new(
+                *a.as_bytes(),
+                None,
+                vec![
+                    mysql_async::GnoInterval::new(1, 6),
+                    mysql_async::GnoInterval::new(7, 8),
+                ],
+            ),
+            // An empty interval (end not past start) holds nothing.
+            PreviousGtidsSid::new(
+                *b.as_bytes(),
+                None,
+                vec![mysql_async::GnoInterval::new(4, 4)],
+            ),
+        ]);
+        let set = previous_gtids(&event);
+        assert_eq!(set.to_string(), format!("{A}:1-5:7"));
+        assert!(previous_gtids(&PreviousGtidsEvent::new(Vec::new())).is_empty());
+    }
 
     #[test]
     fn mariadb_gtid_events_are_decoded() {

@@ -333,6 +333,11 @@ impl MySqlSet {
         self.by_uuid.is_empty()
     }
 
+    /// The servers whose transactions it holds, in order.
+    pub fn uuids(&self) -> impl Iterator<Item = &Uuid> {
+        self.by_uuid.keys()
+    }
+
     /// The intervals of `uuid`.
     pub fn intervals(&self, uuid: &Uuid) -> &[(u64, u64)] {
         self.by_uuid.get(uuid).map_or(&[], Vec::as_slice)
