@@ -179,18 +179,37 @@ async fn a_corrupt_checkpoint_stops_the_sidecar_and_reset_to_start_republishes_w
 /// sidecar refuses to start, as `check` does, until an explicit reset.
 #[tokio::test]
 async fn a_checkpoint_damaged_under_sled_is_refused_not_taken_for_a_new_store() {
-    // (only the newest copy damaged, a sled snapshot file written first):
-    // each on a site of its own, as any opening of sled may write a
+    // Each on a site of its own, as any opening of sled may write a
     // snapshot file, which changes how sled reads its log.
-    for (round, (newest_only, snapshot)) in [(true, false), (false, false), (false, true)]
-        .into_iter()
-        .enumerate()
+    for (round, damage) in [
+        Damage::NewestCopy,
+        Damage::EveryCopy { snapshot: false },
+        Damage::EveryCopy { snapshot: true },
+        Damage::SledDeleted,
+        Damage::SledReplacedByAnOlderCopy,
+    ]
+    .into_iter()
+    .enumerate()
     {
-        damaged_under_sled(round, newest_only, snapshot).await;
+        damaged_under_sled(round, damage).await;
     }
 }
 
-async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
+/// What happens to the store (`checkpoints/<name>/sled`) while the
+/// sidecar is stopped.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// One byte flipped in the newest copy of the record.
+    NewestCopy,
+    /// In every copy; with a sled snapshot file written first.
+    EveryCopy { snapshot: bool },
+    /// The sled directory deleted.
+    SledDeleted,
+    /// The sled directory replaced by a copy taken one checkpoint earlier.
+    SledReplacedByAnOlderCopy,
+}
+
+async fn damaged_under_sled(round: usize, damage: Damage) {
     let site = Site::start(Options::default()).await;
     let london = site.names.site("LONDON");
     let client = site.client().await;
@@ -199,33 +218,52 @@ async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
     // Two checkpoints at least, so that sled's log holds two copies.
     written.extend(insert_tx(&client, 40, &format!("r{round}a")).await);
     site.wait_checkpointed(40, Duration::from_secs(60)).await;
+    let sled = site.store_dir().join("sled");
+    let older = site.store_dir().join("sled.older");
+    if let Damage::SledReplacedByAnOlderCopy = damage {
+        assert!(sidecar.terminate().await.success());
+        copy_dir(&sled, &older);
+        sidecar = site.spawn();
+    }
     written.extend(insert_tx(&client, 40, &format!("r{round}b")).await);
     site.wait_checkpointed(80, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
+    let snapshot = matches!(damage, Damage::EveryCopy { snapshot: true });
     // The live file, not sled (see above).
     let before = site.live().unwrap();
     if snapshot {
         site.stored().unwrap();
     }
-    let has_snapshot = std::fs::read_dir(site.store_dir().join("sled"))
-        .unwrap()
-        .any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("snap.")
-        });
-    assert_eq!(has_snapshot, snapshot, "round {round}");
-    let damaged = site.damage_checkpoint_on_disk(newest_only);
-    assert!(damaged >= 1, "no copy of the record found under sled");
+    let has_snapshot = std::fs::read_dir(&sled).unwrap().any(|e| {
+        e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("snap.")
+    });
+    match damage {
+        Damage::NewestCopy | Damage::EveryCopy { .. } => {
+            assert_eq!(has_snapshot, snapshot, "round {round}");
+            let newest_only = matches!(damage, Damage::NewestCopy);
+            let damaged = site.damage_checkpoint_on_disk(newest_only);
+            assert!(damaged >= 1, "no copy of the record found under sled");
+        }
+        Damage::SledDeleted => std::fs::remove_dir_all(&sled).unwrap(),
+        Damage::SledReplacedByAnOlderCopy => {
+            std::fs::remove_dir_all(&sled).unwrap();
+            std::fs::rename(&older, &sled).unwrap();
+        }
+    }
 
-    let log = refused_on_its_checkpoint(
-        &site,
-        &format!("a damaged store (newest only: {newest_only})"),
-    )
-    .await;
+    let log = refused_on_its_checkpoint(&site, &format!("a store that met {damage:?}")).await;
     assert!(log.contains("corrupt"), "{log}");
     assert!(!log.contains("new checkpoint store"), "{log}");
+    if let Damage::SledReplacedByAnOlderCopy = damage {
+        assert!(log.contains("replaced by an older copy"), "{log}");
+        assert!(
+            log.contains("next seq 41"),
+            "the older copy's record: {log}"
+        );
+    }
     if !snapshot {
         // sled dropped the damaged entries as a torn tail and opened:
         // only the witness knows what was written last.
@@ -264,6 +302,20 @@ async fn damaged_under_sled(round: usize, newest_only: bool, snapshot: bool) {
         written.intersection(&ids).count(),
         written.len()
     );
+}
+
+/// Copies a directory of plain files (sled's), recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 #[tokio::test]
