@@ -108,7 +108,8 @@ impl<P: LogPosition> Checkpoint<P> {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The record as stored: the crc32 (LE) of the JSON, then the JSON.
+    pub fn encode(&self) -> Vec<u8> {
         let json = serde_json::to_vec(self).expect("a checkpoint always serialises");
         let mut out = Vec::with_capacity(json.len() + 4);
         out.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
@@ -116,7 +117,9 @@ impl<P: LogPosition> Checkpoint<P> {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Result<Checkpoint<P>, Unreadable> {
+    /// A stored record (from sled or the witness file), or why it cannot
+    /// be used.
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint<P>, Unreadable> {
         if bytes.len() < 4 {
             return Err(Unreadable::Corrupt(format!(
                 "record is {} bytes, too short to hold its crc32",
@@ -155,9 +158,10 @@ impl<P: LogPosition> Checkpoint<P> {
 
 /// Why a stored record cannot be used.
 #[derive(Debug, PartialEq, Eq)]
-enum Unreadable {
+pub enum Unreadable {
+    /// What is wrong with the bytes.
     Corrupt(String),
-    /// A whole record of this engine (the engine's name in it).
+    /// A whole record of another engine (that engine's name).
     OtherEngine(String),
 }
 
@@ -554,6 +558,7 @@ pub fn describe<P: LogPosition>(ck: &Checkpoint<P>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -870,5 +875,146 @@ mod tests {
         let mut bytes = Checkpoint::<One>::new_epoch(None, None).encode();
         bytes[6] ^= 1;
         assert!(corrupt(Checkpoint::decode(&bytes)).contains("crc32"));
+    }
+
+    /// Any instant chrono holds, to the nanosecond.
+    fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+        let (min, max) = (
+            DateTime::<Utc>::MIN_UTC.timestamp(),
+            DateTime::<Utc>::MAX_UTC.timestamp(),
+        );
+        prop_oneof![
+            (min..=max, 0u32..1_000_000_000),
+            // Around now, where they are in practice.
+            (1_700_000_000i64..2_000_000_000, 0u32..1_000_000_000),
+        ]
+        .prop_map(|(secs, nanos)| DateTime::from_timestamp(secs, nanos).unwrap())
+    }
+
+    fn checkpoint<P: std::fmt::Debug>(
+        position: impl Strategy<Value = P>,
+    ) -> impl Strategy<Value = Checkpoint<P>> {
+        (
+            proptest::option::of(position),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(instant()),
+            instant(),
+        )
+            .prop_map(
+                |(resume, epoch, next_seq, last_ts, written_at)| Checkpoint {
+                    format: FORMAT,
+                    resume,
+                    epoch,
+                    next_seq,
+                    last_ts,
+                    written_at,
+                },
+            )
+    }
+
+    /// `json` as a record: its crc32, then it.
+    fn record(json: &[u8]) -> Vec<u8> {
+        let mut bytes = crc32fast::hash(json).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json);
+        bytes
+    }
+
+    /// What any record decodes to: a checkpoint that round trips, or
+    /// what is wrong with it.
+    fn decodes_or_says_why<P: LogPosition + PartialEq>(bytes: &[u8]) -> Result<(), TestCaseError> {
+        match Checkpoint::<P>::decode(bytes) {
+            Ok(ck) => prop_assert_eq!(Checkpoint::<P>::decode(&ck.encode()), Ok(ck)),
+            Err(Unreadable::Corrupt(detail)) => prop_assert!(
+                [
+                    "too short",
+                    "crc32 mismatch",
+                    "does not parse",
+                    "record format"
+                ]
+                .iter()
+                .any(|what| detail.contains(what)),
+                "{}",
+                detail
+            ),
+            Err(Unreadable::OtherEngine(engine)) => prop_assert_ne!(engine, P::ENGINE),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_of_another_format_or_engine_says_so() {
+        let ck = Checkpoint::<One>::new_epoch(Some(pg(1, 2)), None);
+        let mut json = serde_json::to_value(&ck).unwrap();
+        json["format"] = 2.into();
+        let bytes = record(&serde_json::to_vec(&json).unwrap());
+        assert_eq!(
+            Checkpoint::<One>::decode(&bytes),
+            Err(Unreadable::Corrupt(
+                "record format 2 is not the 1 this sitesync reads".into()
+            ))
+        );
+        let two = Checkpoint::<Two>::new_epoch(Some(Two::Two { scn: 5 }), None).encode();
+        assert_eq!(
+            Checkpoint::<One>::decode(&two),
+            Err(Unreadable::OtherEngine("two".into()))
+        );
+        let e = Checkpoint::<One>::decode(&record(b"{\"format\":1}")).unwrap_err();
+        assert!(
+            matches!(&e, Unreadable::Corrupt(d) if d.contains("missing field `epoch`")),
+            "{e:?}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn checkpoints_round_trip(ck in checkpoint((any::<u64>(), any::<u32>()).prop_map(|(at, index)| pg(at, index)))) {
+            prop_assert_eq!(Checkpoint::decode(&ck.encode()), Ok(ck));
+        }
+
+        #[test]
+        fn postgres_checkpoints_round_trip(
+            ck in checkpoint((any::<u64>(), any::<u32>()).prop_map(|(lsn, index)| {
+                crate::engine::postgres::position::Position { lsn, index }
+            })),
+        ) {
+            prop_assert_eq!(Checkpoint::decode(&ck.encode()), Ok(ck));
+        }
+
+        #[test]
+        fn any_bytes_decode_or_say_why(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            decodes_or_says_why::<One>(&bytes)?;
+        }
+
+        #[test]
+        fn any_json_with_a_good_crc_decodes_or_says_why(
+            json in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            decodes_or_says_why::<One>(&record(&json))?;
+        }
+
+        #[test]
+        fn mangled_records_decode_or_say_why(
+            ck in checkpoint((any::<u64>(), any::<u32>()).prop_map(|(at, index)| pg(at, index))),
+            at in any::<prop::sample::Index>(),
+            cut in 0usize..6,
+            junk in "[ -~]{0,6}",
+        ) {
+            let json = serde_json::to_vec(&ck).unwrap();
+            let at = at.index(json.len());
+            let mut mangled = json[..at].to_vec();
+            mangled.extend_from_slice(junk.as_bytes());
+            mangled.extend_from_slice(&json[(at + cut).min(json.len())..]);
+            // With the crc of the mangled bytes (the JSON parser's part)
+            // and with the one of the original (the crc's part).
+            decodes_or_says_why::<One>(&record(&mangled))?;
+            let mut stale = record(&json)[..4].to_vec();
+            stale.extend_from_slice(&mangled);
+            if mangled != json {
+                prop_assert!(
+                    matches!(Checkpoint::<One>::decode(&stale), Err(Unreadable::Corrupt(d)) if d.contains("crc32 mismatch"))
+                );
+            }
+        }
     }
 }

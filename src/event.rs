@@ -45,6 +45,13 @@ impl Event {
     pub fn to_body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an Event always serialises")
     }
+
+    /// The event a message body holds (what the sink reads from its
+    /// queue, written by anyone who can publish there), or why it is not
+    /// one: serde_json's message names the field or the byte at fault.
+    pub fn from_body(body: &[u8]) -> Result<Event, String> {
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    }
 }
 
 /// How an origin numbers and times its events, in commit order: the `seq`
@@ -222,6 +229,7 @@ pub fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn clock(next_seq: u64) -> Clock {
         Clock {
@@ -402,5 +410,150 @@ mod tests {
             500
         );
         assert_eq!(parse_timestamp("23/11/2026"), None);
+    }
+
+    /// The body of a real event, as the publisher writes it.
+    fn body() -> Vec<u8> {
+        row().to_event("PARIS", 7, &clock(3)).unwrap().to_body()
+    }
+
+    /// Whether two events say the same, `data` byte for byte.
+    fn same(a: &Event, b: &Event) -> bool {
+        (
+            a.id,
+            a.timestamp,
+            &a.origin,
+            &a.kind,
+            &a.entity_key,
+            a.epoch,
+            a.seq,
+        ) == (
+            b.id,
+            b.timestamp,
+            &b.origin,
+            &b.kind,
+            &b.entity_key,
+            b.epoch,
+            b.seq,
+        ) && a.data.get() == b.data.get()
+    }
+
+    /// Whatever a body decodes to, written again, decodes the same.
+    fn round_trips(e: &Event) -> Result<(), TestCaseError> {
+        let again = Event::from_body(&e.to_body())
+            .map_err(|why| TestCaseError::fail(format!("{why}: {e:?}")))?;
+        prop_assert!(same(e, &again), "{:?} came back as {:?}", e, again);
+        Ok(())
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_event_says_what_is_wrong() {
+        let e = Event::from_body(&body()).unwrap();
+        assert_eq!(e.seq, 3);
+        for (bad, problem) in [
+            (&b"not json"[..], "expected ident"),
+            (b"", "EOF while parsing"),
+            (b"{}", "missing field `id`"),
+            (
+                b"\"an event\"",
+                "invalid type: string \"an event\", expected struct Event",
+            ),
+        ] {
+            let why = Event::from_body(bad).unwrap_err();
+            assert!(why.contains(problem), "{bad:?}: {why}");
+        }
+        let mut cut = body();
+        cut.truncate(cut.len() - 1);
+        assert!(Event::from_body(&cut).unwrap_err().contains("EOF"));
+    }
+
+    fn timestamp() -> impl Strategy<Value = DateTime<Utc>> {
+        // Every instant with a four-digit year, to the nanosecond.
+        (-62_135_596_800i64..253_402_300_800, 0u32..1_000_000_000)
+            .prop_map(|(secs, nanos)| DateTime::from_timestamp(secs, nanos).unwrap())
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        let data = proptest::collection::btree_map(any::<String>(), any::<i64>(), 0..4)
+            .prop_map(|m| RawValue::from_string(serde_json::to_string(&m).unwrap()).unwrap());
+        (
+            any::<u128>(),
+            timestamp(),
+            any::<String>(),
+            any::<String>(),
+            any::<Option<String>>(),
+            data,
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(id, timestamp, origin, kind, entity_key, data, epoch, seq)| Event {
+                    id: Uuid::from_u128(id),
+                    timestamp,
+                    origin,
+                    kind,
+                    entity_key,
+                    data,
+                    epoch,
+                    seq,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn events_round_trip_through_their_body(e in event()) {
+            let back = Event::from_body(&e.to_body()).unwrap();
+            prop_assert!(same(&e, &back), "{:?} came back as {:?}", e, back);
+        }
+
+        #[test]
+        fn any_bytes_are_an_event_or_say_why(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            match Event::from_body(&bytes) {
+                Ok(e) => round_trips(&e)?,
+                Err(why) => prop_assert!(!why.is_empty()),
+            }
+        }
+
+        #[test]
+        fn mangled_bodies_are_an_event_or_say_why(
+            at in any::<prop::sample::Index>(),
+            cut in 0usize..8,
+            junk in "[\\x00-\\x7f]{0,6}",
+        ) {
+            let body = body();
+            let at = at.index(body.len());
+            let mut mangled = body[..at].to_vec();
+            mangled.extend_from_slice(junk.as_bytes());
+            mangled.extend_from_slice(&body[(at + cut).min(body.len())..]);
+            match Event::from_body(&mangled) {
+                Ok(e) => round_trips(&e)?,
+                Err(why) => prop_assert!(why.contains(" at line "), "{}", why),
+            }
+        }
+
+        #[test]
+        fn parse_timestamp_never_panics(text in any::<String>()) {
+            let _ = parse_timestamp(&text);
+        }
+
+        #[test]
+        fn timestamps_in_the_forms_databases_print_round_trip(
+            t in timestamp(),
+            offset_minutes in -(23 * 60 + 59)..(23 * 60 + 59i32),
+        ) {
+            let zone = chrono::FixedOffset::east_opt(offset_minutes * 60).unwrap();
+            let local = t.with_timezone(&zone);
+            prop_assume!(local.format("%Y").to_string().len() == 4);
+            for text in [
+                t.to_rfc3339(),
+                local.to_rfc3339(),
+                local.format("%Y-%m-%d %H:%M:%S%.f%:z").to_string(),
+                t.format("%Y-%m-%d %H:%M:%S%.f").to_string(),
+                t.format("%Y-%m-%dT%H:%M:%S%.f+00").to_string(),
+            ] {
+                prop_assert_eq!(parse_timestamp(&text), Some(t), "{}", text);
+            }
+        }
     }
 }

@@ -82,7 +82,7 @@ struct Pending {
 
 impl Pending {
     fn new(delivery: Delivery) -> Pending {
-        let event = serde_json::from_slice::<Event>(&delivery.data).map_err(|e| e.to_string());
+        let event = Event::from_body(&delivery.data);
         let seen = match &event {
             Ok(e) => Some(Seen {
                 origin: e.origin.clone(),

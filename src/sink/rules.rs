@@ -149,7 +149,9 @@ pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<S
             None => (1, true),
             Some(&(epoch, _)) if s.epoch > epoch => (1, true),
             Some(&(epoch, _)) if s.epoch < epoch => (0, false),
-            Some(&(_, seq)) => (seq + 1, s.seq > seq),
+            // Saturating: a message claiming seq u64::MAX (anyone who can
+            // publish can write one) must not overflow the next one.
+            Some(&(_, seq)) => (seq.saturating_add(1), s.seq > seq),
         };
         if !moved {
             continue;
@@ -351,5 +353,23 @@ mod tests {
                 to: 2
             }]
         );
+    }
+
+    #[test]
+    fn a_message_claiming_the_last_seq_does_not_overflow_the_next() {
+        // Found reading what the sink does with a decoded event's numbers:
+        // `seq + 1` overflowed (a panic in debug builds) on the message
+        // after one with seq u64::MAX from the same origin and epoch.
+        let mut state = BTreeMap::new();
+        let msgs = [
+            seen("P", 1, u64::MAX),
+            seen("P", 1, 4),
+            seen("P", 1, u64::MAX),
+        ];
+        let refs: Vec<&Seen> = msgs.iter().collect();
+        let (changed, gaps) = track(&mut state, &refs);
+        assert_eq!(changed, vec!["P".to_string()]);
+        assert_eq!(gaps.len(), 1, "1..u64::MAX-1 never arrived");
+        assert_eq!(state["P"], (1, u64::MAX));
     }
 }

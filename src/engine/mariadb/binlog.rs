@@ -571,13 +571,25 @@ fn check_domains(
     Ok(())
 }
 
-/// The file a ROTATE event names. Its body is the position (u64 LE) and
-/// the name. The server's first, made-up ROTATE comes before any
-/// FORMAT_DESCRIPTION, so mysql_async does not know yet that events end
-/// with a CRC32 (the connection asked for checksums): they are found here,
-/// by checking them against the event.
+/// The file a ROTATE event names.
 fn rotate_name(event: &Event) -> Result<String, SourceError> {
-    let data = event.data();
+    let h = event.header();
+    let mut header = [0u8; 19];
+    header[0..4].copy_from_slice(&h.timestamp().to_le_bytes());
+    header[4] = h.event_type_raw();
+    header[5..9].copy_from_slice(&h.server_id().to_le_bytes());
+    header[9..13].copy_from_slice(&h.event_size().to_le_bytes());
+    header[13..17].copy_from_slice(&h.log_pos().to_le_bytes());
+    header[17..19].copy_from_slice(&h.flags_raw().to_le_bytes());
+    rotate_file_name(&header, event.data())
+}
+
+/// The file a ROTATE event names, from its 19-byte header and its body.
+/// The body is the position (u64 LE) and the name. The server's first,
+/// made-up ROTATE comes before any FORMAT_DESCRIPTION, so mysql_async does
+/// not know yet that events end with a CRC32 (the connection asked for
+/// checksums): they are found here, by checking them against the event.
+pub fn rotate_file_name(header: &[u8; 19], data: &[u8]) -> Result<String, SourceError> {
     let name = data.get(8..).ok_or_else(|| {
         SourceError::transient(
             Cause::Query,
@@ -585,7 +597,7 @@ fn rotate_name(event: &Event) -> Result<String, SourceError> {
         )
     })?;
     let name = match name.len().checked_sub(4) {
-        Some(cut) if checksum_matches(event, &data[..8 + cut], &name[cut..]) => &name[..cut],
+        Some(cut) if checksum_matches(header, &data[..8 + cut], &name[cut..]) => &name[..cut],
         _ => name,
     };
     String::from_utf8(name.to_vec()).map_err(|_| {
@@ -597,22 +609,16 @@ fn rotate_name(event: &Event) -> Result<String, SourceError> {
 }
 
 /// Whether `crc` (4 bytes, LE) is the CRC32 of the event's header and `body`.
-fn checksum_matches(event: &Event, body: &[u8], crc: &[u8]) -> bool {
-    let h = event.header();
-    let mut bytes = Vec::with_capacity(19 + body.len());
-    bytes.extend(h.timestamp().to_le_bytes());
-    bytes.push(h.event_type_raw());
-    bytes.extend(h.server_id().to_le_bytes());
-    bytes.extend(h.event_size().to_le_bytes());
-    bytes.extend(h.log_pos().to_le_bytes());
-    bytes.extend(h.flags_raw().to_le_bytes());
-    bytes.extend(body);
-    crc32fast::hash(&bytes).to_le_bytes() == crc
+fn checksum_matches(header: &[u8; 19], body: &[u8], crc: &[u8]) -> bool {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(header);
+    hasher.update(body);
+    hasher.finalize().to_le_bytes() == crc
 }
 
 /// MariaDB's GTID event: sequence number (u64 LE), domain (u32 LE), flags
 /// (u8), then fields the flags announce.
-fn decode_gtid(data: &[u8]) -> Result<(u64, u32, u8), SourceError> {
+pub fn decode_gtid(data: &[u8]) -> Result<(u64, u32, u8), SourceError> {
     let short = || {
         SourceError::transient(
             Cause::Query,
@@ -630,7 +636,7 @@ fn decode_gtid(data: &[u8]) -> Result<(u64, u32, u8), SourceError> {
 
 /// MariaDB's GTID_LIST event: a count (u32 LE, the low 28 bits), then per
 /// GTID its domain (u32 LE), server id (u32 LE) and sequence number (u64 LE).
-fn decode_gtid_list(data: &[u8]) -> Result<MariaDbState, SourceError> {
+pub fn decode_gtid_list(data: &[u8]) -> Result<MariaDbState, SourceError> {
     let bad = |what: &str| {
         SourceError::transient(
             Cause::Query,
@@ -765,7 +771,7 @@ fn value_text(
 
 /// `1733211234.123456` (seconds since the epoch, up to six decimals) as
 /// RFC 3339 in UTC.
-fn epoch_to_rfc3339(text: &str) -> Option<String> {
+pub fn epoch_to_rfc3339(text: &str) -> Option<String> {
     let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
     if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -868,6 +874,7 @@ pub async fn current_position(conn: &mut Conn) -> Result<Position, SourceError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const A: &str = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
     const B: &str = "8a94f357-aab4-11df-86ab-c80aa9429563";
@@ -983,5 +990,124 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// A ROTATE event's header (the server's first, made up one).
+    const ROTATE_HEADER: [u8; 19] = [
+        0, 0, 0, 0, 4, 1, 0, 0, 0, 0x2f, 0, 0, 0, 0, 0, 0, 0, 0x20, 0,
+    ];
+
+    /// A ROTATE event's body naming `name` at `pos`, with its checksum.
+    fn rotate(pos: u64, name: &[u8], checksum: bool) -> Vec<u8> {
+        let mut data = pos.to_le_bytes().to_vec();
+        data.extend_from_slice(name);
+        if checksum {
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&ROTATE_HEADER);
+            hasher.update(&data);
+            data.extend(hasher.finalize().to_le_bytes());
+        }
+        data
+    }
+
+    /// A GTID_LIST event's body.
+    fn gtid_list(state: &MariaDbState) -> Vec<u8> {
+        let mut list = (state.iter().count() as u32).to_le_bytes().to_vec();
+        for g in state.iter() {
+            list.extend(g.domain.to_le_bytes());
+            list.extend(g.server.to_le_bytes());
+            list.extend(g.seq.to_le_bytes());
+        }
+        list
+    }
+
+    #[test]
+    fn rotate_events_name_their_file_with_or_without_a_checksum() {
+        for checksum in [true, false] {
+            let data = rotate(4, b"mariadb-bin.000001", checksum);
+            assert_eq!(
+                rotate_file_name(&ROTATE_HEADER, &data).unwrap(),
+                "mariadb-bin.000001"
+            );
+        }
+        let e = rotate_file_name(&ROTATE_HEADER, &[0; 7]).unwrap_err();
+        assert!(e.message().contains("a ROTATE event of 7 bytes"), "{e}");
+        let e = rotate_file_name(&ROTATE_HEADER, &rotate(4, b"\xff.1", false)).unwrap_err();
+        assert!(e.message().contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn a_gtid_list_announcing_more_gtids_than_it_holds_fails_at_the_first_missing() {
+        let e = decode_gtid_list(&0x0fff_ffffu32.to_le_bytes()).unwrap_err();
+        assert!(
+            e.message().contains("GTID 0 of 268435455 is cut short"),
+            "{e}"
+        );
+    }
+
+    fn state() -> impl Strategy<Value = MariaDbState> {
+        proptest::collection::vec((any::<u32>(), any::<u32>(), any::<u64>()), 0..5).prop_map(
+            |gtids| {
+                let mut state = MariaDbState::default();
+                for (domain, server, seq) in gtids {
+                    state.record(MariaDbGtid {
+                        domain,
+                        server,
+                        seq,
+                    });
+                }
+                state
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_say_why(data in proptest::collection::vec(any::<u8>(), 0..80)) {
+            match decode_gtid(&data) {
+                Ok((seq, domain, _)) => {
+                    prop_assert_eq!(&seq.to_le_bytes()[..], &data[..8]);
+                    prop_assert_eq!(&domain.to_le_bytes()[..], &data[8..12]);
+                }
+                Err(e) => prop_assert!(e.message().contains("a GTID event of"), "{}", e),
+            }
+            match decode_gtid_list(&data) {
+                Ok(state) => prop_assert_eq!(
+                    state.to_string().parse::<MariaDbState>(),
+                    Ok(state.clone())
+                ),
+                Err(e) => prop_assert!(e.message().contains("a GTID_LIST event of"), "{}", e),
+            }
+            let mut header = ROTATE_HEADER;
+            header.copy_from_slice(&[data.as_slice(), &ROTATE_HEADER].concat()[..19]);
+            match rotate_file_name(&header, &data) {
+                Ok(name) => prop_assert!(data.len() >= 8 && data[8..].starts_with(name.as_bytes())),
+                Err(e) => prop_assert!(e.message().contains("a ROTATE event"), "{}", e),
+            }
+        }
+
+        #[test]
+        fn gtid_lists_round_trip(state in state()) {
+            prop_assert_eq!(decode_gtid_list(&gtid_list(&state)).unwrap(), state);
+        }
+
+        #[test]
+        fn rotate_names_round_trip(pos in any::<u64>(), name in "[a-z0-9_.-]{0,20}", checksum in any::<bool>()) {
+            let data = rotate(pos, name.as_bytes(), checksum);
+            prop_assert_eq!(rotate_file_name(&ROTATE_HEADER, &data).unwrap(), name);
+        }
+
+        #[test]
+        fn epoch_seconds_become_the_same_instant(secs in 0i64..=u32::MAX.into(), micros in 0u32..1_000_000) {
+            let text = if micros == 0 { secs.to_string() } else { format!("{secs}.{micros:06}") };
+            let rfc3339 = epoch_to_rfc3339(&text).unwrap();
+            let expected = DateTime::from_timestamp(secs, micros * 1000).unwrap();
+            prop_assert_eq!(crate::event::parse_timestamp(&rfc3339), Some(expected));
+        }
+
+        #[test]
+        fn epoch_text_never_panics(text in prop_oneof![any::<String>(), "-?[0-9]{0,22}(\\.[0-9]{0,12})?"]) {
+            let _ = epoch_to_rfc3339(&text);
+        }
     }
 }

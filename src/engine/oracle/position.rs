@@ -117,6 +117,7 @@ impl FromStr for Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn o(scn: u64, index: u32, mine_from: Option<u64>) -> Position {
         Position {
@@ -153,5 +154,43 @@ mod tests {
             serde_json::from_str::<Position>(&json).unwrap(),
             o(10, 2, None)
         );
+    }
+
+    fn position() -> impl Strategy<Value = Position> {
+        (any::<u64>(), any::<u32>(), any::<Option<u64>>())
+            .prop_map(|(scn, index, mine_from)| o(scn, index, mine_from))
+    }
+
+    fn nearly() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(vec![
+                "oracle:123456789#0",
+                "oracle:10#2@7",
+                "oracle:18446744073709551615",
+            ]),
+            any::<prop::sample::Index>(),
+            "[0-9#@:+ -]{0,4}",
+        )
+            .prop_map(|(text, at, junk)| {
+                let at = at.index(text.len() + 1);
+                format!("{}{junk}{}", &text[..at], &text[at..])
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn positions_round_trip_as_text_and_json(p in position()) {
+            prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p.clone()));
+            let json = serde_json::to_string(&p).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), p);
+        }
+
+        #[test]
+        fn any_text_is_a_position_or_says_why(text in prop_oneof![any::<String>(), nearly()]) {
+            match text.parse::<Position>() {
+                Ok(p) => prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p)),
+                Err(e) => prop_assert!(e.contains(&format!("`{text}`")), "{}", e),
+            }
+        }
     }
 }

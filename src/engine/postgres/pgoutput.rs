@@ -103,7 +103,18 @@ impl Cursor {
         self.at += n;
         Ok(b)
     }
+
+    /// Room for `count` items announced by the message, each at least
+    /// `min_bytes` long: no more than the bytes left can hold, so that a
+    /// made-up count cannot make us allocate before the bytes run out.
+    fn capacity(&self, count: usize, min_bytes: usize) -> usize {
+        count.min((self.buf.len() - self.at) / min_bytes)
+    }
 }
+
+/// The fewest bytes a Relation message's column takes: flags, an empty
+/// name's terminator, type oid and modifier.
+const MIN_RELATION_COLUMN: usize = 1 + 1 + 4 + 4;
 
 /// Decodes one pgoutput message (an `XLogData` payload).
 pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
@@ -116,7 +127,7 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
             let name = c.cstring("relation name")?;
             let _replica_identity = c.u8("replica identity")?;
             let n = c.u16("column count")?;
-            let mut columns = Vec::with_capacity(n as usize);
+            let mut columns = Vec::with_capacity(c.capacity(n.into(), MIN_RELATION_COLUMN));
             for _ in 0..n {
                 let _flags = c.u8("column flags")?;
                 columns.push(c.cstring("column name")?);
@@ -148,7 +159,8 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
 
 fn tuple(c: &mut Cursor) -> Result<Vec<Column>, DecodeError> {
     let n = c.u16("tuple column count")?;
-    let mut out = Vec::with_capacity(n as usize);
+    // Each column is at least its kind byte.
+    let mut out = Vec::with_capacity(c.capacity(n.into(), 1));
     for i in 0..n {
         let kind = c.u8("column kind")?;
         out.push(match kind {
@@ -176,6 +188,7 @@ fn tuple(c: &mut Cursor) -> Result<Vec<Column>, DecodeError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// Encodes a Relation message the way the server does.
     pub fn relation_bytes(id: u32, ns: &str, name: &str, columns: &[&str]) -> Bytes {
@@ -300,6 +313,148 @@ pub(crate) mod tests {
                 *first = [b'R', b'I'][(seed % 2) as usize];
             }
             let _ = decode(Bytes::from(v));
+        }
+    }
+
+    /// Encodes any message `decode` returns, the way the server does.
+    fn encode(msg: &PgOutput) -> Bytes {
+        match msg {
+            PgOutput::Relation(r) => {
+                let columns: Vec<&str> = r.columns.iter().map(String::as_str).collect();
+                relation_bytes(r.id, &r.namespace, &r.name, &columns)
+            }
+            PgOutput::Insert { relation_id, tuple } => {
+                let mut b = vec![b'I'];
+                b.extend_from_slice(&relation_id.to_be_bytes());
+                b.push(b'N');
+                b.extend_from_slice(&(tuple.len() as u16).to_be_bytes());
+                for column in tuple {
+                    match column {
+                        Column::Null => b.push(b'n'),
+                        Column::Unchanged => b.push(b'u'),
+                        Column::Text(v) | Column::Binary(v) => {
+                            b.push(if matches!(column, Column::Text(_)) {
+                                b't'
+                            } else {
+                                b'b'
+                            });
+                            b.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                            b.extend_from_slice(v);
+                        }
+                    }
+                }
+                Bytes::from(b)
+            }
+            PgOutput::Other(tag) => Bytes::from(vec![*tag]),
+        }
+    }
+
+    #[test]
+    fn a_length_prefix_of_2_gib_fails_without_allocating_it() {
+        // The value's length is checked against the bytes left before
+        // anything is taken.
+        let mut b = vec![b'I', 0, 0, 0, 7, b'N', 0, 1, b't'];
+        b.extend_from_slice(&0x8000_0000u32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        let e = decode(Bytes::from(b)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "malformed pgoutput message: truncated column value: need 2147483648 bytes at offset 13, 3 left"
+        );
+    }
+
+    #[test]
+    fn a_made_up_column_count_reserves_no_more_than_the_bytes_left_can_hold() {
+        // An 8-byte Insert announcing 65,535 columns used to reserve room
+        // for all of them (2 MiB) before finding the first one missing.
+        let insert = Bytes::from_static(b"I\0\0\0\x07N\xff\xff");
+        let e = decode(insert.clone()).unwrap_err();
+        assert!(e.0.contains("truncated column kind"), "{e}");
+        let c = Cursor { buf: insert, at: 8 };
+        assert_eq!(c.capacity(65_535, 1), 0);
+        let relation = relation_bytes(1, "public", "outbox", &["id"]);
+        let mut garbled = relation.to_vec();
+        let count_at = garbled.len() - 2 - (1 + 3 + 4 + 4);
+        garbled[count_at..count_at + 2].copy_from_slice(&u16::MAX.to_be_bytes());
+        let c = Cursor {
+            buf: Bytes::from(garbled.clone()),
+            at: count_at + 2,
+        };
+        assert_eq!(c.capacity(65_535, MIN_RELATION_COLUMN), 1);
+        let e = decode(Bytes::from(garbled)).unwrap_err();
+        assert!(e.0.contains("truncated column flags"), "{e}");
+    }
+
+    fn column() -> impl Strategy<Value = Column> {
+        prop_oneof![
+            Just(Column::Null),
+            Just(Column::Unchanged),
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(|v| Column::Text(v.into())),
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(|v| Column::Binary(v.into())),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = PgOutput> {
+        let name = "[^\\x00]{0,12}";
+        prop_oneof![
+            (
+                any::<u32>(),
+                name,
+                name,
+                proptest::collection::vec(name, 0..6)
+            )
+                .prop_map(|(id, namespace, name, columns)| PgOutput::Relation(
+                    Relation {
+                        id,
+                        namespace,
+                        name,
+                        columns
+                    }
+                )),
+            (any::<u32>(), proptest::collection::vec(column(), 0..8))
+                .prop_map(|(relation_id, tuple)| PgOutput::Insert { relation_id, tuple }),
+            any::<u8>()
+                .prop_filter("R and I are decoded", |t| *t != b'R' && *t != b'I')
+                .prop_map(PgOutput::Other),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip(msg in message()) {
+            prop_assert_eq!(decode(encode(&msg)).unwrap(), msg);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_say_what_is_wrong(
+            tag in prop_oneof![Just(b'R'), Just(b'I'), any::<u8>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut b = vec![tag];
+            b.extend(rest);
+            match decode(Bytes::from(b)) {
+                Ok(msg) => {
+                    // Whatever decodes re-encodes to a message that decodes the same.
+                    prop_assert_eq!(decode(encode(&msg)).unwrap(), msg);
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    prop_assert!(
+                        ["truncated ", "unterminated ", "new tuple marker", "unknown kind"]
+                            .iter()
+                            .any(|what| text.contains(what)),
+                        "{}", text
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn every_cut_of_a_message_is_an_error(msg in message(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode(&msg);
+            prop_assume!(!matches!(msg, PgOutput::Other(_)));
+            let cut = cut.index(bytes.len());
+            prop_assert!(decode(bytes.slice(..cut)).is_err());
         }
     }
 }

@@ -110,6 +110,7 @@ impl FromStr for Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn pg(lsn: u64, index: u32) -> Position {
         Position { lsn, index }
@@ -162,5 +163,46 @@ mod tests {
         assert!(serde_json::from_str::<Position>(oracle).is_err());
         let e = "oracle:10#2".parse::<Position>().unwrap_err();
         assert!(e.contains("this connector reads postgres"), "{e}");
+    }
+
+    /// Texts that are positions, or nearly: real ones mangled.
+    fn nearly() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(vec![
+                "postgres:0/16B3748",
+                "postgres:1/16B37480#3",
+                "postgres:FFFFFFFF/FFFFFFFF#4294967295",
+            ]),
+            any::<prop::sample::Index>(),
+            "[0-9A-Fa-f/#:+ -]{0,4}",
+        )
+            .prop_map(|(text, at, junk)| {
+                let at = at.index(text.len() + 1);
+                format!("{}{junk}{}", &text[..at], &text[at..])
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn positions_round_trip_as_text_and_json(lsn in any::<u64>(), index in any::<u32>()) {
+            let p = pg(lsn, index);
+            prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p.clone()));
+            let json = serde_json::to_string(&p).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), p);
+            prop_assert_eq!(parse_lsn(&format_lsn(lsn)), Ok(lsn));
+        }
+
+        #[test]
+        fn any_text_is_a_position_or_says_why(text in prop_oneof![any::<String>(), nearly()]) {
+            match text.parse::<Position>() {
+                Ok(p) => prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p)),
+                // The whole text, or the LSN part of it (parse_lsn's own).
+                Err(e) => prop_assert!(e.contains(&format!("`{text}`")) || e.contains("LSN"), "{}", e),
+            }
+            match parse_lsn(&text) {
+                Ok(lsn) => prop_assert_eq!(parse_lsn(&format_lsn(lsn)), Ok(lsn)),
+                Err(e) => prop_assert!(e.contains("LSN"), "{}", e),
+            }
+        }
     }
 }

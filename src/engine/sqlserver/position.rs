@@ -144,6 +144,7 @@ impl FromStr for Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::cmp::Ordering;
 
     fn s(version: i64, index: u32, after: Option<i64>) -> Position {
@@ -226,5 +227,43 @@ mod tests {
         );
         let e = "sqlserver:10#2@42".parse::<Position>().unwrap_err();
         assert!(e.contains("`[ordinal]` column"), "{e}");
+    }
+
+    fn position() -> impl Strategy<Value = Position> {
+        (any::<i64>(), any::<u32>(), any::<Option<i64>>())
+            .prop_map(|(version, index, after)| s(version, index, after))
+    }
+
+    fn nearly() -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(vec![
+                "sqlserver:9876#2/1234",
+                "sqlserver:10",
+                "sqlserver:-5#0/-9223372036854775808",
+            ]),
+            any::<prop::sample::Index>(),
+            "[0-9#@/:+ -]{0,4}",
+        )
+            .prop_map(|(text, at, junk)| {
+                let at = at.index(text.len() + 1);
+                format!("{}{junk}{}", &text[..at], &text[at..])
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn positions_round_trip_as_text_and_json(p in position()) {
+            prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p.clone()));
+            let json = serde_json::to_string(&p).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), p);
+        }
+
+        #[test]
+        fn any_text_is_a_position_or_says_why(text in prop_oneof![any::<String>(), nearly()]) {
+            match text.parse::<Position>() {
+                Ok(p) => prop_assert_eq!(p.to_string().parse::<Position>(), Ok(p)),
+                Err(e) => prop_assert!(e.contains(&format!("`{text}`")), "{}", e),
+            }
+        }
     }
 }
