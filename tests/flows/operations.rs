@@ -182,7 +182,8 @@ async fn a_checkpoint_damaged_under_sled_is_refused_not_taken_for_a_new_store() 
     // Each on a site of its own, as any opening of sled may write a
     // snapshot file, which changes how sled reads its log.
     for (round, damage) in [
-        Damage::NewestCopy,
+        Damage::NewestCopy { snapshot: false },
+        Damage::NewestCopy { snapshot: true },
         Damage::EveryCopy { snapshot: false },
         Damage::EveryCopy { snapshot: true },
         Damage::SledDeleted,
@@ -199,9 +200,10 @@ async fn a_checkpoint_damaged_under_sled_is_refused_not_taken_for_a_new_store() 
 /// sidecar is stopped.
 #[derive(Debug, Clone, Copy)]
 enum Damage {
-    /// One byte flipped in the newest copy of the record.
-    NewestCopy,
-    /// In every copy; with a sled snapshot file written first.
+    /// One byte flipped in the newest copy of the record; with a sled
+    /// snapshot file written first.
+    NewestCopy { snapshot: bool },
+    /// In every copy.
     EveryCopy { snapshot: bool },
     /// The sled directory deleted.
     SledDeleted,
@@ -228,7 +230,10 @@ async fn damaged_under_sled(round: usize, damage: Damage) {
     written.extend(insert_tx(&client, 40, &format!("r{round}b")).await);
     site.wait_checkpointed(80, Duration::from_secs(60)).await;
     assert!(sidecar.terminate().await.success());
-    let snapshot = matches!(damage, Damage::EveryCopy { snapshot: true });
+    let snapshot = matches!(
+        damage,
+        Damage::EveryCopy { snapshot: true } | Damage::NewestCopy { snapshot: true }
+    );
     // The live file, not sled (see above).
     let before = site.live().unwrap();
     if snapshot {
@@ -241,9 +246,9 @@ async fn damaged_under_sled(round: usize, damage: Damage) {
             .starts_with("snap.")
     });
     match damage {
-        Damage::NewestCopy | Damage::EveryCopy { .. } => {
+        Damage::NewestCopy { .. } | Damage::EveryCopy { .. } => {
             assert_eq!(has_snapshot, snapshot, "round {round}");
-            let newest_only = matches!(damage, Damage::NewestCopy);
+            let newest_only = matches!(damage, Damage::NewestCopy { .. });
             let damaged = site.damage_checkpoint_on_disk(newest_only);
             assert!(damaged >= 1, "no copy of the record found under sled");
         }
