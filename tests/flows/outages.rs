@@ -231,7 +231,11 @@ async fn a_deleted_site_queue_stops_publishing_and_gets_everything_once_back() {
     // While the queue is missing nothing is checkpointed past the deletion,
     // and publishing stays stopped: PARIS's queue does not grow. (Watching
     // for an absence needs a window of time; two topology checks fit in it.)
-    let stalled_at = site.queue_len(&paris).await;
+    // What the session that found the queue missing had already sent
+    // lands first.
+    let stalled_at = site
+        .settled_queue_len(&paris, Duration::from_millis(500))
+        .await;
     let checkpoint = site.live().map(|ck| ck.next_seq);
     let mut stopped = HashSet::new();
     stopped.extend(insert_tx(&client, 20, "c").await);

@@ -424,6 +424,28 @@ impl Site {
         rabbit::queue_len(&self.amqp_url, queue).await.unwrap_or(0)
     }
 
+    /// `queue`'s length once it has not changed for `quiet`: a quorum
+    /// queue applies what a closed channel had sent a little after the
+    /// channel is gone (60 s at most).
+    pub async fn settled_queue_len(&self, queue: &str, quiet: Duration) -> u32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut len = self.queue_len(queue).await;
+        let mut since = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.queue_len(queue).await;
+            if now != len {
+                (len, since) = (now, std::time::Instant::now());
+            } else if since.elapsed() >= quiet {
+                return len;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{queue} still changing after 60 s ({len} messages)"
+            );
+        }
+    }
+
     /// Waits until `queue` holds at least `n` messages.
     pub async fn wait_queue(&self, queue: &str, n: u32, timeout: Duration) {
         let url = self.amqp_url.clone();
