@@ -103,3 +103,26 @@ mod tests {
         assert!(!same_engine("other", "pg"));
     }
 }
+
+/// Property-test inputs shared by the engines' position tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use proptest::prelude::*;
+
+    /// Texts that are positions, or nearly: one of `samples` with up to
+    /// four characters of `junk` (a regex class) put in at any place.
+    pub fn mangled(
+        samples: Vec<&'static str>,
+        junk: &'static str,
+    ) -> impl Strategy<Value = String> {
+        (
+            prop::sample::select(samples),
+            any::<prop::sample::Index>(),
+            junk,
+        )
+            .prop_map(|(text, at, junk)| {
+                let at = at.index(text.len() + 1);
+                format!("{}{junk}{}", &text[..at], &text[at..])
+            })
+    }
+}

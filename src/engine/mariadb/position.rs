@@ -916,20 +916,15 @@ mod tests {
 
     /// Texts that are positions, or nearly: real ones mangled.
     fn nearly() -> impl Strategy<Value = String> {
-        (
-            prop::sample::select(vec![
+        crate::position::strategies::mangled(
+            vec![
                 "mariadb:0-1-42@mariadb-bin.000001:1234#3",
                 "mariadb:0-1-10,1-2-5@mysql-bin.000003:4567#2",
                 "mariadb:mysql-bin.000003:4567",
                 "mariadb:3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5:7-9,8f2a4c10-0b5e-11ee-8c90-0242ac120002:1-3@binlog.000001:4#0",
-            ]),
-            any::<prop::sample::Index>(),
+            ],
             "[0-9a-f#@:,.\\- ]{0,4}",
         )
-            .prop_map(|(text, at, junk)| {
-                let at = at.index(text.len() + 1);
-                format!("{}{junk}{}", &text[..at], &text[at..])
-            })
     }
 
     /// An error that quotes what it is about.

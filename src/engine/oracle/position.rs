@@ -162,19 +162,14 @@ mod tests {
     }
 
     fn nearly() -> impl Strategy<Value = String> {
-        (
-            prop::sample::select(vec![
+        crate::position::strategies::mangled(
+            vec![
                 "oracle:123456789#0",
                 "oracle:10#2@7",
                 "oracle:18446744073709551615",
-            ]),
-            any::<prop::sample::Index>(),
+            ],
             "[0-9#@:+ -]{0,4}",
         )
-            .prop_map(|(text, at, junk)| {
-                let at = at.index(text.len() + 1);
-                format!("{}{junk}{}", &text[..at], &text[at..])
-            })
     }
 
     proptest! {

@@ -167,19 +167,14 @@ mod tests {
 
     /// Texts that are positions, or nearly: real ones mangled.
     fn nearly() -> impl Strategy<Value = String> {
-        (
-            prop::sample::select(vec![
+        crate::position::strategies::mangled(
+            vec![
                 "postgres:0/16B3748",
                 "postgres:1/16B37480#3",
                 "postgres:FFFFFFFF/FFFFFFFF#4294967295",
-            ]),
-            any::<prop::sample::Index>(),
+            ],
             "[0-9A-Fa-f/#:+ -]{0,4}",
         )
-            .prop_map(|(text, at, junk)| {
-                let at = at.index(text.len() + 1);
-                format!("{}{junk}{}", &text[..at], &text[at..])
-            })
     }
 
     proptest! {

@@ -235,19 +235,14 @@ mod tests {
     }
 
     fn nearly() -> impl Strategy<Value = String> {
-        (
-            prop::sample::select(vec![
+        crate::position::strategies::mangled(
+            vec![
                 "sqlserver:9876#2/1234",
                 "sqlserver:10",
                 "sqlserver:-5#0/-9223372036854775808",
-            ]),
-            any::<prop::sample::Index>(),
+            ],
             "[0-9#@/:+ -]{0,4}",
         )
-            .prop_map(|(text, at, junk)| {
-                let at = at.index(text.len() + 1);
-                format!("{}{junk}{}", &text[..at], &text[at..])
-            })
     }
 
     proptest! {
