@@ -1046,19 +1046,7 @@ mod tests {
     }
 
     fn state() -> impl Strategy<Value = MariaDbState> {
-        proptest::collection::vec((any::<u32>(), any::<u32>(), any::<u64>()), 0..5).prop_map(
-            |gtids| {
-                let mut state = MariaDbState::default();
-                for (domain, server, seq) in gtids {
-                    state.record(MariaDbGtid {
-                        domain,
-                        server,
-                        seq,
-                    });
-                }
-                state
-            },
-        )
+        crate::engine::mariadb::position::tests::mariadb_states(0..5)
     }
 
     proptest! {

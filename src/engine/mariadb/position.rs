@@ -567,7 +567,7 @@ impl FromStr for Position {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -869,7 +869,14 @@ mod tests {
     }
 
     fn mariadb_state() -> impl Strategy<Value = MariaDbState> {
-        proptest::collection::vec((any::<u32>(), any::<u32>(), any::<u64>()), 1..4).prop_map(
+        mariadb_states(1..4)
+    }
+
+    /// GTID states of `gtids` GTIDs recorded (fewer when domains repeat).
+    pub(crate) fn mariadb_states(
+        gtids: std::ops::Range<usize>,
+    ) -> impl Strategy<Value = MariaDbState> {
+        proptest::collection::vec((any::<u32>(), any::<u32>(), any::<u64>()), gtids).prop_map(
             |gtids| {
                 let mut state = MariaDbState::default();
                 for (domain, server, seq) in gtids {
