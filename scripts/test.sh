@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, then the integration tests against real
-# PostgreSQL clusters (started privately from the installed server binaries)
-# and RabbitMQ (the local node, plus private nodes for broker-restart tests).
+# The README's test command: unit tests, then the integration tests against
+# real PostgreSQL clusters and MariaDB servers (started privately from the
+# installed server binaries) and RabbitMQ (the local node, plus private nodes
+# for the broker-restart tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! ls -d /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
-  echo "PostgreSQL server binaries not found: apt-get install postgresql (initdb, pg_ctl, postgres), or add their directory to PATH" >&2
-  exit 1
-fi
-if [ -z "${SITESYNC_TEST_AMQP_URL:-}" ]; then
-  ./scripts/ensure-rabbitmq.sh
-fi
+# Installs or starts what is missing (PostgreSQL and MariaDB server
+# binaries, RabbitMQ with its management plugin); asks for nothing when
+# everything is there.
+./scripts/setup.sh test
 
 # Two cores: a few integration tests at a time (each starts its own
 # PostgreSQL cluster and a sidecar process).

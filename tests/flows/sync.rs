@@ -361,7 +361,7 @@ async fn two_local_deletes_that_lost_a_race_with_the_sink_win_when_the_first_com
     assert!(rows.is_empty(), "the deletes won everywhere: {rows:?}");
 }
 
-/// The README's first set-up command: `sitesync demo` runs three sites on
+/// What the README's first set-up command runs: `sitesync demo` runs three sites on
 /// private clusters, writes everywhere with a conflict, and exits 0 only
 /// when the sites converged, leaving no queue behind.
 #[tokio::test]

@@ -192,7 +192,7 @@ impl Site {
         .unwrap();
         let checkpoints = dir.path().join("checkpoints");
         let connector = dir.path().join("paris.toml");
-        // The shared broker has the management plugin (scripts/ensure-rabbitmq.sh);
+        // The shared broker has the management plugin (scripts/setup.sh);
         // private nodes do not.
         let management = if opts.amqp_url.is_none() && opts.management {
             "management_url = \"http://127.0.0.1:15672\"\n"

@@ -272,7 +272,7 @@ pub fn single_redo_thread(threads: &[RedoThread]) -> Result<(), String> {
         })
         .collect();
     Err(format!(
-        "the database has {} enabled redo threads ({}): it is a RAC database, or was one. sitesync does not mine more than one redo thread, a documented limit (README, Oracle site): \
+        "the database has {} enabled redo threads ({}): it is a RAC database, or was one. sitesync does not mine more than one redo thread, a documented limit (docs/engines/oracle.md): \
          before each window it flushes the connected instance's log writer only, and another instance's redo can reach disk after the window that covers it, losing events. \
          Run sitesync against a single-instance database; if the extra threads are left over from a former RAC, a DBA disables them (ALTER DATABASE DISABLE THREAD n) and `sitesync check` passes",
         threads.len(),

@@ -30,7 +30,7 @@ pub fn to_text(value: &Value) -> Result<Option<String>, String> {
         },
         Value::EmptyLob => {
             return Err(
-                "the CLOB was stored out of row (EMPTY_CLOB() then LOB writes), which sitesync does not reassemble: keep outbox payloads under 4,000 bytes, or see the README's Oracle section".into(),
+                "the CLOB was stored out of row (EMPTY_CLOB() then LOB writes), which sitesync does not reassemble: keep outbox payloads under 4,000 bytes, or see docs/engines/oracle.md".into(),
             );
         }
     }))

@@ -668,7 +668,7 @@ impl Source for PostgresSource {
         if exists {
             done.push(format!("outbox table {schema}.{table}: already there"));
             // For an outbox made before the function existed, to switch
-            // its id default to it by hand (README); never fails `init`.
+            // its id default to it by hand (docs/configuration.md, the outbox table); never fails `init`.
             match client.batch_execute(&uuid7_function(schema)).await {
                 Ok(()) => done.push(format!("function {schema}.sitesync_uuid7: ready")),
                 Err(e) => done.push(format!(

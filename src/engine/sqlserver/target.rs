@@ -47,7 +47,7 @@
 //! The session talks to the server through [`Tds`]: tiberius's client, or
 //! in tests a fake server with SQL Server's transaction semantics.
 //!
-//! # Not done yet (see the README)
+//! # Not done yet (see docs/engines/sqlserver.md)
 //!
 //! - Column values are sent as `nvarchar`, `bigint`, `float` or `bit`
 //!   parameters and converted by SQL Server to the column's type: a
