@@ -9,6 +9,7 @@ mod mixed;
 mod operations;
 mod oracle;
 mod outages;
+mod readme;
 mod sink_failures;
 mod sqlserver;
 mod sync;
