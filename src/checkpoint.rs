@@ -53,6 +53,9 @@ const FORMAT: u32 = 1;
 const LOCK_FILE: &str = "sitesync.lock";
 const LIVE_FILE: &str = "live.json";
 const WITNESS_FILE: &str = "checkpoint.witness";
+/// The largest epoch and `seq` a record may hold (`i64::MAX`: a time in
+/// milliseconds, or more events than anything could publish).
+const MAX_NUMBER: u64 = i64::MAX as u64;
 
 /// Where a connector resumes, and how its next event is numbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +153,21 @@ impl<P: LogPosition> Checkpoint<P> {
             return Err(Unreadable::Corrupt(format!(
                 "record format {} is not the {FORMAT} this sitesync reads",
                 ck.format
+            )));
+        }
+        // Numbers no sidecar writes: the epoch is a time in milliseconds
+        // (or one past the previous epoch), `seq` starts at 1 and grows by
+        // one per event. Taking them would overflow the next epoch or seq.
+        if ck.epoch > MAX_NUMBER {
+            return Err(Unreadable::Corrupt(format!(
+                "epoch {} is beyond any time sitesync numbers epochs with",
+                ck.epoch
+            )));
+        }
+        if ck.next_seq == 0 || ck.next_seq > MAX_NUMBER {
+            return Err(Unreadable::Corrupt(format!(
+                "next_seq {} is outside 1..={MAX_NUMBER}",
+                ck.next_seq
             )));
         }
         Ok(ck)
@@ -896,8 +914,8 @@ mod tests {
     ) -> impl Strategy<Value = Checkpoint<P>> {
         (
             proptest::option::of(position),
-            any::<u64>(),
-            any::<u64>(),
+            0..=MAX_NUMBER,
+            1..=MAX_NUMBER,
             proptest::option::of(instant()),
             instant(),
         )
@@ -963,6 +981,44 @@ mod tests {
         assert!(
             matches!(&e, Unreadable::Corrupt(d) if d.contains("missing field `epoch`")),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_record_whose_numbers_would_overflow_is_refused() {
+        let ck = Checkpoint::<One>::new_epoch(Some(pg(1, 2)), None);
+        for (field, value, says) in [
+            (
+                "epoch",
+                u64::MAX,
+                "epoch 18446744073709551615 is beyond any time",
+            ),
+            (
+                "next_seq",
+                u64::MAX,
+                "next_seq 18446744073709551615 is outside 1..=",
+            ),
+            ("next_seq", 0, "next_seq 0 is outside 1..="),
+        ] {
+            let mut json = serde_json::to_value(&ck).unwrap();
+            json[field] = value.into();
+            let e = Checkpoint::<One>::decode(&record(&serde_json::to_vec(&json).unwrap()))
+                .unwrap_err();
+            assert!(
+                matches!(&e, Unreadable::Corrupt(d) if d.starts_with(says)),
+                "{field} = {value}: {e:?}"
+            );
+        }
+        let mut json = serde_json::to_value(&ck).unwrap();
+        json["next_seq"] = MAX_NUMBER.into();
+        json["epoch"] = MAX_NUMBER.into();
+        let edge = Checkpoint::<One>::decode(&record(&serde_json::to_vec(&json).unwrap())).unwrap();
+        assert_eq!((edge.epoch, edge.next_seq), (MAX_NUMBER, MAX_NUMBER));
+        let next = Checkpoint::<One>::new_epoch(None, Some(edge.epoch));
+        assert_eq!(
+            next.epoch,
+            MAX_NUMBER + 1,
+            "the next epoch does not overflow"
         );
     }
 
