@@ -127,6 +127,102 @@ fn every_link_of_the_readme_and_the_docs_resolves() {
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
+/// The text of a Markdown file's code: code blocks and `code spans`.
+fn code_of(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if fenced {
+            out.push(line.to_string());
+        } else {
+            out.extend(line.split('`').skip(1).step_by(2).map(str::to_string));
+        }
+    }
+    out
+}
+
+/// The commands a piece of code runs as `sitesync <word> [<word>]`.
+fn commands_named(code: &str) -> Vec<Vec<String>> {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && w.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+    };
+    let tokens: Vec<&str> = code.split_whitespace().collect();
+    let mut out = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        // A command begins the code, or follows a shell operator: not
+        // "another sitesync holds the store" in a quoted log line.
+        let starts = i == 0 || ["&&", "||", "|", ";", "$", "do", "then"].contains(&tokens[i - 1]);
+        if *t != "sitesync" || !starts {
+            continue;
+        }
+        let words: Vec<String> = tokens[i + 1..]
+            .iter()
+            .take(2)
+            .take_while(|w| word(w))
+            .map(|w| w.to_string())
+            .collect();
+        if !words.is_empty() {
+            out.push(words);
+        }
+    }
+    out
+}
+
+/// Every `sitesync <command>` that the README and the docs show in code
+/// is a command of this binary (`--help` answers for it): a renamed or
+/// removed command cannot linger in the docs.
+#[test]
+fn every_command_the_docs_show_exists() {
+    let mut named = std::collections::BTreeSet::new();
+    for file in markdown_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for code in code_of(&text) {
+            named.extend(commands_named(&code));
+        }
+    }
+    let help = |args: &[String]| {
+        Command::new(binary())
+            .args(args)
+            .arg("--help")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let mut unknown = Vec::new();
+    let mut checked = std::collections::BTreeSet::new();
+    for words in &named {
+        // `sitesync dlq list`, or `sitesync check` followed by an argument.
+        if help(words) {
+            checked.insert(words.join(" "));
+        } else if help(&words[..1]) {
+            checked.insert(words[0].clone());
+        } else {
+            unknown.push(words.join(" "));
+        }
+    }
+    for expected in [
+        "init",
+        "check",
+        "topology declare",
+        "run",
+        "status",
+        "dlq requeue",
+    ] {
+        assert!(
+            checked.contains(expected),
+            "the docs never show `sitesync {expected}`: {checked:?}"
+        );
+    }
+    assert!(
+        unknown.is_empty(),
+        "the docs show commands sitesync does not have: {unknown:?}"
+    );
+}
+
 #[test]
 fn the_slug_of_a_heading_is_githubs() {
     assert_eq!(
