@@ -426,25 +426,23 @@ async fn readme_walkthrough_runs_as_written() {
     }
     // MADRID applied PARIS's event once; LONDON applied it, or it waits
     // in LONDON's queue (the sidecars stopped without waiting for LONDON).
-    let madrid = pg.client("madrid").await;
-    let applied: i64 = madrid
-        .query_one(
-            "SELECT count(*) FROM sitesync_inbox WHERE origin = 'PARIS'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(applied, 1, "MADRID's inbox holds PARIS's event once");
-    let london = pg.client("london").await;
-    let applied: i64 = london
-        .query_one(
-            "SELECT count(*) FROM sitesync_inbox WHERE origin = 'PARIS'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let from_paris = async |db: &str| -> i64 {
+        pg.client(db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM sitesync_inbox WHERE origin = 'PARIS'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(
+        from_paris("madrid").await,
+        1,
+        "MADRID's inbox holds PARIS's event once"
+    );
+    let applied = from_paris("london").await;
     let waiting = rabbit::queue_len(&rabbit::shared_amqp_url(), &names.site("LONDON"))
         .await
         .unwrap_or(0);
