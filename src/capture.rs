@@ -25,7 +25,6 @@
 
 use crate::checks::Check;
 use crate::config::{ConnectorConfig, Operation, Route, SinkConfig};
-use crate::engine::{Driver, Task};
 use std::future::Future;
 
 /// What every generated trigger body carries, followed by the fingerprint:
@@ -439,45 +438,39 @@ pub enum Action {
     List,
 }
 
-/// A `sitesync capture` command, whatever the engine: prints what it does;
-/// `Ok(false)` when something was refused.
-pub struct Command<'a> {
-    pub cfg: &'a ConnectorConfig,
-    pub action: Action,
-    pub routes: Vec<String>,
-    pub all: bool,
-}
-
-impl Task for Command<'_> {
-    type Output = Result<bool, String>;
-
-    async fn run<D: Driver>(self, db: &D::Settings) -> Result<bool, String> {
-        let c = D::capture(self.cfg, db).map_err(|e| e.to_string())?;
-        match self.action {
-            Action::List => list(&c, self.cfg).await,
-            Action::Add { dry_run } => {
-                let specs = chosen_specs(self.cfg, &self.routes, self.all)?;
-                let mut ok = true;
-                for spec in &specs {
-                    match add(&c, spec, dry_run).await {
-                        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-                        Err(e) => {
-                            ok = false;
-                            println!("{}: refused: {e}", spec.table);
-                        }
+/// A `sitesync capture` command on `c`: prints what it does; `Ok(false)`
+/// when a table was refused.
+pub async fn command<C: Capture>(
+    c: &C,
+    cfg: &ConnectorConfig,
+    action: Action,
+    routes: &[String],
+    all: bool,
+) -> Result<bool, String> {
+    match action {
+        Action::List => list(c, cfg).await,
+        Action::Add { dry_run } => {
+            let specs = chosen_specs(cfg, routes, all)?;
+            let mut ok = true;
+            for spec in &specs {
+                match add(c, spec, dry_run).await {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        ok = false;
+                        println!("{}: refused: {e}", spec.table);
                     }
                 }
-                Ok(ok)
             }
-            Action::Remove { dry_run } => {
-                let specs = chosen_specs(self.cfg, &self.routes, self.all)?;
-                for spec in &specs {
-                    for l in remove(&c, spec.table, dry_run).await? {
-                        println!("{l}");
-                    }
+            Ok(ok)
+        }
+        Action::Remove { dry_run } => {
+            let specs = chosen_specs(cfg, routes, all)?;
+            for spec in &specs {
+                for l in remove(c, spec.table, dry_run).await? {
+                    println!("{l}");
                 }
-                Ok(true)
             }
+            Ok(true)
         }
     }
 }
@@ -622,45 +615,31 @@ fn wanted(cfg: &ConnectorConfig, spec: &Spec<'_>) -> bool {
         .any(|r| cfg.capture.contains(&r.kind))
 }
 
-/// `sitesync init`: the capture of the routes that say `capture = true`.
-pub struct Configured<'a>(pub &'a ConnectorConfig);
-
-impl Task for Configured<'_> {
-    type Output = Result<Vec<String>, String>;
-
-    async fn run<D: Driver>(self, db: &D::Settings) -> Result<Vec<String>, String> {
-        let cfg = self.0;
-        if cfg.capture.is_empty() {
-            return Ok(Vec::new());
-        }
-        let c = D::capture(cfg, db).map_err(|e| e.to_string())?;
-        let mut lines = Vec::new();
-        for spec in specs(&cfg.sink, |r| cfg.capture.contains(&r.kind))? {
-            lines.extend(
-                add(&c, &spec, false)
-                    .await
-                    .map_err(|e| format!("capture of {}: {e}", spec.table))?,
-            );
-        }
-        Ok(lines)
+/// `sitesync init`: the capture of the routes that say `capture = true`;
+/// lines to print.
+pub async fn configured<C: Capture>(c: &C, cfg: &ConnectorConfig) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    for spec in specs(&cfg.sink, |r| cfg.capture.contains(&r.kind))? {
+        lines.extend(
+            add(c, &spec, false)
+                .await
+                .map_err(|e| format!("capture of {}: {e}", spec.table))?,
+        );
     }
+    Ok(lines)
 }
 
 /// What `sitesync check` reports: for each routed table with triggers of
 /// ours or asked for by `capture = true`, whether they are there, enabled
 /// and current.
-pub async fn checks<D: Driver>(cfg: &ConnectorConfig, db: &D::Settings) -> Vec<Check> {
-    let c = match D::capture(cfg, db) {
-        Ok(c) => c,
-        Err(e) => return vec![Check::fail("capture", e.to_string(), "check database.url")],
-    };
+pub async fn checks<C: Capture>(c: &C, cfg: &ConnectorConfig) -> Vec<Check> {
     let specs = match specs(&cfg.sink, |_| true) {
         Ok(s) => s,
         Err(e) => return vec![Check::fail("capture", e, "fix the routes")],
     };
     let mut out = Vec::new();
     for spec in &specs {
-        out.extend(check_one(&c, cfg, spec).await);
+        out.extend(check_one(c, cfg, spec).await);
     }
     out
 }

@@ -357,7 +357,15 @@ enum Act {
     Init,
     Show,
     Status,
-    Reset { target: ResetTarget, yes: bool },
+    Reset {
+        target: ResetTarget,
+        yes: bool,
+    },
+    Capture {
+        action: crate::capture::Action,
+        routes: Vec<String>,
+        all: bool,
+    },
 }
 
 /// Loads the connector and runs `act` with its engine.
@@ -389,14 +397,28 @@ impl Task for OnEngine<'_> {
             }
             Act::Init => {
                 let code = init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await?;
-                for line in crate::capture::Configured(cfg)
-                    .run::<D>(db)
-                    .await
-                    .map_err(fail)?
-                {
-                    println!("  {line}");
+                if !cfg.capture.is_empty() {
+                    let c = D::capture(cfg, db)?;
+                    for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
+                        println!("  {line}");
+                    }
                 }
                 Ok(code)
+            }
+            Act::Capture {
+                action,
+                routes,
+                all,
+            } => {
+                let c = D::capture(cfg, db)?;
+                let done = crate::capture::command(&c, cfg, action, &routes, all)
+                    .await
+                    .map_err(fail)?;
+                Ok(if done {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
             }
             Act::Show => show(cfg, D::source(cfg, db)?).await,
             Act::Status => status(cfg, D::status(cfg, db)).await,
@@ -422,7 +444,10 @@ impl Task for EngineChecks<'_> {
             }
             Err(e) => checks.push(Check::fail("database", e.to_string(), "check database.url")),
         }
-        checks.extend(crate::capture::checks::<D>(cfg, db).await);
+        match D::capture(cfg, db) {
+            Ok(c) => checks.extend(crate::capture::checks(&c, cfg).await),
+            Err(e) => checks.push(Check::fail("capture", e.to_string(), "check database.url")),
+        }
         if cfg.sink.enabled {
             match D::target(cfg, db) {
                 Ok(target) => checks.extend(target.preflight().await),
@@ -456,23 +481,16 @@ async fn capture(command: CaptureCommand) -> Result<ExitCode, Failure> {
         ),
         CaptureCommand::List(c) => (c.connector, crate::capture::Action::List, None),
     };
-    let connector = Connector::load(&file)?;
     let (routes, all) = which.map_or((Vec::new(), false), |w| (w.routes, w.all));
-    let done = connector
-        .engine
-        .run(crate::capture::Command {
-            cfg: &connector.config,
+    on_engine(
+        &file,
+        Act::Capture {
             action,
             routes,
             all,
-        })
-        .await
-        .map_err(fail)?;
-    Ok(if done {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+        },
+    )
+    .await
 }
 
 async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
