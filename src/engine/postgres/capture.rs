@@ -369,3 +369,56 @@ impl Capture for PgCapture {
         tx.commit().await.map_err(|e| describe(&e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: &str) -> Column {
+        Column {
+            name: name.into(),
+            route_name: name.into(),
+            ty: ty.into(),
+            scale: 0,
+        }
+    }
+
+    #[test]
+    fn keys_and_data_are_what_the_sink_reads() {
+        let side = Side {
+            kind: "orders.upsert".into(),
+            key: vec![col("region", "text"), col("no", "int4")],
+            fields: vec![
+                Field {
+                    column: col("region", "text"),
+                    field: "region".into(),
+                },
+                Field {
+                    column: col("no", "int4"),
+                    field: "no".into(),
+                },
+                Field {
+                    column: col("customer_id", "int4"),
+                    field: "customer".into(),
+                },
+            ],
+        };
+        assert_eq!(
+            key_expr("r", &side),
+            "replace(replace((to_jsonb(r.\"region\") #>> '{}'), E'\\\\', E'\\\\\\\\'), ',', E'\\\\,') || ',' || \
+             replace(replace(r.\"no\"::text, E'\\\\', E'\\\\\\\\'), ',', E'\\\\,')"
+        );
+        // Columns not written back are subtracted, renamed ones added under
+        // their field.
+        let columns: Vec<String> = ["region", "no", "customer_id", "secret"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            data_expr("r", &columns, &side.fields),
+            "(to_jsonb(r) - ARRAY['customer_id', 'secret']::text[]) || jsonb_build_object('customer', r.\"customer_id\")"
+        );
+        // An integral numeric is written without decimals, as key_text does.
+        assert!(key_part("r", &col("n", "numeric")).contains("trunc(r.\"n\"::numeric)::text"));
+    }
+}
