@@ -56,6 +56,19 @@ pub struct Table {
     pub unique: Vec<Vec<String>>,
 }
 
+/// Unique keys from catalog rows `(index, column)` in index and key
+/// order: each index's columns.
+pub fn group_keys(rows: impl IntoIterator<Item = (String, String)>) -> Vec<Vec<String>> {
+    let mut unique: Vec<(String, Vec<String>)> = Vec::new();
+    for (index, column) in rows {
+        match unique.last_mut() {
+            Some((i, cols)) if *i == index => cols.push(column),
+            _ => unique.push((index, vec![column])),
+        }
+    }
+    unique.into_iter().map(|(_, c)| c).collect()
+}
+
 /// A column in an event: where its value comes from and the field it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Field {

@@ -32,7 +32,7 @@
 use super::conn::{self, literal, quote, quote_table};
 use super::settings::Settings;
 use crate::capture::{
-    Capture, Column, Field, Generated, Installed, MARK, Plan, Side, Table, object_name,
+    Capture, Column, Field, Generated, Installed, MARK, Plan, Side, Table, group_keys, object_name,
 };
 use crate::config::{ConnectorConfig, redact_url};
 use crate::error::TargetError;
@@ -91,14 +91,9 @@ fn parts(table: &str) -> (Value, Value) {
     }
 }
 
+/// A column's value as text (`""` for NULL).
 fn text(v: &Value) -> String {
-    match v {
-        Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::Int(i) => i.to_string(),
-        Value::UInt(u) => u.to_string(),
-        Value::NULL => String::new(),
-        other => format!("{other:?}"),
-    }
+    super::target::text(Some(v)).unwrap_or_default()
 }
 
 /// The trigger of `table` for `op` (`ins`, `upd`, `del`).
@@ -280,18 +275,10 @@ impl Capture for MariaDbCapture {
             )
             .await
             .map_err(|e| format!("reading the unique keys of {table}: {}", conn::describe(&e)))?;
-        let mut unique: Vec<(String, Vec<String>)> = Vec::new();
-        for (index, column) in keys {
-            let (index, column) = (text(&index), text(&column));
-            match unique.last_mut() {
-                Some((i, cols)) if *i == index => cols.push(column),
-                _ => unique.push((index, vec![column])),
-            }
-        }
         Ok(Some(Table {
             columns,
             generated,
-            unique: unique.into_iter().map(|(_, c)| c).collect(),
+            unique: group_keys(keys.iter().map(|(i, c)| (text(i), text(c)))),
         }))
     }
 

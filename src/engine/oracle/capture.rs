@@ -21,8 +21,10 @@
 
 use super::conn::{OracleConnect, blocking, ident, literal, outbox_names};
 use super::settings::{Settings, parse_oracle_url};
-use super::target::CLIENT_IDENTIFIER;
-use crate::capture::{Capture, Column, Generated, Installed, MARK, Plan, Side, Table, object_name};
+use super::target::{CLIENT_IDENTIFIER, oracle_ident};
+use crate::capture::{
+    Capture, Column, Generated, Installed, MARK, Plan, Side, Table, group_keys, object_name,
+};
 use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 
@@ -101,28 +103,18 @@ impl OracleCapture {
     }
 }
 
-/// `(owner, table)` as Oracle stores plain names.
-fn names(table: &str, user: &str) -> (String, String) {
-    outbox_names(table, user)
-}
-
 /// The trigger of `table`, quoted and schema-qualified.
 pub fn trigger_name(table: &str) -> String {
     let name = table.rsplit('.').next().unwrap_or(table).to_uppercase();
     object_name("SITESYNC_CAP_", &name, "", NAME_MAX)
 }
 
-/// An upper-case plain name is the route's lower-case one.
+/// The name a route uses for a column: the lower-case name that the sink
+/// resolves to it ([`oracle_ident`]), or the name as it is.
 pub fn route_name(column: &str) -> String {
-    let plain = column
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_uppercase())
-        && column
-            .chars()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || matches!(c, '_' | '$' | '#'));
-    if plain {
-        column.to_ascii_lowercase()
+    let lower = column.to_ascii_lowercase();
+    if oracle_ident(&lower) == ident(column) {
+        lower
     } else {
         column.to_string()
     }
@@ -202,7 +194,7 @@ impl Triggers {
                 statements: vec![],
             };
         }
-        let (owner, table) = names(&plan.table, &self.user);
+        let (owner, table) = outbox_names(&plan.table, &self.user);
         let name = trigger_name(&plan.table);
         let mut events = vec!["UPDATE"];
         let mut body = Vec::new();
@@ -243,7 +235,7 @@ impl Triggers {
     }
 
     pub fn remove(&self, table: &str, triggers: &[String]) -> Vec<String> {
-        let (owner, _) = names(table, &self.user);
+        let (owner, _) = outbox_names(table, &self.user);
         triggers
             .iter()
             .map(|t| format!("DROP TRIGGER {}.{}", ident(&owner), ident(t)))
@@ -255,7 +247,7 @@ impl Capture for OracleCapture {
     const FOLD_CASE: bool = true;
 
     async fn table(&self, table: &str) -> Result<Option<Table>, String> {
-        let (owner, name) = names(table, &self.user);
+        let (owner, name) = outbox_names(table, &self.user);
         let rows = self
             .rows(
                 "SELECT COLUMN_NAME, LOWER(DATA_TYPE), NVL(DATA_SCALE, 0), VIRTUAL_COLUMN FROM ALL_TAB_COLS \
@@ -291,22 +283,15 @@ impl Capture for OracleCapture {
             )
             .await
             .map_err(|e| format!("reading the unique keys of {table}: {e}"))?;
-        let mut unique: Vec<(String, Vec<String>)> = Vec::new();
-        for r in keys {
-            match unique.last_mut() {
-                Some((i, cols)) if *i == r[0] => cols.push(r[1].clone()),
-                _ => unique.push((r[0].clone(), vec![r[1].clone()])),
-            }
-        }
         Ok(Some(Table {
             columns,
             generated,
-            unique: unique.into_iter().map(|(_, c)| c).collect(),
+            unique: group_keys(keys.into_iter().map(|r| (r[0].clone(), r[1].clone()))),
         }))
     }
 
     async fn installed(&self, table: &str) -> Result<Vec<Installed>, String> {
-        let (owner, name) = names(table, &self.user);
+        let (owner, name) = outbox_names(table, &self.user);
         let triggers = self
             .rows(
                 "SELECT TRIGGER_NAME, STATUS FROM ALL_TRIGGERS WHERE TABLE_OWNER = :1 AND TABLE_NAME = :2 \

@@ -26,6 +26,7 @@
 //! The fingerprint is in a comment of each function's body (`prosrc`).
 
 use super::settings::Settings;
+use super::target::{describe, quote, quote_table};
 use crate::capture::{
     Capture, Column, Field, Generated, Installed, MARK, Plan, Side, Table, object_name,
 };
@@ -76,10 +77,6 @@ impl PgCapture {
     }
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
@@ -87,18 +84,6 @@ fn literal(text: &str) -> String {
 /// `(schema, table)` of a route's table, schema defaulting to `public`.
 fn parts(table: &str) -> (&str, &str) {
     table.split_once('.').unwrap_or(("public", table))
-}
-
-fn quote_table(table: &str) -> String {
-    let (s, t) = parts(table);
-    format!("{}.{}", quote(s), quote(t))
-}
-
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
 }
 
 /// The function a trigger calls.

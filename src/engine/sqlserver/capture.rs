@@ -19,9 +19,11 @@
 //! No SQL Server runs on the CI machines: the SQL is tested as text here,
 //! and on a real server by the Docker-gated test in tests/flows/sqlserver.rs.
 
-use super::conn::{self, literal, quote};
+use super::conn::{self, literal, quote, quote_table};
 use super::settings::Settings;
-use crate::capture::{Capture, Column, Generated, Installed, MARK, Plan, Side, Table, object_name};
+use crate::capture::{
+    Capture, Column, Generated, Installed, MARK, Plan, Side, Table, group_keys, object_name,
+};
 use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 
@@ -77,11 +79,6 @@ impl MssqlCapture {
             })
             .collect())
     }
-}
-
-/// `[schema].[table]` as written (no schema: the user's default).
-fn quote_table(table: &str) -> String {
-    conn::quote_table(table)
 }
 
 /// The trigger of `table` for `op`, schema-qualified as the table is.
@@ -274,18 +271,10 @@ impl Capture for MssqlCapture {
             )
             .await
             .map_err(|e| format!("reading the unique keys of {table}: {e}"))?;
-        let mut unique: Vec<(String, Vec<String>)> = Vec::new();
-        for r in &keys {
-            let (index, column) = (cell(r, 0), cell(r, 1));
-            match unique.last_mut() {
-                Some((i, cols)) if *i == index => cols.push(column),
-                _ => unique.push((index, vec![column])),
-            }
-        }
         Ok(Some(Table {
             columns,
             generated,
-            unique: unique.into_iter().map(|(_, c)| c).collect(),
+            unique: group_keys(keys.iter().map(|r| (cell(r, 0), cell(r, 1)))),
         }))
     }
 
