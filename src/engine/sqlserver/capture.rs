@@ -212,6 +212,12 @@ impl Triggers {
                 trigger_ref(&plan.table, &name),
                 quote_table(&plan.table)
             ));
+            // Enabled whatever state an existing trigger was in.
+            statements.push(format!(
+                "ENABLE TRIGGER {} ON {}",
+                trigger_ref(&plan.table, &name),
+                quote_table(&plan.table)
+            ));
             triggers.push(name);
         }
         Generated {
@@ -403,9 +409,13 @@ mod tests {
                 "sitesync_cap_customer_del"
             ]
         );
-        let [ins, upd, del] = &g.statements[..] else {
+        let [ins, enable, upd, _, del, _] = &g.statements[..] else {
             panic!("{g:?}")
         };
+        assert_eq!(
+            enable,
+            "ENABLE TRIGGER [dbo].[sitesync_cap_customer_ins] ON [dbo].[customer]"
+        );
         assert!(ins.starts_with("CREATE OR ALTER TRIGGER [dbo].[sitesync_cap_customer_ins] ON [dbo].[customer] AFTER INSERT AS\nBEGIN\n"), "{ins}");
         assert!(ins.contains(&format!("{MARK}0badcafe")), "{ins}");
         assert!(
