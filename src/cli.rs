@@ -76,6 +76,9 @@ enum Command {
     /// Dead-letter queue commands.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Triggers that fill the outbox from business tables, for applications that cannot write it (docs/capture.md).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
     /// Three sites (PARIS, LONDON, MADRID) on private PostgreSQL clusters and RabbitMQ: writes everywhere, a conflict, and a check that they converge. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
@@ -86,6 +89,52 @@ enum Command {
         after_help = "Examples:\n  cargo run --release -- bench\n  sitesync bench --json\n  sitesync bench --quick --json"
     )]
     Bench(crate::lab::bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaptureCommand {
+    /// Create the triggers of the routes' tables, or bring them up to date (idempotent).
+    #[command(
+        after_help = "Examples:\n  sitesync capture add --connector connectors/paris.toml --route customer.upsert --dry-run\n  sitesync capture add --connector connectors/paris.toml --all"
+    )]
+    Add {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        #[command(flatten)]
+        which: CaptureWhich,
+        /// Print the SQL; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Drop the capture triggers of the routes' tables.
+    #[command(
+        after_help = "Example:\n  sitesync capture remove --connector connectors/paris.toml --route customer.upsert"
+    )]
+    Remove {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        #[command(flatten)]
+        which: CaptureWhich,
+        /// Print the SQL; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Each routed table: what capture writes, and whether its triggers are there and current.
+    #[command(after_help = "Example:\n  sitesync capture list --connector connectors/paris.toml")]
+    List(ConnectorArg),
+}
+
+/// The routes whose tables `capture add|remove` acts on; neither: the
+/// routes that say `capture = true`.
+#[derive(Args, Debug)]
+#[group(multiple = false)]
+struct CaptureWhich {
+    /// A route's type (its table is captured with both its routes); may be repeated.
+    #[arg(long = "route", value_name = "TYPE")]
+    routes: Vec<String>,
+    /// Every route's table.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -296,6 +345,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let connector = Connector::load(&connector.connector)?;
             dlq_requeue(&connector.config, which).await
         }
+        Command::Capture(c) => capture(c).await,
         Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
         Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
     }
@@ -307,7 +357,15 @@ enum Act {
     Init,
     Show,
     Status,
-    Reset { target: ResetTarget, yes: bool },
+    Reset {
+        target: ResetTarget,
+        yes: bool,
+    },
+    Capture {
+        action: crate::capture::Action,
+        routes: Vec<String>,
+        all: bool,
+    },
 }
 
 /// Loads the connector and runs `act` with its engine.
@@ -337,7 +395,31 @@ impl Task for OnEngine<'_> {
                 };
                 run(cfg, source, target).await
             }
-            Act::Init => init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await,
+            Act::Init => {
+                let code = init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await?;
+                if !cfg.capture.is_empty() {
+                    let c = D::capture(cfg, db)?;
+                    for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
+                        println!("  {line}");
+                    }
+                }
+                Ok(code)
+            }
+            Act::Capture {
+                action,
+                routes,
+                all,
+            } => {
+                let c = D::capture(cfg, db)?;
+                let done = crate::capture::command(&c, cfg, action, &routes, all)
+                    .await
+                    .map_err(fail)?;
+                Ok(if done {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
             Act::Show => show(cfg, D::source(cfg, db)?).await,
             Act::Status => status(cfg, D::status(cfg, db)).await,
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
@@ -362,6 +444,10 @@ impl Task for EngineChecks<'_> {
             }
             Err(e) => checks.push(Check::fail("database", e.to_string(), "check database.url")),
         }
+        match D::capture(cfg, db) {
+            Ok(c) => checks.extend(crate::capture::checks(&c, cfg).await),
+            Err(e) => checks.push(Check::fail("capture", e.to_string(), "check database.url")),
+        }
         if cfg.sink.enabled {
             match D::target(cfg, db) {
                 Ok(target) => checks.extend(target.preflight().await),
@@ -370,6 +456,41 @@ impl Task for EngineChecks<'_> {
         }
         checks
     }
+}
+
+/// `sitesync capture add|remove|list`.
+async fn capture(command: CaptureCommand) -> Result<ExitCode, Failure> {
+    let (file, action, which) = match command {
+        CaptureCommand::Add {
+            connector,
+            which,
+            dry_run,
+        } => (
+            connector.connector,
+            crate::capture::Action::Add { dry_run },
+            Some(which),
+        ),
+        CaptureCommand::Remove {
+            connector,
+            which,
+            dry_run,
+        } => (
+            connector.connector,
+            crate::capture::Action::Remove { dry_run },
+            Some(which),
+        ),
+        CaptureCommand::List(c) => (c.connector, crate::capture::Action::List, None),
+    };
+    let (routes, all) = which.map_or((Vec::new(), false), |w| (w.routes, w.all));
+    on_engine(
+        &file,
+        Act::Capture {
+            action,
+            routes,
+            all,
+        },
+    )
+    .await
 }
 
 async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(

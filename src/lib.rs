@@ -36,6 +36,9 @@
 //!   (each message's plan), [`sink::batch`] (the transaction, written once
 //!   for every engine), [`sink::rules`] (last-writer-wins, gaps),
 //!   [`sink::mapping`] (routes).
+//! - [`capture`]: `sitesync capture`: triggers that fill the outbox from
+//!   business tables, the inverse of each route (the engines' SQL in
+//!   `engine/<name>/capture.rs`).
 //! - [`sidecar`]: the source and the sink of one site, run side by side.
 //! - [`status`]: what `sitesync status` reports.
 //! - [`retry`]: capped exponential backoff with jitter.
@@ -50,6 +53,7 @@
 //!   product depends on it.
 
 pub mod bus;
+pub mod capture;
 pub mod checkpoint;
 pub mod checks;
 pub mod cli;

@@ -43,6 +43,10 @@ pub struct ConnectorConfig {
     pub sink: SinkConfig,
     /// The shared topology, loaded from `broker.topology`.
     pub topology: TopologyConfig,
+    /// The event types whose routes say `capture = true`: `sitesync init`
+    /// installs the triggers that fill the outbox from their tables
+    /// (`crate::capture`).
+    pub capture: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +219,8 @@ fn is_sql_name(text: &str) -> bool {
         && !text.starts_with(|c: char| c.is_ascii_digit())
 }
 
-fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
+/// `[sink]`, and the types of the routes that say `capture = true`.
+fn read_sink(r: &mut Reader<'_>) -> (SinkConfig, Vec<String>) {
     let enabled = r.boolean("enabled").unwrap_or(true);
     let prefetch = r
         .integer("prefetch", 1..=65_535, "a number of messages")
@@ -263,6 +268,7 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
         let rename = t.string_map("rename", "a column name");
         let drop = t.strings("drop", "field names").unwrap_or_default();
         let constants = t.value_map("constants");
+        let capture = t.boolean("capture").unwrap_or(false);
         for name in key
             .iter()
             .chain(rename.keys())
@@ -279,16 +285,25 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
                 t.problem("constants", format!("key column `{k}` cannot be a constant"));
             }
         }
-        Route {
-            kind,
-            table,
-            key,
-            operation,
-            rename,
-            drop,
-            constants,
-        }
+        (
+            Route {
+                kind,
+                table,
+                key,
+                operation,
+                rename,
+                drop,
+                constants,
+            },
+            capture,
+        )
     });
+    let capture = routes
+        .iter()
+        .filter(|(_, c)| *c)
+        .map(|(r, _)| r.kind.clone())
+        .collect();
+    let routes: Vec<Route> = routes.into_iter().map(|(r, _)| r).collect();
     let mut seen = BTreeSet::new();
     for (i, route) in routes.iter().enumerate() {
         if !route.kind.is_empty() && !seen.insert(route.kind.clone()) {
@@ -298,16 +313,19 @@ fn read_sink(r: &mut Reader<'_>) -> SinkConfig {
             );
         }
     }
-    SinkConfig {
-        enabled,
-        prefetch,
-        batch_size,
-        batch_timeout,
-        batch_idle,
-        max_attempts,
-        unrouted,
-        routes,
-    }
+    (
+        SinkConfig {
+            enabled,
+            prefetch,
+            batch_size,
+            batch_timeout,
+            batch_idle,
+            max_attempts,
+            unrouted,
+            routes,
+        },
+        capture,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -472,7 +490,7 @@ impl ConnectorConfig {
         let shutdown = r.section("shutdown", |c| ShutdownConfig {
             drain_timeout: c.millis("drain_timeout_ms", 10_000, 600_000),
         });
-        let sink = r.section("sink", read_sink);
+        let (sink, capture) = r.section("sink", read_sink);
         r.finish();
 
         let topology = match TopologyConfig::load(&topology_path) {
@@ -514,6 +532,7 @@ impl ConnectorConfig {
                     shutdown,
                     sink,
                     topology,
+                    capture,
                 },
                 database,
             )),

@@ -48,6 +48,11 @@ pub trait Driver: 'static {
 
     fn target(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Target, TargetError>;
 
+    /// Its capture triggers (`crate::capture`): `sitesync capture`.
+    type Capture: crate::capture::Capture;
+
+    fn capture(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Capture, TargetError>;
+
     /// What `sitesync status` reads from this site's database.
     fn status(
         cfg: &ConnectorConfig,

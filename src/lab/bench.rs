@@ -47,8 +47,16 @@
 //!    run's duration with that MariaDB site's sink applying every event
 //!    (MADRID stopped).
 //!
+//! 9. The capture phase (`--no-capture` skips it; see [`capture`]): the
+//!    application's write with a capture trigger against without
+//!    (`capture_write_ratio`), and one UPDATE of the bulk phase's rows at
+//!    PARIS, captured, until LONDON and MADRID hold them
+//!    (`capture_bulk_update_s`).
+//!
 //! Everything is removed at the end: sidecars stopped, queues and
 //! exchanges deleted, the clusters stopped and their directory removed.
+
+mod capture;
 
 use super::host::{create_owned_dir, random_hex};
 use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
@@ -112,6 +120,10 @@ pub struct BenchArgs {
     /// installed).
     #[arg(long)]
     pub no_mariadb: bool,
+    /// Skip the capture phase (the write cost of a capture trigger, and a
+    /// captured bulk UPDATE).
+    #[arg(long)]
+    pub no_capture: bool,
 }
 
 /// The counts of one run.
@@ -207,6 +219,8 @@ struct Figures {
     cpu_idle_pct: f64,
     /// The MariaDB phases, when they ran.
     mariadb: Option<MariaFigures>,
+    /// The capture phase, when it ran.
+    capture: Option<capture::CaptureFigures>,
 }
 
 /// The MariaDB site's figures.
@@ -288,6 +302,8 @@ struct Bench {
     writer_backends: Vec<u32>,
     /// Run the MariaDB phases (when the binaries are there).
     with_mariadb: bool,
+    /// Run the capture phase.
+    with_capture: bool,
     /// The MariaDB site, once started.
     maria: Option<MariaSite>,
 }
@@ -350,6 +366,7 @@ impl Bench {
             context: String::new(),
             writer_backends: Vec::new(),
             with_mariadb: !args.no_mariadb,
+            with_capture: !args.no_capture,
             maria: None,
         })
     }
@@ -866,6 +883,10 @@ impl Bench {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         f.cpu_idle_pct = ticks as f64 / hz / began.elapsed().as_secs_f64() * 100.0;
         f.rss_mib_idle = proc_status_kib(paris_pid, "VmRSS:")? / 1024.0;
+
+        if self.with_capture {
+            self.capture_phases(&sizes, &mut f).await?;
+        }
 
         // The broker's ceiling again, the sidecars stopped (the bench's
         // consumers need the single-active-consumer site queues): the
@@ -1953,7 +1974,19 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
             ),
             None => "MariaDB phases                    not run (--no-mariadb, or MariaDB not installed)\n".into(),
         },
-    )
+    ) + &match f.capture {
+        Some(c) => format!(
+            "{:<34}{:>10.2} ×      {:.3} ms per transaction of 10 rows with a capture trigger, {:.3} ms without\n\
+             {:<34}{:>10.1} s      from its commit at PARIS until LONDON and MADRID hold every row\n",
+            "capture: write cost",
+            c.ratio(),
+            c.with_ms_per_tx,
+            c.without_ms_per_tx,
+            format!("capture: UPDATE of {} rows", s.bulk),
+            c.bulk_update_s,
+        ),
+        None => "capture phase                     not run (--no-capture)\n".into(),
+    }
 }
 
 fn json(f: &Figures) -> String {
@@ -1993,6 +2026,10 @@ fn json(f: &Figures) -> String {
         "rss_mib_peak": round(f.rss_mib_peak, 1),
         "rss_mib_idle": round(f.rss_mib_idle, 1),
         "cpu_idle_pct": round(f.cpu_idle_pct, 2),
+        "capture_write_ratio": f.capture.map(|c| round(c.ratio(), 3)),
+        "capture_write_ms_per_tx": f.capture.map(|c| round(c.with_ms_per_tx, 3)),
+        "plain_write_ms_per_tx": f.capture.map(|c| round(c.without_ms_per_tx, 3)),
+        "capture_bulk_update_s": f.capture.map(|c| round(c.bulk_update_s, 2)),
         "e2e_cpu_ms_per_1k": by_part(&f.e2e_cpu),
         "source_cpu_ms_per_1k": by_part(&f.source_cpu),
     })

@@ -108,6 +108,9 @@ fn every_command_has_help_with_an_example() {
         vec!["topology", "declare"],
         vec!["checkpoint", "show"],
         vec!["checkpoint", "reset"],
+        vec!["capture", "add"],
+        vec!["capture", "remove"],
+        vec!["capture", "list"],
     ] {
         let mut args = command.clone();
         args.push("--help");

@@ -1,6 +1,7 @@
 //! End-to-end flows against real PostgreSQL and RabbitMQ, one file per concern.
 
 mod bench;
+mod capture;
 mod cli;
 mod crash;
 mod delivery;

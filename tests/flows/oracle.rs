@@ -45,7 +45,7 @@ ALTER DATABASE OPEN;
 ALTER PLUGGABLE DATABASE ALL OPEN;
 ALTER DATABASE ADD SUPPLEMENTAL LOG DATA;
 ALTER SESSION SET CONTAINER = FREEPDB1;
-GRANT CREATE SESSION, CREATE TABLE, LOGMINING, SELECT ANY TRANSACTION TO test;
+GRANT CREATE SESSION, CREATE TABLE, CREATE TRIGGER, LOGMINING, SELECT ANY TRANSACTION TO test;
 GRANT SELECT ON V_$DATABASE TO test;
 GRANT SELECT ON V_$LOG TO test;
 GRANT SELECT ON V_$LOGFILE TO test;
@@ -332,4 +332,86 @@ async fn a_missing_archived_log_stops_the_source_with_the_scn_range() {
     assert!(log.contains("is not available"), "{log}");
     assert!(log.contains("RESTORE ARCHIVELOG FROM SCN"), "{log}");
     assert!(log.contains("checkpoint reset --to-latest"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Docker engine to start Oracle Free (gvenzl/oracle-free): run with cargo test --test main oracle -- --ignored"]
+async fn oracle_capture_triggers_fill_the_outbox_and_skip_the_sink() {
+    let oracle = OracleSite::start().await;
+    let (mesh, madrid) = three_sites(&oracle).await;
+    let out = run(&madrid, &["capture", "add", "--all"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("capture added"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = run(&madrid, &["capture", "add", "--all"]).await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("capture up to date"));
+    let _sidecars = mesh.spawn_all();
+    let _madrid = Sidecar::spawn(&madrid, mesh.dir.path());
+    // The application writes ITEM only: 10 inserts, an update of them all,
+    // two deletes; the trigger writes 22 events.
+    for id in 1..=10 {
+        oracle
+            .sql(
+                "INSERT INTO ITEM (ID, N, REV, SITE) VALUES (:1, 0, :2, 'MADRID')",
+                vec![id.to_string(), uuid::Uuid::new_v4().to_string()],
+            )
+            .await;
+    }
+    oracle.sql("UPDATE ITEM SET N = ID * 10", vec![]).await;
+    oracle.sql("DELETE FROM ITEM WHERE ID > 8", vec![]).await;
+    let paris = mesh.client("PARIS").await;
+    upsert(&paris, "PARIS", 100, 1).await;
+    mesh.wait_inbox("PARIS", 22, Duration::from_secs(180)).await;
+    mesh.wait_inbox("LONDON", 23, Duration::from_secs(180))
+        .await;
+    let items = mesh.items("LONDON").await;
+    assert_eq!(
+        items
+            .iter()
+            .filter(|(id, _, _)| *id <= 10)
+            .map(|(id, n, _)| (*id, *n))
+            .collect::<Vec<_>>(),
+        (1..=8).map(|id| (id, id * 10)).collect::<Vec<_>>()
+    );
+    // PARIS's write applied at MADRID by the sink, and not captured back.
+    wait_for(
+        async || {
+            oracle
+                .count("SELECT COUNT(*) FROM ITEM WHERE ID = 100")
+                .await
+                == 1
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("PARIS's item at MADRID");
+    wait_for(
+        async || oracle.count("SELECT COUNT(*) FROM OUTBOX").await == 0,
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("MADRID's outbox empties");
+    assert_eq!(
+        mesh.foreign_inbox("PARIS").await,
+        22,
+        "no echo of PARIS's event"
+    );
+    let out = run(&madrid, &["check"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("[ok  ] capture item"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    oracle
+        .sql("ALTER TRIGGER SITESYNC_CAP_ITEM DISABLE", vec![])
+        .await;
+    let out = run(&madrid, &["check"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("trigger SITESYNC_CAP_ITEM is disabled"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -404,3 +404,71 @@ async fn sqlserver_an_event_that_does_not_convert_is_dead_lettered_and_the_event
     let status = r.sidecar.terminate().await;
     assert!(status.success(), "{}", r.sidecar.log_tail());
 }
+
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_capture_triggers_fill_the_outbox_and_skip_the_sink() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    // A delete route too, and capture asked in the file: `init` installs it.
+    let text = std::fs::read_to_string(&madrid.connector).unwrap();
+    let text = text.replace(
+        "operation = \"upsert\"\n",
+        "operation = \"upsert\"\ncapture = true\n",
+    ) + "\n[[sink.routes]]\ntype = \"item.delete\"\ntable = \"dbo.item\"\nkey = [\"id\"]\noperation = \"delete\"\n";
+    std::fs::write(&madrid.connector, text).unwrap();
+    init_with(&madrid.connector);
+    let _pg = mesh.spawn_all();
+    let _sidecar = madrid.spawn(&mesh);
+    let mut m = madrid.client().await;
+    // The application writes dbo.item only: 10 inserts in one statement,
+    // one update of them all, a delete of two: 22 events.
+    exec(&mut m, "INSERT INTO dbo.item (id, n, rev, site) SELECT value, 0, NEWID(), N'MADRID' FROM GENERATE_SERIES(1, 10)").await;
+    exec(&mut m, "UPDATE dbo.item SET n = id * 10").await;
+    exec(&mut m, "DELETE FROM dbo.item WHERE id > 8").await;
+    let paris = mesh.client("PARIS").await;
+    upsert(&paris, "PARIS", 100, 1).await;
+    mesh.wait_inbox("PARIS", 22, Duration::from_secs(120)).await;
+    mesh.wait_inbox("LONDON", 23, Duration::from_secs(120))
+        .await;
+    let items = mesh.items("LONDON").await;
+    assert_eq!(
+        items
+            .iter()
+            .filter(|(id, _, _)| *id <= 10)
+            .map(|(id, n, _)| (*id, *n))
+            .collect::<Vec<_>>(),
+        (1..=8).map(|id| (id, id * 10)).collect::<Vec<_>>()
+    );
+    wait_for(
+        async || mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.item WHERE id = 100").await == 1,
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("PARIS's item at MADRID");
+    wait_for(
+        async || mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.outbox").await == 0,
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("MADRID's outbox empties");
+    assert_eq!(
+        mesh.foreign_inbox("PARIS").await,
+        22,
+        "no echo of PARIS's event"
+    );
+    let out = crate::support::sidecar::sitesync_with(&madrid.connector, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[ok  ] capture dbo.item"), "{text}");
+    exec(
+        &mut m,
+        "DISABLE TRIGGER dbo.sitesync_cap_item_upd ON dbo.item",
+    )
+    .await;
+    let out = crate::support::sidecar::sitesync_with(&madrid.connector, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("trigger sitesync_cap_item_upd is disabled"),
+        "{text}"
+    );
+}

@@ -13,6 +13,7 @@
 //!   reads.
 
 pub mod binlog;
+pub mod capture;
 pub mod conn;
 pub mod position;
 pub mod settings;
@@ -37,6 +38,7 @@ impl super::Driver for MariaDb {
     type Settings = settings::Settings;
     type Source = MariaDbSource;
     type Target = MariaDbTarget;
+    type Capture = capture::MariaDbCapture;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -47,6 +49,13 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<MariaDbSource, SourceError> {
         MariaDbSource::new(cfg, db)
+    }
+
+    fn capture(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<capture::MariaDbCapture, TargetError> {
+        capture::MariaDbCapture::new(cfg, db)
     }
 
     fn target(

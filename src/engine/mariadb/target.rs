@@ -1308,7 +1308,7 @@ fn unix_time(text: &str) -> Option<DateTime<Utc>> {
 }
 
 /// A column's value as text (dates as `YYYY-MM-DD HH:MM:SS.ffffff`).
-fn text(v: Option<&Value>) -> Option<String> {
+pub(super) fn text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::NULL => None,
         Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),

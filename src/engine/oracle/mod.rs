@@ -12,6 +12,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod capture;
 pub mod conn;
 pub mod logs;
 pub mod miner;
@@ -40,6 +41,7 @@ impl super::Driver for Oracle {
     type Settings = settings::Settings;
     type Source = OracleSource;
     type Target = OracleTarget;
+    type Capture = capture::OracleCapture;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -47,6 +49,13 @@ impl super::Driver for Oracle {
 
     fn source(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleSource, SourceError> {
         OracleSource::new(cfg, db)
+    }
+
+    fn capture(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<capture::OracleCapture, TargetError> {
+        capture::OracleCapture::new(cfg, db)
     }
 
     fn target(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleTarget, TargetError> {

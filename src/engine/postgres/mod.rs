@@ -9,6 +9,7 @@
 //!   the check that this site's own writes are what the rows hold).
 //! - [`status`]: what `sitesync status` reads.
 
+pub mod capture;
 pub mod pgoutput;
 pub mod position;
 pub mod settings;
@@ -33,6 +34,7 @@ impl super::Driver for Postgres {
     type Settings = settings::Settings;
     type Source = PostgresSource;
     type Target = PostgresTarget;
+    type Capture = capture::PgCapture;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -43,6 +45,13 @@ impl super::Driver for Postgres {
         db: &settings::Settings,
     ) -> Result<PostgresSource, SourceError> {
         PostgresSource::new(cfg, db)
+    }
+
+    fn capture(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<capture::PgCapture, TargetError> {
+        capture::PgCapture::new(cfg, db)
     }
 
     fn target(

@@ -54,14 +54,14 @@ use tokio_postgres::{Client, GenericClient, Row, Statement};
 use uuid::Uuid;
 
 /// Quotes `[schema.]name` as SQL.
-fn quote_table(name: &str) -> String {
+pub(super) fn quote_table(name: &str) -> String {
     name.split('.')
         .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(".")
 }
 
-fn quote(name: &str) -> String {
+pub(super) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -132,7 +132,7 @@ fn per_message(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());

@@ -10,6 +10,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod capture;
 pub mod conn;
 pub mod position;
 pub mod settings;
@@ -35,6 +36,7 @@ impl super::Driver for SqlServer {
     type Settings = settings::Settings;
     type Source = SqlServerSource;
     type Target = SqlServerTarget;
+    type Capture = capture::MssqlCapture;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -45,6 +47,13 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<SqlServerSource, SourceError> {
         SqlServerSource::new(cfg, db)
+    }
+
+    fn capture(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<capture::MssqlCapture, TargetError> {
+        capture::MssqlCapture::new(cfg, db)
     }
 
     fn target(
