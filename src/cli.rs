@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a runtime failure (or a failed check); 2 a
 //! configuration or usage error.
 
+use crate::archive::Store;
 use crate::bus::{self, topology};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::checks::{Check, Status};
@@ -61,7 +62,7 @@ enum Command {
     /// Validate the connector file, then check the database, the broker, the topology and the checkpoint.
     #[command(after_help = "Example:\n  sitesync check --connector connectors/paris.toml")]
     Check(ConnectorArg),
-    /// Create the outbox table, what the change log needs (PostgreSQL: publication and slot) and the sink's tables (idempotent).
+    /// Create the outbox table, what the change log needs (PostgreSQL: publication and slot), the sink's tables and, with [archive], the archive table (idempotent).
     #[command(after_help = "Example:\n  sitesync init --connector connectors/paris.toml")]
     Init(ConnectorArg),
     /// Broker topology commands.
@@ -70,7 +71,7 @@ enum Command {
     /// Checkpoint commands.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
-    /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag.
+    /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag; with [archive], the archive's rows and backlog.
     #[command(after_help = "Example:\n  sitesync status --connector connectors/london.toml")]
     Status(ConnectorArg),
     /// Dead-letter queue commands.
@@ -335,11 +336,30 @@ impl Task for OnEngine<'_> {
                     true => Some(Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink)),
                     false => None,
                 };
-                run(cfg, source, target).await
+                let archive = match &cfg.archive {
+                    Some(a) => Some(D::archive(cfg, db, a)?),
+                    None => None,
+                };
+                run(cfg, source, target, archive).await
             }
-            Act::Init => init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await,
+            Act::Init => {
+                let archive = match &cfg.archive {
+                    Some(a) => Some(D::archive(cfg, db, a)?),
+                    None => None,
+                };
+                init(cfg, D::source(cfg, db)?, D::target(cfg, db)?, archive).await
+            }
             Act::Show => show(cfg, D::source(cfg, db)?).await,
-            Act::Status => status(cfg, D::status(cfg, db)).await,
+            Act::Status => {
+                let archived = match &cfg.archive {
+                    Some(a) => {
+                        let store = D::archive(cfg, db, a)?;
+                        Some((store.table().to_string(), store.count().await))
+                    }
+                    None => None,
+                };
+                status(cfg, D::status(cfg, db), archived).await
+            }
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
         }
     }
@@ -368,14 +388,25 @@ impl Task for EngineChecks<'_> {
                 Err(e) => checks.push(Check::fail("sink", e.to_string(), "check database.url")),
             }
         }
+        if let Some(a) = &cfg.archive {
+            match D::archive(cfg, db, a) {
+                Ok(store) => checks.extend(store.preflight().await),
+                Err(e) => checks.push(Check::fail(
+                    "archive table",
+                    e.to_string(),
+                    "check database.url",
+                )),
+            }
+        }
         checks
     }
 }
 
-async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
+async fn run<S: Source + 'static, T: crate::sink::Target + 'static, A: Store>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
+    archive: Option<A>,
 ) -> Result<ExitCode, Failure> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
@@ -410,16 +441,17 @@ async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    sidecar::run(cfg, source, target, shutdown)
+    sidecar::run(cfg, source, target, archive, shutdown)
         .await
         .map_err(|e| fail(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source, T: Dialect>(
+async fn init<S: Source, T: Dialect, A: Store>(
     cfg: &ConnectorConfig,
     source: S,
     target: T,
+    archive: Option<A>,
 ) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
@@ -427,6 +459,11 @@ async fn init<S: Source, T: Dialect>(
     }
     for line in target.init().await? {
         println!("  {line}");
+    }
+    if let Some(archive) = archive {
+        for line in archive.init().await? {
+            println!("  {line}");
+        }
     }
     println!(
         "next: `sitesync topology declare --connector {}` (once per broker), then `sitesync run --connector {}`",
@@ -484,6 +521,7 @@ async fn broker(cfg: &ConnectorConfig, what: &str) -> Result<bus::Link, Failure>
 async fn status(
     cfg: &ConnectorConfig,
     site: impl std::future::Future<Output = Result<crate::status::SiteStatus, SourceError>>,
+    archived: Option<(String, Result<u64, TargetError>)>,
 ) -> Result<ExitCode, Failure> {
     println!(
         "connector   {} ({}), site {}",
@@ -492,13 +530,31 @@ async fn status(
         cfg.site
     );
     let site = site.await?;
-    let queued = match broker(cfg, "status").await {
-        Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
+    let conn = broker(cfg, "status").await.ok();
+    let queued = match &conn {
+        Some(conn) => bus::topology::queue_depth(conn, &cfg.topology.dead_letter_queue)
             .await
             .ok(),
-        Err(_) => None,
+        None => None,
     };
     print!("{}", site.render(queued));
+    if let Some((table, rows)) = archived {
+        let rows = match rows {
+            Ok(n) => format!("{n} event(s) in {table}"),
+            Err(e) => format!("{table} unreadable: {}", e.message()),
+        };
+        let queue = &cfg.topology.archive_queue;
+        let backlog = match &conn {
+            Some(conn) => match bus::topology::queue_counts(conn, queue).await {
+                Ok((messages, consumers)) => {
+                    format!("{messages} message(s) waiting in {queue}, {consumers} consumer(s)")
+                }
+                Err(e) => format!("{queue} unreadable: {e}"),
+            },
+            None => format!("{queue}: unknown (broker unreachable)"),
+        };
+        println!("archive: {rows}; {backlog}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -619,6 +675,13 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
             )
             .await,
         );
+    }
+    checks.push(crate::archive::coverage(cfg));
+    if let Some(conn) = &connection
+        && let Ok((messages, consumers)) =
+            topology::queue_counts(conn, &cfg.topology.archive_queue).await
+    {
+        checks.push(crate::archive::consumers(cfg, messages, consumers));
     }
     let mut worst = Status::Pass;
     for c in &checks {

@@ -36,7 +36,10 @@
 //!   (each message's plan), [`sink::batch`] (the transaction, written once
 //!   for every engine), [`sink::rules`] (last-writer-wins, gaps),
 //!   [`sink::mapping`] (routes).
-//! - [`sidecar`]: the source and the sink of one site, run side by side.
+//! - [`archive`]: the archive queue consumed into a table of one site's
+//!   database (its connector's `[archive]`), with the sink's consumer.
+//! - [`sidecar`]: the source, the sink and the archive of one site, run
+//!   side by side.
 //! - [`status`]: what `sitesync status` reports.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
@@ -49,6 +52,7 @@
 //!   clusters they start (the integration tests reuse them); nothing of the
 //!   product depends on it.
 
+pub mod archive;
 pub mod bus;
 pub mod checkpoint;
 pub mod checks;

@@ -199,13 +199,27 @@ impl Publisher {
         reason: &str,
         attempts: u32,
     ) -> Result<PublisherConfirm, lapin::Error> {
+        self.dead_letter_at(original, reason, attempts, "sink")
+            .await
+    }
+
+    /// [`Publisher::dead_letter_message`] for a message that failed at
+    /// `stage` (`sink`, or `archive`: a message of the archive queue that
+    /// is not an event).
+    pub async fn dead_letter_at(
+        &self,
+        original: &lapin::message::Delivery,
+        reason: &str,
+        attempts: u32,
+        stage: &str,
+    ) -> Result<PublisherConfirm, lapin::Error> {
         let mut headers = original.properties.headers().clone().unwrap_or_default();
         headers.insert(HEADER_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(
             HEADER_SITE.into(),
             AMQPValue::LongString(self.site.as_str().into()),
         );
-        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString("sink".into()));
+        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString(stage.into()));
         headers.insert(
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(attempts as i64),

@@ -12,6 +12,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod binlog;
 pub mod conn;
 pub mod position;
@@ -37,6 +38,7 @@ impl super::Driver for MariaDb {
     type Settings = settings::Settings;
     type Source = MariaDbSource;
     type Target = MariaDbTarget;
+    type Archive = archive::MariaDbArchive;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -54,6 +56,14 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<MariaDbTarget, TargetError> {
         MariaDbTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::MariaDbArchive, TargetError> {
+        archive::MariaDbArchive::new(cfg, db, archive)
     }
 
     async fn status(

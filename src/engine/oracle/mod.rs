@@ -12,6 +12,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod conn;
 pub mod logs;
 pub mod miner;
@@ -40,6 +41,7 @@ impl super::Driver for Oracle {
     type Settings = settings::Settings;
     type Source = OracleSource;
     type Target = OracleTarget;
+    type Archive = archive::OracleArchive;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -51,6 +53,14 @@ impl super::Driver for Oracle {
 
     fn target(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleTarget, TargetError> {
         OracleTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::OracleArchive, TargetError> {
+        archive::OracleArchive::new(cfg, db, archive)
     }
 
     async fn status(

@@ -10,6 +10,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod conn;
 pub mod position;
 pub mod settings;
@@ -35,6 +36,7 @@ impl super::Driver for SqlServer {
     type Settings = settings::Settings;
     type Source = SqlServerSource;
     type Target = SqlServerTarget;
+    type Archive = archive::SqlServerArchive;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -52,6 +54,14 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<SqlServerTarget, TargetError> {
         SqlServerTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::SqlServerArchive, TargetError> {
+        archive::SqlServerArchive::new(cfg, db, archive)
     }
 
     async fn status(
