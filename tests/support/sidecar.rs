@@ -185,7 +185,10 @@ impl Site {
         std::fs::write(
             &topology,
             format!(
-                "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
+                // These tests look at the archive queue as it fills: it is
+                // named as MADRID's, a site no sidecar of theirs runs, so
+                // that `check` at PARIS finds an archive site.
+                "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\narchive_site = \"MADRID\"\n",
                 names.exchange, names.prefix, names.archive, names.dlx, names.dlq
             ),
         )

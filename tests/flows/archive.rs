@@ -1,0 +1,480 @@
+//! The archive: PARIS's sidecar consumes the archive queue into
+//! `sitesync_archive`, each event once, across a kill -9; `check` fails
+//! when no connector archives; a bound reaches the queue only when the
+//! topology sets one.
+
+use crate::support::mesh::{Mesh, MeshOptions, spawn_random_writer};
+use crate::support::rabbit::{self, drain};
+use crate::support::sidecar::{Names, binary};
+use crate::support::{TestDir, wait_for, wait_for_value};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::AMQPValue;
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// The rows of PARIS's archive: `(event_id, origin, epoch, seq)`.
+async fn archived(mesh: &Mesh) -> Vec<(Uuid, String, i64, i64)> {
+    mesh.client("PARIS")
+        .await
+        .query(
+            "SELECT event_id, origin, epoch, seq FROM public.sitesync_archive",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+async fn archive_count(mesh: &Mesh) -> i64 {
+    mesh.client("PARIS")
+        .await
+        .query_one("SELECT count(*) FROM public.sitesync_archive", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn three_sites_writing_are_archived_exactly_once_across_a_kill_9_of_the_archiver() {
+    let mesh = Mesh::start(MeshOptions {
+        archive: true,
+        ..MeshOptions::default()
+    })
+    .await;
+    // `init` created the table (PARIS only: the others do not archive).
+    let tables = |site: &'static str| {
+        let mesh = &mesh;
+        async move {
+            mesh.client(site)
+                .await
+                .query_one(
+                    "SELECT to_regclass('public.sitesync_archive') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        }
+    };
+    assert!(tables("PARIS").await);
+    assert!(!tables("LONDON").await);
+
+    // A message on the archive queue that is not an event goes to the
+    // dead-letter queue with the reason; the rest keeps flowing.
+    let conn = rabbit::connect(&mesh.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        mesh.names.archive.as_str().into(),
+        BasicPublishOptions::default(),
+        b"not json at all",
+        BasicProperties::default().with_message_id("garbage-1".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let mut sidecars = mesh.spawn_all();
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut writers = Vec::new();
+    for (i, site) in mesh.sites().into_iter().enumerate() {
+        writers.push(spawn_random_writer(
+            mesh.client(site).await,
+            site,
+            7 + i as u64,
+            200,
+            until,
+            Duration::from_millis(3),
+        ));
+    }
+    // Mid-stream: PARIS's sidecar (its archive, sink and source) dies
+    // without a word, holding unacked archive messages, and comes back.
+    wait_for(
+        async || archive_count(&mesh).await >= 200,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the archive fills while the sites write");
+    let before = archive_count(&mesh).await;
+    let killed_at = Instant::now();
+    sidecars.get_mut("PARIS").unwrap().kill9();
+    sidecars.insert("PARIS", mesh.spawn("PARIS"));
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.extend(w.await.unwrap());
+    }
+    assert!(
+        killed_at < until,
+        "the writers had stopped before the kill: it must come mid-stream"
+    );
+    let total = writes.len() as i64;
+    eprintln!(
+        "archive: {total} events written at three sites, PARIS killed with {before} archived"
+    );
+    assert!(
+        before < total,
+        "the kill came after everything was archived"
+    );
+
+    let got = wait_for_value(
+        async || {
+            let n = archive_count(&mesh).await;
+            (n >= total).then_some(n)
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the archive holds fewer than {total} events: {e}"));
+    assert_eq!(got, total, "no event archived twice, none foreign");
+    wait_for(
+        async || mesh.queue_len(&mesh.names.archive).await == 0,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the archive queue drains");
+
+    // Every event written, once; per origin, seq 1..=n in one epoch.
+    let rows = archived(&mesh).await;
+    let ids: BTreeSet<Uuid> = rows.iter().map(|r| r.0).collect();
+    let written: BTreeSet<Uuid> = writes.iter().map(|w| w.event).collect();
+    assert_eq!(
+        ids, written,
+        "the archive's ids are exactly the events written"
+    );
+    let mut per_origin: BTreeMap<&str, Vec<(i64, i64)>> = BTreeMap::new();
+    for (_, origin, epoch, seq) in &rows {
+        per_origin.entry(origin).or_default().push((*epoch, *seq));
+    }
+    for site in mesh.sites() {
+        let want = writes.iter().filter(|w| w.site == site).count();
+        let mut numbers = per_origin.remove(site).unwrap_or_default();
+        numbers.sort_unstable();
+        assert_eq!(numbers.len(), want, "{site}: archived events");
+        let epochs: BTreeSet<i64> = numbers.iter().map(|n| n.0).collect();
+        assert_eq!(epochs.len(), 1, "{site}: one epoch {epochs:?}");
+        assert!(
+            numbers.iter().enumerate().all(|(i, n)| n.1 == i as i64 + 1),
+            "{site}: (epoch, seq) is not 1..={want} without a hole or a repeat"
+        );
+    }
+    assert!(per_origin.is_empty(), "unknown origins {per_origin:?}");
+
+    // The garbage message waits in the dead-letter queue, with its reason.
+    let dead = drain(&mesh.amqp_url, &mesh.names.dlq, 1, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 1);
+    let headers = dead[0].properties.headers().clone().unwrap_or_default();
+    let header = |name: &str| match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(header("x-sitesync-stage"), "archive");
+    assert!(
+        header("x-sitesync-reason").starts_with("not an event"),
+        "{}",
+        header("x-sitesync-reason")
+    );
+    assert_eq!(dead[0].data, b"not json at all");
+
+    // The sites converged meanwhile: the archive took nothing from them.
+    mesh.assert_synced(&writes, "archive beside the sinks")
+        .await;
+
+    // `status` at PARIS shows the archive and its queue.
+    let status = mesh.ok("PARIS", &["status"]).await;
+    assert!(
+        status.contains(&format!(
+            "archive: {total} event(s) in public.sitesync_archive; 0 message(s) waiting in {}",
+            mesh.names.archive
+        )),
+        "{status}"
+    );
+    for s in sidecars.values_mut() {
+        assert!(s.terminate().await.success());
+    }
+}
+
+fn check_text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The line of `check`'s output about `name`.
+fn line<'a>(text: &'a str, name: &str) -> &'a str {
+    let at = text
+        .find(&format!("] {name}:"))
+        .unwrap_or_else(|| panic!("no {name} line:\n{text}"));
+    let start = text[..at].rfind('[').unwrap();
+    let end = text[at..].find("\n[").map_or(text.len(), |e| at + e);
+    &text[start..end]
+}
+
+#[tokio::test]
+async fn check_fails_while_no_connector_archives_the_archive_queue() {
+    let mesh = Mesh::start(MeshOptions {
+        sites: vec!["PARIS", "LONDON"],
+        ..MeshOptions::default()
+    })
+    .await;
+    let queue = &mesh.names.archive;
+    // The topology names PARIS; PARIS's connector has no [archive].
+    let out = mesh.sitesync("PARIS", &["check"]).await;
+    let text = check_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let archive = line(&text, "archive");
+    assert!(archive.starts_with("[FAIL]"), "{archive}");
+    assert!(
+        archive.contains(&format!("nothing consumes {queue}"))
+            && archive.contains("add an [archive] section to"),
+        "{archive}"
+    );
+    // LONDON's check trusts the topology: PARIS archives.
+    let out = mesh.sitesync("LONDON", &["check"]).await;
+    let text = check_text(&out);
+    assert!(
+        line(&text, "archive").starts_with("[ok  ]")
+            && line(&text, "archive").contains("archived by PARIS's sidecar"),
+        "{text}"
+    );
+    // Nobody consumes it now: a warning.
+    assert!(
+        line(&text, "archive queue").starts_with("[WARN]")
+            && line(&text, "archive queue").contains("has no consumer"),
+        "{text}"
+    );
+
+    // A topology that names no archive site fails every site's check,
+    // naming the queue and the fix.
+    let topology = mesh.dir.path().join("topology.toml");
+    let without = std::fs::read_to_string(&topology)
+        .unwrap()
+        .replace("archive_site = \"PARIS\"\n", "");
+    std::fs::write(&topology, without).unwrap();
+    let out = mesh.sitesync("LONDON", &["check"]).await;
+    let text = check_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let archive = line(&text, "archive");
+    assert!(
+        archive.starts_with("[FAIL]")
+            && archive.contains(&format!("no site archives the archive queue {queue}"))
+            && archive.contains("archive_site = \"PARIS\""),
+        "{archive}"
+    );
+
+    // Named again, and PARIS given [archive] and init: PARIS passes.
+    std::fs::write(
+        &topology,
+        std::fs::read_to_string(&topology).unwrap() + "archive_site = \"PARIS\"\n",
+    )
+    .unwrap();
+    let paris = mesh.connector("PARIS");
+    std::fs::write(
+        paris,
+        std::fs::read_to_string(paris).unwrap() + "\n[archive]\n",
+    )
+    .unwrap();
+    let out = mesh.sitesync("PARIS", &["check"]).await;
+    let text = check_text(&out);
+    assert!(line(&text, "archive table").starts_with("[FAIL]"), "{text}");
+    assert!(
+        mesh.ok("PARIS", &["init"])
+            .await
+            .contains("archive table public.sitesync_archive: ready")
+    );
+    let out = mesh.sitesync("PARIS", &["check"]).await;
+    let text = check_text(&out);
+    assert!(line(&text, "archive").starts_with("[ok  ]"), "{text}");
+    assert!(line(&text, "archive table").starts_with("[ok  ]"), "{text}");
+}
+
+/// `sitesync topology declare --topology FILE --broker URL`.
+fn declare(topology: &std::path::Path) -> std::process::Output {
+    Command::new(binary())
+        .args(["topology", "declare", "--topology"])
+        .arg(topology)
+        .args(["--broker", &rabbit::shared_amqp_url()])
+        .output()
+        .expect("run sitesync")
+}
+
+/// A queue's arguments, read through the management API.
+fn arguments(queue: &str) -> serde_json::Map<String, serde_json::Value> {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-u",
+            "guest:guest",
+            &format!("http://127.0.0.1:15672/api/queues/%2F/{queue}"),
+        ])
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "the management API on {queue}: {out:?}"
+    );
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    q["arguments"].as_object().cloned().unwrap_or_default()
+}
+
+fn topology_text(names: &Names, extra: &str) -> String {
+    format!(
+        "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\narchive_site = \"PARIS\"\n{extra}",
+        names.exchange, names.prefix, names.archive, names.dlx, names.dlq
+    )
+}
+
+#[tokio::test]
+async fn the_archive_queue_is_bounded_only_when_the_topology_says_so() {
+    if std::env::var_os("SITESYNC_TEST_AMQP_URL").is_some() {
+        eprintln!("skipped: reads queue arguments through the shared broker's management API");
+        return;
+    }
+    let dir = TestDir::new("ssarchive").unwrap();
+    let topology = dir.path().join("topology.toml");
+    let (bounded, rejecting, plain) = (Names::new(), Names::new(), Names::new());
+    let cleanup = [bounded.clone(), rejecting.clone(), plain.clone()];
+    let _cleanup = scopeguard(move || {
+        for n in &cleanup {
+            n.delete_blocking(&rabbit::shared_amqp_url());
+        }
+    });
+
+    // A bound without its policy is refused, naming the key.
+    std::fs::write(
+        &topology,
+        topology_text(&bounded, "archive_max_length = 5\n"),
+    )
+    .unwrap();
+    let out = declare(&topology);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("key `archive_overflow`: missing") && err.contains("drop-head"),
+        "{err}"
+    );
+
+    // Five messages, then drop-head: the oldest go to the dead-letter
+    // queue, the sites' queues keep everything.
+    std::fs::write(
+        &topology,
+        topology_text(
+            &bounded,
+            "archive_max_length = 5\narchive_overflow = \"drop-head\"\n",
+        ),
+    )
+    .unwrap();
+    let out = declare(&topology);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("at most 5 messages, then drop-head"),
+        "{text}"
+    );
+    let args = arguments(&bounded.archive);
+    assert_eq!(args["x-max-length"], 5, "{args:?}");
+    assert_eq!(args["x-overflow"], "drop-head", "{args:?}");
+    assert!(!arguments(&bounded.site("LONDON")).contains_key("x-max-length"));
+    let conn = rabbit::connect(&rabbit::shared_amqp_url()).await;
+    let ch = conn.create_channel().await.unwrap();
+    for i in 0..8 {
+        ch.basic_publish(
+            bounded.exchange.as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            format!("message {i}").as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let url = rabbit::shared_amqp_url();
+    wait_for(
+        async || rabbit::queue_len(&url, &bounded.dlq).await == Some(3),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the three oldest archive messages are dead-lettered");
+    assert_eq!(rabbit::queue_len(&url, &bounded.archive).await, Some(5));
+    assert_eq!(
+        rabbit::queue_len(&url, &bounded.site("LONDON")).await,
+        Some(8)
+    );
+
+    // Another bound on the existing queue: the broker refuses, and the
+    // error says what to do.
+    std::fs::write(
+        &topology,
+        topology_text(
+            &bounded,
+            "archive_max_length = 10\narchive_overflow = \"drop-head\"\n",
+        ),
+    )
+    .unwrap();
+    let out = declare(&topology);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "queue `{}` already exists with different settings",
+            bounded.archive
+        )) && err.contains("x-max-length")
+            && err.contains("set a RabbitMQ policy instead"),
+        "{err}"
+    );
+
+    // Quorum queues take reject-publish and a byte bound too.
+    std::fs::write(
+        &topology,
+        topology_text(
+            &rejecting,
+            "archive_max_bytes = 1000000\narchive_overflow = \"reject-publish\"\n",
+        ),
+    )
+    .unwrap();
+    let out = declare(&topology);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args = arguments(&rejecting.archive);
+    assert_eq!(args["x-max-length-bytes"], 1_000_000, "{args:?}");
+    assert_eq!(args["x-overflow"], "reject-publish", "{args:?}");
+
+    // Without the keys, no bound at all.
+    std::fs::write(&topology, topology_text(&plain, "")).unwrap();
+    let out = declare(&topology);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args = arguments(&plain.archive);
+    for key in ["x-max-length", "x-max-length-bytes", "x-overflow"] {
+        assert!(!args.contains_key(key), "{key} in {args:?}");
+    }
+    assert_eq!(args["x-queue-type"], "quorum");
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
