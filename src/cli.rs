@@ -77,6 +77,11 @@ enum Command {
     /// Dead-letter queue commands.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Send archived events again, in each origin's order, to one site's queue (never through the fanout). Run with the archiving site's connector.
+    #[command(
+        after_help = "Examples:\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --dry-run\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --origin MADRID --from 2026-11-01T00:00:00Z --type 'customer.*' --rate 2000 --yes"
+    )]
+    Replay(ReplayArgs),
     /// Three sites (PARIS, LONDON, MADRID) on private PostgreSQL clusters and RabbitMQ: writes everywhere, a conflict, and a check that they converge. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
@@ -104,6 +109,36 @@ enum DlqCommand {
         #[command(flatten)]
         which: RequeueWhich,
     },
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// The site whose queue receives the events, e.g. LONDON.
+    #[arg(long, value_name = "SITE")]
+    to_site: String,
+    /// Only this origin's events.
+    #[arg(long, value_name = "SITE")]
+    origin: Option<String>,
+    /// Only events written at or after this time (RFC 3339; without a zone, UTC).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Only events written before this time.
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// Only event types matching this pattern (`*` for any run of characters).
+    #[arg(long = "type", value_name = "PATTERN")]
+    kind: Option<String>,
+    /// Print how many events per origin and type would go; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// At most this many events a second.
+    #[arg(long, value_name = "N")]
+    rate: Option<u32>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -297,6 +332,18 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let connector = Connector::load(&connector.connector)?;
             dlq_requeue(&connector.config, which).await
         }
+        Command::Replay(args) => {
+            let connector = Connector::load(&args.connector.connector)?;
+            let cfg = &connector.config;
+            let filter = replay_filter(cfg, &args)?;
+            connector
+                .engine
+                .run(OnEngine {
+                    cfg,
+                    act: Act::Replay { args, filter },
+                })
+                .await
+        }
         Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
         Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
     }
@@ -308,7 +355,14 @@ enum Act {
     Init,
     Show,
     Status,
-    Reset { target: ResetTarget, yes: bool },
+    Reset {
+        target: ResetTarget,
+        yes: bool,
+    },
+    Replay {
+        args: ReplayArgs,
+        filter: crate::archive::replay::Filter,
+    },
 }
 
 /// Loads the connector and runs `act` with its engine.
@@ -361,6 +415,10 @@ impl Task for OnEngine<'_> {
                 status(cfg, D::status(cfg, db), archived).await
             }
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
+            Act::Replay { args, filter } => {
+                let archive = cfg.archive.as_ref().expect("checked by replay_filter");
+                replay(cfg, D::archive(cfg, db, archive)?, args, filter).await
+            }
         }
     }
 }
@@ -887,6 +945,125 @@ async fn reset<S: Source>(
     store.reset(&next).await?;
     println!("reset       {}", describe(&next));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks `replay`'s arguments against the connector and the topology.
+fn replay_filter(
+    cfg: &ConnectorConfig,
+    args: &ReplayArgs,
+) -> Result<crate::archive::replay::Filter, Failure> {
+    let usage = |message: String| Failure { message, code: 2 };
+    if cfg.archive.is_none() {
+        return Err(usage(format!(
+            "{} has no [archive] section: replay reads the archive, so run it with the archiving site's connector{}",
+            cfg.file.display(),
+            cfg.topology
+                .archive_site
+                .as_ref()
+                .map_or_else(String::new, |s| format!(" ({s})"))
+        )));
+    }
+    for (flag, site) in [
+        ("--to-site", Some(&args.to_site)),
+        ("--origin", args.origin.as_ref()),
+    ] {
+        if let Some(site) = site
+            && !cfg.topology.sites.contains(site)
+        {
+            return Err(usage(format!(
+                "{flag} {site}: not a site of {} ({})",
+                cfg.topology.file.display(),
+                cfg.topology.sites.join(", ")
+            )));
+        }
+    }
+    let time = |flag: &str, text: &Option<String>| match text {
+        None => Ok(None),
+        Some(t) => crate::event::parse_timestamp(t).map(Some).ok_or_else(|| {
+            usage(format!(
+                "{flag} `{t}` is not a time: expected RFC 3339, e.g. 2026-11-01T00:00:00Z"
+            ))
+        }),
+    };
+    Ok(crate::archive::replay::Filter {
+        origin: args.origin.clone(),
+        from: time("--from", &args.from)?,
+        to: time("--to", &args.to)?,
+        kind: args.kind.clone(),
+    })
+}
+
+/// `sitesync replay`: counts, asks, sends, reports.
+async fn replay<S: Store>(
+    cfg: &ConnectorConfig,
+    store: S,
+    args: ReplayArgs,
+    filter: crate::archive::replay::Filter,
+) -> Result<ExitCode, Failure> {
+    use crate::archive::replay;
+    let queue = cfg.topology.site_queue(&args.to_site);
+    let counts = replay::count(&store, &filter).await?;
+    let total: u64 = counts.values().sum();
+    println!(
+        "{total} archived event(s) in {} to send to {queue}:",
+        store.table()
+    );
+    for ((origin, kind), n) in &counts {
+        println!("  {origin:<10} {kind:<30} {n}");
+    }
+    if args.dry_run || total == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm(args.yes, &format!("send {total} event(s) to {queue}?"))?;
+    let conn = broker(cfg, "replay").await?;
+    bus::topology::queue_counts(&conn, &queue)
+        .await
+        .map_err(|e| fail(format!("{e} (run `sitesync topology declare`)")))?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} events, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let began = std::time::Instant::now();
+    let mut logged = began;
+    let result = replay::replay(&store, &conn, &queue, &filter, args.rate, |p| match &bar {
+        Some(bar) => bar.set_position(p.confirmed),
+        None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
+            logged = std::time::Instant::now();
+            let rate = p.confirmed as f64 / began.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                confirmed = p.confirmed,
+                total,
+                per_s = rate.round(),
+                "replaying to {queue}"
+            );
+        }
+        None => {}
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    match result {
+        Ok(p) => {
+            println!(
+                "replayed {} event(s) to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker",
+                p.confirmed,
+                p.confirmed as f64 / seconds.max(0.001)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(fail(format!(
+            "replay stopped: {e}. Running it again is harmless: {} skips the events it has (its inbox), and a newer write wins over an older event",
+            args.to_site
+        ))),
+    }
 }
 
 /// Asks on the terminal unless `yes`; refuses without a terminal.

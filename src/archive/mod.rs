@@ -20,6 +20,8 @@
 //! an origin's range: replay, gap fill) and by the time it was received
 //! and the event's own time (purge, replay's `--from/--to`).
 
+pub mod replay;
+
 use crate::bus::publisher::{Publisher, settle};
 use crate::checks::Check;
 use crate::config::{ArchiveConfig, ConnectorConfig};
@@ -57,6 +59,55 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many events the table holds (for `sitesync status`).
     fn count(&self) -> impl Future<Output = Result<u64, TargetError>> + Send;
+
+    /// Up to `limit` events in `(origin, epoch, seq)` order, after `after`
+    /// (from the first when `None`), of `origin` only when given.
+    fn read<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        origin: Option<&'a str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Event>, TargetError>> + Send + 'a;
+}
+
+/// Where a read of the archive goes on: after this `(origin, epoch, seq)`.
+pub type Cursor = (String, i64, i64);
+
+/// An event as the archive holds it, put back together (what `read`
+/// returns): `ts` in any form [`crate::event::parse_timestamp`] reads,
+/// `data` the payload's JSON text.
+#[allow(clippy::too_many_arguments)]
+pub fn archived_event(
+    id: &str,
+    origin: String,
+    epoch: i64,
+    seq: i64,
+    kind: String,
+    entity_key: Option<String>,
+    ts: &str,
+    data: String,
+) -> Result<Event, TargetError> {
+    let bad = |what: &str| {
+        TargetError::operator(
+            crate::error::Cause::Query,
+            format!("the archive row of event {id} has {what}"),
+        )
+    };
+    Ok(Event {
+        id: id
+            .trim()
+            .parse()
+            .map_err(|_| bad("an id that is not a UUID"))?,
+        timestamp: crate::event::parse_timestamp(ts)
+            .ok_or_else(|| bad("an unreadable event_ts"))?,
+        origin,
+        kind,
+        entity_key,
+        data: serde_json::value::RawValue::from_string(data)
+            .map_err(|_| bad("data that is not JSON"))?,
+        epoch: u64::try_from(epoch).map_err(|_| bad("a negative epoch"))?,
+        seq: u64::try_from(seq).map_err(|_| bad("a negative seq"))?,
+    })
 }
 
 /// What `sitesync check` says of who archives the archive queue, from

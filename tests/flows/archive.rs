@@ -478,3 +478,164 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     }
     Guard(Some(f))
 }
+
+/// An event body as a site publishes it.
+fn event_body(id: Uuid, origin: &str, seq: u64) -> Vec<u8> {
+    format!(
+        r#"{{"id":"{id}","timestamp":"2026-03-04T05:06:07.123456Z","origin":"{origin}","type":"item.upsert","entity_key":"{seq}","data":{{"id":{seq},"note":"l'été"}},"epoch":42,"seq":{seq}}}"#
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_mariadb_site_archives_each_event_once_and_dead_letters_what_is_not_one() {
+    let mesh = Mesh::start(MeshOptions {
+        sites: vec!["PARIS"],
+        ..MeshOptions::default()
+    })
+    .await;
+    // LONDON on MariaDB is the archive site (its sink off: only PARIS
+    // writes here).
+    let topology = mesh.dir.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        std::fs::read_to_string(&topology)
+            .unwrap()
+            .replace("archive_site = \"PARIS\"", "archive_site = \"LONDON\""),
+    )
+    .unwrap();
+    let maria = crate::support::mariadb::MariaDb::start().await;
+    maria.create_database("london").await;
+    let connector = mesh.dir.path().join("london.toml");
+    std::fs::write(
+        &connector,
+        format!(
+            "site = \"LONDON\"\n\n[database]\nkind = \"mariadb\"\nurl = \"{}\"\n\n[broker]\nurls = [\"{}\"]\ntopology = \"{}\"\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nenabled = false\n\n[archive]\nbatch_size = 100\nbatch_timeout_ms = 50\n",
+            maria.url("london"),
+            mesh.amqp_url,
+            topology.display(),
+            mesh.dir.path().join("checkpoints").join("london").display(),
+        ),
+    )
+    .unwrap();
+    let init = crate::support::sidecar::sitesync_with(&connector, &["init"]);
+    let text = String::from_utf8_lossy(&init.stdout);
+    assert!(
+        init.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    assert!(
+        text.contains("archive table sitesync_archive: ready"),
+        "{text}"
+    );
+    let mut london = crate::support::sidecar::Sidecar::spawn(&connector, mesh.dir.path());
+    let mut paris = mesh.spawn("PARIS");
+
+    // PARIS writes through its sidecar; MADRID's events (no sidecar here)
+    // come by hand to the archive queue, each twice, as a crashed site
+    // re-sends them, plus a message that is not an event.
+    let client = mesh.client("PARIS").await;
+    let mut written = BTreeSet::new();
+    for id in 0..300 {
+        written.insert(
+            crate::support::mesh::upsert(&client, "PARIS", id, id)
+                .await
+                .0,
+        );
+    }
+    let conn = rabbit::connect(&mesh.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    let madrid: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for round in 0..2 {
+        for (i, id) in madrid.iter().enumerate() {
+            ch.basic_publish(
+                "".into(),
+                mesh.names.archive.as_str().into(),
+                BasicPublishOptions::default(),
+                &event_body(*id, "MADRID", i as u64 + 1),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        if round == 0 {
+            ch.basic_publish(
+                "".into(),
+                mesh.names.archive.as_str().into(),
+                BasicPublishOptions::default(),
+                b"{\"id\": 1}",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    }
+    written.extend(madrid.iter().copied());
+
+    let mut db = maria.conn(Some("london")).await;
+    use mysql_async::prelude::Queryable;
+    let total = written.len();
+    wait_for(
+        async || {
+            db.query_first::<i64, _>("SELECT count(*) FROM sitesync_archive")
+                .await
+                .unwrap()
+                == Some(total as i64)
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON's archive: {e}\n{}", london.log_tail()));
+    wait_for(
+        async || mesh.queue_len(&mesh.names.archive).await == 0,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the archive queue drains");
+    let rows: Vec<(String, String, i64, i64, String)> = db
+        .query(
+            "SELECT event_id, origin, epoch, seq, data FROM sitesync_archive ORDER BY origin, seq",
+        )
+        .await
+        .unwrap();
+    let ids: BTreeSet<Uuid> = rows.iter().map(|r| r.0.parse().unwrap()).collect();
+    assert_eq!(ids, written, "each event once, the re-sent ones too");
+    let madrid_rows: Vec<&(String, String, i64, i64, String)> =
+        rows.iter().filter(|r| r.1 == "MADRID").collect();
+    assert_eq!(madrid_rows.len(), 20);
+    assert!(
+        madrid_rows
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.2 == 42 && r.3 == i as i64 + 1)
+    );
+    assert_eq!(
+        madrid_rows[0].4, r#"{"id":1,"note":"l'été"}"#,
+        "the payload as written"
+    );
+    let paris_seqs: Vec<i64> = rows
+        .iter()
+        .filter(|r| r.1 == "PARIS")
+        .map(|r| r.3)
+        .collect();
+    assert_eq!(paris_seqs, (1..=300).collect::<Vec<i64>>());
+
+    let dead = drain(&mesh.amqp_url, &mesh.names.dlq, 1, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].data, b"{\"id\": 1}");
+
+    let status = crate::support::sidecar::sitesync_with(&connector, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains(&format!("archive: {total} event(s) in sitesync_archive")),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(paris.terminate().await.success());
+    assert!(london.terminate().await.success(), "{}", london.log_tail());
+}

@@ -9,7 +9,7 @@
 
 use super::conn::{self, Account, quote_table};
 use super::settings::Settings;
-use crate::archive::{Store, chunks};
+use crate::archive::{Cursor, Store, archived_event, chunks};
 use crate::checks::Check;
 use crate::config::{ArchiveConfig, ConnectorConfig, redact_url};
 use crate::error::TargetError;
@@ -208,6 +208,41 @@ impl Store for MariaDbArchive {
         r
     }
 
+    async fn read<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        origin: Option<&'a str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, TargetError> {
+        let mut c = self.open().await?;
+        let origin = origin.map_or(Value::NULL, Value::from);
+        let (sql, params) = match after {
+            Some((o, epoch, seq)) => (
+                read_sql(&self.name, true, limit),
+                vec![
+                    Value::from(o.as_str()),
+                    Value::from(*epoch),
+                    Value::from(*seq),
+                    origin.clone(),
+                    origin,
+                ],
+            ),
+            None => (
+                read_sql(&self.name, false, limit),
+                vec![origin.clone(), origin],
+            ),
+        };
+        let rows: Vec<ReadRow> = c
+            .exec(sql, params)
+            .await
+            .map_err(|e| self.error("reading the archive", &e))?;
+        rows.into_iter()
+            .map(|(id, origin, epoch, seq, kind, key, ts, data)| {
+                archived_event(&id, origin, epoch, seq, kind, key, &ts, data)
+            })
+            .collect()
+    }
+
     async fn count(&self) -> Result<u64, TargetError> {
         let mut c = self.open().await?;
         let n: Option<i64> = c
@@ -217,6 +252,32 @@ impl Store for MariaDbArchive {
         Ok(n.unwrap_or(0) as u64)
     }
 }
+
+/// A page of the archive in `(origin, epoch, seq)` order: the cursor's
+/// three values first when `keyset`, then the origin twice (or NULL).
+pub fn read_sql(table: &str, keyset: bool, limit: usize) -> String {
+    let after = if keyset {
+        "(origin, epoch, seq) > (?, ?, ?) AND "
+    } else {
+        ""
+    };
+    format!(
+        "SELECT event_id, origin, epoch, seq, type, entity_key, DATE_FORMAT(event_ts, '%Y-%m-%dT%H:%i:%s.%fZ'), data \
+         FROM {} WHERE {after}(? IS NULL OR origin = ?) ORDER BY origin, epoch, seq LIMIT {limit}",
+        quote_table(table)
+    )
+}
+
+type ReadRow = (
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+);
 
 #[cfg(test)]
 mod tests {

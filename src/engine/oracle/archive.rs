@@ -11,7 +11,7 @@
 use super::conn::{OracleConnect, outbox_names};
 use super::settings::Settings;
 use super::target::oracle_table;
-use crate::archive::Store;
+use crate::archive::{Cursor, Store, archived_event};
 use crate::checks::Check;
 use crate::config::{ArchiveConfig, ConnectorConfig, DEFAULT_ARCHIVE_TABLE};
 use crate::error::{Cause, TargetError};
@@ -54,6 +54,22 @@ pub fn merge_sql(table: &str) -> String {
         "MERGE INTO {table} a USING (SELECT :1 EVENT_ID FROM DUAL) s ON (a.EVENT_ID = s.EVENT_ID) \
          WHEN NOT MATCHED THEN INSERT (EVENT_ID, ORIGIN, EPOCH, SEQ, TYPE, ENTITY_KEY, EVENT_TS, DATA) \
          VALUES (:2, :3, :4, :5, :6, :7, TO_TIMESTAMP_TZ(:8, '{TS_FORMAT}'), :9)"
+    )
+}
+
+/// A page of the archive in `(ORIGIN, EPOCH, SEQ)` order; binds: the
+/// origin twice (or NULL), then when `keyset` the cursor's origin, epoch,
+/// epoch again, seq (Oracle binds by position in the text).
+pub fn read_sql(table: &str, keyset: bool, limit: usize) -> String {
+    let after = if keyset {
+        " AND (ORIGIN > :3 OR (ORIGIN = :4 AND (EPOCH > :5 OR (EPOCH = :6 AND SEQ > :7))))"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT EVENT_ID, ORIGIN, EPOCH, SEQ, TYPE, ENTITY_KEY, \
+         TO_CHAR(SYS_EXTRACT_UTC(EVENT_TS), 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6\"Z\"'), DATA FROM {table} \
+         WHERE (:1 IS NULL OR ORIGIN = :2){after} ORDER BY ORIGIN, EPOCH, SEQ FETCH FIRST {limit} ROWS ONLY"
     )
 }
 
@@ -247,6 +263,52 @@ impl Store for OracleArchive {
         .map_err(task_failed)?
     }
 
+    async fn read<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        origin: Option<&'a str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, TargetError> {
+        let connect = self.connect.clone();
+        let sql = read_sql(&self.table, after.is_some(), limit);
+        let after = after.cloned();
+        let origin = origin.map(str::to_string);
+        tokio::task::spawn_blocking(move || {
+            let conn = connect.connect()?;
+            let read = || -> Result<Vec<Event>, TargetError> {
+                let rows = match &after {
+                    Some((o, epoch, seq)) => {
+                        conn.query(&sql, &[&origin, &origin, o, o, epoch, epoch, seq])
+                    }
+                    None => conn.query(&sql, &[&origin, &origin]),
+                }
+                .map_err(|e| archive_error("reading the archive", &e))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let row = row.map_err(|e| archive_error("reading the archive", &e))?;
+                    let get = |e: oracle::Error| archive_error("reading the archive", &e);
+                    let (id, origin, epoch, seq, kind, key, ts, data): (
+                        String,
+                        String,
+                        i64,
+                        i64,
+                        String,
+                        Option<String>,
+                        String,
+                        String,
+                    ) = row.get_as().map_err(get)?;
+                    out.push(archived_event(
+                        &id, origin, epoch, seq, kind, key, &ts, data,
+                    )?);
+                }
+                Ok(out)
+            };
+            read()
+        })
+        .await
+        .map_err(task_failed)?
+    }
+
     async fn count(&self) -> Result<u64, TargetError> {
         let connect = self.connect.clone();
         let sql = format!("SELECT COUNT(*) FROM {}", self.table);
@@ -289,6 +351,21 @@ mod tests {
         );
         assert!(ddl[0].contains("DATA CLOB NOT NULL"), "{}", ddl[0]);
         assert!(ddl[1].contains("\"SITESYNC_ARCHIVE_ORIGIN_SEQ\" ON \"APP\".\"SITESYNC_ARCHIVE\" (ORIGIN, EPOCH, SEQ)"), "{}", ddl[1]);
+    }
+
+    #[test]
+    fn the_archive_is_read_back_in_each_origins_order_with_binds_in_textual_order() {
+        let sql = read_sql("\"APP\".\"SITESYNC_ARCHIVE\"", true, 500);
+        let order: Vec<usize> = (1..=7)
+            .map(|n| sql.find(&format!(":{n}")).unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{sql}");
+        assert!(
+            sql.ends_with("ORDER BY ORIGIN, EPOCH, SEQ FETCH FIRST 500 ROWS ONLY"),
+            "{sql}"
+        );
+        let first = read_sql("T", false, 10);
+        assert!(!first.contains(":3"), "{first}");
     }
 
     #[test]

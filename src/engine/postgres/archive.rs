@@ -6,7 +6,7 @@
 //! origin wrote it (`jsonb` would reorder its keys).
 
 use super::settings::Settings;
-use crate::archive::Store;
+use crate::archive::{Cursor, Store, archived_event};
 use crate::checks::Check;
 use crate::config::{ArchiveConfig, ConnectorConfig, redact_url};
 use crate::error::{Cause, TargetError};
@@ -214,6 +214,45 @@ impl Store for PgArchive {
         .map_err(|e| transient("archiving a batch", e))
     }
 
+    async fn read<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        origin: Option<&'a str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, TargetError> {
+        let guard = self.connected().await?;
+        let c = guard.as_ref().expect("connected");
+        let limit = limit as i64;
+        let rows = match after {
+            Some((o, epoch, seq)) => {
+                c.query(
+                    &read_sql(&self.name, true),
+                    &[o, epoch, seq, &origin, &limit],
+                )
+                .await
+            }
+            None => {
+                c.query(&read_sql(&self.name, false), &[&origin, &limit])
+                    .await
+            }
+        }
+        .map_err(|e| transient("reading the archive", e))?;
+        rows.iter()
+            .map(|r| {
+                archived_event(
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                    r.get(5),
+                    r.get(6),
+                    r.get(7),
+                )
+            })
+            .collect()
+    }
+
     async fn count(&self) -> Result<u64, TargetError> {
         let sql = format!("SELECT count(*) FROM {}", self.table);
         let guard = self.connected().await?;
@@ -225,6 +264,27 @@ impl Store for PgArchive {
             .get(0);
         Ok(n as u64)
     }
+}
+
+/// A page of the archive in `(origin, epoch, seq)` order: `$1..$3` the
+/// cursor when `keyset`, then the origin (or NULL) and the limit.
+pub fn read_sql(table: &str, keyset: bool) -> String {
+    let (after, origin, limit) = if keyset {
+        (
+            "(origin, epoch, seq) > ($1::text, $2::int8, $3::int8) AND ",
+            "$4",
+            "$5",
+        )
+    } else {
+        ("", "$1", "$2")
+    };
+    format!(
+        "SELECT event_id::text, origin, epoch, seq, type, entity_key, \
+                to_char(event_ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), data::text \
+         FROM {} WHERE {after}({origin}::text IS NULL OR origin = {origin}::text) \
+         ORDER BY origin, epoch, seq LIMIT {limit}::int8",
+        quote_table(table)
+    )
 }
 
 #[cfg(test)]

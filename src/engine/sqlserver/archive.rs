@@ -15,7 +15,7 @@
 use super::conn::{self, MssqlClient, quote, quote_table};
 use super::settings::Settings;
 use super::target::{Param, Statement, Tds, TdsError};
-use crate::archive::{Store, chunks};
+use crate::archive::{Cursor, Store, archived_event, chunks};
 use crate::checks::Check;
 use crate::config::{ArchiveConfig, ConnectorConfig};
 use crate::error::{Cause, TargetError};
@@ -109,6 +109,53 @@ pub fn insert_statement(table: &str, events: &[&Event]) -> Statement {
         ),
         params,
     }
+}
+
+/// A page of the archive in `(origin, epoch, seq)` order (SQL Server has
+/// no row comparison: the keyset spelled out).
+pub fn read_statement(
+    table: &str,
+    after: Option<&Cursor>,
+    origin: Option<&str>,
+    limit: usize,
+) -> Statement {
+    let mut params = vec![Param::Text(origin.map(str::to_string))];
+    let keyset = match after {
+        Some((o, epoch, seq)) => {
+            params.extend([
+                Param::Text(Some(o.clone())),
+                Param::Int(*epoch),
+                Param::Int(*seq),
+            ]);
+            " AND (origin > @P2 OR (origin = @P2 AND (epoch > @P3 OR (epoch = @P3 AND seq > @P4))))"
+        }
+        None => "",
+    };
+    Statement {
+        sql: format!(
+            "SELECT TOP ({limit}) CONVERT(nvarchar(36), event_id), origin, epoch, seq, type, entity_key, \
+             CONVERT(nvarchar(30), event_ts, 126), data FROM {} \
+             WHERE (@P1 IS NULL OR origin = @P1){keyset} ORDER BY origin, epoch, seq",
+            quote_table(table)
+        ),
+        params,
+    }
+}
+
+/// An event from a row read as text.
+fn row_event(row: &[Option<String>]) -> Result<Event, TargetError> {
+    let cell = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let number = |i: usize| cell(i).trim().parse::<i64>().unwrap_or(-1);
+    archived_event(
+        &cell(0),
+        cell(1),
+        number(2),
+        number(3),
+        cell(4),
+        row.get(5).cloned().flatten(),
+        &cell(6),
+        cell(7),
+    )
 }
 
 /// What an error of the archive means: the table missing (208) needs
@@ -238,6 +285,20 @@ impl Store for SqlServerArchive {
             *guard = None;
         }
         r.map(|()| events.len() as u64)
+    }
+
+    async fn read<'a>(
+        &'a self,
+        after: Option<&'a Cursor>,
+        origin: Option<&'a str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, TargetError> {
+        let mut client = self.open().await?;
+        let st = read_statement(&self.name, after, origin, limit);
+        let rows = Tds::select(&mut client, &st, "reading the archive")
+            .await
+            .map_err(archive_error)?;
+        rows.iter().map(|r| row_event(r)).collect()
     }
 
     async fn count(&self) -> Result<u64, TargetError> {
@@ -400,6 +461,52 @@ mod tests {
         let s = server.0.lock().unwrap();
         assert_eq!(s.committed.len(), 100, "nothing of the failed batch stays");
         assert!(s.tx.is_none(), "rolled back");
+    }
+
+    #[test]
+    fn the_archive_is_read_back_in_each_origins_order() {
+        let cursor: Cursor = ("LONDON".into(), 7, 120);
+        let st = read_statement("dbo.sitesync_archive", Some(&cursor), None, 500);
+        assert!(st.sql.starts_with("SELECT TOP (500)"), "{}", st.sql);
+        assert!(
+            st.sql.ends_with("ORDER BY origin, epoch, seq"),
+            "{}",
+            st.sql
+        );
+        assert!(
+            st.sql.contains(
+                "(origin > @P2 OR (origin = @P2 AND (epoch > @P3 OR (epoch = @P3 AND seq > @P4))))"
+            ),
+            "{}",
+            st.sql
+        );
+        assert_eq!(
+            st.params,
+            vec![
+                Param::Text(None),
+                Param::Text(Some("LONDON".into())),
+                Param::Int(7),
+                Param::Int(120)
+            ]
+        );
+        let first = read_statement("dbo.sitesync_archive", None, Some("PARIS"), 10);
+        assert_eq!(first.params, vec![Param::Text(Some("PARIS".into()))]);
+        assert!(!first.sql.contains("@P2"), "{}", first.sql);
+        // A row as the server returns it, as text.
+        let e = row_event(&[
+            Some("0190A0E0-0000-7000-8000-000000000001".into()),
+            Some("LONDON".into()),
+            Some("7".into()),
+            Some("121".into()),
+            Some("item.upsert".into()),
+            None,
+            Some("2026-01-02T03:04:05.123456".into()),
+            Some(r#"{"id":1}"#.into()),
+        ])
+        .unwrap();
+        assert_eq!((e.epoch, e.seq, e.entity_key), (7, 121, None));
+        assert_eq!(e.data.get(), r#"{"id":1}"#);
+        assert_eq!(e.timestamp.to_rfc3339(), "2026-01-02T03:04:05.123456+00:00");
     }
 
     #[test]
