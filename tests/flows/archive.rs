@@ -639,3 +639,158 @@ async fn a_mariadb_site_archives_each_event_once_and_dead_letters_what_is_not_on
     assert!(paris.terminate().await.success());
     assert!(london.terminate().await.success(), "{}", london.log_tail());
 }
+
+/// A digest of a site's `item` rows (id, n, rev), to compare sites.
+async fn checksum(mesh: &Mesh, site: &str) -> (i64, String) {
+    let row = mesh
+        .client(site)
+        .await
+        .query_one(
+            "SELECT count(*), coalesce(md5(string_agg(id || ':' || n || ':' || rev, ',' ORDER BY id)), '') FROM item",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_site_rebuilt_from_an_empty_database_by_replay_converges_with_the_others() {
+    let mesh = Mesh::start(MeshOptions {
+        archive: true,
+        ..MeshOptions::default()
+    })
+    .await;
+    let mut sidecars = mesh.spawn_all();
+    // PARIS and MADRID write, on the same keys (conflicts, deletes).
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut writers = Vec::new();
+    for (i, site) in ["PARIS", "MADRID"].into_iter().enumerate() {
+        writers.push(spawn_random_writer(
+            mesh.client(site).await,
+            site,
+            31 + i as u64,
+            60,
+            until,
+            Duration::from_millis(4),
+        ));
+    }
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.extend(w.await.unwrap());
+    }
+    mesh.assert_synced(&writes, "before the rebuild").await;
+    let total = writes.len() as i64;
+    wait_for(
+        async || archive_count(&mesh).await == total,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("PARIS archived every event");
+    let before = checksum(&mesh, "PARIS").await;
+    assert!(before.0 > 0);
+
+    // LONDON loses its database: a new one, re-initialised, a new store.
+    for s in sidecars.values_mut() {
+        assert!(s.terminate().await.success());
+    }
+    let admin = mesh.pg.client("postgres").await;
+    for sql in [
+        "SELECT pg_drop_replication_slot('sitesync_london')",
+        "DROP DATABASE london WITH (FORCE)",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    mesh.pg.create_database("london").await;
+    mesh.client("LONDON")
+        .await
+        .batch_execute(crate::support::mesh::BUSINESS)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(mesh.dir.path().join("checkpoints").join("london")).unwrap();
+    mesh.ok("LONDON", &["init"]).await;
+    assert_eq!(checksum(&mesh, "LONDON").await.0, 0);
+    let mut london = mesh.spawn("LONDON");
+
+    // What would go, per origin and type.
+    let dry = mesh
+        .ok("PARIS", &["replay", "--to-site", "LONDON", "--dry-run"])
+        .await;
+    assert!(
+        dry.contains(&format!(
+            "{total} archived event(s) in public.sitesync_archive to send to {}",
+            mesh.names.site("LONDON")
+        )),
+        "{dry}"
+    );
+    for site in ["PARIS", "MADRID"] {
+        for (kind, upsert) in [("item.upsert", true), ("item.delete", false)] {
+            let n = writes
+                .iter()
+                .filter(|w| w.site == site && w.rev.is_some() == upsert)
+                .count();
+            let line = format!("{site:<10} {kind:<30} {n}");
+            assert!(n == 0 || dry.contains(&line), "no `{line}` in:\n{dry}");
+        }
+    }
+    assert_eq!(
+        mesh.foreign_inbox("LONDON").await,
+        0,
+        "a dry run sends nothing"
+    );
+
+    // The replay, to LONDON only: the other sites' queues stay empty.
+    let out = mesh
+        .ok(
+            "PARIS",
+            &["replay", "--to-site", "LONDON", "--yes", "--rate", "100000"],
+        )
+        .await;
+    assert!(out.contains(&format!("replayed {total} event(s)")), "{out}");
+    eprintln!("{}", out.lines().last().unwrap_or_default());
+    mesh.wait_inbox("LONDON", total, Duration::from_secs(120))
+        .await;
+    for site in ["PARIS", "MADRID"] {
+        assert_eq!(
+            mesh.queue_len(&mesh.names.site(site)).await,
+            0,
+            "{site}'s queue"
+        );
+    }
+    wait_for(
+        async || checksum(&mesh, "LONDON").await == before,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON did not converge: {e}"));
+    assert_eq!(checksum(&mesh, "MADRID").await, before);
+
+    // Again, one origin: harmless (every event a duplicate there).
+    let out = mesh
+        .ok(
+            "PARIS",
+            &[
+                "replay",
+                "--to-site",
+                "LONDON",
+                "--origin",
+                "MADRID",
+                "--yes",
+            ],
+        )
+        .await;
+    let madrid = writes.iter().filter(|w| w.site == "MADRID").count();
+    assert!(
+        out.contains(&format!("replayed {madrid} event(s)")),
+        "{out}"
+    );
+    wait_for(
+        async || mesh.queue_len(&mesh.names.site("LONDON")).await == 0,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("LONDON takes the second replay");
+    assert_eq!(mesh.foreign_inbox("LONDON").await, total);
+    assert_eq!(checksum(&mesh, "LONDON").await, before);
+    assert!(london.terminate().await.success());
+}
