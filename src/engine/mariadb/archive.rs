@@ -32,7 +32,7 @@ pub struct MariaDbArchive {
     /// As configured (`db.table` or `table`).
     name: String,
     /// Quoted.
-    table: String,
+    quoted: String,
 }
 
 /// The table and its indexes.
@@ -85,7 +85,7 @@ impl MariaDbArchive {
             url: db.url.clone(),
             account: Account::of(&opts),
             pool: Pool::new(opts),
-            table: quote_table(&name),
+            quoted: quote_table(&name),
             name,
         })
     }
@@ -246,7 +246,7 @@ impl Store for MariaDbArchive {
     async fn count(&self) -> Result<u64, TargetError> {
         let mut c = self.open().await?;
         let n: Option<i64> = c
-            .query_first(format!("SELECT COUNT(*) FROM {}", self.table))
+            .query_first(format!("SELECT COUNT(*) FROM {}", self.quoted))
             .await
             .map_err(|e| self.error("counting the archive", &e))?;
         Ok(n.unwrap_or(0) as u64)

@@ -27,7 +27,7 @@ pub struct OracleArchive {
     /// `OWNER.TABLE` as written in messages.
     name: String,
     /// Quoted.
-    table: String,
+    quoted: String,
     conn: Arc<Mutex<Option<oracle::Connection>>>,
 }
 
@@ -112,7 +112,7 @@ impl OracleArchive {
             None => format!("{owner}.{}", DEFAULT_ARCHIVE_TABLE.to_uppercase()),
         };
         Ok(OracleArchive {
-            table: oracle_table(&name),
+            quoted: oracle_table(&name),
             name,
             connect,
             conn: Arc::new(Mutex::new(None)),
@@ -134,7 +134,7 @@ impl Store for OracleArchive {
     async fn init(&self) -> Result<Vec<String>, TargetError> {
         let connect = self.connect.clone();
         let (owner, bare) = self.parts();
-        let (table, name) = (self.table.clone(), self.name.clone());
+        let (table, name) = (self.quoted.clone(), self.name.clone());
         tokio::task::spawn_blocking(move || {
             let conn = connect.connect()?;
             let n: i64 = conn
@@ -219,7 +219,7 @@ impl Store for OracleArchive {
         let (connect, slot, sql) = (
             self.connect.clone(),
             self.conn.clone(),
-            merge_sql(&self.table),
+            merge_sql(&self.quoted),
         );
         tokio::task::spawn_blocking(move || {
             let mut guard = slot
@@ -270,7 +270,7 @@ impl Store for OracleArchive {
         limit: usize,
     ) -> Result<Vec<Event>, TargetError> {
         let connect = self.connect.clone();
-        let sql = read_sql(&self.table, after.is_some(), limit);
+        let sql = read_sql(&self.quoted, after.is_some(), limit);
         let after = after.cloned();
         let origin = origin.map(str::to_string);
         tokio::task::spawn_blocking(move || {
@@ -311,7 +311,7 @@ impl Store for OracleArchive {
 
     async fn count(&self) -> Result<u64, TargetError> {
         let connect = self.connect.clone();
-        let sql = format!("SELECT COUNT(*) FROM {}", self.table);
+        let sql = format!("SELECT COUNT(*) FROM {}", self.quoted);
         tokio::task::spawn_blocking(move || {
             let conn = connect.connect()?;
             let n: i64 = conn

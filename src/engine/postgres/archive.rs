@@ -23,7 +23,7 @@ pub struct PgArchive {
     /// `schema.table`, unquoted.
     name: String,
     /// `"schema"."table"`.
-    table: String,
+    quoted: String,
     client: Mutex<Option<Client>>,
 }
 
@@ -113,7 +113,7 @@ impl PgArchive {
         Ok(PgArchive {
             url: db.url.clone(),
             pg,
-            table: quote_table(&name),
+            quoted: quote_table(&name),
             name,
             client: Mutex::new(None),
         })
@@ -172,7 +172,7 @@ impl Store for PgArchive {
             }
         };
         match client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table])
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.quoted])
             .await
         {
             Ok(row) if row.get::<_, bool>(0) => {
@@ -254,7 +254,7 @@ impl Store for PgArchive {
     }
 
     async fn count(&self) -> Result<u64, TargetError> {
-        let sql = format!("SELECT count(*) FROM {}", self.table);
+        let sql = format!("SELECT count(*) FROM {}", self.quoted);
         let guard = self.connected().await?;
         let c = guard.as_ref().expect("connected");
         let n: i64 = c
