@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a runtime failure (or a failed check); 2 a
 //! configuration or usage error.
 
+use crate::archive::Store;
 use crate::bus::{self, topology};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointStore, describe, reset_hint};
 use crate::checks::{Check, Status};
@@ -61,7 +62,7 @@ enum Command {
     /// Validate the connector file, then check the database, the broker, the topology and the checkpoint.
     #[command(after_help = "Example:\n  sitesync check --connector connectors/paris.toml")]
     Check(ConnectorArg),
-    /// Create the outbox table, what the change log needs (PostgreSQL: publication and slot) and the sink's tables (idempotent).
+    /// Create the outbox table, what the change log needs (PostgreSQL: publication and slot), the sink's tables and, with [archive], the archive table (idempotent).
     #[command(after_help = "Example:\n  sitesync init --connector connectors/paris.toml")]
     Init(ConnectorArg),
     /// Broker topology commands.
@@ -70,7 +71,7 @@ enum Command {
     /// Checkpoint commands.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
-    /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag.
+    /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag; with [archive], the archive's rows and backlog.
     #[command(after_help = "Example:\n  sitesync status --connector connectors/london.toml")]
     Status(ConnectorArg),
     /// Dead-letter queue commands.
@@ -79,6 +80,11 @@ enum Command {
     /// Triggers that fill the outbox from business tables, for applications that cannot write it (docs/capture.md).
     #[command(subcommand)]
     Capture(CaptureCommand),
+    /// Send archived events again, in each origin's order, to one site's queue (never through the fanout). Run with the archiving site's connector.
+    #[command(
+        after_help = "Examples:\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --dry-run\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --origin MADRID --from 2026-11-01T00:00:00Z --type 'customer.*' --rate 2000 --yes"
+    )]
+    Replay(ReplayArgs),
     /// Three sites (PARIS, LONDON, MADRID) on private PostgreSQL clusters and RabbitMQ: writes everywhere, a conflict, and a check that they converge. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
@@ -152,6 +158,36 @@ enum DlqCommand {
         #[command(flatten)]
         which: RequeueWhich,
     },
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// The site whose queue receives the events, e.g. LONDON.
+    #[arg(long, value_name = "SITE")]
+    to_site: String,
+    /// Only this origin's events.
+    #[arg(long, value_name = "SITE")]
+    origin: Option<String>,
+    /// Only events written at or after this time (RFC 3339; without a zone, UTC).
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Only events written before this time.
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// Only event types matching this pattern (`*` for any run of characters).
+    #[arg(long = "type", value_name = "PATTERN")]
+    kind: Option<String>,
+    /// Print how many events per origin and type would go; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// At most this many events a second.
+    #[arg(long, value_name = "N")]
+    rate: Option<u32>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -346,6 +382,18 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             dlq_requeue(&connector.config, which).await
         }
         Command::Capture(c) => capture(c).await,
+        Command::Replay(args) => {
+            let connector = Connector::load(&args.connector.connector)?;
+            let cfg = &connector.config;
+            let filter = replay_filter(cfg, &args)?;
+            connector
+                .engine
+                .run(OnEngine {
+                    cfg,
+                    act: Act::Replay { args, filter },
+                })
+                .await
+        }
         Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
         Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
     }
@@ -365,6 +413,10 @@ enum Act {
         action: crate::capture::Action,
         routes: Vec<String>,
         all: bool,
+    },
+    Replay {
+        args: ReplayArgs,
+        filter: crate::archive::replay::Filter,
     },
 }
 
@@ -393,10 +445,18 @@ impl Task for OnEngine<'_> {
                     true => Some(Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink)),
                     false => None,
                 };
-                run(cfg, source, target).await
+                let archive = match &cfg.archive {
+                    Some(a) => Some(D::archive(cfg, db, a)?),
+                    None => None,
+                };
+                run(cfg, source, target, archive).await
             }
             Act::Init => {
-                let code = init(cfg, D::source(cfg, db)?, D::target(cfg, db)?).await?;
+                let archive = match &cfg.archive {
+                    Some(a) => Some(D::archive(cfg, db, a)?),
+                    None => None,
+                };
+                let code = init(cfg, D::source(cfg, db)?, D::target(cfg, db)?, archive).await?;
                 if !cfg.capture.is_empty() {
                     let c = D::capture(cfg, db)?;
                     for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
@@ -421,8 +481,21 @@ impl Task for OnEngine<'_> {
                 })
             }
             Act::Show => show(cfg, D::source(cfg, db)?).await,
-            Act::Status => status(cfg, D::status(cfg, db)).await,
+            Act::Status => {
+                let archived = match &cfg.archive {
+                    Some(a) => {
+                        let store = D::archive(cfg, db, a)?;
+                        Some((store.table().to_string(), store.count().await))
+                    }
+                    None => None,
+                };
+                status(cfg, D::status(cfg, db), archived).await
+            }
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
+            Act::Replay { args, filter } => {
+                let archive = cfg.archive.as_ref().expect("checked by replay_filter");
+                replay(cfg, D::archive(cfg, db, archive)?, args, filter).await
+            }
         }
     }
 }
@@ -452,6 +525,16 @@ impl Task for EngineChecks<'_> {
             match D::target(cfg, db) {
                 Ok(target) => checks.extend(target.preflight().await),
                 Err(e) => checks.push(Check::fail("sink", e.to_string(), "check database.url")),
+            }
+        }
+        if let Some(a) = &cfg.archive {
+            match D::archive(cfg, db, a) {
+                Ok(store) => checks.extend(store.preflight().await),
+                Err(e) => checks.push(Check::fail(
+                    "archive table",
+                    e.to_string(),
+                    "check database.url",
+                )),
             }
         }
         checks
@@ -493,10 +576,11 @@ async fn capture(command: CaptureCommand) -> Result<ExitCode, Failure> {
     .await
 }
 
-async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
+async fn run<S: Source + 'static, T: crate::sink::Target + 'static, A: Store>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
+    archive: Option<A>,
 ) -> Result<ExitCode, Failure> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
@@ -531,16 +615,17 @@ async fn run<S: Source + 'static, T: crate::sink::Target + 'static>(
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    sidecar::run(cfg, source, target, shutdown)
+    sidecar::run(cfg, source, target, archive, shutdown)
         .await
         .map_err(|e| fail(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source, T: Dialect>(
+async fn init<S: Source, T: Dialect, A: Store>(
     cfg: &ConnectorConfig,
     source: S,
     target: T,
+    archive: Option<A>,
 ) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
@@ -548,6 +633,11 @@ async fn init<S: Source, T: Dialect>(
     }
     for line in target.init().await? {
         println!("  {line}");
+    }
+    if let Some(archive) = archive {
+        for line in archive.init().await? {
+            println!("  {line}");
+        }
     }
     println!(
         "next: `sitesync topology declare --connector {}` (once per broker), then `sitesync run --connector {}`",
@@ -605,6 +695,7 @@ async fn broker(cfg: &ConnectorConfig, what: &str) -> Result<bus::Link, Failure>
 async fn status(
     cfg: &ConnectorConfig,
     site: impl std::future::Future<Output = Result<crate::status::SiteStatus, SourceError>>,
+    archived: Option<(String, Result<u64, TargetError>)>,
 ) -> Result<ExitCode, Failure> {
     println!(
         "connector   {} ({}), site {}",
@@ -613,13 +704,31 @@ async fn status(
         cfg.site
     );
     let site = site.await?;
-    let queued = match broker(cfg, "status").await {
-        Ok(conn) => bus::topology::queue_depth(&conn, &cfg.topology.dead_letter_queue)
+    let conn = broker(cfg, "status").await.ok();
+    let queued = match &conn {
+        Some(conn) => bus::topology::queue_depth(conn, &cfg.topology.dead_letter_queue)
             .await
             .ok(),
-        Err(_) => None,
+        None => None,
     };
     print!("{}", site.render(queued));
+    if let Some((table, rows)) = archived {
+        let rows = match rows {
+            Ok(n) => format!("{n} event(s) in {table}"),
+            Err(e) => format!("{table} unreadable: {}", e.message()),
+        };
+        let queue = &cfg.topology.archive_queue;
+        let backlog = match &conn {
+            Some(conn) => match bus::topology::queue_counts(conn, queue).await {
+                Ok((messages, consumers)) => {
+                    format!("{messages} message(s) waiting in {queue}, {consumers} consumer(s)")
+                }
+                Err(e) => format!("{queue} unreadable: {e}"),
+            },
+            None => format!("{queue}: unknown (broker unreachable)"),
+        };
+        println!("archive: {rows}; {backlog}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -740,6 +849,13 @@ async fn check(file: &Path) -> Result<ExitCode, Failure> {
             )
             .await,
         );
+    }
+    checks.push(crate::archive::coverage(cfg));
+    if let Some(conn) = &connection
+        && let Ok((messages, consumers)) =
+            topology::queue_counts(conn, &cfg.topology.archive_queue).await
+    {
+        checks.push(crate::archive::consumers(cfg, messages, consumers));
     }
     let mut worst = Status::Pass;
     for c in &checks {
@@ -945,6 +1061,125 @@ async fn reset<S: Source>(
     store.reset(&next).await?;
     println!("reset       {}", describe(&next));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Checks `replay`'s arguments against the connector and the topology.
+fn replay_filter(
+    cfg: &ConnectorConfig,
+    args: &ReplayArgs,
+) -> Result<crate::archive::replay::Filter, Failure> {
+    let usage = |message: String| Failure { message, code: 2 };
+    if cfg.archive.is_none() {
+        return Err(usage(format!(
+            "{} has no [archive] section: replay reads the archive, so run it with the archiving site's connector{}",
+            cfg.file.display(),
+            cfg.topology
+                .archive_site
+                .as_ref()
+                .map_or_else(String::new, |s| format!(" ({s})"))
+        )));
+    }
+    for (flag, site) in [
+        ("--to-site", Some(&args.to_site)),
+        ("--origin", args.origin.as_ref()),
+    ] {
+        if let Some(site) = site
+            && !cfg.topology.sites.contains(site)
+        {
+            return Err(usage(format!(
+                "{flag} {site}: not a site of {} ({})",
+                cfg.topology.file.display(),
+                cfg.topology.sites.join(", ")
+            )));
+        }
+    }
+    let time = |flag: &str, text: &Option<String>| match text {
+        None => Ok(None),
+        Some(t) => crate::event::parse_timestamp(t).map(Some).ok_or_else(|| {
+            usage(format!(
+                "{flag} `{t}` is not a time: expected RFC 3339, e.g. 2026-11-01T00:00:00Z"
+            ))
+        }),
+    };
+    Ok(crate::archive::replay::Filter {
+        origin: args.origin.clone(),
+        from: time("--from", &args.from)?,
+        to: time("--to", &args.to)?,
+        kind: args.kind.clone(),
+    })
+}
+
+/// `sitesync replay`: counts, asks, sends, reports.
+async fn replay<S: Store>(
+    cfg: &ConnectorConfig,
+    store: S,
+    args: ReplayArgs,
+    filter: crate::archive::replay::Filter,
+) -> Result<ExitCode, Failure> {
+    use crate::archive::replay;
+    let queue = cfg.topology.site_queue(&args.to_site);
+    let counts = replay::count(&store, &filter).await?;
+    let total: u64 = counts.values().sum();
+    println!(
+        "{total} archived event(s) in {} to send to {queue}:",
+        store.table()
+    );
+    for ((origin, kind), n) in &counts {
+        println!("  {origin:<10} {kind:<30} {n}");
+    }
+    if args.dry_run || total == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm(args.yes, &format!("send {total} event(s) to {queue}?"))?;
+    let conn = broker(cfg, "replay").await?;
+    bus::topology::queue_counts(&conn, &queue)
+        .await
+        .map_err(|e| fail(format!("{e} (run `sitesync topology declare`)")))?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} events, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let began = std::time::Instant::now();
+    let mut logged = began;
+    let result = replay::replay(&store, &conn, &queue, &filter, args.rate, |p| match &bar {
+        Some(bar) => bar.set_position(p.confirmed),
+        None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
+            logged = std::time::Instant::now();
+            let rate = p.confirmed as f64 / began.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                confirmed = p.confirmed,
+                total,
+                per_s = rate.round(),
+                "replaying to {queue}"
+            );
+        }
+        None => {}
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    match result {
+        Ok(p) => {
+            println!(
+                "replayed {} event(s) to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker",
+                p.confirmed,
+                p.confirmed as f64 / seconds.max(0.001)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(fail(format!(
+            "replay stopped: {e}. Running it again is harmless: {} skips the events it has (its inbox), and a newer write wins over an older event",
+            args.to_site
+        ))),
+    }
 }
 
 /// Asks on the terminal unless `yes`; refuses without a terminal.

@@ -12,7 +12,8 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `topology declare`, `checkpoint show|reset`, `demo`, `bench`);
+//!   `dlq`, `replay`, `topology declare`, `checkpoint show|reset`, `demo`,
+//!   `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
 //!   them through [`engine::Engine::run`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
@@ -39,7 +40,10 @@
 //! - [`capture`]: `sitesync capture`: triggers that fill the outbox from
 //!   business tables, the inverse of each route (the engines' SQL in
 //!   `engine/<name>/capture.rs`).
-//! - [`sidecar`]: the source and the sink of one site, run side by side.
+//! - [`archive`]: the archive queue consumed into a table of one site's
+//!   database (its connector's `[archive]`), with the sink's consumer.
+//! - [`sidecar`]: the source, the sink and the archive of one site, run
+//!   side by side.
 //! - [`status`]: what `sitesync status` reports.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
@@ -52,6 +56,7 @@
 //!   clusters they start (the integration tests reuse them); nothing of the
 //!   product depends on it.
 
+pub mod archive;
 pub mod bus;
 pub mod capture;
 pub mod checkpoint;

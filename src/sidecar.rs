@@ -1,12 +1,14 @@
-//! One sidecar: the source half (change log → broker) and the sink half
-//! (this site's queue → database) side by side, each on a thread of its
-//! own, stopping together.
+//! One sidecar: the source half (change log → broker), the sink half
+//! (this site's queue → database) and, at the archiving site, the archive
+//! (the archive queue → the archive table) side by side, each on a thread
+//! of its own, stopping together.
 //!
 //! A standby sidecar starts its sink as a second consumer of the site's
 //! single-active-consumer queue (the broker hands it the queue when the
 //! active consumer goes) and waits on the checkpoint store's lock before
 //! its source reads the slot.
 
+use crate::archive::{self, Store};
 use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 use crate::runner::{self, RunError, Shutdown};
@@ -25,14 +27,18 @@ pub enum SidecarError {
     /// The sink's thread or runtime could not start, or it panicked.
     #[error("sink: {0}")]
     SinkThread(String),
+    #[error("archive: {0}")]
+    Archive(TargetError),
 }
 
-/// Runs the source and, if given, the sink until `shutdown` fires or one
-/// of them meets an error that needs a person (then both stop).
-pub async fn run<S: Source, T: Target + 'static>(
+/// Runs the source and, if given, the sink and the archive until
+/// `shutdown` fires or one of them meets an error that needs a person
+/// (then all stop).
+pub async fn run<S: Source, T: Target + 'static, A: Store>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
+    archive: Option<A>,
     mut shutdown: Shutdown,
 ) -> Result<(), SidecarError> {
     let (stop_tx, stop) = Shutdown::new();
@@ -56,51 +62,73 @@ pub async fn run<S: Source, T: Target + 'static>(
     };
     let sink_half = async {
         let Some(target) = target else { return Ok(()) };
-        let r = sink_on_its_own_thread(cfg.clone(), target, stop.clone()).await;
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        let r = on_its_own_thread("sink", move || async move {
+            sink::run(&cfg, &target, stop)
+                .await
+                .map_err(SidecarError::from)
+        })
+        .await;
         if let Err(e) = &r {
             tracing::error!(error = %e, "sink stopping: this needs a person");
             let _ = stop_tx.send(true);
         }
         r
     };
-    let (source_result, sink_result) = tokio::join!(source_half, sink_half);
+    let archive_half = async {
+        let (Some(store), Some(settings)) = (archive, cfg.archive.clone()) else {
+            return Ok(());
+        };
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        let r = on_its_own_thread("archive", move || async move {
+            archive::run(&cfg, &settings, &store, stop)
+                .await
+                .map_err(SidecarError::Archive)
+        })
+        .await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "archive stopping: this needs a person");
+            let _ = stop_tx.send(true);
+        }
+        r
+    };
+    let (source_result, sink_result, archive_result) =
+        tokio::join!(source_half, sink_half, archive_half);
     relay.abort();
-    source_result.and(sink_result)
+    source_result.and(sink_result).and(archive_result)
 }
 
-/// Runs the sink on a thread of its own, on a single-threaded runtime.
+/// Runs `work` (the sink, the archive) on a thread of its own, on a
+/// single-threaded runtime.
 ///
 /// Each half then keeps its socket work on one thread: a database round
 /// trip of the sink does not hop between threads (on a pool of workers
-/// each one did, a wake-up each way), and the source and the sink still
-/// run side by side, so that a batch being applied does not hold up
-/// publishing.
-async fn sink_on_its_own_thread<T: Target + 'static>(
-    cfg: ConnectorConfig,
-    target: T,
-    stop: Shutdown,
-) -> Result<(), SidecarError> {
+/// each one did, a wake-up each way), and the halves still run side by
+/// side, so that a batch being applied does not hold up publishing.
+async fn on_its_own_thread<F, W>(name: &'static str, work: W) -> Result<(), SidecarError>
+where
+    W: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), SidecarError>>,
+{
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("sitesync-sink".into())
+        .name(format!("sitesync-{name}"))
         .spawn(move || {
             let r = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt
-                    .block_on(sink::run(&cfg, &target, stop))
-                    .map_err(SidecarError::from),
+                Ok(rt) => rt.block_on(work()),
                 Err(e) => Err(SidecarError::SinkThread(format!(
-                    "cannot start the sink's runtime: {e}"
+                    "cannot start the {name}'s runtime: {e}"
                 ))),
             };
             let _ = done.send(r);
         })
-        .map_err(|e| SidecarError::SinkThread(format!("cannot start the sink's thread: {e}")))?;
+        .map_err(|e| SidecarError::SinkThread(format!("cannot start the {name}'s thread: {e}")))?;
     result.await.unwrap_or_else(|_| {
-        Err(SidecarError::SinkThread(
-            "the sink's thread panicked".to_string(),
-        ))
+        Err(SidecarError::SinkThread(format!(
+            "the {name}'s thread panicked"
+        )))
     })
 }

@@ -180,6 +180,11 @@ pub async fn requeue(
                     "a source dead letter (an outbox row of {} that is not an event) cannot be requeued: fix the row and insert it again",
                     letter.site
                 )
+            } else if letter.stage == "archive" {
+                format!(
+                    "an archive dead letter (a message of {} that is not an event) cannot be archived: there is nothing to requeue",
+                    topology.archive_queue
+                )
             } else {
                 format!(
                     "it names no site of the topology to go back to (site `{}`)",

@@ -104,24 +104,7 @@ impl Publisher {
         body: Vec<u8>,
         position: &(dyn std::fmt::Display + Sync),
     ) -> Pin<Box<dyn Future<Output = Result<PublisherConfirm, lapin::Error>> + Send>> {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            HEADER_POSITION.into(),
-            AMQPValue::LongString(position.to_string().into()),
-        );
-        headers.insert(
-            HEADER_EPOCH.into(),
-            AMQPValue::LongLongInt(event.epoch as i64),
-        );
-        headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(event.seq as i64));
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(event.id.to_string().into())
-            .with_app_id(event.origin.as_str().into())
-            .with_type(event.kind.as_str().into())
-            .with_timestamp(event.timestamp.timestamp().max(0) as u64)
-            .with_headers(headers);
+        let props = event_properties(event, FieldTable::default(), &position.to_string());
         started(&self.channel, self.exchange.clone(), body, props)
     }
 
@@ -199,13 +182,27 @@ impl Publisher {
         reason: &str,
         attempts: u32,
     ) -> Result<PublisherConfirm, lapin::Error> {
+        self.dead_letter_at(original, reason, attempts, "sink")
+            .await
+    }
+
+    /// [`Publisher::dead_letter_message`] for a message that failed at
+    /// `stage` (`sink`, or `archive`: a message of the archive queue that
+    /// is not an event).
+    pub async fn dead_letter_at(
+        &self,
+        original: &lapin::message::Delivery,
+        reason: &str,
+        attempts: u32,
+        stage: &str,
+    ) -> Result<PublisherConfirm, lapin::Error> {
         let mut headers = original.properties.headers().clone().unwrap_or_default();
         headers.insert(HEADER_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(
             HEADER_SITE.into(),
             AMQPValue::LongString(self.site.as_str().into()),
         );
-        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString("sink".into()));
+        headers.insert(HEADER_STAGE.into(), AMQPValue::LongString(stage.into()));
         headers.insert(
             HEADER_ATTEMPTS.into(),
             AMQPValue::LongLongInt(attempts as i64),
@@ -233,6 +230,29 @@ impl Publisher {
     pub async fn close(&self) {
         let _ = self.channel.close(200, "bye".into()).await;
     }
+}
+
+/// The properties an event is published with: persistent, its id, origin,
+/// type and time, and in `headers` (added to those given) its `(epoch,
+/// seq)` and the position it was read at (`position`).
+pub fn event_properties(event: &Event, mut headers: FieldTable, position: &str) -> BasicProperties {
+    headers.insert(
+        HEADER_POSITION.into(),
+        AMQPValue::LongString(position.into()),
+    );
+    headers.insert(
+        HEADER_EPOCH.into(),
+        AMQPValue::LongLongInt(event.epoch as i64),
+    );
+    headers.insert(HEADER_SEQ.into(), AMQPValue::LongLongInt(event.seq as i64));
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(event.id.to_string().into())
+        .with_app_id(event.origin.as_str().into())
+        .with_type(event.kind.as_str().into())
+        .with_timestamp(event.timestamp.timestamp().max(0) as u64)
+        .with_headers(headers)
 }
 
 /// `basic_publish` (persistent options aside: `mandatory`) started: the

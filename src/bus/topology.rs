@@ -57,6 +57,53 @@ fn bound_queue_args(topology: &TopologyConfig) -> FieldTable {
     args
 }
 
+/// Arguments of the archive queue: a site queue's, and its bound with
+/// the overflow policy when the topology sets one (never otherwise).
+fn archive_queue_args(topology: &TopologyConfig) -> FieldTable {
+    let mut args = bound_queue_args(topology);
+    let bound = &topology.archive_bound;
+    if let Some(n) = bound.max_length {
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(n as i64));
+    }
+    if let Some(n) = bound.max_bytes {
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(n as i64),
+        );
+    }
+    if let Some(o) = bound.overflow.filter(|_| bound.is_set()) {
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(o.as_str().into()),
+        );
+    }
+    args
+}
+
+/// How `topology declare` describes the archive queue.
+fn archive_description(topology: &TopologyConfig) -> String {
+    let bound = &topology.archive_bound;
+    let mut limits = Vec::new();
+    if let Some(n) = bound.max_length {
+        limits.push(format!("at most {n} messages"));
+    }
+    if let Some(n) = bound.max_bytes {
+        limits.push(format!("at most {n} bytes"));
+    }
+    let archived = match &topology.archive_site {
+        Some(site) => format!("archived by {site}"),
+        None => "NOT archived by any site (set archive_site)".to_string(),
+    };
+    match bound.overflow.filter(|_| bound.is_set()) {
+        Some(o) => format!(
+            "quorum, single active consumer, archive, {archived}; {}, then {}",
+            limits.join(" and "),
+            o.as_str()
+        ),
+        None => format!("quorum, single active consumer, archive, {archived}; unbounded"),
+    }
+}
+
 fn dlq_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
@@ -93,6 +140,9 @@ fn declare_error(
         source: e,
     })
 }
+
+/// Added to the error of an archive queue declared with other arguments.
+const ARCHIVE_BOUND_HINT: &str = " (the archive queue's bound is its arguments x-max-length, x-max-length-bytes and x-overflow, set by archive_max_length, archive_max_bytes and archive_overflow in the topology file: a queue's arguments cannot change once it exists; to bound a queue that holds messages without deleting it, leave those keys out and set a RabbitMQ policy instead, see docs/archive.md)";
 
 async fn channel(conn: &Connection) -> Result<Channel, BusError> {
     conn.create_channel()
@@ -140,21 +190,30 @@ async fn declare_objects(
         close(ch).await;
         done.push(format!("exchange {exchange} (fanout, durable): {what}"));
     }
-    let mut queues: Vec<(String, &str, FieldTable, &String)> = topology
+    let mut queues: Vec<(String, String, FieldTable, &String)> = topology
         .bound_queues()
         .into_iter()
         .map(|q| {
-            (
-                q,
-                "quorum, single active consumer",
-                bound_queue_args(topology),
-                &topology.exchange,
-            )
+            if q == topology.archive_queue {
+                (
+                    q,
+                    archive_description(topology),
+                    archive_queue_args(topology),
+                    &topology.exchange,
+                )
+            } else {
+                (
+                    q,
+                    "quorum, single active consumer".to_string(),
+                    bound_queue_args(topology),
+                    &topology.exchange,
+                )
+            }
         })
         .collect();
     queues.push((
         topology.dead_letter_queue.clone(),
-        "quorum",
+        "quorum".to_string(),
         dlq_args(),
         &topology.dead_letter_exchange,
     ));
@@ -169,7 +228,15 @@ async fn declare_objects(
             args,
         )
         .await
-        .map_err(|e| declare_error("queue", &queue, topology, e))?;
+        .map_err(|e| {
+            let mut err = declare_error("queue", &queue, topology, e);
+            if queue == topology.archive_queue
+                && let TopologyError::Inequivalent { detail, .. } = &mut err
+            {
+                detail.push_str(ARCHIVE_BOUND_HINT);
+            }
+            err
+        })?;
         if !bind {
             close(ch).await;
             done.push(format!("queue {queue} ({what})"));
@@ -363,6 +430,25 @@ impl Verifier {
     }
 }
 
+/// The ready messages in `queue` and its consumers (a passive
+/// declaration).
+pub async fn queue_counts(conn: &Connection, queue: &str) -> Result<(u32, u32), BusError> {
+    let ch = channel(conn).await?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BusError::amqp(format!("looking at queue {queue}")))?;
+    let _ = ch.close(200, "done".into()).await;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
 /// The number of ready messages in `queue` (a passive declaration).
 pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<u32, BusError> {
     let ch = channel(conn).await?;
@@ -462,6 +548,8 @@ mod tests {
             archive_queue: "SITE_PARIS_HISTO".into(),
             dead_letter_exchange: "dlx".into(),
             dead_letter_queue: "dlq".into(),
+            archive_site: None,
+            archive_bound: Default::default(),
         };
         let args = bound_queue_args(&t);
         let inner = args.inner();

@@ -15,7 +15,10 @@
 //! the sidecar's working directory: run it from the project's top directory,
 //! or write absolute paths.
 
+mod archive;
 mod reader;
+
+pub use archive::{ArchiveBound, ArchiveConfig, DEFAULT_ARCHIVE_TABLE, Overflow};
 
 pub use reader::{ConfigErrors, Problem, Reader, expand_env};
 
@@ -41,6 +44,9 @@ pub struct ConnectorConfig {
     pub retry: RetryConfig,
     pub shutdown: ShutdownConfig,
     pub sink: SinkConfig,
+    /// `[archive]`: this sidecar also consumes the archive queue into a
+    /// table of its database (`None`: it does not).
+    pub archive: Option<ArchiveConfig>,
     /// The shared topology, loaded from `broker.topology`.
     pub topology: TopologyConfig,
     /// The event types whose routes say `capture = true`: `sitesync init`
@@ -363,6 +369,11 @@ pub struct TopologyConfig {
     /// Dead-letter exchange and its queue.
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// The site whose connector archives the archive queue (`[archive]`),
+    /// so that `sitesync check` at any site can tell whether one does.
+    pub archive_site: Option<String>,
+    /// A bound on the archive queue, when the topology sets one.
+    pub archive_bound: ArchiveBound,
 }
 
 impl TopologyConfig {
@@ -491,6 +502,9 @@ impl ConnectorConfig {
             drain_timeout: c.millis("drain_timeout_ms", 10_000, 600_000),
         });
         let (sink, capture) = r.section("sink", read_sink);
+        let archive = r
+            .has("archive")
+            .then(|| r.section("archive", archive::read_archive));
         r.finish();
 
         let topology = match TopologyConfig::load(&topology_path) {
@@ -531,6 +545,7 @@ impl ConnectorConfig {
                     retry,
                     shutdown,
                     sink,
+                    archive,
                     topology,
                     capture,
                 },
@@ -587,6 +602,15 @@ impl TopologyConfig {
                 r.problem(key, format!("`{value}` is not usable: names are 1 to 255 bytes and must not start with `amq.`"));
             }
         }
+        let (archive_site, archive_bound) = archive::read_topology_archive(&mut r);
+        if let Some(a) = &archive_site
+            && !sites.contains(a)
+        {
+            r.problem(
+                "archive_site",
+                format!("`{a}` is not one of the sites ({})", sites.join(", ")),
+            );
+        }
         r.finish();
         let topology = TopologyConfig {
             file: path.to_path_buf(),
@@ -596,6 +620,8 @@ impl TopologyConfig {
             archive_queue,
             dead_letter_exchange,
             dead_letter_queue,
+            archive_site,
+            archive_bound,
         };
         if topology
             .bound_queues()

@@ -85,6 +85,17 @@ impl<'a> Reader<'a> {
         });
     }
 
+    /// Whether the table has `key` (an optional section's presence).
+    pub fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
+    /// Whether a problem was reported for `key` already.
+    pub fn has_problem(&self, key: &str) -> bool {
+        let key = self.key(key);
+        self.problems.iter().any(|p| p.key == key)
+    }
+
     fn get(&mut self, key: &str) -> Option<&'a Value> {
         self.seen.insert(key.to_string());
         self.table.get(key)

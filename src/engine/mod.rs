@@ -12,7 +12,7 @@ pub mod oracle;
 pub mod postgres;
 pub mod sqlserver;
 
-use crate::config::{ConfigErrors, ConnectorConfig, Reader};
+use crate::config::{ArchiveConfig, ConfigErrors, ConnectorConfig, Reader};
 use crate::error::{SourceError, TargetError};
 use crate::sink::batch::Dialect;
 use crate::source::Source;
@@ -39,6 +39,8 @@ pub trait Driver: 'static {
     type Source: Source + 'static;
     /// Its side of the sink.
     type Target: Dialect;
+    /// Its archive table (`src/engine/<name>/archive.rs`).
+    type Archive: crate::archive::Store;
 
     /// Reads the `[database]` keys (all but `kind`); the problems go to `d`,
     /// and a key the engine does not know is reported as unknown.
@@ -52,6 +54,13 @@ pub trait Driver: 'static {
     type Capture: crate::capture::Capture;
 
     fn capture(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Capture, TargetError>;
+
+    /// The archive table of a connector with an `[archive]` section.
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &Self::Settings,
+        archive: &ArchiveConfig,
+    ) -> Result<Self::Archive, TargetError>;
 
     /// What `sitesync status` reads from this site's database.
     fn status(

@@ -211,6 +211,9 @@ struct Figures {
     e2e_max_ms: f64,
     /// CPU milliseconds per 1,000 events during the end-to-end phase, by part.
     e2e_cpu: Vec<(String, f64)>,
+    /// After the end-to-end phase's events were applied at LONDON and
+    /// MADRID, how long until PARIS's archive held them all.
+    e2e_archive_lag_s: f64,
     /// The same during the source phase.
     source_cpu: Vec<(String, f64)>,
     bulk_100k_s: f64,
@@ -574,7 +577,7 @@ impl Bench {
         let n = &self.names;
         let topology = self.dir.join("topology.toml");
         let text = format!(
-            "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
+            "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\narchive_site = \"PARIS\"\n",
             n.exchange, n.prefix, n.archive, n.dlx, n.dlq
         );
         std::fs::write(&topology, text).map_err(|e| format!("{}: {e}", topology.display()))?;
@@ -594,7 +597,11 @@ impl Bench {
                 window = self.window,
                 ck = self.dir.join("checkpoints").join(&db).display(),
             );
-            std::fs::write(&file, &text).map_err(|e| format!("{}: {e}", file.display()))?;
+            // PARIS archives, as in production (its source-only connector
+            // below, cut at `[sink]`, does not).
+            let archive = if site == "PARIS" { "\n[archive]\n" } else { "" };
+            std::fs::write(&file, format!("{text}{archive}"))
+                .map_err(|e| format!("{}: {e}", file.display()))?;
             if site == "PARIS" {
                 // The same connector (slot, checkpoint) without its sink.
                 let (head, _) = text.split_once("[sink]").expect("the text has a sink");
@@ -728,6 +735,9 @@ impl Bench {
             sizes.source
         ));
         quiesce("own events back round", sizes.settle).await;
+        // The source phase filled the archive queue: the sink's figure is
+        // the sink's alone.
+        self.purge_archive().await?;
         let cpu_before = self.cpu_by_part();
         let began = Instant::now();
         let paris_pid = self.spawn("PARIS")?;
@@ -827,6 +837,25 @@ impl Bench {
         }
         f.e2e_per_s = written as f64 / elapsed.as_secs_f64();
         f.e2e_written_per_s = written as f64 / sizes.seconds as f64;
+        // PARIS archived the phase meanwhile (its sidecar consumes the
+        // archive queue): every event of it is in the archive table.
+        let archived = format!(
+            "SELECT count(*) FROM sitesync_archive WHERE origin = 'PARIS' AND (data->>'id')::bigint >= {E2E_BASE} AND (data->>'id')::bigint < {}",
+            E2E_BASE + 10_000_000
+        );
+        let began = Instant::now();
+        wait_count(
+            &paris,
+            &archived,
+            written,
+            "the end-to-end events in PARIS's archive",
+        )
+        .await?;
+        f.e2e_archive_lag_s = began.elapsed().as_secs_f64();
+        say(format!(
+            "end to end: PARIS's archive held the phase's {written} events {:.2} s after the other sites had applied them",
+            f.e2e_archive_lag_s
+        ));
         self.purge_archive().await?;
         quiesce("latency", sizes.settle).await;
 
@@ -1247,8 +1276,9 @@ impl Bench {
         Ok(mf)
     }
 
-    /// Nothing consumes the archive queue here: empty it between phases so
-    /// that it does not grow into a broker memory alarm.
+    /// Empties the archive queue between phases: what a phase left there
+    /// (PARIS archives only while its whole sidecar runs) must not weigh
+    /// on the next one, nor grow into a broker memory alarm.
     async fn purge_archive(&self) -> Result<(), String> {
         let conn = self.connect_broker("sitesync-bench").await?;
         purge(&conn, &self.names.archive).await
@@ -1925,7 +1955,7 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
          {:<34}{:>10.0} msg/s  ({} messages; {})\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8); the sink off\n\
          {:<34}{:>10.0} ev/s   PARIS's sink taking them back from its queue\n\
-         {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time\n\
+         {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time; archived at PARIS {:.2} s after\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
          {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n{}",
@@ -1948,6 +1978,7 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         ratio(f.e2e_per_s, f.raw_round_trip_per_s),
         f.e2e_written_per_s,
         f.e2e_held_pct,
+        f.e2e_archive_lag_s,
         format!("latency at {}/s", s.rate),
         f.e2e_p50_ms,
         f.e2e_p95_ms,
@@ -2017,6 +2048,7 @@ fn json(f: &Figures) -> String {
         "own_return_per_s": round(f.own_return_per_s, 0),
         "e2e_per_s": round(f.e2e_per_s, 0),
         "e2e_ratio": round(ratio(f.e2e_per_s, f.raw_round_trip_per_s), 3),
+        "e2e_archive_lag_s": round(f.e2e_archive_lag_s, 2),
         "e2e_writers_held_pct": round(f.e2e_held_pct, 1),
         "e2e_p50_ms": round(f.e2e_p50_ms, 2),
         "e2e_p95_ms": round(f.e2e_p95_ms, 2),

@@ -28,24 +28,25 @@
 pub mod batch;
 pub mod mapping;
 pub mod plan;
+pub mod queue;
 pub mod rules;
 #[cfg(test)]
 pub mod testing;
 
 pub use plan::{Item, Outcome, Plan, Seen, Sorted, sort_items};
 
+use crate::bus::BusError;
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
-use crate::bus::{self, BusError};
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, ErrorKind, TargetError};
 use crate::event::Event;
 use crate::retry::Backoff;
 use crate::runner::Shutdown;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use plan::Message;
+use queue::{Filled, Limits, delivered};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -149,7 +150,7 @@ pub async fn run<T: Target>(
     }
 }
 
-fn broker(e: impl std::fmt::Display) -> TargetError {
+pub(crate) fn broker(e: impl std::fmt::Display) -> TargetError {
     TargetError::transient(Cause::Unreachable, format!("broker: {e}"))
 }
 
@@ -173,26 +174,19 @@ async fn session<T: Target>(
     mut shutdown: Shutdown,
 ) -> Result<(), TargetError> {
     let queue = cfg.topology.site_queue(&cfg.site);
-    let conn = bus::connect(
-        &cfg.broker.urls,
-        cfg.broker.connect_timeout,
-        &format!("sitesync-{}-sink", cfg.name),
+    let queue::Consuming {
+        conn,
+        channel: _channel,
+        mut consumer,
+        ..
+    } = queue::consume(
+        cfg,
+        &queue,
+        cfg.sink.prefetch,
+        "sink",
+        &format!("sitesync-{}", cfg.name),
     )
     .await?;
-    let channel = conn.create_channel().await.map_err(broker)?;
-    channel
-        .basic_qos(cfg.sink.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(broker)?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            format!("sitesync-{}", cfg.name).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| broker(format!("consuming {queue}: {e}")))?;
     let dead_letters = Publisher::new(&conn, &cfg.topology, &cfg.site)
         .await
         .map_err(broker)?;
@@ -228,33 +222,19 @@ async fn session<T: Target>(
         // flowing past them, up to the prefetch.
         // A lull of batch_idle closes it early: a light load is applied
         // at once, a stream fills batches.
-        // Meanwhile the consumer is not waited on: what arrived is taken
-        // at each tick of batch_idle, without a wake-up of this thread per
-        // message from lapin's (at thousands of messages a second, those
-        // wake-ups cost the sink more CPU than the messages themselves).
-        let deadline = tokio::time::Instant::now() + cfg.sink.batch_timeout;
         let now = Instant::now();
-        let mut ready = pending.iter().filter(|p| p.ready(now)).count();
-        let mut waited = false;
-        loop {
-            let mut arrived = false;
-            while ready < cfg.sink.batch_size {
-                let Some(d) = consumer.next().now_or_never() else {
-                    break;
-                };
-                pending.push_back(Pending::new(delivered(d, &queue)?));
-                ready += 1;
-                arrived = true;
-            }
-            let now = tokio::time::Instant::now();
-            if ready >= cfg.sink.batch_size || now >= deadline || (waited && !arrived) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
-                _ = tokio::time::sleep_until(deadline.min(now + cfg.sink.batch_idle)) => {}
-            }
-            waited = true;
+        let ready = pending.iter().filter(|p| p.ready(now)).count();
+        let limits = Limits {
+            size: cfg.sink.batch_size,
+            timeout: cfg.sink.batch_timeout,
+            idle: cfg.sink.batch_idle,
+        };
+        let filled = queue::fill(&mut consumer, &queue, limits, ready, &mut shutdown, |d| {
+            pending.push_back(Pending::new(d))
+        })
+        .await?;
+        if filled == Filled::Stop {
+            return Ok(());
         }
 
         // Every pending message takes part (those waiting are planned as
@@ -322,26 +302,12 @@ async fn session<T: Target>(
                 _ => done[i] = true,
             }
         }
-        // Ack the done prefix with one multiple-ack, the rest one by one.
-        let prefix = done.iter().take_while(|d| **d).count();
-        if prefix > 0 {
-            pending[prefix - 1]
-                .delivery
-                .acker
-                .ack(BasicAckOptions { multiple: true })
-                .await
-                .map_err(broker)?;
-        }
-        for i in prefix..round {
-            if done[i] {
-                pending[i]
-                    .delivery
-                    .acker
-                    .ack(BasicAckOptions { multiple: false })
-                    .await
-                    .map_err(broker)?;
-            }
-        }
+        let ackers: Vec<&lapin::Acker> = pending
+            .iter()
+            .take(round)
+            .map(|p| &p.delivery.acker)
+            .collect();
+        queue::ack_done(&ackers, &done).await?;
         let mut i = 0;
         pending.retain(|_| {
             let keep = i >= round || !done[i];
@@ -383,16 +349,6 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
-    }
-}
-
-fn delivered(d: Option<lapin::Result<Delivery>>, queue: &str) -> Result<Delivery, TargetError> {
-    match d {
-        Some(Ok(d)) => Ok(d),
-        Some(Err(e)) => Err(broker(format!("consuming {queue}: {e}"))),
-        None => Err(broker(format!(
-            "the consumer of {queue} was cancelled (queue deleted?)"
-        ))),
     }
 }
 

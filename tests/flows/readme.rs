@@ -332,12 +332,8 @@ async fn readme_walkthrough_runs_as_written() {
     let topology = dir.path().join("topology.toml");
     std::fs::write(
         &topology,
-        format!(
-            "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\n\
-             site_queue_prefix = \"{}\"\narchive_queue = \"{}\"\n\
-             dead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
-            names.exchange, names.prefix, names.archive, names.dlx, names.dlq
-        ),
+        // PARIS archives, as in config/topology.toml.
+        names.topology("PARIS", ""),
     )
     .unwrap();
     let install_root = dir.path().join("cargo");

@@ -61,6 +61,10 @@ pub struct MeshOptions {
     /// The broker URL written in the connectors, when it differs from the
     /// one the test inspects (a proxy in between).
     pub connector_amqp_url: Option<String>,
+    /// PARIS's connector gets an `[archive]` section (the topology always
+    /// names PARIS as the archive site; without it the archive queue
+    /// fills, for the tests that look at it).
+    pub archive: bool,
 }
 
 impl Default for MeshOptions {
@@ -71,6 +75,7 @@ impl Default for MeshOptions {
             routes: ROUTES.into(),
             sites: SITES.to_vec(),
             connector_amqp_url: None,
+            archive: false,
         }
     }
 }
@@ -106,24 +111,22 @@ impl Mesh {
         };
         let names = Names::new();
         let topology = dir.path().join("topology.toml");
-        std::fs::write(
-            &topology,
-            format!(
-                "exchange = \"{}\"\nsites = [\"PARIS\", \"LONDON\", \"MADRID\"]\nsite_queue_prefix = \"{}\"\narchive_queue = \"{}\"\ndead_letter_exchange = \"{}\"\ndead_letter_queue = \"{}\"\n",
-                names.exchange, names.prefix, names.archive, names.dlx, names.dlq
-            ),
-        )
-        .unwrap();
+        std::fs::write(&topology, names.topology("PARIS", "")).unwrap();
         let mut connectors = BTreeMap::new();
         for site in &opts.sites {
             let db = db(site);
             pg.create_database(&db).await;
             pg.client(&db).await.batch_execute(BUSINESS).await.unwrap();
             let file = dir.path().join(format!("{db}.toml"));
+            let archive = if opts.archive && *site == "PARIS" {
+                "\n[archive]\nbatch_timeout_ms = 50\n"
+            } else {
+                ""
+            };
             std::fs::write(
                 &file,
                 format!(
-                    "site = \"{site}\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n\n[broker]\n{management}urls = [\"{connector_url}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n{}\n{}",
+                    "site = \"{site}\"\n\n[database]\nkind = \"postgres\"\nurl = \"{}\"\n\n[broker]\n{management}urls = [\"{connector_url}\"]\ntopology = \"{}\"\ntopology_check_interval_ms = 500\n\n[checkpoint]\ndir = \"{}\"\n\n[retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n\n[sink]\nbatch_timeout_ms = 20\n{}\n{}{archive}",
                     pg.url(&db),
                     topology.display(),
                     dir.path().join("checkpoints").join(&db).display(),

@@ -12,6 +12,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod binlog;
 pub mod capture;
 pub mod conn;
@@ -39,6 +40,7 @@ impl super::Driver for MariaDb {
     type Source = MariaDbSource;
     type Target = MariaDbTarget;
     type Capture = capture::MariaDbCapture;
+    type Archive = archive::MariaDbArchive;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -63,6 +65,14 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<MariaDbTarget, TargetError> {
         MariaDbTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::MariaDbArchive, TargetError> {
+        archive::MariaDbArchive::new(cfg, db, archive)
     }
 
     async fn status(

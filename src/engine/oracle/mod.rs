@@ -12,6 +12,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod capture;
 pub mod conn;
 pub mod logs;
@@ -42,6 +43,7 @@ impl super::Driver for Oracle {
     type Source = OracleSource;
     type Target = OracleTarget;
     type Capture = capture::OracleCapture;
+    type Archive = archive::OracleArchive;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -60,6 +62,14 @@ impl super::Driver for Oracle {
 
     fn target(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleTarget, TargetError> {
         OracleTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::OracleArchive, TargetError> {
+        archive::OracleArchive::new(cfg, db, archive)
     }
 
     async fn status(

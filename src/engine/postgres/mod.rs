@@ -9,6 +9,7 @@
 //!   the check that this site's own writes are what the rows hold).
 //! - [`status`]: what `sitesync status` reads.
 
+pub mod archive;
 pub mod capture;
 pub mod pgoutput;
 pub mod position;
@@ -35,6 +36,7 @@ impl super::Driver for Postgres {
     type Source = PostgresSource;
     type Target = PostgresTarget;
     type Capture = capture::PgCapture;
+    type Archive = archive::PgArchive;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -59,6 +61,14 @@ impl super::Driver for Postgres {
         db: &settings::Settings,
     ) -> Result<PostgresTarget, TargetError> {
         PostgresTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::PgArchive, TargetError> {
+        archive::PgArchive::new(cfg, db, archive)
     }
 
     async fn status(

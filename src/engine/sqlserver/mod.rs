@@ -10,6 +10,7 @@
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
 
+pub mod archive;
 pub mod capture;
 pub mod conn;
 pub mod position;
@@ -37,6 +38,7 @@ impl super::Driver for SqlServer {
     type Source = SqlServerSource;
     type Target = SqlServerTarget;
     type Capture = capture::MssqlCapture;
+    type Archive = archive::SqlServerArchive;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -61,6 +63,14 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<SqlServerTarget, TargetError> {
         SqlServerTarget::new(cfg, db)
+    }
+
+    fn archive(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+        archive: &crate::config::ArchiveConfig,
+    ) -> Result<archive::SqlServerArchive, TargetError> {
+        archive::SqlServerArchive::new(cfg, db, archive)
     }
 
     async fn status(

@@ -1359,9 +1359,15 @@ impl Task for Sidecar<'_> {
         let source = D::source(cfg, db).map_err(|e| e.to_string())?;
         let target = D::target(cfg, db).map_err(|e| e.to_string())?;
         let target = Batches::new(target, &cfg.site, &cfg.sink);
-        sidecar::run(cfg, source, Some(target), shutdown)
-            .await
-            .map_err(|e| e.to_string())
+        sidecar::run(
+            cfg,
+            source,
+            Some(target),
+            None::<crate::engine::postgres::archive::PgArchive>,
+            shutdown,
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -1691,6 +1697,8 @@ mod tests {
             archive_queue: names.archive.clone(),
             dead_letter_exchange: names.dlx.clone(),
             dead_letter_queue: names.dlq.clone(),
+            archive_site: None,
+            archive_bound: Default::default(),
         }
     }
 

@@ -1,0 +1,157 @@
+//! Consuming a queue in batches, shared by the sink (this site's queue)
+//! and the archive (the archive queue): the consumer, filling a batch, and
+//! acking what a batch finished.
+
+use super::broker;
+use crate::bus::{self, Link};
+use crate::config::ConnectorConfig;
+use crate::error::TargetError;
+use crate::runner::Shutdown;
+use futures_util::{FutureExt, StreamExt};
+use lapin::Acker;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use std::time::Duration;
+
+/// A consumer of one queue, on a connection and channel of its own.
+pub struct Consuming {
+    /// Kept open while consuming (dead letters go out on it too).
+    pub conn: Link,
+    /// The channel the consumer is on; kept so that it stays open.
+    pub channel: Channel,
+    pub consumer: Consumer,
+    pub queue: String,
+}
+
+/// Starts consuming `queue` with `prefetch` messages ahead, as the
+/// connector's `role` (`sink`, `archive`: the connection's name) under
+/// consumer tag `tag`.
+pub async fn consume(
+    cfg: &ConnectorConfig,
+    queue: &str,
+    prefetch: u16,
+    role: &str,
+    tag: &str,
+) -> Result<Consuming, TargetError> {
+    let conn = bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{}-{role}", cfg.name),
+    )
+    .await?;
+    let channel = conn.create_channel().await.map_err(broker)?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker)?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| broker(format!("consuming {queue}: {e}")))?;
+    Ok(Consuming {
+        conn,
+        channel,
+        consumer,
+        queue: queue.to_string(),
+    })
+}
+
+/// When a batch closes: at `size` messages, `timeout` after it began, or
+/// after a lull of `idle`, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub size: usize,
+    pub timeout: Duration,
+    pub idle: Duration,
+}
+
+/// How filling a batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Filled {
+    /// The batch is closed: apply it.
+    Batch,
+    /// A stop was requested.
+    Stop,
+}
+
+/// Fills a batch that has `ready` messages already, handing each new
+/// delivery to `push`.
+///
+/// Meanwhile the consumer is not waited on: what arrived is taken at each
+/// tick of `idle`, without a wake-up of this thread per message from
+/// lapin's (at thousands of messages a second, those wake-ups cost more
+/// CPU than the messages themselves).
+pub async fn fill(
+    consumer: &mut Consumer,
+    queue: &str,
+    limits: Limits,
+    mut ready: usize,
+    shutdown: &mut Shutdown,
+    mut push: impl FnMut(Delivery),
+) -> Result<Filled, TargetError> {
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let mut waited = false;
+    loop {
+        let mut arrived = false;
+        while ready < limits.size {
+            let Some(d) = consumer.next().now_or_never() else {
+                break;
+            };
+            push(delivered(d, queue)?);
+            ready += 1;
+            arrived = true;
+        }
+        let now = tokio::time::Instant::now();
+        if ready >= limits.size || now >= deadline || (waited && !arrived) {
+            return Ok(Filled::Batch);
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(Filled::Stop),
+            _ = tokio::time::sleep_until(deadline.min(now + limits.idle)) => {}
+        }
+        waited = true;
+    }
+}
+
+/// Acks the messages of a batch that are `done` (in delivery order, all
+/// on one channel): the done prefix with one multiple-ack, the rest one by
+/// one.
+pub async fn ack_done(ackers: &[&Acker], done: &[bool]) -> Result<(), TargetError> {
+    let prefix = done.iter().take_while(|d| **d).count();
+    if prefix > 0 {
+        ackers[prefix - 1]
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map_err(broker)?;
+    }
+    for (acker, _) in ackers
+        .iter()
+        .zip(done)
+        .skip(prefix)
+        .filter(|(_, done)| **done)
+    {
+        acker
+            .ack(BasicAckOptions { multiple: false })
+            .await
+            .map_err(broker)?;
+    }
+    Ok(())
+}
+
+/// A delivery from the consumer, or why there is none.
+pub fn delivered(d: Option<lapin::Result<Delivery>>, queue: &str) -> Result<Delivery, TargetError> {
+    match d {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(broker(format!("consuming {queue}: {e}"))),
+        None => Err(broker(format!(
+            "the consumer of {queue} was cancelled (queue deleted?)"
+        ))),
+    }
+}
