@@ -326,10 +326,34 @@ impl Site {
 
     /// The durable checkpoint (the sidecar must be stopped).
     pub fn stored(&self) -> Option<Checkpoint<Position>> {
-        CheckpointStore::open(&self.store_dir(), "test".into())
-            .expect("open the checkpoint store")
-            .load()
-            .expect("load the checkpoint")
+        let store = CheckpointStore::open(&self.store_dir(), "test".into())
+            .expect("open the checkpoint store");
+        let stored = store.load().expect("load the checkpoint");
+        drop(store);
+        self.wait_sled_released();
+        stored
+    }
+
+    /// Waits until sled's lock on the store is free again. A sled database
+    /// dropped in this process lets go of its file lock a moment later
+    /// (its background threads hold the file until they end): a sidecar
+    /// started at once was refused with "could not acquire lock".
+    fn wait_sled_released(&self) {
+        let db = self.store_dir().join("sled").join("db");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let file = std::fs::File::open(&db).expect("open sled's db file");
+            match file.try_lock() {
+                Ok(()) => {
+                    file.unlock().expect("unlock sled's db file");
+                    return;
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("sled's lock on {} is still held: {e}", db.display()),
+            }
+        }
     }
 
     /// Flips one byte of the stored checkpoint record without fixing its
@@ -345,6 +369,8 @@ impl Site {
         record[last] ^= 0x20;
         db.insert("checkpoint", record).expect("write the record");
         db.flush().expect("flush sled");
+        drop(db);
+        self.wait_sled_released();
     }
 
     /// Damages the checkpoint on disk as a failing disk would, under sled:
