@@ -234,25 +234,10 @@ pub async fn run<S: Store>(
     store: &S,
     shutdown: Shutdown,
 ) -> Result<(), TargetError> {
-    let mut backoff = Backoff::new(&cfg.retry);
-    let mut waiting = shutdown.clone();
-    loop {
-        match session(cfg, archive, store, shutdown.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
-            Err(e) => {
-                if shutdown.requested() {
-                    return Ok(());
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e.message(), retry_in = ?delay, "archive session ended; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = waiting.wait() => return Ok(()),
-                }
-            }
-        }
-    }
+    queue::reconnecting(cfg, "archive", &shutdown, |s| {
+        session(cfg, archive, store, s)
+    })
+    .await
 }
 
 async fn session<S: Store>(

@@ -1140,11 +1140,14 @@ impl Bench {
         Ok(rate)
     }
 
-    /// The same publisher, with a consumer per site queue; until every
-    /// site queue has delivered and had acked every message.
+    /// The same publisher, with a consumer per site queue and one on the
+    /// archive queue (the end-to-end phase drains all four, as production
+    /// does); until every queue has delivered and had acked every message.
     async fn raw_round_trip(&self, conn: &Connection, body: &[u8], n: u64) -> Result<f64, String> {
         let mut consumers = Vec::new();
-        for q in self.names.site_queues() {
+        let mut queues = self.names.site_queues();
+        queues.push(self.names.archive.clone());
+        for q in queues {
             let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
             ch.basic_qos(1000, BasicQosOptions::default())
                 .await

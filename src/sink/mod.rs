@@ -129,25 +129,7 @@ pub async fn run<T: Target>(
     target: &T,
     shutdown: Shutdown,
 ) -> Result<(), TargetError> {
-    let mut backoff = Backoff::new(&cfg.retry);
-    let mut waiting = shutdown.clone();
-    loop {
-        match session(cfg, target, shutdown.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
-            Err(e) => {
-                if shutdown.requested() {
-                    return Ok(());
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e.message(), retry_in = ?delay, "sink session ended; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = waiting.wait() => return Ok(()),
-                }
-            }
-        }
-    }
+    queue::reconnecting(cfg, "sink", &shutdown, |s| session(cfg, target, s)).await
 }
 
 pub(crate) fn broker(e: impl std::fmt::Display) -> TargetError {

@@ -5,7 +5,8 @@
 use super::broker;
 use crate::bus::{self, Link};
 use crate::config::ConnectorConfig;
-use crate::error::TargetError;
+use crate::error::{ErrorKind, TargetError};
+use crate::retry::Backoff;
 use crate::runner::Shutdown;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Acker;
@@ -14,6 +15,41 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use std::time::Duration;
+
+/// Runs `session` (one connection's worth of consuming) until it ends
+/// cleanly, `shutdown` fires, or it fails with an error that needs a
+/// person; after any other error it starts again with capped backoff.
+/// `role` (`sink`, `archive`) names it in the log.
+pub async fn reconnecting<F, Fut>(
+    cfg: &ConnectorConfig,
+    role: &str,
+    shutdown: &Shutdown,
+    mut session: F,
+) -> Result<(), TargetError>
+where
+    F: FnMut(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), TargetError>>,
+{
+    let mut backoff = Backoff::new(&cfg.retry);
+    let mut waiting = shutdown.clone();
+    loop {
+        match session(shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
+            Err(e) => {
+                if shutdown.requested() {
+                    return Ok(());
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e.message(), retry_in = ?delay, "{role} session ended; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = waiting.wait() => return Ok(()),
+                }
+            }
+        }
+    }
+}
 
 /// A consumer of one queue, on a connection and channel of its own.
 pub struct Consuming {
