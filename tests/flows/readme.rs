@@ -272,7 +272,8 @@ const INSTALL: &str = "cargo install --locked --path .";
 
 /// The README's walkthrough, every command as written, in one shell
 /// (`bash -e`), from the repository's top directory, against a private
-/// PostgreSQL cluster (three databases, as the walkthrough's three sites)
+/// PostgreSQL cluster (three databases owned by a role that is not a
+/// superuser, as the walkthrough's preparation makes them)
 /// and the local RabbitMQ. The environment is what the walkthrough tells a
 /// user to set: the three database URLs; beside them the test points the
 /// topology file at names of its own (so that it shares the broker with
@@ -321,10 +322,28 @@ async fn readme_walkthrough_runs_as_written() {
     );
     let script = script.replacen(INSTALL, &format!("{INSTALL} --debug"), 1);
 
+    // As the README's preparation block makes them: a role with LOGIN and
+    // REPLICATION, no superuser, owning the three databases.
     let pg = PgCluster::start().await;
-    for db in ["paris", "london", "madrid"] {
-        pg.create_database(db).await;
+    let admin = pg.client("postgres").await;
+    // One statement per call: CREATE DATABASE cannot share an implicit
+    // transaction with others.
+    for sql in [
+        "CREATE ROLE sitesync LOGIN REPLICATION",
+        "CREATE DATABASE paris OWNER sitesync",
+        "CREATE DATABASE london OWNER sitesync",
+        "CREATE DATABASE madrid OWNER sitesync",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
+    let url = |db: &str| {
+        let url = pg.url(db);
+        assert!(url.starts_with("postgres://postgres@"), "{url}");
+        url.replacen("postgres://postgres@", "postgres://sitesync@", 1)
+    };
     let names = Names::new();
     let for_cleanup = names.clone();
     let _cleanup = scopeguard(move || for_cleanup.delete_blocking(&rabbit::shared_amqp_url()));
@@ -356,9 +375,9 @@ async fn readme_walkthrough_runs_as_written() {
         .arg("-c")
         .arg(&script)
         .current_dir(repo())
-        .env("PARIS_DATABASE_URL", pg.url("paris"))
-        .env("LONDON_DATABASE_URL", pg.url("london"))
-        .env("MADRID_DATABASE_URL", pg.url("madrid"))
+        .env("PARIS_DATABASE_URL", url("paris"))
+        .env("LONDON_DATABASE_URL", url("london"))
+        .env("MADRID_DATABASE_URL", url("madrid"))
         .env("SITESYNC_TOPOLOGY", &topology)
         .env("SITESYNC_CHECKPOINTS", dir.path().join("checkpoints"))
         .env("CARGO_INSTALL_ROOT", &install_root)
