@@ -87,6 +87,29 @@ pub struct Side {
     pub fields: Vec<Field>,
 }
 
+impl Side {
+    /// The SQL expression of the entity key, from each key column's text
+    /// (`part`): that text alone for a one-column key; otherwise each
+    /// part with `\` and `,` escaped by `escape`, joined by `join` (the
+    /// engine's concatenation around a `,` literal), as the sink reads a
+    /// composite key.
+    pub fn key_sql(
+        &self,
+        part: impl Fn(&Column) -> String,
+        escape: impl Fn(String) -> String,
+        join: &str,
+    ) -> String {
+        if let [one] = self.key.as_slice() {
+            return part(one);
+        }
+        self.key
+            .iter()
+            .map(|c| escape(part(c)))
+            .collect::<Vec<_>>()
+            .join(join)
+    }
+}
+
 /// What the triggers of one table do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {

@@ -148,19 +148,11 @@ fn key_part(row: &str, c: &Column) -> String {
 }
 
 fn key_expr(row: &str, side: &Side) -> String {
-    if let [one] = side.key.as_slice() {
-        return key_part(row, one);
-    }
-    side.key
-        .iter()
-        .map(|c| {
-            format!(
-                "REPLACE(REPLACE({}, '\\', '\\\\'), ',', '\\,')",
-                key_part(row, c)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" || ',' || ")
+    side.key_sql(
+        |c| key_part(row, c),
+        |p| format!("REPLACE(REPLACE({p}, '\\', '\\\\'), ',', '\\,')"),
+        " || ',' || ",
+    )
 }
 
 fn data_expr(row: &str, side: &Side) -> String {
