@@ -13,12 +13,14 @@ use crate::error::{SourceError, TargetError};
 use crate::position::LogPosition;
 use crate::runner::Shutdown;
 use crate::sidecar;
+use crate::sink::Target;
 use crate::sink::batch::{Batches, Dialect};
 use crate::source::{LogBounds, Source};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,6 +76,19 @@ enum Command {
     /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag; with [archive], the archive's rows and backlog.
     #[command(after_help = "Example:\n  sitesync status --connector connectors/london.toml")]
     Status(ConnectorArg),
+    /// Gaps (events of an origin that never arrived here): list them, or ask the archive for them now.
+    #[command(subcommand)]
+    Gaps(GapsCommand),
+    /// What this site's database knows of one event: its receipts (applied, dead-lettered with the reason, archived, at each site, with times) and its inbox row.
+    #[command(
+        after_help = "Example:\n  sitesync trace --connector connectors/paris.toml 0190a0e0-0000-7000-8000-000000000001"
+    )]
+    Trace {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        /// The event id (the outbox row's id).
+        event: String,
+    },
     /// Dead-letter queue commands.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -141,6 +156,24 @@ struct CaptureWhich {
     /// Every route's table.
     #[arg(long)]
     all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum GapsCommand {
+    /// Each open gap: origin, epoch, seq range, age, when the archive was last asked, and what it said.
+    #[command(after_help = "Example:\n  sitesync gaps list --connector connectors/london.toml")]
+    List(ConnectorArg),
+    /// Ask the archiving site now for the events of every open gap (the sidecar does it by itself after gap_fill_after_ms); with --wait, wait until they close or the archive says it lacks them.
+    #[command(
+        after_help = "Example:\n  sitesync gaps fill --connector connectors/london.toml --wait 60"
+    )]
+    Fill {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        /// Wait up to this many seconds for the gaps to close (the sidecar must be running to apply the events).
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -373,6 +406,26 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             yes,
         }) => on_engine(&connector.connector, Act::Reset { target, yes }).await,
         Command::Status(c) => on_engine(&c.connector, Act::Status).await,
+        Command::Gaps(GapsCommand::List(c)) => {
+            on_engine(
+                &c.connector,
+                Act::Gaps {
+                    fill: false,
+                    wait: None,
+                },
+            )
+            .await
+        }
+        Command::Gaps(GapsCommand::Fill { connector, wait }) => {
+            on_engine(&connector.connector, Act::Gaps { fill: true, wait }).await
+        }
+        Command::Trace { connector, event } => {
+            let id = event.trim().parse::<uuid::Uuid>().map_err(|_| Failure {
+                message: format!("`{event}` is not an event id: expected a UUID"),
+                code: 2,
+            })?;
+            on_engine(&connector.connector, Act::Trace { id }).await
+        }
         Command::Dlq(DlqCommand::List(c)) => {
             let connector = Connector::load(&c.connector)?;
             dlq_list(&connector.config).await
@@ -400,6 +453,8 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
 }
 
 /// A command that needs the connector's engine.
+// One value per command line: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Act {
     Run,
     Init,
@@ -418,7 +473,18 @@ enum Act {
         args: ReplayArgs,
         filter: crate::archive::replay::Filter,
     },
+    Gaps {
+        fill: bool,
+        wait: Option<u64>,
+    },
+    Trace {
+        id: uuid::Uuid,
+    },
 }
+
+/// `status` lists the events of this site that a site sending receipts has
+/// not receipted after this long.
+const RECEIPT_LAG_S: u64 = 60;
 
 /// Loads the connector and runs `act` with its engine.
 async fn on_engine(file: &Path, act: Act) -> Result<ExitCode, Failure> {
@@ -489,14 +555,137 @@ impl Task for OnEngine<'_> {
                     }
                     None => None,
                 };
-                status(cfg, D::status(cfg, db), archived).await
+                let code = status(cfg, D::status(cfg, db), archived).await?;
+                if cfg.sink.enabled {
+                    let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+                    let peers: Vec<String> = cfg
+                        .topology
+                        .sites
+                        .iter()
+                        .filter(|s| **s != cfg.site)
+                        .cloned()
+                        .collect();
+                    match target.unreceipted(&peers, RECEIPT_LAG_S).await {
+                        Ok(lagging) => print!(
+                            "{}",
+                            crate::sink::receipts::describe_lag(&lagging, RECEIPT_LAG_S)
+                        ),
+                        Err(e) => println!("receipts: unreadable: {}", e.message()),
+                    }
+                }
+                Ok(code)
+            }
+            Act::Trace { id } => {
+                let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+                trace(cfg, &target, id).await
             }
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
             Act::Replay { args, filter } => {
                 let archive = cfg.archive.as_ref().expect("checked by replay_filter");
                 replay(cfg, D::archive(cfg, db, archive)?, args, filter).await
             }
+            Act::Gaps { fill, wait } => {
+                let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+                gaps(cfg, &target, fill, wait).await
+            }
         }
+    }
+}
+
+/// `sitesync trace EVENT`: what this database knows of the event.
+async fn trace<T: Target>(
+    cfg: &ConnectorConfig,
+    target: &T,
+    id: uuid::Uuid,
+) -> Result<ExitCode, Failure> {
+    let traced = target.trace(id).await.map_err(|e| fail(e.to_string()))?;
+    print!(
+        "{}",
+        crate::sink::receipts::describe_trace(cfg, id, &traced)
+    );
+    if traced.receipts.is_empty() && traced.inbox.is_none() {
+        return Err(fail(format!(
+            "this site's database knows nothing of event {id}: run trace at its origin (receipts are recorded there when the sites send them) or at the archiving site"
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sitesync gaps list|fill`.
+async fn gaps<T: Target>(
+    cfg: &ConnectorConfig,
+    target: &T,
+    fill: bool,
+    wait: Option<u64>,
+) -> Result<ExitCode, Failure> {
+    let open = target.open_gaps().await.map_err(|e| fail(e.to_string()))?;
+    print!("{}", crate::sink::gaps::describe(&open));
+    if !fill || open.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(archive_site) = &cfg.topology.archive_site else {
+        return Err(fail(format!(
+            "{} names no archiving site (archive_site): there is no archive to ask; see docs/archive.md",
+            cfg.topology.file.display()
+        )));
+    };
+    let conn = crate::bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{}-gaps", cfg.name),
+    )
+    .await
+    .map_err(|e| fail(e.to_string()))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| fail(format!("broker: {e}")))?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| fail(format!("broker: {e}")))?;
+    let requests: Vec<_> = open
+        .iter()
+        .map(|g| crate::sink::gaps::request(&cfg.site, g))
+        .collect();
+    let sent = crate::sink::gaps::send_requests(&channel, &cfg.topology, &cfg.site, &requests)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let ids: Vec<i64> = open.iter().map(|g| g.id).collect();
+    target
+        .mark_gaps(&ids, crate::sink::batch::GapMark::RequestedAnew)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = conn.close(200, "asked".into()).await;
+    println!("asked {archive_site}'s archive for {sent} range(s)");
+    let Some(wait) = wait else {
+        println!(
+            "the running sidecar applies what the archive sends; `sitesync gaps list` shows what is left"
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        let now = target.open_gaps().await.map_err(|e| fail(e.to_string()))?;
+        let waiting = now.iter().filter(|g| g.note.is_none()).count();
+        if waiting == 0 {
+            if now.is_empty() {
+                println!("every gap is closed");
+                return Ok(ExitCode::SUCCESS);
+            }
+            print!("{}", crate::sink::gaps::describe(&now));
+            return Err(fail(format!(
+                "{} gap(s) remain: the archive does not hold their events",
+                now.len()
+            )));
+        }
+        if std::time::Instant::now() >= deadline {
+            print!("{}", crate::sink::gaps::describe(&now));
+            return Err(fail(format!(
+                "{waiting} gap(s) still open after {wait} s: is this site's sidecar running, and {archive_site}'s?"
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -1106,6 +1295,7 @@ fn replay_filter(
         from: time("--from", &args.from)?,
         to: time("--to", &args.to)?,
         kind: args.kind.clone(),
+        range: None,
     })
 }
 

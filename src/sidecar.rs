@@ -81,9 +81,22 @@ pub async fn run<S: Source, T: Target + 'static, A: Store>(
         };
         let (cfg, stop) = (cfg.clone(), stop.clone());
         let r = on_its_own_thread("archive", move || async move {
-            archive::run(&cfg, &settings, &store, stop)
-                .await
-                .map_err(SidecarError::Archive)
+            // The archive and the gap requests it serves, side by side.
+            // A failure of either stops both (it needs a person).
+            let archived = archive::run(&cfg, &settings, &store, stop.clone());
+            let served = archive::gapfill::serve(&cfg, &store, stop);
+            tokio::pin!(archived, served);
+            let r = tokio::select! {
+                r = &mut archived => match r {
+                    Ok(()) => served.await,
+                    e => e,
+                },
+                r = &mut served => match r {
+                    Ok(()) => archived.await,
+                    e => e,
+                },
+            };
+            r.map_err(SidecarError::Archive)
         })
         .await;
         if let Err(e) = &r {

@@ -22,6 +22,8 @@ pub struct GapRecord {
     pub from_seq: i64,
     pub to_seq: i64,
     pub at: DateTime<Utc>,
+    /// What the archive said of it (gap fill): e.g. not in the archive.
+    pub note: Option<String>,
 }
 
 /// What the database says about this site.
@@ -71,7 +73,7 @@ impl OriginProgress {
 
 impl GapRecord {
     /// From a row of `sitesync_gaps` read as text: origin, epoch, from seq,
-    /// to seq, detected at.
+    /// to seq, detected at, note (may be NULL).
     pub fn from_text(row: &[Option<String>]) -> Result<GapRecord, String> {
         Ok(GapRecord {
             origin: field(row, 0, "origin")?,
@@ -79,6 +81,7 @@ impl GapRecord {
             from_seq: field(row, 2, "from_seq")?,
             to_seq: field(row, 3, "to_seq")?,
             at: time(row, 4, "detected_at")?,
+            note: row.get(5).cloned().flatten(),
         })
     }
 }
@@ -169,6 +172,9 @@ impl SiteStatus {
                 g.epoch,
                 g.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
+            if let Some(note) = &g.note {
+                let _ = writeln!(out, "    !! {note}");
+            }
         }
         let queued = dead_letters_in_queue.map_or_else(
             || "unknown (broker unreachable)".to_string(),

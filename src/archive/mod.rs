@@ -20,6 +20,7 @@
 //! an origin's range: replay, gap fill) and by the time it was received
 //! and the event's own time (purge, replay's `--from/--to`).
 
+pub mod gapfill;
 pub mod replay;
 
 use crate::bus::publisher::{Publisher, settle};
@@ -31,6 +32,7 @@ use crate::retry::Backoff;
 use crate::runner::Shutdown;
 use crate::sink::broker;
 use crate::sink::queue::{self, Filled, Limits, delivered};
+use crate::sink::receipts;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -258,7 +260,16 @@ async fn session<S: Store>(
     let dead_letters = Publisher::new(&consuming.conn, &cfg.topology, &cfg.site)
         .await
         .map_err(broker)?;
-    tracing::info!(connector = %cfg.name, %queue, table = store.table(), "archive consuming (single active consumer: a standby waits here)");
+    let receipt_channel = if archive.receipts {
+        let ch = consuming.conn.create_channel().await.map_err(broker)?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(broker)?;
+        Some(ch)
+    } else {
+        None
+    };
+    tracing::info!(connector = %cfg.name, %queue, table = store.table(), receipts = archive.receipts, "archive consuming (single active consumer: a standby waits here)");
     let limits = Limits {
         size: archive.batch_size,
         timeout: archive.batch_timeout,
@@ -304,6 +315,15 @@ async fn session<S: Store>(
             }
         };
         tracing::debug!(messages = batch.len(), new, "archive batch committed");
+        let receipts_sent = match &receipt_channel {
+            Some(ch) => {
+                let lines = events.iter().map(|e| (*e, "archived", None));
+                let built =
+                    receipts::build(&cfg.site, false, &cfg.topology, chrono::Utc::now(), lines);
+                receipts::publish(ch, &cfg.topology, &cfg.site, built).await
+            }
+            None => Vec::new(),
+        };
         // Dead letters before the ack (confirmed): nothing is lost between.
         for (d, p) in batch.iter().zip(&parsed) {
             if let Err(reason) = p {
@@ -323,6 +343,7 @@ async fn session<S: Store>(
                 .await
                 .map_err(broker)?;
         }
+        receipts::settled(receipts_sent).await;
         batch.clear();
     }
 }

@@ -46,11 +46,17 @@ pub struct Filter {
     /// Event types matching this pattern (`*` matches any run of
     /// characters: `customer.*`).
     pub kind: Option<String>,
+    /// Only `(epoch, first seq, last seq)` of `origin` (a gap's range):
+    /// the read starts at it and stops past it.
+    pub range: Option<(u64, u64, u64)>,
 }
 
 impl Filter {
     pub fn matches(&self, e: &Event) -> bool {
         self.origin.as_ref().is_none_or(|o| *o == e.origin)
+            && self
+                .range
+                .is_none_or(|(epoch, from, to)| e.epoch == epoch && (from..=to).contains(&e.seq))
             && self.from.is_none_or(|t| e.timestamp >= t)
             && self.to.is_none_or(|t| e.timestamp < t)
             && self.kind.as_deref().is_none_or(|p| glob(p, &e.kind))
@@ -88,7 +94,13 @@ pub async fn walk<S: Store, E: From<TargetError>>(
     filter: &Filter,
     mut each: impl AsyncFnMut(Event) -> Result<(), E>,
 ) -> Result<(), E> {
-    let mut after: Option<Cursor> = None;
+    // A range starts the read just before its first seq, of its origin.
+    let mut after: Option<Cursor> = match (&filter.origin, filter.range) {
+        (Some(origin), Some((epoch, from, _))) => {
+            Some((origin.clone(), epoch as i64, from.saturating_sub(1) as i64))
+        }
+        _ => None,
+    };
     loop {
         let page = store
             .read(after.as_ref(), filter.origin.as_deref(), PAGE)
@@ -99,6 +111,11 @@ pub async fn walk<S: Store, E: From<TargetError>>(
         after = Some((last.origin.clone(), last.epoch as i64, last.seq as i64));
         let full = page.len() == PAGE;
         for e in page {
+            if let Some((epoch, _, to)) = filter.range
+                && (e.epoch > epoch || (e.epoch == epoch && e.seq > to))
+            {
+                return Ok(());
+            }
             if filter.matches(&e) {
                 each(e).await?;
             }
@@ -262,8 +279,24 @@ mod tests {
             from: at("2026-01-02T03:04:05Z"),
             to: at("2026-01-02T03:04:06Z"),
             kind: Some("customer.*".into()),
+            range: None,
         };
         assert!(f.matches(&e));
+        assert!(
+            Filter {
+                range: Some((1, 1, 1)),
+                ..f.clone()
+            }
+            .matches(&e)
+        );
+        assert!(
+            !Filter {
+                range: Some((1, 2, 9)),
+                ..f.clone()
+            }
+            .matches(&e),
+            "outside the seq range"
+        );
         assert!(
             !Filter {
                 origin: Some("LONDON".into()),

@@ -104,7 +104,9 @@ fn archive_description(topology: &TopologyConfig) -> String {
     }
 }
 
-fn dlq_args() -> FieldTable {
+/// A plain durable quorum queue's arguments (the dead-letter queue, the
+/// archive's queue of gap requests).
+pub(crate) fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -190,7 +192,7 @@ async fn declare_objects(
         close(ch).await;
         done.push(format!("exchange {exchange} (fanout, durable): {what}"));
     }
-    let mut queues: Vec<(String, String, FieldTable, &String)> = topology
+    let mut queues: Vec<(String, String, FieldTable, Option<&String>)> = topology
         .bound_queues()
         .into_iter()
         .map(|q| {
@@ -199,14 +201,14 @@ async fn declare_objects(
                     q,
                     archive_description(topology),
                     archive_queue_args(topology),
-                    &topology.exchange,
+                    Some(&topology.exchange),
                 )
             } else {
                 (
                     q,
                     "quorum, single active consumer".to_string(),
                     bound_queue_args(topology),
-                    &topology.exchange,
+                    Some(&topology.exchange),
                 )
             }
         })
@@ -214,9 +216,18 @@ async fn declare_objects(
     queues.push((
         topology.dead_letter_queue.clone(),
         "quorum".to_string(),
-        dlq_args(),
-        &topology.dead_letter_exchange,
+        quorum_args(),
+        Some(&topology.dead_letter_exchange),
     ));
+    if topology.archive_site.is_some() {
+        // Gap requests to the archiving sidecar, through the default exchange.
+        queues.push((
+            topology.gap_request_queue(),
+            "quorum: gap requests to the archive, not bound".to_string(),
+            quorum_args(),
+            None,
+        ));
+    }
     for (queue, what, args, exchange) in queues {
         let ch = channel(conn).await?;
         ch.queue_declare(
@@ -237,11 +248,11 @@ async fn declare_objects(
             }
             err
         })?;
-        if !bind {
+        let Some(exchange) = exchange.filter(|_| bind) else {
             close(ch).await;
             done.push(format!("queue {queue} ({what})"));
             continue;
-        }
+        };
         ch.queue_bind(
             queue.as_str().into(),
             exchange.as_str().into(),

@@ -19,6 +19,8 @@ pub struct ArchiveConfig {
     pub batch_timeout: Duration,
     /// …or after a lull this long.
     pub batch_idle: Duration,
+    /// Send each origin an `archived` receipt per batch.
+    pub receipts: bool,
 }
 
 /// The table name every engine uses when `[archive] table` is not set.
@@ -63,6 +65,7 @@ pub(super) fn read_archive(r: &mut Reader<'_>) -> ArchiveConfig {
             .unwrap_or(500) as usize,
         batch_timeout: r.millis("batch_timeout_ms", 200, 60_000),
         batch_idle: r.millis("batch_idle_ms", 5, 60_000),
+        receipts: r.boolean("receipts").unwrap_or(false),
     }
 }
 

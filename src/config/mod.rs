@@ -145,6 +145,34 @@ pub struct SinkConfig {
     /// What to do with an event type no route names.
     pub unrouted: Unrouted,
     pub routes: Vec<Route>,
+    /// Asking the archive for the events of open gaps.
+    pub gap_fill: GapFillConfig,
+    /// Send each origin a receipt per applied batch (`crate::sink::control`).
+    pub receipts: bool,
+}
+
+/// When the sink asks the archiving site for a gap's events (see
+/// `crate::sink::gaps`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapFillConfig {
+    /// On by default; it does anything only when the topology names an
+    /// archiving site.
+    pub enabled: bool,
+    /// A gap this old is asked for (younger ones often close by themselves:
+    /// a message released by a consumer that died comes back late).
+    pub after: Duration,
+    /// A gap asked for this long ago and still open is asked for again.
+    pub again: Duration,
+}
+
+impl Default for GapFillConfig {
+    fn default() -> Self {
+        GapFillConfig {
+            enabled: true,
+            after: Duration::from_secs(30),
+            again: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +267,21 @@ fn read_sink(r: &mut Reader<'_>) -> (SinkConfig, Vec<String>) {
     let max_attempts = r
         .integer("max_attempts", 1..=1000, "a number of attempts")
         .unwrap_or(3) as u32;
+    let defaults = GapFillConfig::default();
+    let gap_fill = GapFillConfig {
+        enabled: r.boolean("gap_fill").unwrap_or(defaults.enabled),
+        after: r.millis(
+            "gap_fill_after_ms",
+            defaults.after.as_millis() as u64,
+            86_400_000,
+        ),
+        again: r.millis(
+            "gap_fill_again_ms",
+            defaults.again.as_millis() as u64,
+            86_400_000,
+        ),
+    };
+    let receipts = r.boolean("receipts").unwrap_or(false);
     let unrouted = match r
         .string("unrouted", false, "\"dead-letter\" or \"skip\"")
         .as_deref()
@@ -329,6 +372,8 @@ fn read_sink(r: &mut Reader<'_>) -> (SinkConfig, Vec<String>) {
             max_attempts,
             unrouted,
             routes,
+            gap_fill,
+            receipts,
         },
         capture,
     )
@@ -379,6 +424,13 @@ pub struct TopologyConfig {
 impl TopologyConfig {
     pub fn site_queue(&self, site: &str) -> String {
         format!("{}{}", self.site_queue_prefix, site)
+    }
+
+    /// The queue of gap requests the archiving sidecar consumes
+    /// (`SITE_PARIS_HISTO_REQUESTS`): not bound to the fanout, sent to
+    /// through the default exchange.
+    pub fn gap_request_queue(&self) -> String {
+        format!("{}_REQUESTS", self.archive_queue)
     }
 
     /// Every queue bound to the event exchange: each site's, then the archive.

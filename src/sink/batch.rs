@@ -33,6 +33,7 @@
 //!   any one message: returned to the sink, which backs off (transient) or
 //!   stops (operator).
 
+use super::control::Receipt;
 use super::mapping::{self, Entity, MappedRow};
 use super::rules::{self, Conflict, Gap, LocalWrite, Version, decide, track};
 use super::{Item, Outcome, Plan, Seen, Sorted, Target, sort_items};
@@ -108,16 +109,25 @@ pub struct Progress {
     pub changed: Vec<(String, u64, u64)>,
     /// Ranges of an origin's `seq` that never arrived (logged).
     pub gaps: Vec<Gap>,
+    /// Arrivals that may fall in gaps recorded before, by origin and
+    /// epoch: the engine reads those gap rows (locked) and shrinks them
+    /// with [`rules::shrink`].
+    pub late: Vec<rules::LateArrivals>,
 }
 
 /// Moves the origins' progress (as the transaction read it) over the
 /// batch's messages ([`rules::track`]); logs the gaps found.
 pub fn advance(state: &mut Origins, seen: &[&Seen]) -> Progress {
-    let (changed, gaps) = track(state, seen);
+    let rules::Tracked {
+        changed,
+        gaps,
+        late,
+    } = track(state, seen);
     for gap in &gaps {
         tracing::warn!(origin = %gap.origin, epoch = gap.epoch, from = gap.from, to = gap.to, "gap: events of this origin never arrived");
     }
     Progress {
+        late: rules::late_by_origin(&late),
         changed: changed
             .into_iter()
             .map(|o| {
@@ -401,6 +411,89 @@ pub trait Session: Send {
     /// Deletes this site's outbox rows whose events the inbox records as
     /// back round (outside any batch); returns how many.
     fn sweep_own(&mut self) -> impl Future<Output = Result<u64, TargetError>> + Send;
+
+    /// Every open gap, oldest first, with its age and how long since it was
+    /// last asked of the archive (outside any batch).
+    fn open_gaps(&mut self) -> impl Future<Output = Result<Vec<OpenGap>, TargetError>> + Send;
+
+    /// Marks the gaps `ids` (outside any batch): asked of the archive now,
+    /// or given a note (what the archive said).
+    fn mark_gaps<'a>(
+        &'a mut self,
+        ids: &'a [i64],
+        mark: GapMark<'a>,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send + 'a;
+
+    /// Records a receipt's lines in `sitesync_receipts` (outside any
+    /// batch), one row per event and site: a later outcome replaces an
+    /// earlier one (a dead letter requeued and applied), except that a
+    /// `duplicate` never replaces anything. Idempotent.
+    fn record_receipt<'a>(
+        &'a mut self,
+        receipt: &'a Receipt,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send + 'a;
+
+    /// What this database knows of one event: its receipts and its inbox
+    /// row (outside any batch).
+    fn trace(&mut self, id: Uuid) -> impl Future<Output = Result<Traced, TargetError>> + Send + '_;
+
+    /// Per site of `sites`: how many events some site sent a receipt for
+    /// more than `older_than_s` seconds ago have no receipt from it, and
+    /// the oldest such first receipt's age (outside any batch).
+    fn unreceipted<'a>(
+        &'a mut self,
+        sites: &'a [String],
+        older_than_s: u64,
+    ) -> impl Future<Output = Result<Vec<(String, u64, f64)>, TargetError>> + Send + 'a;
+}
+
+/// A row of `sitesync_receipts`, as `sitesync trace` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptRow {
+    pub site: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub outcome: String,
+    pub reason: Option<String>,
+    /// When it happened there, and when the receipt arrived here (RFC 3339).
+    pub at: String,
+    pub received_at: String,
+}
+
+/// What a database knows of one event ([`Session::trace`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Traced {
+    pub receipts: Vec<ReceiptRow>,
+    /// The inbox row: origin, type, epoch, seq, outcome, applied at.
+    pub inbox: Option<(String, String, u64, u64, String, String)>,
+}
+
+/// A row of `sitesync_gaps`, as the gap filler reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenGap {
+    pub id: i64,
+    pub origin: String,
+    pub epoch: u64,
+    pub from: u64,
+    pub to: u64,
+    /// Seconds since it was detected.
+    pub age_s: f64,
+    /// Seconds since it was last asked of the archive, if ever.
+    pub requested_s: Option<f64>,
+    /// What the archive said of it (e.g. not in the archive).
+    pub note: Option<String>,
+}
+
+/// What [`Session::mark_gaps`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapMark<'a> {
+    /// Asked of the archive now (`requested_at`).
+    Requested,
+    /// Asked again by hand: `requested_at` now, and the note cleared until
+    /// the archive answers again.
+    RequestedAnew,
+    /// The archive's answer (`note`).
+    Note(&'a str),
 }
 
 /// A [`Target`] for any engine: its [`Dialect`], one connection at a time.
@@ -446,12 +539,59 @@ impl<D: Dialect> Target for Batches<D> {
     }
 
     async fn sweep_own(&self) -> Result<u64, TargetError> {
+        self.outside_batch(async |s: &mut D::Session| s.sweep_own().await)
+            .await
+    }
+
+    async fn open_gaps(&self) -> Result<Vec<OpenGap>, TargetError> {
+        self.outside_batch(async |s: &mut D::Session| s.open_gaps().await)
+            .await
+    }
+
+    async fn mark_gaps(&self, ids: &[i64], mark: GapMark<'_>) -> Result<(), TargetError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.outside_batch(async |s: &mut D::Session| s.mark_gaps(ids, mark).await)
+            .await
+    }
+
+    async fn record_receipt(&self, receipt: &Receipt) -> Result<(), TargetError> {
+        if receipt.events.is_empty() {
+            return Ok(());
+        }
+        self.outside_batch(async |s: &mut D::Session| s.record_receipt(receipt).await)
+            .await
+    }
+
+    async fn trace(&self, id: Uuid) -> Result<Traced, TargetError> {
+        self.outside_batch(async |s: &mut D::Session| s.trace(id).await)
+            .await
+    }
+
+    async fn unreceipted(
+        &self,
+        sites: &[String],
+        older_than_s: u64,
+    ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+        self.outside_batch(async |s: &mut D::Session| s.unreceipted(sites, older_than_s).await)
+            .await
+    }
+}
+
+impl<D: Dialect> Batches<D> {
+    /// Runs `work` on the sink's connection between batches (opening one
+    /// if needed; dropping it if it broke).
+    async fn outside_batch<R>(
+        &self,
+        work: impl AsyncFnOnce(&mut D::Session) -> Result<R, TargetError>,
+    ) -> Result<R, TargetError> {
         let mut guard = self.session.lock().await;
         if guard.as_ref().is_none_or(|s| s.closed()) {
             *guard = Some(self.dialect.connect().await?);
         }
         let session = guard.as_mut().expect("connected above");
-        let result = session.sweep_own().await;
+        let result = work(session).await;
         if result.is_err() && !session.usable().await {
             *guard = None;
         }
@@ -1004,6 +1144,20 @@ mod tests {
             for g in progress.gaps {
                 tx.gaps.push((g.origin, g.from, g.to));
             }
+            // Late arrivals shrink the gaps recorded before, as each
+            // engine does under lock (row ids: positions).
+            for l in &progress.late {
+                let rows: Vec<rules::GapRow> = (tx.gaps.iter().enumerate())
+                    .filter(|(_, g)| g.0 == l.origin)
+                    .map(|(i, g)| (i as i64, g.1, g.2))
+                    .collect();
+                for (id, pieces) in rules::shrink(&rows, &l.seqs).into_iter().rev() {
+                    let (origin, ..) = tx.gaps.remove(id as usize);
+                    for (k, (from, to)) in pieces.into_iter().enumerate() {
+                        tx.gaps.insert(id as usize + k, (origin.clone(), from, to));
+                    }
+                }
+            }
             Ok(())
         }
 
@@ -1152,6 +1306,30 @@ mod tests {
         async fn sweep_own(&mut self) -> Result<u64, TargetError> {
             Ok(0)
         }
+
+        async fn open_gaps(&mut self) -> Result<Vec<OpenGap>, TargetError> {
+            Ok(Vec::new())
+        }
+
+        async fn mark_gaps(&mut self, _: &[i64], _: GapMark<'_>) -> Result<(), TargetError> {
+            Ok(())
+        }
+
+        async fn record_receipt(&mut self, _: &Receipt) -> Result<(), TargetError> {
+            Ok(())
+        }
+
+        async fn trace(&mut self, _: Uuid) -> Result<Traced, TargetError> {
+            Ok(Traced::default())
+        }
+
+        async fn unreceipted(
+            &mut self,
+            _: &[String],
+            _: u64,
+        ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+            Ok(Vec::new())
+        }
     }
 
     fn route() -> Route {
@@ -1218,6 +1396,28 @@ mod tests {
         assert_eq!(t.origins["LONDON"], (1, 5));
         assert_eq!(t.gaps, [("LONDON".to_string(), 3, 4)]);
         assert_eq!(fake.begun, [false], "one attempt, not isolated");
+    }
+
+    #[tokio::test]
+    async fn a_late_event_applied_in_a_later_batch_closes_its_gap() {
+        let r = route();
+        let mut fake = Fake::default();
+        let first = [event(1, "LONDON", "a", 10), event(5, "LONDON", "b", 10)];
+        apply(&mut fake, &items(&first, &r, "PARIS")).await.unwrap();
+        assert_eq!(fake.committed.gaps, [("LONDON".to_string(), 2, 4)]);
+        // 3 comes back (released by a consumer that died holding it).
+        let late = [event(3, "LONDON", "c", 10), event(6, "LONDON", "d", 10)];
+        let outcomes = apply(&mut fake, &items(&late, &r, "PARIS")).await.unwrap();
+        assert_eq!(outcomes, vec![Outcome::Applied; 2]);
+        assert_eq!(
+            fake.committed.gaps,
+            [("LONDON".to_string(), 2, 2), ("LONDON".to_string(), 4, 4)],
+            "the gap now holds exactly what has not arrived"
+        );
+        let rest = [event(2, "LONDON", "e", 10), event(4, "LONDON", "f", 10)];
+        apply(&mut fake, &items(&rest, &r, "PARIS")).await.unwrap();
+        assert!(fake.committed.gaps.is_empty());
+        assert_eq!(fake.committed.origins["LONDON"], (1, 6));
     }
 
     /// Four events of LONDON: `a`, `b` twice, `c`; writing `b` fails with

@@ -26,9 +26,12 @@
 //! attempt count and the site in its headers.
 
 pub mod batch;
+pub mod control;
+pub mod gaps;
 pub mod mapping;
 pub mod plan;
 pub mod queue;
+pub mod receipts;
 pub mod rules;
 #[cfg(test)]
 pub mod testing;
@@ -63,6 +66,38 @@ pub trait Target: Send + Sync {
     /// back round (a safety net: the batch that saw them come back deletes
     /// them too); returns how many.
     fn sweep_own(&self) -> impl Future<Output = Result<u64, TargetError>> + Send + '_;
+
+    /// Every open gap ([`batch::OpenGap`]), for the gap filler.
+    fn open_gaps(
+        &self,
+    ) -> impl Future<Output = Result<Vec<batch::OpenGap>, TargetError>> + Send + '_;
+
+    /// Marks gaps as asked of the archive, or with its answer.
+    fn mark_gaps<'a>(
+        &'a self,
+        ids: &'a [i64],
+        mark: batch::GapMark<'a>,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send + 'a;
+
+    /// Records a receipt (at the origin).
+    fn record_receipt<'a>(
+        &'a self,
+        receipt: &'a control::Receipt,
+    ) -> impl Future<Output = Result<(), TargetError>> + Send + 'a;
+
+    /// What this database knows of one event (`sitesync trace`).
+    fn trace(
+        &self,
+        id: uuid::Uuid,
+    ) -> impl Future<Output = Result<batch::Traced, TargetError>> + Send + '_;
+
+    /// Per site: events with a receipt from some site older than
+    /// `older_than_s`, and none from it (`sitesync status`).
+    fn unreceipted<'a>(
+        &'a self,
+        sites: &'a [String],
+        older_than_s: u64,
+    ) -> impl Future<Output = Result<Vec<(String, u64, f64)>, TargetError>> + Send + 'a;
 }
 
 /// How long a sink waits with no message before it sweeps the outbox for
@@ -100,6 +135,111 @@ impl Pending {
 
     fn ready(&self, now: Instant) -> bool {
         self.message.ready(now)
+    }
+}
+
+/// A control message received ([`control`]), waiting until every message
+/// delivered before it is done.
+struct Waiting {
+    delivery: Delivery,
+    control: Result<control::Control, String>,
+}
+
+/// Files a delivery: a control message to wait its turn, an event to be
+/// planned.
+fn accept(d: Delivery, pending: &mut VecDeque<Pending>, controls: &mut VecDeque<Waiting>) {
+    match control::kind(&d) {
+        Some(kind) => {
+            let control = control::parse(&kind, &d.data);
+            controls.push_back(Waiting {
+                delivery: d,
+                control,
+            });
+        }
+        None => pending.push_back(Pending::new(d)),
+    }
+}
+
+/// Handles the control messages at the head of `controls` whose earlier
+/// messages are all done, each acked alone once handled. Returns false
+/// when one failed for now (it stays, to be tried again).
+async fn handle_controls<T: Target>(
+    target: &T,
+    dead_letters: &Publisher,
+    controls: &mut VecDeque<Waiting>,
+    pending: &VecDeque<Pending>,
+) -> Result<bool, TargetError> {
+    while let Some(w) = controls.front() {
+        let tag = w.delivery.delivery_tag;
+        if pending.iter().any(|p| p.delivery.delivery_tag < tag) {
+            break;
+        }
+        match &w.control {
+            Err(reason) => {
+                tracing::warn!(message_id = ?w.delivery.properties.message_id(), %reason, "to the dead-letter queue");
+                let confirm = dead_letters
+                    .dead_letter_message(&w.delivery, reason, 1)
+                    .await
+                    .map_err(broker)?;
+                settle(confirm.await, || "a dead letter".to_string()).map_err(broker)?;
+            }
+            Ok(control) => {
+                let handled = match control {
+                    control::Control::GapReply(reply) => {
+                        gaps::on_reply(target, reply).await.map(|_| ())
+                    }
+                    control::Control::Receipt(receipt) => target.record_receipt(receipt).await,
+                };
+                match handled {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "handling a control message failed; trying again shortly");
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        w.delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .map_err(broker)?;
+        controls.pop_front();
+    }
+    Ok(true)
+}
+
+/// Asks the archive for the gaps that are due ([`gaps::due`]); a failure
+/// is logged and the next check tries again.
+async fn ask_for_gaps<T: Target>(cfg: &ConnectorConfig, target: &T, channel: &lapin::Channel) {
+    let open = match target.open_gaps().await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(error = %e.message(), "reading the gaps failed; trying again later");
+            return;
+        }
+    };
+    let due = gaps::due(&open, &cfg.sink.gap_fill);
+    if due.is_empty() {
+        return;
+    }
+    let requests: Vec<control::GapRequest> =
+        due.iter().map(|g| gaps::request(&cfg.site, g)).collect();
+    let ids: Vec<i64> = due.iter().map(|g| g.id).collect();
+    match gaps::send_requests(channel, &cfg.topology, &cfg.site, &requests).await {
+        Ok(n) => {
+            if let Err(e) = target.mark_gaps(&ids, batch::GapMark::Requested).await {
+                tracing::debug!(error = %e.message(), "recording the gap requests failed (they will be sent again)");
+            }
+            for r in &requests {
+                tracing::info!(origin = %r.origin, epoch = r.epoch, from = r.from, to = r.to, "gap fill: asked the archive for the events of this gap");
+            }
+            tracing::debug!(requests = n, "gap requests confirmed");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.message(), "gap fill: asking the archive failed; trying again later")
+        }
     }
 }
 
@@ -172,22 +312,66 @@ async fn session<T: Target>(
     let dead_letters = Publisher::new(&conn, &cfg.topology, &cfg.site)
         .await
         .map_err(broker)?;
-    tracing::info!(connector = %cfg.name, %queue, prefetch = cfg.sink.prefetch, "sink consuming (single active consumer: a standby waits here)");
+    // Gap requests go out on a confirm channel of their own.
+    let gap_channel = if cfg.sink.gap_fill.enabled && cfg.topology.archive_site.is_some() {
+        let ch = conn.create_channel().await.map_err(broker)?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(broker)?;
+        Some(ch)
+    } else {
+        None
+    };
+    // Receipts too, when this site sends them.
+    let receipt_channel = if cfg.sink.receipts {
+        let ch = conn.create_channel().await.map_err(broker)?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(broker)?;
+        Some(ch)
+    } else {
+        None
+    };
+    tracing::info!(connector = %cfg.name, %queue, prefetch = cfg.sink.prefetch, gap_fill = gap_channel.is_some(), receipts = cfg.sink.receipts, "sink consuming (single active consumer: a standby waits here)");
 
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut controls: VecDeque<Waiting> = VecDeque::new();
+    let mut control_retry: Option<Instant> = None;
+    let mut next_gap_check = Instant::now() + gaps::CHECK_EVERY;
     let mut backoff = Backoff::new(&cfg.retry);
     let mut swept = Instant::now();
     let mut last_message = Instant::now();
     loop {
+        if !controls.is_empty() && control_retry.is_none_or(|t| t <= Instant::now()) {
+            control_retry =
+                match handle_controls(target, &dead_letters, &mut controls, &pending).await? {
+                    true => None,
+                    false => Some(Instant::now() + backoff.next_delay()),
+                };
+        }
+        if let Some(ch) = &gap_channel
+            && Instant::now() >= next_gap_check
+        {
+            ask_for_gaps(cfg, target, ch).await;
+            next_gap_check = Instant::now() + gaps::CHECK_EVERY;
+        }
         // Wait for something to do: a new message, or a retry coming due;
         // while idle, sweep the outbox now and then.
         let now = Instant::now();
         if !pending.iter().any(|p| p.ready(now)) {
             let next_retry = pending.iter().filter_map(|p| p.message.retry_at).min();
+            let gap_check = gap_channel.as_ref().map(|_| next_gap_check);
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
-                d = consumer.next() => pending.push_back(Pending::new(delivered(d, &queue)?)),
+                d = consumer.next() => {
+                    accept(delivered(d, &queue)?, &mut pending, &mut controls);
+                    if pending.is_empty() {
+                        continue;
+                    }
+                }
                 _ = sleep_until(next_retry) => {}
+                _ = sleep_until(control_retry.filter(|_| !controls.is_empty())) => continue,
+                _ = sleep_until(gap_check) => continue,
                 _ = sleep_until(Some((last_message.max(swept) + SWEEP_EVERY).min(swept + SWEEP_BUSY_EVERY))) => {
                     swept = Instant::now();
                     match target.sweep_own().await {
@@ -212,7 +396,7 @@ async fn session<T: Target>(
             idle: cfg.sink.batch_idle,
         };
         let filled = queue::fill(&mut consumer, &queue, limits, ready, &mut shutdown, |d| {
-            pending.push_back(Pending::new(d))
+            accept(d, &mut pending, &mut controls)
         })
         .await?;
         if filled == Filled::Stop {
@@ -289,7 +473,33 @@ async fn session<T: Target>(
             .take(round)
             .map(|p| &p.delivery.acker)
             .collect();
-        queue::ack_done(&ackers, &done).await?;
+        // Receipts: one per origin of the batch, after the commit.
+        let receipts_sent = match &receipt_channel {
+            Some(ch) => {
+                let lines = pending
+                    .iter()
+                    .take(round)
+                    .zip(&outcomes)
+                    .filter_map(|(p, o)| {
+                        let e = p.message.event.as_ref().ok()?;
+                        let (outcome, reason) = receipts::outcome(o)?;
+                        Some((e, outcome, reason))
+                    });
+                let built =
+                    receipts::build(&cfg.site, true, &cfg.topology, chrono::Utc::now(), lines);
+                receipts::publish(ch, &cfg.topology, &cfg.site, built).await
+            }
+            None => Vec::new(),
+        };
+        // Not past a control message still waiting (it is acked alone).
+        let first_control = controls.front().map(|w| w.delivery.delivery_tag);
+        let before_control = pending
+            .iter()
+            .take(round)
+            .take_while(|p| first_control.is_none_or(|t| p.delivery.delivery_tag < t))
+            .count();
+        queue::ack_done_before(&ackers, &done, before_control).await?;
+        receipts::settled(receipts_sent).await;
         let mut i = 0;
         pending.retain(|_| {
             let keep = i >= round || !done[i];

@@ -233,6 +233,8 @@ mod tests {
     fn sink_with(unrouted: Unrouted) -> SinkConfig {
         SinkConfig {
             enabled: true,
+            gap_fill: Default::default(),
+            receipts: false,
             prefetch: 100,
             batch_size: 100,
             batch_timeout: Duration::from_millis(20),

@@ -160,7 +160,19 @@ pub async fn fill(
 /// on one channel): the done prefix with one multiple-ack, the rest one by
 /// one.
 pub async fn ack_done(ackers: &[&Acker], done: &[bool]) -> Result<(), TargetError> {
-    let prefix = done.iter().take_while(|d| **d).count();
+    ack_done_before(ackers, done, usize::MAX).await
+}
+
+/// [`ack_done`], with the multiple-ack limited to the first `limit`
+/// messages: a message delivered on the channel after them but not in
+/// `ackers` (a control message the sink has yet to handle) must not be
+/// acked by it.
+pub async fn ack_done_before(
+    ackers: &[&Acker],
+    done: &[bool],
+    limit: usize,
+) -> Result<(), TargetError> {
+    let prefix = done.iter().take(limit).take_while(|d| **d).count();
     if prefix > 0 {
         ackers[prefix - 1]
             .ack(BasicAckOptions { multiple: true })

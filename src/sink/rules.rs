@@ -137,13 +137,31 @@ pub struct Gap {
     pub to: u64,
 }
 
+/// What the messages of a batch did to the origins' progress.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tracked {
+    /// The origins whose `(epoch, highest seq)` moved, each once.
+    pub changed: Vec<String>,
+    /// Ranges skipped over by this batch, less the late arrivals of the
+    /// same batch that fell in them.
+    pub gaps: Vec<Gap>,
+    /// Arrivals at or below their origin's highest seq, or of an older
+    /// epoch, that no gap of this batch holds: each may fall in a gap
+    /// recorded before (a requeued, redelivered or replayed event), which
+    /// must then shrink ([`shrink`]). Duplicates land here too.
+    pub late: Vec<Seen>,
+}
+
 /// Moves each origin's `(epoch, highest seq)` over the messages seen, in
-/// order; returns the origins that changed and the gaps found. A new epoch
-/// starts at seq 1; a seq at or below the highest (a duplicate, or a
-/// message requeued from the dead-letter queue) changes nothing.
-pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<String>, Vec<Gap>) {
-    let mut changed = Vec::new();
-    let mut gaps = Vec::new();
+/// order. A new epoch starts at seq 1; a seq past the next one leaves a
+/// gap; a seq at or below the highest (a duplicate, a message requeued
+/// from the dead-letter queue or redelivered after another consumer
+/// released it, an event replayed to fill a gap) does not move the
+/// progress but is an arrival all the same: it is taken out of any gap
+/// that holds it, so that a gap always means exactly "these events have
+/// not arrived here".
+pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> Tracked {
+    let mut t = Tracked::default();
     for s in seen {
         let (from, moved) = match state.get(&s.origin) {
             None => (1, true),
@@ -154,10 +172,13 @@ pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<S
             Some(&(_, seq)) => (seq.saturating_add(1), s.seq > seq),
         };
         if !moved {
+            if !close_in(&mut t.gaps, s) {
+                t.late.push((*s).clone());
+            }
             continue;
         }
         if s.seq > from {
-            gaps.push(Gap {
+            t.gaps.push(Gap {
                 origin: s.origin.clone(),
                 epoch: s.epoch,
                 from,
@@ -165,11 +186,106 @@ pub fn track(state: &mut BTreeMap<String, (u64, u64)>, seen: &[&Seen]) -> (Vec<S
             });
         }
         state.insert(s.origin.clone(), (s.epoch, s.seq));
-        if !changed.contains(&s.origin) {
-            changed.push(s.origin.clone());
+        if !t.changed.contains(&s.origin) {
+            t.changed.push(s.origin.clone());
         }
     }
-    (changed, gaps)
+    t
+}
+
+/// Takes `s` out of the gap of `gaps` that holds it, if one does (a range
+/// of one goes, a range cut in the middle becomes two).
+fn close_in(gaps: &mut Vec<Gap>, s: &Seen) -> bool {
+    let Some(i) = gaps.iter().position(|g| {
+        g.origin == s.origin && g.epoch == s.epoch && g.from <= s.seq && s.seq <= g.to
+    }) else {
+        return false;
+    };
+    let g = gaps.remove(i);
+    let pieces = cut(g.from, g.to, &[s.seq]);
+    for (k, (from, to)) in pieces.into_iter().enumerate() {
+        let piece = Gap {
+            from,
+            to,
+            ..g.clone()
+        };
+        gaps.insert(i + k, piece);
+    }
+    true
+}
+
+/// What is left of the range `from..=to` once the `seqs` (sorted, each
+/// once) are taken out of it: the pieces in order, none if all arrived.
+pub fn cut(from: u64, to: u64, seqs: &[u64]) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    let mut next = from;
+    for &s in seqs.iter().filter(|s| (from..=to).contains(*s)) {
+        if s > next {
+            pieces.push((next, s - 1));
+        }
+        next = s.saturating_add(1);
+        if s == u64::MAX {
+            return pieces;
+        }
+    }
+    if next <= to {
+        pieces.push((next, to));
+    }
+    pieces
+}
+
+/// A gap as a database holds it: its row id, first and last seq.
+pub type GapRow = (i64, u64, u64);
+
+/// How the recorded gaps of one origin and epoch change when the `seqs`
+/// arrive late: for each row that holds some of them, what is left of it
+/// (empty: the row goes; one piece: the row shrinks; more: the row keeps
+/// the first piece and each other piece is a new row with the same
+/// detection time and state). Rows that hold none are not listed.
+pub fn shrink(rows: &[GapRow], seqs: &[u64]) -> Vec<(i64, Vec<(u64, u64)>)> {
+    let mut seqs = seqs.to_vec();
+    seqs.sort_unstable();
+    seqs.dedup();
+    rows.iter()
+        .filter(|(_, from, to)| seqs.iter().any(|s| from <= s && s <= to))
+        .map(|&(id, from, to)| (id, cut(from, to, &seqs)))
+        .collect()
+}
+
+/// The late arrivals of a batch by `(origin, epoch)`, in order: the seqs
+/// of each, and their lowest and highest (what an engine reads its gap
+/// rows for, under lock, before [`shrink`]).
+pub fn late_by_origin(late: &[Seen]) -> Vec<LateArrivals> {
+    let mut by: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+    for s in late {
+        by.entry((s.origin.clone(), s.epoch))
+            .or_default()
+            .push(s.seq);
+    }
+    by.into_iter()
+        .map(|((origin, epoch), mut seqs)| {
+            seqs.sort_unstable();
+            seqs.dedup();
+            LateArrivals {
+                origin,
+                epoch,
+                low: seqs[0],
+                high: seqs[seqs.len() - 1],
+                seqs,
+            }
+        })
+        .collect()
+}
+
+/// One origin-and-epoch's late arrivals in a batch ([`late_by_origin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateArrivals {
+    pub origin: String,
+    pub epoch: u64,
+    pub low: u64,
+    pub high: u64,
+    /// Sorted, each once.
+    pub seqs: Vec<u64>,
 }
 
 /// Each applied-through-a-route event's outcome, in batch order: a
@@ -322,17 +438,20 @@ mod tests {
             seen("P", 1, 6),
         ];
         let refs: Vec<&Seen> = msgs.iter().collect();
-        let (changed, gaps) = track(&mut state, &refs);
-        assert_eq!(changed, vec!["P".to_string()]);
+        let t = track(&mut state, &refs);
+        assert_eq!(t.changed, vec!["P".to_string()]);
+        // 3 arrived late in the same batch: only 4 is missing.
         assert_eq!(
-            gaps,
+            t.gaps,
             vec![Gap {
                 origin: "P".into(),
                 epoch: 1,
-                from: 3,
+                from: 4,
                 to: 4
             }]
         );
+        // The second 5 is a duplicate: late, for the recorded gaps to see.
+        assert_eq!(t.late, vec![seen("P", 1, 5)]);
         assert_eq!(state["P"], (1, 6));
         // A new epoch restarts at 1; an old epoch changes nothing.
         let msgs = [
@@ -342,10 +461,15 @@ mod tests {
             seen("L", 7, 3),
         ];
         let refs: Vec<&Seen> = msgs.iter().collect();
-        let (_, gaps) = track(&mut state, &refs);
+        let t = track(&mut state, &refs);
         assert_eq!(state["P"], (2, 2));
         assert_eq!(
-            gaps,
+            t.late,
+            vec![seen("P", 0, 99)],
+            "an old epoch's event may fill an old gap"
+        );
+        assert_eq!(
+            t.gaps,
             vec![Gap {
                 origin: "L".into(),
                 epoch: 7,
@@ -367,9 +491,66 @@ mod tests {
             seen("P", 1, u64::MAX),
         ];
         let refs: Vec<&Seen> = msgs.iter().collect();
-        let (changed, gaps) = track(&mut state, &refs);
-        assert_eq!(changed, vec!["P".to_string()]);
-        assert_eq!(gaps.len(), 1, "1..u64::MAX-1 never arrived");
+        let t = track(&mut state, &refs);
+        assert_eq!(t.changed, vec!["P".to_string()]);
+        assert_eq!(
+            t.gaps.iter().map(|g| (g.from, g.to)).collect::<Vec<_>>(),
+            [(1, 3), (5, u64::MAX - 1)],
+            "1..u64::MAX-1 never arrived but 4, late"
+        );
         assert_eq!(state["P"], (1, u64::MAX));
+        assert_eq!(
+            cut(u64::MAX - 1, u64::MAX, &[u64::MAX]),
+            [(u64::MAX - 1, u64::MAX - 1)]
+        );
+        assert_eq!(cut(5, u64::MAX, &[u64::MAX]), [(5, u64::MAX - 1)]);
+    }
+
+    #[test]
+    fn a_late_arrival_cuts_its_seq_out_of_the_gap_that_holds_it() {
+        // The case found by hand: MADRID 1762 released unacked by another
+        // consumer came back after 1763 and was applied, yet its gap row
+        // stayed. A late seq now shrinks, splits or removes the gap.
+        let mut state = BTreeMap::from([("M".to_string(), (1, 1761))]);
+        let first = [seen("M", 1, 1763), seen("M", 1, 1764)];
+        let t = track(&mut state, &first.iter().collect::<Vec<_>>());
+        assert_eq!((t.gaps[0].from, t.gaps[0].to), (1762, 1762));
+        let later = [seen("M", 1, 1762), seen("M", 1, 1765)];
+        let t = track(&mut state, &later.iter().collect::<Vec<_>>());
+        assert!(t.gaps.is_empty());
+        assert_eq!(t.late, vec![seen("M", 1, 1762)]);
+        assert_eq!(late_by_origin(&t.late)[0].seqs, [1762]);
+
+        let rows = [(7, 1762, 1762), (8, 10, 20), (9, 30, 31)];
+        assert_eq!(
+            shrink(&rows, &[1762]),
+            [(7, vec![])],
+            "the one-event gap goes"
+        );
+        assert_eq!(
+            shrink(&rows, &[15, 10, 15, 20, 40]),
+            [(8, vec![(11, 14), (16, 19)])],
+            "a cut in the middle splits; rows holding none are untouched"
+        );
+        assert_eq!(shrink(&rows, &[30]), [(9, vec![(31, 31)])]);
+        assert!(shrink(&rows, &[1, 25, 1763]).is_empty());
+    }
+
+    #[test]
+    fn late_arrivals_group_by_origin_and_epoch() {
+        let late = [
+            seen("P", 1, 9),
+            seen("L", 2, 4),
+            seen("P", 1, 3),
+            seen("P", 1, 9),
+            seen("P", 0, 5),
+        ];
+        let g = late_by_origin(&late);
+        let keys: Vec<_> = g
+            .iter()
+            .map(|l| (l.origin.as_str(), l.epoch, l.low, l.high))
+            .collect();
+        assert_eq!(keys, [("L", 2, 4, 4), ("P", 0, 5, 5), ("P", 1, 3, 9)]);
+        assert_eq!(g[2].seqs, [3, 9]);
     }
 }

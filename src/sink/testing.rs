@@ -53,6 +53,8 @@ pub fn items<'a>(events: &'a [Event], route: &'a Route, site: &str) -> Vec<Item<
 pub fn sink_with(routes: Vec<Route>) -> SinkConfig {
     SinkConfig {
         enabled: true,
+        gap_fill: Default::default(),
+        receipts: false,
         prefetch: 100,
         batch_size: 100,
         batch_timeout: std::time::Duration::from_millis(20),

@@ -6,6 +6,7 @@ mod capture;
 mod cli;
 mod crash;
 mod delivery;
+mod gaps;
 mod mariadb;
 mod mixed;
 mod operations;

@@ -65,6 +65,8 @@ pub struct MeshOptions {
     /// names PARIS as the archive site; without it the archive queue
     /// fills, for the tests that look at it).
     pub archive: bool,
+    /// Extra lines for PARIS's `[archive]` section.
+    pub archive_extra: String,
 }
 
 impl Default for MeshOptions {
@@ -76,6 +78,7 @@ impl Default for MeshOptions {
             sites: SITES.to_vec(),
             connector_amqp_url: None,
             archive: false,
+            archive_extra: String::new(),
         }
     }
 }
@@ -119,9 +122,9 @@ impl Mesh {
             pg.client(&db).await.batch_execute(BUSINESS).await.unwrap();
             let file = dir.path().join(format!("{db}.toml"));
             let archive = if opts.archive && *site == "PARIS" {
-                "\n[archive]\nbatch_timeout_ms = 50\n"
+                format!("\n[archive]\nbatch_timeout_ms = 50\n{}", opts.archive_extra)
             } else {
-                ""
+                String::new()
             };
             std::fs::write(
                 &file,

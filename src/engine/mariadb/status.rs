@@ -68,7 +68,7 @@ pub async fn read(_cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, S
     .await?;
     let gaps = texts(
         &mut c,
-        "SELECT origin, epoch, from_seq, to_seq, DATE_FORMAT(detected_at, '%Y-%m-%dT%H:%i:%s.%f') FROM sitesync_gaps ORDER BY detected_at, id",
+        "SELECT origin, epoch, from_seq, to_seq, DATE_FORMAT(detected_at, '%Y-%m-%dT%H:%i:%s.%f'), note FROM sitesync_gaps ORDER BY detected_at, id",
         &account,
         "reading sitesync_gaps",
     )

@@ -87,11 +87,13 @@ use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
 use crate::sink::batch::{
-    self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
-    route_missing_columns, route_ready, route_without_unique_key,
+    self, Dialect, Failed, GapMark, Local, OpenGap, Origins, Progress, Session, Start, Stored,
+    Write, route_missing_columns, route_ready, route_without_unique_key,
 };
+use crate::sink::batch::{ReceiptRow, Traced};
+use crate::sink::control::Receipt;
 use crate::sink::mapping::{self, Entity};
-use crate::sink::rules::{Conflict, Version};
+use crate::sink::rules::{self, Conflict, GapRow, LateArrivals, Version};
 use chrono::{DateTime, Utc};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool, Row, Value};
@@ -101,12 +103,13 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 /// The sink's tables, in the connector's database.
-pub const SINK_TABLES: [&str; 5] = [
+pub const SINK_TABLES: [&str; 6] = [
     "sitesync_inbox",
     "sitesync_origins",
     "sitesync_gaps",
     "sitesync_versions",
     "sitesync_conflicts",
+    "sitesync_receipts",
 ];
 
 /// The sink's tables (idempotent), one statement each. InnoDB, utf8mb4;
@@ -115,7 +118,7 @@ pub const SINK_TABLES: [&str; 5] = [
 /// `varbinary`, so that two keys differing only in case or trailing spaces
 /// (which `_bin` collations pad) stay two entities, as at every other site.
 /// The same statements on MySQL 8.0.
-pub const SCHEMA: [&str; 5] = [
+pub const SCHEMA: [&str; 6] = [
     "CREATE TABLE IF NOT EXISTS sitesync_inbox (
     event_id char(36) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
     origin varchar(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -139,7 +142,9 @@ pub const SCHEMA: [&str; 5] = [
     epoch bigint NOT NULL,
     from_seq bigint NOT NULL,
     to_seq bigint NOT NULL,
-    detected_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+    detected_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    requested_at timestamp(6) NULL,
+    note varchar(400) NULL
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
     "CREATE TABLE IF NOT EXISTS sitesync_versions (
     entity varchar(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -161,6 +166,18 @@ pub const SCHEMA: [&str; 5] = [
     winner_origin varchar(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     winner_ts datetime(6) NOT NULL,
     recorded_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
+    "CREATE TABLE IF NOT EXISTS sitesync_receipts (
+    event_id char(36) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    site varchar(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    epoch bigint NOT NULL,
+    seq bigint NOT NULL,
+    outcome varchar(16) NOT NULL,
+    reason text NULL,
+    at datetime(6) NOT NULL,
+    received_at timestamp(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (event_id, site),
+    KEY sitesync_receipts_received (received_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4",
 ];
 
@@ -274,7 +291,7 @@ impl MariaDbTarget {
     async fn missing_tables(&self, c: &mut Conn) -> Result<Vec<&'static str>, TargetError> {
         let found: Vec<String> = c
             .exec(
-                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (?, ?, ?, ?, ?)",
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (?, ?, ?, ?, ?, ?)",
                 SINK_TABLES.to_vec(),
             )
             .await
@@ -284,7 +301,31 @@ impl MariaDbTarget {
             .filter(|t| !found.iter().any(|f| f == t))
             .collect())
     }
+
+    /// The columns of `sitesync_gaps` that a table made by an older
+    /// sitesync lacks (`init` adds them).
+    async fn missing_gap_columns(&self, c: &mut Conn) -> Result<Vec<&'static str>, TargetError> {
+        let found: Vec<String> = c
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() \
+                 AND TABLE_NAME = 'sitesync_gaps' AND COLUMN_NAME IN ('requested_at', 'note')",
+                (),
+            )
+            .await
+            .map_err(|e| conn::classify("reading the columns of sitesync_gaps", &self.account, &e))?;
+        Ok(GAP_COLUMNS
+            .iter()
+            .filter(|(name, _)| !found.iter().any(|f| f.eq_ignore_ascii_case(name)))
+            .map(|(name, _)| *name)
+            .collect())
+    }
 }
+
+/// The columns later versions added to `sitesync_gaps`, with their type.
+const GAP_COLUMNS: [(&str, &str); 2] = [
+    ("requested_at", "timestamp(6) NULL"),
+    ("note", "varchar(400) NULL"),
+];
 
 impl Dialect for MariaDbTarget {
     type Session = MariaDbSession;
@@ -308,6 +349,17 @@ impl Dialect for MariaDbTarget {
                 ),
             ));
         }
+        let columns = self.missing_gap_columns(&mut c).await?;
+        if !columns.is_empty() {
+            return Err(TargetError::operator(
+                Cause::NotInitialised,
+                format!(
+                    "sitesync_gaps in {} lacks {} (made by an older sitesync): run `sitesync init`, which adds them",
+                    redact_url(&self.url),
+                    columns.join(", ")
+                ),
+            ));
+        }
         Ok(MariaDbSession {
             conn: c,
             site: self.site.clone(),
@@ -327,6 +379,19 @@ impl Dialect for MariaDbTarget {
             c.query_drop(ddl)
                 .await
                 .map_err(|e| conn::classify("creating the sink tables", &self.account, &e))?;
+        }
+        // A table made by an older sitesync gets the new columns (MySQL
+        // has no ADD COLUMN IF NOT EXISTS: the catalog says what is there).
+        for name in self.missing_gap_columns(&mut c).await? {
+            let (_, kind) = GAP_COLUMNS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("listed");
+            c.query_drop(format!(
+                "ALTER TABLE sitesync_gaps ADD COLUMN {name} {kind}"
+            ))
+            .await
+            .map_err(|e| conn::classify("adding columns to sitesync_gaps", &self.account, &e))?;
         }
         Ok(vec![format!(
             "sink tables {}: ready",
@@ -351,7 +416,22 @@ impl Dialect for MariaDbTarget {
         let mut checks = Vec::new();
         match self.missing_tables(&mut c).await {
             Ok(missing) if missing.is_empty() => {
-                checks.push(Check::pass("sink tables", SINK_TABLES.join(", ")))
+                checks.push(match self.missing_gap_columns(&mut c).await {
+                    Ok(columns) if columns.is_empty() => {
+                        Check::pass("sink tables", SINK_TABLES.join(", "))
+                    }
+                    Ok(columns) => Check::fail(
+                        "sink tables",
+                        format!(
+                            "sitesync_gaps lacks {} (made by an older sitesync)",
+                            columns.join(", ")
+                        ),
+                        "run `sitesync init`: it adds them",
+                    ),
+                    Err(e) => {
+                        Check::fail("sink tables", e.to_string(), "check the account's grants")
+                    }
+                })
             }
             Ok(missing) => checks.push(Check::fail(
                 "sink tables",
@@ -843,6 +923,67 @@ impl MariaDbSession {
         Ok(())
     }
 
+    /// Takes late arrivals out of the gaps recorded before
+    /// ([`rules::shrink`]): the rows they touch are read under lock, then
+    /// shrunk, split or deleted.
+    async fn shrink_gaps(&mut self, late: &[LateArrivals]) -> Result<(), Failed> {
+        for l in late {
+            let rows = self
+                .rows(
+                    "SELECT id, from_seq, to_seq FROM sitesync_gaps \
+                     WHERE origin = ? AND epoch = ? AND from_seq <= ? AND to_seq >= ? ORDER BY id FOR UPDATE",
+                    vec![
+                        Value::from(l.origin.as_str()),
+                        Value::from(l.epoch),
+                        Value::from(l.high),
+                        Value::from(l.low),
+                    ],
+                    "reading the gaps late events fall in",
+                )
+                .await?;
+            let rows: Vec<GapRow> = rows
+                .iter()
+                .filter_map(|r| {
+                    Some((
+                        number(r.as_ref(0))? as i64,
+                        number(r.as_ref(1))?,
+                        number(r.as_ref(2))?,
+                    ))
+                })
+                .collect();
+            for (id, pieces) in rules::shrink(&rows, &l.seqs) {
+                let Some(((from, to), rest)) = pieces.split_first() else {
+                    self.exec(
+                        "DELETE FROM sitesync_gaps WHERE id = ?",
+                        vec![Value::from(id)],
+                        "closing a gap",
+                        Scope::Sink,
+                    )
+                    .await?;
+                    continue;
+                };
+                self.exec(
+                    "UPDATE sitesync_gaps SET from_seq = ?, to_seq = ? WHERE id = ?",
+                    vec![Value::from(*from), Value::from(*to), Value::from(id)],
+                    "shrinking a gap",
+                    Scope::Sink,
+                )
+                .await?;
+                for (from, to) in rest {
+                    self.exec(
+                        "INSERT INTO sitesync_gaps (origin, epoch, from_seq, to_seq, detected_at, requested_at, note) \
+                         SELECT origin, epoch, ?, ?, detected_at, requested_at, note FROM sitesync_gaps WHERE id = ?",
+                        vec![Value::from(*from), Value::from(*to), Value::from(id)],
+                        "splitting a gap",
+                        Scope::Sink,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `sql` with `… IN (?, …)` filled with `ids`, in chunks.
     async fn by_ids(
         &mut self,
@@ -872,7 +1013,8 @@ impl Session for MariaDbSession {
             .await?;
         let mut state = self.read_origins(start.origins).await?;
         let moved = batch::advance(&mut state, start.seen);
-        self.write_progress(&moved).await
+        self.write_progress(&moved).await?;
+        self.shrink_gaps(&moved.late).await
     }
 
     /// Plainly, the rows go in with one `INSERT` that a redelivered event
@@ -1208,6 +1350,186 @@ impl Session for MariaDbSession {
                 "sweeping outbox rows back round: locked",
             )),
         }
+    }
+
+    async fn open_gaps(&mut self) -> Result<Vec<OpenGap>, TargetError> {
+        let rows = self
+            .rows(
+                "SELECT id, origin, epoch, from_seq, to_seq, TIMESTAMPDIFF(MICROSECOND, detected_at, CURRENT_TIMESTAMP(6)), \
+                 TIMESTAMPDIFF(MICROSECOND, requested_at, CURRENT_TIMESTAMP(6)), note FROM sitesync_gaps ORDER BY id",
+                Vec::new(),
+                "reading sitesync_gaps",
+            )
+            .await
+            .map_err(outside_batch)?;
+        let micros = |v: Option<&Value>| {
+            text(v)
+                .and_then(|t| t.parse::<f64>().ok())
+                .map(|us| us / 1e6)
+        };
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                Some(OpenGap {
+                    id: number(r.as_ref(0))? as i64,
+                    origin: text(r.as_ref(1))?,
+                    epoch: number(r.as_ref(2))?,
+                    from: number(r.as_ref(3))?,
+                    to: number(r.as_ref(4))?,
+                    age_s: micros(r.as_ref(5)).unwrap_or(0.0),
+                    requested_s: micros(r.as_ref(6)),
+                    note: text(r.as_ref(7)),
+                })
+            })
+            .collect())
+    }
+
+    async fn record_receipt(&mut self, r: &Receipt) -> Result<(), TargetError> {
+        let at = r.at.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+        for chunk in r.events.chunks(MAX_PARAMS / 7) {
+            let sql = format!(
+                "INSERT INTO sitesync_receipts (event_id, site, epoch, seq, outcome, reason, at) VALUES {} \
+                 ON DUPLICATE KEY UPDATE reason = IF(VALUES(outcome) = 'duplicate', reason, VALUES(reason)), \
+                 at = IF(VALUES(outcome) = 'duplicate', at, VALUES(at)), \
+                 outcome = IF(VALUES(outcome) = 'duplicate', outcome, VALUES(outcome))",
+                tuples(7, chunk.len())
+            );
+            let params = chunk
+                .iter()
+                .flat_map(|e| {
+                    [
+                        Value::from(e.id.to_string()),
+                        Value::from(r.site.as_str()),
+                        Value::from(e.epoch),
+                        Value::from(e.seq),
+                        Value::from(e.outcome.as_str()),
+                        e.reason.as_deref().map(Value::from).unwrap_or(Value::NULL),
+                        Value::from(at.as_str()),
+                    ]
+                })
+                .collect();
+            self.exec(&sql, params, "recording a receipt", Scope::Sink)
+                .await
+                .map_err(outside_batch)?;
+        }
+        Ok(())
+    }
+
+    async fn trace(&mut self, id: Uuid) -> Result<Traced, TargetError> {
+        let id = Value::from(id.to_string());
+        let time = "DATE_FORMAT({}, '%Y-%m-%dT%H:%i:%s.%fZ')";
+        let receipts = self
+            .rows(
+                &format!(
+                    "SELECT site, epoch, seq, outcome, reason, {}, {} FROM sitesync_receipts WHERE event_id = ? ORDER BY at, site",
+                    time.replace("{}", "at"),
+                    time.replace("{}", "CONVERT_TZ(received_at, @@session.time_zone, '+00:00')")
+                ),
+                vec![id.clone()],
+                "reading sitesync_receipts",
+            )
+            .await
+            .map_err(outside_batch)?
+            .iter()
+            .filter_map(|r| {
+                Some(ReceiptRow {
+                    site: text(r.as_ref(0))?,
+                    epoch: number(r.as_ref(1))?,
+                    seq: number(r.as_ref(2))?,
+                    outcome: text(r.as_ref(3))?,
+                    reason: text(r.as_ref(4)),
+                    at: text(r.as_ref(5))?,
+                    received_at: text(r.as_ref(6)).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let inbox = self
+            .rows(
+                &format!(
+                    "SELECT origin, type, epoch, seq, outcome, {} FROM sitesync_inbox WHERE event_id = ?",
+                    time.replace("{}", "CONVERT_TZ(applied_at, @@session.time_zone, '+00:00')")
+                ),
+                vec![id],
+                "reading sitesync_inbox",
+            )
+            .await
+            .map_err(outside_batch)?
+            .first()
+            .and_then(|r| {
+                Some((
+                    text(r.as_ref(0))?,
+                    text(r.as_ref(1))?,
+                    number(r.as_ref(2))?,
+                    number(r.as_ref(3))?,
+                    text(r.as_ref(4))?,
+                    text(r.as_ref(5)).unwrap_or_default(),
+                ))
+            });
+        Ok(Traced { receipts, inbox })
+    }
+
+    async fn unreceipted(
+        &mut self,
+        sites: &[String],
+        older_than_s: u64,
+    ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+        let mut out = Vec::new();
+        for site in sites {
+            let rows = self
+                .rows(
+                    "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(f.t), CURRENT_TIMESTAMP(6)) FROM \
+                     (SELECT event_id, MIN(received_at) AS t FROM sitesync_receipts GROUP BY event_id \
+                      HAVING MIN(received_at) < CURRENT_TIMESTAMP(6) - INTERVAL ? SECOND) f \
+                     WHERE NOT EXISTS (SELECT 1 FROM sitesync_receipts r WHERE r.event_id = f.event_id AND r.site = ?) \
+                     AND EXISTS (SELECT 1 FROM sitesync_receipts x WHERE x.site = ?)",
+                    vec![Value::from(older_than_s), Value::from(site.as_str()), Value::from(site.as_str())],
+                    "reading sitesync_receipts",
+                )
+                .await
+                .map_err(outside_batch)?;
+            let Some(r) = rows.first() else { continue };
+            let n = number(r.as_ref(0)).unwrap_or(0);
+            if n > 0 {
+                let age = text(r.as_ref(1))
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    / 1e6;
+                out.push((site.clone(), n, age));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_gaps(&mut self, ids: &[i64], mark: GapMark<'_>) -> Result<(), TargetError> {
+        for chunk in ids.chunks(MAX_PARAMS - 1) {
+            let mut params: Vec<Value> = Vec::new();
+            let set = match mark {
+                GapMark::Requested => "requested_at = CURRENT_TIMESTAMP(6)",
+                GapMark::RequestedAnew => "requested_at = CURRENT_TIMESTAMP(6), note = NULL",
+                GapMark::Note(note) => {
+                    params.push(Value::from(note));
+                    "note = ?"
+                }
+            };
+            params.extend(chunk.iter().map(|id| Value::from(*id)));
+            let sql = format!(
+                "UPDATE sitesync_gaps SET {set} WHERE id IN ({})",
+                marks(chunk.len())
+            );
+            self.exec(&sql, params, "marking gaps", Scope::Sink)
+                .await
+                .map_err(outside_batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// A failure of a statement run between batches, as the sink reports it.
+fn outside_batch(f: Failed) -> TargetError {
+    match f {
+        Failed::Batch(e) => e,
+        Failed::Data(m) | Failed::Gone(m) => TargetError::transient(Cause::Query, m),
+        Failed::Busy | Failed::Seen => TargetError::transient(Cause::Busy, "locked"),
     }
 }
 
@@ -1795,6 +2117,30 @@ mod tests {
             lab.sql("SELECT outcome FROM sitesync_inbox WHERE seq = 9")
                 .await,
             "applied"
+        );
+
+        // Late events take themselves out of the gaps recorded before: a
+        // one-event gap goes, a range shrinks, a cut in the middle splits.
+        let gaps = async || {
+            lab.sql("SELECT from_seq, to_seq FROM sitesync_gaps ORDER BY from_seq")
+                .await
+        };
+        assert_eq!(gaps().await, "4\t4\n7\t8");
+        let body = |id: u32| format!(r#"{{"id": {id}, "name": "Late"}}"#);
+        let later = [event_with(31, "LONDON", "31", 21, &body(31))];
+        apply(&paris, &later).await;
+        assert_eq!(gaps().await, "4\t4\n7\t8\n10\t30");
+        let late = [
+            event_with(4, "LONDON", "40", 22, &body(40)),
+            event_with(7, "LONDON", "70", 22, &body(70)),
+            event_with(25, "LONDON", "25", 22, &body(25)),
+        ];
+        assert_eq!(apply(&paris, &late).await, vec![Outcome::Applied; 3]);
+        assert_eq!(gaps().await, "8\t8\n10\t24\n26\t30");
+        assert_eq!(
+            lab.sql("SELECT seq FROM sitesync_origins").await,
+            "31",
+            "late events do not move the progress"
         );
     }
 

@@ -57,7 +57,7 @@ pub async fn read(db: &Settings) -> Result<SiteStatus, SourceError> {
         )?;
         let gaps = texts(
             &conn,
-            &format!("SELECT ORIGIN, EPOCH, FROM_SEQ, TO_SEQ, TO_CHAR(DETECTED_AT AT TIME ZONE 'UTC', '{UTC}') FROM SITESYNC_GAPS ORDER BY DETECTED_AT, ID"),
+            &format!("SELECT ORIGIN, EPOCH, FROM_SEQ, TO_SEQ, TO_CHAR(DETECTED_AT AT TIME ZONE 'UTC', '{UTC}'), NOTE FROM SITESYNC_GAPS ORDER BY DETECTED_AT, ID"),
             "reading SITESYNC_GAPS",
         )?;
         let counts = texts(

@@ -44,10 +44,13 @@ use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
 use crate::sink::Seen;
 use crate::sink::batch::{
-    self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
+    self, Dialect, Failed, GapMark, Local, OpenGap, Origins, Progress, Session, Start, Stored,
+    Write,
 };
+use crate::sink::batch::{ReceiptRow, Traced};
+use crate::sink::control::Receipt;
 use crate::sink::mapping::{Entity, MappedRow};
-use crate::sink::rules::{Conflict, Version};
+use crate::sink::rules::{self, Conflict, GapRow, LateArrivals, Version};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -57,7 +60,7 @@ use uuid::Uuid;
 pub const CLIENT_IDENTIFIER: &str = "sitesync";
 
 /// The sink's tables, created by `sitesync init` when missing.
-pub const TABLES: [(&str, &str); 5] = [
+pub const TABLES: [(&str, &str); 6] = [
     (
         "SITESYNC_INBOX",
         "CREATE TABLE SITESYNC_INBOX (EVENT_ID VARCHAR2(36) PRIMARY KEY, ORIGIN VARCHAR2(64) NOT NULL, TYPE VARCHAR2(200) NOT NULL, EPOCH NUMBER(19) NOT NULL, SEQ NUMBER(19) NOT NULL, RECEIVED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, APPLIED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, OUTCOME VARCHAR2(20) NOT NULL)",
@@ -68,7 +71,7 @@ pub const TABLES: [(&str, &str); 5] = [
     ),
     (
         "SITESYNC_GAPS",
-        "CREATE TABLE SITESYNC_GAPS (ID NUMBER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ORIGIN VARCHAR2(64) NOT NULL, EPOCH NUMBER(19) NOT NULL, FROM_SEQ NUMBER(19) NOT NULL, TO_SEQ NUMBER(19) NOT NULL, DETECTED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)",
+        "CREATE TABLE SITESYNC_GAPS (ID NUMBER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ORIGIN VARCHAR2(64) NOT NULL, EPOCH NUMBER(19) NOT NULL, FROM_SEQ NUMBER(19) NOT NULL, TO_SEQ NUMBER(19) NOT NULL, DETECTED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, REQUESTED_AT TIMESTAMP(6) WITH TIME ZONE, NOTE VARCHAR2(400))",
     ),
     (
         "SITESYNC_VERSIONS",
@@ -78,7 +81,33 @@ pub const TABLES: [(&str, &str); 5] = [
         "SITESYNC_CONFLICTS",
         "CREATE TABLE SITESYNC_CONFLICTS (ID NUMBER GENERATED ALWAYS AS IDENTITY PRIMARY KEY, LOSER_EVENT_ID VARCHAR2(36) NOT NULL UNIQUE, ENTITY VARCHAR2(261) NOT NULL, KEY VARCHAR2(1000) NOT NULL, LOSER_ORIGIN VARCHAR2(64) NOT NULL, LOSER_TS TIMESTAMP(6) WITH TIME ZONE NOT NULL, LOSER_PAYLOAD CLOB, WINNER_EVENT_ID VARCHAR2(36) NOT NULL, WINNER_ORIGIN VARCHAR2(64) NOT NULL, WINNER_TS TIMESTAMP(6) WITH TIME ZONE NOT NULL, RECORDED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL)",
     ),
+    (
+        "SITESYNC_RECEIPTS",
+        "CREATE TABLE SITESYNC_RECEIPTS (EVENT_ID VARCHAR2(36) NOT NULL, SITE VARCHAR2(64) NOT NULL, EPOCH NUMBER(19) NOT NULL, SEQ NUMBER(19) NOT NULL, OUTCOME VARCHAR2(20) NOT NULL, REASON VARCHAR2(4000), AT TIMESTAMP(6) WITH TIME ZONE NOT NULL, RECEIVED_AT TIMESTAMP(6) WITH TIME ZONE DEFAULT SYSTIMESTAMP NOT NULL, PRIMARY KEY (EVENT_ID, SITE))",
+    ),
 ];
+
+/// The columns later versions added to `SITESYNC_GAPS`, with their type
+/// (`init` adds those a table made by an older sitesync lacks).
+const GAP_COLUMNS: [(&str, &str); 2] = [
+    ("REQUESTED_AT", "TIMESTAMP(6) WITH TIME ZONE"),
+    ("NOTE", "VARCHAR2(400)"),
+];
+
+/// The columns of [`GAP_COLUMNS`] that `SITESYNC_GAPS` lacks.
+fn missing_gap_columns(conn: &oracle::Connection) -> Result<Vec<&'static str>, oracle::Error> {
+    let mut missing = Vec::new();
+    for (name, _) in GAP_COLUMNS {
+        let n: i64 = conn.query_row_as(
+            "SELECT COUNT(*) FROM USER_TAB_COLUMNS WHERE TABLE_NAME = 'SITESYNC_GAPS' AND COLUMN_NAME = :1",
+            &[&name],
+        )?;
+        if n == 0 {
+            missing.push(name);
+        }
+    }
+    Ok(missing)
+}
 
 /// An identifier as Oracle resolves it: a plain name (`customer`) is
 /// upper-cased as Oracle does unquoted names; anything else is quoted as
@@ -391,6 +420,14 @@ impl Dialect for OracleTarget {
                     done.push(format!("sink table {name}: created"));
                 }
             }
+            let missing = missing_gap_columns(&conn)
+                .map_err(|e| failed_outside_batch("reading the columns of SITESYNC_GAPS", e))?;
+            for name in missing {
+                let (_, kind) = GAP_COLUMNS.iter().find(|(n, _)| *n == name).expect("listed");
+                conn.execute(&format!("ALTER TABLE SITESYNC_GAPS ADD ({name} {kind})"), &[])
+                    .map_err(|e| failed_outside_batch("adding columns to SITESYNC_GAPS", e))?;
+                done.push(format!("sink table SITESYNC_GAPS: column {name} added"));
+            }
             done.push(format!(
                 "trigger marker: the sink's session sets CLIENT_IDENTIFIER = '{CLIENT_IDENTIFIER}'; an outbox trigger skips it with IF SYS_CONTEXT('USERENV', 'CLIENT_IDENTIFIER') = '{CLIENT_IDENTIFIER}' THEN RETURN; END IF;"
             ));
@@ -429,10 +466,24 @@ impl Dialect for OracleTarget {
                     .unwrap_or(true)
                 })
                 .collect();
-            checks.push(if missing.is_empty() {
+            let old_gaps = if missing.is_empty() {
+                missing_gap_columns(&conn).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            checks.push(if missing.is_empty() && old_gaps.is_empty() {
                 Check::pass(
                     "sink tables",
                     "SITESYNC_INBOX, _ORIGINS, _GAPS, _VERSIONS, _CONFLICTS",
+                )
+            } else if missing.is_empty() {
+                Check::fail(
+                    "sink tables",
+                    format!(
+                        "SITESYNC_GAPS lacks {} (made by an older sitesync)",
+                        old_gaps.join(", ")
+                    ),
+                    "run `sitesync init`: it adds them",
                 )
             } else {
                 Check::fail(
@@ -513,7 +564,8 @@ impl Session for OracleSession {
             let mut state = read_origins(conn, &origins)?;
             let seen: Vec<&Seen> = seen.iter().collect();
             let moved = batch::advance(&mut state, &seen);
-            write_progress(conn, &moved)
+            write_progress(conn, &moved)?;
+            shrink_gaps(conn, &moved.late)
         })
         .await
     }
@@ -735,6 +787,191 @@ impl Session for OracleSession {
             )),
         }
     }
+
+    async fn open_gaps(&mut self) -> Result<Vec<OpenGap>, TargetError> {
+        let read = self
+            .blocking(|conn, _| {
+                let fail = |e: oracle::Error| {
+                    Failed::Batch(failed_outside_batch("reading SITESYNC_GAPS", e))
+                };
+                let rows = conn
+                    .query_as::<(i64, String, i64, i64, i64, f64, Option<f64>, Option<String>)>(
+                        "SELECT ID, ORIGIN, EPOCH, FROM_SEQ, TO_SEQ, \
+                         (CAST(SYSTIMESTAMP AS DATE) - CAST(DETECTED_AT AS DATE)) * 86400, \
+                         (CAST(SYSTIMESTAMP AS DATE) - CAST(REQUESTED_AT AS DATE)) * 86400, NOTE \
+                         FROM SITESYNC_GAPS ORDER BY ID",
+                        &[],
+                    )
+                    .map_err(fail)?;
+                let mut out = Vec::new();
+                for r in rows {
+                    let (id, origin, epoch, from, to, age_s, requested_s, note) =
+                        r.map_err(fail)?;
+                    out.push(OpenGap {
+                        id,
+                        origin,
+                        epoch: epoch as u64,
+                        from: from as u64,
+                        to: to as u64,
+                        age_s,
+                        requested_s,
+                        note,
+                    });
+                }
+                Ok(out)
+            })
+            .await;
+        read.map_err(|f| match f {
+            Failed::Batch(e) => e,
+            _ => TargetError::transient(Cause::Query, "reading SITESYNC_GAPS failed"),
+        })
+    }
+
+    async fn record_receipt(&mut self, r: &Receipt) -> Result<(), TargetError> {
+        let r = r.clone();
+        let done = self
+            .blocking(move |conn, _| {
+                let fail = |e: oracle::Error| Failed::Batch(failed_outside_batch("recording a receipt", e));
+                let at = r.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+                for e in &r.events {
+                    let (id, epoch, seq) = (e.id.to_string(), e.epoch as i64, e.seq as i64);
+                    conn.execute(
+                        "MERGE INTO SITESYNC_RECEIPTS t USING (SELECT :1 EVENT_ID, :2 SITE FROM DUAL) s \
+                         ON (t.EVENT_ID = s.EVENT_ID AND t.SITE = s.SITE) \
+                         WHEN MATCHED THEN UPDATE SET t.OUTCOME = :5, t.REASON = :6, t.AT = TO_TIMESTAMP_TZ(:7, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM'), t.RECEIVED_AT = SYSTIMESTAMP WHERE :5 <> 'duplicate' \
+                         WHEN NOT MATCHED THEN INSERT (EVENT_ID, SITE, EPOCH, SEQ, OUTCOME, REASON, AT) \
+                         VALUES (s.EVENT_ID, s.SITE, :3, :4, :5, :6, TO_TIMESTAMP_TZ(:7, 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6TZH:TZM'))",
+                        &[&id, &r.site, &epoch, &seq, &e.outcome, &e.reason, &at],
+                    )
+                    .map_err(fail)?;
+                }
+                conn.commit().map_err(fail)
+            })
+            .await;
+        done.map_err(|f| match f {
+            Failed::Batch(e) => e,
+            _ => TargetError::transient(Cause::Query, "recording a receipt failed"),
+        })
+    }
+
+    async fn trace(&mut self, id: Uuid) -> Result<Traced, TargetError> {
+        let id = id.to_string();
+        let read = self
+            .blocking(move |conn, _| {
+                let fail = |e: oracle::Error| Failed::Batch(failed_outside_batch("reading what the database knows of an event", e));
+                let utc = "YYYY-MM-DD\"T\"HH24:MI:SS.FF3\"Z\"";
+                let rows = conn
+                    .query_as::<(String, i64, i64, String, Option<String>, String, String)>(
+                        &format!(
+                            "SELECT SITE, EPOCH, SEQ, OUTCOME, REASON, TO_CHAR(AT AT TIME ZONE 'UTC', '{utc}'), \
+                             TO_CHAR(RECEIVED_AT AT TIME ZONE 'UTC', '{utc}') FROM SITESYNC_RECEIPTS WHERE EVENT_ID = :1 ORDER BY AT, SITE"
+                        ),
+                        &[&id],
+                    )
+                    .map_err(fail)?;
+                let mut receipts = Vec::new();
+                for r in rows {
+                    let (site, epoch, seq, outcome, reason, at, received_at) = r.map_err(fail)?;
+                    receipts.push(ReceiptRow {
+                        site,
+                        epoch: epoch as u64,
+                        seq: seq as u64,
+                        outcome,
+                        reason,
+                        at,
+                        received_at,
+                    });
+                }
+                let inbox = match conn.query_row_as::<(String, String, i64, i64, String, String)>(
+                    &format!(
+                        "SELECT ORIGIN, TYPE, EPOCH, SEQ, OUTCOME, TO_CHAR(APPLIED_AT AT TIME ZONE 'UTC', '{utc}') FROM SITESYNC_INBOX WHERE EVENT_ID = :1"
+                    ),
+                    &[&id],
+                ) {
+                    Ok((o, t, e, s, out, at)) => Some((o, t, e as u64, s as u64, out, at)),
+                    Err(e) if no_data(&e) => None,
+                    Err(e) => return Err(fail(e)),
+                };
+                Ok(Traced { receipts, inbox })
+            })
+            .await;
+        read.map_err(|f| match f {
+            Failed::Batch(e) => e,
+            _ => TargetError::transient(
+                Cause::Query,
+                "reading what the database knows of an event failed",
+            ),
+        })
+    }
+
+    async fn unreceipted(
+        &mut self,
+        sites: &[String],
+        older_than_s: u64,
+    ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+        let sites = sites.to_vec();
+        let read = self
+            .blocking(move |conn, _| {
+                let fail = |e: oracle::Error| Failed::Batch(failed_outside_batch("reading SITESYNC_RECEIPTS", e));
+                let mut out = Vec::new();
+                let older = older_than_s as i64;
+                for site in &sites {
+                    let (n, age): (i64, Option<f64>) = conn
+                        .query_row_as(
+                            "SELECT COUNT(*), MAX((CAST(SYSTIMESTAMP AS DATE) - CAST(f.T AS DATE)) * 86400) FROM \
+                             (SELECT EVENT_ID, MIN(RECEIVED_AT) T FROM SITESYNC_RECEIPTS GROUP BY EVENT_ID \
+                              HAVING MIN(RECEIVED_AT) < SYSTIMESTAMP - NUMTODSINTERVAL(:1, 'SECOND')) f \
+                             WHERE NOT EXISTS (SELECT 1 FROM SITESYNC_RECEIPTS r WHERE r.EVENT_ID = f.EVENT_ID AND r.SITE = :2) \
+                             AND EXISTS (SELECT 1 FROM SITESYNC_RECEIPTS x WHERE x.SITE = :2)",
+                            &[&older, site],
+                        )
+                        .map_err(fail)?;
+                    if n > 0 {
+                        out.push((site.clone(), n as u64, age.unwrap_or(0.0)));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        read.map_err(|f| match f {
+            Failed::Batch(e) => e,
+            _ => TargetError::transient(Cause::Query, "reading SITESYNC_RECEIPTS failed"),
+        })
+    }
+
+    async fn mark_gaps(&mut self, ids: &[i64], mark: GapMark<'_>) -> Result<(), TargetError> {
+        let ids = ids.to_vec();
+        // None: asked now; Some(None): asked now, note cleared; Some(n): noted.
+        let note: Option<Option<String>> = match mark {
+            GapMark::Requested => None,
+            GapMark::RequestedAnew => Some(None),
+            GapMark::Note(n) => Some(Some(n.to_string())),
+        };
+        let done = self
+            .blocking(move |conn, _| {
+                let fail = |e: oracle::Error| Failed::Batch(failed_outside_batch("marking gaps", e));
+                for id in &ids {
+                    match &note {
+                        None => conn.execute(
+                            "UPDATE SITESYNC_GAPS SET REQUESTED_AT = SYSTIMESTAMP WHERE ID = :1",
+                            &[id],
+                        ),
+                        Some(None) => conn.execute(
+                            "UPDATE SITESYNC_GAPS SET REQUESTED_AT = SYSTIMESTAMP, NOTE = NULL WHERE ID = :1",
+                            &[id],
+                        ),
+                        Some(Some(n)) => conn.execute("UPDATE SITESYNC_GAPS SET NOTE = :1 WHERE ID = :2", &[n, id]),
+                    }
+                    .map_err(fail)?;
+                }
+                conn.commit().map_err(fail)
+            })
+            .await;
+        done.map_err(|f| match f {
+            Failed::Batch(e) => e,
+            _ => TargetError::transient(Cause::Query, "marking gaps failed"),
+        })
+    }
 }
 
 fn exec(
@@ -841,6 +1078,56 @@ fn write_progress(conn: &oracle::Connection, moved: &Progress) -> Result<(), Fai
             "INSERT INTO SITESYNC_GAPS (ORIGIN, EPOCH, FROM_SEQ, TO_SEQ) VALUES (:1, :2, :3, :4)",
             &[&g.origin, &e, &f, &t],
         )?;
+    }
+    Ok(())
+}
+
+/// Takes late arrivals out of the gaps recorded before ([`rules::shrink`]):
+/// the rows they touch are read under lock, then shrunk, split or deleted.
+fn shrink_gaps(conn: &oracle::Connection, late: &[LateArrivals]) -> Result<(), Failed> {
+    for l in late {
+        let (e, low, high) = (l.epoch as i64, l.low as i64, l.high as i64);
+        let rows = conn
+            .query_as::<(i64, i64, i64)>(
+                "SELECT ID, FROM_SEQ, TO_SEQ FROM SITESYNC_GAPS \
+                 WHERE ORIGIN = :1 AND EPOCH = :2 AND FROM_SEQ <= :3 AND TO_SEQ >= :4 ORDER BY ID FOR UPDATE",
+                &[&l.origin, &e, &high, &low],
+            )
+            .map_err(|e| failed("reading the gaps late events fall in", e))?;
+        let mut found: Vec<GapRow> = Vec::new();
+        for r in rows {
+            let (id, from, to) =
+                r.map_err(|e| failed("reading the gaps late events fall in", e))?;
+            found.push((id, from as u64, to as u64));
+        }
+        for (id, pieces) in rules::shrink(&found, &l.seqs) {
+            let Some(((from, to), rest)) = pieces.split_first() else {
+                exec(
+                    conn,
+                    "closing a gap",
+                    "DELETE FROM SITESYNC_GAPS WHERE ID = :1",
+                    &[&id],
+                )?;
+                continue;
+            };
+            let (from, to) = (*from as i64, *to as i64);
+            exec(
+                conn,
+                "shrinking a gap",
+                "UPDATE SITESYNC_GAPS SET FROM_SEQ = :1, TO_SEQ = :2 WHERE ID = :3",
+                &[&from, &to, &id],
+            )?;
+            for (from, to) in rest {
+                let (from, to) = (*from as i64, *to as i64);
+                exec(
+                    conn,
+                    "splitting a gap",
+                    "INSERT INTO SITESYNC_GAPS (ORIGIN, EPOCH, FROM_SEQ, TO_SEQ, DETECTED_AT, REQUESTED_AT, NOTE) \
+                     SELECT ORIGIN, EPOCH, :1, :2, DETECTED_AT, REQUESTED_AT, NOTE FROM SITESYNC_GAPS WHERE ID = :3",
+                    &[&from, &to, &id],
+                )?;
+            }
+        }
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ pub async fn read(
     }
     for row in client
         .query(
-            "SELECT origin, epoch, from_seq, to_seq, detected_at FROM sitesync_gaps ORDER BY detected_at, id",
+            "SELECT origin, epoch, from_seq, to_seq, detected_at, note FROM sitesync_gaps ORDER BY detected_at, id",
             &[],
         )
         .await
@@ -54,6 +54,7 @@ pub async fn read(
             from_seq: row.get(2),
             to_seq: row.get(3),
             at: row.get(4),
+            note: row.get(5),
         });
     }
     let row = client

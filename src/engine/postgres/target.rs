@@ -40,11 +40,13 @@ use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::event::Event;
 use crate::sink::batch::{
-    self, Dialect, Failed, Finish, Local, Origins, Progress, Session, Start, Stored, Write,
-    route_missing_columns, route_ready, route_without_unique_key,
+    self, Dialect, Failed, Finish, GapMark, Local, OpenGap, Origins, Progress, Session, Start,
+    Stored, Write, route_missing_columns, route_ready, route_without_unique_key,
 };
+use crate::sink::batch::{ReceiptRow, Traced};
+use crate::sink::control::Receipt;
 use crate::sink::mapping::Entity;
-use crate::sink::rules::{Conflict, Version};
+use crate::sink::rules::{self, Conflict, GapRow, LateArrivals, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -89,8 +91,24 @@ CREATE TABLE IF NOT EXISTS sitesync_gaps (
     epoch bigint NOT NULL,
     from_seq bigint NOT NULL,
     to_seq bigint NOT NULL,
-    detected_at timestamptz NOT NULL DEFAULT now()
+    detected_at timestamptz NOT NULL DEFAULT now(),
+    requested_at timestamptz,
+    note text
 );
+ALTER TABLE sitesync_gaps ADD COLUMN IF NOT EXISTS requested_at timestamptz;
+ALTER TABLE sitesync_gaps ADD COLUMN IF NOT EXISTS note text;
+CREATE TABLE IF NOT EXISTS sitesync_receipts (
+    event_id uuid NOT NULL,
+    site text COLLATE "C" NOT NULL,
+    epoch bigint NOT NULL,
+    seq bigint NOT NULL,
+    outcome text NOT NULL,
+    reason text,
+    at timestamptz NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_id, site)
+);
+CREATE INDEX IF NOT EXISTS sitesync_receipts_received ON sitesync_receipts (received_at);
 CREATE TABLE IF NOT EXISTS sitesync_versions (
     entity text NOT NULL,
     key text NOT NULL,
@@ -408,18 +426,26 @@ impl Dialect for PostgresTarget {
             .query_one(
                 "SELECT to_regclass('sitesync_inbox') IS NOT NULL AND to_regclass('sitesync_origins') IS NOT NULL \
                  AND to_regclass('sitesync_gaps') IS NOT NULL AND to_regclass('sitesync_versions') IS NOT NULL \
-                 AND to_regclass('sitesync_conflicts') IS NOT NULL, current_setting('track_commit_timestamp')",
+                 AND to_regclass('sitesync_conflicts') IS NOT NULL, current_setting('track_commit_timestamp'), \
+                 (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('sitesync_gaps') \
+                  AND attname IN ('requested_at', 'note') AND NOT attisdropped)",
                 &[],
             )
             .await
         {
             Err(e) => checks.push(Check::fail("sink tables", e.to_string(), "check the database role's privileges")),
             Ok(row) => {
-                let (ready, commit_ts): (bool, String) = (row.get(0), row.get(1));
-                checks.push(if ready {
-                    Check::pass("sink tables", "sitesync_inbox, _origins, _gaps, _versions, _conflicts")
-                } else {
+                let (ready, commit_ts, gap_columns): (bool, String, i64) = (row.get(0), row.get(1), row.get(2));
+                checks.push(if !ready {
                     Check::fail("sink tables", "missing", "run `sitesync init`")
+                } else if gap_columns < 2 {
+                    Check::fail(
+                        "sink tables",
+                        "sitesync_gaps lacks the requested_at and note columns (made by an older sitesync)",
+                        "run `sitesync init`: it adds them",
+                    )
+                } else {
+                    Check::pass("sink tables", "sitesync_inbox, _origins, _gaps, _versions, _conflicts")
                 });
                 checks.push(if commit_ts == "on" {
                     Check::pass("track_commit_timestamp", "on: local writes are compared by commit time")
@@ -749,6 +775,161 @@ impl Session for PgSession {
             .await
             .map_err(|e| transient("sweeping outbox rows that came back", e))
     }
+
+    async fn open_gaps(&mut self) -> Result<Vec<OpenGap>, TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
+        let rows = self
+            .client
+            .query(
+                "SELECT id, origin, epoch, from_seq, to_seq, extract(epoch FROM now() - detected_at)::float8, \
+                 extract(epoch FROM now() - requested_at)::float8, note FROM sitesync_gaps ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(|e| transient("reading sitesync_gaps", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| OpenGap {
+                id: r.get(0),
+                origin: r.get(1),
+                epoch: r.get::<_, i64>(2) as u64,
+                from: r.get::<_, i64>(3) as u64,
+                to: r.get::<_, i64>(4) as u64,
+                age_s: r.get(5),
+                requested_s: r.get(6),
+                note: r.get(7),
+            })
+            .collect())
+    }
+
+    async fn record_receipt(&mut self, r: &Receipt) -> Result<(), TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
+        let ids: Vec<Uuid> = r.events.iter().map(|e| e.id).collect();
+        let epochs: Vec<i64> = r.events.iter().map(|e| e.epoch as i64).collect();
+        let seqs: Vec<i64> = r.events.iter().map(|e| e.seq as i64).collect();
+        let outcomes: Vec<&str> = r.events.iter().map(|e| e.outcome.as_str()).collect();
+        let reasons: Vec<Option<&str>> = r.events.iter().map(|e| e.reason.as_deref()).collect();
+        self.client
+            .execute(
+                "INSERT INTO sitesync_receipts (event_id, site, epoch, seq, outcome, reason, at) \
+                 SELECT e, $1, ep, s, o, r, $2 FROM unnest($3::uuid[], $4::int8[], $5::int8[], $6::text[], $7::text[]) AS u(e, ep, s, o, r) \
+                 ON CONFLICT (event_id, site) DO UPDATE SET outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, at = EXCLUDED.at, received_at = now() \
+                 WHERE EXCLUDED.outcome <> 'duplicate'",
+                &[&r.site, &r.at, &ids, &epochs, &seqs, &outcomes, &reasons],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| transient("recording a receipt", e))
+    }
+
+    async fn trace(&mut self, id: Uuid) -> Result<Traced, TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
+        let time = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let receipts = self
+            .client
+            .query(
+                "SELECT site, epoch, seq, outcome, reason, at, received_at FROM sitesync_receipts WHERE event_id = $1 ORDER BY at, site",
+                &[&id],
+            )
+            .await
+            .map_err(|e| transient("reading sitesync_receipts", e))?
+            .iter()
+            .map(|r| ReceiptRow {
+                site: r.get(0),
+                epoch: r.get::<_, i64>(1) as u64,
+                seq: r.get::<_, i64>(2) as u64,
+                outcome: r.get(3),
+                reason: r.get(4),
+                at: time(r.get(5)),
+                received_at: time(r.get(6)),
+            })
+            .collect();
+        let inbox = self
+            .client
+            .query_opt(
+                "SELECT origin, type, epoch, seq, outcome, applied_at FROM sitesync_inbox WHERE event_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| transient("reading sitesync_inbox", e))?
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get::<_, i64>(2) as u64,
+                    r.get::<_, i64>(3) as u64,
+                    r.get(4),
+                    time(r.get(5)),
+                )
+            });
+        Ok(Traced { receipts, inbox })
+    }
+
+    async fn unreceipted(
+        &mut self,
+        sites: &[String],
+        older_than_s: u64,
+    ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
+        let rows = self
+            .client
+            .query(
+                "WITH first AS (SELECT event_id, min(received_at) AS t FROM sitesync_receipts GROUP BY event_id \
+                                HAVING min(received_at) < now() - make_interval(secs => $2)) \
+                 SELECT s.site, count(*), extract(epoch FROM now() - min(f.t))::float8 \
+                 FROM first f CROSS JOIN unnest($1::text[]) AS s(site) \
+                 WHERE NOT EXISTS (SELECT 1 FROM sitesync_receipts r WHERE r.event_id = f.event_id AND r.site = s.site) \
+                 AND EXISTS (SELECT 1 FROM sitesync_receipts x WHERE x.site = s.site) \
+                 GROUP BY s.site ORDER BY s.site",
+                &[&sites, &(older_than_s as f64)],
+            )
+            .await
+            .map_err(|e| transient("reading sitesync_receipts", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get(2)))
+            .collect())
+    }
+
+    async fn mark_gaps(&mut self, ids: &[i64], mark: GapMark<'_>) -> Result<(), TargetError> {
+        self.end_leftover()
+            .await
+            .map_err(|e| transient("ending an unfinished batch", e))?;
+        let done = match mark {
+            GapMark::Requested => {
+                self.client
+                    .execute(
+                        "UPDATE sitesync_gaps SET requested_at = now() WHERE id = ANY($1)",
+                        &[&ids],
+                    )
+                    .await
+            }
+            GapMark::RequestedAnew => self
+                .client
+                .execute(
+                    "UPDATE sitesync_gaps SET requested_at = now(), note = NULL WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .await,
+            GapMark::Note(note) => {
+                self.client
+                    .execute(
+                        "UPDATE sitesync_gaps SET note = $2 WHERE id = ANY($1)",
+                        &[&ids, &note],
+                    )
+                    .await
+            }
+        };
+        done.map(|_| ()).map_err(|e| transient("marking gaps", e))
+    }
 }
 
 /// Of this site's writes whose events came back, those the row does not
@@ -933,7 +1114,60 @@ async fn read_origins(tx: &Client, p: &Prepared, origins: &[&str]) -> Result<Ori
 async fn progress(tx: &Client, p: &Prepared, start: &Start<'_>) -> Result<(), Failed> {
     let mut state = read_origins(tx, p, start.origins).await?;
     let moved = batch::advance(&mut state, start.seen);
-    write_progress(tx, p, &moved).await
+    write_progress(tx, p, &moved).await?;
+    shrink_gaps(tx, p, &moved.late).await
+}
+
+/// Takes late arrivals out of the gaps recorded before ([`rules::shrink`]):
+/// the rows they touch are read under lock, then shrunk, split or deleted.
+async fn shrink_gaps(tx: &Client, p: &Prepared, late: &[LateArrivals]) -> Result<(), Failed> {
+    for l in late {
+        let rows = p
+            .query(
+                tx,
+                "SELECT id, from_seq, to_seq FROM sitesync_gaps \
+                 WHERE origin = $1 AND epoch = $2 AND from_seq <= $4 AND to_seq >= $3 ORDER BY id FOR UPDATE",
+                &[&l.origin, &(l.epoch as i64), &(l.low as i64), &(l.high as i64)],
+            )
+            .await
+            .map_err(|e| failed("reading the gaps late events fall in", e))?;
+        let rows: Vec<GapRow> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                )
+            })
+            .collect();
+        for (id, pieces) in rules::shrink(&rows, &l.seqs) {
+            let Some(((from, to), rest)) = pieces.split_first() else {
+                p.execute(tx, "DELETE FROM sitesync_gaps WHERE id = $1", &[&id])
+                    .await
+                    .map_err(|e| failed("closing a gap", e))?;
+                continue;
+            };
+            p.execute(
+                tx,
+                "UPDATE sitesync_gaps SET from_seq = $2, to_seq = $3 WHERE id = $1",
+                &[&id, &(*from as i64), &(*to as i64)],
+            )
+            .await
+            .map_err(|e| failed("shrinking a gap", e))?;
+            for (from, to) in rest {
+                p.execute(
+                    tx,
+                    "INSERT INTO sitesync_gaps (origin, epoch, from_seq, to_seq, detected_at, requested_at, note) \
+                     SELECT origin, epoch, $2, $3, detected_at, requested_at, note FROM sitesync_gaps WHERE id = $1",
+                    &[&id, &(*from as i64), &(*to as i64)],
+                )
+                .await
+                .map_err(|e| failed("splitting a gap", e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The origins' new progress and the gaps found.

@@ -49,7 +49,7 @@ pub async fn read(cfg: &ConnectorConfig, db: &Settings) -> Result<SiteStatus, So
     .await?;
     let gaps = texts(
         &mut client,
-        "SELECT origin, epoch, from_seq, to_seq, CONVERT(nvarchar(33), detected_at, 126) FROM dbo.sitesync_gaps ORDER BY detected_at, id",
+        "SELECT origin, epoch, from_seq, to_seq, CONVERT(nvarchar(33), detected_at, 126), note FROM dbo.sitesync_gaps ORDER BY detected_at, id",
         "reading sitesync_gaps",
     )
     .await?;

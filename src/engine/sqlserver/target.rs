@@ -65,10 +65,13 @@ use crate::config::{ConnectorConfig, Operation, Route, SinkConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::event::{Event, parse_timestamp};
 use crate::sink::batch::{
-    self, Dialect, Failed, Local, Origins, Progress, Session, Start, Stored, Write,
+    self, Dialect, Failed, GapMark, Local, OpenGap, Origins, Progress, Session, Start, Stored,
+    Write,
 };
+use crate::sink::batch::{ReceiptRow, Traced};
+use crate::sink::control::Receipt;
 use crate::sink::mapping::{Entity, MappedRow};
-use crate::sink::rules::{Conflict, Version};
+use crate::sink::rules::{self, Conflict, GapRow, LateArrivals, Version};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -104,7 +107,22 @@ IF OBJECT_ID(N'dbo.sitesync_gaps', N'U') IS NULL CREATE TABLE dbo.sitesync_gaps 
     epoch bigint NOT NULL,
     from_seq bigint NOT NULL,
     to_seq bigint NOT NULL,
-    detected_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    detected_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
+    requested_at datetime2 NULL,
+    note nvarchar(400) NULL
+);
+IF COL_LENGTH(N'dbo.sitesync_gaps', N'requested_at') IS NULL ALTER TABLE dbo.sitesync_gaps ADD requested_at datetime2 NULL;
+IF COL_LENGTH(N'dbo.sitesync_gaps', N'note') IS NULL ALTER TABLE dbo.sitesync_gaps ADD note nvarchar(400) NULL;
+IF OBJECT_ID(N'dbo.sitesync_receipts', N'U') IS NULL CREATE TABLE dbo.sitesync_receipts (
+    event_id uniqueidentifier NOT NULL,
+    site nvarchar(64) COLLATE Latin1_General_BIN2 NOT NULL,
+    epoch bigint NOT NULL,
+    seq bigint NOT NULL,
+    outcome nvarchar(16) NOT NULL,
+    reason nvarchar(max) NULL,
+    at datetimeoffset(6) NOT NULL,
+    received_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
+    PRIMARY KEY (event_id, site)
 );
 IF OBJECT_ID(N'dbo.sitesync_versions', N'U') IS NULL CREATE TABLE dbo.sitesync_versions (
     entity nvarchar(128) NOT NULL,
@@ -577,7 +595,9 @@ impl Dialect for SqlServerTarget {
         let st = Statement {
             sql: "SELECT CASE WHEN OBJECT_ID(N'dbo.sitesync_inbox', N'U') IS NOT NULL AND OBJECT_ID(N'dbo.sitesync_origins', N'U') IS NOT NULL \
                   AND OBJECT_ID(N'dbo.sitesync_gaps', N'U') IS NOT NULL AND OBJECT_ID(N'dbo.sitesync_versions', N'U') IS NOT NULL \
-                  AND OBJECT_ID(N'dbo.sitesync_conflicts', N'U') IS NOT NULL THEN 1 ELSE 0 END"
+                  AND OBJECT_ID(N'dbo.sitesync_conflicts', N'U') IS NOT NULL \
+                  AND COL_LENGTH(N'dbo.sitesync_gaps', N'requested_at') IS NOT NULL AND COL_LENGTH(N'dbo.sitesync_gaps', N'note') IS NOT NULL \
+                  THEN 1 ELSE 0 END"
                 .into(),
             params: vec![],
         };
@@ -588,7 +608,11 @@ impl Dialect for SqlServerTarget {
                     "sitesync_inbox, _origins, _gaps, _versions, _conflicts",
                 ))
             }
-            Ok(_) => checks.push(Check::fail("sink tables", "missing", "run `sitesync init`")),
+            Ok(_) => checks.push(Check::fail(
+                "sink tables",
+                "missing, or sitesync_gaps lacks requested_at and note (made by an older sitesync)",
+                "run `sitesync init`",
+            )),
             Err(_) => checks.push(Check::fail(
                 "sink tables",
                 "cannot be read",
@@ -716,7 +740,8 @@ impl<C: Tds> Session for MssqlSession<C> {
         self.client.begin().await.map_err(failed)?;
         let mut state = read_origins(self, start.origins).await?;
         let moved = batch::advance(&mut state, start.seen);
-        write_progress(self, &moved).await
+        write_progress(self, &moved).await?;
+        shrink_gaps(self, &moved.late).await
     }
 
     async fn insert_inbox(
@@ -918,6 +943,178 @@ impl<C: Tds> Session for MssqlSession<C> {
             )),
         }
     }
+
+    async fn open_gaps(&mut self) -> Result<Vec<OpenGap>, TargetError> {
+        let st = Statement {
+            sql: "SELECT id, origin, epoch, from_seq, to_seq, DATEDIFF_BIG(millisecond, detected_at, SYSUTCDATETIME()), \
+                  DATEDIFF_BIG(millisecond, requested_at, SYSUTCDATETIME()), note FROM dbo.sitesync_gaps ORDER BY id"
+                .into(),
+            params: vec![],
+        };
+        let rows = rows(&mut self.client, &st, "reading sitesync_gaps")
+            .await
+            .map_err(|_| TargetError::transient(Cause::Query, "reading sitesync_gaps failed"))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let t = |i: usize| r.get(i).cloned().flatten();
+                let n = |i: usize| t(i)?.parse::<i64>().ok();
+                Some(OpenGap {
+                    id: n(0)?,
+                    origin: t(1)?,
+                    epoch: n(2)? as u64,
+                    from: n(3)? as u64,
+                    to: n(4)? as u64,
+                    age_s: n(5).unwrap_or(0) as f64 / 1000.0,
+                    requested_s: n(6).map(|ms| ms as f64 / 1000.0),
+                    note: t(7),
+                })
+            })
+            .collect())
+    }
+
+    async fn record_receipt(&mut self, r: &Receipt) -> Result<(), TargetError> {
+        let at = r.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        for e in &r.events {
+            let st = Statement {
+                sql: "MERGE dbo.sitesync_receipts WITH (HOLDLOCK) AS t \
+                      USING (SELECT CAST(@P1 AS uniqueidentifier) AS event_id, @P2 AS site) AS s ON t.event_id = s.event_id AND t.site = s.site \
+                      WHEN MATCHED AND @P5 <> N'duplicate' THEN UPDATE SET outcome = @P5, reason = @P6, at = CAST(@P7 AS datetimeoffset(6)), received_at = SYSUTCDATETIME() \
+                      WHEN NOT MATCHED THEN INSERT (event_id, site, epoch, seq, outcome, reason, at) \
+                      VALUES (s.event_id, s.site, @P3, @P4, @P5, @P6, CAST(@P7 AS datetimeoffset(6)));"
+                    .into(),
+                params: vec![
+                    Param::Text(Some(e.id.to_string())),
+                    Param::Text(Some(r.site.clone())),
+                    Param::Int(e.epoch as i64),
+                    Param::Int(e.seq as i64),
+                    Param::Text(Some(e.outcome.clone())),
+                    Param::Text(e.reason.clone()),
+                    Param::Text(Some(at.clone())),
+                ],
+            };
+            run(&mut self.client, &st, "recording a receipt")
+                .await
+                .map_err(|_| TargetError::transient(Cause::Query, "recording a receipt failed"))?;
+        }
+        Ok(())
+    }
+
+    async fn trace(&mut self, id: Uuid) -> Result<Traced, TargetError> {
+        let fail = |_| {
+            TargetError::transient(
+                Cause::Query,
+                "reading what the database knows of an event failed",
+            )
+        };
+        let st = Statement {
+            sql: "SELECT site, epoch, seq, outcome, reason, CONVERT(nvarchar(40), at, 127), CONVERT(nvarchar(33), received_at, 126) \
+                  FROM dbo.sitesync_receipts WHERE event_id = CAST(@P1 AS uniqueidentifier) ORDER BY at, site"
+                .into(),
+            params: vec![Param::Text(Some(id.to_string()))],
+        };
+        let receipts = rows(&mut self.client, &st, "reading sitesync_receipts")
+            .await
+            .map_err(fail)?
+            .iter()
+            .filter_map(|r| {
+                let t = |i: usize| r.get(i).cloned().flatten();
+                Some(ReceiptRow {
+                    site: t(0)?,
+                    epoch: t(1)?.parse().ok()?,
+                    seq: t(2)?.parse().ok()?,
+                    outcome: t(3)?,
+                    reason: t(4),
+                    at: t(5)?,
+                    received_at: t(6).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let st = Statement {
+            sql:
+                "SELECT origin, type, epoch, seq, outcome, CONVERT(nvarchar(33), applied_at, 126) \
+                  FROM dbo.sitesync_inbox WHERE event_id = CAST(@P1 AS uniqueidentifier)"
+                    .into(),
+            params: vec![Param::Text(Some(id.to_string()))],
+        };
+        let inbox = rows(&mut self.client, &st, "reading sitesync_inbox")
+            .await
+            .map_err(fail)?
+            .first()
+            .and_then(|r| {
+                let t = |i: usize| r.get(i).cloned().flatten();
+                Some((
+                    t(0)?,
+                    t(1)?,
+                    t(2)?.parse().ok()?,
+                    t(3)?.parse().ok()?,
+                    t(4)?,
+                    t(5).unwrap_or_default(),
+                ))
+            });
+        Ok(Traced { receipts, inbox })
+    }
+
+    async fn unreceipted(
+        &mut self,
+        sites: &[String],
+        older_than_s: u64,
+    ) -> Result<Vec<(String, u64, f64)>, TargetError> {
+        let mut out = Vec::new();
+        for site in sites {
+            let st = Statement {
+                sql: "SELECT COUNT(*), DATEDIFF_BIG(millisecond, MIN(f.t), SYSUTCDATETIME()) FROM \
+                      (SELECT event_id, MIN(received_at) AS t FROM dbo.sitesync_receipts GROUP BY event_id \
+                       HAVING MIN(received_at) < DATEADD(second, -@P1, SYSUTCDATETIME())) f \
+                      WHERE NOT EXISTS (SELECT 1 FROM dbo.sitesync_receipts r WHERE r.event_id = f.event_id AND r.site = @P2) \
+                      AND EXISTS (SELECT 1 FROM dbo.sitesync_receipts x WHERE x.site = @P2)"
+                    .into(),
+                params: vec![Param::Int(older_than_s as i64), Param::Text(Some(site.clone()))],
+            };
+            let r = rows(&mut self.client, &st, "reading sitesync_receipts")
+                .await
+                .map_err(|_| {
+                    TargetError::transient(Cause::Query, "reading sitesync_receipts failed")
+                })?;
+            let n: u64 = r
+                .first()
+                .and_then(|c| c.first().cloned().flatten())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            if n > 0 {
+                let ms: f64 = r
+                    .first()
+                    .and_then(|c| c.get(1).cloned().flatten())
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0.0);
+                out.push((site.clone(), n, ms / 1000.0));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_gaps(&mut self, ids: &[i64], mark: GapMark<'_>) -> Result<(), TargetError> {
+        for id in ids {
+            let st = match mark {
+                GapMark::Requested => Statement {
+                    sql: "UPDATE dbo.sitesync_gaps SET requested_at = SYSUTCDATETIME() WHERE id = @P1;".into(),
+                    params: vec![Param::Int(*id)],
+                },
+                GapMark::RequestedAnew => Statement {
+                    sql: "UPDATE dbo.sitesync_gaps SET requested_at = SYSUTCDATETIME(), note = NULL WHERE id = @P1;".into(),
+                    params: vec![Param::Int(*id)],
+                },
+                GapMark::Note(note) => Statement {
+                    sql: "UPDATE dbo.sitesync_gaps SET note = @P2 WHERE id = @P1;".into(),
+                    params: vec![Param::Int(*id), Param::Text(Some(note.to_string()))],
+                },
+            };
+            run(&mut self.client, &st, "marking gaps")
+                .await
+                .map_err(|_| TargetError::transient(Cause::Query, "marking gaps failed"))?;
+        }
+        Ok(())
+    }
 }
 
 /// The savepoint each message of an isolated batch runs under.
@@ -1020,6 +1217,69 @@ async fn write_progress<C: Tds>(s: &mut MssqlSession<C>, moved: &Progress) -> Re
             ],
         };
         s.exec(&st, "recording gaps").await?;
+    }
+    Ok(())
+}
+
+/// Takes late arrivals out of the gaps recorded before ([`rules::shrink`]):
+/// the rows they touch are read under lock, then shrunk, split or deleted.
+async fn shrink_gaps<C: Tds>(s: &mut MssqlSession<C>, late: &[LateArrivals]) -> Result<(), Failed> {
+    for l in late {
+        let st = Statement {
+            sql: "SELECT id, from_seq, to_seq FROM dbo.sitesync_gaps WITH (UPDLOCK, HOLDLOCK) \
+                  WHERE origin = @P1 AND epoch = @P2 AND from_seq <= @P3 AND to_seq >= @P4 ORDER BY id"
+                .into(),
+            params: vec![
+                Param::Text(Some(l.origin.clone())),
+                Param::Int(l.epoch as i64),
+                Param::Int(l.high as i64),
+                Param::Int(l.low as i64),
+            ],
+        };
+        let rows: Vec<GapRow> = s
+            .select(&st, "reading the gaps late events fall in")
+            .await?
+            .iter()
+            .filter_map(|r| {
+                let n = |i: usize| r.get(i)?.as_deref()?.parse::<i64>().ok();
+                Some((n(0)?, n(1)? as u64, n(2)? as u64))
+            })
+            .collect();
+        for (id, pieces) in rules::shrink(&rows, &l.seqs) {
+            let (sql, params, context) = match pieces.split_first() {
+                None => (
+                    "DELETE FROM dbo.sitesync_gaps WHERE id = @P1;",
+                    vec![Param::Int(id)],
+                    "closing a gap",
+                ),
+                Some(((from, to), _)) => (
+                    "UPDATE dbo.sitesync_gaps SET from_seq = @P2, to_seq = @P3 WHERE id = @P1;",
+                    vec![
+                        Param::Int(id),
+                        Param::Int(*from as i64),
+                        Param::Int(*to as i64),
+                    ],
+                    "shrinking a gap",
+                ),
+            };
+            s.exec(
+                &Statement {
+                    sql: sql.into(),
+                    params,
+                },
+                context,
+            )
+            .await?;
+            for (from, to) in pieces.iter().skip(1) {
+                let st = Statement {
+                    sql: "INSERT INTO dbo.sitesync_gaps (origin, epoch, from_seq, to_seq, detected_at, requested_at, note) \
+                          SELECT origin, epoch, @P2, @P3, detected_at, requested_at, note FROM dbo.sitesync_gaps WHERE id = @P1;"
+                        .into(),
+                    params: vec![Param::Int(id), Param::Int(*from as i64), Param::Int(*to as i64)],
+                };
+                s.exec(&st, "splitting a gap").await?;
+            }
+        }
     }
     Ok(())
 }
