@@ -19,7 +19,13 @@ pub struct ArchiveConfig {
     pub batch_timeout: Duration,
     /// …or after a lull this long.
     pub batch_idle: Duration,
+    /// Archive rows received longer ago than this many days are purged
+    /// (`crate::purge`; default 90, the seed's golden-source window).
+    pub retention_days: u32,
 }
+
+/// `[archive] retention_days` when not set.
+pub const DEFAULT_ARCHIVE_RETENTION_DAYS: u32 = 90;
 
 /// The table name every engine uses when `[archive] table` is not set.
 pub const DEFAULT_ARCHIVE_TABLE: &str = "sitesync_archive";
@@ -63,6 +69,7 @@ pub(super) fn read_archive(r: &mut Reader<'_>) -> ArchiveConfig {
             .unwrap_or(500) as usize,
         batch_timeout: r.millis("batch_timeout_ms", 200, 60_000),
         batch_idle: r.millis("batch_idle_ms", 5, 60_000),
+        retention_days: super::read_days(r, "retention_days", DEFAULT_ARCHIVE_RETENTION_DAYS),
     }
 }
 
