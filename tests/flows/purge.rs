@@ -105,12 +105,12 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
     .await
     .expect("PARIS archives the 50 events");
 
-    // Time goes by: the archive rows of items 0..20's first writes were
+    // Time goes by: the archive rows of items 10..20's first writes were
     // received 6 days ago (retention 5); LONDON applied the first writes
     // of items 0..30 three days ago (retention 2). Conflicts at LONDON: one
     // reviewed 4 days ago (retention 3), one reviewed just now, one never
     // reviewed and recorded 100 days ago.
-    let old_archive: BTreeSet<Uuid> = first[..20].iter().copied().collect();
+    let old_archive: BTreeSet<Uuid> = first[10..20].iter().copied().collect();
     let old_inbox: BTreeSet<Uuid> = first[..30].iter().copied().collect();
     let set_back = |table: &'static str, column: &'static str, days: i32, ids: Vec<Uuid>| {
         let c = if table == "sitesync_archive" {
@@ -199,7 +199,7 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
     assert!(
         dry.contains(&format!(
             "  {:<32} {:>10}  (older than 5 day(s))",
-            "public.sitesync_archive", 20
+            "public.sitesync_archive", 10
         )) && dry.contains("dry run: nothing deleted"),
         "{dry}"
     );
@@ -238,7 +238,7 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
     // The purge: exactly the old rows go.
     let out = mesh.ok("PARIS", &["purge", "--yes"]).await;
     assert!(
-        out.contains("deleted 20 row(s): public.sitesync_archive 20"),
+        out.contains("deleted 10 row(s): public.sitesync_archive 10"),
         "{out}"
     );
     let out = mesh.ok("LONDON", &["purge", "--yes"]).await;
@@ -284,9 +284,9 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
     );
 
     // An old event comes again after its inbox row went: PARIS's archive
-    // replays every PARIS event it still holds to LONDON. Items 0..10 have
-    // a newer version (their first write is older than what LONDON holds);
-    // items 20..30's first write is what LONDON holds (same version).
+    // replays every PARIS event it still holds to LONDON. Items 0..10's
+    // first writes are older than what LONDON holds (their second);
+    // items 20..30's first write is what LONDON holds (the same version).
     let items_before = mesh.items("LONDON").await;
     let sink_writes = "SELECT count(*) FROM item_log WHERE by_sink";
     let writes_before = count(&london, sink_writes).await;
@@ -308,10 +308,10 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
             ],
         )
         .await;
-    assert!(out.contains("replayed 30 event(s)"), "{out}");
-    // 10 purged first writes come back (items 20..30; 0..20's left the
-    // archive too), and the 20 kept ones are duplicates.
-    let back: BTreeSet<Uuid> = first[20..30].iter().copied().collect();
+    assert!(out.contains("replayed 40 event(s)"), "{out}");
+    // 20 purged first writes come back (items 0..10 and 20..30; 10..20's
+    // left the archive too), and the 20 kept ones are duplicates.
+    let back: BTreeSet<Uuid> = first[..10].iter().chain(&first[20..30]).copied().collect();
     wait_for(
         async || {
             count(&london, "SELECT count(*) FROM sitesync_inbox").await
@@ -355,24 +355,38 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    eprintln!("purge: the returning events' conflict rows (loser, winner): {recorded:?}");
+    // The winner is the entity's stored version: the second write for
+    // items 0..10, the event itself for 20..30 (docs/archive.md, "Purge").
+    let winners: std::collections::BTreeMap<Uuid, Uuid> = recorded.into_iter().collect();
     assert_eq!(
-        recorded.len(),
+        winners.len(),
         back.len(),
         "each returning event is a conflict row"
     );
+    for i in 0..10 {
+        assert_eq!(
+            winners[&first[i]], second[i],
+            "item {i}: the newer write wins"
+        );
+        assert_eq!(
+            winners[&first[20 + i]],
+            first[20 + i],
+            "item {}: its own version",
+            20 + i
+        );
+    }
 
     // The replay is a job too.
     let replays = jobs(&mesh, "PARIS", "replay").await;
     assert_eq!(replays.len(), 1, "{replays:?}");
     assert_eq!(replays[0]["state"], "succeeded");
-    assert_eq!(replays[0]["done"], 30);
+    assert_eq!(replays[0]["done"], 40);
     assert_eq!(replays[0]["args"]["to_site"], "LONDON");
     assert!(
         replays[0]["result"]
             .as_str()
             .unwrap()
-            .starts_with("replayed 30 event(s)"),
+            .starts_with("replayed 40 event(s)"),
         "{}",
         replays[0]
     );
@@ -530,17 +544,20 @@ async fn a_mariadb_site_purges_its_archive_and_inbox_and_records_the_jobs() {
         ),
         "{out}"
     );
-    let left = |table: &'static str| {
-        let sql = format!("SELECT event_id FROM {table} ORDER BY event_id");
-        let db = &mut db;
-        async move { db.query::<String, _>(sql).await.unwrap() }
-    };
+    let archive_left: Vec<String> = db
+        .query("SELECT event_id FROM sitesync_archive ORDER BY event_id")
+        .await
+        .unwrap();
     let mut want: Vec<String> = written[25..].to_vec();
     want.sort();
-    assert_eq!(left("sitesync_archive").await, want);
+    assert_eq!(archive_left, want);
+    let inbox_left: Vec<String> = db
+        .query("SELECT event_id FROM sitesync_inbox ORDER BY event_id")
+        .await
+        .unwrap();
     let mut want: Vec<String> = written[35..].to_vec();
     want.sort();
-    assert_eq!(left("sitesync_inbox").await, want);
+    assert_eq!(inbox_left, want);
 
     let jobs: serde_json::Value = serde_json::from_str(&run(&["jobs", "--json"])).unwrap();
     let jobs = jobs.as_array().unwrap();
