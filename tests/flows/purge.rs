@@ -391,6 +391,35 @@ async fn purge_removes_exactly_the_old_rows_and_a_redelivered_old_event_changes_
         replays[0]
     );
 
+    // A replay whose process died stays `running`; `jobs` shows it stale,
+    // without rewriting its row.
+    paris
+        .execute(
+            "INSERT INTO sitesync_jobs (id, kind, who, args, started_at, updated_at, done, total, state) \
+             VALUES ($1, 'replay', 'ops', '{}', now() - interval '2 hours', now() - interval '1 hour', 5, 10, 'running')",
+            &[&Uuid::from_u128(42)],
+        )
+        .await
+        .unwrap();
+    let table = mesh.ok("PARIS", &["jobs", "--kind", "replay"]).await;
+    let line = table
+        .lines()
+        .find(|l| l.starts_with(&Uuid::from_u128(42).to_string()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("50 %") && line.contains("stale (no progress since "),
+        "{line}"
+    );
+    let stored: String = paris
+        .query_one(
+            "SELECT state FROM sitesync_jobs WHERE id = $1",
+            &[&Uuid::from_u128(42)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "running");
+
     // The sidecar purges by itself every purge_every: LONDON's, restarted
     // with a tiny one, deletes rows set back again and records its job.
     let later: Vec<Uuid> = second.clone();
