@@ -12,8 +12,8 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `replay`, `topology declare`, `checkpoint show|reset`, `demo`,
-//!   `bench`);
+//!   `dlq`, `replay`, `jobs`, `purge`, `conflicts review`, `topology
+//!   declare`, `checkpoint show|reset`, `demo`, `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
 //!   them through [`engine::Engine::run`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
