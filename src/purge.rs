@@ -258,36 +258,36 @@ pub fn next_delay(every: Duration) -> Duration {
     every.mul_f64(0.9 + rand::random::<f64>() * 0.2)
 }
 
-/// The sidecar's scheduled purge: every `every` (jittered) until
-/// `shutdown`. A failed run is logged and tried again at the next one;
-/// nothing here stops the sidecar.
+/// The sidecar's scheduled purge of `plan`: every `every` (jittered)
+/// until `shutdown`. A failed run is logged and tried again at the next
+/// one; nothing here stops the sidecar. `connector` names it in the logs.
 pub async fn schedule<T: Tables, L: JobLog>(
-    cfg: &ConnectorConfig,
+    connector: &str,
+    plan: &Plan,
     tables: &T,
     jobs: &L,
     every: Duration,
     mut shutdown: Shutdown,
 ) {
-    let plan = Plan::of(cfg);
     if plan.0.is_empty() {
         return;
     }
     let mut wait = first_delay(every);
-    tracing::info!(connector = %cfg.name, first_in = ?wait, every = ?every, "purge scheduled");
+    tracing::info!(connector, first_in = ?wait, every = ?every, "purge scheduled");
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        match run(tables, jobs, &plan, "sidecar", BATCH_ROWS, &shutdown).await {
+        match run(tables, jobs, plan, "sidecar", BATCH_ROWS, &shutdown).await {
             Ok(report) => tracing::info!(
-                connector = %cfg.name,
+                connector,
                 deleted = report.deleted(),
                 "purge done: {}",
                 report.summary(false)
             ),
             Err(e) => tracing::warn!(
-                connector = %cfg.name,
+                connector,
                 error = %e,
                 "purge failed; trying again at the next run"
             ),
@@ -310,6 +310,8 @@ mod tests {
         old: Mutex<BTreeMap<Table, u64>>,
         deletes: Mutex<Vec<(Table, usize)>>,
         fail_on: Option<Table>,
+        /// Deletes that fail before the first that works.
+        failures: Mutex<u32>,
     }
 
     impl Tables for Fake {
@@ -326,12 +328,15 @@ mod tests {
             Ok(*self.old.lock().unwrap().get(&table).unwrap_or(&0))
         }
         async fn delete(&self, table: Table, _: u32, limit: usize) -> Result<u64, TargetError> {
-            if self.fail_on == Some(table) {
+            let mut failures = self.failures.lock().unwrap();
+            if *failures > 0 || self.fail_on == Some(table) {
+                *failures = failures.saturating_sub(1);
                 return Err(TargetError::transient(
                     crate::error::Cause::Unreachable,
                     "connection reset",
                 ));
             }
+            drop(failures);
             self.deletes.lock().unwrap().push((table, limit));
             let mut old = self.old.lock().unwrap();
             let left = old.entry(table).or_default();
@@ -424,6 +429,35 @@ mod tests {
         assert_eq!(report.deleted(), 0);
         assert!(fake.deletes.lock().unwrap().is_empty());
         assert_eq!(jobs.0.lock().unwrap()[0].state, JobState::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_schedule_goes_on_after_a_failed_run_and_stops_with_the_sidecar() {
+        let fake = Fake {
+            failures: Mutex::new(1),
+            ..Fake::default()
+        };
+        fake.old.lock().unwrap().insert(Table::Inbox, 3);
+        let jobs = MemoryJobs::default();
+        let (tx, stop) = Shutdown::new();
+        let every = Duration::from_secs(3600);
+        let plan = plan();
+        let scheduled = schedule("paris", &plan, &fake, &jobs, every, stop);
+        let later = async {
+            // Nothing before the first run's delay; then a failed run, a
+            // run that works, and a stop request ends the schedule.
+            tokio::time::sleep(FIRST_RUN_MAX / 2 - Duration::from_secs(1)).await;
+            assert!(jobs.0.lock().unwrap().is_empty(), "no run at once");
+            tokio::time::sleep(every * 2 + every / 2).await;
+            tx.send(true).unwrap();
+        };
+        tokio::join!(scheduled, later);
+        let runs = jobs.0.lock().unwrap();
+        assert!(runs.len() >= 2, "{runs:?}");
+        assert_eq!(runs[0].state, JobState::Failed);
+        assert_eq!(runs[0].who, "sidecar");
+        assert_eq!(runs[1].state, JobState::Succeeded);
+        assert_eq!(runs[1].done, 3, "the next run did the work");
     }
 
     #[test]

@@ -111,7 +111,16 @@ pub async fn run<S: Source, T: Target + 'static, A: Store, P: Tables, J: JobLog>
         let (cfg, stop) = (cfg.clone(), stop.clone());
         // Never an error: a failed purge is logged and tried again.
         on_its_own_thread("purge", move || async move {
-            purge::schedule(&cfg, &upkeep.tables, &upkeep.jobs, upkeep.every, stop).await;
+            let plan = purge::Plan::of(&cfg);
+            purge::schedule(
+                &cfg.name,
+                &plan,
+                &upkeep.tables,
+                &upkeep.jobs,
+                upkeep.every,
+                stop,
+            )
+            .await;
             Ok(())
         })
         .await
