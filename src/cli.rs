@@ -10,7 +10,9 @@ use crate::checks::{Check, Status};
 use crate::config::{ConfigErrors, ConnectorConfig, TopologyConfig, redact_url};
 use crate::engine::{Connector, Driver, Task};
 use crate::error::{SourceError, TargetError};
+use crate::jobs::{Job, JobLog};
 use crate::position::LogPosition;
+use crate::purge::Tables;
 use crate::runner::Shutdown;
 use crate::sidecar;
 use crate::sink::Target;
@@ -100,6 +102,19 @@ enum Command {
         after_help = "Examples:\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --dry-run\n  sitesync replay --connector connectors/paris.toml --to-site LONDON --origin MADRID --from 2026-11-01T00:00:00Z --type 'customer.*' --rate 2000 --yes"
     )]
     Replay(ReplayArgs),
+    /// The long operations recorded in this site's database (replay, purge, …): who ran them, how far they got, how they ended.
+    #[command(
+        after_help = "Examples:\n  sitesync jobs --connector connectors/paris.toml\n  sitesync jobs --connector connectors/paris.toml --kind purge --limit 5 --json"
+    )]
+    Jobs(JobsArgs),
+    /// Delete archive rows, inbox rows and reviewed conflicts older than their retention, in small batches (the sidecar also does it every purge_every).
+    #[command(
+        after_help = "Examples:\n  sitesync purge --connector connectors/paris.toml --dry-run\n  sitesync purge --connector connectors/paris.toml --yes"
+    )]
+    Purge(PurgeArgs),
+    /// Conflicts recorded by last-writer-wins.
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// Three sites (PARIS, LONDON, MADRID) on private PostgreSQL clusters and RabbitMQ: writes everywhere, a conflict, and a check that they converge. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
@@ -221,6 +236,48 @@ struct ReplayArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
+}
+
+#[derive(Args, Debug)]
+struct JobsArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// Only jobs of this kind (replay, purge, resync, gap-fill).
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// At most this many jobs, newest first.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    limit: usize,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PurgeArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// Print how many rows of each table would go; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConflictsCommand {
+    /// Mark conflicts reviewed (by their id in sitesync_conflicts): the purge removes them after conflict_retention_days.
+    #[command(
+        after_help = "Example:\n  sitesync conflicts review --connector connectors/london.toml 12 13 14"
+    )]
+    Review {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        /// The conflicts' ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -447,6 +504,17 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
                 })
                 .await
         }
+        Command::Jobs(args) => {
+            let file = args.connector.connector.clone();
+            on_engine(&file, Act::Jobs(args)).await
+        }
+        Command::Purge(args) => {
+            let file = args.connector.connector.clone();
+            on_engine(&file, Act::Purge(args)).await
+        }
+        Command::Conflicts(ConflictsCommand::Review { connector, ids }) => {
+            on_engine(&connector.connector, Act::Review(ids)).await
+        }
         Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
         Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
     }
@@ -480,6 +548,9 @@ enum Act {
     Trace {
         id: uuid::Uuid,
     },
+    Jobs(JobsArgs),
+    Purge(PurgeArgs),
+    Review(Vec<i64>),
 }
 
 /// `status` lists the events of this site that a site sending receipts has
@@ -515,14 +586,32 @@ impl Task for OnEngine<'_> {
                     Some(a) => Some(D::archive(cfg, db, a)?),
                     None => None,
                 };
-                run(cfg, source, target, archive).await
+                let upkeep = match cfg.purge_every {
+                    Some(every) if !crate::purge::Plan::of(cfg).0.is_empty() => {
+                        Some(sidecar::Upkeep {
+                            tables: D::purge(cfg, db)?,
+                            jobs: D::jobs(cfg, db)?,
+                            every,
+                        })
+                    }
+                    _ => None,
+                };
+                run(cfg, source, target, archive, upkeep).await
             }
             Act::Init => {
                 let archive = match &cfg.archive {
                     Some(a) => Some(D::archive(cfg, db, a)?),
                     None => None,
                 };
-                let code = init(cfg, D::source(cfg, db)?, D::target(cfg, db)?, archive).await?;
+                let code = init(
+                    cfg,
+                    D::source(cfg, db)?,
+                    D::target(cfg, db)?,
+                    archive,
+                    D::jobs(cfg, db)?,
+                    D::purge(cfg, db)?,
+                )
+                .await?;
                 if !cfg.capture.is_empty() {
                     let c = D::capture(cfg, db)?;
                     for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
@@ -582,12 +671,22 @@ impl Task for OnEngine<'_> {
             Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
             Act::Replay { args, filter } => {
                 let archive = cfg.archive.as_ref().expect("checked by replay_filter");
-                replay(cfg, D::archive(cfg, db, archive)?, args, filter).await
+                replay(
+                    cfg,
+                    D::archive(cfg, db, archive)?,
+                    D::jobs(cfg, db)?,
+                    args,
+                    filter,
+                )
+                .await
             }
             Act::Gaps { fill, wait } => {
                 let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
                 gaps(cfg, &target, fill, wait).await
             }
+            Act::Jobs(args) => jobs(D::jobs(cfg, db)?, args).await,
+            Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args).await,
+            Act::Review(ids) => review(D::purge(cfg, db)?, &ids).await,
         }
     }
 }
@@ -716,6 +815,22 @@ impl Task for EngineChecks<'_> {
                 Err(e) => checks.push(Check::fail("sink", e.to_string(), "check database.url")),
             }
         }
+        match D::jobs(cfg, db) {
+            Ok(jobs) => checks.extend(jobs.preflight().await),
+            Err(e) => checks.push(Check::fail(
+                "jobs table",
+                e.to_string(),
+                "check database.url",
+            )),
+        }
+        match D::purge(cfg, db) {
+            Ok(tables) => checks.extend(tables.preflight().await),
+            Err(e) => checks.push(Check::fail(
+                "conflicts review",
+                e.to_string(),
+                "check database.url",
+            )),
+        }
         if let Some(a) = &cfg.archive {
             match D::archive(cfg, db, a) {
                 Ok(store) => checks.extend(store.preflight().await),
@@ -765,11 +880,18 @@ async fn capture(command: CaptureCommand) -> Result<ExitCode, Failure> {
     .await
 }
 
-async fn run<S: Source + 'static, T: crate::sink::Target + 'static, A: Store>(
+async fn run<
+    S: Source + 'static,
+    T: crate::sink::Target + 'static,
+    A: Store,
+    P: Tables,
+    J: JobLog,
+>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
     archive: Option<A>,
+    upkeep: Option<sidecar::Upkeep<P, J>>,
 ) -> Result<ExitCode, Failure> {
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
@@ -804,23 +926,32 @@ async fn run<S: Source + 'static, T: crate::sink::Target + 'static, A: Store>(
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    sidecar::run(cfg, source, target, archive, shutdown)
+    sidecar::run(cfg, source, target, archive, upkeep, shutdown)
         .await
         .map_err(|e| fail(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source, T: Dialect, A: Store>(
+async fn init<S: Source, T: Dialect, A: Store, J: JobLog, P: Tables>(
     cfg: &ConnectorConfig,
     source: S,
     target: T,
     archive: Option<A>,
+    jobs: J,
+    tables: P,
 ) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
     for line in source.init().await? {
         println!("  {line}");
     }
     for line in target.init().await? {
+        println!("  {line}");
+    }
+    // After the sink's tables: `reviewed_at` is added to theirs.
+    for line in tables.init().await? {
+        println!("  {line}");
+    }
+    for line in jobs.init().await? {
         println!("  {line}");
     }
     if let Some(archive) = archive {
@@ -1299,14 +1430,17 @@ fn replay_filter(
     })
 }
 
-/// `sitesync replay`: counts, asks, sends, reports.
-async fn replay<S: Store>(
+/// `sitesync replay`: counts, asks, sends, reports; the run (not a dry
+/// one) is recorded as a job.
+async fn replay<S: Store, J: JobLog>(
     cfg: &ConnectorConfig,
     store: S,
+    jobs: J,
     args: ReplayArgs,
     filter: crate::archive::replay::Filter,
 ) -> Result<ExitCode, Failure> {
     use crate::archive::replay;
+    use std::sync::atomic::{AtomicU64, Ordering};
     let queue = cfg.topology.site_queue(&args.to_site);
     let counts = replay::count(&store, &filter).await?;
     let total: u64 = counts.values().sum();
@@ -1325,6 +1459,21 @@ async fn replay<S: Store>(
     bus::topology::queue_counts(&conn, &queue)
         .await
         .map_err(|e| fail(format!("{e} (run `sitesync topology declare`)")))?;
+    let mut job = Job::start(
+        &jobs,
+        "replay",
+        &crate::jobs::who(),
+        serde_json::json!({
+            "to_site": args.to_site,
+            "origin": args.origin,
+            "from": args.from,
+            "to": args.to,
+            "type": args.kind,
+            "rate": args.rate,
+        }),
+        Some(total),
+    )
+    .await?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -1337,39 +1486,157 @@ async fn replay<S: Store>(
     });
     let began = std::time::Instant::now();
     let mut logged = began;
-    let result = replay::replay(&store, &conn, &queue, &filter, args.rate, |p| match &bar {
-        Some(bar) => bar.set_position(p.confirmed),
-        None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
-            logged = std::time::Instant::now();
-            let rate = p.confirmed as f64 / began.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                confirmed = p.confirmed,
-                total,
-                per_s = rate.round(),
-                "replaying to {queue}"
-            );
+    let confirmed = AtomicU64::new(0);
+    let replaying = replay::replay(&store, &conn, &queue, &filter, args.rate, |p| {
+        confirmed.store(p.confirmed, Ordering::Relaxed);
+        match &bar {
+            Some(bar) => bar.set_position(p.confirmed),
+            None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
+                logged = std::time::Instant::now();
+                let rate = p.confirmed as f64 / began.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    confirmed = p.confirmed,
+                    total,
+                    per_s = rate.round(),
+                    "replaying to {queue}"
+                );
+            }
+            None => {}
         }
-        None => {}
-    })
-    .await;
+    });
+    tokio::pin!(replaying);
+    // The job's progress every few seconds, beside the replay.
+    let result = loop {
+        tokio::select! {
+            r = &mut replaying => break r,
+            _ = tokio::time::sleep(crate::jobs::PROGRESS_EVERY) => {
+                job.set_done(confirmed.load(Ordering::Relaxed));
+                job.tick().await;
+            }
+        }
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let seconds = began.elapsed().as_secs_f64();
     match result {
         Ok(p) => {
-            println!(
+            let line = format!(
                 "replayed {} event(s) to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker",
                 p.confirmed,
                 p.confirmed as f64 / seconds.max(0.001)
             );
+            job.set_done(p.confirmed);
+            job.succeeded(&line).await;
+            println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => Err(fail(format!(
-            "replay stopped: {e}. Running it again is harmless: {} skips the events it has (its inbox), and a newer write wins over an older event",
-            args.to_site
-        ))),
+        Err(e) => {
+            job.set_done(confirmed.load(Ordering::Relaxed));
+            job.failed(&e.to_string()).await;
+            Err(fail(format!(
+                "replay stopped: {e}. Running it again is harmless: {} skips the events it has (its inbox), and a newer write wins over an older event",
+                args.to_site
+            )))
+        }
     }
+}
+
+/// `sitesync jobs`: the latest jobs, a table or JSON.
+async fn jobs<J: JobLog>(log: J, args: JobsArgs) -> Result<ExitCode, Failure> {
+    let rows = log.list(args.limit, args.kind.as_deref()).await?;
+    let now = chrono::Utc::now();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::jobs::to_json(&rows, now))
+                .map_err(|e| fail(e.to_string()))?
+        );
+    } else if rows.is_empty() {
+        println!("no job recorded yet");
+    } else {
+        print!("{}", crate::jobs::render(&rows, now));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sitesync purge`: counts, asks, deletes in batches, reports.
+async fn purge<P: Tables, J: JobLog>(
+    cfg: &ConnectorConfig,
+    tables: P,
+    jobs: J,
+    args: PurgeArgs,
+) -> Result<ExitCode, Failure> {
+    use crate::purge;
+    let plan = purge::Plan::of(cfg);
+    if plan.0.is_empty() {
+        println!(
+            "nothing to purge: {} has no [archive] and its sink is disabled",
+            cfg.file.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts = purge::count(&tables, &plan).await?;
+    println!("rows older than their retention:");
+    for s in &counts.shares {
+        let what = match s.table {
+            purge::Table::Conflicts => "reviewed more than",
+            _ => "older than",
+        };
+        println!(
+            "  {:<32} {:>10}  ({what} {} day(s))",
+            s.name, s.found, s.days
+        );
+    }
+    if args.dry_run {
+        println!("dry run: nothing deleted");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if counts.found() == 0 {
+        println!("nothing to delete");
+    } else {
+        confirm(
+            args.yes,
+            &format!(
+                "delete {} row(s) in batches of {}?",
+                counts.found(),
+                purge::BATCH_ROWS
+            ),
+        )?;
+    }
+    let (_keep, stop) = Shutdown::new();
+    let report = purge::run(
+        &tables,
+        &jobs,
+        &plan,
+        &crate::jobs::who(),
+        purge::BATCH_ROWS,
+        &stop,
+    )
+    .await?;
+    println!(
+        "deleted {} row(s): {}",
+        report.deleted(),
+        report.summary(false)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sitesync conflicts review`: marks conflicts reviewed.
+async fn review<P: Tables>(tables: P, ids: &[i64]) -> Result<ExitCode, Failure> {
+    let found = tables.review(ids).await?;
+    for id in ids {
+        if found.contains(id) {
+            println!("conflict {id}: reviewed");
+        } else {
+            println!("conflict {id}: not in sitesync_conflicts");
+        }
+    }
+    Ok(if found.len() == ids.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Asks on the terminal unless `yes`; refuses without a terminal.

@@ -12,8 +12,8 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `replay`, `topology declare`, `checkpoint show|reset`, `demo`,
-//!   `bench`);
+//!   `dlq`, `replay`, `jobs`, `purge`, `conflicts review`, `topology
+//!   declare`, `checkpoint show|reset`, `demo`, `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
 //!   them through [`engine::Engine::run`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
@@ -42,8 +42,12 @@
 //!   `engine/<name>/capture.rs`).
 //! - [`archive`]: the archive queue consumed into a table of one site's
 //!   database (its connector's `[archive]`), with the sink's consumer.
-//! - [`sidecar`]: the source, the sink and the archive of one site, run
-//!   side by side.
+//! - [`jobs`]: the record of long operations (replay, purge, …) in
+//!   `sitesync_jobs`, the [`jobs::JobLog`] each engine implements.
+//! - [`purge`]: the archive, the inbox and reviewed conflicts removed after
+//!   their retention, by `sitesync purge` and on a schedule in the sidecar.
+//! - [`sidecar`]: the source, the sink, the archive and the scheduled purge
+//!   of one site, run side by side.
 //! - [`status`]: what `sitesync status` reports.
 //! - [`retry`]: capped exponential backoff with jitter.
 //! - [`checks`]: preflight results for `sitesync check`.
@@ -66,8 +70,10 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod jobs;
 pub mod lab;
 pub mod position;
+pub mod purge;
 pub mod retry;
 pub mod runner;
 pub mod sidecar;

@@ -1,7 +1,10 @@
 //! One sidecar: the source half (change log → broker), the sink half
 //! (this site's queue → database) and, at the archiving site, the archive
 //! (the archive queue → the archive table) side by side, each on a thread
-//! of its own, stopping together.
+//! of its own, stopping together; beside them, every `purge_every`, the
+//! purge (`crate::purge`), on a thread of its own too, so that its
+//! deletes never wait in the sink's runtime, and whose failures are
+//! logged and never stop the sidecar.
 //!
 //! A standby sidecar starts its sink as a second consumer of the site's
 //! single-active-consumer queue (the broker hands it the queue when the
@@ -11,6 +14,8 @@
 use crate::archive::{self, Store};
 use crate::config::ConnectorConfig;
 use crate::error::TargetError;
+use crate::jobs::JobLog;
+use crate::purge::{self, Tables};
 use crate::runner::{self, RunError, Shutdown};
 use crate::sink::{self, Target};
 use crate::source::Source;
@@ -31,14 +36,23 @@ pub enum SidecarError {
     Archive(TargetError),
 }
 
-/// Runs the source and, if given, the sink and the archive until
+/// The scheduled purge of a sidecar: the engine's tables and job log, and
+/// how often (`purge_every`).
+pub struct Upkeep<P: Tables, J: JobLog> {
+    pub tables: P,
+    pub jobs: J,
+    pub every: std::time::Duration,
+}
+
+/// Runs the source and, if given, the sink, the archive and the purge until
 /// `shutdown` fires or one of them meets an error that needs a person
 /// (then all stop).
-pub async fn run<S: Source, T: Target + 'static, A: Store>(
+pub async fn run<S: Source, T: Target + 'static, A: Store, P: Tables, J: JobLog>(
     cfg: &ConnectorConfig,
     source: S,
     target: Option<T>,
     archive: Option<A>,
+    upkeep: Option<Upkeep<P, J>>,
     mut shutdown: Shutdown,
 ) -> Result<(), SidecarError> {
     let (stop_tx, stop) = Shutdown::new();
@@ -105,9 +119,31 @@ pub async fn run<S: Source, T: Target + 'static, A: Store>(
         }
         r
     };
-    let (source_result, sink_result, archive_result) =
-        tokio::join!(source_half, sink_half, archive_half);
+    let purge_half = async {
+        let Some(upkeep) = upkeep else { return Ok(()) };
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        // Never an error: a failed purge is logged and tried again.
+        on_its_own_thread("purge", move || async move {
+            let plan = purge::Plan::of(&cfg);
+            purge::schedule(
+                &cfg.name,
+                &plan,
+                &upkeep.tables,
+                &upkeep.jobs,
+                upkeep.every,
+                stop,
+            )
+            .await;
+            Ok(())
+        })
+        .await
+    };
+    let (source_result, sink_result, archive_result, purge_result) =
+        tokio::join!(source_half, sink_half, archive_half, purge_half);
     relay.abort();
+    if let Err(e) = purge_result {
+        tracing::error!(error = %e, "the scheduled purge could not run");
+    }
     source_result.and(sink_result).and(archive_result)
 }
 

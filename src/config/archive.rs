@@ -21,7 +21,13 @@ pub struct ArchiveConfig {
     pub batch_idle: Duration,
     /// Send each origin an `archived` receipt per batch.
     pub receipts: bool,
+    /// Archive rows received longer ago than this many days are purged
+    /// (`crate::purge`; default 90, the seed's golden-source window).
+    pub retention_days: u32,
 }
+
+/// `[archive] retention_days` when not set.
+pub const DEFAULT_ARCHIVE_RETENTION_DAYS: u32 = 90;
 
 /// The table name every engine uses when `[archive] table` is not set.
 pub const DEFAULT_ARCHIVE_TABLE: &str = "sitesync_archive";
@@ -66,6 +72,7 @@ pub(super) fn read_archive(r: &mut Reader<'_>) -> ArchiveConfig {
         batch_timeout: r.millis("batch_timeout_ms", 200, 60_000),
         batch_idle: r.millis("batch_idle_ms", 5, 60_000),
         receipts: r.boolean("receipts").unwrap_or(false),
+        retention_days: super::read_days(r, "retention_days", DEFAULT_ARCHIVE_RETENTION_DAYS),
     }
 }
 

@@ -18,7 +18,9 @@
 mod archive;
 mod reader;
 
-pub use archive::{ArchiveBound, ArchiveConfig, DEFAULT_ARCHIVE_TABLE, Overflow};
+pub use archive::{
+    ArchiveBound, ArchiveConfig, DEFAULT_ARCHIVE_RETENTION_DAYS, DEFAULT_ARCHIVE_TABLE, Overflow,
+};
 
 pub use reader::{ConfigErrors, Problem, Reader, expand_env};
 
@@ -53,6 +55,12 @@ pub struct ConnectorConfig {
     /// installs the triggers that fill the outbox from their tables
     /// (`crate::capture`).
     pub capture: Vec<String>,
+    /// `purge_every`: how often the sidecar purges the archive, the inbox
+    /// and reviewed conflicts (`crate::purge`); `None` (`"off"`): only
+    /// `sitesync purge` does.
+    pub purge_every: Option<Duration>,
+    /// How long the inbox and reviewed conflicts are kept (`[sink]`).
+    pub retention: Retention,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +387,98 @@ fn read_sink(r: &mut Reader<'_>) -> (SinkConfig, Vec<String>) {
     )
 }
 
+/// What `crate::purge` keeps of the sink's tables: `[sink]
+/// inbox_retention_days` and `conflict_retention_days` (beside the sink's
+/// own keys, read apart so that the sink's settings stay the sink's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Inbox rows settled longer ago than this many days are purged. The
+    /// inbox is what tells a redelivered event from a new one; once its row
+    /// is gone, last-writer-wins against `sitesync_versions` (never purged)
+    /// still keeps an old event from overwriting newer state, but records
+    /// it as a lost event (a conflict row). So this must exceed the longest
+    /// time a message can wait in a queue or the dead-letter queue before
+    /// it is delivered again (docs/archive.md, "Purge"). Default 30.
+    pub inbox_retention_days: u32,
+    /// Conflicts marked reviewed longer ago than this many days are purged;
+    /// unreviewed ones are kept. Default 90.
+    pub conflict_retention_days: u32,
+}
+
+impl Retention {
+    fn read(r: &mut Reader<'_>) -> Retention {
+        Retention {
+            inbox_retention_days: read_days(
+                r,
+                "inbox_retention_days",
+                DEFAULT_INBOX_RETENTION_DAYS,
+            ),
+            conflict_retention_days: read_days(
+                r,
+                "conflict_retention_days",
+                DEFAULT_CONFLICT_RETENTION_DAYS,
+            ),
+        }
+    }
+}
+
+/// `[sink] inbox_retention_days` when not set: a month, far beyond the
+/// hours a message waits in a queue while a site is down, and within
+/// reach of the dead-letter queue's review (a dead letter requeued later
+/// than this is still safe, but recorded as a conflict instead of being
+/// told a duplicate; docs/archive.md, "Purge").
+pub const DEFAULT_INBOX_RETENTION_DAYS: u32 = 30;
+
+/// `[sink] conflict_retention_days` when not set.
+pub const DEFAULT_CONFLICT_RETENTION_DAYS: u32 = 90;
+
+/// `purge_every` when not set: daily.
+pub const DEFAULT_PURGE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// A retention in whole days, 1 to 100 years: 0 (purge everything at
+/// once) and negative values are refused.
+pub(crate) fn read_days(r: &mut Reader<'_>, key: &str, default: u32) -> u32 {
+    r.integer(key, 1..=36_500, "a number of days")
+        .map(|n| n as u32)
+        .unwrap_or(default)
+}
+
+/// Reads a duration written `500ms`, `30s`, `15m`, `6h` or `1d`; `off` is
+/// `None`.
+pub fn parse_every(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t == "off" {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        format!("`{text}` is not a duration: expected e.g. \"24h\", \"30m\", \"1d\" or \"off\"")
+    })?;
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "" => {
+            return Err(format!(
+                "`{text}` has no unit: write e.g. \"24h\" (ms, s, m, h or d)"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "`{other}` is not a unit of `{text}`: use ms, s, m, h or d"
+            ));
+        }
+    };
+    let ms = n
+        .checked_mul(unit_ms)
+        .filter(|ms| *ms > 0 && *ms <= 366 * 86_400_000)
+        .ok_or_else(|| format!("`{text}` is out of range: from 1ms to 366d, or \"off\""))?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
 #[derive(Debug, Clone)]
 pub struct CheckpointConfig {
     pub dir: PathBuf,
@@ -486,6 +586,14 @@ impl ConnectorConfig {
         if !site.is_empty() {
             check_site_name(&mut r, "site", &site);
         }
+        let purge_every =
+            match r.string("purge_every", false, "a duration, e.g. \"24h\", or \"off\"") {
+                None => Some(DEFAULT_PURGE_EVERY),
+                Some(text) => parse_every(&text).unwrap_or_else(|e| {
+                    r.problem("purge_every", e);
+                    None
+                }),
+            };
 
         let database = r.section("database", |d| read_database(d, &name));
 
@@ -553,7 +661,8 @@ impl ConnectorConfig {
         let shutdown = r.section("shutdown", |c| ShutdownConfig {
             drain_timeout: c.millis("drain_timeout_ms", 10_000, 600_000),
         });
-        let (sink, capture) = r.section("sink", read_sink);
+        let ((sink, capture), retention) =
+            r.section("sink", |s| (read_sink(s), Retention::read(s)));
         let archive = r
             .has("archive")
             .then(|| r.section("archive", archive::read_archive));
@@ -600,6 +709,8 @@ impl ConnectorConfig {
                     archive,
                     topology,
                     capture,
+                    purge_every,
+                    retention,
                 },
                 database,
             )),
@@ -775,6 +886,100 @@ mod tests {
         );
         assert_eq!(redact_url("db://u@h/db"), "db://u@h/db");
         assert_eq!(redact_url("db://u:p@h/db?x=@"), "db://u:***@h/db?x=@");
+    }
+
+    /// Loads a connector whose `[database]` is skipped, with `top` at the
+    /// top of the file and `sections` after `[broker]`.
+    fn load(name: &str, top: &str, sections: &str) -> Result<ConnectorConfig, ConfigErrors> {
+        let dir = scratch(name);
+        let topo = write(&dir, "topology.toml", "sites = [\"PARIS\"]\n");
+        let path = write(
+            &dir,
+            "paris.toml",
+            &format!(
+                "site = \"PARIS\"\n{top}\n[database]\nkind = \"x\"\n[broker]\nurls = \"amqp://h\"\ntopology = \"{}\"\n{sections}",
+                topo.display()
+            ),
+        );
+        ConnectorConfig::load_with(&path, |d, _| {
+            d.skip_rest();
+            Some(())
+        })
+        .map(|(c, ())| c)
+    }
+
+    #[test]
+    fn retentions_and_the_purge_schedule_have_defaults_and_refuse_zero_negative_and_nonsense() {
+        let c = load("purge-defaults", "", "[archive]\n").unwrap();
+        assert_eq!(c.archive.unwrap().retention_days, 90);
+        assert_eq!(
+            c.retention.inbox_retention_days,
+            DEFAULT_INBOX_RETENTION_DAYS
+        );
+        assert_eq!(c.retention.conflict_retention_days, 90);
+        assert_eq!(c.purge_every, Some(Duration::from_secs(86_400)));
+
+        let c = load(
+            "purge-set",
+            "purge_every = \"6h\"",
+            "[sink]\ninbox_retention_days = 45\nconflict_retention_days = 7\n[archive]\nretention_days = 365\n",
+        )
+        .unwrap();
+        assert_eq!(c.archive.unwrap().retention_days, 365);
+        assert_eq!(c.retention.inbox_retention_days, 45);
+        assert_eq!(c.retention.conflict_retention_days, 7);
+        assert_eq!(c.purge_every, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(
+            load("purge-off", "purge_every = \"off\"", "")
+                .unwrap()
+                .purge_every,
+            None
+        );
+
+        let err = load(
+            "purge-bad",
+            "purge_every = \"0s\"",
+            "[sink]\ninbox_retention_days = 0\nconflict_retention_days = -3\n[archive]\nretention_days = \"90\"\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for (key, says) in [
+            ("purge_every", "`0s` is out of range"),
+            (
+                "sink.inbox_retention_days",
+                "0 is out of range; expected a number of days between 1 and 36500",
+            ),
+            ("sink.conflict_retention_days", "-3 is out of range"),
+            (
+                "archive.retention_days",
+                "expected a number of days, found string",
+            ),
+        ] {
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(says)),
+                "{key}: {says}\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_every("500ms"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(parse_every("15m"), Ok(Some(Duration::from_secs(900))));
+        assert_eq!(
+            parse_every(" 2d "),
+            Ok(Some(Duration::from_secs(2 * 86_400)))
+        );
+        assert!(parse_every("24").unwrap_err().contains("has no unit"));
+        assert!(parse_every("1w").unwrap_err().contains("`w` is not a unit"));
+        assert!(
+            parse_every("-1h")
+                .unwrap_err()
+                .contains("is not a duration")
+        );
+        assert!(parse_every("400d").unwrap_err().contains("out of range"));
     }
 
     #[test]

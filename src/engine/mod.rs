@@ -62,6 +62,19 @@ pub trait Driver: 'static {
         archive: &ArchiveConfig,
     ) -> Result<Self::Archive, TargetError>;
 
+    /// Its `sitesync_jobs` table (`src/engine/<name>/jobs.rs`).
+    type Jobs: crate::jobs::JobLog;
+
+    /// The job log of this site's database.
+    fn jobs(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Jobs, TargetError>;
+
+    /// Its purge of the archive, the inbox and reviewed conflicts
+    /// (`src/engine/<name>/purge.rs`).
+    type Purge: crate::purge::Tables;
+
+    /// The purgeable tables of this site's database.
+    fn purge(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Purge, TargetError>;
+
     /// What `sitesync status` reads from this site's database.
     fn status(
         cfg: &ConnectorConfig,

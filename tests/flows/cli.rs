@@ -111,6 +111,9 @@ fn every_command_has_help_with_an_example() {
         vec!["capture", "add"],
         vec!["capture", "remove"],
         vec!["capture", "list"],
+        vec!["jobs"],
+        vec!["purge"],
+        vec!["conflicts", "review"],
     ] {
         let mut args = command.clone();
         args.push("--help");

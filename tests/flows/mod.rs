@@ -12,6 +12,7 @@ mod mixed;
 mod operations;
 mod oracle;
 mod outages;
+mod purge;
 mod readme;
 mod sink_failures;
 mod sqlserver;

@@ -415,3 +415,60 @@ async fn oracle_capture_triggers_fill_the_outbox_and_skip_the_sink() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Docker engine to start Oracle Free (gvenzl/oracle-free): run with cargo test --test main oracle -- --ignored"]
+async fn oracle_purge_removes_the_old_inbox_rows_and_records_the_job() {
+    let oracle = OracleSite::start().await;
+    // `three_sites` runs init and a passing check (SITESYNC_JOBS and
+    // SITESYNC_CONFLICTS.REVIEWED_AT included).
+    let (mesh, madrid) = three_sites(&oracle).await;
+    let mut sidecars = mesh.spawn_all();
+    let mut sidecar = Sidecar::spawn(&madrid, mesh.dir.path());
+    let paris = mesh.client("PARIS").await;
+    for id in 1..=20 {
+        upsert(&paris, "PARIS", id, id).await;
+    }
+    wait_for(
+        async || oracle.count("SELECT COUNT(*) FROM SITESYNC_INBOX").await == 20,
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("MADRID applies PARIS's 20");
+    // Eight of them settled 40 days ago (inbox retention: 30 by default).
+    oracle
+        .sql(
+            "UPDATE SITESYNC_INBOX SET APPLIED_AT = SYSTIMESTAMP - INTERVAL '40' DAY WHERE ROWNUM <= 8",
+            vec![],
+        )
+        .await;
+    let text = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = text(run(&madrid, &["purge", "--dry-run"]).await);
+    assert!(
+        dry.contains(&format!("  {:<32} {:>10}", "SITESYNC_INBOX", 8)),
+        "{dry}"
+    );
+    let out = text(run(&madrid, &["purge", "--yes"]).await);
+    assert!(out.contains("deleted 8 row(s): SITESYNC_INBOX 8"), "{out}");
+    assert_eq!(
+        oracle.count("SELECT COUNT(*) FROM SITESYNC_INBOX").await,
+        12
+    );
+    let jobs: serde_json::Value =
+        serde_json::from_str(&text(run(&madrid, &["jobs", "--json"]).await)).unwrap();
+    assert_eq!(jobs[0]["kind"], "purge");
+    assert_eq!(jobs[0]["state"], "succeeded");
+    assert_eq!(jobs[0]["done"], 8);
+    sidecar.terminate().await;
+    for s in sidecars.values_mut() {
+        s.terminate().await;
+    }
+}

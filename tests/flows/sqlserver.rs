@@ -472,3 +472,64 @@ async fn sqlserver_capture_triggers_fill_the_outbox_and_skip_the_sink() {
         "{text}"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_purge_removes_the_old_inbox_rows_and_records_the_job() {
+    let mut r = three_sites_running().await;
+    let sitesync = |args: &[&str]| {
+        let out = crate::support::sidecar::sitesync_with(&r.madrid.connector, args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let check = sitesync(&["check"]);
+    assert!(
+        check.contains("] jobs table: dbo.sitesync_jobs")
+            && check.contains("] conflicts review: dbo.sitesync_conflicts.reviewed_at"),
+        "{check}"
+    );
+    let paris = r.mesh.client("PARIS").await;
+    for id in 0..20 {
+        upsert(&paris, "PARIS", id, id).await;
+    }
+    let mut madrid = r.madrid.client().await;
+    let inbox = "SELECT COUNT(*) FROM dbo.sitesync_inbox";
+    wait_for(
+        async || mssql_count(&mut madrid, inbox).await == 20,
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("MADRID applies PARIS's 20");
+    // Eight of them settled 40 days ago (inbox retention: 30 by default).
+    exec(
+        &mut madrid,
+        "UPDATE TOP (8) dbo.sitesync_inbox SET applied_at = DATEADD(day, -40, SYSUTCDATETIME())",
+    )
+    .await;
+    let dry = sitesync(&["purge", "--dry-run"]);
+    assert!(
+        dry.contains(&format!("  {:<32} {:>10}", "dbo.sitesync_inbox", 8)),
+        "{dry}"
+    );
+    assert_eq!(
+        mssql_count(&mut madrid, inbox).await,
+        20,
+        "a dry run deletes nothing"
+    );
+    let out = sitesync(&["purge", "--yes"]);
+    assert!(
+        out.contains("deleted 8 row(s): dbo.sitesync_inbox 8"),
+        "{out}"
+    );
+    assert_eq!(mssql_count(&mut madrid, inbox).await, 12);
+    let jobs: serde_json::Value = serde_json::from_str(&sitesync(&["jobs", "--json"])).unwrap();
+    assert_eq!(jobs[0]["kind"], "purge");
+    assert_eq!(jobs[0]["state"], "succeeded");
+    assert_eq!(jobs[0]["done"], 8);
+    r.sidecar.terminate().await;
+}

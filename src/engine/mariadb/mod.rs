@@ -16,7 +16,9 @@ pub mod archive;
 pub mod binlog;
 pub mod capture;
 pub mod conn;
+pub mod jobs;
 pub mod position;
+pub mod purge;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -41,6 +43,8 @@ impl super::Driver for MariaDb {
     type Target = MariaDbTarget;
     type Capture = capture::MariaDbCapture;
     type Archive = archive::MariaDbArchive;
+    type Jobs = jobs::MariaDbJobs;
+    type Purge = purge::MariaDbPurge;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -73,6 +77,20 @@ impl super::Driver for MariaDb {
         archive: &crate::config::ArchiveConfig,
     ) -> Result<archive::MariaDbArchive, TargetError> {
         archive::MariaDbArchive::new(cfg, db, archive)
+    }
+
+    fn jobs(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<jobs::MariaDbJobs, TargetError> {
+        jobs::MariaDbJobs::new(db)
+    }
+
+    fn purge(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<purge::MariaDbPurge, TargetError> {
+        purge::MariaDbPurge::new(cfg, db)
     }
 
     async fn status(

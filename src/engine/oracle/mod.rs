@@ -15,9 +15,11 @@
 pub mod archive;
 pub mod capture;
 pub mod conn;
+pub mod jobs;
 pub mod logs;
 pub mod miner;
 pub mod position;
+pub mod purge;
 pub mod redo;
 pub mod settings;
 pub mod source;
@@ -44,6 +46,8 @@ impl super::Driver for Oracle {
     type Target = OracleTarget;
     type Capture = capture::OracleCapture;
     type Archive = archive::OracleArchive;
+    type Jobs = jobs::OracleJobs;
+    type Purge = purge::OraclePurge;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -70,6 +74,20 @@ impl super::Driver for Oracle {
         archive: &crate::config::ArchiveConfig,
     ) -> Result<archive::OracleArchive, TargetError> {
         archive::OracleArchive::new(cfg, db, archive)
+    }
+
+    fn jobs(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<jobs::OracleJobs, TargetError> {
+        jobs::OracleJobs::new(db)
+    }
+
+    fn purge(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<purge::OraclePurge, TargetError> {
+        purge::OraclePurge::new(cfg, db)
     }
 
     async fn status(

@@ -11,8 +11,10 @@
 
 pub mod archive;
 pub mod capture;
+pub mod jobs;
 pub mod pgoutput;
 pub mod position;
+pub mod purge;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -37,6 +39,8 @@ impl super::Driver for Postgres {
     type Target = PostgresTarget;
     type Capture = capture::PgCapture;
     type Archive = archive::PgArchive;
+    type Jobs = jobs::PgJobs;
+    type Purge = purge::PgPurge;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -69,6 +73,17 @@ impl super::Driver for Postgres {
         archive: &crate::config::ArchiveConfig,
     ) -> Result<archive::PgArchive, TargetError> {
         archive::PgArchive::new(cfg, db, archive)
+    }
+
+    fn jobs(_cfg: &ConnectorConfig, db: &settings::Settings) -> Result<jobs::PgJobs, TargetError> {
+        jobs::PgJobs::new(db)
+    }
+
+    fn purge(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<purge::PgPurge, TargetError> {
+        purge::PgPurge::new(cfg, db)
     }
 
     async fn status(

@@ -13,7 +13,9 @@
 pub mod archive;
 pub mod capture;
 pub mod conn;
+pub mod jobs;
 pub mod position;
+pub mod purge;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -39,6 +41,8 @@ impl super::Driver for SqlServer {
     type Target = SqlServerTarget;
     type Capture = capture::MssqlCapture;
     type Archive = archive::SqlServerArchive;
+    type Jobs = jobs::SqlServerJobs;
+    type Purge = purge::SqlServerPurge;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -71,6 +75,20 @@ impl super::Driver for SqlServer {
         archive: &crate::config::ArchiveConfig,
     ) -> Result<archive::SqlServerArchive, TargetError> {
         archive::SqlServerArchive::new(cfg, db, archive)
+    }
+
+    fn jobs(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<jobs::SqlServerJobs, TargetError> {
+        jobs::SqlServerJobs::new(db)
+    }
+
+    fn purge(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<purge::SqlServerPurge, TargetError> {
+        purge::SqlServerPurge::new(cfg, db)
     }
 
     async fn status(

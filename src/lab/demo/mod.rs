@@ -1364,6 +1364,12 @@ impl Task for Sidecar<'_> {
             source,
             Some(target),
             None::<crate::engine::postgres::archive::PgArchive>,
+            None::<
+                sidecar::Upkeep<
+                    crate::engine::postgres::purge::PgPurge,
+                    crate::engine::postgres::jobs::PgJobs,
+                >,
+            >,
             shutdown,
         )
         .await
