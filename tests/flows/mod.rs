@@ -12,6 +12,7 @@ mod operations;
 mod oracle;
 mod outages;
 mod readme;
+mod resync;
 mod sink_failures;
 mod sqlserver;
 mod sync;

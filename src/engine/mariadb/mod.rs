@@ -17,6 +17,7 @@ pub mod binlog;
 pub mod capture;
 pub mod conn;
 pub mod position;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -41,6 +42,7 @@ impl super::Driver for MariaDb {
     type Target = MariaDbTarget;
     type Capture = capture::MariaDbCapture;
     type Archive = archive::MariaDbArchive;
+    type Resync = resync::MariaDbResync;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -51,6 +53,13 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<MariaDbSource, SourceError> {
         MariaDbSource::new(cfg, db)
+    }
+
+    fn resync(
+        cfg: &ConnectorConfig,
+        db: &Self::Settings,
+    ) -> Result<resync::MariaDbResync, TargetError> {
+        resync::MariaDbResync::new(cfg, db)
     }
 
     fn capture(

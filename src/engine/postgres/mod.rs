@@ -13,6 +13,7 @@ pub mod archive;
 pub mod capture;
 pub mod pgoutput;
 pub mod position;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -37,6 +38,7 @@ impl super::Driver for Postgres {
     type Target = PostgresTarget;
     type Capture = capture::PgCapture;
     type Archive = archive::PgArchive;
+    type Resync = resync::PgResync;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -54,6 +56,13 @@ impl super::Driver for Postgres {
         db: &settings::Settings,
     ) -> Result<capture::PgCapture, TargetError> {
         capture::PgCapture::new(cfg, db)
+    }
+
+    fn resync(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<resync::PgResync, TargetError> {
+        resync::PgResync::new(cfg, db)
     }
 
     fn target(

@@ -39,6 +39,7 @@ impl super::Driver for SqlServer {
     type Target = SqlServerTarget;
     type Capture = capture::MssqlCapture;
     type Archive = archive::SqlServerArchive;
+    type Resync = crate::resync::Unsupported;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -49,6 +50,13 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<SqlServerSource, SourceError> {
         SqlServerSource::new(cfg, db)
+    }
+
+    fn resync(
+        _cfg: &ConnectorConfig,
+        _db: &Self::Settings,
+    ) -> Result<crate::resync::Unsupported, TargetError> {
+        Ok(crate::resync::Unsupported("SQL Server"))
     }
 
     fn capture(
