@@ -214,6 +214,12 @@ struct ResyncArgs {
     /// Send the rows of routes that drop fields, without those fields.
     #[arg(long)]
     allow_dropped: bool,
+    /// Also delete the target's rows that this site lacks (needs --target-connector; the count is shown first).
+    #[arg(long, requires = "target_connector")]
+    prune: bool,
+    /// The target site's connector file: its database is read for --prune.
+    #[arg(long, value_name = "FILE")]
+    target_connector: Option<PathBuf>,
     /// Print how many rows of each table would go, and any route refused; send nothing.
     #[arg(long)]
     dry_run: bool,
@@ -224,7 +230,7 @@ struct ResyncArgs {
     #[arg(long)]
     yes: bool,
     /// Go on with a job that stopped, after its last confirmed row.
-    #[arg(long, value_name = "JOB", conflicts_with_all = ["to_site", "routes", "all", "filter", "allow_dropped", "abandon"])]
+    #[arg(long, value_name = "JOB", conflicts_with_all = ["to_site", "routes", "all", "filter", "allow_dropped", "prune", "abandon"])]
     resume: Option<i64>,
     /// Give up a job that stopped, releasing its tables.
     #[arg(long, value_name = "JOB", conflicts_with_all = ["to_site", "routes", "all", "filter", "allow_dropped", "dry_run", "rate"])]
@@ -1276,6 +1282,8 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
                 all: args.all,
                 filter: args.filter.clone(),
                 allow_dropped: args.allow_dropped,
+                prune: args.prune,
+                target_connector: args.target_connector.clone(),
             },
             args.to_site.clone().unwrap_or_default(),
         ),
@@ -1303,6 +1311,30 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
             return Err(usage(message));
         }
     };
+    // --prune: the target's rows, read before the source's snapshot (a row
+    // the source gains meanwhile is in its snapshot, and is not deleted).
+    let target_rows = match (&request.prune, &request.target_connector) {
+        (true, Some(file)) => {
+            let file = args.target_connector.as_ref().unwrap_or(file);
+            let target = Connector::load(file)?;
+            if target.config.site != to_site {
+                return Err(usage(format!(
+                    "--target-connector {}: its site is {}, not {to_site}",
+                    file.display(),
+                    target.config.site
+                )));
+            }
+            target
+                .engine
+                .run(PruneRead {
+                    cfg: &target.config,
+                    source: &tables,
+                    filter: request.filter.as_deref(),
+                })
+                .await?
+        }
+        _ => Vec::new(),
+    };
     let queue = cfg.topology.site_queue(&to_site);
     let mut snap = store.snapshot().await.map_err(fail)?;
     let resumed = match args.resume {
@@ -1326,6 +1358,28 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
         remaining += n;
         println!("  {:<30} {:<24} {n} row(s)", t.table, t.side.kind);
     }
+    let extras = match request.prune {
+        true => {
+            let mut have = std::collections::HashMap::new();
+            for t in &tables {
+                have.insert(
+                    t.entity.clone(),
+                    resync::keys(&mut snap, t).await.map_err(fail)?,
+                );
+            }
+            let extras = resync::extras(&target_rows, &have);
+            for (p, _) in &target_rows {
+                let n = extras.iter().filter(|x| x.entity == p.table.entity).count();
+                println!(
+                    "  {:<30} {:<24} {n} row(s) at {to_site} that {} lacks: deleted (--prune)",
+                    p.table.table, p.table.side.kind, cfg.site
+                );
+            }
+            extras
+        }
+        false => Vec::new(),
+    };
+    remaining += extras.len() as u64;
     let done_before = resumed.as_ref().map_or(0, |j| j.confirmed);
     match &resumed {
         Some(j) => println!(
@@ -1372,6 +1426,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
         window: cfg.broker.publisher_window,
         max_bytes: cfg.broker.max_message_bytes,
         total,
+        extras: &extras,
     };
     let (sent, result) = resync::send(&mut store, &mut snap, &mut direct, &run, |s| match &bar {
         Some(bar) => bar.set_position(s.confirmed as u64),
@@ -1407,9 +1462,16 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
             store.finish(job.id, "done").await.map_err(fail)?;
             let now = sent.confirmed - done_before;
             println!(
-                "resync job {} done: {now} row(s) sent to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker{}{}",
+                "resync job {} done: {now} row(s) sent to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker{}{}{}",
                 job.id,
                 now as f64 / seconds.max(0.001),
+                match sent.pruned {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} delete(s) of rows {to_site} had and {} lacks",
+                        cfg.site
+                    ),
+                },
                 match sent.pending {
                     0 => String::new(),
                     n => format!(
@@ -1443,6 +1505,36 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
                 job.id
             )))
         }
+    }
+}
+
+/// `--prune`: the target's tables, read through its delete routes.
+struct PruneRead<'a> {
+    cfg: &'a ConnectorConfig,
+    source: &'a [crate::resync::Table],
+    filter: Option<&'a str>,
+}
+
+impl Task for PruneRead<'_> {
+    type Output = Result<Vec<(crate::resync::Prune, Vec<crate::resync::Row>)>, Failure>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Self::Output {
+        use crate::resync::{self, Resync};
+        let c = D::capture(self.cfg, db)?;
+        let prunes = resync::prune_tables(&c, &self.cfg.sink, self.source, self.filter)
+            .await
+            .map_err(|reasons| Failure {
+                message: format!("--prune refused, nothing sent:\n  {}", reasons.join("\n  ")),
+                code: 2,
+            })?;
+        let store = D::resync(self.cfg, db)?;
+        let mut snap = store.snapshot().await.map_err(fail)?;
+        let mut out = Vec::new();
+        for p in prunes {
+            let rows = resync::all_rows(&mut snap, &p.table).await.map_err(fail)?;
+            out.push((p, rows));
+        }
+        Ok(out)
     }
 }
 

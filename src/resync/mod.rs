@@ -78,6 +78,7 @@ use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -155,6 +156,14 @@ pub trait Snapshot {
         after: Option<&str>,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Row>, String>>;
+
+    /// The versions the database holds for these keys of `entity` (a
+    /// deleted row's version stays: its tombstone).
+    fn versions(
+        &mut self,
+        entity: &str,
+        keys: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Stored>, String>>;
 }
 
 /// A job as its row in the source database keeps it.
@@ -196,6 +205,12 @@ pub struct Request {
     /// Routes that drop fields are sent without them.
     #[serde(default)]
     pub allow_dropped: bool,
+    /// Rows of the target that the source lacks are deleted there.
+    #[serde(default)]
+    pub prune: bool,
+    /// The target site's connector file, whose database `--prune` reads.
+    #[serde(default)]
+    pub target_connector: Option<std::path::PathBuf>,
 }
 
 /// Why a job cannot start.
@@ -286,6 +301,10 @@ impl Snapshot for NoSnapshot {
     }
 
     async fn page(&mut self, _: &Table, _: Option<&str>, _: usize) -> Result<Vec<Row>, String> {
+        Err("no snapshot".into())
+    }
+
+    async fn versions(&mut self, _: &str, _: &[String]) -> Result<HashMap<String, Stored>, String> {
         Err("no snapshot".into())
     }
 }
@@ -506,6 +525,8 @@ pub struct Sent {
     /// Rows left out because a write of this site to them waits in the
     /// outbox (its own event brings them).
     pub pending: u64,
+    /// Deletes of target rows the source lacks, confirmed.
+    pub pruned: u64,
 }
 
 /// Why a run stopped.
@@ -536,6 +557,9 @@ pub struct Run<'a> {
     pub max_bytes: usize,
     /// Rows to send in all (for the job's row).
     pub total: i64,
+    /// `--prune`: the target's rows the source lacks, deleted after the
+    /// tables are sent.
+    pub extras: &'a [Extra],
 }
 
 /// Sends the rows of `run.tables` after the job's cursor, from `snap`, to
@@ -545,7 +569,7 @@ pub struct Run<'a> {
 pub async fn send<R: Resync>(
     resync: &mut R,
     snap: &mut R::Snapshot,
-    direct: &mut Direct<Cursor>,
+    direct: &mut Direct<Option<Cursor>>,
     run: &Run<'_>,
     mut progress: impl FnMut(&Sent),
 ) -> (Sent, Result<(), SendError>) {
@@ -554,6 +578,7 @@ pub async fn send<R: Resync>(
         last: run.job.cursor.clone(),
         too_large: Vec::new(),
         pending: 0,
+        pruned: 0,
     };
     let result = sending(resync, snap, direct, run, &mut sent, &mut progress).await;
     (sent, result)
@@ -562,7 +587,7 @@ pub async fn send<R: Resync>(
 async fn sending<R: Resync>(
     resync: &mut R,
     snap: &mut R::Snapshot,
-    direct: &mut Direct<Cursor>,
+    direct: &mut Direct<Option<Cursor>>,
     run: &Run<'_>,
     sent: &mut Sent,
     progress: &mut impl FnMut(&Sent),
@@ -612,9 +637,8 @@ async fn sending<R: Resync>(
                     key: row.cursor.clone(),
                 };
                 let what = format!("row {} of {}", row.key, table.table);
-                if let Some(done) = direct.send(&body, props, what, tag).await? {
-                    sent.confirmed += 1;
-                    sent.last = Some(done);
+                if let Some(done) = direct.send(&body, props, what, Some(tag)).await? {
+                    settled(sent, done);
                     progress(sent);
                 }
                 if saved.elapsed() >= SAVE_EVERY {
@@ -637,9 +661,47 @@ async fn sending<R: Resync>(
             }
         }
     }
+    for chunk in run.extras.chunks(PAGE) {
+        let mut tombstones: HashMap<(String, String), Stored> = HashMap::new();
+        let mut by_table: HashMap<&str, Vec<String>> = HashMap::new();
+        for x in chunk {
+            by_table.entry(&x.source).or_default().push(x.key.clone());
+        }
+        for (entity, keys) in by_table {
+            for (key, v) in snap
+                .versions(entity, &keys)
+                .await
+                .map_err(SendError::Read)?
+            {
+                tombstones.insert((entity.to_string(), key), v);
+            }
+        }
+        for x in chunk {
+            seq += 1;
+            let tombstone = tombstones.get(&(x.source.clone(), x.key.clone()));
+            let event = prune_event(
+                &origin,
+                &run.job.to_site,
+                run.job.attempt,
+                seq,
+                x,
+                tombstone,
+            )
+            .map_err(SendError::Read)?;
+            pace.next().await;
+            let mut headers = FieldTable::default();
+            headers.insert(HEADER_RESYNC.into(), AMQPValue::LongLongInt(run.job.id));
+            let props = event_properties(&event, headers, "resync");
+            let what = format!("the delete of {} key {}", x.entity, x.key);
+            // No cursor: a resume prunes again (the same ids).
+            if let Some(done) = direct.send(&event.to_body(), props, what, None).await? {
+                settled(sent, done);
+                progress(sent);
+            }
+        }
+    }
     while let Some(done) = direct.settle_oldest().await? {
-        sent.confirmed += 1;
-        sent.last = Some(done);
+        settled(sent, done);
         progress(sent);
     }
     resync
@@ -654,6 +716,16 @@ async fn sending<R: Resync>(
         .map_err(SendError::Save)
 }
 
+/// Counts a confirmed message: a row (its cursor), or a delete of
+/// `--prune` (none).
+fn settled(sent: &mut Sent, tag: Option<Cursor>) {
+    sent.confirmed += 1;
+    match tag {
+        Some(cursor) => sent.last = Some(cursor),
+        None => sent.pruned += 1,
+    }
+}
+
 /// Where a run starts: the table of the cursor (by index) and the key
 /// after which its rows go; the first table from its start without one.
 /// A cursor whose table is no longer in the list starts from the first.
@@ -665,6 +737,184 @@ pub fn start_at(tables: &[Table], cursor: Option<&Cursor>) -> (usize, Option<Str
         },
         None => (0, None),
     }
+}
+
+/// One table of the target, for `--prune`: its rows as the target's
+/// delete route would carry them (the key fields only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prune {
+    /// The source's table they are compared with (its entity).
+    pub entity: String,
+    /// The target's table and the inverse of its delete route.
+    pub table: Table,
+}
+
+/// The target's tables for `--prune`, one per source table (matched by
+/// the upsert route's type), each read through the inverse of its delete
+/// route; or why some cannot be pruned.
+pub async fn prune_tables<C: Capture>(
+    c: &C,
+    target: &SinkConfig,
+    source: &[Table],
+    filter: Option<&str>,
+) -> Result<Vec<Prune>, Vec<String>> {
+    let mut out = Vec::new();
+    let mut refused = Vec::new();
+    for t in source {
+        let Some(up) = target.route(&t.side.kind) else {
+            refused.push(format!(
+                "{}: the target has no route of type {}, so --prune cannot tell its table",
+                t.table, t.side.kind
+            ));
+            continue;
+        };
+        let table = up.entity_table();
+        let delete = target
+            .routes
+            .iter()
+            .find(|r| r.entity_table() == table && r.operation == crate::config::Operation::Delete);
+        let Some(delete) = delete else {
+            refused.push(format!(
+                "{}: the target has no delete route for its table {}: --prune sends deletes",
+                t.table, up.table
+            ));
+            continue;
+        };
+        let found = match c.table(&up.table).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                refused.push(format!("{}: the target has no table {}", t.table, up.table));
+                continue;
+            }
+            Err(e) => {
+                refused.push(format!(
+                    "{}: reading the target's {}: {e}",
+                    t.table, up.table
+                ));
+                continue;
+            }
+        };
+        let only = Spec {
+            table: &up.table,
+            upsert: None,
+            delete: Some(delete),
+        };
+        match capture::plan(&only, &found, C::FOLD_CASE) {
+            Ok(Plan {
+                table: name,
+                columns,
+                delete: Some(side),
+                ..
+            }) => out.push(Prune {
+                entity: t.entity.clone(),
+                table: Table {
+                    table: name,
+                    entity: table.clone(),
+                    columns,
+                    side,
+                    filter: filter.map(str::to_string),
+                    kinds: vec![],
+                },
+            }),
+            Ok(_) => unreachable!("a delete route gives a delete side"),
+            Err(e) => refused.push(format!("{}: the target's {}: {e}", t.table, up.table)),
+        }
+    }
+    match refused.is_empty() {
+        true => Ok(out),
+        false => Err(refused),
+    }
+}
+
+/// Every row of `table` in `snap`, a page at a time.
+pub async fn all_rows<S: Snapshot>(snap: &mut S, table: &Table) -> Result<Vec<Row>, String> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = snap.page(table, after.as_deref(), PAGE).await?;
+        let full = page.len() == PAGE;
+        after = page.last().map(|r| r.cursor.clone());
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// The keys of `table` in `snap`.
+pub async fn keys<S: Snapshot>(snap: &mut S, table: &Table) -> Result<HashSet<String>, String> {
+    Ok(all_rows(snap, table)
+        .await?
+        .into_iter()
+        .map(|r| r.key)
+        .collect())
+}
+
+/// A target row the source lacks: the delete to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extra {
+    /// The source's table (its entity): where its tombstone is.
+    pub source: String,
+    /// The target's table (its entity) and its delete type.
+    pub entity: String,
+    pub kind: String,
+    pub key: String,
+    /// The key fields, as the target's delete route reads them.
+    pub data: String,
+}
+
+/// The rows of the target that the source lacks, in the target's key
+/// order, table by table.
+pub fn extras(
+    target: &[(Prune, Vec<Row>)],
+    source: &HashMap<String, HashSet<String>>,
+) -> Vec<Extra> {
+    let mut out = Vec::new();
+    for (p, rows) in target {
+        let have = source.get(&p.entity);
+        for r in rows {
+            if have.is_none_or(|h| !h.contains(&r.key)) {
+                out.push(Extra {
+                    source: p.entity.clone(),
+                    entity: p.table.entity.clone(),
+                    kind: p.table.side.kind.clone(),
+                    key: r.key.clone(),
+                    data: r.data.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The delete of a target row the source lacks. Its version is the
+/// source's tombstone of the row when it has one (the delete it applied:
+/// a newer write at the target still wins), else the Unix epoch: a row the
+/// target holds from an event the source has not applied yet keeps it.
+pub fn prune_event(
+    origin: &str,
+    to_site: &str,
+    attempt: i64,
+    seq: u64,
+    extra: &Extra,
+    tombstone: Option<&Stored>,
+) -> Result<Event, String> {
+    let data = RawValue::from_string(extra.data.clone())
+        .map_err(|e| format!("key {} of {}: not JSON: {e}", extra.key, extra.entity))?;
+    let id = match tombstone {
+        Some(v) if v.origin != to_site => v.event_id,
+        _ => event_id(origin, &format!("prune:{}", extra.entity), &extra.key),
+    };
+    Ok(Event {
+        id,
+        timestamp: tombstone.map_or_else(unversioned, |v| v.ts),
+        origin: origin.to_string(),
+        kind: extra.kind.clone(),
+        entity_key: Some(extra.key.clone()),
+        data,
+        epoch: attempt.max(1) as u64,
+        seq,
+    })
 }
 
 /// Who starts a job, for its row: `user@host`.
@@ -751,6 +1001,8 @@ mod tests {
             all: true,
             filter: Some("id > 3".into()),
             allow_dropped: false,
+            prune: false,
+            target_connector: None,
         }
     }
 
@@ -833,6 +1085,8 @@ mod tests {
                 all: false,
                 filter: None,
                 allow_dropped: false,
+                prune: false,
+                target_connector: None,
             },
         )
         .await
@@ -916,6 +1170,67 @@ mod tests {
                 .unwrap_err()
                 .contains("not JSON")
         );
+    }
+
+    #[test]
+    fn prune_deletes_what_the_source_lacks_under_its_tombstone_or_the_epoch() {
+        let side = Side {
+            kind: "item.delete".into(),
+            key: vec![],
+            fields: vec![],
+        };
+        let target = Table {
+            table: "item".into(),
+            entity: "public.item".into(),
+            columns: vec![],
+            side,
+            filter: None,
+            kinds: vec![],
+        };
+        let row = |key: &str| Row {
+            cursor: format!("{{\"id\": {key}}}"),
+            key: key.into(),
+            data: format!("{{\"id\": {key}}}"),
+            version: None,
+            pending: false,
+        };
+        let prune = Prune {
+            entity: "public.items_src".into(),
+            table: target,
+        };
+        let source = HashMap::from([(
+            "public.items_src".to_string(),
+            HashSet::from(["1".to_string(), "3".to_string()]),
+        )]);
+        let x = extras(
+            &[(prune, vec![row("1"), row("2"), row("3"), row("4")])],
+            &source,
+        );
+        let keys: Vec<&str> = x.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["2", "4"]);
+        assert_eq!(x[0].kind, "item.delete");
+        assert_eq!(
+            (x[0].source.as_str(), x[0].entity.as_str()),
+            ("public.items_src", "public.item")
+        );
+        let o = origin("PARIS", 3);
+        // No tombstone at the source: the epoch, a derived id.
+        let e = prune_event(&o, "LONDON", 1, 7, &x[0], None).unwrap();
+        assert_eq!(e.timestamp, DateTime::<Utc>::UNIX_EPOCH);
+        assert_eq!(e.id, event_id(&o, "prune:public.item", "2"));
+        assert_eq!(
+            (e.kind.as_str(), e.seq, e.data.get()),
+            ("item.delete", 7, "{\"id\": 2}")
+        );
+        // The source deleted it: that delete's version and id.
+        let at = "2026-05-01T10:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let t = Stored {
+            ts: at,
+            origin: "MADRID".into(),
+            event_id: Uuid::from_u128(5),
+        };
+        let e = prune_event(&o, "LONDON", 1, 8, &x[1], Some(&t)).unwrap();
+        assert_eq!((e.timestamp, e.id), (at, Uuid::from_u128(5)));
     }
 
     #[test]

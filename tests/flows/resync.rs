@@ -490,3 +490,91 @@ async fn a_third_site_joins_a_running_pair_by_init_one_resync_and_run() {
         assert!(s.terminate().await.success());
     }
 }
+
+#[tokio::test]
+async fn prune_deletes_the_rows_the_source_lacks_after_a_dry_run_counts_them_and_keeps_newer_ones()
+{
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    preload(&mesh, &["PARIS", "LONDON", "MADRID"], 1000).await;
+    // LONDON has 50 rows of its own from before sitesync, which the others
+    // lack.
+    mesh.client("LONDON")
+        .await
+        .batch_execute(
+            "INSERT INTO item (id, n, rev, site) SELECT g, 0, md5('x' || g)::uuid, 'OLD' FROM generate_series(5000, 5049) g",
+        )
+        .await
+        .unwrap();
+    // And one MADRID wrote, which LONDON applied and PARIS not yet (its
+    // sidecar is not running): the resync must not delete it.
+    let mut sidecars: BTreeMap<&str, _> = ["LONDON", "MADRID"]
+        .into_iter()
+        .map(|s| (s, mesh.spawn(s)))
+        .collect();
+    upsert(&mesh.client("MADRID").await, "MADRID", 7000, 1).await;
+    wait_for(
+        async || mesh.items("LONDON").await.iter().any(|r| r.0 == 7000),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("LONDON applied MADRID's write");
+    let london = mesh.connector("LONDON").to_str().unwrap().to_string();
+    let args = |extra: &'static str| {
+        vec![
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--all",
+            "--prune",
+            "--target-connector",
+            london.as_str(),
+            extra,
+        ]
+    };
+    let dry = mesh.ok("PARIS", &args("--dry-run")).await;
+    assert!(
+        dry.contains("51 row(s) at LONDON that PARIS lacks: deleted (--prune)"),
+        "{dry}"
+    );
+    let count_extra = async || -> i64 {
+        mesh.client("LONDON")
+            .await
+            .query_one("SELECT count(*) FROM item WHERE id >= 5000", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(count_extra().await, 51, "a dry run deletes nothing");
+    let out = mesh.ok("PARIS", &args("--yes")).await;
+    assert!(
+        out.contains("51 delete(s) of rows LONDON had and PARIS lacks"),
+        "{out}"
+    );
+    // The 50 go; MADRID's row, newer than anything PARIS knows of it, stays.
+    wait_for(async || count_extra().await == 1, Duration::from_secs(60))
+        .await
+        .expect("LONDON deleted the 50 rows");
+    assert!(mesh.items("LONDON").await.iter().any(|r| r.0 == 7000));
+    // PARIS catches up: the three agree.
+    sidecars.insert("PARIS", mesh.spawn("PARIS"));
+    wait_for(
+        async || {
+            let paris = mesh.items("PARIS").await;
+            paris == mesh.items("LONDON").await && paris == mesh.items("MADRID").await
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the sites did not converge: {e}"));
+    // Without --target-connector, --prune is a usage error.
+    let bad = mesh
+        .sitesync(
+            "PARIS",
+            &["resync", "--to-site", "LONDON", "--all", "--prune"],
+        )
+        .await;
+    assert_eq!(bad.status.code(), Some(2));
+    for s in sidecars.values_mut() {
+        assert!(s.terminate().await.success());
+    }
+}

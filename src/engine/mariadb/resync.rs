@@ -24,6 +24,7 @@ use crate::resync::{ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Sto
 use chrono::{DateTime, NaiveDateTime, Utc};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, Value};
+use std::collections::HashMap;
 
 /// The jobs' tables (idempotent).
 pub const SCHEMA: [&str; 2] = [
@@ -406,6 +407,46 @@ fn params(table: &Table, first: Option<&str>, after: Option<&str>) -> Vec<Value>
 impl Snapshot for MariaDbSnapshot {
     fn time(&self) -> DateTime<Utc> {
         self.time
+    }
+
+    async fn versions(
+        &mut self,
+        entity: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, Stored>, String> {
+        let mut out = HashMap::new();
+        for chunk in keys.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let mut params: Vec<Value> = vec![Value::from(entity)];
+            params.extend(chunk.iter().map(|k| Value::from(k.as_str())));
+            let rows: Vec<mysql_async::Row> = self
+                .conn
+                .exec(
+                    format!(
+                        "SELECT `key`, DATE_FORMAT(ts, '%Y-%m-%dT%H:%i:%s.%fZ'), origin, event_id FROM sitesync_versions WHERE entity = ? AND `key` IN ({marks})"
+                    ),
+                    params,
+                )
+                .await
+                .map_err(|e| format!("reading the versions of {entity}: {}", conn::describe(&e)))?;
+            for r in rows {
+                let at = |i: usize| r.as_ref(i).and_then(text);
+                let ts = at(1).and_then(|t| crate::event::parse_timestamp(&t));
+                let id = at(3).and_then(|t| uuid::Uuid::parse_str(&t).ok());
+                if let (Some(key), Some(ts), Some(origin), Some(event_id)) = (at(0), ts, at(2), id)
+                {
+                    out.insert(
+                        key,
+                        Stored {
+                            ts,
+                            origin,
+                            event_id,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn count(&mut self, table: &Table, after: Option<&str>) -> Result<u64, String> {

@@ -22,6 +22,7 @@ use crate::config::{ConnectorConfig, redact_url};
 use crate::error::{Cause, TargetError};
 use crate::resync::{ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table};
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use tokio_postgres::Client;
 
 /// The first key of the advisory locks of resync jobs (`syrc`).
@@ -437,6 +438,14 @@ impl Snapshot for PgSnapshot {
         self.time
     }
 
+    async fn versions(
+        &mut self,
+        entity: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, Stored>, String> {
+        self.read_versions(entity, keys).await
+    }
+
     async fn count(&mut self, table: &Table, after: Option<&str>) -> Result<u64, String> {
         let sql = count_sql(table, after.is_some());
         let row = match after {
@@ -491,6 +500,36 @@ impl Snapshot for PgSnapshot {
                 })
             })
             .collect()
+    }
+}
+
+impl PgSnapshot {
+    async fn read_versions(
+        &mut self,
+        entity: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, Stored>, String> {
+        let rows = self
+            .client
+            .query(
+                "SELECT key, ts, origin::text, event_id FROM sitesync_versions WHERE entity = $1 AND key = ANY($2)",
+                &[&entity, &keys],
+            )
+            .await
+            .map_err(|e| format!("reading the versions of {entity}: {}", describe(&e)))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Stored {
+                        ts: r.get(1),
+                        origin: r.get(2),
+                        event_id: r.get(3),
+                    },
+                )
+            })
+            .collect())
     }
 }
 
