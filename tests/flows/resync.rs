@@ -404,10 +404,73 @@ async fn a_resync_killed_halfway_is_refused_twice_then_resumed_without_resending
         second.0
     );
     assert!(
-        resent <= 256 + i64::from(rate) + 1,
+        resent <= sitesync::config::DEFAULT_PUBLISHER_WINDOW as i64 + i64::from(rate) + 1,
         "{resent} rows sent twice"
     );
     assert_eq!(resynced(&mesh, "LONDON").await, i64::from(n));
+
+    // A job killed and abandoned frees its table for the next one.
+    let mut child = Command::new(binary())
+        .args([
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--all",
+            "--yes",
+            "--rate",
+            "200",
+        ])
+        .arg("--connector")
+        .arg(mesh.connector("PARIS"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // (Its number is not 2: the refused jobs took numbers of PostgreSQL's
+    // sequence, which a rollback does not give back.)
+    let id: i64 = wait_for_value(
+        async || {
+            let row = mesh
+                .client("PARIS")
+                .await
+                .query_opt(
+                    "SELECT job FROM sitesync_resync WHERE job > 1 AND confirmed > 0",
+                    &[],
+                )
+                .await
+                .unwrap()?;
+            Some(row.get(0))
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the second job confirms rows");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = mesh
+        .ok("PARIS", &["resync", "--abandon", &id.to_string()])
+        .await;
+    assert!(out.contains(&format!("resync job {id} abandoned")), "{out}");
+    assert_eq!(
+        job(&mesh, id).await.unwrap().1.as_deref(),
+        Some("abandoned")
+    );
+    let locks: i64 = mesh
+        .client("PARIS")
+        .await
+        .query_one("SELECT count(*) FROM sitesync_resync_locks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(locks, 0);
+    let again = mesh
+        .sitesync("PARIS", &["resync", "--resume", &id.to_string(), "--yes"])
+        .await;
+    let text = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        text.contains(&format!("job {id} is finished (abandoned)")),
+        "{text}"
+    );
     for s in sidecars.values_mut() {
         assert!(s.terminate().await.success());
     }
@@ -566,6 +629,22 @@ async fn prune_deletes_the_rows_the_source_lacks_after_a_dry_run_counts_them_and
     )
     .await
     .unwrap_or_else(|e| panic!("the sites did not converge: {e}"));
+    // --where narrows the rows.
+    let some = mesh
+        .ok(
+            "PARIS",
+            &[
+                "resync",
+                "--to-site",
+                "LONDON",
+                "--all",
+                "--where",
+                "r.id < 100",
+                "--dry-run",
+            ],
+        )
+        .await;
+    assert!(some.contains("100 row(s) to send"), "{some}");
     // Without --target-connector, --prune is a usage error.
     let bad = mesh
         .sitesync(
