@@ -10,6 +10,7 @@
 //! leaves nothing out.
 
 use super::publisher::{PublishFailure, settle};
+use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 use std::collections::VecDeque;
@@ -109,6 +110,22 @@ impl<T> Direct<T> {
         };
         settle(confirm.await, || format!("{what} to {}", self.queue))?;
         Ok(Some(tag))
+    }
+
+    /// The tags of the oldest messages whose confirms have come already,
+    /// in publish order, without waiting: how far the broker is, a window
+    /// sooner than [`Direct::send`] hands it back.
+    pub fn settled_now(&mut self) -> Result<Vec<T>, DirectError> {
+        let mut out = Vec::new();
+        while let Some((confirm, _, _)) = self.inflight.front_mut() {
+            let Some(result) = confirm.now_or_never() else {
+                break;
+            };
+            let (_, tag, what) = self.inflight.pop_front().expect("just looked");
+            settle(result, || format!("{what} to {}", self.queue))?;
+            out.push(tag);
+        }
+        Ok(out)
     }
 
     /// Closes the channel (after [`Direct::settle_oldest`] has emptied it).

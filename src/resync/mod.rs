@@ -641,6 +641,10 @@ async fn sending<R: Resync>(
                     settled(sent, done);
                     progress(sent);
                 }
+                for done in direct.settled_now()? {
+                    settled(sent, done);
+                    progress(sent);
+                }
                 if saved.elapsed() >= SAVE_EVERY {
                     saved = std::time::Instant::now();
                     resync
