@@ -115,6 +115,11 @@ enum Command {
     /// Conflicts recorded by last-writer-wins.
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Send the current rows of chosen tables, read in one consistent snapshot, to one site's queue (never through the fanout), as a job that can be resumed (docs/resync.md).
+    #[command(
+        after_help = "Examples:\n  sitesync resync --connector connectors/paris.toml --to-site LONDON --all --dry-run\n  sitesync resync --connector connectors/paris.toml --to-site LONDON --route customer.upsert --where \"region = 'EU'\" --rate 5000 --yes\n  sitesync resync --connector connectors/paris.toml --resume 7 --yes\n  sitesync resync --connector connectors/paris.toml --abandon 7"
+    )]
+    Resync(ResyncArgs),
     /// Three sites (PARIS, LONDON, MADRID) on private PostgreSQL clusters and RabbitMQ: writes everywhere, a conflict, and a check that they converge. Leaves nothing behind.
     #[command(
         after_help = "Examples:\n  sitesync demo\n  sitesync demo --broker amqp://guest:guest@127.0.0.1:5672/%2f --no-management\n  sitesync demo --paris-url postgres://postgres@127.0.0.1:5432/paris_demo"
@@ -278,6 +283,48 @@ enum ConflictsCommand {
         #[arg(required = true, value_name = "ID")]
         ids: Vec<i64>,
     },
+}
+
+#[derive(Args, Debug)]
+struct ResyncArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// The site whose queue receives the rows, e.g. LONDON.
+    #[arg(long, value_name = "SITE", required_unless_present_any = ["resume", "abandon"])]
+    to_site: Option<String>,
+    /// The rows of this route's table (an event type); may be repeated.
+    #[arg(long = "route", value_name = "TYPE")]
+    routes: Vec<String>,
+    /// The tables of every route.
+    #[arg(long, conflicts_with = "routes")]
+    all: bool,
+    /// Only the rows this SQL condition takes (the table's alias is `r`).
+    #[arg(long = "where", value_name = "SQL")]
+    filter: Option<String>,
+    /// Send the rows of routes that drop fields, without those fields.
+    #[arg(long)]
+    allow_dropped: bool,
+    /// Also delete the target's rows that this site lacks (needs --target-connector; the count is shown first).
+    #[arg(long, requires = "target_connector")]
+    prune: bool,
+    /// The target site's connector file: its database is read for --prune.
+    #[arg(long, value_name = "FILE")]
+    target_connector: Option<PathBuf>,
+    /// Print how many rows of each table would go, and any route refused; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// At most this many rows a second.
+    #[arg(long, value_name = "N")]
+    rate: Option<u32>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+    /// Go on with a job that stopped, after its last confirmed row.
+    #[arg(long, value_name = "JOB", conflicts_with_all = ["to_site", "routes", "all", "filter", "allow_dropped", "prune", "abandon"])]
+    resume: Option<i64>,
+    /// Give up a job that stopped, releasing its tables.
+    #[arg(long, value_name = "JOB", conflicts_with_all = ["to_site", "routes", "all", "filter", "allow_dropped", "dry_run", "rate"])]
+    abandon: Option<i64>,
 }
 
 #[derive(Args, Debug)]
@@ -515,6 +562,17 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Conflicts(ConflictsCommand::Review { connector, ids }) => {
             on_engine(&connector.connector, Act::Review(ids)).await
         }
+        Command::Resync(args) => {
+            let connector = Connector::load(&args.connector.connector)?;
+            let cfg = &connector.config;
+            connector
+                .engine
+                .run(OnEngine {
+                    cfg,
+                    act: Act::Resync(args),
+                })
+                .await
+        }
         Command::Demo(args) => crate::lab::demo::run(args).await.map_err(fail),
         Command::Bench(args) => crate::lab::bench::run(args).await.map_err(fail),
     }
@@ -551,6 +609,7 @@ enum Act {
     Jobs(JobsArgs),
     Purge(PurgeArgs),
     Review(Vec<i64>),
+    Resync(ResyncArgs),
 }
 
 /// `status` lists the events of this site that a site sending receipts has
@@ -687,6 +746,7 @@ impl Task for OnEngine<'_> {
             Act::Jobs(args) => jobs(D::jobs(cfg, db)?, args).await,
             Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args).await,
             Act::Review(ids) => review(D::purge(cfg, db)?, &ids).await,
+            Act::Resync(args) => resync(cfg, D::capture(cfg, db)?, D::resync(cfg, db)?, args).await,
         }
     }
 }
@@ -1474,16 +1534,7 @@ async fn replay<S: Store, J: JobLog>(
         Some(total),
     )
     .await?;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} events, {per_sec}, ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = progress_bar(total, "events");
     let began = std::time::Instant::now();
     let mut logged = began;
     let confirmed = AtomicU64::new(0);
@@ -1637,6 +1688,311 @@ async fn review<P: Tables>(tables: P, ids: &[i64]) -> Result<ExitCode, Failure> 
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A progress bar on stderr when it is a terminal (`None` otherwise:
+/// the caller logs a line every few seconds instead).
+fn progress_bar(total: u64, unit: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{bar:40}} {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// `sitesync resync`: checks the routes, counts, asks, claims the job,
+/// sends, records how far it got.
+async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
+    cfg: &ConnectorConfig,
+    capture: C,
+    mut store: R,
+    args: ResyncArgs,
+) -> Result<ExitCode, Failure> {
+    use crate::resync::{self, ClaimError, Request, Run, Snapshot};
+    let usage = |message: String| Failure { message, code: 2 };
+    let claim = |e: ClaimError| fail(format!("resync refused: {e}"));
+    if let Some(job) = args.abandon {
+        store.resume(job).await.map_err(claim)?;
+        store.finish(job, "abandoned").await.map_err(fail)?;
+        println!("resync job {job} abandoned: its tables are free");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (request, to_site) = match args.resume {
+        Some(id) => {
+            let job = store.job(id).await.map_err(claim)?;
+            if let Some(result) = job.result {
+                return Err(claim(ClaimError::Finished { job: id, result }));
+            }
+            if job.running {
+                return Err(claim(ClaimError::Running(id)));
+            }
+            (job.request, job.to_site)
+        }
+        None => (
+            Request {
+                routes: args.routes.clone(),
+                all: args.all,
+                filter: args.filter.clone(),
+                allow_dropped: args.allow_dropped,
+                prune: args.prune,
+                target_connector: args.target_connector.clone(),
+            },
+            args.to_site.clone().unwrap_or_default(),
+        ),
+    };
+    if !cfg.topology.sites.contains(&to_site) {
+        return Err(usage(format!(
+            "--to-site {to_site}: not a site of {} ({})",
+            cfg.topology.file.display(),
+            cfg.topology.sites.join(", ")
+        )));
+    }
+    if to_site == cfg.site {
+        return Err(usage(format!(
+            "--to-site {to_site} is this connector's own site: a resync sends {}'s rows to another site",
+            cfg.site
+        )));
+    }
+    let tables = match resync::tables(&capture, &cfg.sink, &request).await {
+        Ok(t) => t,
+        Err(reasons) => {
+            let mut message = String::from("resync refused, nothing sent:");
+            for r in reasons {
+                message.push_str(&format!("\n  {r}"));
+            }
+            return Err(usage(message));
+        }
+    };
+    // --prune: the target's rows, read before the source's snapshot (a row
+    // the source gains meanwhile is in its snapshot, and is not deleted).
+    let target_rows = match (&request.prune, &request.target_connector) {
+        (true, Some(file)) => {
+            let file = args.target_connector.as_ref().unwrap_or(file);
+            let target = Connector::load(file)?;
+            if target.config.site != to_site {
+                return Err(usage(format!(
+                    "--target-connector {}: its site is {}, not {to_site}",
+                    file.display(),
+                    target.config.site
+                )));
+            }
+            target
+                .engine
+                .run(PruneRead {
+                    cfg: &target.config,
+                    source: &tables,
+                    filter: request.filter.as_deref(),
+                })
+                .await?
+        }
+        _ => Vec::new(),
+    };
+    let queue = cfg.topology.site_queue(&to_site);
+    let mut snap = store.snapshot().await.map_err(fail)?;
+    let resumed = match args.resume {
+        Some(id) => Some(store.job(id).await.map_err(claim)?),
+        None => None,
+    };
+    let cursor = resumed.as_ref().and_then(|j| j.cursor.clone());
+    let (first, after) = resync::start_at(&tables, cursor.as_ref());
+    let mut remaining = 0u64;
+    println!(
+        "resync of {} to {queue}, snapshot at {}:",
+        cfg.site,
+        snap.time().to_rfc3339()
+    );
+    for (i, t) in tables.iter().enumerate() {
+        let n = match i.cmp(&first) {
+            std::cmp::Ordering::Less => 0,
+            std::cmp::Ordering::Equal => snap.count(t, after.as_deref()).await.map_err(fail)?,
+            std::cmp::Ordering::Greater => snap.count(t, None).await.map_err(fail)?,
+        };
+        remaining += n;
+        println!("  {:<30} {:<24} {n} row(s)", t.table, t.side.kind);
+    }
+    let extras = match request.prune {
+        true => {
+            let mut have = std::collections::HashMap::new();
+            for t in &tables {
+                have.insert(
+                    t.entity.clone(),
+                    resync::keys(&mut snap, t).await.map_err(fail)?,
+                );
+            }
+            let extras = resync::extras(&target_rows, &have);
+            for (p, _) in &target_rows {
+                let n = extras.iter().filter(|x| x.entity == p.table.entity).count();
+                println!(
+                    "  {:<30} {:<24} {n} row(s) at {to_site} that {} lacks: deleted (--prune)",
+                    p.table.table, p.table.side.kind, cfg.site
+                );
+            }
+            extras
+        }
+        false => Vec::new(),
+    };
+    remaining += extras.len() as u64;
+    let done_before = resumed.as_ref().map_or(0, |j| j.confirmed);
+    match &resumed {
+        Some(j) => println!(
+            "{remaining} row(s) to send after job {}'s last confirmed row ({done_before} sent before)",
+            j.id
+        ),
+        None => println!("{remaining} row(s) to send"),
+    }
+    if args.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    confirm(
+        args.yes,
+        &format!("send {remaining} row(s) of {} to {queue}?", cfg.site),
+    )?;
+    let entities: Vec<String> = tables.iter().map(|t| t.entity.clone()).collect();
+    let job = match args.resume {
+        Some(id) => store.resume(id).await.map_err(claim)?,
+        None => store
+            .start(&to_site, &entities, &request, &resync::who())
+            .await
+            .map_err(claim)?,
+    };
+    let conn = broker(cfg, "resync").await?;
+    bus::topology::queue_counts(&conn, &queue)
+        .await
+        .map_err(|e| fail(format!("{e} (run `sitesync topology declare`)")))?;
+    let mut direct = bus::direct::Direct::open(&conn, &queue, cfg.broker.publisher_window)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let total = done_before + remaining as i64;
+    let bar = progress_bar(total as u64, "rows");
+    if let Some(bar) = &bar {
+        bar.set_position(done_before as u64);
+    }
+    println!("resync job {} (attempt {}) started", job.id, job.attempt);
+    let began = std::time::Instant::now();
+    let mut logged = began;
+    let run = Run {
+        site: &cfg.site,
+        job: &job,
+        tables: &tables,
+        rate: args.rate,
+        window: cfg.broker.publisher_window,
+        max_bytes: cfg.broker.max_message_bytes,
+        total,
+        extras: &extras,
+    };
+    let (sent, result) = resync::send(&mut store, &mut snap, &mut direct, &run, |s| match &bar {
+        Some(bar) => bar.set_position(s.confirmed as u64),
+        None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
+            logged = std::time::Instant::now();
+            let rate =
+                (s.confirmed - done_before) as f64 / began.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(
+                job = job.id,
+                confirmed = s.confirmed,
+                total,
+                per_s = rate.round(),
+                "resyncing to {queue}"
+            );
+        }
+        None => {}
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    drop(snap);
+    for row in &sent.too_large {
+        eprintln!(
+            "left out: {row}: its event is over broker.max_message_bytes ({})",
+            cfg.broker.max_message_bytes
+        );
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            direct.close("resynced").await;
+            store.finish(job.id, "done").await.map_err(fail)?;
+            let now = sent.confirmed - done_before;
+            println!(
+                "resync job {} done: {now} row(s) sent to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker{}{}{}",
+                job.id,
+                now as f64 / seconds.max(0.001),
+                match sent.pruned {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} delete(s) of rows {to_site} had and {} lacks",
+                        cfg.site
+                    ),
+                },
+                match sent.pending {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} row(s) left to their own events (a write of {} to them waits in its outbox)",
+                        cfg.site
+                    ),
+                },
+                match sent.too_large.len() {
+                    0 => String::new(),
+                    n => format!("; {n} row(s) left out (too large)"),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let _ = store
+                .progress(
+                    job.id,
+                    total,
+                    sent.confirmed,
+                    sent.last.as_ref(),
+                    Some(&message),
+                )
+                .await;
+            Err(fail(format!(
+                "resync job {} stopped after {} confirmed row(s): {message}. Go on with `sitesync resync --connector {} --resume {}`",
+                job.id,
+                sent.confirmed,
+                cfg.file.display(),
+                job.id
+            )))
+        }
+    }
+}
+
+/// `--prune`: the target's tables, read through its delete routes.
+struct PruneRead<'a> {
+    cfg: &'a ConnectorConfig,
+    source: &'a [crate::resync::Table],
+    filter: Option<&'a str>,
+}
+
+impl Task for PruneRead<'_> {
+    type Output = Result<Vec<(crate::resync::Prune, Vec<crate::resync::Row>)>, Failure>;
+
+    async fn run<D: Driver>(self, db: &D::Settings) -> Self::Output {
+        use crate::resync::{self, Resync};
+        let c = D::capture(self.cfg, db)?;
+        let prunes = resync::prune_tables(&c, &self.cfg.sink, self.source, self.filter)
+            .await
+            .map_err(|reasons| Failure {
+                message: format!("--prune refused, nothing sent:\n  {}", reasons.join("\n  ")),
+                code: 2,
+            })?;
+        let store = D::resync(self.cfg, db)?;
+        let mut snap = store.snapshot().await.map_err(fail)?;
+        let mut out = Vec::new();
+        for p in prunes {
+            let rows = resync::all_rows(&mut snap, &p.table).await.map_err(fail)?;
+            out.push((p, rows));
+        }
+        Ok(out)
+    }
 }
 
 /// Asks on the terminal unless `yes`; refuses without a terminal.

@@ -12,8 +12,9 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `replay`, `jobs`, `purge`, `conflicts review`, `topology
-//!   declare`, `checkpoint show|reset`, `demo`, `bench`);
+//!   `dlq`, `replay`, `resync`, `jobs`, `purge`, `conflicts review`,
+//!   `gaps`, `trace`, `topology declare`, `checkpoint show|reset`, `demo`,
+//!   `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
 //!   them through [`engine::Engine::run`].
 //! - [`config`]: connector and topology files, `${VAR}` expansion, every
@@ -30,7 +31,8 @@
 //! - [`bus`]: RabbitMQ connections with failover, [`bus::topology`]
 //!   (declare, verify), [`bus::management`] (bindings, through the
 //!   management API), [`bus::publisher`] (confirms, dead letters) and
-//!   [`bus::dlq`] (`sitesync dlq list|requeue`).
+//!   [`bus::dlq`] (`sitesync dlq list|requeue`), [`bus::direct`] (one
+//!   site's queue through the default exchange: replay, resync).
 //! - [`runner`]: the run loop: source → publisher → checkpointer, sessions
 //!   restarted from the checkpoint after any failure, clean drain on SIGTERM.
 //! - [`sink`]: this site's queue applied to its database: [`sink::plan`]
@@ -40,6 +42,9 @@
 //! - [`capture`]: `sitesync capture`: triggers that fill the outbox from
 //!   business tables, the inverse of each route (the engines' SQL in
 //!   `engine/<name>/capture.rs`).
+//! - [`resync`]: `sitesync resync`: a consistent snapshot of chosen tables
+//!   sent to one site's queue as a resumable job (the engines' SQL in
+//!   `engine/<name>/resync.rs`).
 //! - [`archive`]: the archive queue consumed into a table of one site's
 //!   database (its connector's `[archive]`), with the sink's consumer.
 //! - [`jobs`]: the record of long operations (replay, purge, …) in
@@ -74,6 +79,7 @@ pub mod jobs;
 pub mod lab;
 pub mod position;
 pub mod purge;
+pub mod resync;
 pub mod retry;
 pub mod runner;
 pub mod sidecar;

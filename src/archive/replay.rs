@@ -7,7 +7,8 @@
 //! the fanout. Each message is the event as its origin published it (the
 //! same body, id, type, headers), marked `x-sitesync-replayed`, persistent
 //! and `mandatory`, with publisher confirms: a confirm window is kept in
-//! flight, and the count of events sent only counts confirmed ones.
+//! flight, and the count of events sent only counts confirmed ones
+//! ([`crate::bus::direct`], shared with `sitesync resync`).
 //!
 //! The receiving sink applies them as any delivery: an event its inbox
 //! holds is a duplicate, a newer write wins over an older event
@@ -15,15 +16,14 @@
 //! started again from the beginning: what the site has is skipped.
 
 use super::{Cursor, Store};
-use crate::bus::publisher::{PublishFailure, event_properties, settle};
+use crate::bus::direct::{Direct, DirectError, Pace};
+use crate::bus::publisher::event_properties;
 use crate::error::TargetError;
 use crate::event::Event;
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Connection;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, PublisherConfirm};
-use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
 
 /// The header a replayed message carries.
 pub const HEADER_REPLAYED: &str = "x-sitesync-replayed";
@@ -142,14 +142,8 @@ pub async fn count<S: Store>(store: &S, filter: &Filter) -> Result<Counts, Targe
 pub enum ReplayError {
     #[error("reading the archive: {0}")]
     Archive(#[from] TargetError),
-    #[error("publishing to {queue}: {source}")]
-    Publish {
-        queue: String,
-        #[source]
-        source: lapin::Error,
-    },
     #[error("{0}")]
-    Confirm(#[from] PublishFailure),
+    Send(#[from] DirectError),
 }
 
 /// How far a replay got.
@@ -162,8 +156,8 @@ pub struct Progress {
 }
 
 /// Sends the events `filter` takes to `queue` through the default
-/// exchange, at most `rate` a second when given; `progress` is called
-/// after each confirm. Returns what was confirmed.
+/// exchange ([`Direct`]), at most `rate` a second when given; `progress`
+/// is called after each confirm. Returns what was confirmed.
 pub async fn replay<S: Store>(
     store: &S,
     conn: &Connection,
@@ -172,81 +166,33 @@ pub async fn replay<S: Store>(
     rate: Option<u32>,
     mut progress: impl FnMut(&Progress),
 ) -> Result<Progress, ReplayError> {
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|source| ReplayError::Publish {
-            queue: queue.to_string(),
-            source,
-        })?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|source| ReplayError::Publish {
-            queue: queue.to_string(),
-            source,
-        })?;
-    let began = Instant::now();
-    let mut sent = 0u64;
+    let mut direct: Direct<Cursor> = Direct::open(conn, queue, WINDOW).await?;
+    let mut pace = Pace::new(rate);
     let mut done = Progress::default();
-    let mut inflight: VecDeque<(PublisherConfirm, Cursor, String)> = VecDeque::new();
     walk(store, filter, async |e: Event| {
-        if let Some(rate) = rate {
-            // Pace: the n-th event not before n / rate seconds.
-            let due = began + Duration::from_secs_f64(sent as f64 / f64::from(rate.max(1)));
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-        }
+        pace.next().await;
         let mut headers = FieldTable::default();
         headers.insert(HEADER_REPLAYED.into(), AMQPValue::Boolean(true));
         let props = event_properties(&e, headers, "archive");
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &e.to_body(),
-                props,
-            )
-            .await
-            .map_err(|source| ReplayError::Publish {
-                queue: queue.to_string(),
-                source,
-            })?;
-        sent += 1;
-        inflight.push_back((
-            confirm,
-            (e.origin.clone(), e.epoch as i64, e.seq as i64),
-            e.id.to_string(),
-        ));
-        if inflight.len() >= WINDOW {
-            let oldest = inflight.pop_front().expect("full");
-            settle_one(oldest, queue, &mut done).await?;
+        let cursor = (e.origin.clone(), e.epoch as i64, e.seq as i64);
+        let settled = direct
+            .send(&e.to_body(), props, format!("event {}", e.id), cursor)
+            .await?;
+        if let Some(cursor) = settled {
+            done.confirmed += 1;
+            done.last = Some(cursor);
             progress(&done);
         }
         Ok::<(), ReplayError>(())
     })
     .await?;
-    while let Some(oldest) = inflight.pop_front() {
-        settle_one(oldest, queue, &mut done).await?;
+    while let Some(cursor) = direct.settle_oldest().await? {
+        done.confirmed += 1;
+        done.last = Some(cursor);
         progress(&done);
     }
-    let _ = channel.close(200, "replayed".into()).await;
+    direct.close("replayed").await;
     Ok(done)
-}
-
-/// Waits for the oldest confirm in flight.
-async fn settle_one(
-    (confirm, cursor, id): (PublisherConfirm, Cursor, String),
-    queue: &str,
-    done: &mut Progress,
-) -> Result<(), ReplayError> {
-    settle(confirm.await, || format!("event {id} to {queue}"))?;
-    done.confirmed += 1;
-    done.last = Some(cursor);
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! RabbitMQ: connections with failover, the topology, the publisher.
 
+pub mod direct;
 pub mod dlq;
 pub mod management;
 pub mod publisher;

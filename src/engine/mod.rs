@@ -55,6 +55,11 @@ pub trait Driver: 'static {
 
     fn capture(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Capture, TargetError>;
 
+    /// Its resync (`crate::resync`): the snapshot and the jobs' rows.
+    type Resync: crate::resync::Resync;
+
+    fn resync(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Resync, TargetError>;
+
     /// The archive table of a connector with an `[archive]` section.
     fn archive(
         cfg: &ConnectorConfig,

@@ -582,3 +582,78 @@ async fn a_payload_mariadb_cannot_store_is_dead_lettered_at_london_and_the_rest_
     .await
     .expect("item 50 at MADRID");
 }
+
+#[tokio::test]
+async fn a_mariadb_site_resyncs_its_rows_to_a_postgres_site_while_it_writes() {
+    let r = three_sites_running().await;
+    let mut c = r.london.conn().await;
+    // Rows older than sitesync at LONDON (no event, no version): PARIS
+    // has none of them.
+    let old = 3000;
+    for chunk in (0..old).collect::<Vec<i32>>().chunks(500) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("({i}, {}, '{}', 'OLD')", i % 1000, Uuid::new_v4()))
+            .collect();
+        c.query_drop(format!(
+            "INSERT INTO item (id, n, rev, site) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    }
+    // LONDON keeps writing on the first keys while its rows go to PARIS.
+    let writer = {
+        let mut w = r.london.conn().await;
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + Duration::from_secs(4);
+            let mut i = 0;
+            while std::time::Instant::now() < until {
+                london_write(&mut w, i % 150, i, i % 7 == 0).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            i
+        })
+    };
+    let connector = r.london.connector.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        sitesync_with(
+            &connector,
+            &["resync", "--to-site", "PARIS", "--all", "--yes"],
+        )
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("row(s) sent to"), "{text}");
+    let writes = writer.await.unwrap();
+    assert!(writes > 100, "{writes} live writes");
+    // PARIS ends with LONDON's rows: the old ones from the snapshot, the
+    // live ones whichever came last.
+    let mut last = 0;
+    wait_for(
+        async || {
+            let london = london_items(&mut c).await;
+            last = london.len();
+            pg_items(&r.mesh, "PARIS").await == london
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("PARIS did not converge with LONDON ({last} rows): {e}"));
+    assert!(last >= old as usize - 150, "{last}");
+    // The job is done, in LONDON's database, and its table free again.
+    let result: Option<String> = c
+        .query_first("SELECT result FROM sitesync_resync WHERE job = 1")
+        .await
+        .unwrap();
+    assert_eq!(result.as_deref(), Some("done"));
+    let locks = london_count(&mut c, "SELECT COUNT(*) FROM sitesync_resync_locks").await;
+    assert_eq!(locks, 0);
+}

@@ -14,6 +14,7 @@ mod oracle;
 mod outages;
 mod purge;
 mod readme;
+mod resync;
 mod sink_failures;
 mod sqlserver;
 mod sync;

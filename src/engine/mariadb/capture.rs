@@ -140,7 +140,7 @@ fn key_part(row: &str, c: &Column) -> String {
     }
 }
 
-fn key_expr(row: &str, side: &Side) -> String {
+pub(super) fn key_expr(row: &str, side: &Side) -> String {
     if let [one] = side.key.as_slice() {
         return key_part(row, one);
     }
@@ -158,7 +158,7 @@ fn key_expr(row: &str, side: &Side) -> String {
     format!("CONCAT({})", parts.join(", ',', "))
 }
 
-fn data_expr(row: &str, fields: &[Field]) -> String {
+pub(super) fn data_expr(row: &str, fields: &[Field]) -> String {
     let pairs: Vec<String> = fields
         .iter()
         .map(|f| format!("{}, {}", literal(&f.field), value(row, &f.column)))

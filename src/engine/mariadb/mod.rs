@@ -19,6 +19,7 @@ pub mod conn;
 pub mod jobs;
 pub mod position;
 pub mod purge;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -45,6 +46,7 @@ impl super::Driver for MariaDb {
     type Archive = archive::MariaDbArchive;
     type Jobs = jobs::MariaDbJobs;
     type Purge = purge::MariaDbPurge;
+    type Resync = resync::MariaDbResync;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -55,6 +57,13 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<MariaDbSource, SourceError> {
         MariaDbSource::new(cfg, db)
+    }
+
+    fn resync(
+        cfg: &ConnectorConfig,
+        db: &Self::Settings,
+    ) -> Result<resync::MariaDbResync, TargetError> {
+        resync::MariaDbResync::new(cfg, db)
     }
 
     fn capture(

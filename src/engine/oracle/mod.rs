@@ -48,6 +48,7 @@ impl super::Driver for Oracle {
     type Archive = archive::OracleArchive;
     type Jobs = jobs::OracleJobs;
     type Purge = purge::OraclePurge;
+    type Resync = crate::resync::Unsupported;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -55,6 +56,13 @@ impl super::Driver for Oracle {
 
     fn source(cfg: &ConnectorConfig, db: &settings::Settings) -> Result<OracleSource, SourceError> {
         OracleSource::new(cfg, db)
+    }
+
+    fn resync(
+        _cfg: &ConnectorConfig,
+        _db: &Self::Settings,
+    ) -> Result<crate::resync::Unsupported, TargetError> {
+        Ok(crate::resync::Unsupported("Oracle"))
     }
 
     fn capture(

@@ -115,7 +115,7 @@ fn key_part(alias: &str, c: &Column) -> String {
 }
 
 /// The entity key of a row (`alias`) for `side`.
-fn key_expr(alias: &str, side: &Side) -> String {
+pub(super) fn key_expr(alias: &str, side: &Side) -> String {
     if let [one] = side.key.as_slice() {
         return key_part(alias, one);
     }
@@ -132,7 +132,7 @@ fn key_expr(alias: &str, side: &Side) -> String {
 }
 
 /// The event data of a row (`alias`) of `columns`, for `fields`.
-fn data_expr(alias: &str, columns: &[String], fields: &[Field]) -> String {
+pub(super) fn data_expr(alias: &str, columns: &[String], fields: &[Field]) -> String {
     // Columns left out, and renamed ones (added back under their field).
     let mut minus: Vec<&str> = columns
         .iter()

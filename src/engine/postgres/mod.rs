@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod pgoutput;
 pub mod position;
 pub mod purge;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -41,6 +42,7 @@ impl super::Driver for Postgres {
     type Archive = archive::PgArchive;
     type Jobs = jobs::PgJobs;
     type Purge = purge::PgPurge;
+    type Resync = resync::PgResync;
 
     fn settings(d: &mut Reader<'_>, connector: &str) -> settings::Settings {
         settings::Settings::read(d, connector)
@@ -58,6 +60,13 @@ impl super::Driver for Postgres {
         db: &settings::Settings,
     ) -> Result<capture::PgCapture, TargetError> {
         capture::PgCapture::new(cfg, db)
+    }
+
+    fn resync(
+        cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<resync::PgResync, TargetError> {
+        resync::PgResync::new(cfg, db)
     }
 
     fn target(

@@ -43,6 +43,7 @@ impl super::Driver for SqlServer {
     type Archive = archive::SqlServerArchive;
     type Jobs = jobs::SqlServerJobs;
     type Purge = purge::SqlServerPurge;
+    type Resync = crate::resync::Unsupported;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -53,6 +54,13 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<SqlServerSource, SourceError> {
         SqlServerSource::new(cfg, db)
+    }
+
+    fn resync(
+        _cfg: &ConnectorConfig,
+        _db: &Self::Settings,
+    ) -> Result<crate::resync::Unsupported, TargetError> {
+        Ok(crate::resync::Unsupported("SQL Server"))
     }
 
     fn capture(
