@@ -214,6 +214,13 @@ struct Figures {
     /// After the end-to-end phase's events were applied at LONDON and
     /// MADRID, how long until PARIS's archive held them all.
     e2e_archive_lag_s: f64,
+    /// The end-to-end phase again, every sink sending receipts and PARIS's
+    /// archive too (PARIS recording them).
+    e2e_receipts_per_s: f64,
+    /// `sitesync replay` of PARIS's archive to LONDON's queue (the whole
+    /// command: its count, then the confirmed sends), events a second.
+    replay_per_s: f64,
+    replay_events: i64,
     /// The same during the source phase.
     source_cpu: Vec<(String, f64)>,
     bulk_100k_s: f64,
@@ -245,6 +252,7 @@ const BUSINESS: &str =
 const E2E_BASE: i64 = 10_000_000;
 const LATENCY_BASE: i64 = 20_000_000;
 const BULK_BASE: i64 = 30_000_000;
+const E2E_RECEIPTS_BASE: i64 = 15_000_000;
 const MARIADB_E2E_BASE: i64 = 40_000_000;
 const WARM_ID: i64 = 9_999_999;
 const MARIADB_WARM_ID: i64 = 39_999_999;
@@ -292,6 +300,8 @@ struct Bench {
     connectors: HashMap<&'static str, PathBuf>,
     /// PARIS's connector with its sink off, for the source phase.
     source_only: PathBuf,
+    /// Each site's connector with receipts on (the receipts phase).
+    with_receipts: HashMap<&'static str, PathBuf>,
     sidecars: HashMap<&'static str, Child>,
     /// Each running sidecar's log file.
     logs: HashMap<&'static str, PathBuf>,
@@ -354,6 +364,7 @@ impl Bench {
             clusters: Vec::new(),
             connectors: HashMap::new(),
             source_only: PathBuf::new(),
+            with_receipts: HashMap::new(),
             sidecars: HashMap::new(),
             logs: HashMap::new(),
             names: Names {
@@ -611,6 +622,19 @@ impl Bench {
                     .map_err(|e| format!("{}: {e}", source_only.display()))?;
                 self.source_only = source_only;
             }
+            // The same connector with receipts on (sink, and PARIS's archive).
+            let receipts = self.dir.join(format!("{db}-receipts.toml"));
+            let archive = if site == "PARIS" {
+                "\n[archive]\nreceipts = true\n"
+            } else {
+                ""
+            };
+            let text = format!(
+                "name = \"{db}\"\n{}{archive}",
+                text.replacen("[sink]\n", "[sink]\nreceipts = true\n", 1)
+            );
+            std::fs::write(&receipts, text).map_err(|e| format!("{}: {e}", receipts.display()))?;
+            self.with_receipts.insert(site, receipts);
             self.connectors.insert(site, file);
         }
         Ok(())
@@ -740,7 +764,7 @@ impl Bench {
         self.purge_archive().await?;
         let cpu_before = self.cpu_by_part();
         let began = Instant::now();
-        let paris_pid = self.spawn("PARIS")?;
+        let mut paris_pid = self.spawn("PARIS")?;
         self.poll_while_running("PARIS", Duration::from_secs(600), async || {
             let now = received(&paris).await?;
             Ok((now >= sizes.source as i64).then_some(()).ok_or(format!(
@@ -857,6 +881,63 @@ impl Bench {
             f.e2e_archive_lag_s
         ));
         self.purge_archive().await?;
+
+        // Receipts: the same phase with every sink receipting and PARIS's
+        // archive too, beside the phase above (same run, same machine).
+        let e2e_peak = proc_status_kib(paris_pid, "VmHWM:")? / 1024.0;
+        self.stop_sidecars().await;
+        for site in SITES {
+            let c = self.with_receipts[site].clone();
+            self.spawn_with(site, &c)?;
+        }
+        quiesce("end to end with receipts", sizes.settle).await;
+        let mut writers = Vec::new();
+        for _ in 0..E2E_WRITERS {
+            writers.push(Arc::new(connect(&self.url("paris")).await?));
+        }
+        say(format!(
+            "end to end with receipts: {E2E_WRITERS} writers at PARIS for {} s",
+            sizes.seconds
+        ));
+        let (written_r, elapsed_r, _) = self
+            .e2e(
+                &[(&london).into(), (&madrid).into()],
+                &writers,
+                sizes.seconds,
+                E2E_RECEIPTS_BASE,
+            )
+            .await?;
+        drop(writers);
+        f.e2e_receipts_per_s = written_r as f64 / elapsed_r.as_secs_f64();
+        // Every event of the phase gets its receipts at PARIS: two sites'
+        // and the archive's.
+        let receipted = format!(
+            "SELECT count(*) FROM sitesync_receipts r JOIN sitesync_archive a ON a.event_id = r.event_id \
+             WHERE (a.data->>'id')::bigint >= {E2E_RECEIPTS_BASE} AND (a.data->>'id')::bigint < {}",
+            E2E_RECEIPTS_BASE + 5_000_000
+        );
+        wait_count(
+            &paris,
+            &receipted,
+            written_r * 3,
+            "the receipts of the phase at PARIS",
+        )
+        .await?;
+        say(format!(
+            "end to end with receipts: {:.0} ev/s against {:.0} without ({:+.1} %); PARIS holds the {} receipts",
+            f.e2e_receipts_per_s,
+            f.e2e_per_s,
+            (f.e2e_receipts_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
+            written_r * 3
+        ));
+        self.stop_sidecars().await;
+        for site in SITES {
+            let pid = self.spawn(site)?;
+            if site == "PARIS" {
+                paris_pid = pid;
+            }
+        }
+        self.purge_archive().await?;
         quiesce("latency", sizes.settle).await;
 
         say(format!(
@@ -901,7 +982,9 @@ impl Bench {
             "PARIS's outbox to empty",
         )
         .await?;
-        f.rss_mib_peak = source_peak.max(proc_status_kib(paris_pid, "VmHWM:")? / 1024.0);
+        f.rss_mib_peak = source_peak
+            .max(e2e_peak)
+            .max(proc_status_kib(paris_pid, "VmHWM:")? / 1024.0);
         say(format!("idle: {} s", sizes.idle));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = proc_cpu_ticks(paris_pid)?;
@@ -922,6 +1005,29 @@ impl Bench {
         // machine's load drifts over the minutes of a run, and the mean of
         // a measure before and after brackets the sitesync phases.
         self.stop_sidecars().await;
+        // Replay: PARIS's archive (the end-to-end phases' events) to
+        // LONDON's queue, LONDON's sidecar stopped; the queue is emptied
+        // after.
+        f.replay_events = paris
+            .query_one("SELECT count(*) FROM sitesync_archive", &[])
+            .await
+            .map_err(|e| format!("counting PARIS's archive: {e}"))?
+            .get(0);
+        say(format!(
+            "replay: {} archived events to LONDON's queue",
+            f.replay_events
+        ));
+        let began = Instant::now();
+        self.sitesync("PARIS", &["replay", "--to-site", "LONDON", "--yes"])
+            .await?;
+        f.replay_per_s = f.replay_events as f64 / began.elapsed().as_secs_f64();
+        say(format!(
+            "replay: {:.0} events/s, each confirmed",
+            f.replay_per_s
+        ));
+        let conn = self.connect_broker("sitesync-bench").await?;
+        purge(&conn, &self.names.site("LONDON")).await?;
+        drop(conn);
         if self.maria.is_some() {
             f.mariadb = Some(self.mariadb_phases(&sizes, &paris).await?);
             self.stop_sidecars().await;
@@ -1959,6 +2065,8 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw publish (target ≥ 0.8); the sink off\n\
          {:<34}{:>10.0} ev/s   PARIS's sink taking them back from its queue\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time; archived at PARIS {:.2} s after\n\
+         {:<34}{:>10.0} ev/s   {:+.1} % against the phase above (every sink and the archive sending receipts)\n\
+         {:<34}{:>10.0} ev/s   {} archived events to one site's queue, confirmed (the whole command)\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
          {:<34}{:>10.1} MiB peak, {:.1} MiB idle; idle CPU {:.2} %\n{}",
@@ -1982,6 +2090,12 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         f.e2e_written_per_s,
         f.e2e_held_pct,
         f.e2e_archive_lag_s,
+        "end to end with receipts",
+        f.e2e_receipts_per_s,
+        (f.e2e_receipts_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
+        "replay",
+        f.replay_per_s,
+        f.replay_events,
         format!("latency at {}/s", s.rate),
         f.e2e_p50_ms,
         f.e2e_p95_ms,
@@ -2052,6 +2166,10 @@ fn json(f: &Figures) -> String {
         "e2e_per_s": round(f.e2e_per_s, 0),
         "e2e_ratio": round(ratio(f.e2e_per_s, f.raw_round_trip_per_s), 3),
         "e2e_archive_lag_s": round(f.e2e_archive_lag_s, 2),
+        "e2e_receipts_per_s": round(f.e2e_receipts_per_s, 0),
+        "receipts_cost_pct": round((1.0 - f.e2e_receipts_per_s / f.e2e_per_s.max(1.0)) * 100.0, 1),
+        "replay_per_s": round(f.replay_per_s, 0),
+        "replay_events": f.replay_events,
         "e2e_writers_held_pct": round(f.e2e_held_pct, 1),
         "e2e_p50_ms": round(f.e2e_p50_ms, 2),
         "e2e_p95_ms": round(f.e2e_p95_ms, 2),
