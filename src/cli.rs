@@ -795,12 +795,7 @@ async fn gaps<T: Target>(
     )
     .await
     .map_err(|e| fail(e.to_string()))?;
-    let channel = conn
-        .create_channel()
-        .await
-        .map_err(|e| fail(format!("broker: {e}")))?;
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+    let channel = crate::sink::control::confirm_channel(&conn)
         .await
         .map_err(|e| fail(format!("broker: {e}")))?;
     let requests: Vec<_> = open

@@ -21,9 +21,7 @@ use crate::sink::control::{self, GAP_REPLY, GapReply, GapRequest};
 use crate::sink::queue::{self, delivered};
 use crate::sink::rules;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 
 /// Serves gap requests until `shutdown`; reconnects after broker failures.
 pub async fn serve<S: Store>(
@@ -106,9 +104,7 @@ async fn session<S: Store>(
     let dead_letters = Publisher::new(&consuming.conn, &cfg.topology, &cfg.site)
         .await
         .map_err(broker)?;
-    let replies = consuming.conn.create_channel().await.map_err(broker)?;
-    replies
-        .confirm_select(ConfirmSelectOptions::default())
+    let replies = control::confirm_channel(&consuming.conn)
         .await
         .map_err(broker)?;
     tracing::info!(connector = %cfg.name, queue = %requests, "gap fill: serving requests from the archive");
@@ -175,18 +171,7 @@ async fn answer<S: Store>(
         sent: sent.confirmed,
         missing: rules::cut(r.from, r.to, &found),
     };
-    let body = serde_json::to_vec(&reply).expect("a reply serialises");
-    let confirm = replies
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body,
-            control::properties(GAP_REPLY, &cfg.site),
-        )
+    let confirm = control::send(replies, &queue, GAP_REPLY, &cfg.site, &reply)
         .await
         .map_err(broker)?;
     settle(confirm.await, || format!("a gap reply to {queue}")).map_err(broker)?;

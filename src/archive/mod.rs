@@ -261,11 +261,11 @@ async fn session<S: Store>(
         .await
         .map_err(broker)?;
     let receipt_channel = if archive.receipts {
-        let ch = consuming.conn.create_channel().await.map_err(broker)?;
-        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .map_err(broker)?;
-        Some(ch)
+        Some(
+            crate::sink::control::confirm_channel(&consuming.conn)
+                .await
+                .map_err(broker)?,
+        )
     } else {
         None
     };

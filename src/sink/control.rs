@@ -128,6 +128,39 @@ pub fn parse(kind: &str, body: &[u8]) -> Result<Control, String> {
     }
 }
 
+/// Sends a control message of `kind` from `site` to `queue` through the
+/// default exchange (persistent, `mandatory`, on `channel`, which is in
+/// confirm mode): gap requests, gap replies and receipts all go this way.
+pub async fn send<T: Serialize>(
+    channel: &lapin::Channel,
+    queue: &str,
+    kind: &str,
+    site: &str,
+    body: &T,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    let body = serde_json::to_vec(body).expect("a control message serialises");
+    channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            properties(kind, site),
+        )
+        .await
+}
+
+/// A channel in confirm mode on `conn`, for control messages.
+pub async fn confirm_channel(conn: &lapin::Connection) -> Result<lapin::Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    Ok(ch)
+}
+
 /// The properties of a control message of `kind` sent by `site`:
 /// persistent, JSON, its own id.
 pub fn properties(kind: &str, site: &str) -> BasicProperties {

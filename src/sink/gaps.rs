@@ -24,7 +24,6 @@ use crate::bus::publisher::settle;
 use crate::config::{GapFillConfig, TopologyConfig};
 use crate::error::{Cause, TargetError};
 use lapin::Channel;
-use lapin::options::BasicPublishOptions;
 
 /// How often the sink looks for gaps to ask for.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -148,18 +147,7 @@ pub async fn send_requests(
     let queue = topology.gap_request_queue();
     let mut confirms = Vec::with_capacity(requests.len());
     for r in requests {
-        let body = serde_json::to_vec(r).expect("a request serialises");
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                control::properties(GAP_REQUEST, site),
-            )
+        let confirm = control::send(channel, &queue, GAP_REQUEST, site, r)
             .await
             .map_err(|e| super::broker(format!("asking for a gap on {queue}: {e}")))?;
         confirms.push(confirm);

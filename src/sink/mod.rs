@@ -314,21 +314,13 @@ async fn session<T: Target>(
         .map_err(broker)?;
     // Gap requests go out on a confirm channel of their own.
     let gap_channel = if cfg.sink.gap_fill.enabled && cfg.topology.archive_site.is_some() {
-        let ch = conn.create_channel().await.map_err(broker)?;
-        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .map_err(broker)?;
-        Some(ch)
+        Some(control::confirm_channel(&conn).await.map_err(broker)?)
     } else {
         None
     };
     // Receipts too, when this site sends them.
     let receipt_channel = if cfg.sink.receipts {
-        let ch = conn.create_channel().await.map_err(broker)?;
-        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .map_err(broker)?;
-        Some(ch)
+        Some(control::confirm_channel(&conn).await.map_err(broker)?)
     } else {
         None
     };

@@ -14,7 +14,6 @@ use super::control::{self, RECEIPT, Receipt, Receipted};
 use crate::bus::publisher::settle;
 use crate::config::TopologyConfig;
 use crate::event::Event;
-use lapin::options::BasicPublishOptions;
 use lapin::{Channel, PublisherConfirm};
 use std::collections::BTreeMap;
 
@@ -82,19 +81,7 @@ pub async fn publish(
     let mut out = Vec::with_capacity(receipts.len());
     for (origin, r) in receipts {
         let queue = topology.site_queue(&origin);
-        let body = serde_json::to_vec(&r).expect("a receipt serialises");
-        let sent = channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                control::properties(RECEIPT, site),
-            )
-            .await;
+        let sent = control::send(channel, &queue, RECEIPT, site, &r).await;
         out.push((origin, sent));
     }
     out
