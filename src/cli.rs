@@ -316,6 +316,12 @@ struct ResyncArgs {
     /// At most this many rows a second.
     #[arg(long, value_name = "N")]
     rate: Option<u32>,
+    /// Up to N rows per message, applied together by the receiving sink (each row still judged on its own; a bad row still goes to the dead-letter queue alone). 1: one row per message.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pack: u32,
+    /// Compress each pack with zstd (declared in the message's content encoding): for sites behind slow links. Needs --pack.
+    #[arg(long)]
+    compress: bool,
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
@@ -746,7 +752,16 @@ impl Task for OnEngine<'_> {
             Act::Jobs(args) => jobs(D::jobs(cfg, db)?, args).await,
             Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args).await,
             Act::Review(ids) => review(D::purge(cfg, db)?, &ids).await,
-            Act::Resync(args) => resync(cfg, D::capture(cfg, db)?, D::resync(cfg, db)?, args).await,
+            Act::Resync(args) => {
+                resync(
+                    cfg,
+                    D::capture(cfg, db)?,
+                    D::resync(cfg, db)?,
+                    D::jobs(cfg, db)?,
+                    args,
+                )
+                .await
+            }
         }
     }
 }
@@ -1702,15 +1717,22 @@ fn progress_bar(total: u64, unit: &str) -> Option<indicatif::ProgressBar> {
 
 /// `sitesync resync`: checks the routes, counts, asks, claims the job,
 /// sends, records how far it got.
-async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
+async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>(
     cfg: &ConnectorConfig,
     capture: C,
     mut store: R,
+    jobs: J,
     args: ResyncArgs,
 ) -> Result<ExitCode, Failure> {
     use crate::resync::{self, ClaimError, Request, Run, Snapshot};
+    use std::sync::atomic::{AtomicU64, Ordering};
     let usage = |message: String| Failure { message, code: 2 };
     let claim = |e: ClaimError| fail(format!("resync refused: {e}"));
+    if args.compress && args.pack < 2 {
+        return Err(usage(
+            "--compress compresses packs of rows: give --pack N (N of 2 or more) too".into(),
+        ));
+    }
     if let Some(job) = args.abandon {
         store.resume(job).await.map_err(claim)?;
         store.finish(job, "abandoned").await.map_err(fail)?;
@@ -1868,6 +1890,27 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
         bar.set_position(done_before as u64);
     }
     println!("resync job {} (attempt {}) started", job.id, job.attempt);
+    // Each run is also a job of `sitesync jobs` (and the dashboard).
+    let mut record = Job::start(
+        &jobs,
+        "resync",
+        &resync::who(),
+        serde_json::json!({
+            "job": job.id,
+            "attempt": job.attempt,
+            "to_site": to_site,
+            "routes": request.routes,
+            "all": request.all,
+            "where": request.filter,
+            "prune": request.prune,
+            "pack": args.pack,
+            "compress": args.compress,
+            "rate": args.rate,
+        }),
+        Some(total as u64),
+    )
+    .await?;
+    record.set_done(done_before as u64);
     let began = std::time::Instant::now();
     let mut logged = began;
     let run = Run {
@@ -1879,24 +1922,45 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
         max_bytes: cfg.broker.max_message_bytes,
         total,
         extras: &extras,
+        pack: args.pack as usize,
+        compress: args.compress,
     };
-    let (sent, result) = resync::send(&mut store, &mut snap, &mut direct, &run, |s| match &bar {
-        Some(bar) => bar.set_position(s.confirmed as u64),
-        None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
-            logged = std::time::Instant::now();
-            let rate =
-                (s.confirmed - done_before) as f64 / began.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                job = job.id,
-                confirmed = s.confirmed,
-                total,
-                per_s = rate.round(),
-                "resyncing to {queue}"
-            );
+    let confirmed = AtomicU64::new(done_before as u64);
+    let (sent, result) = {
+        let sending = resync::send(&mut store, &mut snap, &mut direct, &run, |s| {
+            confirmed.store(s.confirmed as u64, Ordering::Relaxed);
+            match &bar {
+                Some(bar) => bar.set_position(s.confirmed as u64),
+                None if logged.elapsed() >= std::time::Duration::from_secs(5) => {
+                    logged = std::time::Instant::now();
+                    let rate = (s.confirmed - done_before) as f64
+                        / began.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(
+                        job = job.id,
+                        confirmed = s.confirmed,
+                        total,
+                        per_s = rate.round(),
+                        "resyncing to {queue}"
+                    );
+                }
+                None => {}
+            }
+        });
+        tokio::pin!(sending);
+        loop {
+            tokio::select! {
+                r = &mut sending => break r,
+                _ = tokio::time::sleep(crate::jobs::PROGRESS_EVERY) => {
+                    record.set_done(confirmed.load(Ordering::Relaxed));
+                    record.tick().await;
+                }
+            }
         }
-        None => {}
-    })
-    .await;
+    };
+    record.set_done(sent.confirmed as u64);
+    for row in &sent.too_large {
+        record.failed_one(format!("left out (over broker.max_message_bytes): {row}"));
+    }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -1913,7 +1977,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
             direct.close("resynced").await;
             store.finish(job.id, "done").await.map_err(fail)?;
             let now = sent.confirmed - done_before;
-            println!(
+            let line = format!(
                 "resync job {} done: {now} row(s) sent to {queue} in {seconds:.1} s ({:.0}/s), each confirmed by the broker{}{}{}",
                 job.id,
                 now as f64 / seconds.max(0.001),
@@ -1936,6 +2000,8 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
                     n => format!("; {n} row(s) left out (too large)"),
                 }
             );
+            record.succeeded(&line).await;
+            println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -1949,6 +2015,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync>(
                     Some(&message),
                 )
                 .await;
+            record.failed(&message).await;
             Err(fail(format!(
                 "resync job {} stopped after {} confirmed row(s): {message}. Go on with `sitesync resync --connector {} --resume {}`",
                 job.id,

@@ -288,7 +288,10 @@ async fn session<S: Store>(
             limits,
             batch.len(),
             &mut shutdown,
-            |d| batch.push(d),
+            |d| {
+                batch.push(d);
+                1
+            },
         )
         .await?;
         if filled == Filled::Stop {

@@ -3,6 +3,7 @@
 pub mod direct;
 pub mod dlq;
 pub mod management;
+pub mod pack;
 pub mod publisher;
 pub mod topology;
 

@@ -31,6 +31,8 @@ pub const HEADER_ATTEMPTS: &str = "x-sitesync-attempts";
 pub const HEADER_FAILED_AT: &str = "x-sitesync-failed-at";
 /// Set on a message `sitesync dlq requeue` sent back.
 pub const HEADER_REQUEUED: &str = "x-sitesync-requeued";
+/// On a dead-lettered event of a pack: the pack's message id.
+pub const HEADER_PACKED_IN: &str = "x-sitesync-packed-in";
 /// Dead letters too large for the broker go without `data`: its size.
 pub const HEADER_DATA_OMITTED: &str = "x-sitesync-data-omitted-bytes";
 
@@ -196,7 +198,71 @@ impl Publisher {
         attempts: u32,
         stage: &str,
     ) -> Result<PublisherConfirm, lapin::Error> {
-        let mut headers = original.properties.headers().clone().unwrap_or_default();
+        let props = self.dead_letter_properties(&original.properties, reason, attempts, stage);
+        self.channel
+            .basic_publish(
+                self.dead_letter_exchange.clone(),
+                "".into(),
+                Self::options(),
+                &original.data,
+                props,
+            )
+            .await
+    }
+
+    /// [`Publisher::dead_letter_message`] for one event of a pack
+    /// ([`crate::bus::pack`]): its own body, with the pack's properties
+    /// made its own (no longer a pack nor encoded; the event's id, epoch
+    /// and seq when it is one) and the pack's id in [`HEADER_PACKED_IN`].
+    pub async fn dead_letter_part(
+        &self,
+        pack: &lapin::message::Delivery,
+        body: &[u8],
+        event: Option<&Event>,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        let mut headers = FieldTable::default();
+        for (k, v) in pack.properties.headers().iter().flat_map(|h| h.inner()) {
+            let k = k.as_str();
+            if k != super::pack::HEADER_PACK && k != HEADER_EPOCH && k != HEADER_SEQ {
+                headers.insert(k.into(), v.clone());
+            }
+        }
+        if let Some(id) = pack.properties.message_id() {
+            headers.insert(
+                HEADER_PACKED_IN.into(),
+                AMQPValue::LongString(id.as_str().into()),
+            );
+        }
+        let own = match event {
+            Some(e) => event_properties(e, headers, "resync"),
+            None => pack
+                .properties
+                .clone()
+                .with_headers(headers)
+                .with_content_encoding("".into()),
+        };
+        let props = self.dead_letter_properties(&own, reason, attempts, "sink");
+        self.channel
+            .basic_publish(
+                self.dead_letter_exchange.clone(),
+                "".into(),
+                Self::options(),
+                body,
+                props,
+            )
+            .await
+    }
+
+    fn dead_letter_properties(
+        &self,
+        original: &BasicProperties,
+        reason: &str,
+        attempts: u32,
+        stage: &str,
+    ) -> BasicProperties {
+        let mut headers = original.headers().clone().unwrap_or_default();
         headers.insert(HEADER_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(
             HEADER_SITE.into(),
@@ -211,20 +277,7 @@ impl Publisher {
             HEADER_FAILED_AT.into(),
             AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
         );
-        let props = original
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        self.channel
-            .basic_publish(
-                self.dead_letter_exchange.clone(),
-                "".into(),
-                Self::options(),
-                &original.data,
-                props,
-            )
-            .await
+        original.clone().with_headers(headers).with_delivery_mode(2)
     }
 
     pub async fn close(&self) {

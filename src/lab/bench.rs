@@ -57,6 +57,7 @@
 //! exchanges deleted, the clusters stopped and their directory removed.
 
 mod capture;
+mod resync;
 
 use super::host::{create_owned_dir, random_hex};
 use super::pg::{Cluster, Options, connect, find_bin_dir, sweep_orphans};
@@ -124,6 +125,14 @@ pub struct BenchArgs {
     /// captured bulk UPDATE).
     #[arg(long)]
     pub no_capture: bool,
+    /// Skip the resync phase (rows sent by `sitesync resync` to a site that
+    /// lacks them, one per message, in packs, in compressed packs).
+    #[arg(long)]
+    pub no_resync: bool,
+    /// Rows of the resync phase's packed runs (one tenth of it, at least
+    /// 1,000, one per message); 1,000,000 by default, 20,000 with --quick.
+    #[arg(long, value_name = "N")]
+    pub resync_rows: Option<u64>,
 }
 
 /// The counts of one run.
@@ -139,6 +148,9 @@ struct Sizes {
     rate: u64,
     bulk: u64,
     idle: u64,
+    /// Rows of the resync runs: one per message, then packed.
+    resync_single: u64,
+    resync_packed: u64,
     /// How long each phase may wait for a quiet machine (none in a quick
     /// run, which runs among the tests).
     settle: Duration,
@@ -156,6 +168,8 @@ impl Sizes {
                 rate: 200,
                 bulk: 2_000,
                 idle: 2,
+                resync_single: 2_000,
+                resync_packed: 20_000,
                 settle: Duration::ZERO,
             }
         } else {
@@ -168,6 +182,8 @@ impl Sizes {
                 rate: 1_000,
                 bulk: 100_000,
                 idle: 10,
+                resync_single: 100_000,
+                resync_packed: 1_000_000,
                 settle: Duration::from_secs(60),
             }
         };
@@ -180,6 +196,10 @@ impl Sizes {
             rate: a.rate.unwrap_or(base.rate).max(1),
             bulk: a.bulk.unwrap_or(base.bulk),
             idle: base.idle,
+            resync_single: a
+                .resync_rows
+                .map_or(base.resync_single, |n| (n / 10).max(1_000)),
+            resync_packed: a.resync_rows.unwrap_or(base.resync_packed).max(1),
             settle: base.settle,
         }
     }
@@ -231,6 +251,8 @@ struct Figures {
     mariadb: Option<MariaFigures>,
     /// The capture phase, when it ran.
     capture: Option<capture::CaptureFigures>,
+    /// The resync phase, when it ran.
+    resync: Option<resync::ResyncFigures>,
 }
 
 /// The MariaDB site's figures.
@@ -317,6 +339,7 @@ struct Bench {
     with_mariadb: bool,
     /// Run the capture phase.
     with_capture: bool,
+    with_resync: bool,
     /// The MariaDB site, once started.
     maria: Option<MariaSite>,
 }
@@ -381,6 +404,7 @@ impl Bench {
             writer_backends: Vec::new(),
             with_mariadb: !args.no_mariadb,
             with_capture: !args.no_capture,
+            with_resync: !args.no_resync,
             maria: None,
         })
     }
@@ -1028,6 +1052,9 @@ impl Bench {
         let conn = self.connect_broker("sitesync-bench").await?;
         purge(&conn, &self.names.site("LONDON")).await?;
         drop(conn);
+        if self.with_resync {
+            self.resync_phase(&sizes, &mut f).await?;
+        }
         if self.maria.is_some() {
             f.mariadb = Some(self.mariadb_phases(&sizes, &paris).await?);
             self.stop_sidecars().await;
@@ -2134,6 +2161,28 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
             c.bulk_update_s,
         ),
         None => "capture phase                     not run (--no-capture)\n".into(),
+    } + &match f.resync {
+        Some(r) => format!(
+            "{:<34}{:>10.0} rows/s ratio {:.2} to raw round trip\n\
+             {:<34}{:>10.0} rows/s ratio {:.2} to raw round trip (target ≥ 3); {:.1} s in all\n\
+             {:<34}{:>10.0} rows/s ratio {:.2} to raw round trip; {:.0} bytes a row on the wire instead of {:.0}\n\
+             {:<34}{:>10.1} MiB    peak RSS of the receiving sidecar\n",
+            format!("resync, 1 row/message ({})", r.single_rows),
+            r.single_per_s,
+            ratio(r.single_per_s, f.raw_round_trip_per_s),
+            format!("resync, packs of {} ({})", resync::PACK, r.packed_rows),
+            r.packed_per_s,
+            ratio(r.packed_per_s, f.raw_round_trip_per_s),
+            r.packed_s,
+            format!("resync, zstd packs ({})", r.zstd_rows),
+            r.zstd_per_s,
+            ratio(r.zstd_per_s, f.raw_round_trip_per_s),
+            r.zstd_bytes_per_row,
+            r.bytes_per_row,
+            "resync: MADRID sidecar",
+            r.sink_rss_mib_peak,
+        ),
+        None => "resync phase                      not run (--no-resync)\n".into(),
     }
 }
 
@@ -2151,7 +2200,7 @@ fn json(f: &Figures) -> String {
     };
     let m = f.mariadb.unwrap_or_default();
     let maria = |x: f64, places| f.mariadb.map(|_| round(x, places));
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "mariadb_source_per_s": maria(m.source_per_s, 0),
         "mariadb_source_ratio": maria(ratio(m.source_per_s, f.raw_publish_confirm_per_s), 3),
         "e2e_pg_to_mariadb_per_s": maria(m.e2e_per_s, 0),
@@ -2185,8 +2234,25 @@ fn json(f: &Figures) -> String {
         "capture_bulk_update_s": f.capture.map(|c| round(c.bulk_update_s, 2)),
         "e2e_cpu_ms_per_1k": by_part(&f.e2e_cpu),
         "source_cpu_ms_per_1k": by_part(&f.source_cpu),
-    })
-    .to_string()
+    });
+    // The resync phase's figures (a second object: one json! of all of
+    // them is over the macro's recursion limit).
+    let resync = serde_json::json!({
+        "resync_rows": f.resync.map(|r| r.single_rows),
+        "resync_per_s": f.resync.map(|r| round(r.single_per_s, 0)),
+        "resync_packed_rows": f.resync.map(|r| r.packed_rows),
+        "resync_packed_per_s": f.resync.map(|r| round(r.packed_per_s, 0)),
+        "resync_packed_ratio": f.resync.map(|r| round(ratio(r.packed_per_s, f.raw_round_trip_per_s), 3)),
+        "resync_packed_s": f.resync.map(|r| round(r.packed_s, 1)),
+        "resync_zstd_per_s": f.resync.map(|r| round(r.zstd_per_s, 0)),
+        "resync_bytes_per_row": f.resync.map(|r| round(r.bytes_per_row, 0)),
+        "resync_zstd_bytes_per_row": f.resync.map(|r| round(r.zstd_bytes_per_row, 0)),
+        "resync_sink_rss_mib_peak": f.resync.map(|r| round(r.sink_rss_mib_peak, 1)),
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (v.as_object_mut(), resync) {
+        all.extend(more);
+    }
+    v.to_string()
 }
 
 #[cfg(test)]

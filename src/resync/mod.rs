@@ -70,6 +70,7 @@
 //! `engine/<name>/resync.rs`, through [`Resync`] and [`Snapshot`].
 
 use crate::bus::direct::{Direct, DirectError, Pace};
+use crate::bus::pack;
 use crate::bus::publisher::event_properties;
 use crate::capture::{self, Capture, Plan, Side, Spec};
 use crate::config::{Route, SinkConfig};
@@ -553,13 +554,26 @@ pub struct Run<'a> {
     pub rate: Option<u32>,
     /// Confirms in flight at most.
     pub window: usize,
-    /// Events larger than this are left out (and listed).
+    /// Events (or packs) larger than this are left out (and listed).
     pub max_bytes: usize,
     /// Rows to send in all (for the job's row).
     pub total: i64,
     /// `--prune`: the target's rows the source lacks, deleted after the
     /// tables are sent.
     pub extras: &'a [Extra],
+    /// `--pack N`: up to N events per message ([`crate::bus::pack`]);
+    /// 1 sends each event alone.
+    pub pack: usize,
+    /// `--compress`: packs compressed with zstd.
+    pub compress: bool,
+}
+
+/// What a confirmed message counts for: its rows, and the last row's
+/// cursor (none for the deletes of `--prune`).
+#[derive(Debug, Clone)]
+pub struct Tag {
+    pub rows: i64,
+    pub cursor: Option<Cursor>,
 }
 
 /// Sends the rows of `run.tables` after the job's cursor, from `snap`, to
@@ -569,7 +583,7 @@ pub struct Run<'a> {
 pub async fn send<R: Resync>(
     resync: &mut R,
     snap: &mut R::Snapshot,
-    direct: &mut Direct<Option<Cursor>>,
+    direct: &mut Direct<Tag>,
     run: &Run<'_>,
     mut progress: impl FnMut(&Sent),
 ) -> (Sent, Result<(), SendError>) {
@@ -584,10 +598,153 @@ pub async fn send<R: Resync>(
     (sent, result)
 }
 
+/// Events waiting to go out as one message: a pack, or one event alone.
+struct Outgoing {
+    origin: String,
+    job: i64,
+    attempt: i64,
+    pack: usize,
+    compress: bool,
+    max_bytes: usize,
+    /// Bodies of the events, their events' `(seq)` and what they count for.
+    bodies: Vec<Vec<u8>>,
+    bytes: usize,
+    first_seq: u64,
+    /// The properties of the one event, used when it goes alone.
+    single: Option<lapin::BasicProperties>,
+    tag: Option<Cursor>,
+    what: String,
+}
+
+impl Outgoing {
+    fn new(origin: &str, run: &Run<'_>) -> Outgoing {
+        Outgoing {
+            origin: origin.to_string(),
+            job: run.job.id,
+            attempt: run.job.attempt,
+            pack: run.pack.max(1),
+            compress: run.compress,
+            max_bytes: run.max_bytes,
+            bodies: Vec::new(),
+            bytes: 0,
+            first_seq: 0,
+            single: None,
+            tag: None,
+            what: String::new(),
+        }
+    }
+
+    /// Whether a body of `len` bytes still fits in the message being made.
+    fn fits(&self, len: usize) -> bool {
+        self.bodies.is_empty()
+            || (self.bodies.len() < self.pack && self.bytes + len + 2 <= self.max_bytes)
+    }
+
+    fn add(&mut self, event: &Event, body: Vec<u8>, tag: Option<Cursor>, what: String) {
+        if self.bodies.is_empty() {
+            self.first_seq = event.seq;
+            let mut headers = FieldTable::default();
+            headers.insert(HEADER_RESYNC.into(), AMQPValue::LongLongInt(self.job));
+            self.single = Some(event_properties(event, headers, "resync"));
+        }
+        self.bytes += body.len() + 1;
+        self.bodies.push(body);
+        self.tag = tag;
+        self.what = what;
+    }
+
+    /// Publishes what waits (nothing when empty); confirmed tags go to
+    /// `sent`.
+    async fn flush(
+        &mut self,
+        direct: &mut Direct<Tag>,
+        sent: &mut Sent,
+        progress: &mut impl FnMut(&Sent),
+    ) -> Result<(), SendError> {
+        if self.bodies.is_empty() {
+            return Ok(());
+        }
+        let rows = self.bodies.len();
+        let tag = Tag {
+            rows: rows as i64,
+            cursor: self.tag.take(),
+        };
+        let (body, props, what) = match self.pack {
+            1 => (
+                std::mem::take(&mut self.bodies[0]),
+                self.single.take().expect("set with the first body"),
+                std::mem::take(&mut self.what),
+            ),
+            _ => {
+                let body = pack::body(self.bodies.iter().map(Vec::as_slice), self.compress);
+                let props = pack_properties(
+                    &self.origin,
+                    self.job,
+                    self.attempt,
+                    self.first_seq,
+                    rows,
+                    self.compress,
+                );
+                let what = format!("a pack of {rows} rows ending with {}", self.what);
+                (body, props, what)
+            }
+        };
+        self.bodies.clear();
+        self.bytes = 0;
+        if let Some(done) = direct.send(&body, props, what, tag).await? {
+            settled(sent, done);
+            progress(sent);
+        }
+        for done in direct.settled_now()? {
+            settled(sent, done);
+            progress(sent);
+        }
+        Ok(())
+    }
+}
+
+/// The properties of a pack of `rows` events of a job, the first numbered
+/// `first_seq`.
+pub fn pack_properties(
+    origin: &str,
+    job: i64,
+    attempt: i64,
+    first_seq: u64,
+    rows: usize,
+    compress: bool,
+) -> lapin::BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_RESYNC.into(), AMQPValue::LongLongInt(job));
+    headers.insert(
+        pack::HEADER_PACK.into(),
+        AMQPValue::LongLongInt(rows as i64),
+    );
+    headers.insert(
+        crate::bus::publisher::HEADER_EPOCH.into(),
+        AMQPValue::LongLongInt(attempt.max(1)),
+    );
+    headers.insert(
+        crate::bus::publisher::HEADER_SEQ.into(),
+        AMQPValue::LongLongInt(first_seq as i64),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(format!("{origin}:{}:{first_seq}", attempt.max(1)).into())
+        .with_app_id(origin.into())
+        .with_type("sitesync.pack".into())
+        .with_timestamp(Utc::now().timestamp().max(0) as u64)
+        .with_headers(headers);
+    match compress {
+        true => props.with_content_encoding(pack::ZSTD.into()),
+        false => props,
+    }
+}
+
 async fn sending<R: Resync>(
     resync: &mut R,
     snap: &mut R::Snapshot,
-    direct: &mut Direct<Option<Cursor>>,
+    direct: &mut Direct<Tag>,
     run: &Run<'_>,
     sent: &mut Sent,
     progress: &mut impl FnMut(&Sent),
@@ -596,6 +753,7 @@ async fn sending<R: Resync>(
     let mut pace = Pace::new(run.rate);
     let mut seq = 0u64;
     let mut saved = std::time::Instant::now();
+    let mut out = Outgoing::new(&origin, run);
     let start = start_at(run.tables, run.job.cursor.as_ref());
     for (i, table) in run.tables.iter().enumerate().skip(start.0) {
         let mut after = match i == start.0 {
@@ -629,21 +787,17 @@ async fn sending<R: Resync>(
                 }
                 pace.next().await;
                 seq += 1;
-                let mut headers = FieldTable::default();
-                headers.insert(HEADER_RESYNC.into(), AMQPValue::LongLongInt(run.job.id));
-                let props = event_properties(&event, headers, "resync");
+                if !out.fits(body.len()) {
+                    out.flush(direct, sent, progress).await?;
+                }
                 let tag = Cursor {
                     entity: table.entity.clone(),
                     key: row.cursor.clone(),
                 };
                 let what = format!("row {} of {}", row.key, table.table);
-                if let Some(done) = direct.send(&body, props, what, Some(tag)).await? {
-                    settled(sent, done);
-                    progress(sent);
-                }
-                for done in direct.settled_now()? {
-                    settled(sent, done);
-                    progress(sent);
+                out.add(&event, body, Some(tag), what);
+                if out.bodies.len() >= out.pack {
+                    out.flush(direct, sent, progress).await?;
                 }
                 if saved.elapsed() >= SAVE_EVERY {
                     saved = std::time::Instant::now();
@@ -665,6 +819,9 @@ async fn sending<R: Resync>(
             }
         }
     }
+    // The rows' last message before the deletes: a delete carries no
+    // cursor, so it must not share a pack (or a tag) with rows.
+    out.flush(direct, sent, progress).await?;
     for chunk in run.extras.chunks(PAGE) {
         let mut tombstones: HashMap<(String, String), Stored> = HashMap::new();
         let mut by_table: HashMap<&str, Vec<String>> = HashMap::new();
@@ -693,17 +850,19 @@ async fn sending<R: Resync>(
             )
             .map_err(SendError::Read)?;
             pace.next().await;
-            let mut headers = FieldTable::default();
-            headers.insert(HEADER_RESYNC.into(), AMQPValue::LongLongInt(run.job.id));
-            let props = event_properties(&event, headers, "resync");
-            let what = format!("the delete of {} key {}", x.entity, x.key);
+            let body = event.to_body();
+            if !out.fits(body.len()) {
+                out.flush(direct, sent, progress).await?;
+            }
             // No cursor: a resume prunes again (the same ids).
-            if let Some(done) = direct.send(&event.to_body(), props, what, None).await? {
-                settled(sent, done);
-                progress(sent);
+            let what = format!("the delete of {} key {}", x.entity, x.key);
+            out.add(&event, body, None, what);
+            if out.bodies.len() >= out.pack {
+                out.flush(direct, sent, progress).await?;
             }
         }
     }
+    out.flush(direct, sent, progress).await?;
     while let Some(done) = direct.settle_oldest().await? {
         settled(sent, done);
         progress(sent);
@@ -720,13 +879,13 @@ async fn sending<R: Resync>(
         .map_err(SendError::Save)
 }
 
-/// Counts a confirmed message: a row (its cursor), or a delete of
-/// `--prune` (none).
-fn settled(sent: &mut Sent, tag: Option<Cursor>) {
-    sent.confirmed += 1;
-    match tag {
+/// Counts a confirmed message: rows (up to its cursor), or deletes of
+/// `--prune` (no cursor).
+fn settled(sent: &mut Sent, tag: Tag) {
+    sent.confirmed += tag.rows;
+    match tag.cursor {
         Some(cursor) => sent.last = Some(cursor),
-        None => sent.pruned += 1,
+        None => sent.pruned += tag.rows as u64,
     }
 }
 

@@ -39,6 +39,7 @@ pub mod testing;
 pub use plan::{Item, Outcome, Plan, Seen, Sorted, sort_items};
 
 use crate::bus::BusError;
+use crate::bus::pack;
 use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, ErrorKind, TargetError};
@@ -50,8 +51,10 @@ use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use plan::Message;
 use queue::{Filled, Limits, delivered};
+use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A database that events are applied to.
@@ -110,26 +113,71 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// flight), so it waits for a lull.
 const SWEEP_BUSY_EVERY: Duration = Duration::from_secs(600);
 
-/// A received message and what happened to it so far.
+/// A received event and what happened to it so far: a message, or one
+/// event of a pack ([`crate::bus::pack`]), which shares its delivery with
+/// the pack's other events.
 struct Pending {
-    delivery: Delivery,
+    delivery: Arc<Delivery>,
+    /// An event of a pack: its own body (what goes to the dead-letter
+    /// queue when it is bad).
+    part: Option<Box<RawValue>>,
     message: Message,
+}
+
+fn seen(event: &Result<Event, String>) -> Option<Seen> {
+    let e = event.as_ref().ok()?;
+    Some(Seen {
+        origin: e.origin.clone(),
+        epoch: e.epoch,
+        seq: e.seq,
+    })
 }
 
 impl Pending {
     fn new(delivery: Delivery) -> Pending {
         let event = Event::from_body(&delivery.data);
-        let seen = match &event {
-            Ok(e) => Some(Seen {
-                origin: e.origin.clone(),
-                epoch: e.epoch,
-                seq: e.seq,
-            }),
-            Err(_) => seen_in_headers(&delivery),
-        };
+        let seen = seen(&event).or_else(|| seen_in_headers(&delivery));
         Pending {
-            delivery,
+            delivery: Arc::new(delivery),
+            part: None,
             message: Message::new(event, seen),
+        }
+    }
+
+    /// The events of a pack, one each; a pack that cannot be opened is one
+    /// bad message.
+    fn pack(delivery: Delivery) -> Vec<Pending> {
+        let encoding = delivery
+            .properties
+            .content_encoding()
+            .as_ref()
+            .map(|e| e.as_str().to_string());
+        let parts = match pack::open(&delivery.data, encoding.as_deref()) {
+            Ok(parts) if !parts.is_empty() => parts,
+            Ok(_) => return vec![Pending::bad(delivery, "an empty pack".into())],
+            Err(e) => return vec![Pending::bad(delivery, e)],
+        };
+        let delivery = Arc::new(delivery);
+        parts
+            .into_iter()
+            .map(|part| {
+                let event = Event::from_body(part.get().as_bytes());
+                let seen = seen(&event);
+                Pending {
+                    delivery: delivery.clone(),
+                    message: Message::new(event, seen),
+                    part: Some(part),
+                }
+            })
+            .collect()
+    }
+
+    fn bad(delivery: Delivery, reason: String) -> Pending {
+        let seen = seen_in_headers(&delivery);
+        Pending {
+            delivery: Arc::new(delivery),
+            part: None,
+            message: Message::new(Err(reason), seen),
         }
     }
 
@@ -145,19 +193,25 @@ struct Waiting {
     control: Result<control::Control, String>,
 }
 
-/// Files a delivery: a control message to wait its turn, an event to be
-/// planned.
-fn accept(d: Delivery, pending: &mut VecDeque<Pending>, controls: &mut VecDeque<Waiting>) {
-    match control::kind(&d) {
-        Some(kind) => {
-            let control = control::parse(&kind, &d.data);
-            controls.push_back(Waiting {
-                delivery: d,
-                control,
-            });
-        }
-        None => pending.push_back(Pending::new(d)),
+/// Files a delivery: a control message to wait its turn, an event (or
+/// each event of a pack) to be planned. Returns how many events it adds.
+fn accept(d: Delivery, pending: &mut VecDeque<Pending>, controls: &mut VecDeque<Waiting>) -> usize {
+    if let Some(kind) = control::kind(&d) {
+        let control = control::parse(&kind, &d.data);
+        controls.push_back(Waiting {
+            delivery: d,
+            control,
+        });
+        return 0;
     }
+    if pack::count(&d.properties).is_some() {
+        let events = Pending::pack(d);
+        let n = events.len();
+        pending.extend(events);
+        return n;
+    }
+    pending.push_back(Pending::new(d));
+    1
 }
 
 /// Handles the control messages at the head of `controls` whose earlier
@@ -298,7 +352,7 @@ async fn session<T: Target>(
     let queue = cfg.topology.site_queue(&cfg.site);
     let queue::Consuming {
         conn,
-        channel: _channel,
+        channel,
         mut consumer,
         ..
     } = queue::consume(
@@ -333,6 +387,7 @@ async fn session<T: Target>(
     let mut backoff = Backoff::new(&cfg.retry);
     let mut swept = Instant::now();
     let mut last_message = Instant::now();
+    let mut pack_limit: Option<u16> = None;
     loop {
         if !controls.is_empty() && control_retry.is_none_or(|t| t <= Instant::now()) {
             control_retry =
@@ -356,7 +411,7 @@ async fn session<T: Target>(
             tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
                 d = consumer.next() => {
-                    accept(delivered(d, &queue)?, &mut pending, &mut controls);
+                    let _ = accept(delivered(d, &queue)?, &mut pending, &mut controls);
                     if pending.is_empty() {
                         continue;
                     }
@@ -394,6 +449,7 @@ async fn session<T: Target>(
         if filled == Filled::Stop {
             return Ok(());
         }
+        bound_packs(&channel, &pending, cfg.sink.prefetch, &mut pack_limit).await?;
 
         // Every pending message takes part (those waiting are planned as
         // held, and hold their entity's later messages).
@@ -449,22 +505,31 @@ async fn session<T: Target>(
                 Outcome::Held => p.message.held = true,
                 Outcome::DeadLettered(reason) => {
                     let attempts = p.message.attempts.max(1);
-                    tracing::warn!(message_id = ?p.delivery.properties.message_id(), %reason, "to the dead-letter queue");
-                    let confirm = dead_letters
-                        .dead_letter_message(&p.delivery, reason, attempts)
-                        .await
-                        .map_err(broker)?;
+                    let confirm = match &p.part {
+                        None => {
+                            tracing::warn!(message_id = ?p.delivery.properties.message_id(), %reason, "to the dead-letter queue");
+                            dead_letters
+                                .dead_letter_message(&p.delivery, reason, attempts)
+                                .await
+                        }
+                        Some(part) => {
+                            let event = p.message.event.as_ref().ok();
+                            tracing::warn!(pack = ?p.delivery.properties.message_id(), event = ?event.map(|e| e.id), %reason, "an event of a pack to the dead-letter queue, on its own");
+                            dead_letters
+                                .dead_letter_part(&p.delivery, part.get().as_bytes(), event, reason, attempts)
+                                .await
+                        }
+                    }
+                    .map_err(broker)?;
                     settle(confirm.await, || "a dead letter".to_string()).map_err(broker)?;
                     done[i] = true;
                 }
                 _ => done[i] = true,
             }
         }
-        let ackers: Vec<&lapin::Acker> = pending
-            .iter()
-            .take(round)
-            .map(|p| &p.delivery.acker)
-            .collect();
+        // A delivery is done when every event of it still pending is (the
+        // events of a pack are next to each other, in the round).
+        let deliveries = by_delivery(pending.iter().take(round).map(|p| &p.delivery), &done);
         // Receipts: one per origin of the batch, after the commit.
         let receipts_sent = match &receipt_channel {
             Some(ch) => {
@@ -485,12 +550,13 @@ async fn session<T: Target>(
         };
         // Not past a control message still waiting (it is acked alone).
         let first_control = controls.front().map(|w| w.delivery.delivery_tag);
-        let before_control = pending
+        let before_control = deliveries
             .iter()
-            .take(round)
-            .take_while(|p| first_control.is_none_or(|t| p.delivery.delivery_tag < t))
+            .take_while(|(d, _)| first_control.is_none_or(|t| d.delivery_tag < t))
             .count();
-        queue::ack_done_before(&ackers, &done, before_control).await?;
+        let ackers: Vec<&lapin::Acker> = deliveries.iter().map(|(d, _)| &d.acker).collect();
+        let acked: Vec<bool> = deliveries.iter().map(|(_, done)| *done).collect();
+        queue::ack_done_before(&ackers, &acked, before_control).await?;
         receipts::settled(receipts_sent).await;
         let mut i = 0;
         pending.retain(|_| {
@@ -501,6 +567,59 @@ async fn session<T: Target>(
         let progressed = done.iter().any(|d| *d);
         hold_until_next_retry(&mut pending, Instant::now(), progressed);
     }
+}
+
+/// Keeps the events a sink holds near `prefetch` when packs arrive: the
+/// prefetch counts messages, and a pack of N events is N. While the newest
+/// message is a pack, the channel's limit (RabbitMQ's `global` prefetch,
+/// which also holds for a consumer already started) is `prefetch / N`, at
+/// least 2; once single events come again it is lifted.
+async fn bound_packs(
+    channel: &lapin::Channel,
+    pending: &VecDeque<Pending>,
+    prefetch: u16,
+    limit: &mut Option<u16>,
+) -> Result<(), TargetError> {
+    let Some(newest) = pending.back() else {
+        return Ok(());
+    };
+    let want = match newest.part {
+        Some(_) => {
+            let n = pack::count(&newest.delivery.properties).unwrap_or(1).max(1);
+            Some((u64::from(prefetch) / n).clamp(2, u64::from(prefetch)) as u16)
+        }
+        None => None,
+    };
+    if want == *limit {
+        return Ok(());
+    }
+    // 0 lifts the channel's limit; the consumer's own stays.
+    channel
+        .basic_qos(
+            want.unwrap_or(0),
+            lapin::options::BasicQosOptions { global: true },
+        )
+        .await
+        .map_err(broker)?;
+    tracing::debug!(limit = ?want, "packs: the channel's prefetch follows their size");
+    *limit = want;
+    Ok(())
+}
+
+/// The deliveries of a round in order, each once, with whether it is done:
+/// every one of its events in the round is.
+fn by_delivery<'a>(
+    events: impl Iterator<Item = &'a Arc<Delivery>>,
+    done: &[bool],
+) -> Vec<(&'a Delivery, bool)> {
+    let mut out: Vec<(&Delivery, bool)> = Vec::new();
+    for (d, done) in events.zip(done) {
+        match out.last_mut() {
+            Some((last, all)) if last.delivery_tag == d.delivery_tag => *all &= *done,
+            _ => out.push((d, *done)),
+        }
+    }
+    out
 }
 
 /// Messages held behind a failing one wait until the next retry comes due

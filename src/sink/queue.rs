@@ -117,8 +117,9 @@ pub enum Filled {
     Stop,
 }
 
-/// Fills a batch that has `ready` messages already, handing each new
-/// delivery to `push`.
+/// Fills a batch that has `ready` events already, handing each new
+/// delivery to `push`, which says how many events it held (a pack holds
+/// many, a control message none).
 ///
 /// Meanwhile the consumer is not waited on: what arrived is taken at each
 /// tick of `idle`, without a wake-up of this thread per message from
@@ -130,7 +131,7 @@ pub async fn fill(
     limits: Limits,
     mut ready: usize,
     shutdown: &mut Shutdown,
-    mut push: impl FnMut(Delivery),
+    mut push: impl FnMut(Delivery) -> usize,
 ) -> Result<Filled, TargetError> {
     let deadline = tokio::time::Instant::now() + limits.timeout;
     let mut waited = false;
@@ -140,8 +141,7 @@ pub async fn fill(
             let Some(d) = consumer.next().now_or_never() else {
                 break;
             };
-            push(delivered(d, queue)?);
-            ready += 1;
+            ready += push(delivered(d, queue)?);
             arrived = true;
         }
         let now = tokio::time::Instant::now();

@@ -7,7 +7,11 @@ use crate::support::sidecar::run_ok;
 
 #[tokio::test]
 async fn the_bench_runs_end_to_end_and_prints_every_figure() {
-    let (stdout, stderr) = run_ok("ssbench-test", &["bench", "--quick", "--json"]).await;
+    let (stdout, stderr) = run_ok(
+        "ssbench-test",
+        &["bench", "--quick", "--json", "--resync-rows", "5000"],
+    )
+    .await;
     let last = stdout.lines().last().unwrap_or_default();
     let figures: serde_json::Value = serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {last}"));
@@ -26,6 +30,12 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
         // MariaDB is installed wherever the tests run (.ci/run installs it).
         "mariadb_source_per_s",
         "e2e_pg_to_mariadb_per_s",
+        // Resync to MADRID: rows that only PARIS had, applied there.
+        "resync_per_s",
+        "resync_packed_per_s",
+        "resync_zstd_per_s",
+        "resync_sink_rss_mib_peak",
+        "resync_zstd_bytes_per_row",
     ] {
         let v = figures[key].as_f64().unwrap_or(-1.0);
         assert!(v > 0.0, "{key} = {v} in {last}");
@@ -39,6 +49,11 @@ async fn the_bench_runs_end_to_end_and_prints_every_figure() {
         let v = figures[key].as_f64().unwrap_or(-1.0);
         assert!(v > 0.0 && v < 10.0, "{key} = {v} in {last}");
     }
+    assert_eq!(figures["resync_packed_rows"].as_i64(), Some(5000), "{last}");
+    assert!(
+        figures["resync_zstd_bytes_per_row"].as_f64() < figures["resync_bytes_per_row"].as_f64(),
+        "compression shrinks the rows: {last}"
+    );
     assert!(figures["cpu_idle_pct"].as_f64().is_some_and(|v| v >= 0.0));
     // Each raw ceiling is measured before and after the sitesync phases;
     // the figure is their mean.

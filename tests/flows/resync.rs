@@ -658,3 +658,91 @@ async fn prune_deletes_the_rows_the_source_lacks_after_a_dry_run_counts_them_and
         assert!(s.terminate().await.success());
     }
 }
+
+#[tokio::test]
+async fn packed_compressed_rows_apply_once_each_and_a_bad_row_of_a_pack_is_dead_lettered_alone() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    preload(&mesh, &["PARIS"], 3000).await;
+    // PARIS holds three rows LONDON's table refuses.
+    let paris = mesh.client("PARIS").await;
+    paris
+        .batch_execute(
+            "ALTER TABLE item DROP CONSTRAINT item_note_check; \
+             UPDATE item SET note = 'forbidden' WHERE id IN (10, 1500, 2999)",
+        )
+        .await
+        .unwrap();
+    let mut london = mesh.spawn("LONDON");
+    let out = mesh
+        .ok(
+            "PARIS",
+            &[
+                "resync",
+                "--to-site",
+                "LONDON",
+                "--all",
+                "--pack",
+                "250",
+                "--compress",
+                "--yes",
+            ],
+        )
+        .await;
+    assert!(out.contains("3000 row(s) sent to"), "{out}");
+    // Every other row arrives, and every pack is acked although three of
+    // its rows went to the dead-letter queue.
+    let queue = mesh.names.site("LONDON");
+    wait_for(
+        async || mesh.items("LONDON").await.len() == 2997 && mesh.queue_len(&queue).await == 0,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON did not apply the packs: {e}"));
+    // The three rows are retried, then dead-lettered (max_attempts).
+    let mut dlq = String::new();
+    wait_for(
+        async || {
+            dlq = mesh.ok("LONDON", &["dlq", "list"]).await;
+            dlq.starts_with("3 dead letter(s)")
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{dlq}"));
+    assert_eq!(dlq.matches("item_note_check").count(), 3, "{dlq}");
+    // Every pack is acked, those with a dead-lettered row too: once
+    // LONDON's sidecar stops, nothing unacked comes back to the queue.
+    assert!(london.terminate().await.success());
+    assert_eq!(mesh.queue_len(&queue).await, 0, "a pack was left unacked");
+    let mut london = mesh.spawn("LONDON");
+    // Each dead letter is one event, not the pack: fixed, then requeued,
+    // the three rows arrive.
+    mesh.client("LONDON")
+        .await
+        .batch_execute("ALTER TABLE item DROP CONSTRAINT item_note_check")
+        .await
+        .unwrap();
+    let requeued = mesh.ok("LONDON", &["dlq", "requeue", "--all"]).await;
+    assert!(requeued.contains("sent back to"), "{requeued}");
+    wait_for(
+        async || mesh.items("LONDON").await == mesh.items("PARIS").await,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON does not hold PARIS's rows: {e}"));
+    assert_eq!(resynced(&mesh, "LONDON").await, 3000);
+    assert_eq!(written_twice(&mesh, "LONDON").await, vec![]);
+    let notes: i64 = mesh
+        .client("LONDON")
+        .await
+        .query_one("SELECT count(*) FROM item WHERE note = 'forbidden'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notes, 3);
+    // The run is a job of `sitesync jobs`.
+    let jobs = mesh.ok("PARIS", &["jobs", "--kind", "resync"]).await;
+    assert!(jobs.contains("succeeded"), "{jobs}");
+    assert!(jobs.contains("3000"), "{jobs}");
+    assert!(london.terminate().await.success());
+}
