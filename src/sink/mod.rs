@@ -659,6 +659,85 @@ async fn sleep_until(at: Option<Instant>) {
 mod tests {
     use super::*;
 
+    fn event(seq: u64) -> Vec<u8> {
+        format!(
+            r#"{{"id":"00000000-0000-0000-0000-{seq:012}","timestamp":"2026-12-03T10:00:00Z","origin":"resync:PARIS:1","type":"item.upsert","entity_key":"{seq}","data":{{"id":{seq}}},"epoch":1,"seq":{seq}}}"#
+        )
+        .into_bytes()
+    }
+
+    fn delivery(tag: u64, data: Vec<u8>, pack: Option<(i64, Option<&str>)>) -> Delivery {
+        let mut d = Delivery::mock(tag, "".into(), "q".into(), false, data);
+        if let Some((n, encoding)) = pack {
+            let mut h = lapin::types::FieldTable::default();
+            h.insert(pack::HEADER_PACK.into(), AMQPValue::LongLongInt(n));
+            d.properties = d.properties.with_headers(h);
+            if let Some(e) = encoding {
+                d.properties = d.properties.with_content_encoding(e.into());
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn a_pack_becomes_one_pending_event_per_row_sharing_its_delivery() {
+        let (mut pending, mut controls) = (VecDeque::new(), VecDeque::new());
+        assert_eq!(
+            accept(delivery(1, event(1), None), &mut pending, &mut controls),
+            1
+        );
+        let bodies = [event(2), b"{\"not\": \"an event\"}".to_vec(), event(4)];
+        let body = pack::body(bodies.iter().map(Vec::as_slice), true);
+        let d = delivery(2, body, Some((3, Some(pack::ZSTD))));
+        assert_eq!(accept(d, &mut pending, &mut controls), 3);
+        // A pack that cannot be opened is one bad message.
+        let d = delivery(3, b"garbage".to_vec(), Some((5, Some(pack::ZSTD))));
+        assert_eq!(accept(d, &mut pending, &mut controls), 1);
+        assert_eq!(pending.len(), 5);
+        let seqs: Vec<Option<u64>> = pending
+            .iter()
+            .map(|p| p.message.event.as_ref().ok().map(|e| e.seq))
+            .collect();
+        assert_eq!(seqs, vec![Some(1), Some(2), None, Some(4), None]);
+        // The bad row keeps its own body, for the dead-letter queue.
+        assert_eq!(
+            pending[2].part.as_ref().unwrap().get(),
+            r#"{"not": "an event"}"#
+        );
+        assert!(pending[0].part.is_none() && pending[4].part.is_none());
+        assert!(
+            pending[4]
+                .message
+                .event
+                .as_ref()
+                .unwrap_err()
+                .contains("zstd pack that cannot be opened")
+        );
+        assert!(Arc::ptr_eq(&pending[1].delivery, &pending[3].delivery));
+    }
+
+    #[test]
+    fn a_delivery_is_done_when_every_event_of_it_is() {
+        let a = Arc::new(delivery(1, vec![], None));
+        let pack = Arc::new(delivery(2, vec![], Some((3, None))));
+        let c = Arc::new(delivery(3, vec![], None));
+        let events = [&a, &pack, &pack, &pack, &c];
+        let tags = |done: &[bool]| -> Vec<(u64, bool)> {
+            by_delivery(events.iter().copied(), done)
+                .iter()
+                .map(|(d, done)| (d.delivery_tag, *done))
+                .collect()
+        };
+        assert_eq!(
+            tags(&[true, true, false, true, true]),
+            vec![(1, true), (2, false), (3, true)]
+        );
+        assert_eq!(
+            tags(&[true, true, true, true, false]),
+            vec![(1, true), (2, true), (3, false)]
+        );
+    }
+
     #[test]
     fn retry_delays_grow() {
         assert_eq!(retry_delay(1), Duration::from_millis(200));
