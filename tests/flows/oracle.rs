@@ -12,6 +12,9 @@
 use crate::support::mesh::{Mesh, MeshOptions, upsert};
 use crate::support::sidecar::{Sidecar, binary};
 use crate::support::wait_for;
+use lapin::options::QueuePurgeOptions;
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use testcontainers_modules::oracle::free::Oracle;
 use testcontainers_modules::testcontainers::core::{CmdWaitFor, ExecCommand};
@@ -34,7 +37,8 @@ operation = "delete"
 "#;
 
 /// As SYSDBA: ARCHIVELOG, supplemental logging, the grants of
-/// `sitesync init`'s DBA list for the image's `test` user, in FREEPDB1.
+/// `sitesync init`'s DBA list for the image's `test` user, in FREEPDB1
+/// (and `DBMS_LOCK`, which `sitesync resync` needs).
 const DBA_SETUP: &str = r#"
 sqlplus -s / as sysdba <<'SQL'
 WHENEVER SQLERROR EXIT FAILURE
@@ -54,6 +58,7 @@ GRANT SELECT ON V_$THREAD TO test;
 GRANT SELECT ON V_$TRANSACTION TO test;
 GRANT SELECT ON V_$LOGMNR_CONTENTS TO test;
 GRANT EXECUTE ON DBMS_LOGMNR TO test;
+GRANT EXECUTE ON DBMS_LOCK TO test;
 ALTER USER test QUOTA UNLIMITED ON USERS;
 EXIT
 SQL
@@ -127,6 +132,29 @@ impl OracleSite {
         })
         .await
         .unwrap();
+    }
+
+    /// Every row of a query, its cells as text (NULL as "").
+    async fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        let conn = self.conn();
+        let sql = sql.to_string();
+        tokio::task::spawn_blocking(move || {
+            conn.query(&sql, &[])
+                .unwrap()
+                .map(|r| {
+                    let r = r.unwrap();
+                    (0..r.sql_values().len())
+                        .map(|i| {
+                            r.get::<usize, Option<String>>(i)
+                                .unwrap()
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .await
+        .unwrap()
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -468,6 +496,191 @@ async fn oracle_purge_removes_the_old_inbox_rows_and_records_the_job() {
     assert_eq!(jobs[0]["state"], "succeeded");
     assert_eq!(jobs[0]["done"], 8);
     sidecar.terminate().await;
+    for s in sidecars.values_mut() {
+        s.terminate().await;
+    }
+}
+
+/// `sitesync resync` from the Oracle site to a PostgreSQL one: 300 rows
+/// of MADRID's (270 older than sitesync, with no version; 30 written
+/// there by PARIS's events) to LONDON, whose queue lost PARIS's events.
+/// The rows arrive as MADRID holds them, each under the version MADRID
+/// holds (the time and id of the event that wrote it; the Unix epoch for
+/// the older rows), and a second job of the same table is refused while
+/// the first one runs (its DBMS_LOCK lock).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Docker engine to start Oracle Free (gvenzl/oracle-free): run with cargo test --test main oracle -- --ignored"]
+async fn oracle_resync_sends_the_rows_under_their_versions_and_refuses_a_second_job() {
+    let oracle = OracleSite::start().await;
+    let (mesh, madrid) = three_sites(&oracle).await;
+    oracle
+        .sql(
+            "INSERT INTO ITEM (ID, N, REV, SITE) SELECT LEVEL - 1, MOD(LEVEL - 1, 1000), \
+             LOWER(REGEXP_REPLACE(RAWTOHEX(SYS_GUID()), '(.{8})(.{4})(.{4})(.{4})(.{12})', '\\1-\\2-\\3-\\4-\\5')), 'OLD' \
+             FROM DUAL CONNECT BY LEVEL <= 300",
+            vec![],
+        )
+        .await;
+    let mut sidecars = std::collections::BTreeMap::new();
+    sidecars.insert("PARIS", mesh.spawn("PARIS"));
+    sidecars.insert("MADRID", Sidecar::spawn(&madrid, mesh.dir.path()));
+    let paris = mesh.client("PARIS").await;
+    for id in 0..30 {
+        upsert(&paris, "PARIS", id, 1000 + id).await;
+    }
+    wait_for(
+        async || {
+            oracle
+                .count("SELECT COUNT(*) FROM ITEM WHERE SITE = 'PARIS'")
+                .await
+                == 30
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("MADRID applies PARIS's 30");
+    // LONDON gets MADRID's rows from the snapshot only.
+    let conn = crate::support::rabbit::connect(&mesh.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_purge(
+        mesh.names.site("LONDON").as_str().into(),
+        QueuePurgeOptions::default(),
+    )
+    .await
+    .unwrap();
+    sidecars.insert("LONDON", mesh.spawn("LONDON"));
+
+    // A paced job (about 5 s), as a process of its own.
+    let child = Command::new(binary())
+        .args([
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--all",
+            "--yes",
+            "--rate",
+            "60",
+        ])
+        .arg("--connector")
+        .arg(&madrid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        async || {
+            oracle
+                .count("SELECT COUNT(*) FROM USER_TABLES WHERE TABLE_NAME = 'SITESYNC_RESYNC'")
+                .await
+                == 1
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the job's table");
+    wait_for(
+        async || {
+            oracle
+                .count("SELECT NVL(MAX(CONFIRMED), 0) FROM SITESYNC_RESYNC WHERE JOB = 1")
+                .await
+                > 0
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the job confirms rows");
+    // While it runs, a second job of the same table is refused.
+    let busy = run(
+        &madrid,
+        &[
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--route",
+            "item.upsert",
+            "--yes",
+        ],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success(), "{text}");
+    assert!(text.contains("by job 1 (running now)"), "{text}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        oracle
+            .count("SELECT COUNT(*) FROM SITESYNC_RESYNC WHERE JOB = 1 AND RESULT = 'done' AND CONFIRMED = 300")
+            .await,
+        1
+    );
+    assert_eq!(
+        oracle
+            .count("SELECT COUNT(*) FROM SITESYNC_RESYNC_LOCKS")
+            .await,
+        0,
+        "the finished job freed its table"
+    );
+
+    // Every row arrives as MADRID holds it.
+    let rows: Vec<(i32, i32)> = oracle
+        .rows("SELECT ID, N FROM ITEM ORDER BY ID")
+        .await
+        .iter()
+        .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
+        .collect();
+    assert_eq!(rows.len(), 300);
+    let mut last = 0;
+    wait_for(
+        async || {
+            let london = mesh.items("LONDON").await;
+            last = london.len();
+            london
+                .iter()
+                .map(|(id, n, _)| (*id, *n))
+                .collect::<Vec<_>>()
+                == rows
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON holds {last} of MADRID's 300 rows: {e}"));
+    // Under MADRID's versions: the time and id of the event that wrote
+    // each row there, and the epoch for a row no event wrote.
+    let source: HashMap<String, (String, String)> = oracle
+        .rows("SELECT KEY, LOWER(EVENT_ID), TO_CHAR(TS AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6') FROM SITESYNC_VERSIONS")
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone(), (r[1].clone(), r[2].clone())))
+        .collect();
+    assert_eq!(source.len(), 30);
+    let london: HashMap<String, (String, String)> = mesh
+        .client("LONDON")
+        .await
+        .query(
+            "SELECT key, event_id::text, to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM sitesync_versions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(london.len(), 300);
+    for (key, v) in &london {
+        match source.get(key) {
+            Some(s) => assert_eq!(s, v, "key {key}"),
+            None => assert_eq!(
+                v.1, "1970-01-01T00:00:00.000000",
+                "key {key}: no version at MADRID"
+            ),
+        }
+    }
     for s in sidecars.values_mut() {
         s.terminate().await;
     }

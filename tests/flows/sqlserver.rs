@@ -4,10 +4,12 @@
 //! elsewhere: `cargo test --test main sqlserver -- --ignored`.
 
 use crate::support::mesh::{Mesh, MeshOptions, upsert};
-use crate::support::sidecar::{Sidecar, init_with};
+use crate::support::sidecar::{Sidecar, binary, init_with, sitesync_with};
 use crate::support::wait_for;
-use std::collections::BTreeMap;
+use lapin::options::QueuePurgeOptions;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use testcontainers_modules::mssql_server::MssqlServer;
 use testcontainers_modules::testcontainers::ContainerAsync;
@@ -532,4 +534,215 @@ async fn sqlserver_purge_removes_the_old_inbox_rows_and_records_the_job() {
     assert_eq!(jobs[0]["state"], "succeeded");
     assert_eq!(jobs[0]["done"], 8);
     r.sidecar.terminate().await;
+}
+
+/// MADRID's rows whose version its sink recorded (written by PARIS's
+/// events): key, event id (lower case) and time in microseconds since
+/// the Unix epoch.
+async fn mssql_versions(client: &mut Client<Compat<TcpStream>>) -> HashMap<String, (String, i64)> {
+    client
+        .query(
+            "SELECT [key], LOWER(CONVERT(nvarchar(36), event_id)), DATEDIFF_BIG(microsecond, '1970-01-01T00:00:00', SWITCHOFFSET(ts, '+00:00')) FROM dbo.sitesync_versions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .into_first_result()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<&str, _>(0).unwrap().to_string(),
+                (
+                    r.get::<&str, _>(1).unwrap().to_string(),
+                    r.get::<i64, _>(2).unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `sitesync resync` from the SQL Server site to a PostgreSQL one: 300
+/// rows of MADRID's (270 older than sitesync, with no version; 30 written
+/// there by PARIS's events) to LONDON, whose queue lost PARIS's events.
+/// The rows arrive as MADRID holds them, each under the version MADRID
+/// holds (the time and id of the event that wrote it; the Unix epoch for
+/// the older rows), and a second job of the same table is refused while
+/// the first one runs.
+#[tokio::test]
+#[ignore = "needs a Docker engine to start SQL Server (mcr.microsoft.com/mssql/server): run with cargo test --test main sqlserver -- --ignored"]
+async fn sqlserver_resync_sends_the_rows_under_their_versions_and_refuses_a_second_job() {
+    let mesh = Mesh::start(two_pg_sites()).await;
+    let madrid = SqlSite::start(&mesh).await;
+    let mut m = madrid.client().await;
+    exec(
+        &mut m,
+        "INSERT INTO dbo.item (id, n, rev, site) SELECT value, value % 1000, NEWID(), N'OLD' FROM GENERATE_SERIES(0, 299)",
+    )
+    .await;
+    let mut sidecars: BTreeMap<&str, Sidecar> = BTreeMap::new();
+    sidecars.insert("PARIS", mesh.spawn("PARIS"));
+    sidecars.insert("MADRID", madrid.spawn(&mesh));
+    let paris = mesh.client("PARIS").await;
+    for id in 0..30 {
+        upsert(&paris, "PARIS", id, 1000 + id).await;
+    }
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT COUNT(*) FROM dbo.item WHERE site = N'PARIS'",
+            )
+            .await
+                == 30
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("MADRID applies PARIS's 30");
+    // LONDON gets MADRID's rows from the snapshot only.
+    let conn = crate::support::rabbit::connect(&mesh.amqp_url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_purge(
+        mesh.names.site("LONDON").as_str().into(),
+        QueuePurgeOptions::default(),
+    )
+    .await
+    .unwrap();
+    sidecars.insert("LONDON", mesh.spawn("LONDON"));
+
+    // A paced job (about 5 s), as a process of its own.
+    let child = Command::new(binary())
+        .args([
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--all",
+            "--yes",
+            "--rate",
+            "60",
+        ])
+        .arg("--connector")
+        .arg(&madrid.connector)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT CASE WHEN OBJECT_ID(N'dbo.sitesync_resync', N'U') IS NULL THEN 0 ELSE 1 END",
+            )
+            .await
+                == 1
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the job's table");
+    wait_for(
+        async || {
+            mssql_count(
+                &mut m,
+                "SELECT CAST(COALESCE(MAX(confirmed), 0) AS int) FROM dbo.sitesync_resync WHERE job = 1",
+            )
+            .await
+                > 0
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the job confirms rows");
+    // While it runs, a second job of the same table is refused.
+    let busy = sitesync_with(
+        &madrid.connector,
+        &[
+            "resync",
+            "--to-site",
+            "LONDON",
+            "--route",
+            "item.upsert",
+            "--yes",
+        ],
+    );
+    let text = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success(), "{text}");
+    assert!(text.contains("by job 1 (running now)"), "{text}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mssql_count(
+            &mut m,
+            "SELECT COUNT(*) FROM dbo.sitesync_resync WHERE job = 1 AND result = N'done' AND confirmed = 300",
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        mssql_count(&mut m, "SELECT COUNT(*) FROM dbo.sitesync_resync_locks").await,
+        0,
+        "the finished job freed its table"
+    );
+
+    // Every row arrives as MADRID holds it.
+    let rows: Vec<(i32, i32)> = m
+        .query("SELECT id, n FROM dbo.item ORDER BY id", &[])
+        .await
+        .unwrap()
+        .into_first_result()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<i32, _>(0).unwrap(), r.get::<i32, _>(1).unwrap()))
+        .collect();
+    assert_eq!(rows.len(), 300);
+    let mut last = 0;
+    wait_for(
+        async || {
+            let london = mesh.items("LONDON").await;
+            last = london.len();
+            london
+                .iter()
+                .map(|(id, n, _)| (*id, *n))
+                .collect::<Vec<_>>()
+                == rows
+        },
+        Duration::from_secs(90),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("LONDON holds {last} of MADRID's 300 rows: {e}"));
+    // Under MADRID's versions: the time and id of the event that wrote
+    // each row there, and the epoch for a row no event wrote.
+    let source = mssql_versions(&mut m).await;
+    assert_eq!(source.len(), 30);
+    let london: HashMap<String, (String, i64)> = mesh
+        .client("LONDON")
+        .await
+        .query(
+            "SELECT key, event_id::text, (extract(epoch FROM ts) * 1000000)::bigint FROM sitesync_versions",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(london.len(), 300);
+    for (key, (id, at)) in &london {
+        match source.get(key) {
+            Some(v) => assert_eq!(v, &(id.clone(), *at), "key {key}"),
+            None => assert_eq!(*at, 0, "key {key}: no version at MADRID"),
+        }
+    }
+    for s in sidecars.values_mut() {
+        s.terminate().await;
+    }
 }

@@ -120,8 +120,8 @@ pub fn route_name(column: &str) -> String {
     }
 }
 
-/// A column's value in the event.
-fn value(row: &str, c: &Column) -> String {
+/// A column's value in the event (`row` a prefix: `:NEW.`, `r.`).
+pub fn value(row: &str, c: &Column) -> String {
     let v = format!("{row}{}", ident(&c.name));
     let ty = c.ty.as_str();
     if ty.contains("time zone") {
@@ -147,7 +147,9 @@ fn key_part(row: &str, c: &Column) -> String {
     }
 }
 
-fn key_expr(row: &str, side: &Side) -> String {
+/// The entity key of the row `row` (a prefix: `:NEW.`, `r.`) as the
+/// sink computes it from the event: shared by the trigger and resync.
+pub fn key_expr(row: &str, side: &Side) -> String {
     side.key_sql(
         |c| key_part(row, c),
         |p| format!("REPLACE(REPLACE({p}, '\\', '\\\\'), ',', '\\,')"),
@@ -155,7 +157,9 @@ fn key_expr(row: &str, side: &Side) -> String {
     )
 }
 
-fn data_expr(row: &str, side: &Side) -> String {
+/// The event's data of the row `row` (a prefix): a JSON object of its
+/// fields, as the trigger writes it (shared with resync).
+pub fn data_expr(row: &str, side: &Side) -> String {
     let pairs: Vec<String> = side
         .fields
         .iter()

@@ -11,6 +11,8 @@
 //! - [`position`]: `oracle:<commit SCN>#<index>@<mine_from>`.
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
+//! - [`resync`]: `sitesync resync`'s snapshot (a READ ONLY transaction)
+//!   and its jobs' rows and locks.
 
 pub mod archive;
 pub mod capture;
@@ -21,6 +23,7 @@ pub mod miner;
 pub mod position;
 pub mod purge;
 pub mod redo;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -48,7 +51,7 @@ impl super::Driver for Oracle {
     type Archive = archive::OracleArchive;
     type Jobs = jobs::OracleJobs;
     type Purge = purge::OraclePurge;
-    type Resync = crate::resync::Unsupported;
+    type Resync = resync::OracleResync;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -59,10 +62,10 @@ impl super::Driver for Oracle {
     }
 
     fn resync(
-        _cfg: &ConnectorConfig,
-        _db: &Self::Settings,
-    ) -> Result<crate::resync::Unsupported, TargetError> {
-        Ok(crate::resync::Unsupported("Oracle"))
+        cfg: &ConnectorConfig,
+        db: &Self::Settings,
+    ) -> Result<resync::OracleResync, TargetError> {
+        resync::OracleResync::new(cfg, db)
     }
 
     fn capture(

@@ -118,7 +118,9 @@ fn key_part(row: &str, c: &Column) -> String {
     }
 }
 
-fn key_expr(row: &str, side: &Side) -> String {
+/// The entity key of the row `row` (an alias: `r`, `inserted`) as the
+/// sink computes it from the event: shared by the triggers and resync.
+pub fn key_expr(row: &str, side: &Side) -> String {
     side.key_sql(
         |c| key_part(row, c),
         |p| format!("REPLACE(REPLACE({p}, N'\\', N'\\\\'), N',', N'\\,')"),
@@ -126,7 +128,9 @@ fn key_expr(row: &str, side: &Side) -> String {
     )
 }
 
-fn data_expr(row: &str, side: &Side) -> String {
+/// The event's data of the row `row`: a JSON object of its fields, as
+/// the triggers write it (shared with resync).
+pub fn data_expr(row: &str, side: &Side) -> String {
     let cols: Vec<String> = side
         .fields
         .iter()

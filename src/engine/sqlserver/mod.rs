@@ -9,6 +9,8 @@
 //! - [`position`]: `sqlserver:<version>#<index>/<last ordinal done>`.
 //! - [`target`]: the sink's dialect; [`status`]: what `sitesync status`
 //!   reads.
+//! - [`resync`]: `sitesync resync`'s snapshot (SNAPSHOT isolation) and
+//!   its jobs' rows and locks.
 
 pub mod archive;
 pub mod capture;
@@ -16,6 +18,7 @@ pub mod conn;
 pub mod jobs;
 pub mod position;
 pub mod purge;
+pub mod resync;
 pub mod settings;
 pub mod source;
 pub mod status;
@@ -43,7 +46,7 @@ impl super::Driver for SqlServer {
     type Archive = archive::SqlServerArchive;
     type Jobs = jobs::SqlServerJobs;
     type Purge = purge::SqlServerPurge;
-    type Resync = crate::resync::Unsupported;
+    type Resync = resync::SqlServerResync;
 
     fn settings(d: &mut Reader<'_>, _connector: &str) -> settings::Settings {
         settings::Settings::read(d)
@@ -57,10 +60,10 @@ impl super::Driver for SqlServer {
     }
 
     fn resync(
-        _cfg: &ConnectorConfig,
-        _db: &Self::Settings,
-    ) -> Result<crate::resync::Unsupported, TargetError> {
-        Ok(crate::resync::Unsupported("SQL Server"))
+        cfg: &ConnectorConfig,
+        db: &Self::Settings,
+    ) -> Result<resync::SqlServerResync, TargetError> {
+        resync::SqlServerResync::new(cfg, db)
     }
 
     fn capture(
