@@ -65,6 +65,7 @@
 //!   clusters they start (the integration tests reuse them); nothing of the
 //!   product depends on it.
 
+pub mod admin;
 pub mod archive;
 pub mod bus;
 pub mod capture;
@@ -77,6 +78,7 @@ pub mod error;
 pub mod event;
 pub mod jobs;
 pub mod lab;
+pub mod metrics;
 pub mod position;
 pub mod purge;
 pub mod resync;
