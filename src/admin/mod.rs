@@ -11,6 +11,8 @@
 //! | `GET /api/dlq` | read | the dead letters |
 //! | `POST /api/dlq/requeue` | admin | `{"ids": [...]}` or `{"all": true}` |
 //! | `POST /api/conflicts/review` | admin | `{"ids": [...]}` |
+//! | `GET /api/overview` | read | this site and each peer's (`[admin] peers`), for the dashboard |
+//! | `GET /` | none | the dashboard page (it asks for a token, and reads `/api/overview`) |
 //!
 //! `/health`, `/ready` and `/metrics` answer without a token, as probes
 //! and scrapers expect (the listener binds to loopback unless told
@@ -20,6 +22,7 @@
 //! this module knows no engine.
 
 pub mod auth;
+pub mod overview;
 pub mod site;
 
 use crate::config::{AdminConfig, ConnectorConfig};
@@ -48,6 +51,7 @@ struct Shared {
     cfg: ConnectorConfig,
     tokens: Tokens,
     site: Box<dyn Site>,
+    peers: Vec<String>,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -92,18 +96,24 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "alive" }))
 }
 
-async fn ready() -> Response {
+/// Whether every part works, and `{"ready": …, "parts": {part: "ok" or why}}`.
+fn readiness() -> (bool, Value) {
     let parts = crate::metrics::readiness();
     let all = parts.iter().all(|(_, why)| why.is_none());
     let body: serde_json::Map<String, Value> = parts
         .into_iter()
         .map(|(part, why)| (part.to_string(), Value::String(why.unwrap_or("ok".into()))))
         .collect();
+    (all, json!({ "ready": all, "parts": body }))
+}
+
+async fn ready() -> Response {
+    let (all, body) = readiness();
     let code = match all {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (code, Json(json!({ "ready": all, "parts": body }))).into_response()
+    (code, Json(body)).into_response()
 }
 
 async fn metrics() -> Response {
@@ -256,6 +266,66 @@ async fn review(
     Ok(Json(json!({ "reviewed": found, "missing": missing })))
 }
 
+/// This site as the dashboard shows it: its readiness, status and jobs.
+async fn own(ctx: &Shared) -> Value {
+    let mut out = json!({
+        "url": "self",
+        "site": ctx.cfg.site,
+        "answered": true,
+        "ready": readiness().1,
+    });
+    match ctx.site.status().await {
+        Ok(mut s) => {
+            if let Some(o) = s.as_object_mut() {
+                o.insert("site".into(), Value::String(ctx.cfg.site.clone()));
+            }
+            out["status"] = s;
+        }
+        Err(e) => out["error"] = Value::String(format!("status: {e}")),
+    }
+    match ctx.site.jobs(overview::JOBS, None).await {
+        Ok(j) => out["jobs"] = j,
+        Err(e) => out["error"] = Value::String(format!("jobs: {e}")),
+    }
+    out
+}
+
+async fn overview(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
+    caller(&ctx, &headers, Scope::Read)?;
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let peers = ctx
+        .peers
+        .iter()
+        .map(|p| overview::peer(p.clone(), auth.clone()));
+    let (me, others, dlq) = tokio::join!(own(&ctx), futures_util::future::join_all(peers), async {
+        let conn = broker(&ctx.cfg).await?;
+        let letters = crate::bus::dlq::list(&conn, &ctx.cfg.topology)
+            .await
+            .map_err(|e| Failure(StatusCode::BAD_GATEWAY, e.to_string()));
+        let _ = conn.close(200, "listed".into()).await;
+        letters
+    });
+    let mut sites = vec![me];
+    sites.extend(others);
+    let dlq = match dlq {
+        Ok(l) => json!({ "dead_letters": l.iter().map(letter).collect::<Vec<_>>() }),
+        Err(Failure(_, e)) => json!({ "error": e }),
+    };
+    Ok(Json(json!({
+        "site": ctx.cfg.site,
+        "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "sites": sites,
+        "dlq": dlq,
+    })))
+}
+
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
 async fn not_found() -> Failure {
     Failure(
         StatusCode::NOT_FOUND,
@@ -266,8 +336,20 @@ async fn not_found() -> Failure {
 
 /// The routes, over `site`.
 pub fn router(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> axum::Router {
-    let shared = Arc::new(Shared { cfg, tokens, site });
+    let peers = cfg
+        .admin
+        .as_ref()
+        .map(|a| a.peers.clone())
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        cfg,
+        tokens,
+        site,
+        peers,
+    });
     axum::Router::new()
+        .route("/", get(page))
+        .route("/api/overview", get(overview))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -23,8 +23,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Adds `[admin]` to `site`'s connector, with a token file of `mode`.
-fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32) {
+/// Adds `[admin]` to `site`'s connector, with a token file of `mode` and
+/// the peers' ports.
+fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16]) {
     let file = mesh.connector(site).clone();
     let tokens = file.with_extension("tokens");
     std::fs::write(
@@ -34,9 +35,14 @@ fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32) {
     .unwrap();
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(mode)).unwrap();
     let mut toml = std::fs::read_to_string(&file).unwrap();
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect();
     toml.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\n",
-        tokens.display()
+        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\npeers = [{}]\n",
+        tokens.display(),
+        peers.join(", ")
     ));
     std::fs::write(&file, toml).unwrap();
 }
@@ -92,8 +98,12 @@ async fn call(
 async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_admin_one() {
     let mesh = Mesh::start(MeshOptions::default()).await;
     let port = free_port();
-    enable_admin(&mesh, "LONDON", port, 0o600);
+    let paris_port = free_port();
+    let silent_port = free_port();
+    enable_admin(&mesh, "LONDON", port, 0o600, &[paris_port, silent_port]);
+    enable_admin(&mesh, "PARIS", paris_port, 0o600, &[]);
     let mut london = mesh.spawn("LONDON");
+    let mut paris = mesh.spawn("PARIS");
 
     // Alive at once; ready once the source streams and the sink consumes.
     wait_for(
@@ -225,11 +235,47 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
     assert_eq!(body["missing"], serde_json::json!([999_999]), "{body}");
     let (code, _) = call(port, "GET", "/nowhere", Some(READ), None).await;
     assert_eq!(code, 404);
+
+    // The overview: LONDON itself, PARIS asked with the caller's token, and
+    // a peer that does not answer, marked so; the dead letters once.
+    let (code, body) = call(port, "GET", "/api/overview", None, None).await;
+    assert_eq!(code, 401, "{body}");
+    let mut overview = Value::Null;
+    wait_for(
+        async || {
+            let (_, body) = call(port, "GET", "/api/overview", Some(READ), None).await;
+            overview = body;
+            overview["sites"][1]["ready"]["ready"] == true
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {overview}"));
+    let sites = overview["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 3, "{overview}");
+    assert_eq!(sites[0]["site"], "LONDON", "{overview}");
+    assert_eq!(sites[1]["site"], "PARIS", "{overview}");
+    assert_eq!(sites[1]["answered"], true, "{overview}");
+    assert!(sites[1]["status"]["origins"].is_array(), "{overview}");
+    assert_eq!(sites[2]["answered"], false, "{overview}");
+    assert!(
+        sites[2]["error"].as_str().unwrap().contains("no answer"),
+        "{overview}"
+    );
+    assert!(overview["dlq"]["dead_letters"].is_array(), "{overview}");
+    // The page itself needs no token (it asks for one).
+    let (code, page) = call(port, "GET", "/", None, None).await;
+    assert_eq!(code, 200);
+    assert!(
+        page.as_str().is_some_and(|p| p.contains("/api/overview")),
+        "{page}"
+    );
     assert!(london.terminate().await.success());
+    assert!(paris.terminate().await.success());
 
     // A token file others may read: the sidecar does not start, and says why.
     let port = free_port();
-    enable_admin(&mesh, "MADRID", port, 0o644);
+    enable_admin(&mesh, "MADRID", port, 0o644, &[]);
     let out = mesh.sitesync("MADRID", &["run"]).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
