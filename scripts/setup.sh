@@ -48,6 +48,8 @@ if [ "$want" != demo ]; then
 fi
 if [ "$want" = test ]; then
   command -v runuser >/dev/null 2>&1 || need util-linux "runuser (PostgreSQL refuses to run as root; the tests start it as postgres)"
+  command -v chromium >/dev/null 2>&1 || need chromium "Chromium (the dashboard's test drives it headless)"
+  command -v chromedriver >/dev/null 2>&1 || need chromium-driver "ChromeDriver (WebDriver for the dashboard's test)"
 fi
 
 # Runs a command as root: directly, or through sudo.

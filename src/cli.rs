@@ -58,6 +58,15 @@ struct ConnectorArg {
     connector: PathBuf,
 }
 
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// One JSON object instead of the report (what the admin API's /api/status answers, with the dead-letter queue's depth and, with [archive], the archive's rows).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Stream the outbox to RabbitMQ until SIGTERM/SIGINT (then drain and exit 0).
@@ -76,8 +85,10 @@ enum Command {
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
     /// Per origin: the last applied (epoch, seq) and when; gaps; dead letters; conflicts; outbox backlog and source lag; with [archive], the archive's rows and backlog.
-    #[command(after_help = "Example:\n  sitesync status --connector connectors/london.toml")]
-    Status(ConnectorArg),
+    #[command(
+        after_help = "Examples:\n  sitesync status --connector connectors/london.toml\n  sitesync status --connector connectors/london.toml --json"
+    )]
+    Status(StatusArgs),
     /// Gaps (events of an origin that never arrived here): list them, or ask the archive for them now.
     #[command(subcommand)]
     Gaps(GapsCommand),
@@ -515,7 +526,7 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             target,
             yes,
         }) => on_engine(&connector.connector, Act::Reset { target, yes }).await,
-        Command::Status(c) => on_engine(&c.connector, Act::Status).await,
+        Command::Status(c) => on_engine(&c.connector.connector, Act::Status { json: c.json }).await,
         Command::Gaps(GapsCommand::List(c)) => {
             on_engine(
                 &c.connector,
@@ -591,7 +602,9 @@ enum Act {
     Run,
     Init,
     Show,
-    Status,
+    Status {
+        json: bool,
+    },
     Reset {
         target: ResetTarget,
         yes: bool,
@@ -705,7 +718,7 @@ impl Task for OnEngine<'_> {
                 })
             }
             Act::Show => show(cfg, D::source(cfg, db)?).await,
-            Act::Status => {
+            Act::Status { json } => {
                 let archived = match &cfg.archive {
                     Some(a) => {
                         let store = D::archive(cfg, db, a)?;
@@ -713,6 +726,9 @@ impl Task for OnEngine<'_> {
                     }
                     None => None,
                 };
+                if json {
+                    return status_json(cfg, D::status(cfg, db), archived).await;
+                }
                 let code = status(cfg, D::status(cfg, db), archived).await?;
                 if cfg.sink.enabled {
                     let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
@@ -1143,6 +1159,36 @@ async fn status(
         };
         println!("archive: {rows}; {backlog}");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sitesync status --json`.
+async fn status_json(
+    cfg: &ConnectorConfig,
+    site: impl std::future::Future<Output = Result<crate::status::SiteStatus, SourceError>>,
+    archived: Option<(String, Result<u64, TargetError>)>,
+) -> Result<ExitCode, Failure> {
+    let mut out = site.await?.to_json();
+    let conn = broker(cfg, "status").await.ok();
+    let queued = match &conn {
+        Some(conn) => bus::topology::queue_depth(conn, &cfg.topology.dead_letter_queue)
+            .await
+            .ok(),
+        None => None,
+    };
+    out["site"] = cfg.site.clone().into();
+    out["connector"] = cfg.name.clone().into();
+    out["dead_letters_in_queue"] = queued.into();
+    if let Some((table, rows)) = archived {
+        out["archive"] = match rows {
+            Ok(n) => serde_json::json!({ "table": table, "rows": n }),
+            Err(e) => serde_json::json!({ "table": table, "error": e.message() }),
+        };
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&out).map_err(|e| fail(e.to_string()))?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

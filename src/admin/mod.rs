@@ -52,6 +52,9 @@ struct Shared {
     tokens: Tokens,
     site: Box<dyn Site>,
     peers: Vec<String>,
+    /// The site each peer URL last said it was: a peer that stops
+    /// answering is still shown by its name.
+    names: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -309,7 +312,23 @@ async fn overview(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Fa
         letters
     });
     let mut sites = vec![me];
-    sites.extend(others);
+    {
+        let mut names = ctx.names.lock().unwrap_or_else(|p| p.into_inner());
+        for mut peer in others {
+            let url = peer["url"].as_str().unwrap_or_default().to_string();
+            match peer["site"].as_str() {
+                Some(site) => {
+                    names.insert(url, site.to_string());
+                }
+                None => {
+                    if let Some(site) = names.get(&url) {
+                        peer["site"] = Value::String(site.clone());
+                    }
+                }
+            }
+            sites.push(peer);
+        }
+    }
     let dlq = match dlq {
         Ok(l) => json!({ "dead_letters": l.iter().map(letter).collect::<Vec<_>>() }),
         Err(Failure(_, e)) => json!({ "error": e }),
@@ -346,6 +365,7 @@ pub fn router(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> axum
         tokens,
         site,
         peers,
+        names: Default::default(),
     });
     axum::Router::new()
         .route("/", get(page))

@@ -270,6 +270,12 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
         page.as_str().is_some_and(|p| p.contains("/api/overview")),
         "{page}"
     );
+    // `status --json` says what /api/status says.
+    let cli: Value = serde_json::from_str(&mesh.ok("LONDON", &["status", "--json"]).await).unwrap();
+    let (_, api) = call(port, "GET", "/api/status", Some(READ), None).await;
+    assert_eq!(cli["site"], "LONDON");
+    assert_eq!(cli["origins"], api["origins"], "{cli}\n{api}");
+    assert!(cli["dead_letters_in_queue"].is_u64(), "{cli}");
     assert!(london.terminate().await.success());
     assert!(paris.terminate().await.success());
 

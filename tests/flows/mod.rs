@@ -6,6 +6,7 @@ mod bench;
 mod capture;
 mod cli;
 mod crash;
+mod dashboard;
 mod delivery;
 mod gaps;
 mod mariadb;
