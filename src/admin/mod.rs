@@ -21,6 +21,7 @@
 //! a JSON body that says why. Engine work goes through [`Site`], so that
 //! this module knows no engine.
 
+pub mod alerts;
 pub mod auth;
 pub mod overview;
 pub mod site;
@@ -99,19 +100,20 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "alive" }))
 }
 
-/// Whether every part works, and `{"ready": …, "parts": {part: "ok" or why}}`.
-fn readiness() -> (bool, Value) {
+/// Whether every part works, and `{"site": …, "ready": …, "parts": {part:
+/// "ok" or why}}`.
+fn readiness(site: &str) -> (bool, Value) {
     let parts = crate::metrics::readiness();
     let all = parts.iter().all(|(_, why)| why.is_none());
     let body: serde_json::Map<String, Value> = parts
         .into_iter()
         .map(|(part, why)| (part.to_string(), Value::String(why.unwrap_or("ok".into()))))
         .collect();
-    (all, json!({ "ready": all, "parts": body }))
+    (all, json!({ "site": site, "ready": all, "parts": body }))
 }
 
-async fn ready() -> Response {
-    let (all, body) = readiness();
+async fn ready(State(ctx): Ctx) -> Response {
+    let (all, body) = readiness(&ctx.cfg.site);
     let code = match all {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,
@@ -275,7 +277,7 @@ async fn own(ctx: &Shared) -> Value {
         "url": "self",
         "site": ctx.cfg.site,
         "answered": true,
-        "ready": readiness().1,
+        "ready": readiness(&ctx.cfg.site).1,
     });
     match ctx.site.status().await {
         Ok(mut s) => {
@@ -353,20 +355,27 @@ async fn not_found() -> Failure {
     )
 }
 
-/// The routes, over `site`.
-pub fn router(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> axum::Router {
+fn shared(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> Arc<Shared> {
     let peers = cfg
         .admin
         .as_ref()
         .map(|a| a.peers.clone())
         .unwrap_or_default();
-    let shared = Arc::new(Shared {
+    Arc::new(Shared {
         cfg,
         tokens,
         site,
         peers,
         names: Default::default(),
-    });
+    })
+}
+
+/// The routes, over `site`.
+pub fn router(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> axum::Router {
+    routes(shared(cfg, tokens, site))
+}
+
+fn routes(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
         .route("/", get(page))
         .route("/api/overview", get(overview))
@@ -411,8 +420,35 @@ pub async fn serve(
 ) -> Result<(), String> {
     let at = bound.listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(listen = %at, "admin API listening");
-    axum::serve(bound.listener, router(cfg.clone(), bound.tokens, site))
+    let shared = shared(cfg.clone(), bound.tokens, site);
+    let alerting = match cfg.admin.as_ref().and_then(|a| a.webhook_url.clone()) {
+        Some(webhook) => {
+            let admin = cfg.admin.as_ref().expect("just read");
+            let alerts = alerts::AlertConfig {
+                webhook,
+                every: admin.alert_every,
+                peers: admin.peers.clone(),
+            };
+            let (shared, stop) = (shared.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                alerts::run(
+                    shared.cfg.site.clone(),
+                    shared.site.as_ref(),
+                    alerts,
+                    &shared.names,
+                    stop,
+                )
+                .await
+            }))
+        }
+        None => None,
+    };
+    let served = axum::serve(bound.listener, routes(shared))
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
-        .map_err(|e| format!("admin API: {e}"))
+        .map_err(|e| format!("admin API: {e}"));
+    if let Some(a) = alerting {
+        a.abort();
+    }
+    served
 }

@@ -21,6 +21,10 @@ pub struct AdminConfig {
     pub tokens_env: String,
     /// The admin URLs of the other sites' sidecars, for the dashboard.
     pub peers: Vec<String>,
+    /// Where alerts are posted (JSON), if anywhere.
+    pub webhook_url: Option<String>,
+    /// How often the alerter looks.
+    pub alert_every: std::time::Duration,
 }
 
 /// Reads `[admin]` (called only when the section is present); `None`
@@ -45,6 +49,16 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
             r.problem("peers", format!("`{p}` is not an http:// or https:// URL"));
         }
     }
+    let webhook_url = r.string("webhook_url", false, "an http:// or https:// URL");
+    if let Some(w) = &webhook_url
+        && !(w.starts_with("http://") || w.starts_with("https://"))
+    {
+        r.problem(
+            "webhook_url",
+            format!("`{w}` is not an http:// or https:// URL"),
+        );
+    }
+    let alert_every = r.millis("alert_every_ms", 15_000, 3_600_000);
     let listen = listen?;
     match listen.parse::<SocketAddr>() {
         Ok(listen) => Some(AdminConfig {
@@ -52,6 +66,8 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
             tokens_file,
             tokens_env,
             peers,
+            webhook_url,
+            alert_every,
         }),
         Err(_) => {
             r.problem(

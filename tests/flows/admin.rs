@@ -26,6 +26,11 @@ fn free_port() -> u16 {
 /// Adds `[admin]` to `site`'s connector, with a token file of `mode` and
 /// the peers' ports.
 fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16]) {
+    enable_admin_with(mesh, site, port, mode, peers, "");
+}
+
+/// [`enable_admin`] with more `[admin]` keys.
+fn enable_admin_with(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16], more: &str) {
     let file = mesh.connector(site).clone();
     let tokens = file.with_extension("tokens");
     std::fs::write(
@@ -40,7 +45,7 @@ fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16]) {
         .map(|p| format!("\"http://127.0.0.1:{p}\""))
         .collect();
     toml.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\npeers = [{}]\n",
+        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\npeers = [{}]\n{more}",
         tokens.display(),
         peers.join(", ")
     ));
@@ -293,4 +298,121 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
         "nothing listens on MADRID's admin port"
     );
+}
+
+/// A webhook receiver: the JSON bodies posted to it, the first `fail`
+/// calls answered 500 (to make the sender retry).
+async fn receiver(
+    fail: usize,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (g, c) = (got.clone(), calls.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let (g, c) = (g.clone(), c.clone());
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) < fail {
+                    return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                g.lock().unwrap().push(body);
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, got, calls)
+}
+
+#[tokio::test]
+async fn alerts_reach_the_webhook_once_when_they_start_and_once_when_they_end() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let (hook, got, calls) = receiver(1).await;
+    let (port, madrid_port) = (free_port(), free_port());
+    enable_admin_with(
+        &mesh,
+        "LONDON",
+        port,
+        0o600,
+        &[madrid_port],
+        &format!("webhook_url = \"http://127.0.0.1:{hook}/hook\"\nalert_every_ms = 300\n"),
+    );
+    enable_admin(&mesh, "MADRID", madrid_port, 0o600, &[]);
+    let mut london = mesh.spawn("LONDON");
+    let mut madrid = mesh.spawn("MADRID");
+    let alerts = |status: &str, alert: &str, site: &str| -> usize {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a["status"] == status && a["alert"] == alert && a["site"] == site)
+            .count()
+    };
+    // A job that failed at LONDON.
+    mesh.client("LONDON")
+        .await
+        .execute(
+            "INSERT INTO sitesync_jobs (id, kind, who, args, started_at, updated_at, state, result) \
+             VALUES (gen_random_uuid(), 'replay', 'ops', '{}', now(), now(), 'failed', 'the broker went away')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        async || alerts("firing", "job_failed", "LONDON") == 1,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", got.lock().unwrap()));
+    assert!(
+        calls.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the first call failed and was retried"
+    );
+    let message = got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|a| a["alert"] == "job_failed")
+        .unwrap()["message"]
+        .clone();
+    assert!(
+        message.as_str().unwrap().contains("the broker went away"),
+        "{message}"
+    );
+    // MADRID answers once (its name is learned), then stops: site_down
+    // fires, named; it comes back: resolved.
+    wait_for(
+        async || call(madrid_port, "GET", "/ready", None, None).await.0 == 200,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("MADRID ready");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(madrid.terminate().await.success());
+    wait_for(
+        async || alerts("firing", "site_down", "MADRID") == 1,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", got.lock().unwrap()));
+    let mut madrid = mesh.spawn("MADRID");
+    wait_for(
+        async || alerts("resolved", "site_down", "MADRID") == 1,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", got.lock().unwrap()));
+    // Each fired once: no repeats while it lasted.
+    assert_eq!(alerts("firing", "job_failed", "LONDON"), 1);
+    assert_eq!(alerts("firing", "site_down", "MADRID"), 1);
+    assert!(london.terminate().await.success());
+    assert!(madrid.terminate().await.success());
 }
