@@ -95,7 +95,7 @@ impl Tokens {
             }
         }
         if let Some(path) = file {
-            check_private(path)?;
+            check_private(path, "admin.tokens_file")?;
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))?;
             for (n, line) in text.lines().enumerate() {
@@ -199,15 +199,15 @@ fn token(parts: &[&str]) -> Result<Token, String> {
     Ok(Token::new(name, scope, secret))
 }
 
-/// Refuses a file that others than its owner may read or write.
-fn check_private(path: &Path) -> Result<(), String> {
+/// Refuses a secret file (`key` names it) that others than its owner may
+/// read or write.
+pub fn check_private(path: &Path, key: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("admin.tokens_file {}: {e}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "admin.tokens_file {} is readable or writable by others than its owner (mode {mode:03o}): its secrets open every site's data; run `chmod 600 {}`",
+            "{key} {} is readable or writable by others than its owner (mode {mode:03o}): it holds a secret; run `chmod 600 {}`",
             path.display(),
             path.display()
         ));

@@ -25,6 +25,7 @@ pub mod alerts;
 pub mod auth;
 pub mod overview;
 pub mod site;
+pub mod tls;
 
 use crate::config::{AdminConfig, ConnectorConfig};
 use auth::{Caller, Refused, Scope, Tokens};
@@ -395,6 +396,7 @@ fn routes(shared: Arc<Shared>) -> axum::Router {
 pub struct Bound {
     listener: tokio::net::TcpListener,
     tokens: Tokens,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Reads the tokens and binds `[admin] listen`; an error names the file,
@@ -402,13 +404,21 @@ pub struct Bound {
 /// listener).
 pub async fn bind(admin: &AdminConfig) -> Result<Bound, String> {
     let tokens = Tokens::load(&admin.tokens_env, admin.tokens_file.as_deref())?;
+    let tls = match &admin.tls {
+        Some((cert, key)) => Some(tls::acceptor(cert, key)?),
+        None => None,
+    };
     if tokens.is_empty() {
         tracing::warn!(env = %admin.tokens_env, "admin API: no token configured: /health, /ready and /metrics answer, every /api call is refused (401)");
     }
     let listener = tokio::net::TcpListener::bind(admin.listen)
         .await
         .map_err(|e| format!("admin.listen {}: {e}", admin.listen))?;
-    Ok(Bound { listener, tokens })
+    Ok(Bound {
+        listener,
+        tokens,
+        tls,
+    })
 }
 
 /// Serves the API on `bound` until `shutdown`.
@@ -419,7 +429,7 @@ pub async fn serve(
     mut shutdown: crate::runner::Shutdown,
 ) -> Result<(), String> {
     let at = bound.listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(listen = %at, "admin API listening");
+    tracing::info!(listen = %at, tls = bound.tls.is_some(), "admin API listening");
     let shared = shared(cfg.clone(), bound.tokens, site);
     let alerting = match cfg.admin.as_ref().and_then(|a| a.webhook_url.clone()) {
         Some(webhook) => {
@@ -443,10 +453,24 @@ pub async fn serve(
         }
         None => None,
     };
-    let served = axum::serve(bound.listener, routes(shared))
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
-        .map_err(|e| format!("admin API: {e}"));
+    let stop = async move { shutdown.wait().await };
+    let served = match bound.tls {
+        None => {
+            axum::serve(bound.listener, routes(shared))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        Some(acceptor) => {
+            let listener = tls::TlsListener {
+                tcp: bound.listener,
+                acceptor,
+            };
+            axum::serve(listener, routes(shared))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    }
+    .map_err(|e| format!("admin API: {e}"));
     if let Some(a) = alerting {
         a.abort();
     }

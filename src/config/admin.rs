@@ -25,6 +25,8 @@ pub struct AdminConfig {
     pub webhook_url: Option<String>,
     /// How often the alerter looks.
     pub alert_every: std::time::Duration,
+    /// TLS: the certificate chain and its key (PEM); both or neither.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Reads `[admin]` (called only when the section is present); `None`
@@ -59,6 +61,24 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
         );
     }
     let alert_every = r.millis("alert_every_ms", 15_000, 3_600_000);
+    let cert = r
+        .string("tls_cert", false, "a PEM file path")
+        .map(PathBuf::from);
+    let key = r
+        .string("tls_key", false, "a PEM file path")
+        .map(PathBuf::from);
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            r.problem("tls_key", "tls_cert is set: its key is needed too");
+            None
+        }
+        (None, Some(_)) => {
+            r.problem("tls_cert", "tls_key is set: its certificate is needed too");
+            None
+        }
+    };
     let listen = listen?;
     match listen.parse::<SocketAddr>() {
         Ok(listen) => Some(AdminConfig {
@@ -68,6 +88,7 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
             peers,
             webhook_url,
             alert_every,
+            tls,
         }),
         Err(_) => {
             r.problem(

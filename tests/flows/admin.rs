@@ -416,3 +416,108 @@ async fn alerts_reach_the_webhook_once_when_they_start_and_once_when_they_end() 
     assert!(london.terminate().await.success());
     assert!(madrid.terminate().await.success());
 }
+
+#[tokio::test]
+async fn with_a_certificate_the_listener_speaks_tls_and_a_key_others_may_read_is_refused() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let dir = mesh.connector("LONDON").parent().unwrap().join("admin-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    // A CA, and a server certificate for 127.0.0.1 signed by it.
+    let script = r#"set -e
+p="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+openssl req -x509 $p -days 2 -subj /CN=sitesync-test-ca -keyout ca.key -out ca.pem 2>/dev/null
+openssl req $p -subj /CN=localhost -keyout key.pem -out req.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost
+basicConstraints=CA:FALSE
+extendedKeyUsage=serverAuth
+' > ext
+openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out cert.pem 2>/dev/null
+"#;
+    let made = std::process::Command::new("bash")
+        .args(["-c", script])
+        .current_dir(&dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    enable_admin_with(&mesh, "LONDON", port, 0o600, &[], &tls);
+    let mut london = mesh.spawn("LONDON");
+    let pem = std::fs::read(dir.join("ca.pem")).unwrap();
+    let https = |path: &'static str| {
+        let pem = pem.clone();
+        tokio::task::spawn_blocking(move || {
+            let root = ureq::tls::Certificate::from_pem(&pem).unwrap();
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .http_status_as_error(false)
+                .tls_config(
+                    ureq::tls::TlsConfig::builder()
+                        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(vec![
+                            root,
+                        ])))
+                        .build(),
+                )
+                .build()
+                .into();
+            agent
+                .get(&format!("https://127.0.0.1:{port}{path}"))
+                .header("Authorization", format!("Bearer {READ}"))
+                .call()
+                .map(|mut r| {
+                    (
+                        r.status().as_u16(),
+                        r.body_mut().read_to_string().unwrap_or_default(),
+                    )
+                })
+                .map_err(|e| e.to_string())
+        })
+    };
+    let mut last = Err(String::new());
+    wait_for(
+        async || {
+            last = https("/health").await.unwrap();
+            last.is_ok()
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {last:?}"));
+    let (code, body) = https("/api/status").await.unwrap().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"site\":\"LONDON\""), "{body}");
+    // Plain HTTP to it gets no answer.
+    let plain = tokio::task::spawn_blocking(move || {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .new_agent()
+            .get(&format!("http://127.0.0.1:{port}/health"))
+            .call()
+            .is_ok()
+    })
+    .await
+    .unwrap();
+    assert!(!plain, "plain HTTP must not be served");
+    assert!(london.terminate().await.success());
+    // A key others may read: MADRID does not start.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    enable_admin_with(&mesh, "MADRID", free_port(), 0o600, &[], &tls);
+    let out = mesh.sitesync("MADRID", &["run"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("admin.tls_key") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
