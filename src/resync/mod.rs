@@ -277,6 +277,32 @@ pub trait Resync {
     fn finish(&mut self, job: i64, result: &str) -> impl Future<Output = Result<(), String>>;
 }
 
+/// A version from its cells as text (time, origin, event id), if whole:
+/// for engines whose driver reads columns as text.
+pub fn stored(ts: Option<&str>, origin: Option<String>, id: Option<&str>) -> Option<Stored> {
+    Some(Stored {
+        ts: crate::event::parse_timestamp(ts?)?,
+        origin: origin?,
+        event_id: Uuid::parse_str(id?).ok()?,
+    })
+}
+
+/// A page's row from its cells as text, in the order the SQL Server and
+/// Oracle page statements select them: key, data, cursor, the version's
+/// time, origin and event id, and whether a write waits in the outbox
+/// (`1`).
+pub fn row_of(table: &Table, cells: &[Option<String>]) -> Result<Row, String> {
+    let at = |i: usize| cells.get(i).cloned().flatten();
+    let key = at(0).ok_or_else(|| format!("a row of {} has a NULL key column", table.table))?;
+    Ok(Row {
+        key,
+        data: at(1).unwrap_or_else(|| "{}".into()),
+        cursor: at(2).unwrap_or_else(|| "{}".into()),
+        version: stored(at(3).as_deref(), at(4), at(5).as_deref()),
+        pending: at(6).as_deref() == Some("1"),
+    })
+}
+
 /// `(c1, c2, …) > (v1, v2, …)` spelled out for an SQL without row-value
 /// comparison (SQL Server, Oracle), from `(column, value)` pairs: the first
 /// column bounded first (`c1 >= v1 AND (…)`) so that the key's index is

@@ -3,6 +3,7 @@
 //! refused on a mutating call, an admin token's call done; a token file
 //! others may read refused at start.
 
+use crate::support::admin::{self, free_port};
 use crate::support::mesh::{Mesh, MeshOptions};
 use crate::support::rabbit;
 use crate::support::wait_for;
@@ -15,41 +16,15 @@ use std::time::Duration;
 const READ: &str = "read-token-for-tests-0123456789";
 const ADMIN: &str = "admin-token-for-tests-0123456789";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Adds `[admin]` to `site`'s connector, with a token file of `mode` and
-/// the peers' ports.
+/// `[admin]` on `site` with the two test tokens in a file of `mode`.
 fn enable_admin(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16]) {
     enable_admin_with(mesh, site, port, mode, peers, "");
 }
 
 /// [`enable_admin`] with more `[admin]` keys.
 fn enable_admin_with(mesh: &Mesh, site: &str, port: u16, mode: u32, peers: &[u16], more: &str) {
-    let file = mesh.connector(site).clone();
-    let tokens = file.with_extension("tokens");
-    std::fs::write(
-        &tokens,
-        format!("# test tokens\ngrafana read {READ}\nalice admin {ADMIN}\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(mode)).unwrap();
-    let mut toml = std::fs::read_to_string(&file).unwrap();
-    let peers: Vec<String> = peers
-        .iter()
-        .map(|p| format!("\"http://127.0.0.1:{p}\""))
-        .collect();
-    toml.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\npeers = [{}]\n{more}",
-        tokens.display(),
-        peers.join(", ")
-    ));
-    std::fs::write(&file, toml).unwrap();
+    let tokens = format!("# test tokens\ngrafana read {READ}\nalice admin {ADMIN}\n");
+    admin::enable_admin(mesh, site, port, &tokens, mode, peers, more);
 }
 
 /// One HTTP call: the status and the body (JSON when it is).

@@ -4,6 +4,7 @@
 //! a site stopped and marked with an alert. Screenshots go to the test's
 //! output directory (`CARGO_TARGET_TMPDIR/dashboard`).
 
+use crate::support::admin::{self, free_port};
 use crate::support::mesh::{Mesh, MeshOptions};
 use crate::support::rabbit;
 use crate::support::sidecar::binary;
@@ -11,20 +12,11 @@ use crate::support::wait_for;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use serde_json::{Value, json};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const ADMIN: &str = "dashboard-admin-token-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The WebDriver endpoint and session: plain JSON over HTTP.
 #[derive(Clone)]
@@ -211,21 +203,8 @@ fn base64(text: &str) -> Vec<u8> {
 
 /// `[admin]` on `site` with an owner-only token file and its peers.
 fn enable_admin(mesh: &Mesh, site: &str, port: u16, peers: &[u16]) {
-    let file = mesh.connector(site).clone();
-    let tokens = file.with_extension("tokens");
-    std::fs::write(&tokens, format!("ops admin {ADMIN}\n")).unwrap();
-    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let peers: Vec<String> = peers
-        .iter()
-        .map(|p| format!("\"http://127.0.0.1:{p}\""))
-        .collect();
-    let mut toml = std::fs::read_to_string(&file).unwrap();
-    toml.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:{port}\"\ntokens_file = \"{}\"\npeers = [{}]\n",
-        tokens.display(),
-        peers.join(", ")
-    ));
-    std::fs::write(&file, toml).unwrap();
+    let tokens = format!("ops admin {ADMIN}\n");
+    admin::enable_admin(mesh, site, port, &tokens, 0o600, peers, "");
 }
 
 /// The percentages the page shows for running resync jobs.

@@ -33,6 +33,7 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod mariadb;
 pub mod mesh;
 pub mod pg;

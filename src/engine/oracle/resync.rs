@@ -54,14 +54,13 @@ use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 use crate::event::parse_timestamp;
 use crate::resync::{
-    ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table, keyset,
+    ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table, keyset, row_of, stored,
 };
 use chrono::{DateTime, Utc};
 use oracle::Connection;
 use oracle::sql_type::{OracleType, ToSql};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use uuid::Uuid;
 
 /// The jobs' tables, each created when `USER_TABLES` does not list it.
 pub const SCHEMA: [(&str, &str); 2] = [
@@ -642,28 +641,6 @@ pub fn versions_sql(keys: usize) -> String {
     )
 }
 
-/// A version from its cells (time, origin, event id), if whole.
-fn stored(ts: Option<&str>, origin: Option<String>, id: Option<&str>) -> Option<Stored> {
-    Some(Stored {
-        ts: parse_timestamp(ts?)?,
-        origin: origin?,
-        event_id: Uuid::parse_str(id?).ok()?,
-    })
-}
-
-/// A row of [`page_sql`], its cells as text.
-pub fn row_of(table: &Table, cells: &[Option<String>]) -> Result<Row, String> {
-    let at = |i: usize| cells.get(i).cloned().flatten();
-    let key = at(0).ok_or_else(|| format!("a row of {} has a NULL key column", table.table))?;
-    Ok(Row {
-        key,
-        data: at(1).unwrap_or_else(|| "{}".into()),
-        cursor: at(2).unwrap_or_else(|| "{}".into()),
-        version: stored(at(3).as_deref(), at(4), at(5).as_deref()),
-        pending: at(6).as_deref() == Some("1"),
-    })
-}
-
 /// Every row of a query, its cells as text.
 fn text_rows(
     conn: &Connection,
@@ -936,7 +913,7 @@ mod tests {
     #[test]
     fn a_row_and_a_job_read_back_as_text() {
         let t = table(vec![col("ID", "number")], vec![], None);
-        let id = Uuid::from_u128(3);
+        let id = uuid::Uuid::from_u128(3);
         let r = row_of(
             &t,
             &[
