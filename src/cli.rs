@@ -817,35 +817,10 @@ async fn gaps<T: Target>(
     if !fill || open.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    let Some(archive_site) = &cfg.topology.archive_site else {
-        return Err(fail(format!(
-            "{} names no archiving site (archive_site): there is no archive to ask; see docs/archive.md",
-            cfg.topology.file.display()
-        )));
-    };
-    let conn = crate::bus::connect(
-        &cfg.broker.urls,
-        cfg.broker.connect_timeout,
-        &format!("sitesync-{}-gaps", cfg.name),
-    )
-    .await
-    .map_err(|e| fail(e.to_string()))?;
-    let channel = crate::sink::control::confirm_channel(&conn)
+    let sent = crate::sink::gaps::ask_now(cfg, target, &open)
         .await
-        .map_err(|e| fail(format!("broker: {e}")))?;
-    let requests: Vec<_> = open
-        .iter()
-        .map(|g| crate::sink::gaps::request(&cfg.site, g))
-        .collect();
-    let sent = crate::sink::gaps::send_requests(&channel, &cfg.topology, &cfg.site, &requests)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let ids: Vec<i64> = open.iter().map(|g| g.id).collect();
-    target
-        .mark_gaps(&ids, crate::sink::batch::GapMark::RequestedAnew)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = conn.close(200, "asked".into()).await;
+        .map_err(fail)?;
+    let archive_site = cfg.topology.archive_site.as_deref().unwrap_or_default();
     println!("asked {archive_site}'s archive for {sent} range(s)");
     let Some(wait) = wait else {
         println!(

@@ -11,6 +11,8 @@
 //! | `GET /api/dlq` | read | the dead letters |
 //! | `POST /api/dlq/requeue` | admin | `{"ids": [...]}` or `{"all": true}` |
 //! | `POST /api/conflicts/review` | admin | `{"ids": [...]}` |
+//! | `GET /api/gaps` | read | the open gaps |
+//! | `POST /api/gaps/fill` | admin | asks the archive for every open gap now |
 //! | `GET /api/overview` | read | this site and each peer's (`[admin] peers`), for the dashboard |
 //! | `GET /` | none | the dashboard page (it asks for a token, and reads `/api/overview`) |
 //!
@@ -47,6 +49,11 @@ pub trait Site: Send + Sync + 'static {
     fn jobs(&self, limit: usize, kind: Option<String>) -> BoxFuture<'_, Result<Value, String>>;
     /// Marks conflicts reviewed; the ids found.
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>>;
+    /// The open gaps, as `sitesync gaps list`.
+    fn gaps(&self) -> BoxFuture<'_, Result<Value, String>>;
+    /// Asks the archive for every open gap now, as `sitesync gaps fill`:
+    /// the gaps asked for and how many ranges were sent.
+    fn fill_gaps(&self) -> BoxFuture<'_, Result<(Value, usize), String>>;
 }
 
 struct Shared {
@@ -348,6 +355,22 @@ async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }
 
+async fn gaps(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
+    caller(&ctx, &headers, Scope::Read)?;
+    Ok(Json(ctx.site.gaps().await.map_err(internal)?))
+}
+
+async fn fill_gaps(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
+    let who = caller(&ctx, &headers, Scope::Admin)?;
+    let (gaps, sent) = ctx
+        .site
+        .fill_gaps()
+        .await
+        .map_err(|e| Failure(StatusCode::CONFLICT, e))?;
+    tracing::info!(by = %who.name, ranges = sent, "admin API: the archive asked for the open gaps");
+    Ok(Json(json!({ "asked": sent, "gaps": gaps })))
+}
+
 async fn not_found() -> Failure {
     Failure(
         StatusCode::NOT_FOUND,
@@ -388,6 +411,8 @@ fn routes(shared: Arc<Shared>) -> axum::Router {
         .route("/api/dlq", get(dlq))
         .route("/api/dlq/requeue", post(requeue))
         .route("/api/conflicts/review", post(review))
+        .route("/api/gaps", get(gaps))
+        .route("/api/gaps/fill", post(fill_gaps))
         .fallback(not_found)
         .with_state(shared)
 }

@@ -7,6 +7,8 @@ use crate::engine::Driver;
 use crate::error::TargetError;
 use crate::jobs::JobLog;
 use crate::purge::Tables;
+use crate::sink::Target;
+use crate::sink::batch::Batches;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 
@@ -26,6 +28,14 @@ impl<D: Driver> EngineSite<D> {
             jobs: D::jobs(cfg, db)?,
             purge: D::purge(cfg, db)?,
         })
+    }
+}
+
+impl<D: Driver> EngineSite<D> {
+    /// The sink's side of this database (gaps).
+    fn target(&self) -> Result<Batches<D::Target>, String> {
+        let dialect = D::target(&self.cfg, &self.db).map_err(|e| e.to_string())?;
+        Ok(Batches::new(dialect, &self.cfg.site, &self.cfg.sink))
     }
 }
 
@@ -52,5 +62,22 @@ impl<D: Driver> Site for EngineSite<D> {
 
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>> {
         Box::pin(async move { self.purge.review(&ids).await.map_err(|e| e.to_string()) })
+    }
+
+    fn gaps(&self) -> BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async move {
+            let target = self.target()?;
+            let open = target.open_gaps().await.map_err(|e| e.to_string())?;
+            Ok(crate::sink::gaps::to_json(&open))
+        })
+    }
+
+    fn fill_gaps(&self) -> BoxFuture<'_, Result<(Value, usize), String>> {
+        Box::pin(async move {
+            let target = self.target()?;
+            let open = target.open_gaps().await.map_err(|e| e.to_string())?;
+            let sent = crate::sink::gaps::ask_now(&self.cfg, &target, &open).await?;
+            Ok((crate::sink::gaps::to_json(&open), sent))
+        })
     }
 }

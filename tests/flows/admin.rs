@@ -213,6 +213,14 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
     .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["missing"], serde_json::json!([999_999]), "{body}");
+    // Gaps: listed with a read token, asked of the archive with an admin one.
+    let (code, body) = call(port, "GET", "/api/gaps", Some(READ), None).await;
+    assert_eq!((code, body.clone()), (200, serde_json::json!([])), "{body}");
+    let (code, body) = call(port, "POST", "/api/gaps/fill", Some(READ), None).await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = call(port, "POST", "/api/gaps/fill", Some(ADMIN), None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["asked"], 0, "no gap, nothing asked: {body}");
     let (code, _) = call(port, "GET", "/nowhere", Some(READ), None).await;
     assert_eq!(code, 404);
 
