@@ -183,6 +183,60 @@ pub async fn on_reply<T: super::Target>(
     Ok(rows.len())
 }
 
+/// Asks the archive now for every gap in `open` (`sitesync gaps fill`, the
+/// admin API), marking them asked anew; how many ranges were sent. The
+/// running sidecar applies what the archive sends back.
+pub async fn ask_now<T: super::Target>(
+    cfg: &crate::config::ConnectorConfig,
+    target: &T,
+    open: &[OpenGap],
+) -> Result<usize, String> {
+    if open.is_empty() {
+        return Ok(0);
+    }
+    if cfg.topology.archive_site.is_none() {
+        return Err(format!(
+            "{} names no archiving site (archive_site): there is no archive to ask; see docs/archive.md",
+            cfg.topology.file.display()
+        ));
+    }
+    let conn = crate::bus::connect(
+        &cfg.broker.urls,
+        cfg.broker.connect_timeout,
+        &format!("sitesync-{}-gaps", cfg.name),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let channel = super::control::confirm_channel(&conn)
+        .await
+        .map_err(|e| format!("broker: {e}"))?;
+    let requests: Vec<_> = open.iter().map(|g| request(&cfg.site, g)).collect();
+    let sent = send_requests(&channel, &cfg.topology, &cfg.site, &requests)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ids: Vec<i64> = open.iter().map(|g| g.id).collect();
+    target
+        .mark_gaps(&ids, super::batch::GapMark::RequestedAnew)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = conn.close(200, "asked".into()).await;
+    Ok(sent)
+}
+
+/// The gaps as JSON (the admin API).
+pub fn to_json(open: &[OpenGap]) -> serde_json::Value {
+    serde_json::Value::Array(
+        open.iter()
+            .map(|g| {
+                serde_json::json!({
+                    "id": g.id, "origin": g.origin, "epoch": g.epoch, "from_seq": g.from,
+                    "to_seq": g.to, "age_s": g.age_s, "requested_s": g.requested_s, "note": g.note,
+                })
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,58 +320,4 @@ mod tests {
             "{n}"
         );
     }
-}
-
-/// Asks the archive now for every gap in `open` (`sitesync gaps fill`, the
-/// admin API), marking them asked anew; how many ranges were sent. The
-/// running sidecar applies what the archive sends back.
-pub async fn ask_now<T: super::Target>(
-    cfg: &crate::config::ConnectorConfig,
-    target: &T,
-    open: &[OpenGap],
-) -> Result<usize, String> {
-    if open.is_empty() {
-        return Ok(0);
-    }
-    if cfg.topology.archive_site.is_none() {
-        return Err(format!(
-            "{} names no archiving site (archive_site): there is no archive to ask; see docs/archive.md",
-            cfg.topology.file.display()
-        ));
-    }
-    let conn = crate::bus::connect(
-        &cfg.broker.urls,
-        cfg.broker.connect_timeout,
-        &format!("sitesync-{}-gaps", cfg.name),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let channel = super::control::confirm_channel(&conn)
-        .await
-        .map_err(|e| format!("broker: {e}"))?;
-    let requests: Vec<_> = open.iter().map(|g| request(&cfg.site, g)).collect();
-    let sent = send_requests(&channel, &cfg.topology, &cfg.site, &requests)
-        .await
-        .map_err(|e| e.to_string())?;
-    let ids: Vec<i64> = open.iter().map(|g| g.id).collect();
-    target
-        .mark_gaps(&ids, super::batch::GapMark::RequestedAnew)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = conn.close(200, "asked".into()).await;
-    Ok(sent)
-}
-
-/// The gaps as JSON (the admin API).
-pub fn to_json(open: &[OpenGap]) -> serde_json::Value {
-    serde_json::Value::Array(
-        open.iter()
-            .map(|g| {
-                serde_json::json!({
-                    "id": g.id, "origin": g.origin, "epoch": g.epoch, "from_seq": g.from,
-                    "to_seq": g.to, "age_s": g.age_s, "requested_s": g.requested_s, "note": g.note,
-                })
-            })
-            .collect(),
-    )
 }
