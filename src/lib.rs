@@ -49,6 +49,9 @@
 //!   database (its connector's `[archive]`), with the sink's consumer.
 //! - [`jobs`]: the record of long operations (replay, purge, …) in
 //!   `sitesync_jobs`, the [`jobs::JobLog`] each engine implements.
+//! - [`audit`]: the audit trail: every manual action (CLI or admin API),
+//!   who, when, arguments, result, in `sitesync_audit`, the
+//!   [`audit::AuditLog`] each engine implements.
 //! - [`purge`]: the archive, the inbox and reviewed conflicts removed after
 //!   their retention, by `sitesync purge` and on a schedule in the sidecar.
 //! - [`sidecar`]: the source, the sink, the archive and the scheduled purge
@@ -66,6 +69,7 @@
 //!   product depends on it.
 
 pub mod archive;
+pub mod audit;
 pub mod bus;
 pub mod capture;
 pub mod checkpoint;
