@@ -1,6 +1,7 @@
 //! End-to-end flows against real PostgreSQL and RabbitMQ, one file per concern.
 
 mod archive;
+mod audit;
 mod bench;
 mod capture;
 mod cli;
