@@ -12,7 +12,7 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `replay`, `resync`, `jobs`, `purge`, `conflicts review`,
+//!   `dlq`, `replay`, `resync`, `jobs`, `audit`, `purge`, `conflicts review`,
 //!   `gaps`, `trace`, `topology declare`, `checkpoint show|reset`, `demo`,
 //!   `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches

@@ -111,6 +111,16 @@ async fn every_manual_action_is_recorded_with_who_arguments_and_result_and_a_dry
         .await;
     assert_eq!(absent.status.code(), Some(1));
 
+    // A gap fill with no gap open; capture triggers added (the dry run
+    // is not recorded) and removed.
+    let out = mesh.ok("LONDON", &["gaps", "fill"]).await;
+    assert!(!out.contains("asked"), "{out}");
+    mesh.ok("LONDON", &["capture", "add", "--all", "--dry-run"])
+        .await;
+    mesh.ok("LONDON", &["capture", "add", "--route", "item.upsert"])
+        .await;
+    mesh.ok("LONDON", &["capture", "remove", "--all"]).await;
+
     // Purge: the dry run is not recorded, the real one is.
     let dry = mesh.ok("LONDON", &["purge", "--dry-run"]).await;
     assert!(dry.contains("dry run: nothing deleted"), "{dry}");
@@ -182,6 +192,9 @@ async fn every_manual_action_is_recorded_with_who_arguments_and_result_and_a_dry
         actions,
         vec![
             ("purge", "ok"),
+            ("capture remove", "ok"),
+            ("capture add", "ok"),
+            ("gaps fill", "ok"),
             ("dlq requeue", "failed"),
             ("dlq requeue", "ok"),
             ("conflicts review", "failed"),
@@ -197,9 +210,27 @@ async fn every_manual_action_is_recorded_with_who_arguments_and_result_and_a_dry
         let at: chrono::DateTime<chrono::Utc> = serde_json::from_value(r["at"].clone()).unwrap();
         assert!((chrono::Utc::now() - at).num_seconds() < 600, "{r}");
     }
-    let [purge, requeue_failed, requeue, review_failed, review, reset] = &rows[..] else {
+    let [
+        purge,
+        capture_remove,
+        capture_add,
+        gaps_fill,
+        requeue_failed,
+        requeue,
+        review_failed,
+        review,
+        reset,
+    ] = &rows[..]
+    else {
         unreachable!()
     };
+    assert_eq!(
+        capture_add["arguments"]["routes"],
+        serde_json::json!(["item.upsert"])
+    );
+    assert_eq!(capture_add["arguments"]["all"], false);
+    assert_eq!(capture_remove["arguments"]["all"], true);
+    assert_eq!(gaps_fill["detail"], "no open gap: nothing to ask");
     assert!(
         purge["detail"]
             .as_str()
@@ -282,10 +313,10 @@ async fn every_manual_action_is_recorded_with_who_arguments_and_result_and_a_dry
     assert_eq!(one[0]["action"], "purge");
     let table = mesh.ok("LONDON", &["audit"]).await;
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 7, "{table}");
+    assert_eq!(lines.len(), 10, "{table}");
     assert!(lines[0].starts_with("at (UTC)"), "{table}");
     assert!(
-        lines[4].contains("conflicts review  failed  {\"ids\":[999999]}: 0 conflict(s) reviewed"),
+        lines[7].contains("conflicts review  failed  {\"ids\":[999999]}: 0 conflict(s) reviewed"),
         "{table}"
     );
 }
