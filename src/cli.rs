@@ -780,7 +780,11 @@ async fn act<D: Driver>(
                 }),
                 _ => None,
             };
-            run(cfg, source, target, archive, upkeep).await
+            let admin: Option<Box<dyn crate::admin::Site>> = match &cfg.admin {
+                Some(_) => Some(Box::new(crate::admin::site::EngineSite::<D>::new(cfg, db)?)),
+                None => None,
+            };
+            run(cfg, source, target, archive, upkeep, admin).await
         }
         Act::Init => {
             let archive = match &cfg.archive {
@@ -1146,7 +1150,14 @@ async fn run<
     target: Option<T>,
     archive: Option<A>,
     upkeep: Option<sidecar::Upkeep<P, J>>,
+    admin: Option<Box<dyn crate::admin::Site>>,
 ) -> Result<ExitCode, Failure> {
+    // The admin listener first: a port taken or a token file others may
+    // read stops the sidecar before anything starts.
+    let bound = match &cfg.admin {
+        Some(a) => Some(crate::admin::bind(a).await.map_err(fail)?),
+        None => None,
+    };
     let (trigger, shutdown) = Shutdown::new();
     tokio::spawn(async move {
         let term = async {
@@ -1180,9 +1191,22 @@ async fn run<
         "sitesync {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    sidecar::run(cfg, source, target, archive, upkeep, shutdown)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let serving = match (bound, admin) {
+        (Some(bound), Some(site)) => {
+            let (cfg, stop) = (cfg.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(&cfg, bound, site, stop).await {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            }))
+        }
+        _ => None,
+    };
+    let result = sidecar::run(cfg, source, target, archive, upkeep, shutdown).await;
+    if let Some(serving) = serving {
+        serving.abort();
+    }
+    result.map_err(|e| fail(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 

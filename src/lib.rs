@@ -68,6 +68,7 @@
 //!   clusters they start (the integration tests reuse them); nothing of the
 //!   product depends on it.
 
+pub mod admin;
 pub mod archive;
 pub mod audit;
 pub mod bus;
@@ -81,6 +82,7 @@ pub mod error;
 pub mod event;
 pub mod jobs;
 pub mod lab;
+pub mod metrics;
 pub mod position;
 pub mod purge;
 pub mod resync;

@@ -160,6 +160,7 @@ pub async fn run<S: Source>(
     source: S,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
+    crate::metrics::expect("source");
     let mut standby = shutdown.clone();
     let Some(store) = open_store(cfg, &mut standby).await? else {
         return Ok(());
@@ -181,6 +182,7 @@ pub async fn run<S: Source>(
                 return Ok(());
             }
             Err(e) if e.kind == ErrorKind::Operator => {
+                crate::metrics::not_ready("source", e.message.clone());
                 tracing::error!(error = %e.message, "stopping: this needs a person");
                 return Err(RunError::NeedsOperator(e.message));
             }
@@ -192,6 +194,7 @@ pub async fn run<S: Source>(
                     return Ok(());
                 }
                 let delay = backoff.next_delay();
+                crate::metrics::not_ready("source", e.message.clone());
                 tracing::warn!(error = %e.message, retry_in = ?delay, attempt = backoff.attempt(), "session ended; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -217,6 +220,10 @@ async fn open_store(
         match CheckpointStore::open(&cfg.checkpoint.dir, reset_hint(&cfg.file)) {
             Err(CheckpointError::InUse { pid, .. }) => {
                 if !announced {
+                    crate::metrics::not_ready(
+                        "source",
+                        format!("standby: process {pid} holds the checkpoint store"),
+                    );
                     tracing::info!(connector = %cfg.name, active = %pid, store = %cfg.checkpoint.dir.display(), "standby: another sitesync holds the checkpoint store; taking over when it stops");
                     announced = true;
                 }
@@ -280,6 +287,7 @@ async fn session<S: Source>(
         window = cfg.broker.publisher_window,
         "streaming"
     );
+    crate::metrics::ready("source");
 
     let (confirmed_tx, confirmed_rx) = watch::channel::<Option<(S::Position, Clock)>>(None);
     let (durable_tx, mut durable_rx) = watch::channel::<Option<S::Position>>(None);

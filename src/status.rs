@@ -135,6 +135,25 @@ pub fn counts_from_text(row: &[Option<String>]) -> Result<(i64, i64, i64), Strin
 }
 
 impl SiteStatus {
+    /// The same as JSON (`sitesync status --json`, the admin API).
+    pub fn to_json(&self) -> serde_json::Value {
+        let time = |t: &DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        serde_json::json!({
+            "origins": self.origins.iter().map(|o| serde_json::json!({
+                "origin": o.origin, "epoch": o.epoch, "seq": o.seq, "at": time(&o.at),
+            })).collect::<Vec<_>>(),
+            "gaps": self.gaps.iter().map(|g| serde_json::json!({
+                "origin": g.origin, "epoch": g.epoch, "from_seq": g.from_seq,
+                "to_seq": g.to_seq, "detected_at": time(&g.at), "note": g.note,
+            })).collect::<Vec<_>>(),
+            "conflicts": self.conflicts,
+            "dead_lettered_here": self.dead_lettered_here,
+            "outbox_backlog": self.outbox_backlog,
+            "source_lag": self.source_lag,
+            "source_notes": self.source_notes,
+        })
+    }
+
     /// The report `sitesync status` prints.
     pub fn render(&self, dead_letters_in_queue: Option<u32>) -> String {
         let mut out = String::new();

@@ -15,6 +15,7 @@
 //! the sidecar's working directory: run it from the project's top directory,
 //! or write absolute paths.
 
+mod admin;
 mod archive;
 mod reader;
 
@@ -22,6 +23,7 @@ pub use archive::{
     ArchiveBound, ArchiveConfig, DEFAULT_ARCHIVE_RETENTION_DAYS, DEFAULT_ARCHIVE_TABLE, Overflow,
 };
 
+pub use admin::{AdminConfig, DEFAULT_TOKENS_ENV};
 pub use reader::{ConfigErrors, Problem, Reader, expand_env};
 
 use reader::parse_file;
@@ -61,6 +63,8 @@ pub struct ConnectorConfig {
     pub purge_every: Option<Duration>,
     /// How long the inbox and reviewed conflicts are kept (`[sink]`).
     pub retention: Retention,
+    /// `[admin]`: the HTTP listener (`None`: off).
+    pub admin: Option<AdminConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -666,6 +670,10 @@ impl ConnectorConfig {
         let archive = r
             .has("archive")
             .then(|| r.section("archive", archive::read_archive));
+        let admin = match r.has("admin") {
+            true => r.section("admin", admin::read_admin),
+            false => None,
+        };
         r.finish();
 
         let topology = match TopologyConfig::load(&topology_path) {
@@ -711,6 +719,7 @@ impl ConnectorConfig {
                     capture,
                     purge_every,
                     retention,
+                    admin,
                 },
                 database,
             )),

@@ -277,77 +277,31 @@ pub trait Resync {
     fn finish(&mut self, job: i64, result: &str) -> impl Future<Output = Result<(), String>>;
 }
 
-/// The resync of an engine that has none yet: every call says so.
-pub struct Unsupported(pub &'static str);
-
-/// [`Unsupported`]'s snapshot, never opened.
-pub struct NoSnapshot;
-
-impl Unsupported {
-    fn refuse(&self) -> String {
-        format!(
-            "resync is not available on {} yet (docs/resync.md lists the engines)",
-            self.0
-        )
-    }
-}
-
-impl Snapshot for NoSnapshot {
-    fn time(&self) -> DateTime<Utc> {
-        DateTime::<Utc>::UNIX_EPOCH
-    }
-
-    async fn count(&mut self, _: &Table, _: Option<&str>) -> Result<u64, String> {
-        Err("no snapshot".into())
-    }
-
-    async fn page(&mut self, _: &Table, _: Option<&str>, _: usize) -> Result<Vec<Row>, String> {
-        Err("no snapshot".into())
-    }
-
-    async fn versions(&mut self, _: &str, _: &[String]) -> Result<HashMap<String, Stored>, String> {
-        Err("no snapshot".into())
-    }
-}
-
-impl Resync for Unsupported {
-    type Snapshot = NoSnapshot;
-
-    async fn snapshot(&self) -> Result<NoSnapshot, String> {
-        Err(self.refuse())
-    }
-
-    async fn start(
-        &mut self,
-        _: &str,
-        _: &[String],
-        _: &Request,
-        _: &str,
-    ) -> Result<Job, ClaimError> {
-        Err(ClaimError::Database(self.refuse()))
-    }
-
-    async fn resume(&mut self, _: i64) -> Result<Job, ClaimError> {
-        Err(ClaimError::Database(self.refuse()))
-    }
-
-    async fn job(&mut self, _: i64) -> Result<Job, ClaimError> {
-        Err(ClaimError::Database(self.refuse()))
-    }
-
-    async fn progress(
-        &mut self,
-        _: i64,
-        _: i64,
-        _: i64,
-        _: Option<&Cursor>,
-        _: Option<&str>,
-    ) -> Result<(), String> {
-        Err(self.refuse())
-    }
-
-    async fn finish(&mut self, _: i64, _: &str) -> Result<(), String> {
-        Err(self.refuse())
+/// `(c1, c2, …) > (v1, v2, …)` spelled out for an SQL without row-value
+/// comparison (SQL Server, Oracle), from `(column, value)` pairs: the first
+/// column bounded first (`c1 >= v1 AND (…)`) so that the key's index is
+/// ranged on it.
+pub fn keyset(parts: &[(String, String)]) -> String {
+    match parts {
+        [] => "1 = 1".to_string(),
+        [(c, v)] => format!("{c} > {v}"),
+        [(c0, v0), ..] => {
+            let branches: Vec<String> = (0..parts.len())
+                .map(|i| {
+                    let mut terms: Vec<String> = parts[..i]
+                        .iter()
+                        .map(|(c, v)| format!("{c} = {v}"))
+                        .collect();
+                    let (c, v) = &parts[i];
+                    terms.push(format!("{c} > {v}"));
+                    match terms.len() {
+                        1 => terms.remove(0),
+                        _ => format!("({})", terms.join(" AND ")),
+                    }
+                })
+                .collect();
+            format!("({c0} >= {v0} AND ({}))", branches.join(" OR "))
+        }
     }
 }
 

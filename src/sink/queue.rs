@@ -32,11 +32,17 @@ where
 {
     let mut backoff = Backoff::new(&cfg.retry);
     let mut waiting = shutdown.clone();
+    let part = crate::metrics::part(role);
+    crate::metrics::expect(part);
     loop {
         match session(shutdown.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Operator => return Err(e),
+            Err(e) if e.kind() == ErrorKind::Operator => {
+                crate::metrics::not_ready(part, e.message());
+                return Err(e);
+            }
             Err(e) => {
+                crate::metrics::not_ready(part, e.message());
                 if shutdown.requested() {
                     return Ok(());
                 }
@@ -91,6 +97,9 @@ pub async fn consume(
         )
         .await
         .map_err(|e| broker(format!("consuming {queue}: {e}")))?;
+    if let p @ ("sink" | "archive") = crate::metrics::part(role) {
+        crate::metrics::ready(p);
+    }
     Ok(Consuming {
         conn,
         channel,

@@ -1,5 +1,6 @@
 //! End-to-end flows against real PostgreSQL and RabbitMQ, one file per concern.
 
+mod admin;
 mod archive;
 mod audit;
 mod bench;

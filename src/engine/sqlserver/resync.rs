@@ -48,7 +48,9 @@ use crate::capture::Column;
 use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 use crate::event::parse_timestamp;
-use crate::resync::{ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table};
+use crate::resync::{
+    ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table, keyset,
+};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -508,32 +510,6 @@ fn cursor_value(c: &Column, param: &str) -> String {
     match c.ty.as_str() {
         "char" | "varchar" => format!("CAST({v} AS varchar(8000))"),
         _ => v,
-    }
-}
-
-/// `(c1, c2, …) > (v1, v2, …)` spelled out, the first column bounded
-/// first for the index seek.
-pub fn keyset(parts: &[(String, String)]) -> String {
-    match parts {
-        [] => "1 = 1".to_string(),
-        [(c, v)] => format!("{c} > {v}"),
-        [(c0, v0), ..] => {
-            let branches: Vec<String> = (0..parts.len())
-                .map(|i| {
-                    let mut terms: Vec<String> = parts[..i]
-                        .iter()
-                        .map(|(c, v)| format!("{c} = {v}"))
-                        .collect();
-                    let (c, v) = &parts[i];
-                    terms.push(format!("{c} > {v}"));
-                    match terms.len() {
-                        1 => terms.remove(0),
-                        _ => format!("({})", terms.join(" AND ")),
-                    }
-                })
-                .collect();
-            format!("({c0} >= {v0} AND ({}))", branches.join(" OR "))
-        }
     }
 }
 
