@@ -118,6 +118,11 @@ enum Command {
         after_help = "Examples:\n  sitesync jobs --connector connectors/paris.toml\n  sitesync jobs --connector connectors/paris.toml --kind purge --limit 5 --json"
     )]
     Jobs(JobsArgs),
+    /// The manual actions recorded in this site's database (checkpoint reset, dlq requeue, replay, resync, purge, gaps fill, conflicts review, capture add|remove), from the CLI or the admin API: who, when, arguments, result.
+    #[command(
+        after_help = "Examples:\n  sitesync audit --connector connectors/paris.toml\n  sitesync audit --connector connectors/paris.toml --action 'dlq requeue' --limit 5 --json"
+    )]
+    Audit(AuditArgs),
     /// Delete archive rows, inbox rows and reviewed conflicts older than their retention, in small batches (the sidecar also does it every purge_every).
     #[command(
         after_help = "Examples:\n  sitesync purge --connector connectors/paris.toml --dry-run\n  sitesync purge --connector connectors/paris.toml --yes"
@@ -262,6 +267,21 @@ struct JobsArgs {
     #[arg(long, value_name = "KIND")]
     kind: Option<String>,
     /// At most this many jobs, newest first.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    limit: usize,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    #[command(flatten)]
+    connector: ConnectorArg,
+    /// Only this action (e.g. `purge`, `dlq requeue`, `resync`).
+    #[arg(long, value_name = "ACTION")]
+    action: Option<String>,
+    /// At most this many entries, newest first.
     #[arg(long, value_name = "N", default_value_t = 20)]
     limit: usize,
     /// One JSON array instead of a table.
@@ -551,9 +571,9 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             let connector = Connector::load(&c.connector)?;
             dlq_list(&connector.config).await
         }
+        // Through the engine: its audit trail is in the connector's database.
         Command::Dlq(DlqCommand::Requeue { connector, which }) => {
-            let connector = Connector::load(&connector.connector)?;
-            dlq_requeue(&connector.config, which).await
+            on_engine(&connector.connector, Act::Requeue(which)).await
         }
         Command::Capture(c) => capture(c).await,
         Command::Replay(args) => {
@@ -571,6 +591,10 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Jobs(args) => {
             let file = args.connector.connector.clone();
             on_engine(&file, Act::Jobs(args)).await
+        }
+        Command::Audit(args) => {
+            let file = args.connector.connector.clone();
+            on_engine(&file, Act::Audit(args)).await
         }
         Command::Purge(args) => {
             let file = args.connector.connector.clone();
@@ -626,9 +650,88 @@ enum Act {
         id: uuid::Uuid,
     },
     Jobs(JobsArgs),
+    Audit(AuditArgs),
     Purge(PurgeArgs),
     Review(Vec<i64>),
     Resync(ResyncArgs),
+    Requeue(RequeueWhich),
+}
+
+impl Act {
+    /// The manual action this is, and its arguments, when it is one the
+    /// audit trail records; `None` for the rest and for dry runs.
+    fn audited(&self) -> Option<(&'static str, serde_json::Value)> {
+        use crate::audit::actions;
+        use serde_json::json;
+        Some(match self {
+            Act::Reset { target, .. } => (
+                actions::CHECKPOINT_RESET,
+                match (&target.to_position, target.to_latest) {
+                    (Some(p), _) => json!({"to": "position", "position": p}),
+                    (None, true) => json!({"to": "latest"}),
+                    (None, false) => json!({"to": "start"}),
+                },
+            ),
+            Act::Requeue(which) => (
+                actions::DLQ_REQUEUE,
+                json!({"ids": which.ids, "all": which.all}),
+            ),
+            Act::Replay { args, .. } if !args.dry_run => (
+                actions::REPLAY,
+                json!({
+                    "to_site": args.to_site,
+                    "origin": args.origin,
+                    "from": args.from,
+                    "to": args.to,
+                    "type": args.kind,
+                    "rate": args.rate,
+                }),
+            ),
+            Act::Resync(args) if !args.dry_run => (
+                actions::RESYNC,
+                match (args.abandon, args.resume) {
+                    (Some(job), _) => json!({"mode": "abandon", "job": job}),
+                    (None, Some(job)) => json!({
+                        "mode": "resume",
+                        "job": job,
+                        "rate": args.rate,
+                        "pack": args.pack,
+                        "compress": args.compress,
+                    }),
+                    (None, None) => json!({
+                        "mode": "start",
+                        "to_site": args.to_site,
+                        "routes": args.routes,
+                        "all": args.all,
+                        "where": args.filter,
+                        "allow_dropped": args.allow_dropped,
+                        "prune": args.prune,
+                        "target_connector": args.target_connector,
+                        "rate": args.rate,
+                        "pack": args.pack,
+                        "compress": args.compress,
+                    }),
+                },
+            ),
+            Act::Purge(args) if !args.dry_run => (actions::PURGE, json!({})),
+            Act::Gaps { fill: true, wait } => (actions::GAPS_FILL, json!({"wait": wait})),
+            Act::Review(ids) => (actions::CONFLICTS_REVIEW, json!({"ids": ids})),
+            Act::Capture {
+                action: crate::capture::Action::Add { dry_run: false },
+                routes,
+                all,
+            } => (actions::CAPTURE_ADD, json!({"routes": routes, "all": all})),
+            Act::Capture {
+                action: crate::capture::Action::Remove { dry_run: false },
+                routes,
+                all,
+            } => (
+                actions::CAPTURE_REMOVE,
+                json!({"routes": routes, "all": all}),
+            ),
+            _ => return None,
+        })
+    }
 }
 
 /// `status` lists the events of this site that a site sending receipts has
@@ -653,136 +756,202 @@ impl Task for OnEngine<'_> {
 
     async fn run<D: Driver>(self, db: &D::Settings) -> Result<ExitCode, Failure> {
         let cfg = self.cfg;
-        match self.act {
-            Act::Run => {
-                let source = D::source(cfg, db)?;
-                let target = match cfg.sink.enabled {
-                    true => Some(Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink)),
-                    false => None,
-                };
-                let archive = match &cfg.archive {
-                    Some(a) => Some(D::archive(cfg, db, a)?),
-                    None => None,
-                };
-                let upkeep = match cfg.purge_every {
-                    Some(every) if !crate::purge::Plan::of(cfg).0.is_empty() => {
-                        Some(sidecar::Upkeep {
-                            tables: D::purge(cfg, db)?,
-                            jobs: D::jobs(cfg, db)?,
-                            every,
-                        })
-                    }
-                    _ => None,
-                };
-                let admin: Option<Box<dyn crate::admin::Site>> = match &cfg.admin {
-                    Some(_) => Some(Box::new(crate::admin::site::EngineSite::<D>::new(cfg, db)?)),
-                    None => None,
-                };
-                run(cfg, source, target, archive, upkeep, admin).await
-            }
-            Act::Init => {
-                let archive = match &cfg.archive {
-                    Some(a) => Some(D::archive(cfg, db, a)?),
-                    None => None,
-                };
-                let code = init(
-                    cfg,
-                    D::source(cfg, db)?,
-                    D::target(cfg, db)?,
-                    archive,
-                    D::jobs(cfg, db)?,
-                    D::purge(cfg, db)?,
-                )
-                .await?;
-                if !cfg.capture.is_empty() {
-                    let c = D::capture(cfg, db)?;
-                    for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
-                        println!("  {line}");
-                    }
-                }
-                Ok(code)
-            }
-            Act::Capture {
-                action,
-                routes,
-                all,
-            } => {
-                let c = D::capture(cfg, db)?;
-                let done = crate::capture::command(&c, cfg, action, &routes, all)
-                    .await
-                    .map_err(fail)?;
-                Ok(if done {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                })
-            }
-            Act::Show => show(cfg, D::source(cfg, db)?).await,
-            Act::Status { json } => {
-                let archived = match &cfg.archive {
-                    Some(a) => {
-                        let store = D::archive(cfg, db, a)?;
-                        Some((store.table().to_string(), store.count().await))
-                    }
-                    None => None,
-                };
-                if json {
-                    return status_json(cfg, D::status(cfg, db), archived).await;
-                }
-                let code = status(cfg, D::status(cfg, db), archived).await?;
-                if cfg.sink.enabled {
-                    let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
-                    let peers: Vec<String> = cfg
-                        .topology
-                        .sites
-                        .iter()
-                        .filter(|s| **s != cfg.site)
-                        .cloned()
-                        .collect();
-                    match target.unreceipted(&peers, RECEIPT_LAG_S).await {
-                        Ok(lagging) => print!(
-                            "{}",
-                            crate::sink::receipts::describe_lag(&lagging, RECEIPT_LAG_S)
-                        ),
-                        Err(e) => println!("receipts: unreadable: {}", e.message()),
-                    }
-                }
-                Ok(code)
-            }
-            Act::Trace { id } => {
-                let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
-                trace(cfg, &target, id).await
-            }
-            Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes).await,
-            Act::Replay { args, filter } => {
-                let archive = cfg.archive.as_ref().expect("checked by replay_filter");
-                replay(
-                    cfg,
-                    D::archive(cfg, db, archive)?,
-                    D::jobs(cfg, db)?,
-                    args,
-                    filter,
-                )
-                .await
-            }
-            Act::Gaps { fill, wait } => {
-                let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
-                gaps(cfg, &target, fill, wait).await
-            }
-            Act::Jobs(args) => jobs(D::jobs(cfg, db)?, args).await,
-            Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args).await,
-            Act::Review(ids) => review(D::purge(cfg, db)?, &ids).await,
-            Act::Resync(args) => {
-                resync(
-                    cfg,
-                    D::capture(cfg, db)?,
-                    D::resync(cfg, db)?,
-                    D::jobs(cfg, db)?,
-                    args,
-                )
-                .await
-            }
+        let audited = self.act.audited();
+        let mut said = String::new();
+        let result = act::<D>(cfg, db, self.act, &mut said).await;
+        if let Some((action, args)) = audited {
+            audit_cli::<D>(cfg, db, action, args, &result, &said).await;
         }
+        result
+    }
+}
+
+/// `act` for one connector with its engine's driver; a manual action
+/// writes into `said` the line that says what it did (its audit detail).
+async fn act<D: Driver>(
+    cfg: &ConnectorConfig,
+    db: &D::Settings,
+    act: Act,
+    said: &mut String,
+) -> Result<ExitCode, Failure> {
+    match act {
+        Act::Run => {
+            let source = D::source(cfg, db)?;
+            let target = match cfg.sink.enabled {
+                true => Some(Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink)),
+                false => None,
+            };
+            let archive = match &cfg.archive {
+                Some(a) => Some(D::archive(cfg, db, a)?),
+                None => None,
+            };
+            let upkeep = match cfg.purge_every {
+                Some(every) if !crate::purge::Plan::of(cfg).0.is_empty() => Some(sidecar::Upkeep {
+                    tables: D::purge(cfg, db)?,
+                    jobs: D::jobs(cfg, db)?,
+                    every,
+                }),
+                _ => None,
+            };
+            let admin: Option<Box<dyn crate::admin::Site>> = match &cfg.admin {
+                Some(_) => Some(Box::new(crate::admin::site::EngineSite::<D>::new(cfg, db)?)),
+                None => None,
+            };
+            run(cfg, source, target, archive, upkeep, admin).await
+        }
+        Act::Init => {
+            let archive = match &cfg.archive {
+                Some(a) => Some(D::archive(cfg, db, a)?),
+                None => None,
+            };
+            let code = init(
+                cfg,
+                D::source(cfg, db)?,
+                D::target(cfg, db)?,
+                archive,
+                D::jobs(cfg, db)?,
+                D::audit(cfg, db)?,
+                D::purge(cfg, db)?,
+            )
+            .await?;
+            if !cfg.capture.is_empty() {
+                let c = D::capture(cfg, db)?;
+                for line in crate::capture::configured(&c, cfg).await.map_err(fail)? {
+                    println!("  {line}");
+                }
+            }
+            Ok(code)
+        }
+        Act::Capture {
+            action,
+            routes,
+            all,
+        } => {
+            let c = D::capture(cfg, db)?;
+            let done = crate::capture::command(&c, cfg, action, &routes, all)
+                .await
+                .map_err(fail)?;
+            *said = match done {
+                true => "the capture triggers of the tables asked for are done".into(),
+                false => "a table was refused (the reason is in the command's output)".into(),
+            };
+            Ok(if done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Act::Show => show(cfg, D::source(cfg, db)?).await,
+        Act::Status { json } => {
+            let archived = match &cfg.archive {
+                Some(a) => {
+                    let store = D::archive(cfg, db, a)?;
+                    Some((store.table().to_string(), store.count().await))
+                }
+                None => None,
+            };
+            if json {
+                return status_json(cfg, D::status(cfg, db), archived).await;
+            }
+            let code = status(cfg, D::status(cfg, db), archived).await?;
+            if cfg.sink.enabled {
+                let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+                let peers: Vec<String> = cfg
+                    .topology
+                    .sites
+                    .iter()
+                    .filter(|s| **s != cfg.site)
+                    .cloned()
+                    .collect();
+                match target.unreceipted(&peers, RECEIPT_LAG_S).await {
+                    Ok(lagging) => print!(
+                        "{}",
+                        crate::sink::receipts::describe_lag(&lagging, RECEIPT_LAG_S)
+                    ),
+                    Err(e) => println!("receipts: unreadable: {}", e.message()),
+                }
+            }
+            Ok(code)
+        }
+        Act::Trace { id } => {
+            let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+            trace(cfg, &target, id).await
+        }
+        Act::Reset { target, yes } => reset(cfg, D::source(cfg, db)?, target, yes, said).await,
+        Act::Replay { args, filter } => {
+            let archive = cfg.archive.as_ref().expect("checked by replay_filter");
+            replay(
+                cfg,
+                D::archive(cfg, db, archive)?,
+                D::jobs(cfg, db)?,
+                args,
+                filter,
+                said,
+            )
+            .await
+        }
+        Act::Gaps { fill, wait } => {
+            let target = Batches::new(D::target(cfg, db)?, &cfg.site, &cfg.sink);
+            gaps(cfg, &target, fill, wait, said).await
+        }
+        Act::Jobs(args) => jobs(D::jobs(cfg, db)?, args).await,
+        Act::Audit(args) => audit(D::audit(cfg, db)?, args).await,
+        Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args, said).await,
+        Act::Review(ids) => review(D::purge(cfg, db)?, &ids, said).await,
+        Act::Requeue(which) => dlq_requeue(cfg, which, said).await,
+        Act::Resync(args) => {
+            resync(
+                cfg,
+                D::capture(cfg, db)?,
+                D::resync(cfg, db)?,
+                D::jobs(cfg, db)?,
+                args,
+                said,
+            )
+            .await
+        }
+    }
+}
+
+/// Records a manual action that ran, from the CLI, in the connector's
+/// audit trail: `ok` with `said` when it succeeded, `failed` with the
+/// error (or `said`, for an action that did only part of it) otherwise.
+/// A failure to record is logged and said on stderr; the action's own
+/// result stands.
+async fn audit_cli<D: Driver>(
+    cfg: &ConnectorConfig,
+    db: &D::Settings,
+    action: &str,
+    args: serde_json::Value,
+    result: &Result<ExitCode, Failure>,
+    said: &str,
+) {
+    use crate::audit::{self, Via};
+    let partly = format!("{action} did not do all it was asked (exit code 1)");
+    let outcome: Result<&str, &str> = match result {
+        Ok(code) if *code == ExitCode::SUCCESS => Ok(said),
+        Ok(_) if !said.is_empty() => Err(said),
+        Ok(_) => Err(&partly),
+        Err(f) => Err(&f.message),
+    };
+    let recorded = match D::audit(cfg, db) {
+        Ok(log) => audit::record(&log, Via::Cli, &audit::who(), action, args, outcome)
+            .await
+            .map(|_| ()),
+        Err(e) => {
+            tracing::warn!(action, error = %e, "the action was done but could not be recorded in {}", audit::AUDIT_TABLE);
+            Err(e)
+        }
+    };
+    if let Err(e) = recorded {
+        eprintln!(
+            "warning: this {action} ({}) is not in the audit trail ({}): {e}",
+            match outcome {
+                Ok(_) => "done",
+                Err(_) => "failed",
+            },
+            audit::AUDIT_TABLE
+        );
     }
 }
 
@@ -811,10 +980,12 @@ async fn gaps<T: Target>(
     target: &T,
     fill: bool,
     wait: Option<u64>,
+    said: &mut String,
 ) -> Result<ExitCode, Failure> {
     let open = target.open_gaps().await.map_err(|e| fail(e.to_string()))?;
     print!("{}", crate::sink::gaps::describe(&open));
     if !fill || open.is_empty() {
+        *said = "no open gap: nothing to ask".into();
         return Ok(ExitCode::SUCCESS);
     }
     let sent = crate::sink::gaps::ask_now(cfg, target, &open)
@@ -822,6 +993,10 @@ async fn gaps<T: Target>(
         .map_err(fail)?;
     let archive_site = cfg.topology.archive_site.as_deref().unwrap_or_default();
     println!("asked {archive_site}'s archive for {sent} range(s)");
+    *said = format!(
+        "asked {archive_site}'s archive for {sent} range(s) of {} gap(s)",
+        open.len()
+    );
     let Some(wait) = wait else {
         println!(
             "the running sidecar applies what the archive sends; `sitesync gaps list` shows what is left"
@@ -835,6 +1010,7 @@ async fn gaps<T: Target>(
         if waiting == 0 {
             if now.is_empty() {
                 println!("every gap is closed");
+                said.push_str("; every gap is closed");
                 return Ok(ExitCode::SUCCESS);
             }
             print!("{}", crate::sink::gaps::describe(&now));
@@ -884,6 +1060,14 @@ impl Task for EngineChecks<'_> {
             Ok(jobs) => checks.extend(jobs.preflight().await),
             Err(e) => checks.push(Check::fail(
                 "jobs table",
+                e.to_string(),
+                "check database.url",
+            )),
+        }
+        match D::audit(cfg, db) {
+            Ok(audit) => checks.extend(crate::audit::AuditLog::preflight(&audit).await),
+            Err(e) => checks.push(Check::fail(
+                "audit table",
                 e.to_string(),
                 "check database.url",
             )),
@@ -1017,12 +1201,13 @@ async fn run<
     Ok(ExitCode::SUCCESS)
 }
 
-async fn init<S: Source, T: Dialect, A: Store, J: JobLog, P: Tables>(
+async fn init<S: Source, T: Dialect, A: Store, J: JobLog, L: crate::audit::AuditLog, P: Tables>(
     cfg: &ConnectorConfig,
     source: S,
     target: T,
     archive: Option<A>,
     jobs: J,
+    audit: L,
     tables: P,
 ) -> Result<ExitCode, Failure> {
     println!("init {} ({}):", cfg.name, cfg.file.display());
@@ -1037,6 +1222,9 @@ async fn init<S: Source, T: Dialect, A: Store, J: JobLog, P: Tables>(
         println!("  {line}");
     }
     for line in jobs.init().await? {
+        println!("  {line}");
+    }
+    for line in audit.init().await? {
         println!("  {line}");
     }
     if let Some(archive) = archive {
@@ -1195,7 +1383,11 @@ async fn dlq_list(cfg: &ConnectorConfig) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn dlq_requeue(cfg: &ConnectorConfig, which: RequeueWhich) -> Result<ExitCode, Failure> {
+async fn dlq_requeue(
+    cfg: &ConnectorConfig,
+    which: RequeueWhich,
+    said: &mut String,
+) -> Result<ExitCode, Failure> {
     let conn = broker(cfg, "dlq").await?;
     let done = bus::dlq::requeue(&conn, &cfg.topology, |d| {
         which.all || which.ids.contains(&d.id)
@@ -1219,6 +1411,21 @@ async fn dlq_requeue(cfg: &ConnectorConfig, which: RequeueWhich) -> Result<ExitC
         .collect();
     for id in &missing {
         println!("{id}: not in the dead-letter queue");
+    }
+    *said = format!(
+        "{} sent back, {} left",
+        done.len() - left,
+        left + missing.len()
+    );
+    if !missing.is_empty() {
+        said.push_str(&format!(
+            "; not in the dead-letter queue: {}",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     println!(
         "{} sent back, {} left",
@@ -1392,6 +1599,7 @@ async fn reset<S: Source>(
     source: S,
     target: ResetTarget,
     yes: bool,
+    said: &mut String,
 ) -> Result<ExitCode, Failure> {
     let dir = &cfg.checkpoint.dir;
     // A store sled cannot open is moved aside, but only once the reset is
@@ -1495,6 +1703,7 @@ async fn reset<S: Source>(
     let next = Checkpoint::new_epoch(resume, current_epoch);
     store.reset(&next).await?;
     println!("reset       {}", describe(&next));
+    *said = format!("reset to {}", describe(&next));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1553,6 +1762,7 @@ async fn replay<S: Store, J: JobLog>(
     jobs: J,
     args: ReplayArgs,
     filter: crate::archive::replay::Filter,
+    said: &mut String,
 ) -> Result<ExitCode, Failure> {
     use crate::archive::replay;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1567,6 +1777,7 @@ async fn replay<S: Store, J: JobLog>(
         println!("  {origin:<10} {kind:<30} {n}");
     }
     if args.dry_run || total == 0 {
+        *said = format!("no archived event to send to {queue}");
         return Ok(ExitCode::SUCCESS);
     }
     confirm(args.yes, &format!("send {total} event(s) to {queue}?"))?;
@@ -1589,6 +1800,7 @@ async fn replay<S: Store, J: JobLog>(
         Some(total),
     )
     .await?;
+    let job_id = job.id();
     let bar = progress_bar(total, "events");
     let began = std::time::Instant::now();
     let mut logged = began;
@@ -1635,6 +1847,7 @@ async fn replay<S: Store, J: JobLog>(
             job.set_done(p.confirmed);
             job.succeeded(&line).await;
             println!("{line}");
+            *said = format!("job {}: {line}", job_id);
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -1666,12 +1879,30 @@ async fn jobs<J: JobLog>(log: J, args: JobsArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `sitesync audit`: the latest manual actions, a table or JSON.
+async fn audit<L: crate::audit::AuditLog>(log: L, args: AuditArgs) -> Result<ExitCode, Failure> {
+    let rows = log.list(args.limit, args.action.as_deref()).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::audit::to_json(&rows))
+                .map_err(|e| fail(e.to_string()))?
+        );
+    } else if rows.is_empty() {
+        println!("no action recorded yet");
+    } else {
+        print!("{}", crate::audit::render(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `sitesync purge`: counts, asks, deletes in batches, reports.
 async fn purge<P: Tables, J: JobLog>(
     cfg: &ConnectorConfig,
     tables: P,
     jobs: J,
     args: PurgeArgs,
+    said: &mut String,
 ) -> Result<ExitCode, Failure> {
     use crate::purge;
     let plan = purge::Plan::of(cfg);
@@ -1680,6 +1911,7 @@ async fn purge<P: Tables, J: JobLog>(
             "nothing to purge: {} has no [archive] and its sink is disabled",
             cfg.file.display()
         );
+        *said = "nothing to purge: no [archive] and the sink is disabled".into();
         return Ok(ExitCode::SUCCESS);
     }
     let counts = purge::count(&tables, &plan).await?;
@@ -1720,17 +1952,32 @@ async fn purge<P: Tables, J: JobLog>(
         &stop,
     )
     .await?;
-    println!(
+    *said = format!(
         "deleted {} row(s): {}",
         report.deleted(),
         report.summary(false)
     );
+    println!("{said}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `sitesync conflicts review`: marks conflicts reviewed.
-async fn review<P: Tables>(tables: P, ids: &[i64]) -> Result<ExitCode, Failure> {
+async fn review<P: Tables>(tables: P, ids: &[i64], said: &mut String) -> Result<ExitCode, Failure> {
     let found = tables.review(ids).await?;
+    let list = |ids: Vec<&i64>| {
+        ids.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (reviewed, missing): (Vec<&i64>, Vec<&i64>) = ids.iter().partition(|i| found.contains(i));
+    *said = format!("{} conflict(s) reviewed", reviewed.len());
+    if !reviewed.is_empty() {
+        said.push_str(&format!(": {}", list(reviewed)));
+    }
+    if !missing.is_empty() {
+        said.push_str(&format!("; not in sitesync_conflicts: {}", list(missing)));
+    }
     for id in ids {
         if found.contains(id) {
             println!("conflict {id}: reviewed");
@@ -1768,6 +2015,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
     mut store: R,
     jobs: J,
     args: ResyncArgs,
+    said: &mut String,
 ) -> Result<ExitCode, Failure> {
     use crate::resync::{self, ClaimError, Request, Run, Snapshot};
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -1781,7 +2029,8 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
     if let Some(job) = args.abandon {
         store.resume(job).await.map_err(claim)?;
         store.finish(job, "abandoned").await.map_err(fail)?;
-        println!("resync job {job} abandoned: its tables are free");
+        *said = format!("resync job {job} abandoned: its tables are free");
+        println!("{said}");
         return Ok(ExitCode::SUCCESS);
     }
     let (request, to_site) = match args.resume {
@@ -2047,6 +2296,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
             );
             record.succeeded(&line).await;
             println!("{line}");
+            *said = line;
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

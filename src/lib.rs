@@ -12,7 +12,7 @@
 //! `docs/ARCHITECTURE.md` for the flow and how to add an engine):
 //!
 //! - [`cli`]: the `sitesync` commands (`run`, `check`, `init`, `status`,
-//!   `dlq`, `replay`, `resync`, `jobs`, `purge`, `conflicts review`,
+//!   `dlq`, `replay`, `resync`, `jobs`, `audit`, `purge`, `conflicts review`,
 //!   `gaps`, `trace`, `topology declare`, `checkpoint show|reset`, `demo`,
 //!   `bench`);
 //!   `main.rs` only calls [`cli::main`]. It names no engine: it reaches
@@ -49,6 +49,9 @@
 //!   database (its connector's `[archive]`), with the sink's consumer.
 //! - [`jobs`]: the record of long operations (replay, purge, …) in
 //!   `sitesync_jobs`, the [`jobs::JobLog`] each engine implements.
+//! - [`audit`]: the audit trail: every manual action (CLI or admin API),
+//!   who, when, arguments, result, in `sitesync_audit`, the
+//!   [`audit::AuditLog`] each engine implements.
 //! - [`purge`]: the archive, the inbox and reviewed conflicts removed after
 //!   their retention, by `sitesync purge` and on a schedule in the sidecar.
 //! - [`sidecar`]: the source, the sink, the archive and the scheduled purge
@@ -67,6 +70,7 @@
 
 pub mod admin;
 pub mod archive;
+pub mod audit;
 pub mod bus;
 pub mod capture;
 pub mod checkpoint;

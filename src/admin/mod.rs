@@ -13,6 +13,7 @@
 //! | `POST /api/conflicts/review` | admin | `{"ids": [...]}` |
 //! | `GET /api/gaps` | read | the open gaps |
 //! | `POST /api/gaps/fill` | admin | asks the archive for every open gap now |
+//! | `GET /api/audit` | read | the latest manual actions (`?limit=N`) |
 //! | `GET /api/overview` | read | this site and each peer's (`[admin] peers`), for the dashboard |
 //! | `GET /` | none | the dashboard page (it asks for a token, and reads `/api/overview`) |
 //!
@@ -54,6 +55,38 @@ pub trait Site: Send + Sync + 'static {
     /// Asks the archive for every open gap now, as `sitesync gaps fill`:
     /// the gaps asked for and how many ranges were sent.
     fn fill_gaps(&self) -> BoxFuture<'_, Result<(Value, usize), String>>;
+    /// Records a manual action of the API in the site's audit trail; the
+    /// error when it could not (the action stands either way).
+    fn audit(
+        &self,
+        who: String,
+        action: &'static str,
+        arguments: Value,
+        result: Result<String, String>,
+    ) -> BoxFuture<'_, Result<(), String>>;
+    /// The latest entries of the audit trail, as `sitesync audit --json`.
+    fn audit_list(&self, limit: usize) -> BoxFuture<'_, Result<Value, String>>;
+}
+
+/// Records `action` by `who` in the audit trail; a failure to record is
+/// logged by the engine's side and said in the answer (`audit_error`).
+async fn audited(
+    ctx: &Shared,
+    who: &Caller,
+    action: &'static str,
+    arguments: Value,
+    result: Result<String, String>,
+    mut answer: Value,
+) -> Value {
+    if let Err(e) = ctx
+        .site
+        .audit(who.name.clone(), action, arguments, result)
+        .await
+    {
+        answer["audit_error"] =
+            Value::String(format!("done, but not recorded in the audit trail: {e}"));
+    }
+    answer
 }
 
 struct Shared {
@@ -228,12 +261,28 @@ async fn requeue(
             "nothing chosen: give \"ids\" or \"all\": true".into(),
         ));
     }
+    let arguments = json!({ "ids": which.ids, "all": which.all });
     let conn = broker(&ctx.cfg).await?;
-    let done = crate::bus::dlq::requeue(&conn, &ctx.cfg.topology, |d| {
+    let done = match crate::bus::dlq::requeue(&conn, &ctx.cfg.topology, |d| {
         which.all || which.ids.contains(&d.id)
     })
     .await
-    .map_err(|e| Failure(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    {
+        Ok(done) => done,
+        Err(e) => {
+            let e = e.to_string();
+            audited(
+                &ctx,
+                &who,
+                crate::audit::actions::DLQ_REQUEUE,
+                arguments,
+                Err(e.clone()),
+                Value::Null,
+            )
+            .await;
+            return Err(Failure(StatusCode::BAD_GATEWAY, e));
+        }
+    };
     let _ = conn.close(200, "requeued".into()).await;
     let mut sent = Vec::new();
     let mut left = Vec::new();
@@ -251,8 +300,27 @@ async fn requeue(
         .filter(|id| !done.iter().any(|(d, _)| &d.id == *id))
         .collect();
     tracing::info!(by = %who.name, sent = sent.len(), left = left.len(), missing = missing.len(), "admin API: dead letters requeued");
+    let line = format!(
+        "{} sent back, {} left, {} not found",
+        sent.len(),
+        left.len(),
+        missing.len()
+    );
+    let result = match left.is_empty() && missing.is_empty() {
+        true => Ok(line),
+        false => Err(line),
+    };
+    let answer = json!({ "requeued": sent, "left": left, "missing": missing });
     Ok(Json(
-        json!({ "requeued": sent, "left": left, "missing": missing }),
+        audited(
+            &ctx,
+            &who,
+            crate::audit::actions::DLQ_REQUEUE,
+            arguments,
+            result,
+            answer,
+        )
+        .await,
     ))
 }
 
@@ -273,10 +341,41 @@ async fn review(
             "send a JSON body: {\"ids\": [<conflict id>, …]}".into(),
         ));
     };
-    let found = ctx.site.review(ids.clone()).await.map_err(internal)?;
+    let arguments = json!({ "ids": ids });
+    let found = match ctx.site.review(ids.clone()).await {
+        Ok(f) => f,
+        Err(e) => {
+            audited(
+                &ctx,
+                &who,
+                crate::audit::actions::CONFLICTS_REVIEW,
+                arguments,
+                Err(e.clone()),
+                Value::Null,
+            )
+            .await;
+            return Err(internal(e));
+        }
+    };
     let missing: Vec<i64> = ids.iter().filter(|i| !found.contains(i)).copied().collect();
     tracing::info!(by = %who.name, reviewed = found.len(), missing = missing.len(), "admin API: conflicts reviewed");
-    Ok(Json(json!({ "reviewed": found, "missing": missing })))
+    let line = format!("{} reviewed, {} not found", found.len(), missing.len());
+    let result = match missing.is_empty() {
+        true => Ok(line),
+        false => Err(line),
+    };
+    let answer = json!({ "reviewed": found, "missing": missing });
+    Ok(Json(
+        audited(
+            &ctx,
+            &who,
+            crate::audit::actions::CONFLICTS_REVIEW,
+            arguments,
+            result,
+            answer,
+        )
+        .await,
+    ))
 }
 
 /// This site as the dashboard shows it: its readiness, status and jobs.
@@ -343,11 +442,16 @@ async fn overview(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Fa
         Ok(l) => json!({ "dead_letters": l.iter().map(letter).collect::<Vec<_>>() }),
         Err(Failure(_, e)) => json!({ "error": e }),
     };
+    let audit = match ctx.site.audit_list(overview::JOBS).await {
+        Ok(a) => a,
+        Err(e) => json!({ "error": e }),
+    };
     Ok(Json(json!({
         "site": ctx.cfg.site,
         "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "sites": sites,
         "dlq": dlq,
+        "audit": audit,
     })))
 }
 
@@ -362,13 +466,50 @@ async fn gaps(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failur
 
 async fn fill_gaps(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
     let who = caller(&ctx, &headers, Scope::Admin)?;
-    let (gaps, sent) = ctx
-        .site
-        .fill_gaps()
-        .await
-        .map_err(|e| Failure(StatusCode::CONFLICT, e))?;
+    let (gaps, sent) = match ctx.site.fill_gaps().await {
+        Ok(r) => r,
+        Err(e) => {
+            audited(
+                &ctx,
+                &who,
+                crate::audit::actions::GAPS_FILL,
+                json!({}),
+                Err(e.clone()),
+                Value::Null,
+            )
+            .await;
+            return Err(Failure(StatusCode::CONFLICT, e));
+        }
+    };
     tracing::info!(by = %who.name, ranges = sent, "admin API: the archive asked for the open gaps");
-    Ok(Json(json!({ "asked": sent, "gaps": gaps })))
+    let line = format!("asked the archive for {sent} range(s)");
+    let answer = json!({ "asked": sent, "gaps": gaps });
+    Ok(Json(
+        audited(
+            &ctx,
+            &who,
+            crate::audit::actions::GAPS_FILL,
+            json!({}),
+            Ok(line),
+            answer,
+        )
+        .await,
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, Failure> {
+    caller(&ctx, &headers, Scope::Read)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    Ok(Json(ctx.site.audit_list(limit).await.map_err(internal)?))
 }
 
 async fn not_found() -> Failure {
@@ -413,6 +554,7 @@ fn routes(shared: Arc<Shared>) -> axum::Router {
         .route("/api/conflicts/review", post(review))
         .route("/api/gaps", get(gaps))
         .route("/api/gaps/fill", post(fill_gaps))
+        .route("/api/audit", get(audit_list))
         .fallback(not_found)
         .with_state(shared)
 }

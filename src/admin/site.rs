@@ -2,6 +2,7 @@
 //! database, through the engine's [`Driver`].
 
 use super::Site;
+use crate::audit::AuditLog;
 use crate::config::ConnectorConfig;
 use crate::engine::Driver;
 use crate::error::TargetError;
@@ -18,6 +19,7 @@ pub struct EngineSite<D: Driver> {
     db: D::Settings,
     jobs: D::Jobs,
     purge: D::Purge,
+    audit: D::Audit,
 }
 
 impl<D: Driver> EngineSite<D> {
@@ -27,6 +29,7 @@ impl<D: Driver> EngineSite<D> {
             db: db.clone(),
             jobs: D::jobs(cfg, db)?,
             purge: D::purge(cfg, db)?,
+            audit: D::audit(cfg, db)?,
         })
     }
 }
@@ -62,6 +65,39 @@ impl<D: Driver> Site for EngineSite<D> {
 
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>> {
         Box::pin(async move { self.purge.review(&ids).await.map_err(|e| e.to_string()) })
+    }
+
+    fn audit(
+        &self,
+        who: String,
+        action: &'static str,
+        arguments: Value,
+        result: Result<String, String>,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            crate::audit::record(
+                &self.audit,
+                crate::audit::Via::Api,
+                &who,
+                action,
+                arguments,
+                result.as_deref().map_err(String::as_str),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+    }
+
+    fn audit_list(&self, limit: usize) -> BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async move {
+            let entries = self
+                .audit
+                .list(limit, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(crate::audit::to_json(&entries))
+        })
     }
 
     fn gaps(&self) -> BoxFuture<'_, Result<Value, String>> {

@@ -73,6 +73,13 @@ pub trait Driver: 'static {
     /// The job log of this site's database.
     fn jobs(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Jobs, TargetError>;
 
+    /// Its `sitesync_audit` table (`src/engine/<name>/audit.rs`).
+    type Audit: crate::audit::AuditLog;
+
+    /// The audit trail of this site's database: who did which manual
+    /// action, and how it ended.
+    fn audit(cfg: &ConnectorConfig, db: &Self::Settings) -> Result<Self::Audit, TargetError>;
+
     /// Its purge of the archive, the inbox and reviewed conflicts
     /// (`src/engine/<name>/purge.rs`).
     type Purge: crate::purge::Tables;

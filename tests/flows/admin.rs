@@ -194,6 +194,7 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
     let (code, body) = call(port, "POST", "/api/dlq/requeue", Some(ADMIN), Some(which)).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["requeued"][0]["id"], "admin-garbage-1", "{body}");
+    assert!(body["audit_error"].is_null(), "{body}");
     assert_eq!(
         body["requeued"][0]["queue"],
         Value::from(mesh.names.site("LONDON")),
@@ -213,6 +214,39 @@ async fn the_api_needs_a_token_reads_with_any_and_changes_things_only_with_an_ad
     .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["missing"], serde_json::json!([999_999]), "{body}");
+    // Each mutating call is in the audit trail, by the token's name.
+    let (code, trail) = call(port, "GET", "/api/audit", Some(READ), None).await;
+    assert_eq!(code, 200, "{trail}");
+    let entry = |action: &str| -> Value {
+        trail
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["action"] == action)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {action} in {trail}"))
+    };
+    let requeued = entry("dlq requeue");
+    assert_eq!(
+        (&requeued["who"], &requeued["via"], &requeued["result"]),
+        (
+            &Value::from("alice"),
+            &Value::from("api"),
+            &Value::from("ok")
+        ),
+        "{requeued}"
+    );
+    assert_eq!(
+        requeued["arguments"]["ids"][0], "admin-garbage-1",
+        "{requeued}"
+    );
+    let reviewed = entry("conflicts review");
+    assert_eq!(reviewed["result"], "failed", "an id not found: {reviewed}");
+    // The refused calls (401, 403) did nothing and are not in it.
+    assert_eq!(trail.as_array().unwrap().len(), 2, "{trail}");
+    let cli: Value = serde_json::from_str(&mesh.ok("LONDON", &["audit", "--json"]).await).unwrap();
+    assert_eq!(cli.as_array().map(Vec::len), Some(2), "{cli}");
+
     // Gaps: listed with a read token, asked of the archive with an admin one.
     let (code, body) = call(port, "GET", "/api/gaps", Some(READ), None).await;
     assert_eq!((code, body.clone()), (200, serde_json::json!([])), "{body}");

@@ -311,6 +311,13 @@ async fn the_dashboard_shows_every_site_a_resync_advancing_requeues_and_marks_a_
             t.contains("page-garbage-1: sent back to")
         })
         .await;
+    // The requeue is in LONDON's audit trail on the page, by the token.
+    browser
+        .wait_text("the requeue in the audit trail", |t| {
+            t.lines()
+                .any(|l| l.contains("ops") && l.contains("api") && l.contains("dlq requeue"))
+        })
+        .await;
 
     // MADRID stops: the page marks it and raises the alert.
     assert!(resync.wait().unwrap().success());

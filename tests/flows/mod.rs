@@ -2,6 +2,7 @@
 
 mod admin;
 mod archive;
+mod audit;
 mod bench;
 mod capture;
 mod cli;

@@ -495,6 +495,36 @@ async fn oracle_purge_removes_the_old_inbox_rows_and_records_the_job() {
     assert_eq!(jobs[0]["kind"], "purge");
     assert_eq!(jobs[0]["state"], "succeeded");
     assert_eq!(jobs[0]["done"], 8);
+    // The dry run is not in the audit trail (SITESYNC_AUDIT, made by
+    // init); the purge is, and a review of a conflict that is not there
+    // is, failed.
+    let review = run(&madrid, &["conflicts", "review", "31337"]).await;
+    assert_eq!(review.status.code(), Some(1));
+    let audit: serde_json::Value =
+        serde_json::from_str(&text(run(&madrid, &["audit", "--json"]).await)).unwrap();
+    let audit = audit.as_array().unwrap();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert_eq!(
+        (&audit[0]["action"], &audit[0]["result"]),
+        (
+            &serde_json::json!("conflicts review"),
+            &serde_json::json!("failed")
+        )
+    );
+    assert_eq!(audit[0]["arguments"]["ids"], serde_json::json!([31337]));
+    assert_eq!(
+        (&audit[1]["action"], &audit[1]["result"]),
+        (&serde_json::json!("purge"), &serde_json::json!("ok"))
+    );
+    assert!(
+        audit[1]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("deleted 8 row(s)"),
+        "{}",
+        audit[1]
+    );
+    assert_eq!(audit[1]["who"], sitesync::audit::who().as_str());
     sidecar.terminate().await;
     for s in sidecars.values_mut() {
         s.terminate().await;

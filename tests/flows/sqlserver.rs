@@ -492,6 +492,7 @@ async fn sqlserver_purge_removes_the_old_inbox_rows_and_records_the_job() {
     let check = sitesync(&["check"]);
     assert!(
         check.contains("] jobs table: dbo.sitesync_jobs")
+            && check.contains("] audit table: dbo.sitesync_audit")
             && check.contains("] conflicts review: dbo.sitesync_conflicts.reviewed_at"),
         "{check}"
     );
@@ -533,6 +534,23 @@ async fn sqlserver_purge_removes_the_old_inbox_rows_and_records_the_job() {
     assert_eq!(jobs[0]["kind"], "purge");
     assert_eq!(jobs[0]["state"], "succeeded");
     assert_eq!(jobs[0]["done"], 8);
+    // The purge is in the audit trail (dbo.sitesync_audit); its dry run
+    // is not.
+    let audit: serde_json::Value = serde_json::from_str(&sitesync(&["audit", "--json"])).unwrap();
+    let audit = audit.as_array().unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["action"], "purge");
+    assert_eq!(audit[0]["result"], "ok");
+    assert_eq!(audit[0]["via"], "cli");
+    assert_eq!(audit[0]["who"], sitesync::audit::who().as_str());
+    assert!(
+        audit[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("deleted 8 row(s): dbo.sitesync_inbox 8"),
+        "{}",
+        audit[0]
+    );
     r.sidecar.terminate().await;
 }
 

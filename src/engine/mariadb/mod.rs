@@ -13,6 +13,7 @@
 //!   reads.
 
 pub mod archive;
+pub mod audit;
 pub mod binlog;
 pub mod capture;
 pub mod conn;
@@ -45,6 +46,7 @@ impl super::Driver for MariaDb {
     type Capture = capture::MariaDbCapture;
     type Archive = archive::MariaDbArchive;
     type Jobs = jobs::MariaDbJobs;
+    type Audit = audit::MariaDbAudit;
     type Purge = purge::MariaDbPurge;
     type Resync = resync::MariaDbResync;
 
@@ -93,6 +95,13 @@ impl super::Driver for MariaDb {
         db: &settings::Settings,
     ) -> Result<jobs::MariaDbJobs, TargetError> {
         jobs::MariaDbJobs::new(db)
+    }
+
+    fn audit(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<audit::MariaDbAudit, TargetError> {
+        audit::MariaDbAudit::new(db)
     }
 
     fn purge(

@@ -15,6 +15,7 @@
 //!   and its jobs' rows and locks.
 
 pub mod archive;
+pub mod audit;
 pub mod capture;
 pub mod conn;
 pub mod jobs;
@@ -50,6 +51,7 @@ impl super::Driver for Oracle {
     type Capture = capture::OracleCapture;
     type Archive = archive::OracleArchive;
     type Jobs = jobs::OracleJobs;
+    type Audit = audit::OracleAudit;
     type Purge = purge::OraclePurge;
     type Resync = resync::OracleResync;
 
@@ -92,6 +94,13 @@ impl super::Driver for Oracle {
         db: &settings::Settings,
     ) -> Result<jobs::OracleJobs, TargetError> {
         jobs::OracleJobs::new(db)
+    }
+
+    fn audit(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<audit::OracleAudit, TargetError> {
+        audit::OracleAudit::new(db)
     }
 
     fn purge(

@@ -10,6 +10,7 @@
 //! - [`status`]: what `sitesync status` reads.
 
 pub mod archive;
+pub mod audit;
 pub mod capture;
 pub mod jobs;
 pub mod pgoutput;
@@ -41,6 +42,7 @@ impl super::Driver for Postgres {
     type Capture = capture::PgCapture;
     type Archive = archive::PgArchive;
     type Jobs = jobs::PgJobs;
+    type Audit = audit::PgAudit;
     type Purge = purge::PgPurge;
     type Resync = resync::PgResync;
 
@@ -86,6 +88,13 @@ impl super::Driver for Postgres {
 
     fn jobs(_cfg: &ConnectorConfig, db: &settings::Settings) -> Result<jobs::PgJobs, TargetError> {
         jobs::PgJobs::new(db)
+    }
+
+    fn audit(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<audit::PgAudit, TargetError> {
+        audit::PgAudit::new(db)
     }
 
     fn purge(

@@ -13,6 +13,7 @@
 //!   its jobs' rows and locks.
 
 pub mod archive;
+pub mod audit;
 pub mod capture;
 pub mod conn;
 pub mod jobs;
@@ -45,6 +46,7 @@ impl super::Driver for SqlServer {
     type Capture = capture::MssqlCapture;
     type Archive = archive::SqlServerArchive;
     type Jobs = jobs::SqlServerJobs;
+    type Audit = audit::SqlServerAudit;
     type Purge = purge::SqlServerPurge;
     type Resync = resync::SqlServerResync;
 
@@ -93,6 +95,13 @@ impl super::Driver for SqlServer {
         db: &settings::Settings,
     ) -> Result<jobs::SqlServerJobs, TargetError> {
         jobs::SqlServerJobs::new(db)
+    }
+
+    fn audit(
+        _cfg: &ConnectorConfig,
+        db: &settings::Settings,
+    ) -> Result<audit::SqlServerAudit, TargetError> {
+        audit::SqlServerAudit::new(db)
     }
 
     fn purge(
