@@ -114,6 +114,10 @@ fn every_command_has_help_with_an_example() {
         vec!["jobs"],
         vec!["purge"],
         vec!["conflicts", "review"],
+        vec!["audit"],
+        vec!["status"],
+        vec!["resync"],
+        vec!["gaps", "fill"],
     ] {
         let mut args = command.clone();
         args.push("--help");
