@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod gaps;
 mod mariadb;
+mod metrics;
 mod mixed;
 mod operations;
 mod oracle;
