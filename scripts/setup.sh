@@ -78,6 +78,22 @@ if [ ${#missing_pkgs[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_pkgs[@]}"
 fi
 
+# promtool (Debian's prometheus package) checks the metrics exposition and
+# config/alerts.yml in the tests; without recommends, and its services are
+# not started (policy-rc.d refuses them while it installs).
+if [ "$want" = test ] && ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  say "installing prometheus (for promtool; its services are not started)"
+  policy=/usr/sbin/policy-rc.d
+  placed=""
+  if [ ! -e "$policy" ]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+    placed=yes
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+  [ -n "$placed" ] && as_root rm -f "$policy"
+fi
+
 [ -n "$own_broker" ] && exit 0
 
 # The local RabbitMQ node: started if installed but not answering, then its

@@ -291,6 +291,9 @@ impl<'a, L: JobLog> Job<'a, L> {
     pub async fn flush(&mut self) {
         self.written = Instant::now();
         self.dirty = false;
+        let (done, total) = crate::metrics::job(&self.kind);
+        done.set(i64::try_from(self.progress.done).unwrap_or(i64::MAX));
+        total.set(i64::try_from(self.progress.total.unwrap_or(0)).unwrap_or(i64::MAX));
         if let Err(e) = self.log.progress(self.id, &self.progress).await {
             tracing::warn!(job = %self.id, kind = %self.kind, error = %e, "could not record the job's progress; it goes on");
         }
@@ -318,6 +321,12 @@ impl<'a, L: JobLog> Job<'a, L> {
             tracing::warn!(job = %self.id, kind = %self.kind, error = %e, "could not record the job's end");
         }
         tracing::info!(job = %self.id, kind = %self.kind, state = state.as_str(), result, "job ended");
+        let (done, total) = crate::metrics::job(&self.kind);
+        done.set(0);
+        total.set(0);
+        if state == JobState::Failed {
+            crate::metrics::job_failed(&self.kind);
+        }
     }
 }
 

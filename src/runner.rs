@@ -29,11 +29,13 @@ use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, describe, 
 use crate::config::ConnectorConfig;
 use crate::error::{ErrorKind, SourceError};
 use crate::event::{Clock, RowError};
+use crate::metrics::ByType;
 use crate::position::LogPosition;
 use crate::retry::Backoff;
 use crate::source::{Change, ChangeStream, Source};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -173,9 +175,16 @@ pub async fn run<S: Source>(
     }
     let mut backoff = Backoff::new(&cfg.retry);
     let mut shutdown_wait = shutdown.clone();
+    // Sessions started: each after the first opens the broker connection again.
+    let mut sessions = 0u64;
     loop {
         let before = store.load::<S::Position>()?;
+        if sessions > 0 {
+            crate::metrics::connection("publisher").1.inc();
+        }
+        sessions += 1;
         let outcome = session(cfg, &source, &store, shutdown.clone()).await;
+        crate::metrics::connection("publisher").0.set(0);
         match outcome {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
@@ -261,6 +270,7 @@ async fn session<S: Source>(
         &format!("sitesync-{}", cfg.name),
     )
     .await?;
+    crate::metrics::connection("publisher").0.set(1);
     // Verification gets a connection of its own (see `Verifier`).
     let verify_conn = bus::connect(
         &cfg.broker.urls,
@@ -473,6 +483,7 @@ async fn dispatch<P: LogPosition>(
             }
         }));
     };
+    crate::metrics::get().changed();
     let event = match &row {
         Ok(r) => {
             clock.skip_taken(taken);
@@ -494,12 +505,15 @@ async fn dispatch<P: LogPosition>(
     // An event is not waited for here: the next events are queued behind
     // it (see `Publisher::send`), and a failure to write it surfaces with
     // its confirm, in order. A dead letter is written before it returns.
-    let (sending, what) = match event {
+    let (sending, what, confirmed) = match event {
         Ok((event, body)) => {
+            counters.read.get(&event.kind).inc();
             let sending = publisher.send(&event, body, &position);
             *clock = clock.after(&event);
             counters.events += 1;
-            (sending, Published::Event(event.id, position))
+            counters.published.get(&event.kind).inc();
+            let confirmed = Some(counters.confirmed.get(&event.kind).clone());
+            (sending, Published::Event(event.id, position), confirmed)
         }
         Err(reason) => {
             tracing::warn!(%position, %reason, "outbox row cannot become an event: sending it to the dead-letter queue");
@@ -508,15 +522,28 @@ async fn dispatch<P: LogPosition>(
                 .await
                 .map_err(|e| SessionError::transient(format!("publishing a dead letter: {e}")))?;
             counters.dead_letters += 1;
+            let kind = row.as_ref().ok().and_then(|r| r.kind.as_deref());
+            counters.read.get(kind.unwrap_or("")).inc();
+            crate::metrics::get().source_dead_letters.inc();
             let sent: Pin<Box<dyn Future<Output = _> + Send>> =
                 Box::pin(std::future::ready(Ok(confirm)));
-            (sent, Published::DeadLetter(position))
+            (sent, Published::DeadLetter(position), None)
         }
     };
     let after = *clock;
+    let sent_at = Instant::now();
     Ok(Box::pin(async move {
         let result = match sending.await {
-            Ok(confirm) => settle(confirm.await, || what.to_string()),
+            Ok(confirm) => {
+                let settled = settle(confirm.await, || what.to_string());
+                if let (Ok(()), Some(counter)) = (&settled, confirmed) {
+                    counter.inc();
+                    crate::metrics::get()
+                        .confirm_latency
+                        .observe(sent_at.elapsed().as_secs_f64());
+                }
+                settled
+            }
             Err(e) => Err(PublishFailure::Lost {
                 what: what.to_string(),
                 error: format!("sending it: {e}"),
@@ -544,11 +571,27 @@ const REPORT_EVERY: Duration = Duration::from_secs(30);
 const LIVENESS_EVERY: Duration = Duration::from_secs(30);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a session did, for the periodic progress line.
-#[derive(Default)]
+/// What a session did, for the periodic progress line, and its metrics'
+/// series by event type (resolved once per type).
 struct Counters {
     events: u64,
     dead_letters: u64,
+    read: ByType<Counter>,
+    published: ByType<Counter>,
+    confirmed: ByType<Counter>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let m = crate::metrics::get();
+        Counters {
+            events: 0,
+            dead_letters: 0,
+            read: ByType::new(&m.read),
+            published: ByType::new(&m.published),
+            confirmed: ByType::new(&m.confirmed),
+        }
+    }
 }
 
 impl Counters {
@@ -563,7 +606,7 @@ impl Counters {
                 REPORT_EVERY.as_secs()
             );
         }
-        *self = Counters::default();
+        (self.events, self.dead_letters) = (0, 0);
     }
 }
 
@@ -646,6 +689,7 @@ async fn checkpointer<P: LogPosition>(
                     let verified = began.elapsed();
                     let next = written.advanced(resume.clone(), clock);
                     store.commit_unwitnessed(&next).await?;
+                    crate::metrics::get().checkpointed();
                     tracing::trace!(?verified, committed = ?(began.elapsed() - verified), %resume, "checkpoint cycle");
                     written = next;
                     unwitnessed = true;

@@ -237,6 +237,11 @@ struct Figures {
     /// The end-to-end phase again, every sink sending receipts and PARIS's
     /// archive too (PARIS recording them).
     e2e_receipts_per_s: f64,
+    /// The end-to-end phase again, every sidecar exposing `/metrics`
+    /// (`[admin] listen`) and scraped every second.
+    e2e_metrics_per_s: f64,
+    /// Scrapes answered during that phase (three sidecars, one a second).
+    metrics_scrapes: u64,
     /// `sitesync replay` of PARIS's archive to LONDON's queue (the whole
     /// command: its count, then the confirmed sends), events a second.
     replay_per_s: f64,
@@ -275,6 +280,7 @@ const E2E_BASE: i64 = 10_000_000;
 const LATENCY_BASE: i64 = 20_000_000;
 const BULK_BASE: i64 = 30_000_000;
 const E2E_RECEIPTS_BASE: i64 = 15_000_000;
+const E2E_METRICS_BASE: i64 = 50_000_000;
 const MARIADB_E2E_BASE: i64 = 40_000_000;
 const WARM_ID: i64 = 9_999_999;
 const MARIADB_WARM_ID: i64 = 39_999_999;
@@ -324,6 +330,9 @@ struct Bench {
     source_only: PathBuf,
     /// Each site's connector with receipts on (the receipts phase).
     with_receipts: HashMap<&'static str, PathBuf>,
+    /// Each site's connector with `[admin] listen`, and its port (the
+    /// metrics phase).
+    with_metrics: HashMap<&'static str, (PathBuf, u16)>,
     sidecars: HashMap<&'static str, Child>,
     /// Each running sidecar's log file.
     logs: HashMap<&'static str, PathBuf>,
@@ -388,6 +397,7 @@ impl Bench {
             connectors: HashMap::new(),
             source_only: PathBuf::new(),
             with_receipts: HashMap::new(),
+            with_metrics: HashMap::new(),
             sidecars: HashMap::new(),
             logs: HashMap::new(),
             names: Names {
@@ -659,6 +669,17 @@ impl Bench {
             );
             std::fs::write(&receipts, text).map_err(|e| format!("{}: {e}", receipts.display()))?;
             self.with_receipts.insert(site, receipts);
+            // The same connector with its admin listener on (/metrics).
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("a free port for {site}'s admin listener: {e}"))?
+                .port();
+            let exposed = self.dir.join(format!("{db}-metrics.toml"));
+            let base =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = format!("name = \"{db}\"\n{base}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+            std::fs::write(&exposed, text).map_err(|e| format!("{}: {e}", exposed.display()))?;
+            self.with_metrics.insert(site, (exposed, port));
             self.connectors.insert(site, file);
         }
         Ok(())
@@ -953,6 +974,57 @@ impl Bench {
             f.e2e_per_s,
             (f.e2e_receipts_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
             written_r * 3
+        ));
+        self.stop_sidecars().await;
+        self.purge_archive().await?;
+
+        // Metrics: the same phase with every sidecar's admin listener on
+        // and scraped every second, as Prometheus would (same run).
+        for site in SITES {
+            let c = self.with_metrics[site].0.clone();
+            self.spawn_with(site, &c)?;
+        }
+        quiesce("end to end with metrics", sizes.settle).await;
+        let ports: Vec<u16> = SITES.iter().map(|s| self.with_metrics[s].1).collect();
+        let scraping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let scraper = {
+            let scraping = scraping.clone();
+            tokio::task::spawn_blocking(move || scrape_every_second(&ports, &scraping))
+        };
+        let mut writers = Vec::new();
+        for _ in 0..E2E_WRITERS {
+            writers.push(Arc::new(connect(&self.url("paris")).await?));
+        }
+        say(format!(
+            "end to end with metrics: {E2E_WRITERS} writers at PARIS for {} s, /metrics of the three sidecars scraped every second",
+            sizes.seconds
+        ));
+        let measured = self
+            .e2e(
+                &[(&london).into(), (&madrid).into()],
+                &writers,
+                sizes.seconds,
+                E2E_METRICS_BASE,
+            )
+            .await;
+        scraping.store(false, Ordering::Relaxed);
+        let (answered, failed) = scraper
+            .await
+            .map_err(|e| format!("the metrics scraper: {e}"))?;
+        let (written_m, elapsed_m, _) = measured?;
+        drop(writers);
+        if answered == 0 || failed > 0 {
+            return Err(format!(
+                "end to end with metrics: {answered} scrapes answered, {failed} failed"
+            ));
+        }
+        f.e2e_metrics_per_s = written_m as f64 / elapsed_m.as_secs_f64();
+        f.metrics_scrapes = answered;
+        say(format!(
+            "end to end with metrics: {:.0} ev/s against {:.0} without ({:+.1} %); {answered} scrapes answered",
+            f.e2e_metrics_per_s,
+            f.e2e_per_s,
+            (f.e2e_metrics_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
         ));
         self.stop_sidecars().await;
         for site in SITES {
@@ -2083,6 +2155,33 @@ fn runs(rates: &[f64]) -> String {
     }
 }
 
+/// GETs `/metrics` of each sidecar's admin listener (`ports`) once a
+/// second while `go` holds; returns the scrapes answered 200 and the
+/// others.
+fn scrape_every_second(ports: &[u16], go: &std::sync::atomic::AtomicBool) -> (u64, u64) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let (mut answered, mut failed) = (0, 0);
+    while go.load(Ordering::Relaxed) {
+        let began = Instant::now();
+        for port in ports {
+            let url = format!("http://127.0.0.1:{port}/metrics");
+            match agent.get(&url).call() {
+                Ok(mut r) if r.status() == 200 => match r.body_mut().read_to_string() {
+                    Ok(_) => answered += 1,
+                    Err(_) => failed += 1,
+                },
+                _ => failed += 1,
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(began.elapsed()));
+    }
+    (answered, failed)
+}
+
 fn render(f: &Figures, s: &Sizes, context: &str) -> String {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     format!(
@@ -2093,6 +2192,7 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
          {:<34}{:>10.0} ev/s   PARIS's sink taking them back from its queue\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time; archived at PARIS {:.2} s after\n\
          {:<34}{:>10.0} ev/s   {:+.1} % against the phase above (every sink and the archive sending receipts)\n\
+         {:<34}{:>10.0} ev/s   {:+.1} % against end to end (every sidecar's /metrics scraped every second, {} scrapes)\n\
          {:<34}{:>10.0} ev/s   {} archived events to one site's queue, confirmed (the whole command)\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
@@ -2120,6 +2220,10 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         "end to end with receipts",
         f.e2e_receipts_per_s,
         (f.e2e_receipts_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
+        "end to end with metrics",
+        f.e2e_metrics_per_s,
+        (f.e2e_metrics_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
+        f.metrics_scrapes,
         "replay",
         f.replay_per_s,
         f.replay_events,
@@ -2217,6 +2321,9 @@ fn json(f: &Figures) -> String {
         "e2e_archive_lag_s": round(f.e2e_archive_lag_s, 2),
         "e2e_receipts_per_s": round(f.e2e_receipts_per_s, 0),
         "receipts_cost_pct": round((1.0 - f.e2e_receipts_per_s / f.e2e_per_s.max(1.0)) * 100.0, 1),
+        "e2e_metrics_per_s": round(f.e2e_metrics_per_s, 0),
+        "metrics_cost_pct": round((1.0 - f.e2e_metrics_per_s / f.e2e_per_s.max(1.0)) * 100.0, 1),
+        "metrics_scrapes": f.metrics_scrapes,
         "replay_per_s": round(f.replay_per_s, 0),
         "replay_events": f.replay_events,
         "e2e_writers_held_pct": round(f.e2e_held_pct, 1),

@@ -44,12 +44,15 @@ use crate::bus::publisher::{HEADER_EPOCH, HEADER_SEQ, Publisher, settle};
 use crate::config::ConnectorConfig;
 use crate::error::{Cause, ErrorKind, TargetError};
 use crate::event::Event;
+use crate::metrics::ByOriginType;
 use crate::retry::Backoff;
 use crate::runner::Shutdown;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use plan::Message;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use queue::{Filled, Limits, delivered};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
@@ -385,10 +388,19 @@ async fn session<T: Target>(
     let mut control_retry: Option<Instant> = None;
     let mut next_gap_check = Instant::now() + gaps::CHECK_EVERY;
     let mut backoff = Backoff::new(&cfg.retry);
+    let mut observed = Observed::new();
+    // Queue depths and open gaps are read every OBSERVE_EVERY, on a
+    // channel of their own (a failed passive declare closes its channel).
+    let mut observe_channel: Option<lapin::Channel> = None;
+    let mut next_observe = Instant::now();
     let mut swept = Instant::now();
     let mut last_message = Instant::now();
     let mut pack_limit: Option<u16> = None;
     loop {
+        if Instant::now() >= next_observe {
+            observe(cfg, target, &conn, &mut observe_channel).await;
+            next_observe = Instant::now() + OBSERVE_EVERY;
+        }
         if !controls.is_empty() && control_retry.is_none_or(|t| t <= Instant::now()) {
             control_retry =
                 match handle_controls(target, &dead_letters, &mut controls, &pending).await? {
@@ -419,6 +431,7 @@ async fn session<T: Target>(
                 _ = sleep_until(next_retry) => {}
                 _ = sleep_until(control_retry.filter(|_| !controls.is_empty())) => continue,
                 _ = sleep_until(gap_check) => continue,
+                _ = sleep_until(Some(next_observe)) => continue,
                 _ = sleep_until(Some((last_message.max(swept) + SWEEP_EVERY).min(swept + SWEEP_BUSY_EVERY))) => {
                     swept = Instant::now();
                     match target.sweep_own().await {
@@ -489,6 +502,10 @@ async fn session<T: Target>(
             }
         };
         drop(items);
+        observed.batch(round, applying.elapsed());
+        for (p, o) in pending.iter().zip(&outcomes) {
+            observed.outcome(p.message.event.as_ref().ok(), o);
+        }
 
         // Dead letters first (confirmed), then acks: nothing is lost between.
         let mut done = vec![false; round];
@@ -574,6 +591,128 @@ async fn session<T: Target>(
 /// message is a pack, the channel's limit (RabbitMQ's `global` prefetch,
 /// which also holds for a consumer already started) is `prefetch / N`, at
 /// least 2; once single events come again it is lifted.
+/// How often the sink reads its queue's depth, the dead-letter queue's and
+/// the open gaps for the metrics (a passive declare each, one query).
+const OBSERVE_EVERY: Duration = Duration::from_secs(15);
+
+/// Sets the gauges of this site's queue, the dead-letter queue and the
+/// open gaps; a failure leaves them as they were (logged at debug).
+async fn observe<T: Target>(
+    cfg: &ConnectorConfig,
+    target: &T,
+    conn: &crate::bus::Link,
+    channel: &mut Option<lapin::Channel>,
+) {
+    let m = crate::metrics::get();
+    if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+        *channel = conn.create_channel().await.ok();
+    }
+    if let Some(ch) = channel.as_ref() {
+        let site = cfg.topology.site_queue(&cfg.site);
+        for (queue, messages, consumers) in [
+            (site.as_str(), &m.queue_messages, Some(&m.queue_consumers)),
+            (
+                cfg.topology.dead_letter_queue.as_str(),
+                &m.dlq_messages,
+                None,
+            ),
+        ] {
+            let options = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match ch
+                .queue_declare(queue.into(), options, Default::default())
+                .await
+            {
+                Ok(q) => {
+                    messages.set(i64::from(q.message_count()));
+                    if let Some(c) = consumers {
+                        c.set(i64::from(q.consumer_count()));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%queue, error = %e, "metrics: the queue's depth is unknown");
+                    break;
+                }
+            }
+        }
+    }
+    match target.open_gaps().await {
+        Ok(gaps) => {
+            _ = m
+                .gaps_open
+                .set(i64::try_from(gaps.len()).unwrap_or(i64::MAX))
+        }
+        Err(e) => tracing::debug!(error = %e.message(), "metrics: the open gaps are unknown"),
+    }
+}
+
+/// The sink's metrics, each `(origin, type)` series resolved once.
+struct Observed {
+    applied: ByOriginType<Counter>,
+    duplicate: ByOriginType<Counter>,
+    lost: ByOriginType<Counter>,
+    dead: ByOriginType<Counter>,
+    /// The end-to-end histogram of each origin.
+    e2e: Vec<(String, Histogram)>,
+}
+
+impl Observed {
+    fn new() -> Self {
+        let m = crate::metrics::get();
+        Observed {
+            applied: ByOriginType::new(&m.applied),
+            duplicate: ByOriginType::new(&m.duplicate),
+            lost: ByOriginType::new(&m.lost),
+            dead: ByOriginType::new(&m.sink_dead_letters),
+            e2e: Vec::new(),
+        }
+    }
+
+    fn batch(&self, messages: usize, took: Duration) {
+        let m = crate::metrics::get();
+        m.batch_size.observe(messages as f64);
+        m.apply_time.observe(took.as_secs_f64());
+    }
+
+    /// Counts one message's outcome; an applied event's latency is now
+    /// minus its timestamp (the origin's commit, on the origin's clock).
+    fn outcome(&mut self, event: Option<&Event>, outcome: &Outcome) {
+        let (origin, kind) = event.map_or(("", ""), |e| (e.origin.as_str(), e.kind.as_str()));
+        match outcome {
+            Outcome::Applied => {
+                self.applied.get(origin, kind).inc();
+                if let Some(e) = event {
+                    let late = (chrono::Utc::now() - e.timestamp).num_microseconds();
+                    let seconds = late.unwrap_or(0).max(0) as f64 / 1e6;
+                    self.e2e_of(origin).observe(seconds);
+                }
+            }
+            Outcome::Duplicate => _ = self.duplicate.get(origin, kind).inc(),
+            Outcome::Lost => _ = self.lost.get(origin, kind).inc(),
+            Outcome::DeadLettered(_) => _ = self.dead.get(origin, kind).inc(),
+            _ => {}
+        }
+    }
+
+    fn e2e_of(&mut self, origin: &str) -> &Histogram {
+        let at = match self.e2e.iter().position(|(o, _)| o == origin) {
+            Some(at) => at,
+            None => {
+                let h = crate::metrics::get().e2e_latency.get_or_create_owned(
+                    &crate::metrics::OriginLabel {
+                        origin: origin.to_string(),
+                    },
+                );
+                self.e2e.push((origin.to_string(), h));
+                self.e2e.len() - 1
+            }
+        };
+        &self.e2e[at].1
+    }
+}
+
 async fn bound_packs(
     channel: &lapin::Channel,
     pending: &VecDeque<Pending>,

@@ -34,8 +34,15 @@ where
     let mut waiting = shutdown.clone();
     let part = crate::metrics::part(role);
     crate::metrics::expect(part);
+    let mut sessions = 0u64;
     loop {
-        match session(shutdown.clone()).await {
+        if sessions > 0 {
+            crate::metrics::connection(part).1.inc();
+        }
+        sessions += 1;
+        let ended = session(shutdown.clone()).await;
+        crate::metrics::connection(part).0.set(0);
+        match ended {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Operator => {
                 crate::metrics::not_ready(part, e.message());
@@ -99,6 +106,7 @@ pub async fn consume(
         .map_err(|e| broker(format!("consuming {queue}: {e}")))?;
     if let p @ ("sink" | "archive") = crate::metrics::part(role) {
         crate::metrics::ready(p);
+        crate::metrics::connection(p).0.set(1);
     }
     Ok(Consuming {
         conn,

@@ -11,6 +11,7 @@ mod dashboard;
 mod delivery;
 mod gaps;
 mod mariadb;
+mod metrics;
 mod mixed;
 mod operations;
 mod oracle;
