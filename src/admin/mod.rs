@@ -162,15 +162,33 @@ async fn ready(State(ctx): Ctx) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        crate::metrics::render(),
-    )
-        .into_response()
+/// The exposition: OpenMetrics when the scraper asks for it (Prometheus
+/// does, in its `Accept` header), else Prometheus' classic text format
+/// (what `curl` and `promtool check metrics` read).
+async fn metrics(headers: HeaderMap) -> Response {
+    let open = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let body = crate::metrics::render();
+    match open {
+        true => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        false => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::to_classic_text(&body),
+        )
+            .into_response(),
+    }
 }
 
 async fn status(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
