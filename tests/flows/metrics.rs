@@ -226,9 +226,31 @@ async fn metrics_count_exactly_the_events_sent_and_pass_promtool() {
         sample(&london_after, "sitesync_part_ready{part=\"sink\"}"),
         1.0
     );
+    // A plain scrape gets the classic text format (counters' families
+    // named `…_total`, no `# EOF`); one that asks for OpenMetrics gets it.
+    assert!(!london_after.contains("# EOF"), "{london_after}");
     assert!(
-        london_after.ends_with("# EOF\n"),
-        "OpenMetrics: {london_after}"
+        london_after.contains("# TYPE sitesync_sink_events_applied_total counter"),
+        "{london_after}"
+    );
+    let open = {
+        let url = format!("http://127.0.0.1:{london_port}/metrics");
+        tokio::task::spawn_blocking(move || {
+            ureq::get(&url)
+                .header("Accept", "application/openmetrics-text; version=1.0.0")
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(open.ends_with("# EOF\n"), "OpenMetrics: {open}");
+    assert!(
+        open.contains("# TYPE sitesync_sink_events_applied counter"),
+        "{open}"
     );
 
     // A dead letter at LONDON: a message that is not an event.
