@@ -303,6 +303,33 @@ pub fn row_of(table: &Table, cells: &[Option<String>]) -> Result<Row, String> {
     })
 }
 
+/// A job's row from its cells as text, in the order the SQL Server and
+/// Oracle job statements select them: target site, request, attempt,
+/// confirmed, cursor, result, error.
+pub fn job_of(job: i64, row: &[Option<String>]) -> Result<Job, ClaimError> {
+    let at = |i: usize| row.get(i).cloned().flatten();
+    let request: Request = serde_json::from_str(&at(1).unwrap_or_default())
+        .map_err(|e| ClaimError::Database(format!("job {job}'s request: {e}")))?;
+    let cursor: Option<Cursor> = match at(4) {
+        None => None,
+        Some(t) => Some(
+            serde_json::from_str(&t)
+                .map_err(|e| ClaimError::Database(format!("job {job}'s cursor: {e}")))?,
+        ),
+    };
+    Ok(Job {
+        id: job,
+        to_site: at(0).unwrap_or_default(),
+        request,
+        attempt: at(2).and_then(|t| t.parse().ok()).unwrap_or(1),
+        confirmed: at(3).and_then(|t| t.parse().ok()).unwrap_or(0),
+        cursor,
+        result: at(5),
+        error: at(6),
+        running: false,
+    })
+}
+
 /// `(c1, c2, …) > (v1, v2, …)` spelled out for an SQL without row-value
 /// comparison (SQL Server, Oracle), from `(column, value)` pairs: the first
 /// column bounded first (`c1 >= v1 AND (…)`) so that the key's index is

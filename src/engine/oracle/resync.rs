@@ -54,7 +54,8 @@ use crate::config::ConnectorConfig;
 use crate::error::TargetError;
 use crate::event::parse_timestamp;
 use crate::resync::{
-    ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table, keyset, row_of, stored,
+    ClaimError, Cursor, Job, Request, Resync, Row, Snapshot, Stored, Table, job_of, keyset, row_of,
+    stored,
 };
 use chrono::{DateTime, Utc};
 use oracle::Connection;
@@ -292,31 +293,6 @@ fn read_job(conn: &Connection, job: i64) -> Result<Job, ClaimError> {
         .collect::<Result<_, _>>()
         .map_err(failed("reading SITESYNC_RESYNC"))?;
     job_of(job, &cells)
-}
-
-/// A job from its row ([`READ_JOB_SQL`]'s columns, as text).
-pub fn job_of(job: i64, row: &[Option<String>]) -> Result<Job, ClaimError> {
-    let at = |i: usize| row.get(i).cloned().flatten();
-    let request: Request = serde_json::from_str(&at(1).unwrap_or_default())
-        .map_err(|e| ClaimError::Database(format!("job {job}'s request: {e}")))?;
-    let cursor: Option<Cursor> = match at(4) {
-        None => None,
-        Some(t) => Some(
-            serde_json::from_str(&t)
-                .map_err(|e| ClaimError::Database(format!("job {job}'s cursor: {e}")))?,
-        ),
-    };
-    Ok(Job {
-        id: job,
-        to_site: at(0).unwrap_or_default(),
-        request,
-        attempt: at(2).and_then(|t| t.parse().ok()).unwrap_or(1),
-        confirmed: at(3).and_then(|t| t.parse().ok()).unwrap_or(0),
-        cursor,
-        result: at(5),
-        error: at(6),
-        running: false,
-    })
 }
 
 /// In one transaction: the job's row and a lock row per entity, committed;
