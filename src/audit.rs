@@ -53,6 +53,8 @@ pub mod actions {
     pub const CONFLICTS_REVIEW: &str = "conflicts review";
     pub const CAPTURE_ADD: &str = "capture add";
     pub const CAPTURE_REMOVE: &str = "capture remove";
+    /// A replay or resync started through the admin API, stopped through it.
+    pub const JOB_CANCEL: &str = "job cancel";
     /// Every action recorded.
     pub const ALL: &[&str] = &[
         CHECKPOINT_RESET,
@@ -64,6 +66,7 @@ pub mod actions {
         CONFLICTS_REVIEW,
         CAPTURE_ADD,
         CAPTURE_REMOVE,
+        JOB_CANCEL,
     ];
 }
 
@@ -234,6 +237,20 @@ pub async fn record(
             );
             Err(e)
         }
+    }
+}
+
+/// Set by the admin API in the environment of a command it starts (a
+/// replay, a resync): the name of the token that asked for it.
+pub const CALLER_ENV: &str = "SITESYNC_API_CALLER";
+
+/// Who runs this command and through what: the API token's name when the
+/// admin API started the process ([`CALLER_ENV`]), else `user@host` from
+/// the command line. Job rows and audit entries both take it.
+pub fn actor() -> (Via, String) {
+    match std::env::var(CALLER_ENV) {
+        Ok(name) if !name.trim().is_empty() => (Via::Api, name.trim().to_string()),
+        _ => (Via::Cli, who()),
     }
 }
 

@@ -468,6 +468,17 @@ impl From<TargetError> for Failure {
     }
 }
 
+/// The exit code of a replay or resync stopped by SIGINT (128 + 2, as a
+/// shell reports a command interrupted).
+const CANCELLED: u8 = 130;
+
+/// SIGINT from now on, instead of the default (exit): a replay or resync
+/// stops cleanly on it and records its job `cancelled`.
+fn interrupts() -> Result<tokio::signal::unix::Signal, Failure> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| fail(format!("cannot catch SIGINT: {e}")))
+}
+
 fn fail(message: impl Into<String>) -> Failure {
     Failure {
         message: message.into(),
@@ -926,7 +937,7 @@ async fn audit_cli<D: Driver>(
     result: &Result<ExitCode, Failure>,
     said: &str,
 ) {
-    use crate::audit::{self, Via};
+    use crate::audit;
     let partly = format!("{action} did not do all it was asked (exit code 1)");
     let outcome: Result<&str, &str> = match result {
         Ok(code) if *code == ExitCode::SUCCESS => Ok(said),
@@ -935,9 +946,12 @@ async fn audit_cli<D: Driver>(
         Err(f) => Err(&f.message),
     };
     let recorded = match D::audit(cfg, db) {
-        Ok(log) => audit::record(&log, Via::Cli, &audit::who(), action, args, outcome)
-            .await
-            .map(|_| ()),
+        Ok(log) => {
+            let (via, who) = audit::actor();
+            audit::record(&log, via, &who, action, args, outcome)
+                .await
+                .map(|_| ())
+        }
         Err(e) => {
             tracing::warn!(action, error = %e, "the action was done but could not be recorded in {}", audit::AUDIT_TABLE);
             Err(e)
@@ -1788,7 +1802,7 @@ async fn replay<S: Store, J: JobLog>(
     let mut job = Job::start(
         &jobs,
         "replay",
-        &crate::jobs::who(),
+        &crate::audit::actor().1,
         serde_json::json!({
             "to_site": args.to_site,
             "origin": args.origin,
@@ -1822,21 +1836,37 @@ async fn replay<S: Store, J: JobLog>(
             None => {}
         }
     });
+    let mut interrupt = interrupts()?;
     tokio::pin!(replaying);
-    // The job's progress every few seconds, beside the replay.
+    // The job's progress every few seconds, beside the replay; SIGINT
+    // (Ctrl-C, or a cancel through the admin API) stops it.
     let result = loop {
         tokio::select! {
-            r = &mut replaying => break r,
+            r = &mut replaying => break Some(r),
             _ = tokio::time::sleep(crate::jobs::PROGRESS_EVERY) => {
                 job.set_done(confirmed.load(Ordering::Relaxed));
                 job.tick().await;
             }
+            _ = interrupt.recv() => break None,
         }
     };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let seconds = began.elapsed().as_secs_f64();
+    let Some(result) = result else {
+        let done = confirmed.load(Ordering::Relaxed);
+        let line = format!(
+            "replay cancelled after {done} of {total} event(s) confirmed in {seconds:.1} s; running it again is harmless ({} skips the events it has)",
+            args.to_site
+        );
+        job.set_done(done);
+        job.cancelled(&line).await;
+        return Err(Failure {
+            message: line,
+            code: CANCELLED,
+        });
+    };
     match result {
         Ok(p) => {
             let line = format!(
@@ -1947,7 +1977,7 @@ async fn purge<P: Tables, J: JobLog>(
         &tables,
         &jobs,
         &plan,
-        &crate::jobs::who(),
+        &crate::audit::actor().1,
         purge::BATCH_ROWS,
         &stop,
     )
@@ -2167,7 +2197,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
     let job = match args.resume {
         Some(id) => store.resume(id).await.map_err(claim)?,
         None => store
-            .start(&to_site, &entities, &request, &resync::who())
+            .start(&to_site, &entities, &request, &crate::audit::actor().1)
             .await
             .map_err(claim)?,
     };
@@ -2188,7 +2218,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
     let mut record = Job::start(
         &jobs,
         "resync",
-        &resync::who(),
+        &crate::audit::actor().1,
         serde_json::json!({
             "job": job.id,
             "attempt": job.attempt,
@@ -2207,6 +2237,12 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
     record.set_done(done_before as u64);
     let began = std::time::Instant::now();
     let mut logged = began;
+    // SIGINT (Ctrl-C, or a cancel through the admin API) stops the run
+    // between two rows, once what is in flight is confirmed; a second one
+    // exits at once (the job resumes from its last saved row, as after a
+    // kill).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut interrupt = interrupts()?;
     let run = Run {
         site: &cfg.site,
         job: &job,
@@ -2218,6 +2254,7 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
         extras: &extras,
         pack: args.pack as usize,
         compress: args.compress,
+        stop: Some(&stop),
     };
     let confirmed = AtomicU64::new(done_before as u64);
     let (sent, result) = {
@@ -2247,6 +2284,13 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
                 _ = tokio::time::sleep(crate::jobs::PROGRESS_EVERY) => {
                     record.set_done(confirmed.load(Ordering::Relaxed));
                     record.tick().await;
+                }
+                _ = interrupt.recv() => {
+                    if stop.swap(true, Ordering::Relaxed) {
+                        eprintln!("interrupted again: exiting now; resume with `sitesync resync --connector {} --resume {}`", cfg.file.display(), job.id);
+                        std::process::exit(CANCELLED.into());
+                    }
+                    eprintln!("interrupted: stopping after the rows in flight are confirmed (interrupt again to exit now)");
                 }
             }
         }
@@ -2298,6 +2342,30 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
             println!("{line}");
             *said = line;
             Ok(ExitCode::SUCCESS)
+        }
+        Err(resync::SendError::Cancelled) => {
+            direct.close("cancelled").await;
+            let line = format!(
+                "resync job {} cancelled after {} confirmed row(s) of {total}: go on with `sitesync resync --connector {} --resume {}`",
+                job.id,
+                sent.confirmed,
+                cfg.file.display(),
+                job.id
+            );
+            let _ = store
+                .progress(
+                    job.id,
+                    total,
+                    sent.confirmed,
+                    sent.last.as_ref(),
+                    Some("cancelled"),
+                )
+                .await;
+            record.cancelled(&line).await;
+            Err(Failure {
+                message: line,
+                code: CANCELLED,
+            })
         }
         Err(e) => {
             let message = e.to_string();

@@ -201,6 +201,11 @@ pub trait JobLog: Send + Sync + 'static {
     fn get(&self, id: Uuid) -> impl Future<Output = Result<Option<JobRecord>, TargetError>> + Send;
 }
 
+/// Set by the admin API in the environment of a command it starts: the
+/// run's id, written into the job's `args` as `run`, so that the API can
+/// find the process of a job it is asked to cancel.
+pub const RUN_ENV: &str = "SITESYNC_RUN";
+
 /// Who runs a command: `$USER` (or `$LOGNAME`), else `uid N`.
 pub fn who() -> String {
     ["USER", "LOGNAME"]
@@ -231,6 +236,10 @@ impl<'a, L: JobLog> Job<'a, L> {
         args: serde_json::Value,
         total: Option<u64>,
     ) -> Result<Job<'a, L>, TargetError> {
+        let mut args = args;
+        if let (Ok(run), Some(o)) = (std::env::var(RUN_ENV), args.as_object_mut()) {
+            o.insert("run".into(), serde_json::Value::String(run));
+        }
         let id = log.start(kind, who, &args, total).await?;
         tracing::info!(job = %id, kind, who, "job started");
         Ok(Job {

@@ -11,6 +11,10 @@
 //! | `GET /api/dlq` | read | the dead letters |
 //! | `POST /api/dlq/requeue` | admin | `{"ids": [...]}` or `{"all": true}` |
 //! | `POST /api/conflicts/review` | admin | `{"ids": [...]}` |
+//! | `POST /api/resync` | admin | starts `sitesync resync` (`{"to_site", "routes" or "all", "where", "rate", "pack", "compress"}` or `{"resume": N}`): 202 with its run and job, 400 with the dry run's refusal |
+//! | `POST /api/replay` | admin | starts `sitesync replay` (`{"to_site", "origin", "from", "to", "type", "rate"}`), as above |
+//! | `POST /api/jobs/cancel` | admin | `{"job": "<job id>"}`: stops a replay or resync this sidecar started (SIGINT); a resync resumes later where it stopped |
+//! | `GET /api/runs` | read | the replays and resyncs this sidecar started: pid, exit, last lines of output |
 //! | `GET /api/gaps` | read | the open gaps |
 //! | `POST /api/gaps/fill` | admin | asks the archive for every open gap now |
 //! | `GET /api/audit` | read | the latest manual actions (`?limit=N`) |
@@ -27,6 +31,7 @@
 pub mod alerts;
 pub mod auth;
 pub mod overview;
+pub mod runs;
 pub mod site;
 pub mod tls;
 
@@ -48,6 +53,8 @@ pub trait Site: Send + Sync + 'static {
     fn status(&self) -> BoxFuture<'_, Result<Value, String>>;
     /// The latest jobs, as `sitesync jobs --json`.
     fn jobs(&self, limit: usize, kind: Option<String>) -> BoxFuture<'_, Result<Value, String>>;
+    /// One job, as `sitesync jobs --json` shows it; `None` if there is none.
+    fn job(&self, id: uuid::Uuid) -> BoxFuture<'_, Result<Option<Value>, String>>;
     /// Marks conflicts reviewed; the ids found.
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>>;
     /// The open gaps, as `sitesync gaps list`.
@@ -97,6 +104,8 @@ struct Shared {
     /// The site each peer URL last said it was: a peer that stops
     /// answering is still shown by its name.
     names: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Replays and resyncs started through the API.
+    runs: runs::Runs,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -515,6 +524,348 @@ async fn fill_gaps(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, F
     ))
 }
 
+/// Starts `args` (a replay or resync) as a run once its dry run passes,
+/// and waits for its job row: 202 with the run and the job, 400 with the
+/// dry run's refusal, 409 when the run ended before it recorded a job.
+/// Each outcome is audited as `action`.
+/// Records a refused request in the audit trail; the refusal.
+async fn refused<T>(
+    ctx: &Shared,
+    who: &Caller,
+    action: &'static str,
+    arguments: Value,
+    code: StatusCode,
+    why: String,
+) -> Result<T, Failure> {
+    audited(ctx, who, action, arguments, Err(why.clone()), Value::Null).await;
+    Err(Failure(code, why))
+}
+
+async fn start_run(
+    ctx: &Shared,
+    who: &Caller,
+    kind: &'static str,
+    action: &'static str,
+    args: Result<Vec<String>, String>,
+    arguments: Value,
+) -> Result<Response, Failure> {
+    let args = match args {
+        Ok(a) => a,
+        Err(why) => {
+            return refused(
+                ctx,
+                who,
+                action,
+                arguments.clone(),
+                StatusCode::BAD_REQUEST,
+                why,
+            )
+            .await;
+        }
+    };
+    let dry_run = match ctx.runs.dry_run(&args, &who.name).await {
+        Ok(text) => text,
+        Err(why) => {
+            return refused(
+                ctx,
+                who,
+                action,
+                arguments.clone(),
+                StatusCode::BAD_REQUEST,
+                format!("refused by its dry run, nothing sent: {why}"),
+            )
+            .await;
+        }
+    };
+    let run = match ctx.runs.start(kind, &args, &who.name) {
+        Ok(r) => r,
+        Err(why) => {
+            return refused(
+                ctx,
+                who,
+                action,
+                arguments.clone(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                why,
+            )
+            .await;
+        }
+    };
+    // Its job row names the run (`args.run`); until it is written the
+    // run is checking, counting and connecting.
+    let waited = std::time::Instant::now();
+    let job = loop {
+        let rows = ctx.site.jobs(50, Some(kind.to_string())).await;
+        let found = rows.ok().and_then(|rows| {
+            rows.as_array()?
+                .iter()
+                .find(|j| runs::run_of(j) == Some(run.id))
+                .cloned()
+        });
+        if found.is_some() || waited.elapsed() >= JOB_ROW_WAIT {
+            break found;
+        }
+        if run.exit().is_some() {
+            // A last look: the row may have come with its end.
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let exit = run.exit();
+    match (&job, &exit) {
+        (None, Some(runs::Exit::Code(0))) => {
+            let line = format!(
+                "run {} {}: {}",
+                run.id,
+                exit.as_ref().map(runs::Exit::describe).unwrap_or_default(),
+                run.lines().join(" / ")
+            );
+            let answer = json!({ "run": run.to_json(), "job": null, "dry_run": dry_run });
+            let answer = audited(ctx, who, action, arguments, Ok(line), answer).await;
+            Ok((StatusCode::OK, Json(answer)).into_response())
+        }
+        (None, Some(e)) => {
+            let why = format!(
+                "the run ended before it started its job, {}: {}",
+                e.describe(),
+                run.lines().join(" / ")
+            );
+            refused(
+                ctx,
+                who,
+                action,
+                arguments.clone(),
+                StatusCode::CONFLICT,
+                why,
+            )
+            .await
+        }
+        _ => {
+            let line = format!("started as run {} (pid {})", run.id, run.pid);
+            let answer = json!({ "run": run.to_json(), "job": job, "dry_run": dry_run });
+            let answer = audited(ctx, who, action, arguments, Ok(line), answer).await;
+            Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+        }
+    }
+}
+
+/// How long a started run may take to write its job row before the API
+/// answers without it (the run goes on).
+const JOB_ROW_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a cancel waits for the run to end.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A JSON body, or 400 saying what is wrong with it and what to send.
+fn body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    send: &str,
+) -> Result<T, Failure> {
+    body.map(|Json(b)| b).map_err(|e| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            format!("{}: send {send}", e.body_text()),
+        )
+    })
+}
+
+async fn start_resync(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    request: Result<Json<runs::ResyncRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Failure> {
+    let who = caller(&ctx, &headers, Scope::Admin)?;
+    let request = body(
+        request,
+        "{\"to_site\": \"LONDON\", \"routes\": [\"<event type>\", …] or \"all\": true, \"where\", \"rate\", \"pack\", \"compress\"} or {\"resume\": <job>}",
+    )?;
+    let arguments = json!({
+        "to_site": request.to_site,
+        "routes": request.routes,
+        "all": request.all,
+        "where": request.filter,
+        "rate": request.rate,
+        "pack": request.pack,
+        "compress": request.compress,
+        "resume": request.resume,
+        "mode": if request.resume.is_some() { "resume" } else { "start" },
+    });
+    let args = runs::resync_args(&ctx.cfg.file, &request);
+    start_run(
+        &ctx,
+        &who,
+        "resync",
+        crate::audit::actions::RESYNC,
+        args,
+        arguments,
+    )
+    .await
+}
+
+async fn start_replay(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    request: Result<Json<runs::ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Failure> {
+    let who = caller(&ctx, &headers, Scope::Admin)?;
+    let request = body(
+        request,
+        "{\"to_site\": \"LONDON\", \"origin\", \"from\", \"to\", \"type\", \"rate\"}",
+    )?;
+    let arguments = json!({
+        "to_site": request.to_site,
+        "origin": request.origin,
+        "from": request.from,
+        "to": request.to,
+        "type": request.kind,
+        "rate": request.rate,
+    });
+    let args = match ctx.cfg.archive.is_some() {
+        true => Ok(runs::replay_args(&ctx.cfg.file, &request)),
+        false => Err(format!(
+            "{} keeps no archive (no [archive] in its connector): ask the archiving site's API ({})",
+            ctx.cfg.site,
+            ctx.cfg
+                .topology
+                .archive_site
+                .as_deref()
+                .unwrap_or("named by archive_site in the topology")
+        )),
+    };
+    start_run(
+        &ctx,
+        &who,
+        "replay",
+        crate::audit::actions::REPLAY,
+        args,
+        arguments,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct CancelRequest {
+    job: uuid::Uuid,
+}
+
+async fn cancel(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    request: Result<Json<CancelRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, Failure> {
+    let who = caller(&ctx, &headers, Scope::Admin)?;
+    let CancelRequest { job: id } = body(request, "{\"job\": \"<job id>\"}")?;
+    let arguments = json!({ "job": id });
+    let job = match ctx.site.job(id).await {
+        Ok(Some(j)) => j,
+        Ok(None) => {
+            return refused(
+                &ctx,
+                &who,
+                crate::audit::actions::JOB_CANCEL,
+                arguments.clone(),
+                StatusCode::NOT_FOUND,
+                format!("no job {id} at {}", ctx.cfg.site),
+            )
+            .await;
+        }
+        Err(e) => {
+            return refused(
+                &ctx,
+                &who,
+                crate::audit::actions::JOB_CANCEL,
+                arguments.clone(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e,
+            )
+            .await;
+        }
+    };
+    if job["state"] != "running" {
+        let why = format!(
+            "job {id} is not running: {}{}",
+            job["shown_state"].as_str().unwrap_or("?"),
+            job["result"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        return refused(
+            &ctx,
+            &who,
+            crate::audit::actions::JOB_CANCEL,
+            arguments.clone(),
+            StatusCode::CONFLICT,
+            why,
+        )
+        .await;
+    }
+    let Some(run) = runs::run_of(&job).and_then(|r| ctx.runs.get(r)) else {
+        let why = format!(
+            "job {id} ({}, by {}) was not started by this sidecar's API: stop it where it runs (Ctrl-C, or SIGINT to its process)",
+            job["kind"].as_str().unwrap_or("?"),
+            job["who"].as_str().unwrap_or("?")
+        );
+        return refused(
+            &ctx,
+            &who,
+            crate::audit::actions::JOB_CANCEL,
+            arguments.clone(),
+            StatusCode::CONFLICT,
+            why,
+        )
+        .await;
+    };
+    if !run.interrupt() {
+        let why = format!(
+            "job {id}'s run {} has already ended: {}",
+            run.id,
+            run.exit().map(|e| e.describe()).unwrap_or_default()
+        );
+        return refused(
+            &ctx,
+            &who,
+            crate::audit::actions::JOB_CANCEL,
+            arguments.clone(),
+            StatusCode::CONFLICT,
+            why,
+        )
+        .await;
+    }
+    tracing::info!(by = %who.name, job = %id, run = %run.id, pid = run.pid, "admin API: job interrupted");
+    let exit = run.wait(CANCEL_WAIT).await;
+    let job = ctx.site.job(id).await.ok().flatten().unwrap_or(job);
+    let result = match &exit {
+        Some(e) => Ok(format!(
+            "job {id} {}: {}",
+            e.describe(),
+            job["result"].as_str().unwrap_or("no result recorded")
+        )),
+        None => Err(format!(
+            "job {id} interrupted, still running after {CANCEL_WAIT:?} (pid {})",
+            run.pid
+        )),
+    };
+    let answer = json!({ "job": job, "run": run.to_json() });
+    Ok(Json(
+        audited(
+            &ctx,
+            &who,
+            crate::audit::actions::JOB_CANCEL,
+            arguments,
+            result,
+            answer,
+        )
+        .await,
+    ))
+}
+
+async fn list_runs(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Failure> {
+    caller(&ctx, &headers, Scope::Read)?;
+    let runs: Vec<Value> = ctx.runs.list().iter().map(|r| r.to_json()).collect();
+    Ok(Json(json!({ "runs": runs })))
+}
+
 #[derive(Deserialize)]
 struct AuditQuery {
     limit: Option<usize>,
@@ -544,12 +895,17 @@ fn shared(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> Arc<Shar
         .as_ref()
         .map(|a| a.peers.clone())
         .unwrap_or_default();
+    let runs = runs::Runs::new().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "admin API: replays and resyncs cannot be started through it");
+        runs::Runs::of(std::path::PathBuf::from("sitesync"))
+    });
     Arc::new(Shared {
         cfg,
         tokens,
         site,
         peers,
         names: Default::default(),
+        runs,
     })
 }
 
@@ -573,6 +929,10 @@ fn routes(shared: Arc<Shared>) -> axum::Router {
         .route("/api/gaps", get(gaps))
         .route("/api/gaps/fill", post(fill_gaps))
         .route("/api/audit", get(audit_list))
+        .route("/api/resync", post(start_resync))
+        .route("/api/replay", post(start_replay))
+        .route("/api/jobs/cancel", post(cancel))
+        .route("/api/runs", get(list_runs))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -616,6 +976,7 @@ pub async fn serve(
     let at = bound.listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(listen = %at, tls = bound.tls.is_some(), "admin API listening");
     let shared = shared(cfg.clone(), bound.tokens, site);
+    let running = shared.clone();
     let alerting = match cfg.admin.as_ref().and_then(|a| a.webhook_url.clone()) {
         Some(webhook) => {
             let admin = cfg.admin.as_ref().expect("just read");
@@ -659,5 +1020,6 @@ pub async fn serve(
     if let Some(a) = alerting {
         a.abort();
     }
+    running.runs.cancel_all(CANCEL_WAIT).await;
     served
 }

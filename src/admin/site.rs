@@ -63,6 +63,14 @@ impl<D: Driver> Site for EngineSite<D> {
         })
     }
 
+    fn job(&self, id: uuid::Uuid) -> BoxFuture<'_, Result<Option<Value>, String>> {
+        Box::pin(async move {
+            let row = self.jobs.get(id).await.map_err(|e| e.to_string())?;
+            let now = chrono::Utc::now();
+            Ok(row.map(|r| crate::jobs::to_json(&[r], now)[0].take()))
+        })
+    }
+
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>> {
         Box::pin(async move { self.purge.review(&ids).await.map_err(|e| e.to_string()) })
     }

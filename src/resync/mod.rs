@@ -546,6 +546,9 @@ pub enum SendError {
     Send(#[from] DirectError),
     #[error("{0}")]
     Save(String),
+    /// Asked to stop ([`Run::stop`]): what was sent is confirmed and saved.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// How often a run saves its progress in the job's row.
@@ -573,6 +576,17 @@ pub struct Run<'a> {
     pub pack: usize,
     /// `--compress`: packs compressed with zstd.
     pub compress: bool,
+    /// Set to stop the run between two rows (SIGINT, a cancel through the
+    /// admin API): what is in flight is confirmed and the job's progress
+    /// saved, so that `--resume` goes on exactly after the last row sent.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl Run<'_> {
+    fn stopped(&self) -> bool {
+        self.stop
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// What a confirmed message counts for: its rows, and the last row's
@@ -773,6 +787,10 @@ async fn sending<R: Resync>(
                 .await
                 .map_err(SendError::Read)?;
             for row in &page {
+                if run.stopped() {
+                    drain(resync, direct, run, &mut out, sent, progress).await?;
+                    return Err(SendError::Cancelled);
+                }
                 if row.pending {
                     sent.pending += 1;
                     continue;
@@ -845,6 +863,10 @@ async fn sending<R: Resync>(
             }
         }
         for x in chunk {
+            if run.stopped() {
+                drain(resync, direct, run, &mut out, sent, progress).await?;
+                return Err(SendError::Cancelled);
+            }
             seq += 1;
             let tombstone = tombstones.get(&(x.source.clone(), x.key.clone()));
             let event = prune_event(
@@ -869,6 +891,19 @@ async fn sending<R: Resync>(
             }
         }
     }
+    drain(resync, direct, run, &mut out, sent, progress).await
+}
+
+/// Sends what waits, settles every message in flight and saves the job's
+/// progress: the end of a run, or its stop.
+async fn drain<R: Resync>(
+    resync: &mut R,
+    direct: &mut Direct<Tag>,
+    run: &Run<'_>,
+    out: &mut Outgoing,
+    sent: &mut Sent,
+    progress: &mut impl FnMut(&Sent),
+) -> Result<(), SendError> {
     out.flush(direct, sent, progress).await?;
     while let Some(done) = direct.settle_oldest().await? {
         settled(sent, done);
@@ -1085,20 +1120,6 @@ pub fn prune_event(
         epoch: attempt.max(1) as u64,
         seq,
     })
-}
-
-/// Who starts a job, for its row: `user@host`.
-pub fn who() -> String {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default();
-    match host.is_empty() {
-        true => user,
-        false => format!("{user}@{host}"),
-    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //! others may read refused at start.
 
 use crate::support::admin::{self, free_port};
-use crate::support::mesh::{Mesh, MeshOptions};
+use crate::support::mesh::{Mesh, MeshOptions, bulk_upsert};
 use crate::support::rabbit;
-use crate::support::wait_for;
+use crate::support::{wait_for, wait_for_value};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use serde_json::Value;
@@ -537,4 +537,277 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -
         err.contains("admin.tls_key") && err.contains("chmod 600"),
         "{err}"
     );
+}
+
+/// Waits until `port`'s listener answers.
+async fn until_listening(port: u16) {
+    wait_for(
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the admin listener answers");
+}
+
+/// The job row `id` as `GET /api/jobs` shows it.
+async fn api_job(port: u16, id: &Value) -> Value {
+    let (_, jobs) = call(port, "GET", "/api/jobs", Some(READ), None).await;
+    jobs.as_array()
+        .and_then(|j| j.iter().find(|j| &j["id"] == id).cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+async fn a_resync_and_a_replay_started_through_the_api_are_cancelled_there_and_each_step_is_audited()
+ {
+    use crate::flows::resync::{job, preload, settle, written_twice};
+    let n = 3_000;
+    let mesh = Mesh::start(MeshOptions {
+        archive: true,
+        ..MeshOptions::default()
+    })
+    .await;
+    preload(&mesh, &["PARIS", "MADRID"], n).await;
+    let (port, london_port) = (free_port(), free_port());
+    enable_admin(&mesh, "PARIS", port, 0o600, &[]);
+    enable_admin(&mesh, "LONDON", london_port, 0o600, &[]);
+    let mut sidecars = mesh.spawn_all();
+    until_listening(port).await;
+    until_listening(london_port).await;
+
+    // Refused before anything runs: a read token; a route the dry run
+    // refuses (its words come back); prune; a replay where no archive is.
+    let all = serde_json::json!({ "to_site": "LONDON", "all": true, "rate": 150 });
+    let (code, body) = call(port, "POST", "/api/resync", Some(READ), Some(all.clone())).await;
+    assert_eq!(code, 403, "{body}");
+    let nothing = serde_json::json!({ "to_site": "LONDON", "routes": ["nothing.upsert"] });
+    let (code, body) = call(port, "POST", "/api/resync", Some(ADMIN), Some(nothing)).await;
+    assert_eq!(code, 400, "{body}");
+    let why = body["error"].as_str().unwrap();
+    assert!(
+        why.contains("dry run") && why.contains("nothing.upsert"),
+        "{body}"
+    );
+    let prune = serde_json::json!({ "to_site": "LONDON", "all": true, "prune": true });
+    let (code, body) = call(port, "POST", "/api/resync", Some(ADMIN), Some(prune)).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("command line"),
+        "{body}"
+    );
+    let (code, body) = call(
+        port,
+        "POST",
+        "/api/resync",
+        Some(ADMIN),
+        Some(serde_json::json!({"to_site": 1})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let to_paris = serde_json::json!({ "to_site": "PARIS" });
+    let (code, body) = call(
+        london_port,
+        "POST",
+        "/api/replay",
+        Some(ADMIN),
+        Some(to_paris),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("[archive]"),
+        "{body}"
+    );
+
+    // Started: the job row is there, by alice, naming its run.
+    let (code, started) = call(port, "POST", "/api/resync", Some(ADMIN), Some(all)).await;
+    assert_eq!(code, 202, "{started}");
+    assert_eq!(started["job"]["who"], "alice", "{started}");
+    assert_eq!(started["job"]["state"], "running", "{started}");
+    assert_eq!(
+        started["job"]["args"]["run"], started["run"]["run"],
+        "{started}"
+    );
+    assert!(
+        started["run"]["pid"].as_u64().is_some_and(|p| p > 0),
+        "{started}"
+    );
+    assert!(
+        started["dry_run"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{n} row(s) to send")),
+        "{started}"
+    );
+    let job_id = started["job"]["id"].clone();
+    wait_for(
+        async || job(&mesh, 1).await.is_some_and(|j| j.0 > 0),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the resync confirms rows");
+
+    // Cancel: a read token may not; alice may, once.
+    let cancel = serde_json::json!({ "job": job_id });
+    let (code, body) = call(
+        port,
+        "POST",
+        "/api/jobs/cancel",
+        Some(READ),
+        Some(cancel.clone()),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = call(
+        port,
+        "POST",
+        "/api/jobs/cancel",
+        Some(ADMIN),
+        Some(cancel.clone()),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["job"]["state"], "cancelled", "{body}");
+    assert_eq!(body["run"]["exit"], "cancelled (exit code 130)", "{body}");
+    assert!(
+        body["job"]["result"]
+            .as_str()
+            .unwrap()
+            .contains("--resume 1"),
+        "{body}"
+    );
+    let (code, again) = call(port, "POST", "/api/jobs/cancel", Some(ADMIN), Some(cancel)).await;
+    assert_eq!(code, 409, "{again}");
+    assert!(
+        again["error"].as_str().unwrap().contains("not running"),
+        "{again}"
+    );
+    let (at_cancel, result, _) = job(&mesh, 1).await.unwrap();
+    assert_eq!(result, None, "resumable");
+    assert!(at_cancel > 0 && at_cancel < i64::from(n), "{at_cancel}");
+    let (code, runs) = call(port, "GET", "/api/runs", Some(READ), None).await;
+    assert_eq!(code, 200, "{runs}");
+    assert_eq!(
+        runs["runs"][0]["exit"], "cancelled (exit code 130)",
+        "{runs}"
+    );
+
+    // Resumed through the API: it goes on after the last confirmed row,
+    // sending none twice (a clean stop confirms what is in flight).
+    let resume = serde_json::json!({ "resume": 1, "rate": 5000 });
+    let (code, resumed) = call(port, "POST", "/api/resync", Some(ADMIN), Some(resume)).await;
+    assert_eq!(code, 202, "{resumed}");
+    wait_for(
+        async || {
+            job(&mesh, 1)
+                .await
+                .is_some_and(|j| j.1.as_deref() == Some("done"))
+        },
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("the resumed resync finishes");
+    let resumed_job = wait_for_value(
+        async || {
+            Some(api_job(port, &resumed["job"]["id"]).await).filter(|j| j["state"] == "succeeded")
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("the second run's job succeeds");
+    assert_eq!(resumed_job["who"], "alice", "{resumed_job}");
+    settle(&mesh, &[]).await;
+    mesh.assert_converged().await;
+    assert_eq!(written_twice(&mesh, "LONDON").await, vec![]);
+    let london = mesh.client("LONDON").await;
+    let r = london
+        .query_one(
+            "SELECT (SELECT seq FROM sitesync_origins WHERE origin = 'resync:PARIS:1' AND epoch = 2), \
+                    (SELECT count(*) FROM sitesync_inbox WHERE origin = 'resync:PARIS:1' AND epoch = 2)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (sent, applied): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!(sent, applied, "rows sent twice after the cancel");
+    assert_eq!(
+        at_cancel + sent,
+        i64::from(n),
+        "cancelled at {at_cancel}, then {sent}"
+    );
+
+    // A replay of MADRID's events to LONDON, cancelled halfway.
+    bulk_upsert(&mesh.client("MADRID").await, "MADRID", 100_000, 400).await;
+    let paris = mesh.client("PARIS").await;
+    wait_for(
+        async || {
+            let r = paris
+                .query_one(
+                    "SELECT count(*) FROM sitesync_archive WHERE origin LIKE 'MADRID%'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            r.get::<_, i64>(0) >= 400
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("PARIS archives MADRID's events");
+    let replay = serde_json::json!({ "to_site": "LONDON", "origin": "MADRID", "rate": 40 });
+    let (code, started) = call(port, "POST", "/api/replay", Some(ADMIN), Some(replay)).await;
+    assert_eq!(code, 202, "{started}");
+    let replay_id = started["job"]["id"].clone();
+    let cancel = serde_json::json!({ "job": replay_id });
+    let (code, body) = call(port, "POST", "/api/jobs/cancel", Some(ADMIN), Some(cancel)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["job"]["state"], "cancelled", "{body}");
+    assert!(
+        body["job"]["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("replay cancelled after"),
+        "{body}"
+    );
+
+    // The trail: each API step by alice, the runs' own entries too.
+    let (_, trail) = call(port, "GET", "/api/audit?limit=100", Some(READ), None).await;
+    let entries = trail.as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["who"] == "alice" && e["via"] == "api"),
+        "{trail}"
+    );
+    let count = |action: &str, result: &str, text: &str| {
+        entries
+            .iter()
+            .filter(|e| e["action"] == action && e["result"] == result)
+            .filter(|e| e["detail"].as_str().unwrap_or_default().contains(text))
+            .count()
+    };
+    assert_eq!(count("resync", "ok", "started as run"), 2, "{trail}");
+    assert_eq!(count("replay", "ok", "started as run"), 1, "{trail}");
+    assert_eq!(count("resync", "failed", "dry run"), 1, "{trail}");
+    assert_eq!(count("resync", "failed", "command line"), 1, "{trail}");
+    assert_eq!(
+        count("job cancel", "ok", "cancelled (exit code 130)"),
+        2,
+        "{trail}"
+    );
+    assert_eq!(count("job cancel", "failed", "not running"), 1, "{trail}");
+    assert_eq!(count("resync", "failed", "cancelled after"), 1, "{trail}");
+    assert_eq!(count("resync", "ok", "resync job 1 done"), 1, "{trail}");
+    assert_eq!(
+        count("replay", "failed", "replay cancelled after"),
+        1,
+        "{trail}"
+    );
+    for (_, s) in sidecars.iter_mut() {
+        assert!(s.terminate().await.success());
+    }
 }

@@ -1,7 +1,8 @@
 //! The dashboard in a real headless browser (Debian's Chromium, driven by
 //! ChromeDriver over plain WebDriver): three sites, a resync job whose
 //! percentage advances on the page, a dead letter requeued from the page,
-//! a site stopped and marked with an alert. Screenshots go to the test's
+//! a resync started through the API cancelled from the page, a site
+//! stopped and marked with an alert. Screenshots go to the test's
 //! output directory (`CARGO_TARGET_TMPDIR/dashboard`).
 
 use crate::support::admin::{self, free_port};
@@ -201,6 +202,28 @@ fn base64(text: &str) -> Vec<u8> {
     out
 }
 
+/// `POST path` with the admin token; the JSON answer (any status).
+async fn post(port: u16, path: &str, body: Value) -> Value {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(180)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent
+            .post(&url)
+            .header("Authorization", format!("Bearer {ADMIN}"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    })
+    .await
+    .unwrap()
+}
+
 /// `[admin]` on `site` with an owner-only token file and its peers.
 fn enable_admin(mesh: &Mesh, site: &str, port: u16, peers: &[u16]) {
     let tokens = format!("ops admin {ADMIN}\n");
@@ -318,6 +341,56 @@ async fn the_dashboard_shows_every_site_a_resync_advancing_requeues_and_marks_a_
                 .any(|l| l.contains("ops") && l.contains("api") && l.contains("dlq requeue"))
         })
         .await;
+
+    // A resync started through LONDON's API, cancelled from the page: the
+    // button is there for this site's own running job, the job ends
+    // `cancelled` and says how to resume it.
+    mesh.client("LONDON")
+        .await
+        .execute(
+            "INSERT INTO item (id, n, rev, site) SELECT g, 0, md5('l' || g)::uuid, 'OLD' FROM generate_series(200000, 204999) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let started = post(
+        ports[0],
+        "/api/resync",
+        json!({ "to_site": "PARIS", "all": true, "rate": 200 }),
+    )
+    .await;
+    assert_eq!(started["job"]["state"], "running", "{started}");
+    let job = started["job"]["id"].as_str().unwrap().to_string();
+    let button = format!("button.cancel[data-job='{job}']");
+    wait_for(
+        async || {
+            browser
+                .run(&format!(
+                    "return document.querySelector(\"{button}\") !== null"
+                ))
+                .await
+                == Value::Bool(true)
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("a cancel button for the running resync");
+    let clicked = browser
+        .run(&format!(
+            "document.querySelector(\"{button}\").click(); return true;"
+        ))
+        .await;
+    assert_eq!(clicked, Value::Bool(true));
+    let text = browser
+        .wait_text("the cancel's answer", |t| {
+            t.contains(&format!("job {job}: cancelled (exit code 130)"))
+        })
+        .await;
+    assert!(
+        text.contains("--resume"),
+        "the job's result says how to go on: {text}"
+    );
+    browser.screenshot("resync-cancelled").await;
 
     // MADRID stops: the page marks it and raises the alert.
     assert!(resync.wait().unwrap().success());

@@ -25,7 +25,7 @@ fn rows() -> i32 {
 
 /// Rows that were there before sitesync (no event, no version): the same
 /// at `sites`, keys `0..n`, each row's `rev` derived from its key.
-async fn preload(mesh: &Mesh, sites: &[&str], n: i32) {
+pub(crate) async fn preload(mesh: &Mesh, sites: &[&str], n: i32) {
     for site in sites {
         mesh.client(site)
             .await
@@ -53,7 +53,7 @@ async fn resynced(mesh: &Mesh, site: &str) -> i64 {
 }
 
 /// PARIS's job row: `(confirmed, result, attempt)`.
-async fn job(mesh: &Mesh, id: i64) -> Option<(i64, Option<String>, i32)> {
+pub(crate) async fn job(mesh: &Mesh, id: i64) -> Option<(i64, Option<String>, i32)> {
     mesh.client("PARIS")
         .await
         .query_opt(
@@ -93,7 +93,7 @@ fn writers(
 /// of the other sites (a snapshot event of a row carries the id of the
 /// event that wrote it, so the inbox counts are not simple sums), every
 /// site queue is empty, and the sites hold the same rows.
-async fn settle(mesh: &Mesh, writes: &[Write]) {
+pub(crate) async fn settle(mesh: &Mesh, writes: &[Write]) {
     let mut last = String::new();
     let settled = wait_for(
         async || {
@@ -147,7 +147,7 @@ async fn settle(mesh: &Mesh, writes: &[Write]) {
 }
 
 /// Revisions LONDON's sink wrote more than once.
-async fn written_twice(mesh: &Mesh, site: &str) -> Vec<(uuid::Uuid, i64)> {
+pub(crate) async fn written_twice(mesh: &Mesh, site: &str) -> Vec<(uuid::Uuid, i64)> {
     mesh.client(site)
         .await
         .query(
