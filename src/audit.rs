@@ -53,6 +53,8 @@ pub mod actions {
     pub const CONFLICTS_REVIEW: &str = "conflicts review";
     pub const CAPTURE_ADD: &str = "capture add";
     pub const CAPTURE_REMOVE: &str = "capture remove";
+    /// A conflict resolved by writing its losing write again.
+    pub const CONFLICT_CHOOSE: &str = "conflict choose";
     /// A replay or resync started through the admin API, stopped through it.
     pub const JOB_CANCEL: &str = "job cancel";
     /// Every action recorded.
@@ -67,6 +69,7 @@ pub mod actions {
         CAPTURE_ADD,
         CAPTURE_REMOVE,
         JOB_CANCEL,
+        CONFLICT_CHOOSE,
     ];
 }
 

@@ -314,6 +314,34 @@ enum ConflictsCommand {
         #[arg(required = true, value_name = "ID")]
         ids: Vec<i64>,
     },
+    /// The latest conflicts recorded here (the losing write, the one that won), newest first.
+    List {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        /// At most this many.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: usize,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Choose the losing write after all: it is sent again as a new event of this site, later than the winner, and every site converges on it.
+    #[command(
+        after_help = "Example:\n  sitesync conflicts choose --connector connectors/london.toml 12"
+    )]
+    Choose {
+        #[command(flatten)]
+        connector: ConnectorArg,
+        /// The conflict's id (`sitesync conflicts list`).
+        #[arg(value_name = "ID")]
+        id: i64,
+        /// The event type to send it as, when more than one route writes its table.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -614,6 +642,17 @@ async fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Conflicts(ConflictsCommand::Review { connector, ids }) => {
             on_engine(&connector.connector, Act::Review(ids)).await
         }
+        Command::Conflicts(ConflictsCommand::List {
+            connector,
+            limit,
+            json,
+        }) => on_engine(&connector.connector, Act::Conflicts { limit, json }).await,
+        Command::Conflicts(ConflictsCommand::Choose {
+            connector,
+            id,
+            kind,
+            yes,
+        }) => on_engine(&connector.connector, Act::Choose { id, kind, yes }).await,
         Command::Resync(args) => {
             let connector = Connector::load(&args.connector.connector)?;
             let cfg = &connector.config;
@@ -664,6 +703,15 @@ enum Act {
     Audit(AuditArgs),
     Purge(PurgeArgs),
     Review(Vec<i64>),
+    Conflicts {
+        limit: usize,
+        json: bool,
+    },
+    Choose {
+        id: i64,
+        kind: Option<String>,
+        yes: bool,
+    },
     Resync(ResyncArgs),
     Requeue(RequeueWhich),
 }
@@ -727,6 +775,9 @@ impl Act {
             Act::Purge(args) if !args.dry_run => (actions::PURGE, json!({})),
             Act::Gaps { fill: true, wait } => (actions::GAPS_FILL, json!({"wait": wait})),
             Act::Review(ids) => (actions::CONFLICTS_REVIEW, json!({"ids": ids})),
+            Act::Choose { id, kind, .. } => {
+                (actions::CONFLICT_CHOOSE, json!({"id": id, "type": kind}))
+            }
             Act::Capture {
                 action: crate::capture::Action::Add { dry_run: false },
                 routes,
@@ -909,6 +960,21 @@ async fn act<D: Driver>(
         Act::Audit(args) => audit(D::audit(cfg, db)?, args).await,
         Act::Purge(args) => purge(cfg, D::purge(cfg, db)?, D::jobs(cfg, db)?, args, said).await,
         Act::Review(ids) => review(D::purge(cfg, db)?, &ids, said).await,
+        Act::Conflicts { limit, json } => {
+            let rows = D::purge(cfg, db)?.conflicts(limit, None).await?;
+            match json {
+                true => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::conflicts::to_json(&rows))
+                        .unwrap_or_default()
+                ),
+                false => print!("{}", crate::conflicts::render(&rows)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Act::Choose { id, kind, yes } => {
+            choose(cfg, D::purge(cfg, db)?, id, kind.as_deref(), yes, said).await
+        }
         Act::Requeue(which) => dlq_requeue(cfg, which, said).await,
         Act::Resync(args) => {
             resync(
@@ -1987,6 +2053,46 @@ async fn purge<P: Tables, J: JobLog>(
         report.deleted(),
         report.summary(false)
     );
+    println!("{said}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sitesync conflicts choose`: shows the conflict, asks, sends its
+/// losing write again.
+async fn choose<P: Tables>(
+    cfg: &ConnectorConfig,
+    tables: P,
+    id: i64,
+    kind: Option<&str>,
+    yes: bool,
+    said: &mut String,
+) -> Result<ExitCode, Failure> {
+    use crate::conflicts::{self, ChooseError};
+    let failed = |e: ChooseError| match e {
+        ChooseError::Refused(r) => Failure {
+            message: format!("nothing sent: {r}"),
+            code: 2,
+        },
+        ChooseError::Failed(e) => fail(e),
+    };
+    let c = conflicts::find(&tables, id).await.map_err(failed)?;
+    print!("{}", conflicts::render(std::slice::from_ref(&c)));
+    println!(
+        "the losing write ({}): {}",
+        c.loser_origin,
+        c.loser_payload.as_deref().unwrap_or("(none)")
+    );
+    confirm(
+        yes,
+        &format!(
+            "write {}'s losing write of {} key {} again, at every site?",
+            c.loser_origin, c.entity, c.key
+        ),
+    )?;
+    let chosen = conflicts::choose(cfg, &tables, id, kind)
+        .await
+        .map_err(failed)?;
+    *said = chosen.line();
     println!("{said}");
     Ok(ExitCode::SUCCESS)
 }

@@ -77,6 +77,7 @@ pub mod checkpoint;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod conflicts;
 pub mod engine;
 pub mod error;
 pub mod event;

@@ -163,6 +163,15 @@ pub struct Metrics {
     pub dlq_messages: Gauge,
     /// Gaps this site's sink has open (events of an origin not seen).
     pub gaps_open: Gauge,
+    /// Rows in this site's outbox: events not yet published and confirmed
+    /// (read with `status` by the admin listener at a scrape).
+    pub outbox_backlog: Gauge,
+    /// Conflicts recorded here (`sitesync_conflicts`, until purged).
+    pub conflicts_recorded: Gauge,
+    /// Bytes of the change log the source is behind (PostgreSQL: the
+    /// slot's confirmed position to the server's WAL end); absent where
+    /// the engine gives no byte count.
+    pub source_lag_bytes: Gauge,
     /// Whether each broker connection is up.
     pub broker_connected: Family<ConnectionLabel, Gauge>,
     /// Broker connections opened again after a failure.
@@ -206,6 +215,9 @@ impl Metrics {
             queue_consumers: Gauge::default(),
             dlq_messages: Gauge::default(),
             gaps_open: Gauge::default(),
+            outbox_backlog: Gauge::default(),
+            conflicts_recorded: Gauge::default(),
+            source_lag_bytes: Gauge::default(),
             broker_connected: Family::default(),
             broker_reconnects: Family::default(),
             job_done: Family::default(),
@@ -308,6 +320,22 @@ impl Metrics {
             "gaps_open",
             "Gaps this site's sink has open (events of an origin it has not seen)",
             m.gaps_open.clone(),
+        );
+        r.register(
+            "outbox_backlog",
+            "Rows in this site's outbox: events not yet published and confirmed (read at a scrape, at most every 5 s)",
+            m.outbox_backlog.clone(),
+        );
+        r.register(
+            "conflicts_recorded",
+            "Conflicts recorded at this site (sitesync_conflicts, until purged; read at a scrape, at most every 5 s)",
+            m.conflicts_recorded.clone(),
+        );
+        r.register_with_unit(
+            "source_lag",
+            "Change log the source is behind the server's end (PostgreSQL: WAL bytes; read at a scrape, at most every 5 s)",
+            Unit::Bytes,
+            m.source_lag_bytes.clone(),
         );
         r.register(
             "broker_connected",
@@ -479,6 +507,77 @@ pub fn render() -> String {
     out
 }
 
+/// Sets the gauges read from `sitesync status` (the admin listener reads
+/// it at a scrape, at most every [`STATUS_EVERY`]).
+/// `status` is `SiteStatus::to_json`'s.
+pub fn site_status(status: &serde_json::Value) {
+    let m = get();
+    if let Some(n) = status["outbox_backlog"].as_i64() {
+        m.outbox_backlog.set(n);
+    }
+    if let Some(n) = status["conflicts"].as_i64() {
+        m.conflicts_recorded.set(n);
+    }
+    if let Some(bytes) = status["source_lag_bytes"].as_i64() {
+        m.source_lag_bytes.set(bytes);
+    }
+}
+
+/// How often at most the admin listener reads the site's status for the
+/// gauges.
+pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the dashboard shows of an exposition (classic text or
+/// OpenMetrics): counter totals summed over their labels, and the
+/// end-to-end latency histogram's cumulative buckets summed over origins
+/// (the page turns two samples into rates and percentiles over the time
+/// between them).
+pub fn summary(exposition: &str) -> serde_json::Value {
+    let mut totals: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut buckets: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    const COUNTERS: [&str; 4] = [
+        "sitesync_source_events_confirmed_total",
+        "sitesync_sink_events_applied_total",
+        "sitesync_sink_events_duplicate_total",
+        "sitesync_sink_dead_letters_total",
+    ];
+    const E2E: &str = "sitesync_end_to_end_latency_seconds";
+    for line in exposition.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if let Some(c) = COUNTERS.iter().find(|c| **c == name) {
+            *totals.entry(c).or_default() += value;
+        } else if name == format!("{E2E}_bucket") {
+            let le = series
+                .split("le=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("+Inf");
+            let bound = match le {
+                "+Inf" => f64::INFINITY,
+                b => b.parse().unwrap_or(f64::INFINITY),
+            };
+            buckets.entry(le.to_string()).or_insert((bound, 0.0)).1 += value;
+        } else if name == format!("{E2E}_count") {
+            *totals.entry("e2e_count").or_default() += value;
+        }
+    }
+    let mut list: Vec<(f64, f64)> = buckets.into_values().collect();
+    list.sort_by(|a, b| a.0.total_cmp(&b.0));
+    serde_json::json!({
+        "totals": totals,
+        "e2e_buckets": list
+            .iter()
+            .map(|(le, n)| serde_json::json!([if le.is_finite() { serde_json::json!(le) } else { serde_json::json!("+Inf") }, n]))
+            .collect::<Vec<_>>(),
+    })
+}
+
 /// The same exposition in Prometheus' classic text format (0.0.4), which
 /// `promtool check metrics` reads: a counter's family is named with its
 /// `_total`, and there are no `# UNIT` or `# EOF` lines.
@@ -512,6 +611,26 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_sums_counters_and_latency_buckets_over_their_labels() {
+        let text = "# TYPE sitesync_sink_events_applied_total counter\n\
+            sitesync_sink_events_applied_total{origin=\"PARIS\",type=\"a\"} 3\n\
+            sitesync_sink_events_applied_total{origin=\"MADRID\",type=\"a\"} 4\n\
+            sitesync_end_to_end_latency_seconds_bucket{origin=\"PARIS\",le=\"0.001\"} 1\n\
+            sitesync_end_to_end_latency_seconds_bucket{origin=\"PARIS\",le=\"+Inf\"} 3\n\
+            sitesync_end_to_end_latency_seconds_bucket{origin=\"MADRID\",le=\"0.001\"} 2\n\
+            sitesync_end_to_end_latency_seconds_bucket{origin=\"MADRID\",le=\"+Inf\"} 4\n\
+            sitesync_end_to_end_latency_seconds_count{origin=\"PARIS\"} 3\n\
+            sitesync_end_to_end_latency_seconds_count{origin=\"MADRID\"} 4\n";
+        let s = summary(text);
+        assert_eq!(s["totals"]["sitesync_sink_events_applied_total"], 7.0);
+        assert_eq!(s["totals"]["e2e_count"], 7.0);
+        assert_eq!(
+            s["e2e_buckets"],
+            serde_json::json!([[0.001, 3.0], ["+Inf", 7.0]])
+        );
+    }
 
     #[test]
     fn a_part_is_not_ready_until_it_says_so_and_says_why_not() {

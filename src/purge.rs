@@ -126,6 +126,15 @@ pub trait Tables: Send + Sync + 'static {
         &'a self,
         ids: &'a [i64],
     ) -> impl Future<Output = Result<Vec<i64>, TargetError>> + Send + 'a;
+
+    /// The latest conflicts recorded here, newest first (`limit` at most),
+    /// or the one numbered `id` (`sitesync conflicts list`, the API's
+    /// `/api/conflicts`, a choice).
+    fn conflicts(
+        &self,
+        limit: usize,
+        id: Option<i64>,
+    ) -> impl Future<Output = Result<Vec<crate::conflicts::Conflict>, TargetError>> + Send;
 }
 
 /// One table's share of a run.
@@ -346,6 +355,13 @@ mod tests {
         }
         async fn review<'a>(&'a self, ids: &'a [i64]) -> Result<Vec<i64>, TargetError> {
             Ok(ids.to_vec())
+        }
+        async fn conflicts(
+            &self,
+            _: usize,
+            _: Option<i64>,
+        ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+            Ok(vec![])
         }
     }
 

@@ -37,6 +37,9 @@ pub struct SiteStatus {
     /// How far the source is behind its log, in the engine's words (a
     /// slot's WAL bytes behind the server, a Change Tracking version).
     pub source_lag: String,
+    /// The same in bytes of the change log, where the engine counts them
+    /// (PostgreSQL).
+    pub source_lag_bytes: Option<i64>,
     /// More about the source, one line each, printed under it (Oracle:
     /// the transactions it abandoned).
     pub source_notes: Vec<String>,
@@ -150,6 +153,7 @@ impl SiteStatus {
             "dead_lettered_here": self.dead_lettered_here,
             "outbox_backlog": self.outbox_backlog,
             "source_lag": self.source_lag,
+            "source_lag_bytes": self.source_lag_bytes,
             "source_notes": self.source_notes,
         })
     }

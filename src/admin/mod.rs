@@ -11,6 +11,8 @@
 //! | `GET /api/dlq` | read | the dead letters |
 //! | `POST /api/dlq/requeue` | admin | `{"ids": [...]}` or `{"all": true}` |
 //! | `POST /api/conflicts/review` | admin | `{"ids": [...]}` |
+//! | `GET /api/conflicts` | read | the latest conflicts (`?limit=N`) |
+//! | `POST /api/conflicts/choose` | admin | `{"id": N, "type": "…"?}`: the losing write sent again, as a new event of this site |
 //! | `POST /api/resync` | admin | starts `sitesync resync` (`{"to_site", "routes" or "all", "where", "rate", "pack", "compress"}` or `{"resume": N}`): 202 with its run and job, 400 with the dry run's refusal |
 //! | `POST /api/replay` | admin | starts `sitesync replay` (`{"to_site", "origin", "from", "to", "type", "rate"}`), as above |
 //! | `POST /api/jobs/cancel` | admin | `{"job": "<job id>"}`: stops a replay or resync this sidecar started (SIGINT); a resync resumes later where it stopped |
@@ -57,6 +59,14 @@ pub trait Site: Send + Sync + 'static {
     fn job(&self, id: uuid::Uuid) -> BoxFuture<'_, Result<Option<Value>, String>>;
     /// Marks conflicts reviewed; the ids found.
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>>;
+    /// The latest conflicts, as `sitesync conflicts list --json`.
+    fn conflicts(&self, limit: usize) -> BoxFuture<'_, Result<Value, String>>;
+    /// Chooses a conflict's losing write (`sitesync conflicts choose`).
+    fn choose(
+        &self,
+        id: i64,
+        kind: Option<String>,
+    ) -> BoxFuture<'_, Result<crate::conflicts::Chosen, crate::conflicts::ChooseError>>;
     /// The open gaps, as `sitesync gaps list`.
     fn gaps(&self) -> BoxFuture<'_, Result<Value, String>>;
     /// Asks the archive for every open gap now, as `sitesync gaps fill`:
@@ -106,6 +116,8 @@ struct Shared {
     names: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Replays and resyncs started through the API.
     runs: runs::Runs,
+    /// When the status gauges were last read (ms since the epoch).
+    status_read: std::sync::atomic::AtomicU64,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -171,10 +183,39 @@ async fn ready(State(ctx): Ctx) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Sets the gauges `status` gives (outbox backlog, conflicts, source lag)
+/// when they are older than [`crate::metrics::STATUS_EVERY`]: a scrape
+/// reads them fresh, without querying the database on every one.
+async fn observe_status(ctx: &Shared) {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = ctx.status_read.load(Ordering::Relaxed);
+    let every = crate::metrics::STATUS_EVERY.as_millis() as u64;
+    if now.saturating_sub(last) < every
+        || ctx
+            .status_read
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    match tokio::time::timeout(STATUS_WAIT, ctx.site.status()).await {
+        Ok(Ok(s)) => crate::metrics::site_status(&s),
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics: the site's status is unknown"),
+        Err(_) => tracing::debug!("metrics: the site's status took over {STATUS_WAIT:?}"),
+    }
+}
+
+/// How long a scrape waits for the site's status.
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The exposition: OpenMetrics when the scraper asks for it (Prometheus
 /// does, in its `Accept` header), else Prometheus' classic text format
 /// (what `curl` and `promtool check metrics` read).
-async fn metrics(headers: HeaderMap) -> Response {
+async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
+    observe_status(&ctx).await;
     let open = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -405,6 +446,63 @@ async fn review(
     ))
 }
 
+async fn conflicts(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, Failure> {
+    caller(&ctx, &headers, Scope::Read)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    Ok(Json(ctx.site.conflicts(limit).await.map_err(internal)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Choice {
+    id: i64,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+async fn choose(
+    State(ctx): Ctx,
+    headers: HeaderMap,
+    request: Result<Json<Choice>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, Failure> {
+    use crate::conflicts::{ChooseError, Refused};
+    let who = caller(&ctx, &headers, Scope::Admin)?;
+    let Choice { id, kind } = body(
+        request,
+        "{\"id\": <conflict id>} (and \"type\" when more than one route writes its table)",
+    )?;
+    let arguments = json!({ "id": id, "type": kind });
+    let action = crate::audit::actions::CONFLICT_CHOOSE;
+    let chosen = match ctx.site.choose(id, kind).await {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match &e {
+                ChooseError::Refused(Refused::NotFound(_)) => StatusCode::NOT_FOUND,
+                ChooseError::Refused(_) => StatusCode::CONFLICT,
+                ChooseError::Failed(_) => StatusCode::BAD_GATEWAY,
+            };
+            return refused(&ctx, &who, action, arguments, code, e.to_string()).await;
+        }
+    };
+    tracing::info!(by = %who.name, conflict = id, event = %chosen.event.id, "admin API: a conflict's losing write chosen");
+    let answer = json!({
+        "conflict": crate::conflicts::to_json(std::slice::from_ref(&chosen.conflict))[0],
+        "event": {
+            "id": chosen.event.id,
+            "origin": chosen.event.origin,
+            "type": chosen.event.kind,
+            "timestamp": chosen.event.timestamp.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        },
+    });
+    Ok(Json(
+        audited(&ctx, &who, action, arguments, Ok(chosen.line()), answer).await,
+    ))
+}
+
 /// This site as the dashboard shows it: its readiness, status and jobs.
 async fn own(ctx: &Shared) -> Value {
     let mut out = json!({
@@ -426,6 +524,12 @@ async fn own(ctx: &Shared) -> Value {
         Ok(j) => out["jobs"] = j,
         Err(e) => out["error"] = Value::String(format!("jobs: {e}")),
     }
+    match ctx.site.conflicts(overview::CONFLICTS).await {
+        Ok(c) => out["conflicts"] = c,
+        Err(e) => out["error"] = Value::String(format!("conflicts: {e}")),
+    }
+    observe_status(ctx).await;
+    out["metrics"] = crate::metrics::summary(&crate::metrics::render());
     out
 }
 
@@ -906,6 +1010,7 @@ fn shared(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> Arc<Shar
         peers,
         names: Default::default(),
         runs,
+        status_read: Default::default(),
     })
 }
 
@@ -926,6 +1031,8 @@ fn routes(shared: Arc<Shared>) -> axum::Router {
         .route("/api/dlq", get(dlq))
         .route("/api/dlq/requeue", post(requeue))
         .route("/api/conflicts/review", post(review))
+        .route("/api/conflicts", get(conflicts))
+        .route("/api/conflicts/choose", post(choose))
         .route("/api/gaps", get(gaps))
         .route("/api/gaps/fill", post(fill_gaps))
         .route("/api/audit", get(audit_list))

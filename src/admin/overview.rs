@@ -17,8 +17,11 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// The jobs listed per site.
 pub const JOBS: usize = 20;
 
+/// The conflicts listed per site.
+pub const CONFLICTS: usize = 10;
+
 /// What one peer answers, or why it does not: its `/ready`, `/api/status`,
-/// `/api/jobs` (its own site only; the dead-letter queue is the
+/// `/api/jobs`, `/api/conflicts`, a summary of `/metrics` (its own site only; the dead-letter queue is the
 /// deployment's, listed once by this sidecar).
 pub async fn peer(url: String, authorization: Option<String>) -> Value {
     tokio::task::spawn_blocking(move || ask(&url, authorization.as_deref()))
@@ -56,6 +59,7 @@ fn ask(url: &str, authorization: Option<&str>) -> Value {
     for (key, path) in [
         ("status", "/api/status".to_string()),
         ("jobs", format!("/api/jobs?limit={JOBS}")),
+        ("conflicts", format!("/api/conflicts?limit={CONFLICTS}")),
     ] {
         match get(&path) {
             Ok((200, v)) => out[key] = v,
@@ -67,6 +71,11 @@ fn ask(url: &str, authorization: Option<&str>) -> Value {
             }
             Err(e) => out["error"] = Value::String(format!("{path}: {e}")),
         }
+    }
+    match get("/metrics") {
+        Ok((200, Value::String(text))) => out["metrics"] = crate::metrics::summary(&text),
+        Ok((code, _)) => out["error"] = Value::String(format!("/metrics: {code}")),
+        Err(e) => out["error"] = Value::String(format!("/metrics: {e}")),
     }
     if let Some(site) = out["status"]["site"].as_str() {
         out["site"] = Value::String(site.to_string());

@@ -71,6 +71,27 @@ impl<D: Driver> Site for EngineSite<D> {
         })
     }
 
+    fn conflicts(&self, limit: usize) -> BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async move {
+            let rows = self
+                .purge
+                .conflicts(limit, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(crate::conflicts::to_json(&rows))
+        })
+    }
+
+    fn choose(
+        &self,
+        id: i64,
+        kind: Option<String>,
+    ) -> BoxFuture<'_, Result<crate::conflicts::Chosen, crate::conflicts::ChooseError>> {
+        Box::pin(async move {
+            crate::conflicts::choose(&self.cfg, &self.purge, id, kind.as_deref()).await
+        })
+    }
+
     fn review(&self, ids: Vec<i64>) -> BoxFuture<'_, Result<Vec<i64>, String>> {
         Box::pin(async move { self.purge.review(&ids).await.map_err(|e| e.to_string()) })
     }

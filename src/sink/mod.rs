@@ -680,10 +680,13 @@ impl Observed {
     /// minus its timestamp (the origin's commit, on the origin's clock).
     fn outcome(&mut self, event: Option<&Event>, outcome: &Outcome) {
         let (origin, kind) = event.map_or(("", ""), |e| (e.origin.as_str(), e.kind.as_str()));
+        let origin = metric_origin(origin);
         match outcome {
             Outcome::Applied => {
                 self.applied.get(origin, kind).inc();
-                if let Some(e) = event {
+                // A resync's rows carry their stored version's time, not
+                // when they were sent: not a latency.
+                if let Some(e) = event.filter(|e| !e.origin.starts_with("resync:")) {
                     let late = (chrono::Utc::now() - e.timestamp).num_microseconds();
                     let seconds = late.unwrap_or(0).max(0) as f64 / 1e6;
                     self.e2e_of(origin).observe(seconds);
@@ -710,6 +713,21 @@ impl Observed {
             }
         };
         &self.e2e[at].1
+    }
+}
+
+/// The origin as the metrics label it: a resync job's or a conflict
+/// choice's own origin (`resync:PARIS:7`, `choice:LONDON:12`) without its
+/// number, so that each job or choice does not make a new series.
+fn metric_origin(origin: &str) -> &str {
+    match origin.rsplit_once(':') {
+        Some((head, n))
+            if (head.starts_with("resync:") || head.starts_with("choice:"))
+                && n.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            head
+        }
+        _ => origin,
     }
 }
 
@@ -797,6 +815,15 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_s_or_a_choice_s_origin_is_one_metrics_series_per_site() {
+        assert_eq!(metric_origin("resync:PARIS:17"), "resync:PARIS");
+        assert_eq!(metric_origin("choice:LONDON:3"), "choice:LONDON");
+        assert_eq!(metric_origin("PARIS"), "PARIS");
+        assert_eq!(metric_origin("resync:PARIS:x"), "resync:PARIS:x");
+        assert_eq!(metric_origin("MY:SITE:2"), "MY:SITE:2");
+    }
 
     fn event(seq: u64) -> Vec<u8> {
         format!(

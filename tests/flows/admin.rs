@@ -811,3 +811,186 @@ async fn a_resync_and_a_replay_started_through_the_api_are_cancelled_there_and_e
         assert!(s.terminate().await.success());
     }
 }
+
+/// `site`'s row of item `id`: `(n, rev)`.
+async fn item(mesh: &Mesh, site: &str, id: i32) -> Option<(i32, uuid::Uuid)> {
+    mesh.client(site)
+        .await
+        .query_opt("SELECT n, rev FROM item WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test]
+async fn choosing_a_conflict_s_losing_write_brings_it_to_every_site_once_and_a_later_write_still_wins()
+ {
+    use crate::support::mesh::upsert;
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let port = free_port();
+    enable_admin(&mesh, "LONDON", port, 0o600, &[]);
+    // Two writes of one row before any sidecar runs: PARIS's first, then
+    // LONDON's, which wins everywhere; LONDON records PARIS's as the loser.
+    let (_, paris_rev) = upsert(&mesh.client("PARIS").await, "PARIS", 77, 1).await;
+    let (_, london_rev) = upsert(&mesh.client("LONDON").await, "LONDON", 77, 2).await;
+    let mut sidecars = mesh.spawn_all();
+    until_listening(port).await;
+    for site in mesh.sites() {
+        wait_for(
+            async || item(&mesh, site, 77).await == Some((2, london_rev)),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{site} holds LONDON's write: {e}"));
+    }
+    let conflict = wait_for_value(
+        async || {
+            let (_, list) = call(port, "GET", "/api/conflicts", Some(READ), None).await;
+            list.as_array()?
+                .iter()
+                .find(|c| c["key"] == "77" && c["loser_origin"] == "PARIS")
+                .cloned()
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("LONDON records PARIS's losing write");
+    assert_eq!(conflict["winner_origin"], "LONDON", "{conflict}");
+    assert_eq!(conflict["loser_payload"]["n"], 1, "{conflict}");
+    assert!(conflict["reviewed_at"].is_null(), "{conflict}");
+    let id = conflict["id"].as_i64().unwrap();
+
+    // Refused: a read token, an unknown conflict.
+    let choice = serde_json::json!({ "id": id });
+    let (code, body) = call(
+        port,
+        "POST",
+        "/api/conflicts/choose",
+        Some(READ),
+        Some(choice.clone()),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let unknown = serde_json::json!({ "id": 999_999 });
+    let (code, body) = call(
+        port,
+        "POST",
+        "/api/conflicts/choose",
+        Some(ADMIN),
+        Some(unknown),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+
+    // Chosen: a new event of LONDON, later than the winner; every site
+    // ends on PARIS's losing write.
+    let (code, chosen) = call(
+        port,
+        "POST",
+        "/api/conflicts/choose",
+        Some(ADMIN),
+        Some(choice.clone()),
+    )
+    .await;
+    assert_eq!(code, 200, "{chosen}");
+    assert_eq!(
+        chosen["event"]["origin"],
+        format!("choice:LONDON:{id}"),
+        "{chosen}"
+    );
+    assert_eq!(chosen["event"]["type"], "item.upsert", "{chosen}");
+    for site in mesh.sites() {
+        wait_for(
+            async || item(&mesh, site, 77).await == Some((1, paris_rev)),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{site} holds the chosen write: {e}"));
+    }
+    // Chosen again: the same event, applied nowhere twice.
+    let (code, again) = call(
+        port,
+        "POST",
+        "/api/conflicts/choose",
+        Some(ADMIN),
+        Some(choice),
+    )
+    .await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["event"]["id"], chosen["event"]["id"], "{again}");
+    let event: uuid::Uuid = chosen["event"]["id"].as_str().unwrap().parse().unwrap();
+    for site in mesh.sites() {
+        let client = mesh.client(site).await;
+        wait_for(
+            async || {
+                let held: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM sitesync_inbox WHERE event_id = $1",
+                        &[&event],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                held == 1
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{site}'s inbox holds the chosen event once: {e}"));
+        let written: i64 = client
+            .query_one(
+                "SELECT count(*) FROM item_log WHERE by_sink AND rev = $1",
+                &[&paris_rev],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // PARIS wrote it itself first; the others applied PARIS's event
+        // (MADRID, where it did not lose) and the chosen one at most once each.
+        assert!(
+            written <= 2,
+            "{site} wrote PARIS's revision {written} times"
+        );
+    }
+    let listed: Value =
+        serde_json::from_str(&mesh.ok("LONDON", &["conflicts", "list", "--json"]).await).unwrap();
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap();
+    assert!(
+        row["reviewed_at"].is_string(),
+        "reviewed once chosen: {row}"
+    );
+
+    // A write made after the choice wins over it, as any later write.
+    let (_, later) = upsert(&mesh.client("MADRID").await, "MADRID", 77, 3).await;
+    for site in mesh.sites() {
+        wait_for(
+            async || item(&mesh, site, 77).await == Some((3, later)),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{site} holds MADRID's later write: {e}"));
+    }
+    let (_, trail) = call(port, "GET", "/api/audit", Some(READ), None).await;
+    let chosen_entries: Vec<&Value> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "conflict choose")
+        .collect();
+    assert_eq!(chosen_entries.len(), 3, "{trail}");
+    assert!(
+        chosen_entries
+            .iter()
+            .filter(|e| e["result"] == "ok")
+            .all(|e| e["who"] == "alice" && e["detail"].as_str().unwrap().contains("sent again")),
+        "{trail}"
+    );
+    for (_, s) in sidecars.iter_mut() {
+        assert!(s.terminate().await.success());
+    }
+}

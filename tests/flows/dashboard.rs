@@ -310,6 +310,24 @@ async fn the_dashboard_shows_every_site_a_resync_advancing_requeues_and_marks_a_
         .await;
     assert!(later.contains("resync"), "{later}");
 
+    // Live writes at PARIS: the page shows the rates and the end-to-end
+    // latency percentiles of the events applied in the last minute.
+    let paris = mesh.client("PARIS").await;
+    for id in 0..20 {
+        crate::support::mesh::upsert(&paris, "PARIS", 300_000 + id, id).await;
+    }
+    let text = browser
+        .wait_text("end-to-end percentiles", |t| {
+            t.lines()
+                .any(|l| l.contains("end to end") && l.contains("p50") && l.contains("p99"))
+        })
+        .await;
+    assert!(
+        text.lines()
+            .any(|l| l.contains("applied") && l.contains("/s")),
+        "{text}"
+    );
+
     // A dead letter, requeued from the page.
     let conn = rabbit::connect(&mesh.amqp_url).await;
     let ch = conn.create_channel().await.unwrap();

@@ -147,6 +147,10 @@ async fn metrics_count_exactly_the_events_sent_and_pass_promtool() {
     let (paris_port, london_port) = (free_port(), free_port());
     enable_admin(&mesh, "PARIS", paris_port);
     enable_admin(&mesh, "LONDON", london_port);
+    // One row written at both sites before their sidecars run: LONDON's
+    // later write wins and LONDON records PARIS's as a conflict.
+    upsert(&mesh.client("PARIS").await, "PARIS", 5, 1).await;
+    upsert(&mesh.client("LONDON").await, "LONDON", 5, 2).await;
     let mut paris = mesh.spawn("PARIS");
     let mut london = mesh.spawn("LONDON");
     for port in [paris_port, london_port] {
@@ -163,6 +167,25 @@ async fn metrics_count_exactly_the_events_sent_and_pass_promtool() {
         .unwrap_or_else(|e| panic!("{e}: {last}"));
     }
 
+    // The gauges `status` gives: the conflict, the source's lag, the
+    // outbox, read at a scrape.
+    let mut last = String::new();
+    wait_for(
+        async || {
+            last = scrape(london_port).await;
+            sample(&last, "sitesync_conflicts_recorded") == 1.0
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {last}"));
+    let status: serde_json::Value =
+        serde_json::from_str(&mesh.ok("LONDON", &["status", "--json"]).await).unwrap();
+    assert_eq!(status["conflicts"], 1, "{status}");
+    assert!(status["source_lag_bytes"].is_i64(), "{status}");
+    for gauge in ["sitesync_outbox_backlog ", "sitesync_source_lag_bytes "] {
+        assert!(last.contains(gauge), "{gauge}: {last}");
+    }
     let applied = "sitesync_sink_events_applied_total{origin=\"PARIS\",type=\"item.upsert\"}";
     let e2e = "sitesync_end_to_end_latency_seconds_count{origin=\"PARIS\"}";
     let published = "sitesync_source_events_published_total{type=\"item.upsert\"}";

@@ -278,6 +278,80 @@ async fn mixed_sites_postgres_mariadb_postgres_converge_with_each_event_applied_
         String::from_utf8_lossy(&show.stderr)
     );
     assert!(text.contains("mariadb:"), "{text}");
+
+    // A conflict chosen at the MariaDB site: the row below stands for one
+    // its sink recorded (LONDON's write of key 1000 losing to MADRID's),
+    // with a payload of its own so that the choice shows. `conflicts
+    // list` reads it; `conflicts choose` sends it again from LONDON and
+    // every engine ends on it.
+    use mysql_async::prelude::Queryable;
+    let payload = r#"{"id": 1000, "n": 42, "rev": "00000000-0000-4000-8000-000000000042", "site": "LONDON", "note": null}"#;
+    l.exec_drop(
+        "INSERT INTO sitesync_conflicts (loser_event_id, entity, `key`, loser_origin, loser_ts, loser_payload, winner_event_id, winner_origin, winner_ts) \
+         VALUES (UUID(), 'public.item', '1000', 'LONDON', UTC_TIMESTAMP(6) - INTERVAL 2 SECOND, ?, UUID(), 'MADRID', UTC_TIMESTAMP(6) - INTERVAL 1 SECOND)",
+        (payload,),
+    )
+    .await
+    .unwrap();
+    let listed = sitesync_with(&london.connector, &["conflicts", "list", "--json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let conflict = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "1000" && c["loser_payload"]["n"] == 42)
+        .cloned()
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        conflict["winner_ts"].as_str().unwrap().ends_with('Z'),
+        "{conflict}"
+    );
+    let id = conflict["id"].to_string();
+    let chosen = sitesync_with(&london.connector, &["conflicts", "choose", &id, "--yes"]);
+    let said = String::from_utf8_lossy(&chosen.stdout);
+    assert!(
+        chosen.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&chosen.stderr)
+    );
+    assert!(said.contains(&format!("choice:LONDON:{id}")), "{said}");
+    let rev = "00000000-0000-4000-8000-000000000042".to_string();
+    wait_for(
+        async || {
+            let lo = london_items(&mut l).await;
+            let everywhere = [
+                pg_items(mesh, "PARIS").await,
+                pg_items(mesh, "MADRID").await,
+                lo,
+            ];
+            everywhere
+                .iter()
+                .all(|rows| rows.contains(&(1000, 42, rev.clone())))
+        },
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("every site holds the chosen write");
+    let again = sitesync_with(&london.connector, &["conflicts", "list", "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    let row = again
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == conflict["id"])
+        .cloned()
+        .unwrap();
+    assert!(
+        row["reviewed_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{row}"
+    );
 }
 
 #[tokio::test]

@@ -195,6 +195,60 @@ impl Tables for MariaDbPurge {
         .await
         .map_err(|e| self.db.error("marking conflicts reviewed", &e))
     }
+
+    async fn conflicts(
+        &self,
+        limit: usize,
+        id: Option<i64>,
+    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+        let mut c = self.db.conn().await?;
+        let rows: Vec<mysql_async::Row> = match id {
+            Some(id) => c.exec(conflicts_sql(true), (id,)).await,
+            None => c.exec(conflicts_sql(false), (limit as u64,)).await,
+        }
+        .map_err(|e| self.db.error("reading sitesync_conflicts", &e))?;
+        let texts: Vec<Vec<Option<String>>> = rows
+            .into_iter()
+            .map(|r| {
+                r.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        mysql_async::Value::NULL => None,
+                        mysql_async::Value::Bytes(b) => {
+                            Some(String::from_utf8_lossy(&b).into_owned())
+                        }
+                        other => Some(other.as_sql(true).trim_matches('\'').to_string()),
+                    })
+                    .collect()
+            })
+            .collect();
+        crate::conflicts::conflicts_of(&texts)
+    }
+}
+
+/// The conflicts' columns as text, newest first (`LIMIT ?`), or the one
+/// numbered `?`. `loser_ts` and `winner_ts` are written in UTC by the
+/// sink; `recorded_at` and `reviewed_at` are TIMESTAMPs, read in the
+/// session's zone and turned to UTC.
+fn conflicts_sql(one: bool) -> String {
+    let ts = |c: &str| format!("DATE_FORMAT({c}, '%Y-%m-%dT%H:%i:%s.%fZ')");
+    let utc = |c: &str| {
+        format!(
+            "DATE_FORMAT(CONVERT_TZ({c}, @@session.time_zone, '+00:00'), '%Y-%m-%dT%H:%i:%s.%fZ')"
+        )
+    };
+    format!(
+        "SELECT CAST(id AS CHAR), entity, CONVERT(`key` USING utf8mb4), loser_event_id, loser_origin, {}, loser_payload, \
+         winner_event_id, winner_origin, {}, {}, {} FROM sitesync_conflicts {}",
+        ts("loser_ts"),
+        ts("winner_ts"),
+        utc("recorded_at"),
+        utc("reviewed_at"),
+        match one {
+            true => "WHERE id = ?",
+            false => "ORDER BY id DESC LIMIT ?",
+        }
+    )
 }
 
 #[cfg(test)]

@@ -183,11 +183,75 @@ impl Tables for OraclePurge {
         })
         .await
     }
+
+    async fn conflicts(
+        &self,
+        limit: usize,
+        id: Option<i64>,
+    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+        let rows = self
+            .on_connection(move |c| {
+                let key = id.unwrap_or(limit as i64);
+                let rows = c
+                    .query(&conflicts_sql(id.is_some()), &[&key])
+                    .map_err(|e| failed("reading SITESYNC_CONFLICTS", &e))?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let row = row.map_err(|e| failed("reading SITESYNC_CONFLICTS", &e))?;
+                    let cells = (0..crate::conflicts::COLUMNS.len())
+                        .map(|i| row.get::<usize, Option<String>>(i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| failed("reading SITESYNC_CONFLICTS", &e))?;
+                    out.push(cells);
+                }
+                Ok(out)
+            })
+            .await?;
+        crate::conflicts::conflicts_of(&rows)
+    }
+}
+
+/// The conflicts' columns as text (times as UTC RFC 3339), newest first
+/// (`:1` rows), or the one numbered `:1`.
+fn conflicts_sql(one: bool) -> String {
+    let utc =
+        |c: &str| format!("TO_CHAR(SYS_EXTRACT_UTC({c}), 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6\"Z\"')");
+    format!(
+        "SELECT TO_CHAR(ID), ENTITY, KEY, LOSER_EVENT_ID, LOSER_ORIGIN, {}, LOSER_PAYLOAD, WINNER_EVENT_ID, WINNER_ORIGIN, {}, {}, {} \
+         FROM SITESYNC_CONFLICTS {}",
+        utc("LOSER_TS"),
+        utc("WINNER_TS"),
+        utc("RECORDED_AT"),
+        utc("REVIEWED_AT"),
+        match one {
+            true => "WHERE ID = :1",
+            false => "ORDER BY ID DESC FETCH FIRST :1 ROWS ONLY",
+        }
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conflicts_are_read_as_utc_text_newest_first_or_by_id() {
+        let latest = conflicts_sql(false);
+        assert!(
+            latest.starts_with("SELECT TO_CHAR(ID), ENTITY, KEY, LOSER_EVENT_ID"),
+            "{latest}"
+        );
+        assert!(
+            latest.contains(
+                "TO_CHAR(SYS_EXTRACT_UTC(WINNER_TS), 'YYYY-MM-DD\"T\"HH24:MI:SS.FF6\"Z\"')"
+            )
+        );
+        assert!(
+            latest.ends_with("ORDER BY ID DESC FETCH FIRST :1 ROWS ONLY"),
+            "{latest}"
+        );
+        assert!(conflicts_sql(true).ends_with("WHERE ID = :1"));
+    }
 
     #[test]
     fn a_batch_is_one_bounded_delete_by_the_servers_clock() {

@@ -169,6 +169,40 @@ impl Tables for PgPurge {
             .map_err(|e| failed("marking conflicts reviewed", e))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+
+    async fn conflicts(
+        &self,
+        limit: usize,
+        id: Option<i64>,
+    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+        let guard = self.db.get().await?;
+        let c = guard.as_ref().expect("connected");
+        let rows = c
+            .query(&conflicts_sql(), &[&id, &(limit as i64)])
+            .await
+            .map_err(|e| failed("reading sitesync_conflicts", e))?;
+        let texts: Vec<Vec<Option<String>>> = rows
+            .iter()
+            .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
+            .collect();
+        crate::conflicts::conflicts_of(&texts)
+    }
+}
+
+/// The conflicts' columns as text (times as UTC RFC 3339), newest first,
+/// or the one of `$1`.
+fn conflicts_sql() -> String {
+    let utc =
+        |c: &str| format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+    format!(
+        "SELECT id::text, entity, key, loser_event_id::text, loser_origin, {}, loser_payload::text, \
+         winner_event_id::text, winner_origin, {}, {}, {} FROM sitesync_conflicts \
+         WHERE $1::bigint IS NULL OR id = $1 ORDER BY id DESC LIMIT $2",
+        utc("loser_ts"),
+        utc("winner_ts"),
+        utc("recorded_at"),
+        utc("reviewed_at")
+    )
 }
 
 #[cfg(test)]

@@ -84,6 +84,7 @@ pub async fn read(
         .await
         .map_err(query("reading the slot"))?
         .and_then(|r| r.get(0));
+    status.source_lag_bytes = lag;
     status.source_lag = match lag {
         Some(bytes) => format!("slot {bytes} bytes of WAL behind the server"),
         None => format!("slot {} does not exist", db.slot),

@@ -183,11 +183,71 @@ impl Tables for SqlServerPurge {
         }
         Ok(found)
     }
+
+    async fn conflicts(
+        &self,
+        limit: usize,
+        id: Option<i64>,
+    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+        let mut c = conn::connect(&self.db, "sitesync-purge").await?;
+        let rows = Tds::select(
+            &mut c,
+            &conflicts_statement(limit, id),
+            "reading dbo.sitesync_conflicts",
+        )
+        .await
+        .map_err(failed)?;
+        crate::conflicts::conflicts_of(&rows)
+    }
+}
+
+/// The conflicts' columns as text (times as UTC ISO 8601), newest first,
+/// or the one numbered `id`.
+fn conflicts_statement(limit: usize, id: Option<i64>) -> Statement {
+    let utc = |c: &str| {
+        format!(
+            "CONVERT(nvarchar(40), CONVERT(datetime2(6), SWITCHOFFSET({c}, '+00:00')), 126) + 'Z'"
+        )
+    };
+    let columns = format!(
+        "CONVERT(nvarchar(20), id), entity, [key], CONVERT(nvarchar(36), loser_event_id), loser_origin, {}, loser_payload, \
+         CONVERT(nvarchar(36), winner_event_id), winner_origin, {}, CONVERT(nvarchar(40), recorded_at, 126) + 'Z', \
+         CONVERT(nvarchar(40), reviewed_at, 126) + 'Z'",
+        utc("loser_ts"),
+        utc("winner_ts")
+    );
+    match id {
+        Some(id) => Statement {
+            sql: format!("SELECT {columns} FROM dbo.sitesync_conflicts WHERE id = @P1"),
+            params: vec![Param::Int(id)],
+        },
+        None => Statement {
+            sql: format!("SELECT TOP (@P1) {columns} FROM dbo.sitesync_conflicts ORDER BY id DESC"),
+            params: vec![Param::Int(limit as i64)],
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conflicts_are_read_as_utc_text_newest_first_or_by_id() {
+        let latest = conflicts_statement(20, None);
+        assert!(
+            latest
+                .sql
+                .starts_with("SELECT TOP (@P1) CONVERT(nvarchar(20), id), entity, [key]"),
+            "{}",
+            latest.sql
+        );
+        assert!(latest.sql.contains("CONVERT(nvarchar(40), CONVERT(datetime2(6), SWITCHOFFSET(winner_ts, '+00:00')), 126) + 'Z'"));
+        assert!(latest.sql.ends_with("ORDER BY id DESC"));
+        let one = conflicts_statement(20, Some(7));
+        assert!(one.sql.ends_with("WHERE id = @P1"), "{}", one.sql);
+        assert!(matches!(one.params.as_slice(), [Param::Int(7)]));
+    }
 
     #[test]
     fn a_batch_is_one_bounded_delete_that_skips_locked_rows_and_says_its_count() {
