@@ -141,6 +141,7 @@ pub struct AlertConfig {
     pub webhook: String,
     pub every: Duration,
     pub peers: Vec<String>,
+    pub tls: super::overview::PeerTls,
 }
 
 /// Attempts per webhook call, and the first retry's delay (doubling).
@@ -184,14 +185,10 @@ async fn post(url: &str, body: Value) -> Result<(), String> {
 }
 
 /// A peer's `/ready` (no token needed), or why it did not answer.
-async fn peer_ready(url: String) -> (String, Result<Value, String>) {
+async fn peer_ready(url: String, tls: super::overview::PeerTls) -> (String, Result<Value, String>) {
     let u = url.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(super::overview::PEER_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = tls.agent(super::overview::PEER_TIMEOUT);
         let mut r = agent
             .get(&format!("{}/ready", u.trim_end_matches('/')))
             .call()
@@ -222,7 +219,11 @@ pub async fn run(
         let (status, jobs, peers) = tokio::join!(
             own.status(),
             own.jobs(super::overview::JOBS, None),
-            futures_util::future::join_all(cfg.peers.iter().cloned().map(peer_ready))
+            futures_util::future::join_all(
+                cfg.peers
+                    .iter()
+                    .map(|p| peer_ready(p.clone(), cfg.tls.clone()))
+            )
         );
         // Each peer by its site's name: what its /ready says, or what it
         // said last time.

@@ -118,6 +118,8 @@ struct Shared {
     runs: runs::Runs,
     /// When the status gauges were last read (ms since the epoch).
     status_read: std::sync::atomic::AtomicU64,
+    /// How the peers are reached (`[admin] peers_ca`).
+    peer_tls: overview::PeerTls,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -542,7 +544,7 @@ async fn overview(State(ctx): Ctx, headers: HeaderMap) -> Result<Json<Value>, Fa
     let peers = ctx
         .peers
         .iter()
-        .map(|p| overview::peer(p.clone(), auth.clone()));
+        .map(|p| overview::peer(p.clone(), auth.clone(), ctx.peer_tls.clone()));
     let (me, others, dlq) = tokio::join!(own(&ctx), futures_util::future::join_all(peers), async {
         let conn = broker(&ctx.cfg).await?;
         let letters = crate::bus::dlq::list(&conn, &ctx.cfg.topology)
@@ -993,7 +995,12 @@ async fn not_found() -> Failure {
     )
 }
 
-fn shared(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> Arc<Shared> {
+fn shared(
+    cfg: ConnectorConfig,
+    tokens: Tokens,
+    site: Box<dyn Site>,
+    peer_tls: overview::PeerTls,
+) -> Arc<Shared> {
     let peers = cfg
         .admin
         .as_ref()
@@ -1011,12 +1018,17 @@ fn shared(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> Arc<Shar
         names: Default::default(),
         runs,
         status_read: Default::default(),
+        peer_tls,
     })
 }
 
 /// The routes, over `site`.
 pub fn router(cfg: ConnectorConfig, tokens: Tokens, site: Box<dyn Site>) -> axum::Router {
-    routes(shared(cfg, tokens, site))
+    let tls = overview::PeerTls::load(cfg.admin.as_ref()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "admin API: the peers are asked with the public roots");
+        overview::PeerTls::default()
+    });
+    routes(shared(cfg, tokens, site, tls))
 }
 
 fn routes(shared: Arc<Shared>) -> axum::Router {
@@ -1049,6 +1061,7 @@ pub struct Bound {
     listener: tokio::net::TcpListener,
     tokens: Tokens,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    peer_tls: overview::PeerTls,
 }
 
 /// Reads the tokens and binds `[admin] listen`; an error names the file,
@@ -1060,6 +1073,7 @@ pub async fn bind(admin: &AdminConfig) -> Result<Bound, String> {
         Some((cert, key)) => Some(tls::acceptor(cert, key)?),
         None => None,
     };
+    let peer_tls = overview::PeerTls::load(Some(admin))?;
     if tokens.is_empty() {
         tracing::warn!(env = %admin.tokens_env, "admin API: no token configured: /health, /ready and /metrics answer, every /api call is refused (401)");
     }
@@ -1070,6 +1084,7 @@ pub async fn bind(admin: &AdminConfig) -> Result<Bound, String> {
         listener,
         tokens,
         tls,
+        peer_tls,
     })
 }
 
@@ -1082,7 +1097,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let at = bound.listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(listen = %at, tls = bound.tls.is_some(), "admin API listening");
-    let shared = shared(cfg.clone(), bound.tokens, site);
+    let shared = shared(cfg.clone(), bound.tokens, site, bound.peer_tls);
     let running = shared.clone();
     let alerting = match cfg.admin.as_ref().and_then(|a| a.webhook_url.clone()) {
         Some(webhook) => {
@@ -1091,6 +1106,7 @@ pub async fn serve(
                 webhook,
                 every: admin.alert_every,
                 peers: admin.peers.clone(),
+                tls: shared.peer_tls.clone(),
             };
             let (shared, stop) = (shared.clone(), shutdown.clone());
             Some(tokio::spawn(async move {

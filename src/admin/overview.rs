@@ -20,21 +20,59 @@ pub const JOBS: usize = 20;
 /// The conflicts listed per site.
 pub const CONFLICTS: usize = 10;
 
+/// How this sidecar reaches its peers: plain HTTP, or HTTPS checked
+/// against the public roots or, with `[admin] peers_ca`, the deployment's
+/// own CA.
+#[derive(Clone, Default)]
+pub struct PeerTls(Option<std::sync::Arc<Vec<ureq::tls::Certificate<'static>>>>);
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(roots) => write!(f, "PeerTls({} CA certificate(s))", roots.len()),
+            None => write!(f, "PeerTls(public roots)"),
+        }
+    }
+}
+
+impl PeerTls {
+    /// From `[admin] peers_ca`; an error names the file.
+    pub fn load(admin: Option<&crate::config::AdminConfig>) -> Result<PeerTls, String> {
+        match admin.and_then(|a| a.peers_ca.as_deref()) {
+            Some(file) => Ok(PeerTls(Some(std::sync::Arc::new(super::tls::peer_roots(
+                file,
+            )?)))),
+            None => Ok(PeerTls(None)),
+        }
+    }
+
+    /// An agent that answers any status and gives up after `timeout`.
+    pub fn agent(&self, timeout: Duration) -> ureq::Agent {
+        let mut b = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false);
+        if let Some(roots) = &self.0 {
+            b = b.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(roots.clone()))
+                    .build(),
+            );
+        }
+        b.build().into()
+    }
+}
+
 /// What one peer answers, or why it does not: its `/ready`, `/api/status`,
 /// `/api/jobs`, `/api/conflicts`, a summary of `/metrics` (its own site only; the dead-letter queue is the
 /// deployment's, listed once by this sidecar).
-pub async fn peer(url: String, authorization: Option<String>) -> Value {
-    tokio::task::spawn_blocking(move || ask(&url, authorization.as_deref()))
+pub async fn peer(url: String, authorization: Option<String>, tls: PeerTls) -> Value {
+    tokio::task::spawn_blocking(move || ask(&url, authorization.as_deref(), &tls))
         .await
         .unwrap_or_else(|e| json!({ "answered": false, "error": e.to_string() }))
 }
 
-fn ask(url: &str, authorization: Option<&str>) -> Value {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(PEER_TIMEOUT))
-        .http_status_as_error(false)
-        .build()
-        .into();
+fn ask(url: &str, authorization: Option<&str>, tls: &PeerTls) -> Value {
+    let agent = tls.agent(PEER_TIMEOUT);
     let base = url.trim_end_matches('/');
     let get = |path: &str| -> Result<(u16, Value), String> {
         let mut req = agent.get(&format!("{base}{path}"));

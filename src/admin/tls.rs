@@ -40,6 +40,23 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The CA certificates of `[admin] peers_ca`, for the requests to the
+/// peers; errors name the file.
+pub fn peer_roots(file: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let roots: Vec<ureq::tls::Certificate<'static>> = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("admin.peers_ca {}: {e}", file.display()))?
+        .map(|c| c.map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("admin.peers_ca {}: {e}", file.display()))?;
+    match roots.is_empty() {
+        true => Err(format!(
+            "admin.peers_ca {}: no certificate in it (PEM expected)",
+            file.display()
+        )),
+        false => Ok(roots),
+    }
+}
+
 /// A TCP listener whose connections speak TLS before HTTP.
 pub struct TlsListener {
     pub tcp: TcpListener,

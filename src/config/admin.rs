@@ -27,6 +27,9 @@ pub struct AdminConfig {
     pub alert_every: std::time::Duration,
     /// TLS: the certificate chain and its key (PEM); both or neither.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The CA certificates (PEM) that `https://` peers' certificates are
+    /// checked against, instead of the public roots: a deployment's own CA.
+    pub peers_ca: Option<PathBuf>,
 }
 
 /// Reads `[admin]` (called only when the section is present); `None`
@@ -61,6 +64,9 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
         );
     }
     let alert_every = r.millis("alert_every_ms", 15_000, 3_600_000);
+    let peers_ca = r
+        .string("peers_ca", false, "a PEM file path")
+        .map(PathBuf::from);
     let cert = r
         .string("tls_cert", false, "a PEM file path")
         .map(PathBuf::from);
@@ -89,6 +95,7 @@ pub(super) fn read_admin(r: &mut Reader<'_>) -> Option<AdminConfig> {
             webhook_url,
             alert_every,
             tls,
+            peers_ca,
         }),
         Err(_) => {
             r.problem(

@@ -526,6 +526,38 @@ openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -
     .await
     .unwrap();
     assert!(!plain, "plain HTTP must not be served");
+    // PARIS's dashboard reads LONDON over HTTPS, trusting the deployment's
+    // own CA (`peers_ca`).
+    let paris_port = free_port();
+    let ca = format!("peers_ca = \"{}\"\n", dir.join("ca.pem").display());
+    enable_admin_with(&mesh, "PARIS", paris_port, 0o600, &[], &ca);
+    let file = mesh.connector("PARIS");
+    let toml = std::fs::read_to_string(file).unwrap().replace(
+        "peers = []",
+        &format!("peers = [\"https://127.0.0.1:{port}\"]"),
+    );
+    std::fs::write(file, toml).unwrap();
+    let mut paris = mesh.spawn("PARIS");
+    until_listening(paris_port).await;
+    let mut overview = Value::Null;
+    wait_for(
+        async || {
+            overview = call(paris_port, "GET", "/api/overview", Some(READ), None)
+                .await
+                .1;
+            overview["sites"][1]["status"]["site"] == "LONDON"
+        },
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {overview}"));
+    assert_eq!(overview["sites"][1]["answered"], true, "{overview}");
+    assert_eq!(
+        overview["sites"][1]["url"],
+        format!("https://127.0.0.1:{port}"),
+        "{overview}"
+    );
+    assert!(paris.terminate().await.success());
     assert!(london.terminate().await.success());
     // A key others may read: MADRID does not start.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
