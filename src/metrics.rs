@@ -523,6 +523,36 @@ pub fn site_status(status: &serde_json::Value) {
     }
 }
 
+/// Sets the job gauges from the site's job rows (`sitesync jobs --json`'s):
+/// per kind, the newest running job that is not stale, else 0. A job run
+/// by another process (a command, a run the admin API started) shows in
+/// the sidecar's metrics this way.
+pub fn site_jobs(jobs: &serde_json::Value) {
+    let Some(rows) = jobs.as_array() else { return };
+    let mut kinds: BTreeMap<String, (i64, i64)> = ["replay", "resync", "purge"]
+        .iter()
+        .map(|k| (k.to_string(), (0, 0)))
+        .collect();
+    for j in rows {
+        let Some(kind) = j["kind"].as_str() else {
+            continue;
+        };
+        let slot = kinds.entry(kind.to_string()).or_insert((0, 0));
+        // Newest first: the first running one of a kind is its job.
+        if *slot == (0, 0) && j["state"] == "running" && j["stale"] != true {
+            *slot = (
+                j["done"].as_i64().unwrap_or(0),
+                j["total"].as_i64().unwrap_or(0),
+            );
+        }
+    }
+    for (kind, (done, total)) in kinds {
+        let (d, t) = job(&kind);
+        d.set(done);
+        t.set(total);
+    }
+}
+
 /// How often at most the admin listener reads the site's status for the
 /// gauges.
 pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -611,6 +641,30 @@ pub fn to_classic_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_job_gauges_follow_the_newest_running_job_of_each_kind() {
+        let rows = serde_json::json!([
+            {"kind": "t-resync", "state": "running", "stale": false, "done": 10, "total": 30},
+            {"kind": "t-resync", "state": "running", "stale": false, "done": 1, "total": 2},
+            {"kind": "t-replay", "state": "running", "stale": true, "done": 5, "total": 9},
+            {"kind": "t-purge", "state": "succeeded", "stale": false, "done": 7, "total": 7}
+        ]);
+        site_jobs(&rows);
+        let text = render();
+        for (series, want) in [
+            ("sitesync_job_done{kind=\"t-resync\"}", "10"),
+            ("sitesync_job_total{kind=\"t-resync\"}", "30"),
+            ("sitesync_job_done{kind=\"t-replay\"}", "0"),
+            ("sitesync_job_total{kind=\"t-purge\"}", "0"),
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(series))
+                .unwrap_or_else(|| panic!("{series}: {text}"));
+            assert_eq!(line.rsplit(' ').next(), Some(want), "{line}");
+        }
+    }
 
     #[test]
     fn the_summary_sums_counters_and_latency_buckets_over_their_labels() {

@@ -186,7 +186,7 @@ async fn ready(State(ctx): Ctx) -> Response {
 }
 
 /// Sets the gauges `status` gives (outbox backlog, conflicts, source lag)
-/// when they are older than [`crate::metrics::STATUS_EVERY`]: a scrape
+/// and the job gauges from the job rows, when they are older than [`crate::metrics::STATUS_EVERY`]: a scrape
 /// reads them fresh, without querying the database on every one.
 async fn observe_status(ctx: &Shared) {
     use std::sync::atomic::Ordering;
@@ -203,9 +203,18 @@ async fn observe_status(ctx: &Shared) {
     {
         return;
     }
-    match tokio::time::timeout(STATUS_WAIT, ctx.site.status()).await {
-        Ok(Ok(s)) => crate::metrics::site_status(&s),
-        Ok(Err(e)) => tracing::debug!(error = %e, "metrics: the site's status is unknown"),
+    let read = async { tokio::join!(ctx.site.status(), ctx.site.jobs(50, None)) };
+    match tokio::time::timeout(STATUS_WAIT, read).await {
+        Ok((status, jobs)) => {
+            match status {
+                Ok(s) => crate::metrics::site_status(&s),
+                Err(e) => tracing::debug!(error = %e, "metrics: the site's status is unknown"),
+            }
+            match jobs {
+                Ok(j) => crate::metrics::site_jobs(&j),
+                Err(e) => tracing::debug!(error = %e, "metrics: the site's jobs are unknown"),
+            }
+        }
         Err(_) => tracing::debug!("metrics: the site's status took over {STATUS_WAIT:?}"),
     }
 }

@@ -369,6 +369,10 @@ impl Runs {
                 let _ = r.await;
             }
             tracing::info!(run = %ended.id, pid = ended.pid, kind = ended.kind, "admin API: the run {}", exit.describe());
+            // The run's own process counted nothing this sidecar exposes.
+            if !matches!(exit, Exit::Code(0) | Exit::Code(130)) {
+                crate::metrics::job_failed(ended.kind);
+            }
             let _ = set_exit.send(Some(exit));
         });
         self.runs

@@ -66,6 +66,23 @@ pub(crate) async fn job(mesh: &Mesh, id: i64) -> Option<(i64, Option<String>, i3
         .map(|r| (r.get(0), r.get(1), r.get(2)))
 }
 
+/// PARIS's job 1's second attempt at LONDON: the last `seq` it sent and
+/// the events of it LONDON's inbox took (`seq` minus that count: rows sent
+/// again).
+pub(crate) async fn second_attempt(mesh: &Mesh) -> (i64, i64) {
+    let r = mesh
+        .client("LONDON")
+        .await
+        .query_one(
+            "SELECT (SELECT seq FROM sitesync_origins WHERE origin = 'resync:PARIS:1' AND epoch = 2), \
+                    (SELECT count(*) FROM sitesync_inbox WHERE origin = 'resync:PARIS:1' AND epoch = 2)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
 /// Random writers at `sites` on keys `0..keys` for `secs` seconds.
 fn writers(
     mesh_clients: Vec<(tokio_postgres::Client, &'static str)>,
@@ -387,18 +404,7 @@ async fn a_resync_killed_halfway_is_refused_twice_then_resumed_without_resending
     // Each row applied once (its id is the same in both runs); what the
     // second run sent again (its events beyond the rows it added to the
     // inbox) is at most the unconfirmed window plus a second's worth.
-    let london = mesh.client("LONDON").await;
-    let second: (i64, i64) = {
-        let r = london
-            .query_one(
-                "SELECT (SELECT seq FROM sitesync_origins WHERE origin = 'resync:PARIS:1' AND epoch = 2), \
-                        (SELECT count(*) FROM sitesync_inbox WHERE origin = 'resync:PARIS:1' AND epoch = 2)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
+    let second = second_attempt(&mesh).await;
     let resent = second.0 - second.1;
     eprintln!(
         "killed at {at_kill} confirmed of {n}; the resume sent {} and {resent} again",
