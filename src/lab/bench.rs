@@ -156,6 +156,22 @@ struct Sizes {
     settle: Duration,
 }
 
+impl Figures {
+    /// The mean of the plain runs around the metrics phase (the first
+    /// end-to-end phase when there are none).
+    fn e2e_plain_per_s(&self) -> f64 {
+        match self.e2e_plain_runs.is_empty() {
+            true => self.e2e_per_s,
+            false => self.e2e_plain_runs.iter().sum::<f64>() / self.e2e_plain_runs.len() as f64,
+        }
+    }
+
+    /// The metrics phase against its baseline, in percent (negative: slower).
+    fn metrics_delta_pct(&self) -> f64 {
+        (self.e2e_metrics_per_s / self.e2e_plain_per_s().max(1.0) - 1.0) * 100.0
+    }
+}
+
 impl Sizes {
     fn of(a: &BenchArgs) -> Sizes {
         let base = if a.quick {
@@ -242,6 +258,9 @@ struct Figures {
     e2e_metrics_per_s: f64,
     /// Scrapes answered during that phase (three sidecars, one a second).
     metrics_scrapes: u64,
+    /// The plain end-to-end phase just before and just after the metrics
+    /// phase: its baseline, free of the drift over a long run.
+    e2e_plain_runs: Vec<f64>,
     /// `sitesync replay` of PARIS's archive to LONDON's queue (the whole
     /// command: its count, then the confirmed sends), events a second.
     replay_per_s: f64,
@@ -281,6 +300,9 @@ const LATENCY_BASE: i64 = 20_000_000;
 const BULK_BASE: i64 = 30_000_000;
 const E2E_RECEIPTS_BASE: i64 = 15_000_000;
 const E2E_METRICS_BASE: i64 = 17_000_000;
+/// The plain end-to-end runs just before and just after the metrics phase.
+const E2E_PLAIN_BEFORE_BASE: i64 = 16_000_000;
+const E2E_PLAIN_AFTER_BASE: i64 = 18_000_000;
 const MARIADB_E2E_BASE: i64 = 40_000_000;
 const WARM_ID: i64 = 9_999_999;
 const MARIADB_WARM_ID: i64 = 39_999_999;
@@ -978,6 +1000,19 @@ impl Bench {
         self.stop_sidecars().await;
         self.purge_archive().await?;
 
+        // The metrics phase's baseline: the plain phase again, just before
+        // it (and just after it, below).
+        for site in SITES {
+            self.spawn(site)?;
+        }
+        quiesce("end to end, before the metrics phase", sizes.settle).await;
+        let before = self
+            .plain_e2e(&london, &madrid, sizes.seconds, E2E_PLAIN_BEFORE_BASE)
+            .await?;
+        f.e2e_plain_runs.push(before);
+        self.stop_sidecars().await;
+        self.purge_archive().await?;
+
         // Metrics: the same phase with every sidecar's admin listener on
         // and scraped every second, as Prometheus would (same run).
         for site in SITES {
@@ -1036,12 +1071,6 @@ impl Bench {
         }
         f.e2e_metrics_per_s = written_m as f64 / elapsed_m.as_secs_f64();
         f.metrics_scrapes = answered;
-        say(format!(
-            "end to end with metrics: {:.0} ev/s against {:.0} without ({:+.1} %); {answered} scrapes answered",
-            f.e2e_metrics_per_s,
-            f.e2e_per_s,
-            (f.e2e_metrics_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
-        ));
         self.stop_sidecars().await;
         for site in SITES {
             let pid = self.spawn(site)?;
@@ -1049,6 +1078,18 @@ impl Bench {
                 paris_pid = pid;
             }
         }
+        self.purge_archive().await?;
+        quiesce("end to end, after the metrics phase", sizes.settle).await;
+        let after = self
+            .plain_e2e(&london, &madrid, sizes.seconds, E2E_PLAIN_AFTER_BASE)
+            .await?;
+        f.e2e_plain_runs.push(after);
+        say(format!(
+            "end to end with metrics: {:.0} ev/s against {:.0} without ({:+.1} %; the mean of {before:.0} just before and {after:.0} just after); {answered} scrapes answered",
+            f.e2e_metrics_per_s,
+            f.e2e_plain_per_s(),
+            f.metrics_delta_pct(),
+        ));
         self.purge_archive().await?;
         quiesce("latency", sizes.settle).await;
 
@@ -1515,6 +1556,28 @@ impl Bench {
             purge(conn, &q).await?;
         }
         Ok(())
+    }
+
+    /// The plain end-to-end phase once more (the sidecars already
+    /// running, without receipts or metrics): its rate, events a second.
+    async fn plain_e2e(
+        &self,
+        london: &Client,
+        madrid: &Client,
+        seconds: u64,
+        base: i64,
+    ) -> Result<f64, String> {
+        let mut writers = Vec::new();
+        for _ in 0..E2E_WRITERS {
+            writers.push(Arc::new(connect(&self.url("paris")).await?));
+        }
+        say(format!(
+            "end to end, plain: {E2E_WRITERS} writers at PARIS for {seconds} s (ids from {base})"
+        ));
+        let (written, elapsed, _) = self
+            .e2e(&[london.into(), madrid.into()], &writers, seconds, base)
+            .await?;
+        Ok(written as f64 / elapsed.as_secs_f64())
     }
 
     /// Four writers for `seconds`, as fast as the whole path absorbs: they
@@ -2208,7 +2271,7 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
          {:<34}{:>10.0} ev/s   PARIS's sink taking them back from its queue\n\
          {:<34}{:>10.0} ev/s   ratio {:.2} to raw round trip (target ≥ 0.6); written at {:.0}/s, held back {:.0} % of the time; archived at PARIS {:.2} s after\n\
          {:<34}{:>10.0} ev/s   {:+.1} % against the phase above (every sink and the archive sending receipts)\n\
-         {:<34}{:>10.0} ev/s   {:+.1} % against end to end (every sidecar's /metrics scraped every second, {} scrapes)\n\
+         {:<34}{:>10.0} ev/s   {:+.1} % against the plain phase just before and after it ({}; every sidecar's /metrics scraped every second, {} scrapes)\n\
          {:<34}{:>10.0} ev/s   {} archived events to one site's queue, confirmed (the whole command)\n\
          {:<34}{:>10.1} ms p50, {:.1} p95, {:.1} p99 (target < 100), {:.1} max\n\
          {:<34}{:>10.1} s      (target < 60)\n\
@@ -2238,7 +2301,8 @@ fn render(f: &Figures, s: &Sizes, context: &str) -> String {
         (f.e2e_receipts_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
         "end to end with metrics",
         f.e2e_metrics_per_s,
-        (f.e2e_metrics_per_s / f.e2e_per_s.max(1.0) - 1.0) * 100.0,
+        f.metrics_delta_pct(),
+        runs(&f.e2e_plain_runs),
         f.metrics_scrapes,
         "replay",
         f.replay_per_s,
@@ -2338,7 +2402,8 @@ fn json(f: &Figures) -> String {
         "e2e_receipts_per_s": round(f.e2e_receipts_per_s, 0),
         "receipts_cost_pct": round((1.0 - f.e2e_receipts_per_s / f.e2e_per_s.max(1.0)) * 100.0, 1),
         "e2e_metrics_per_s": round(f.e2e_metrics_per_s, 0),
-        "metrics_cost_pct": round((1.0 - f.e2e_metrics_per_s / f.e2e_per_s.max(1.0)) * 100.0, 1),
+        "metrics_cost_pct": round(-f.metrics_delta_pct(), 1),
+        "e2e_plain_around_metrics_per_s": f.e2e_plain_runs.iter().map(|r| round(*r, 0)).collect::<Vec<_>>(),
         "metrics_scrapes": f.metrics_scrapes,
         "replay_per_s": round(f.replay_per_s, 0),
         "replay_events": f.replay_events,
