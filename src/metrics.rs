@@ -178,7 +178,7 @@ pub struct Metrics {
     pub broker_reconnects: Family<ConnectionLabel, Counter>,
     /// Units done and to do of the running job of each kind.
     pub job_done: Family<KindLabel, Gauge>,
-    pub job_total: Family<KindLabel, Gauge>,
+    pub job_size: Family<KindLabel, Gauge>,
     /// Jobs that ended failed, by kind.
     pub jobs_failed: Family<KindLabel, Counter>,
     part_ready: Family<PartLabel, Gauge>,
@@ -221,7 +221,7 @@ impl Metrics {
             broker_connected: Family::default(),
             broker_reconnects: Family::default(),
             job_done: Family::default(),
-            job_total: Family::default(),
+            job_size: Family::default(),
             jobs_failed: Family::default(),
             part_ready: Family::default(),
             registry: Registry::default(),
@@ -353,9 +353,9 @@ impl Metrics {
             m.job_done.clone(),
         );
         r.register(
-            "job_total",
+            "job_size",
             "Units to do of the running job of each kind (0: unknown)",
-            m.job_total.clone(),
+            m.job_size.clone(),
         );
         r.register(
             "jobs_failed",
@@ -418,7 +418,7 @@ pub fn job(kind: &str) -> (Gauge, Gauge) {
     let m = get();
     (
         m.job_done.get_or_create_owned(&label),
-        m.job_total.get_or_create_owned(&label),
+        m.job_size.get_or_create_owned(&label),
     )
 }
 
@@ -654,9 +654,9 @@ mod tests {
         let text = render();
         for (series, want) in [
             ("sitesync_job_done{kind=\"t-resync\"}", "10"),
-            ("sitesync_job_total{kind=\"t-resync\"}", "30"),
+            ("sitesync_job_size{kind=\"t-resync\"}", "30"),
             ("sitesync_job_done{kind=\"t-replay\"}", "0"),
-            ("sitesync_job_total{kind=\"t-purge\"}", "0"),
+            ("sitesync_job_size{kind=\"t-purge\"}", "0"),
         ] {
             let line = text
                 .lines()

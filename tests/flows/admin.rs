@@ -690,7 +690,7 @@ async fn a_resync_and_a_replay_started_through_the_api_are_cancelled_there_and_e
             metrics = call(port, "GET", "/metrics", None, None).await.1;
             metrics
                 .as_str()
-                .is_some_and(|m| m.contains(&format!("sitesync_job_total{{kind=\"resync\"}} {n}")))
+                .is_some_and(|m| m.contains(&format!("sitesync_job_size{{kind=\"resync\"}} {n}")))
         },
         Duration::from_secs(30),
     )
