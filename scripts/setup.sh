@@ -108,7 +108,7 @@ wait_port() {
   return 1
 }
 
-if ! port_open 5672; then
+start_rabbitmq() {
   say "starting RabbitMQ"
   if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     as_root systemctl start rabbitmq-server
@@ -119,8 +119,30 @@ if ! port_open 5672; then
     echo "setup: RabbitMQ did not start listening on 127.0.0.1:5672 (see /var/log/rabbitmq/)" >&2
     exit 1
   }
+}
+
+# Whether the node answers AMQP: the protocol header gets a Connection.Start
+# frame (type 1) back. A node can keep its port open and stop answering
+# (seen on a machine whose broker had served many earlier runs).
+amqp_answers() {
+  timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\x00\x00\x09\x01" >&3 && head -c 1 <&3 | od -An -tx1 | grep -q 01' 2>/dev/null
+}
+
+if ! port_open 5672; then
+  start_rabbitmq
 fi
-as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+as_root timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || true
+if ! amqp_answers; then
+  say "RabbitMQ listens on 5672 but does not answer AMQP within 10 s: restarting it"
+  as_root timeout 30 rabbitmqctl stop >/dev/null 2>&1 || as_root pkill -9 -u rabbitmq beam.smp || true
+  for _ in $(seq 1 60); do port_open 5672 || break; sleep 0.5; done
+  start_rabbitmq
+  as_root timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || true
+  amqp_answers || {
+    echo "setup: RabbitMQ does not answer AMQP on 127.0.0.1:5672 after a restart (see /var/log/rabbitmq/)" >&2
+    exit 1
+  }
+fi
 
 if ! port_open 15672; then
   say "enabling the RabbitMQ management plugin"
@@ -129,4 +151,24 @@ if ! port_open 15672; then
     echo "setup: the RabbitMQ management API did not start listening on 127.0.0.1:15672" >&2
     exit 1
   }
+fi
+
+# Before the tests: the queues that earlier runs of the tests or the bench
+# left on this broker (a run killed before its cleanup; older versions
+# that did not delete the archive's request queue). Each is a quorum
+# queue, a Raft member the node keeps running: hundreds of them slow it
+# down. Only names of the tests' and bench's pattern, without consumers
+# (so do not start the tests while another run of them uses this broker).
+if [ "$want" = test ] && command -v curl >/dev/null 2>&1; then
+  left=$(curl -s -m 20 -u guest:guest 'http://127.0.0.1:15672/api/queues?columns=name,consumers' |
+    python3 -c 'import json, re, sys
+for q in json.load(sys.stdin):
+    if not q.get("consumers") and re.match(r"^(t|bench-)[0-9a-f]{8}[._]", q["name"]):
+        print(q["name"])' 2>/dev/null || true)
+  if [ -n "$left" ]; then
+    say "deleting $(echo "$left" | wc -l) queue(s) earlier test or bench runs left on the broker"
+    while read -r q; do
+      curl -s -m 20 -o /dev/null -u guest:guest -X DELETE "http://127.0.0.1:15672/api/queues/%2F/$q" || true
+    done <<<"$left"
+  fi
 fi

@@ -1735,6 +1735,8 @@ impl Bench {
         {
             let mut queues = self.names.site_queues();
             queues.push(self.names.archive.clone());
+            // The archive's gap-fill requests (`topology declare` makes it).
+            queues.push(format!("{}_REQUESTS", self.names.archive));
             queues.push(self.names.dlq.clone());
             for q in queues {
                 if let Ok(ch) = conn.create_channel().await {

@@ -120,6 +120,9 @@ impl Names {
         let url = url.to_string();
         let mut queues = self.bound();
         queues.push(self.dlq.clone());
+        // The archive's gap-fill requests (`topology declare` makes it):
+        // left behind, each test run's would stay on the shared broker.
+        queues.push(format!("{}_REQUESTS", self.archive));
         let exchanges = vec![self.exchange.clone(), self.dlx.clone()];
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -298,6 +298,8 @@ impl Names {
             .map(|s| format!("{}{s}", self.prefix))
             .collect();
         queues.push(self.archive.clone());
+        // The archive's gap-fill requests (`topology declare` makes it).
+        queues.push(format!("{}_REQUESTS", self.archive));
         queues.push(self.dlq.clone());
         queues
     }
