@@ -1900,7 +1900,9 @@ mod tests {
         for q in names.queues() {
             assert!(q.starts_with("demo-0123abcd"), "{q}");
         }
-        assert_eq!(names.queues().len(), 5);
+        // Three sites, the archive, its request queue, the dead letters.
+        assert_eq!(names.queues().len(), 6);
+        assert!(names.queues().contains(&format!("{}_REQUESTS", names.archive)));
         assert!(names.exchange.starts_with("demo-0123abcd"));
         assert!(names.dlx.starts_with("demo-0123abcd"));
     }
