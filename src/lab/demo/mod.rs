@@ -1902,7 +1902,11 @@ mod tests {
         }
         // Three sites, the archive, its request queue, the dead letters.
         assert_eq!(names.queues().len(), 6);
-        assert!(names.queues().contains(&format!("{}_REQUESTS", names.archive)));
+        assert!(
+            names
+                .queues()
+                .contains(&format!("{}_REQUESTS", names.archive))
+        );
         assert!(names.exchange.starts_with("demo-0123abcd"));
         assert!(names.dlx.starts_with("demo-0123abcd"));
     }
