@@ -565,11 +565,14 @@ pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 pub fn summary(exposition: &str) -> serde_json::Value {
     let mut totals: BTreeMap<&str, f64> = BTreeMap::new();
     let mut buckets: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    const COUNTERS: [&str; 4] = [
+    const COUNTERS: [&str; 6] = [
         "sitesync_source_events_confirmed_total",
         "sitesync_sink_events_applied_total",
         "sitesync_sink_events_duplicate_total",
         "sitesync_sink_dead_letters_total",
+        // Gauges, shown as they are.
+        "sitesync_queue_messages",
+        "sitesync_queue_consumers",
     ];
     const E2E: &str = "sitesync_end_to_end_latency_seconds";
     for line in exposition.lines().filter(|l| !l.starts_with('#')) {

@@ -327,6 +327,11 @@ async fn the_dashboard_shows_every_site_a_resync_advancing_requeues_and_marks_a_
             .any(|l| l.contains("applied") && l.contains("/s")),
         "{text}"
     );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("its queue") && l.contains("1 consumer(s)")),
+        "each sink consumes its queue: {text}"
+    );
 
     // A dead letter, requeued from the page.
     let conn = rabbit::connect(&mesh.amqp_url).await;
