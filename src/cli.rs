@@ -2089,7 +2089,7 @@ async fn choose<P: Tables>(
             c.loser_origin, c.entity, c.key
         ),
     )?;
-    let chosen = conflicts::choose(cfg, &tables, id, kind)
+    let chosen = conflicts::choose_found(cfg, &tables, c, kind)
         .await
         .map_err(failed)?;
     *said = chosen.line();
@@ -2449,31 +2449,9 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
             *said = line;
             Ok(ExitCode::SUCCESS)
         }
-        Err(resync::SendError::Cancelled) => {
-            direct.close("cancelled").await;
-            let line = format!(
-                "resync job {} cancelled after {} confirmed row(s) of {total}: go on with `sitesync resync --connector {} --resume {}`",
-                job.id,
-                sent.confirmed,
-                cfg.file.display(),
-                job.id
-            );
-            let _ = store
-                .progress(
-                    job.id,
-                    total,
-                    sent.confirmed,
-                    sent.last.as_ref(),
-                    Some("cancelled"),
-                )
-                .await;
-            record.cancelled(&line).await;
-            Err(Failure {
-                message: line,
-                code: CANCELLED,
-            })
-        }
         Err(e) => {
+            // The job's row keeps why it stopped ("cancelled" for SIGINT);
+            // either way `--resume` goes on after its last confirmed row.
             let message = e.to_string();
             let _ = store
                 .progress(
@@ -2484,13 +2462,27 @@ async fn resync<C: crate::capture::Capture, R: crate::resync::Resync, J: JobLog>
                     Some(&message),
                 )
                 .await;
-            record.failed(&message).await;
-            Err(fail(format!(
-                "resync job {} stopped after {} confirmed row(s): {message}. Go on with `sitesync resync --connector {} --resume {}`",
-                job.id,
-                sent.confirmed,
+            let resume = format!(
+                "`sitesync resync --connector {} --resume {}`",
                 cfg.file.display(),
                 job.id
+            );
+            if let resync::SendError::Cancelled = e {
+                direct.close("cancelled").await;
+                let line = format!(
+                    "resync job {} cancelled after {} confirmed row(s) of {total}: go on with {resume}",
+                    job.id, sent.confirmed
+                );
+                record.cancelled(&line).await;
+                return Err(Failure {
+                    message: line,
+                    code: CANCELLED,
+                });
+            }
+            record.failed(&message).await;
+            Err(fail(format!(
+                "resync job {} stopped after {} confirmed row(s): {message}. Go on with {resume}",
+                job.id, sent.confirmed
             )))
         }
     }

@@ -229,7 +229,7 @@ pub fn event(
 /// Publishes `event` to the topology's fanout exchange and waits for the
 /// broker's confirm.
 pub async fn publish(cfg: &crate::config::ConnectorConfig, event: &Event) -> Result<(), String> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::options::BasicPublishOptions;
     let conn = crate::bus::connect(
         &cfg.broker.urls,
         cfg.broker.connect_timeout,
@@ -238,8 +238,7 @@ pub async fn publish(cfg: &crate::config::ConnectorConfig, event: &Event) -> Res
     .await
     .map_err(|e| e.to_string())?;
     let sent = async {
-        let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-        ch.confirm_select(ConfirmSelectOptions::default())
+        let ch = crate::sink::control::confirm_channel(&conn)
             .await
             .map_err(|e| e.to_string())?;
         let props = crate::bus::publisher::event_properties(
@@ -329,6 +328,18 @@ pub async fn choose<P: crate::purge::Tables>(
     kind: Option<&str>,
 ) -> Result<Chosen, ChooseError> {
     let conflict = find(tables, id).await?;
+    choose_found(cfg, tables, conflict, kind).await
+}
+
+/// [`choose`] for a conflict already read (the command line shows it and
+/// asks first).
+pub async fn choose_found<P: crate::purge::Tables>(
+    cfg: &crate::config::ConnectorConfig,
+    tables: &P,
+    conflict: Conflict,
+    kind: Option<&str>,
+) -> Result<Chosen, ChooseError> {
+    let id = conflict.id;
     let route = route_for(&cfg.sink.routes, &conflict, kind)?;
     let event = event(&cfg.site, &conflict, route, Utc::now())?;
     publish(cfg, &event).await.map_err(|e| {

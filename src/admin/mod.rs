@@ -190,9 +190,7 @@ async fn ready(State(ctx): Ctx) -> Response {
 /// reads them fresh, without querying the database on every one.
 async fn observe_status(ctx: &Shared) {
     use std::sync::atomic::Ordering;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = now_ms();
     let last = ctx.status_read.load(Ordering::Relaxed);
     let every = crate::metrics::STATUS_EVERY.as_millis() as u64;
     if now.saturating_sub(last) < every
@@ -217,6 +215,12 @@ async fn observe_status(ctx: &Shared) {
         }
         Err(_) => tracing::debug!("metrics: the site's status took over {STATUS_WAIT:?}"),
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long a scrape waits for the site's status.
@@ -522,8 +526,10 @@ async fn own(ctx: &Shared) -> Value {
         "answered": true,
         "ready": readiness(&ctx.cfg.site).1,
     });
+    // What is read here also sets the gauges a scrape would read again.
     match ctx.site.status().await {
         Ok(mut s) => {
+            crate::metrics::site_status(&s);
             if let Some(o) = s.as_object_mut() {
                 o.insert("site".into(), Value::String(ctx.cfg.site.clone()));
             }
@@ -532,14 +538,18 @@ async fn own(ctx: &Shared) -> Value {
         Err(e) => out["error"] = Value::String(format!("status: {e}")),
     }
     match ctx.site.jobs(overview::JOBS, None).await {
-        Ok(j) => out["jobs"] = j,
+        Ok(j) => {
+            crate::metrics::site_jobs(&j);
+            out["jobs"] = j;
+        }
         Err(e) => out["error"] = Value::String(format!("jobs: {e}")),
     }
+    ctx.status_read
+        .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     match ctx.site.conflicts(overview::CONFLICTS).await {
         Ok(c) => out["conflicts"] = c,
         Err(e) => out["error"] = Value::String(format!("conflicts: {e}")),
     }
-    observe_status(ctx).await;
     out["metrics"] = crate::metrics::summary(&crate::metrics::render());
     out
 }
