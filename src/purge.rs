@@ -90,6 +90,89 @@ impl Plan {
     }
 }
 
+/// One recorded conflict, as the site's database holds it (times as UTC
+/// RFC 3339 text).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Conflict {
+    pub id: i64,
+    /// The table, `schema.table`, as entities name it.
+    pub entity: String,
+    pub key: String,
+    pub loser_event_id: String,
+    pub loser_origin: String,
+    pub loser_ts: String,
+    /// The losing event's data (JSON text).
+    pub loser_payload: Option<String>,
+    pub winner_event_id: String,
+    pub winner_origin: String,
+    pub winner_ts: String,
+    pub recorded_at: String,
+    pub reviewed_at: Option<String>,
+}
+
+/// The columns every engine selects, in this order, as text.
+pub const COLUMNS: [&str; 12] = [
+    "id",
+    "entity",
+    "key",
+    "loser_event_id",
+    "loser_origin",
+    "loser_ts",
+    "loser_payload",
+    "winner_event_id",
+    "winner_origin",
+    "winner_ts",
+    "recorded_at",
+    "reviewed_at",
+];
+
+/// A conflict from a row of [`COLUMNS`] read as text.
+pub fn conflict_of(row: &[Option<String>]) -> Result<Conflict, String> {
+    if row.len() != COLUMNS.len() {
+        return Err(format!(
+            "a row of sitesync_conflicts with {} columns, not {}",
+            row.len(),
+            COLUMNS.len()
+        ));
+    }
+    let text = |i: usize| -> Result<String, String> {
+        row[i]
+            .clone()
+            .ok_or_else(|| format!("sitesync_conflicts.{} is NULL", COLUMNS[i]))
+    };
+    let id = text(0)?;
+    Ok(Conflict {
+        id: id
+            .trim()
+            .parse()
+            .map_err(|_| format!("sitesync_conflicts.id `{id}` is not a number"))?,
+        entity: text(1)?,
+        key: text(2)?,
+        loser_event_id: text(3)?,
+        loser_origin: text(4)?,
+        loser_ts: text(5)?,
+        loser_payload: row[6].clone(),
+        winner_event_id: text(7)?,
+        winner_origin: text(8)?,
+        winner_ts: text(9)?,
+        recorded_at: text(10)?,
+        reviewed_at: row[11].clone(),
+    })
+}
+
+/// Conflicts from rows of [`COLUMNS`] as text; a row that cannot be read
+/// is an error naming the column.
+pub fn conflicts_of(
+    rows: &[Vec<Option<String>>],
+) -> Result<Vec<Conflict>, crate::error::TargetError> {
+    rows.iter()
+        .map(|r| {
+            conflict_of(r)
+                .map_err(|e| crate::error::TargetError::operator(crate::error::Cause::Query, e))
+        })
+        .collect()
+}
+
 /// An engine's purgeable tables.
 pub trait Tables: Send + Sync + 'static {
     /// Adds what purge needs to tables `init` made before it
@@ -134,7 +217,7 @@ pub trait Tables: Send + Sync + 'static {
         &self,
         limit: usize,
         id: Option<i64>,
-    ) -> impl Future<Output = Result<Vec<crate::conflicts::Conflict>, TargetError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Conflict>, TargetError>> + Send;
 }
 
 /// One table's share of a run.
@@ -356,11 +439,7 @@ mod tests {
         async fn review<'a>(&'a self, ids: &'a [i64]) -> Result<Vec<i64>, TargetError> {
             Ok(ids.to_vec())
         }
-        async fn conflicts(
-            &self,
-            _: usize,
-            _: Option<i64>,
-        ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+        async fn conflicts(&self, _: usize, _: Option<i64>) -> Result<Vec<Conflict>, TargetError> {
             Ok(vec![])
         }
     }

@@ -200,7 +200,7 @@ impl Tables for MariaDbPurge {
         &self,
         limit: usize,
         id: Option<i64>,
-    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+    ) -> Result<Vec<crate::purge::Conflict>, TargetError> {
         let mut c = self.db.conn().await?;
         let rows: Vec<mysql_async::Row> = match id {
             Some(id) => c.exec(conflicts_sql(true), (id,)).await,
@@ -222,7 +222,7 @@ impl Tables for MariaDbPurge {
                     .collect()
             })
             .collect();
-        crate::conflicts::conflicts_of(&texts)
+        crate::purge::conflicts_of(&texts)
     }
 }
 

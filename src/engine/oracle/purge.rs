@@ -188,7 +188,7 @@ impl Tables for OraclePurge {
         &self,
         limit: usize,
         id: Option<i64>,
-    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+    ) -> Result<Vec<crate::purge::Conflict>, TargetError> {
         let rows = self
             .on_connection(move |c| {
                 let key = id.unwrap_or(limit as i64);
@@ -198,7 +198,7 @@ impl Tables for OraclePurge {
                 let mut out = Vec::new();
                 for row in rows {
                     let row = row.map_err(|e| failed("reading SITESYNC_CONFLICTS", &e))?;
-                    let cells = (0..crate::conflicts::COLUMNS.len())
+                    let cells = (0..crate::purge::COLUMNS.len())
                         .map(|i| row.get::<usize, Option<String>>(i))
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| failed("reading SITESYNC_CONFLICTS", &e))?;
@@ -207,7 +207,7 @@ impl Tables for OraclePurge {
                 Ok(out)
             })
             .await?;
-        crate::conflicts::conflicts_of(&rows)
+        crate::purge::conflicts_of(&rows)
     }
 }
 

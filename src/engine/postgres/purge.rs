@@ -174,7 +174,7 @@ impl Tables for PgPurge {
         &self,
         limit: usize,
         id: Option<i64>,
-    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+    ) -> Result<Vec<crate::purge::Conflict>, TargetError> {
         let guard = self.db.get().await?;
         let c = guard.as_ref().expect("connected");
         let rows = c
@@ -185,7 +185,7 @@ impl Tables for PgPurge {
             .iter()
             .map(|r| (0..r.len()).map(|i| r.get(i)).collect())
             .collect();
-        crate::conflicts::conflicts_of(&texts)
+        crate::purge::conflicts_of(&texts)
     }
 }
 

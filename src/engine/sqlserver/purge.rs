@@ -188,7 +188,7 @@ impl Tables for SqlServerPurge {
         &self,
         limit: usize,
         id: Option<i64>,
-    ) -> Result<Vec<crate::conflicts::Conflict>, TargetError> {
+    ) -> Result<Vec<crate::purge::Conflict>, TargetError> {
         let mut c = conn::connect(&self.db, "sitesync-purge").await?;
         let rows = Tds::select(
             &mut c,
@@ -197,7 +197,7 @@ impl Tables for SqlServerPurge {
         )
         .await
         .map_err(failed)?;
-        crate::conflicts::conflicts_of(&rows)
+        crate::purge::conflicts_of(&rows)
     }
 }
 
